@@ -1,0 +1,171 @@
+"""``qwit.connect()`` and the client that starts flows on their engines."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from ._engine import Backend, Engine, FlowHandle
+from ._errors import ArgumentsError, FlowDefinitionError
+from ._flow import Flow, compile_flow
+from ._jsonargs import NotJSON, as_args, json_size
+from ._plan import FlowInput, FlowNode
+
+if TYPE_CHECKING:
+    import temporalio.client
+
+#: Environment variable naming the task queue of clients and workers.
+TASK_QUEUE_ENV = "QWIT_TASK_QUEUE"
+DEFAULT_TASK_QUEUE = "qwit"
+#: Temporal refuses a payload over 2 MiB (its default ``limit.blobSize.error``).
+MAX_INPUT_BYTES = 2 * 1024 * 1024
+
+
+def default_task_queue() -> str:
+    """``$QWIT_TASK_QUEUE``, or ``qwit``."""
+    return os.environ.get(TASK_QUEUE_ENV) or DEFAULT_TASK_QUEUE
+
+
+def _default_backend() -> Backend:
+    from . import temporal
+
+    return temporal
+
+
+def _check_backends(node: FlowNode, engine: str, where: str) -> None:
+    for step in node.steps:
+        if step.backend is not None and step.backend != engine:
+            raise FlowDefinitionError(
+                f"{where}: {step.kind} {step.name!r} names backend {step.backend!r}, "
+                f"but its flow runs on {engine!r}; an engine runs a flow's steps itself"
+            )
+        if isinstance(step, FlowNode):
+            _check_backends(step, engine, f"{where} > {step.name!r}")
+
+
+class Client:
+    """Starts flows and finds them again, each on its Flow's engine.
+
+    Create it with ``await qwit.connect()``. One client serves every engine:
+    ``start`` routes a flow by its ``backend=`` (default ``qwit.temporal``),
+    and connects to an engine only when a flow first needs it.
+
+    Attributes:
+        task_queue: The Temporal task queue flows are started on.
+        temporal_options: Keyword arguments for ``temporalio.client.Client.connect``
+            that override Temporal's environment config.
+    """
+
+    def __init__(
+        self,
+        *,
+        task_queue: str | None = None,
+        temporal_client: temporalio.client.Client | None = None,
+        temporal_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.task_queue = task_queue or default_task_queue()
+        self.temporal_options = dict(temporal_options or {})
+        self.given_temporal_client = temporal_client
+        self._engines: dict[str, Engine] = {}
+
+    def engine(self, backend: Backend | None = None) -> Engine:
+        """The engine for ``backend`` (default: Temporal), created on first use."""
+        backend = backend or _default_backend()
+        engine = self._engines.get(backend.name)
+        if engine is None:
+            engine = self._engines[backend.name] = backend.create_engine(self)
+        return engine
+
+    def prepare(self, flow: type[Flow], args: Any = None, *, id: str | None = None) -> FlowInput:
+        """Compile ``flow`` and check ``args``, as ``start`` does, without starting.
+
+        Raises:
+            FlowDefinitionError: the flow is defined wrongly.
+            ArgumentsError: the args are not a JSON object or are too big.
+        """
+        plan = compile_flow(flow)
+        backend = flow.backend or _default_backend()
+        _check_backends(plan, backend.name, f"flow {plan.name!r}")
+        try:
+            clean = as_args(args, "a flow's args")
+        except NotJSON as exc:
+            field = f" field {exc.field!r}:" if exc.field else ""
+            raise ArgumentsError(f"flow {plan.name!r}, args:{field} {exc.problem}") from None
+        if id is not None and (not isinstance(id, str) or not id.strip()):
+            raise ArgumentsError(f"flow {plan.name!r}: id must be a non-empty string, not {id!r}")
+        flow_id = id or f"{plan.name}-{uuid.uuid4().hex}"
+        input = FlowInput(flow=plan, args=clean, root_id=flow_id)
+        size = json_size(input.model_dump(mode="json"))
+        if size > MAX_INPUT_BYTES:
+            raise ArgumentsError(
+                f"flow {plan.name!r}: its args and plan take {size} bytes, over the "
+                f"{MAX_INPUT_BYTES}-byte payload limit; pass references (ids, URLs) instead"
+            )
+        return input
+
+    async def start(self, flow: type[Flow], args: Any = None, *, id: str | None = None) -> FlowHandle:
+        """Start a flow and return its handle at once.
+
+        Args:
+            flow: The Flow class to run.
+            args: The flow's input: a dict (or pydantic model) of JSON values.
+            id: The flow's id (default: ``<FlowName>-<uuid>``). On Temporal,
+                starting a second flow with the id of a running one fails.
+
+        Raises:
+            FlowDefinitionError: the flow is defined wrongly.
+            ArgumentsError: the args can't be sent.
+        """
+        input = self.prepare(flow, args, id=id)
+        return await self.engine(flow.backend).start(input)
+
+    async def run(self, flow: type[Flow], args: Any = None, *, id: str | None = None) -> dict[str, Any]:
+        """Start a flow and wait for its result (see ``FlowHandle.result``)."""
+        handle = await self.start(flow, args, id=id)
+        return await handle.result()
+
+    def get_handle(self, flow_id: str, *, backend: Backend | None = None) -> FlowHandle:
+        """A handle for a flow started earlier (default engine: Temporal)."""
+        return self.engine(backend).get_handle(flow_id)
+
+    async def close(self) -> None:
+        """Close every engine this client opened."""
+        for engine in list(self._engines.values()):
+            await engine.close()
+        self._engines.clear()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def connect(
+    *,
+    task_queue: str | None = None,
+    temporal_client: temporalio.client.Client | None = None,
+    **temporal_options: Any,
+) -> Client:
+    """A client for starting and steering flows.
+
+    Temporal settings come from Temporal's own environment config
+    (``TEMPORAL_ADDRESS``, ``TEMPORAL_NAMESPACE``, ``TEMPORAL_API_KEY``, the TLS
+    variables, ``TEMPORAL_PROFILE`` and its config file), with
+    ``localhost:7233`` when no address is set. The connection is made when a
+    Temporal flow is first started or looked up.
+
+    Args:
+        task_queue: Task queue of the workers (default ``$QWIT_TASK_QUEUE`` or
+            ``qwit``).
+        temporal_client: An existing ``temporalio`` client to use as is (it
+            should have ``qwit.temporal.QwitPlugin()`` among its plugins).
+        **temporal_options: Overrides for ``temporalio.client.Client.connect``,
+            e.g. ``target_host="temporal:7233"``, ``namespace="orders"``.
+    """
+    return Client(
+        task_queue=task_queue,
+        temporal_client=temporal_client,
+        temporal_options=temporal_options,
+    )

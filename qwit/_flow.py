@@ -1,0 +1,266 @@
+"""``qwit.Flow``: steps in order, and their compilation into a plan."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+from ._errors import FlowDefinitionError
+from ._jsonargs import NotJSON, as_args
+from ._options import (
+    BACK_FAILURE_REACTIONS,
+    DEFAULT_BACK_RETRY,
+    DEFAULT_RETRY,
+    DEFAULT_TIMEOUT,
+    STEP_OPTIONS,
+    FailurePolicy,
+    OnFailure,
+    Retry,
+    parse_on_failure,
+    parse_reaction,
+    parse_seconds,
+)
+from ._plan import FlowNode, Node, StepNode
+from ._step import Step, _own_name, args_model, defines, model_fields
+
+
+class Flow:
+    """A business process: steps run in order, undone newest first on failure.
+
+    Subclass it and define ``build_flow``, calling ``self.step(...)`` once per
+    step. A Flow may be used as a step of another Flow (a sub-flow).
+
+    Class keywords:
+        name: The flow's stable name (default: the class name).
+        backend: The engine that runs the flow (default: ``qwit.temporal``).
+
+    Example:
+        >>> class Order(qwit.Flow):
+        ...     def build_flow(self) -> None:
+        ...         self.step(Reserve, {"sku": "A-1"})
+        ...         self.step(Charge)
+    """
+
+    name: ClassVar[str] = "Flow"
+    backend: ClassVar[Any] = None
+    on_failure: ClassVar[OnFailure | None] = None
+
+    def __init_subclass__(cls, *, name: str | None = None, backend: Any = None, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        declared = cls.__dict__.get("name")
+        cls.name = _own_name(cls, name if name is not None else declared)
+        if backend is not None:
+            cls.backend = backend
+
+    def __init__(self) -> None:
+        self._entries: list[tuple[Any, Any, dict[str, Any]]] = []
+
+    def build_flow(self) -> None:
+        """Declare the steps, in order, with ``self.step(...)``."""
+        raise NotImplementedError
+
+    def step(self, step: type[Step] | type[Flow], static_args: Any = None, /, **options: Any) -> None:
+        """Add a step (or a sub-flow) to this flow.
+
+        Args:
+            step: A Step or Flow class.
+            static_args: Args for this step only (a sub-flow's are seen by all
+                its steps); they override the flow's args of the same name.
+            **options: Step options for this use: ``retry``, ``back_retry``,
+                ``timeout``, ``heartbeat_timeout``, ``on_failure``,
+                ``back_on_failure``, ``local``. A sub-flow takes only
+                ``on_failure``.
+        """
+        self._entries.append((step, static_args, options))
+
+
+def _backend_name(backend: Any, where: str) -> str | None:
+    if backend is None:
+        return None
+    name = getattr(backend, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    raise FlowDefinitionError(f"{where}: backend= must be a qwit engine, not {backend!r}")
+
+
+def _option(cls: type, options: dict[str, Any], key: str) -> Any:
+    if key in options:
+        return options[key]
+    return getattr(cls, key, None)
+
+
+class _Compiler:
+    def __init__(self) -> None:
+        self.names: dict[str, type] = {}
+        self.stack: list[type] = []
+
+    def flow(self, cls: type[Flow], static_args: dict[str, Any], on_failure: Any) -> FlowNode:
+        if cls in self.stack:
+            cycle = " -> ".join(c.name for c in [*self.stack, cls])
+            raise FlowDefinitionError(f"flow {cls.name!r} contains itself: {cycle}")
+        self.stack.append(cls)
+        try:
+            instance = cls()
+            try:
+                instance.build_flow()
+            except FlowDefinitionError:
+                raise
+            except NotImplementedError:
+                raise FlowDefinitionError(
+                    f"flow {cls.name!r} does not define build_flow()"
+                ) from None
+            except Exception as exc:
+                raise FlowDefinitionError(
+                    f"flow {cls.name!r}: build_flow() raised {type(exc).__name__}: {exc}"
+                ) from exc
+            entries = getattr(instance, "_entries", None)
+            if entries is None:
+                raise FlowDefinitionError(
+                    f"flow {cls.name!r}: __init__ must call super().__init__()"
+                )
+            if not entries:
+                raise FlowDefinitionError(
+                    f"flow {cls.name!r} has no steps: build_flow() must call self.step(...)"
+                )
+            nodes = [self.entry(cls, i, *entry) for i, entry in enumerate(entries)]
+        finally:
+            self.stack.pop()
+        try:
+            policy = parse_on_failure(on_failure) if on_failure is not None else FailurePolicy()
+        except ValueError as exc:
+            raise FlowDefinitionError(f"flow {cls.name!r}, option on_failure: {exc}") from None
+        return FlowNode(
+            name=cls.name,
+            static_args=static_args,
+            steps=tuple(nodes),
+            on_failure=policy,
+            backend=_backend_name(cls.backend, f"flow {cls.name!r}"),
+        )
+
+    def entry(
+        self, parent: type[Flow], index: int, target: Any, raw_args: Any, options: dict[str, Any]
+    ) -> Node:
+        where = f"flow {parent.name!r}, step {index + 1}"
+        if not (isinstance(target, type) and issubclass(target, (Step, Flow))):
+            raise FlowDefinitionError(
+                f"{where}: expected a qwit.Step or qwit.Flow class, got {target!r}"
+            )
+        where = f"flow {parent.name!r}, step {index + 1} ({target.name!r})"
+        try:
+            static_args = as_args(raw_args, "static args")
+        except NotJSON as exc:
+            field = f" field {exc.field!r}:" if exc.field else ""
+            raise FlowDefinitionError(f"{where}, static args:{field} {exc.problem}") from None
+        unknown = sorted(set(options) - set(STEP_OPTIONS))
+        if unknown:
+            raise FlowDefinitionError(
+                f"{where}: unknown option(s) {', '.join(unknown)} "
+                f"(expected: {', '.join(STEP_OPTIONS)})"
+            )
+        if issubclass(target, Flow):
+            misplaced = sorted(set(options) - {"on_failure"})
+            if misplaced:
+                raise FlowDefinitionError(
+                    f"{where}: option(s) {', '.join(misplaced)} apply to steps, not to a sub-flow"
+                )
+            return self.flow(target, static_args, _option(target, options, "on_failure"))
+        return self.step(target, static_args, options, where)
+
+    def step(
+        self, cls: type[Step], static_args: dict[str, Any], options: dict[str, Any], where: str
+    ) -> StepNode:
+        other = self.names.setdefault(cls.name, cls)
+        if other is not cls:
+            raise FlowDefinitionError(
+                f"{where}: two different steps are named {cls.name!r}: "
+                f"{other.__module__}.{other.__qualname__} and {cls.__module__}.{cls.__qualname__}"
+                " (give one an explicit name=)"
+            )
+        if not defines(cls, "step_forward"):
+            raise FlowDefinitionError(f"{where}: step {cls.name!r} does not define step_forward")
+
+        def get(key: str, default: Any) -> Any:
+            value = _option(cls, options, key)
+            return default if value is None else value
+
+        try:
+            retry = _retry(get("retry", DEFAULT_RETRY), "retry")
+            back_retry = _retry(get("back_retry", DEFAULT_BACK_RETRY), "back_retry")
+            timeout = parse_seconds(get("timeout", DEFAULT_TIMEOUT), "timeout")
+            hb = _option(cls, options, "heartbeat_timeout")
+            heartbeat_timeout = None if hb is None else parse_seconds(hb, "heartbeat_timeout")
+            on_failure = parse_on_failure(get("on_failure", FailurePolicy()))
+            back_on_failure = parse_reaction(
+                get("back_on_failure", "rollback"), allowed=BACK_FAILURE_REACTIONS
+            )
+            local = get("local", False)
+            if not isinstance(local, bool):
+                raise ValueError(f"local must be True or False, not {local!r}")
+        except ValueError as exc:
+            raise FlowDefinitionError(f"{where}: {exc}") from None
+        return StepNode(
+            name=cls.name,
+            static_args=static_args,
+            retry=retry,
+            back_retry=back_retry,
+            timeout=timeout,
+            heartbeat_timeout=heartbeat_timeout,
+            on_failure=on_failure,
+            back_on_failure=back_on_failure,
+            local=local,
+            has_back=defines(cls, "step_back"),
+            fields=_fields(cls),
+            backend=_backend_name(cls.backend, where),
+        )
+
+
+def _retry(value: Any, option: str) -> Retry:
+    if not isinstance(value, Retry):
+        raise ValueError(f"{option} must be a qwit.Retry, not {value!r}")
+    return value
+
+
+def _fields(cls: type[Step]) -> tuple[str, ...] | None:
+    """The arg names a typed step reads, forward and back; None if it reads all."""
+    wanted: set[str] = set()
+    for method in ("step_forward", "step_back"):
+        if method == "step_back" and not defines(cls, method):
+            continue
+        model = args_model(cls, method)
+        names = model_fields(model) if model is not None else None
+        if names is None:
+            return None
+        wanted |= names
+    return tuple(sorted(wanted))
+
+
+def compile_flow(flow: type[Flow]) -> FlowNode:
+    """Compile a Flow class into its plan.
+
+    Raises:
+        FlowDefinitionError: the flow, one of its steps, or an option is
+            defined wrongly; the message names the flow, the step and the field.
+    """
+    if not (isinstance(flow, type) and issubclass(flow, Flow)):
+        raise FlowDefinitionError(f"expected a qwit.Flow class, got {flow!r}")
+    return _Compiler().flow(flow, {}, flow.on_failure)
+
+
+def step_classes(flow: type[Flow]) -> Iterator[type[Step]]:
+    """Every Step class a flow uses, sub-flows included, each once."""
+    seen: set[type] = set()
+
+    def walk(cls: type[Flow]) -> Iterator[type[Step]]:
+        instance = cls()
+        instance.build_flow()
+        for target, _args, _options in instance._entries:
+            if target in seen:
+                continue
+            seen.add(target)
+            if isinstance(target, type) and issubclass(target, Flow):
+                yield from walk(target)
+            elif isinstance(target, type) and issubclass(target, Step):
+                yield target
+
+    compile_flow(flow)  # refuses a bad flow (and recursion) before walking it
+    yield from walk(flow)

@@ -1,0 +1,71 @@
+"""Checks that args are plain JSON, naming the field that is not."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel
+
+
+class NotJSON(ValueError):
+    """A value is not plain JSON; ``field`` is where, as ``a.b[2]``."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{field}: {problem}" if field else problem)
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def check_json(value: Any, field: str = "") -> None:
+    """Raise NotJSON unless ``value`` is made of dicts (string keys), lists,
+    strings, finite numbers, booleans and None."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise NotJSON(field, f"{value!r} is not a finite number and has no JSON form")
+        return
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise NotJSON(_join(field, repr(key)), "keys must be strings")
+            check_json(item, _join(field, key))
+        return
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            check_json(item, f"{field}[{index}]")
+        return
+    raise NotJSON(field, f"a {type(value).__name__} is not JSON-serialisable")
+
+
+def as_args(value: Any, what: str) -> dict[str, Any]:
+    """Turn a flow's or step's args into a plain JSON dict.
+
+    Accepts None (no args), a mapping with string keys, or a pydantic model
+    (its JSON dump).
+
+    Raises:
+        NotJSON: the value is not a JSON object, or holds something that is
+            not JSON.
+    """
+    if value is None:
+        return {}
+    if isinstance(value, BaseModel):
+        dumped: dict[str, Any] = value.model_dump(mode="json")
+        return dumped
+    if not isinstance(value, Mapping):
+        raise NotJSON("", f"{what} must be a dict or a pydantic model, not {type(value).__name__}")
+    check_json(value)
+    return dict(value)
+
+
+def json_size(value: Any) -> int:
+    """Bytes of ``value`` as compact JSON."""
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())

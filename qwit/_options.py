@@ -1,0 +1,216 @@
+"""Step options: retry policies, timeouts and failure reactions."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Reaction(str, enum.Enum):
+    """What a flow does once a step's retries are spent.
+
+    The members are exported as ``qwit.ROLLBACK``, ``qwit.SKIPBACK``,
+    ``qwit.SKIP``, ``qwit.ABORT``, ``qwit.WAIT`` and ``qwit.RETRY``; their
+    lowercase names (``"rollback"``) are accepted wherever a reaction is.
+    """
+
+    ROLLBACK = "rollback"
+    """Undo the failed step and every completed step, newest first."""
+    SKIPBACK = "skipback"
+    """Undo every completed step, newest first, but not the failed one."""
+    SKIP = "skip"
+    """Ignore the failure and go on with the next step."""
+    ABORT = "abort"
+    """Stop the flow and undo nothing."""
+    WAIT = "wait"
+    """Pause until an operator decides with ``handle.react(...)``."""
+    RETRY = "retry"
+    """Only as an operator's decision: run the step again."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+ROLLBACK = Reaction.ROLLBACK
+SKIPBACK = Reaction.SKIPBACK
+SKIP = Reaction.SKIP
+ABORT = Reaction.ABORT
+WAIT = Reaction.WAIT
+RETRY = Reaction.RETRY
+
+#: Reactions a step's ``on_failure`` may name.
+FAILURE_REACTIONS = frozenset({ROLLBACK, SKIPBACK, SKIP, ABORT, WAIT})
+#: Reactions a step's ``back_on_failure`` may name: go on undoing the other
+#: steps (the flow ends CompensationFailed), or wait for an operator.
+BACK_FAILURE_REACTIONS = frozenset({ROLLBACK, WAIT})
+
+
+def parse_reaction(value: object, *, allowed: frozenset[Reaction] | None = None) -> Reaction:
+    """Turn ``value`` (a Reaction or its lowercase name) into a Reaction.
+
+    Raises:
+        ValueError: ``value`` is not a reaction, or not one of ``allowed``.
+    """
+    if isinstance(value, Reaction):
+        reaction = value
+    elif isinstance(value, str):
+        try:
+            reaction = Reaction(value.strip().lower())
+        except ValueError:
+            names = ", ".join(r.value for r in Reaction)
+            raise ValueError(f"unknown reaction {value!r} (expected one of: {names})") from None
+    else:
+        raise ValueError(f"a reaction must be a qwit reaction or its name, not {value!r}")
+    if allowed is not None and reaction not in allowed:
+        names = ", ".join(sorted(r.value for r in allowed))
+        raise ValueError(f"reaction {reaction.value!r} is not allowed here (expected one of: {names})")
+    return reaction
+
+
+class Retry(BaseModel):
+    """A retry policy for one direction of a step.
+
+    Args:
+        max_attempts: How many times to run the method in all, the first try
+            included. ``None`` means no limit.
+        initial_interval: Seconds to wait before the first retry.
+        backoff: Multiplier of the wait after each retry.
+        max_interval: Longest wait between two attempts, in seconds.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_attempts: int | None = Field(default=3, ge=1)
+    initial_interval: float = Field(default=1.0, gt=0)
+    backoff: float = Field(default=2.0, ge=1.0)
+    max_interval: float = Field(default=60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_intervals(self) -> Retry:
+        if self.max_interval < self.initial_interval:
+            raise ValueError("max_interval must not be shorter than initial_interval")
+        return self
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        return float(min(self.initial_interval * self.backoff ** (attempt - 1), self.max_interval))
+
+    def budget(self) -> float | None:
+        """Total seconds of waiting between attempts, or None when unbounded."""
+        if self.max_attempts is None:
+            return None
+        return sum(self.delay(n) for n in range(1, self.max_attempts))
+
+
+#: Default policy for ``step_forward``: three attempts.
+DEFAULT_RETRY = Retry()
+#: Default policy for ``step_back``: compensation must not give up easily, so
+#: it retries with capped backoff for about forty minutes.
+DEFAULT_BACK_RETRY = Retry(max_attempts=25, initial_interval=1.0, backoff=2.0, max_interval=120.0)
+#: Default timeout of one attempt, in seconds.
+DEFAULT_TIMEOUT = 300.0
+
+
+class FailureRule(BaseModel):
+    """One ``except``-like clause of an ``on_failure`` mapping."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    match: str
+    """A qualified class name (``module.QualName``) or a bare class name."""
+    reaction: Reaction
+
+
+class FailurePolicy(BaseModel):
+    """A step's ``on_failure``: rules matched in order, then a default."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rules: tuple[FailureRule, ...] = ()
+    default: Reaction = ROLLBACK
+
+    def choose(self, error_types: list[str]) -> Reaction:
+        """The reaction for an error whose class hierarchy is ``error_types``.
+
+        ``error_types`` lists qualified class names, most specific first (the
+        exception's MRO). A rule matches when it names any class of it,
+        qualified or bare; the first matching rule wins, like ``except``.
+        """
+        bare = [name.rsplit(".", 1)[-1] for name in error_types]
+        for rule in self.rules:
+            if rule.match in error_types or rule.match in bare:
+                return rule.reaction
+        return self.default
+
+
+OnFailure = Union[Reaction, str, Mapping[Any, Any], FailurePolicy]
+
+
+def qualified_name(cls: type) -> str:
+    """``module.QualName`` of a class, as error types travel on the wire."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def parse_on_failure(value: object) -> FailurePolicy:
+    """Normalise an ``on_failure`` option into a FailurePolicy.
+
+    Accepts a reaction (or its name), or a mapping from exception class (or
+    class name) to reaction. The key ``"default"`` (or ``Exception``) sets the
+    reaction for errors no other key matches.
+
+    Raises:
+        ValueError: a key is not an exception class or name, or a value is not
+            a reaction a step may choose.
+    """
+    if isinstance(value, FailurePolicy):
+        return value
+    if isinstance(value, Mapping):
+        rules: list[FailureRule] = []
+        default = ROLLBACK
+        for key, raw in value.items():
+            reaction = parse_reaction(raw, allowed=FAILURE_REACTIONS)
+            if key == "default":
+                default = reaction
+            elif isinstance(key, type) and issubclass(key, BaseException):
+                rules.append(FailureRule(match=qualified_name(key), reaction=reaction))
+            elif isinstance(key, str) and key.strip():
+                rules.append(FailureRule(match=key.strip(), reaction=reaction))
+            else:
+                raise ValueError(
+                    f"on_failure keys must be exception classes or class names, not {key!r}"
+                )
+        return FailurePolicy(rules=tuple(rules), default=default)
+    return FailurePolicy(default=parse_reaction(value, allowed=FAILURE_REACTIONS))
+
+
+def parse_seconds(value: object, option: str) -> float:
+    """Seconds from a number or a timedelta, which must be positive.
+
+    Raises:
+        ValueError: the value is not a positive duration.
+    """
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise ValueError(f"{option} must be seconds or a timedelta, not {value!r}")
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"{option} must be a positive, finite duration, not {value!r}")
+    return seconds
+
+
+#: The options a step accepts, as class attributes or ``self.step`` keywords.
+STEP_OPTIONS = (
+    "retry",
+    "back_retry",
+    "timeout",
+    "heartbeat_timeout",
+    "on_failure",
+    "back_on_failure",
+    "local",
+)

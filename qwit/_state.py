@@ -1,0 +1,116 @@
+"""What ``handle.state()`` reports about a flow."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ._errors import ErrorInfo, FailureInfo
+
+FlowStatus = Literal[
+    "running",
+    "compensating",
+    "waiting",
+    "completed",
+    "rolled_back",
+    "cancelled",
+    "compensation_failed",
+    "aborted",
+]
+StepStatus = Literal[
+    "pending",
+    "running",
+    "done",
+    "failed",
+    "skipped",
+    "compensating",
+    "compensated",
+    "compensation_failed",
+]
+
+#: Flow statuses after which nothing more happens.
+FINAL_STATUSES: frozenset[str] = frozenset(
+    {"completed", "rolled_back", "cancelled", "compensation_failed", "aborted"}
+)
+
+
+class StepState(BaseModel):
+    """One step of a flow, in plan order.
+
+    A sub-flow appears as one entry whose ``steps`` lists its own steps.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    path: str
+    status: StepStatus = "pending"
+    attempts: int = 0
+    kind: Literal["step", "flow"] = "step"
+    error: ErrorInfo | None = None
+    flow_id: str | None = None
+    """For a sub-flow: the id of the engine's execution that runs it."""
+    steps: list[StepState] = Field(default_factory=list)
+
+
+class PreviewItem(BaseModel):
+    """A step a rollback would undo, with the args its ``step_back`` would get."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    path: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class WaitInfo(BaseModel):
+    """Why a flow is waiting for an operator."""
+
+    model_config = ConfigDict(frozen=True)
+
+    step: str
+    path: str
+    flow_id: str
+    """Id of the execution that waits (a sub-flow's, when the wait is in one)."""
+    direction: Literal["step_forward", "step_back"]
+    error: ErrorInfo
+    allowed: list[str]
+    """Reactions ``handle.react`` accepts here."""
+    rollback_preview: list[PreviewItem] = Field(default_factory=list)
+    """What ROLLBACK would undo, in the order it would undo it."""
+
+
+class FlowState(BaseModel):
+    """A flow's progress, as ``handle.state()`` returns it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    flow: str
+    flow_id: str
+    status: FlowStatus
+    steps: list[StepState]
+    waiting: WaitInfo | None = None
+    failure: FailureInfo | None = None
+    args: dict[str, Any] = Field(default_factory=dict)
+    """The flow's current args (its result, once completed)."""
+
+    @property
+    def done(self) -> bool:
+        """True once the flow has ended, one way or another."""
+        return self.status in FINAL_STATUSES
+
+    def find_waiting(self) -> WaitInfo | None:
+        """The wait of this flow or of any sub-flow in it."""
+        if self.waiting is not None:
+            return self.waiting
+
+        def walk(steps: list[StepState]) -> WaitInfo | None:
+            for step in steps:
+                if step.status == "running" and step.kind == "flow":
+                    found = walk(step.steps)
+                    if found:
+                        return found
+            return None
+
+        return walk(self.steps)

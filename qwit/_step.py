@@ -1,0 +1,134 @@
+"""``qwit.Step``: one unit of work and its undo."""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from datetime import timedelta
+from typing import Any, ClassVar
+
+from pydantic import BaseModel
+
+from ._options import OnFailure, Reaction, Retry
+
+
+def _own_name(cls: type, name: str | None) -> str:
+    if name is not None:
+        if not isinstance(name, str) or not name.strip():
+            raise TypeError(f"{cls.__qualname__}: name= must be a non-empty string, not {name!r}")
+        return name.strip()
+    return cls.__name__
+
+
+class Step:
+    """A unit of work that can be undone.
+
+    Subclass it and define ``step_forward`` (do the work) and, if the work has
+    an effect to undo, ``step_back``. Either may be ``async`` or plain; a plain
+    method runs in a thread so it does not block the worker.
+
+    Class keywords:
+        name: The step's stable name (default: the class name). It names the
+            Temporal activities ``<name>.step_forward`` and ``<name>.step_back``,
+            so renaming a step is a deploy decision.
+        backend: The engine that runs the step. Default: the engine of the
+            flow that contains it.
+
+    Options, as class attributes (or keywords of ``Flow.step`` for one use):
+        retry: ``qwit.Retry`` for ``step_forward`` (default: 3 attempts).
+        back_retry: ``qwit.Retry`` for ``step_back`` (default: long, capped backoff).
+        timeout: Seconds (or a timedelta) one attempt may take (default 300).
+        heartbeat_timeout: For long steps that call ``qwit.heartbeat()``.
+        on_failure: A reaction, or a mapping from exception class (or class
+            name) to reaction, applied once the retries are spent.
+        back_on_failure: ``qwit.WAIT`` parks the flow when ``step_back`` fails.
+        local: True runs the step as a Temporal local activity (short steps).
+
+    Example:
+        >>> class Reserve(qwit.Step):
+        ...     async def step_forward(self, args: dict) -> dict:
+        ...         return {"reservation": "r-1"}
+        ...     async def step_back(self, args: dict) -> None:
+        ...         release(args["reservation"])
+    """
+
+    name: ClassVar[str] = "Step"
+    backend: ClassVar[Any] = None
+
+    retry: ClassVar[Retry | None] = None
+    back_retry: ClassVar[Retry | None] = None
+    timeout: ClassVar[float | timedelta | None] = None
+    heartbeat_timeout: ClassVar[float | timedelta | None] = None
+    on_failure: ClassVar[OnFailure | None] = None
+    back_on_failure: ClassVar[Reaction | str | None] = None
+    local: ClassVar[bool | None] = None
+
+    def __init_subclass__(cls, *, name: str | None = None, backend: Any = None, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        declared = cls.__dict__.get("name")
+        cls.name = _own_name(cls, name if name is not None else declared)
+        if backend is not None:
+            cls.backend = backend
+
+    def step_forward(self, args: Any) -> Any:
+        """Do the work.
+
+        Args:
+            args: The flow's args at this point (a dict), or a validated
+                pydantic model when the parameter is annotated with one.
+
+        Returns:
+            A dict (or pydantic model) merged into the args of later steps,
+            or None.
+        """
+        raise NotImplementedError(f"{type(self).__qualname__} does not define step_forward")
+
+    def step_back(self, args: Any) -> Any:
+        """Undo what ``step_forward`` did. The default has nothing to undo.
+
+        Args:
+            args: What ``step_forward`` received, updated with its output when
+                it completed.
+        """
+        return None
+
+
+def defines(cls: type, method: str) -> bool:
+    """Whether ``cls`` overrides ``method`` of Step."""
+    return getattr(cls, method) is not getattr(Step, method)
+
+
+def args_model(cls: type, method: str) -> type[BaseModel] | None:
+    """The pydantic model a step method's ``args`` parameter is annotated with."""
+    fn = getattr(cls, method)
+    params = [p for p in inspect.signature(fn).parameters.values() if p.name != "self"]
+    if not params:
+        return None
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:
+        return None
+    hint = hints.get(params[0].name)
+    if isinstance(hint, type) and issubclass(hint, BaseModel):
+        return hint
+    return None
+
+
+def model_fields(model: type[BaseModel]) -> set[str] | None:
+    """Names under which ``model`` reads its input, or None if it reads any key."""
+    if model.model_config.get("extra") == "allow":
+        return None
+    names: set[str] = set()
+    for field_name, field in model.model_fields.items():
+        alias = field.validation_alias if field.validation_alias is not None else field.alias
+        if alias is None:
+            names.add(field_name)
+        elif isinstance(alias, str):
+            names.add(alias)
+            if model.model_config.get("populate_by_name") or model.model_config.get(
+                "validate_by_name"
+            ):
+                names.add(field_name)
+        else:
+            return None
+    return names

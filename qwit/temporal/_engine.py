@@ -1,0 +1,180 @@
+"""The Temporal engine, client side: start flows as workflows, and steer them."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+import temporalio.client
+from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
+from temporalio.envconfig import ClientConfig
+from temporalio.exceptions import (
+    ApplicationError,
+    CancelledError,
+    TerminatedError,
+    TimeoutError,
+)
+
+from .._engine import Engine, FlowHandle
+from .._errors import FailureInfo, FlowFailed, ReactionError
+from .._options import Reaction
+from .._plan import FlowInput
+from .._saga import Decision
+from .._state import FlowState
+from ._plugin import QwitPlugin
+from ._workflow import QUERY_STATE, UPDATE_REACT, WORKFLOW_NAME, failure_info
+
+if TYPE_CHECKING:
+    from .._client import Client
+
+DEFAULT_ADDRESS = "localhost:7233"
+
+
+def connect_config(**overrides: Any) -> dict[str, Any]:
+    """Keyword arguments for ``temporalio.client.Client.connect``.
+
+    Read from Temporal's environment config (``TEMPORAL_ADDRESS``,
+    ``TEMPORAL_NAMESPACE``, ``TEMPORAL_API_KEY``, TLS variables,
+    ``TEMPORAL_PROFILE`` and the config file), with ``localhost:7233`` when no
+    address is set, then updated with ``overrides``.
+    """
+    config: dict[str, Any] = dict(ClientConfig.load_client_connect_config())
+    config.setdefault("target_host", DEFAULT_ADDRESS)
+    config.update(overrides)
+    return config
+
+
+async def connect_temporal(**overrides: Any) -> temporalio.client.Client:
+    """A temporalio client set up for QWIT (see ``connect_config``)."""
+    config = connect_config(**overrides)
+    plugins = list(config.pop("plugins", []))
+    if not any(isinstance(p, QwitPlugin) for p in plugins):
+        plugins.append(QwitPlugin())
+    return await temporalio.client.Client.connect(plugins=plugins, **config)
+
+
+def _flow_failed(flow_id: str, err: WorkflowFailureError) -> FlowFailed:
+    info = failure_info(err.cause)
+    if info is not None:
+        return FlowFailed.from_info(info)
+    cause = err.cause
+    if isinstance(cause, TerminatedError):
+        kind, reason = "aborted", f"terminated in Temporal ({cause.message}): nothing was undone"
+    elif isinstance(cause, TimeoutError):
+        kind, reason = "aborted", "the workflow timed out in Temporal: nothing was undone"
+    elif isinstance(cause, CancelledError):
+        kind, reason = "cancelled", "cancelled before it started"
+    else:
+        kind, reason = "aborted", f"the workflow failed: {cause}"
+    return FlowFailed.from_info(FailureInfo(kind=kind, flow_id=flow_id, reason=reason))
+
+
+class TemporalFlowHandle(FlowHandle):
+    """A flow running as a Temporal workflow."""
+
+    engine = "temporal"
+
+    def __init__(self, engine: TemporalEngine, flow_id: str, run_id: str | None = None) -> None:
+        self.id = flow_id
+        self.run_id = run_id
+        self._engine = engine
+
+    async def workflow_handle(self) -> temporalio.client.WorkflowHandle[Any, Any]:
+        """The temporalio handle of the flow's workflow."""
+        client = await self._engine.temporal_client()
+        return client.get_workflow_handle(self.id, run_id=self.run_id)
+
+    async def result(self) -> dict[str, Any]:
+        handle = await self.workflow_handle()
+        try:
+            result: dict[str, Any] = await handle.result()
+        except WorkflowFailureError as err:
+            raise _flow_failed(self.id, err) from None
+        return result
+
+    async def cancel(self) -> None:
+        handle = await self.workflow_handle()
+        await handle.cancel()
+
+    async def state(self) -> FlowState:
+        handle = await self.workflow_handle()
+        state: FlowState = await handle.query(QUERY_STATE, result_type=FlowState)
+        return await self._with_subflows(state)
+
+    async def _with_subflows(self, state: FlowState) -> FlowState:
+        """Fill each sub-flow's entry with its own steps, queried from its workflow."""
+        client = await self._engine.temporal_client()
+        steps = list(state.steps)
+        waiting = state.waiting
+        for i, step in enumerate(steps):
+            if step.kind != "flow" or step.flow_id is None:
+                continue
+            child = await client.get_workflow_handle(step.flow_id).query(
+                QUERY_STATE, result_type=FlowState
+            )
+            child = await self._with_subflows(child)
+            steps[i] = step.model_copy(update={"steps": child.steps})
+            if waiting is None and child.waiting is not None:
+                waiting = child.waiting
+        status = "waiting" if waiting is not None and not state.done else state.status
+        return state.model_copy(update={"steps": steps, "waiting": waiting, "status": status})
+
+    async def react(self, reaction: Reaction | str, args: dict[str, Any] | None = None) -> None:
+        state = await self.state()
+        waiting = state.waiting
+        if waiting is None:
+            raise ReactionError(f"flow {self.id!r} is not waiting (it is {state.status})")
+        try:
+            decision = Decision(reaction=Reaction(str(reaction).lower()), args=args or {})
+        except ValueError as exc:
+            raise ReactionError(f"flow {self.id!r}: {exc}") from None
+        client = await self._engine.temporal_client()
+        try:
+            await client.get_workflow_handle(waiting.flow_id).execute_update(
+                UPDATE_REACT, decision
+            )
+        except WorkflowUpdateFailedError as err:
+            cause = err.cause
+            message = cause.message if isinstance(cause, ApplicationError) else str(cause)
+            raise ReactionError(message) from None
+
+
+class TemporalEngine(Engine):
+    """Runs flows as ``qwit.Flow`` workflows on a Temporal cluster."""
+
+    name = "temporal"
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self._temporal: temporalio.client.Client | None = client.given_temporal_client
+        self._lock = asyncio.Lock()
+
+    async def temporal_client(self) -> temporalio.client.Client:
+        """The temporalio client, connected on first use."""
+        if self._temporal is None:
+            async with self._lock:
+                if self._temporal is None:
+                    self._temporal = await connect_temporal(**self.client.temporal_options)
+        return self._temporal
+
+    async def start(self, input: FlowInput) -> FlowHandle:
+        client = await self.temporal_client()
+        handle = await client.start_workflow(
+            WORKFLOW_NAME,
+            input,
+            id=input.root_id,
+            task_queue=self.client.task_queue,
+            static_summary=input.flow.name,
+        )
+        return TemporalFlowHandle(self, handle.id, handle.result_run_id)
+
+    def get_handle(self, flow_id: str) -> FlowHandle:
+        return TemporalFlowHandle(self, flow_id)
+
+
+__all__ = [
+    "TemporalEngine",
+    "TemporalFlowHandle",
+    "connect_config",
+    "connect_temporal",
+]

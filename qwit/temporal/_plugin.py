@@ -1,0 +1,103 @@
+"""``QwitPlugin``: QWIT's integration with a Temporal client, worker and replayer."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import Any
+
+from temporalio.activity import _Definition as _ActivityDefinition
+from temporalio.contrib.pydantic import PydanticPayloadConverter
+from temporalio.converter import DataConverter
+from temporalio.plugin import SimplePlugin
+from temporalio.worker import WorkflowRunner
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+
+from .._flow import Flow
+from .._runner import Registry
+from .._step import Step
+from ._activities import step_activities, unregistered_step
+from ._workflow import QwitWorkflow
+
+#: Modules the workflow sandbox shares with the worker instead of re-importing
+#: them for every run: QWIT's own (pure, deterministic) and pydantic's.
+PASSTHROUGH_MODULES = ("qwit", "pydantic", "pydantic_core", "annotated_types")
+
+
+def _data_converter(existing: DataConverter | None) -> DataConverter:
+    base = existing or DataConverter.default
+    if base.payload_converter_class is PydanticPayloadConverter:
+        return base
+    # Keep the user's codec and failure converter; only JSON handling changes.
+    return dataclasses.replace(base, payload_converter_class=PydanticPayloadConverter)
+
+
+def _workflow_runner(existing: WorkflowRunner | None) -> WorkflowRunner:
+    if existing is None:
+        return SandboxedWorkflowRunner(
+            restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH_MODULES)
+        )
+    if isinstance(existing, SandboxedWorkflowRunner):
+        return dataclasses.replace(
+            existing,
+            restrictions=existing.restrictions.with_passthrough_modules(*PASSTHROUGH_MODULES),
+        )
+    return existing
+
+
+def _add_workflow(existing: Sequence[type] | None) -> Sequence[type]:
+    workflows = list(existing or [])
+    if QwitWorkflow not in workflows:
+        workflows.append(QwitWorkflow)
+    return workflows
+
+
+def _activity_key(fn: Callable[..., Any]) -> str | None:
+    defn = _ActivityDefinition.from_callable(fn)
+    return defn.name if defn else None
+
+
+def _add_activities(
+    registry: Registry,
+) -> Callable[[Sequence[Callable[..., Any]] | None], Sequence[Callable[..., Any]]]:
+    def add(existing: Sequence[Callable[..., Any]] | None) -> Sequence[Callable[..., Any]]:
+        activities = list(existing or [])
+        present = {_activity_key(fn) for fn in activities}
+        for fn in [*step_activities(registry), unregistered_step]:
+            key = _activity_key(fn)
+            if key not in present:
+                activities.append(fn)
+                present.add(key)
+        return activities
+
+    return add
+
+
+class QwitPlugin(SimplePlugin):
+    """Sets a Temporal client, worker or replayer up for QWIT.
+
+    It installs the pydantic data converter (keeping any payload codec), the
+    generic flow workflow, one activity per direction of every registered step
+    (plus one that fails unknown steps at once), and passes QWIT's modules
+    through the workflow sandbox. Applying it twice is harmless.
+
+    Args:
+        *members: Step classes, Flow classes (their steps are registered) or
+            modules (every Step and Flow they define) this worker will run.
+
+    Example:
+        >>> worker = temporalio.worker.Worker(
+        ...     client, task_queue="qwit", plugins=[QwitPlugin(my_app.flows)]
+        ... )
+    """
+
+    def __init__(self, *members: type[Step] | type[Flow] | ModuleType) -> None:
+        self.registry = Registry(*members)
+        super().__init__(
+            "qwit",
+            data_converter=_data_converter,
+            activities=_add_activities(self.registry),
+            workflows=_add_workflow,
+            workflow_runner=_workflow_runner,
+        )

@@ -1,0 +1,269 @@
+"""The one generic workflow every QWIT flow runs as.
+
+It interprets a plan with the shared saga rules (``qwit._saga``): each step is
+an activity named ``<step>.step_forward`` / ``<step>.step_back``, each
+sub-flow a child workflow of this same type. It imports no user code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    ChildWorkflowError,
+    TimeoutError,
+    is_cancelled_exception,
+)
+
+with workflow.unsafe.imports_passed_through():
+    import asyncio
+
+    from pydantic import BaseModel, ConfigDict, ValidationError
+
+    from .._errors import ErrorInfo, FailureInfo, FlowFailed
+    from .._options import Retry
+    from .._plan import PLAN_VERSION, FlowInput, FlowNode, StepCall, StepNode, StepReturn
+    from .._runner import StepFailure
+    from .._saga import Decision, FlowFailure, FlowRuntime, Interpreter, SubflowRun
+    from .._state import FlowState
+
+WORKFLOW_NAME = "qwit.Flow"
+QUERY_STATE = "qwit.state"
+UPDATE_REACT = "qwit.react"
+SIGNAL_SETTLE = "qwit.settle"
+SIGNAL_SUBFLOW_DONE = "qwit.subflow_done"
+
+
+class SubflowDone(BaseModel):
+    """A sub-flow's message to its parent: all my steps ran, here are their outputs."""
+
+    model_config = ConfigDict(frozen=True)
+
+    flow_id: str
+    outputs: dict[str, Any]
+
+
+def failure_type(info: FailureInfo) -> str:
+    """The ApplicationError type a failed flow ends with, e.g. ``qwit.FlowRolledBack``."""
+    return f"qwit.{type(FlowFailed.from_info(info)).__name__}"
+
+
+def failure_error(info: FailureInfo) -> ApplicationError:
+    """The error a workflow fails with, carrying ``info`` as its details."""
+    return ApplicationError(
+        FlowFailed.from_info(info).args[0],
+        info.model_dump(mode="json"),
+        type=failure_type(info),
+        non_retryable=True,
+    )
+
+
+def failure_info(err: BaseException) -> FailureInfo | None:
+    """The FailureInfo a QWIT workflow failed with, if ``err`` carries one."""
+    while err is not None:
+        if isinstance(err, ApplicationError) and (err.type or "").startswith("qwit.") and err.details:
+            try:
+                return FailureInfo.model_validate(err.details[0])
+            except ValidationError:
+                return None
+        err = err.cause  # type: ignore[assignment]
+    return None
+
+
+def _policy(retry: Retry) -> RetryPolicy:
+    return RetryPolicy(
+        initial_interval=timedelta(seconds=retry.initial_interval),
+        backoff_coefficient=retry.backoff,
+        maximum_interval=timedelta(seconds=retry.max_interval),
+        maximum_attempts=retry.max_attempts or 0,
+    )
+
+
+def _error_info(err: BaseException, retry: Retry) -> ErrorInfo:
+    cause = err.cause if isinstance(err, ActivityError) and err.cause else err
+    if isinstance(cause, ApplicationError):
+        if cause.details and isinstance(cause.details[0], dict):
+            try:
+                return ErrorInfo.model_validate(cause.details[0])
+            except ValidationError:
+                pass
+        kind = cause.type or "ApplicationError"
+        return ErrorInfo(
+            type=kind, types=[kind], message=cause.message, retryable=not cause.non_retryable
+        )
+    if isinstance(cause, TimeoutError):
+        return ErrorInfo(
+            type="builtins.TimeoutError",
+            types=["builtins.TimeoutError", "builtins.OSError", "builtins.Exception"],
+            message=f"step timed out ({cause.type.name.lower() if cause.type else 'timeout'})",
+            attempt=retry.max_attempts or 1,
+        )
+    return ErrorInfo(type=type(cause).__name__, types=[type(cause).__name__], message=str(cause))
+
+
+class _Subflow(SubflowRun):
+    def __init__(self, owner: QwitWorkflow, handle: workflow.ChildWorkflowHandle[Any, Any]) -> None:
+        self.owner = owner
+        self.handle = handle
+        self.flow_id = handle.id
+
+    async def forward(self) -> dict[str, Any]:
+        done = self.owner.subflows_done
+        await workflow.wait_condition(lambda: self.flow_id in done or self.handle.done())
+        if self.flow_id in done:
+            return done.pop(self.flow_id)
+        await self._end()
+        raise AssertionError("a sub-flow ended without reporting its steps")  # pragma: no cover
+
+    async def _end(self) -> FailureInfo | None:
+        try:
+            await self.handle
+        except ChildWorkflowError as err:
+            info = failure_info(err)
+            if info is None:
+                info = FailureInfo(
+                    kind="aborted",
+                    flow_id=self.flow_id,
+                    step=None,
+                    reason=f"sub-flow {self.flow_id!r} ended without a QWIT outcome: {err.cause}",
+                )
+            raise FlowFailure(info) from None
+        return None
+
+    async def settle(self, commit: bool) -> FailureInfo | None:
+        await self.handle.signal(SIGNAL_SETTLE, commit)
+        try:
+            return await self._end()
+        except FlowFailure as failed:
+            return failed.info
+
+    async def cancel(self) -> FailureInfo:
+        self.handle.cancel()
+        try:
+            await self._end()
+        except FlowFailure as failed:
+            return failed.info
+        return FailureInfo(kind="cancelled", flow_id=self.flow_id, reason="cancelled")
+
+
+class _Runtime(FlowRuntime):
+    engine = "temporal"
+
+    def __init__(self, owner: QwitWorkflow) -> None:
+        self.owner = owner
+
+    async def run_step(self, node: StepNode, call: StepCall) -> StepReturn:
+        forward = call.direction == "step_forward"
+        retry = node.retry if forward else node.back_retry
+        activity = f"{node.name}.{call.direction}"
+        timeout = timedelta(seconds=node.timeout)
+        try:
+            if node.local:
+                return await workflow.execute_local_activity(
+                    activity,
+                    call,
+                    result_type=StepReturn,
+                    start_to_close_timeout=timeout,
+                    retry_policy=_policy(retry),
+                )
+            return await workflow.execute_activity(
+                activity,
+                call,
+                result_type=StepReturn,
+                start_to_close_timeout=timeout,
+                heartbeat_timeout=(
+                    timedelta(seconds=node.heartbeat_timeout) if node.heartbeat_timeout else None
+                ),
+                retry_policy=_policy(retry),
+                cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+            )
+        except (ActivityError, ApplicationError, TimeoutError) as err:
+            if is_cancelled_exception(err) and self.cancel_requested():
+                raise asyncio.CancelledError from None
+            raise StepFailure(_error_info(err, retry)) from None
+
+    async def start_subflow(self, node: FlowNode, input: FlowInput, attempt: int) -> SubflowRun:
+        child_id = f"{input.root_id}/{input.path}"
+        if attempt > 1:
+            child_id += f"#{attempt}"
+        handle = await workflow.start_child_workflow(
+            WORKFLOW_NAME,
+            input,
+            id=child_id,
+            cancellation_type=workflow.ChildWorkflowCancellationType.WAIT_CANCELLATION_COMPLETED,
+            static_summary=node.name,
+        )
+        return _Subflow(self.owner, handle)
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        await workflow.wait_condition(predicate)
+
+    def cancel_requested(self) -> bool:
+        return workflow.cancellation_reason() is not None
+
+    async def report_forward_done(self, outputs: dict[str, Any]) -> None:
+        parent = self.owner.input.parent_id
+        assert parent is not None
+        await workflow.get_external_workflow_handle(parent).signal(
+            SIGNAL_SUBFLOW_DONE, SubflowDone(flow_id=workflow.info().workflow_id, outputs=outputs)
+        )
+
+
+@workflow.defn(name=WORKFLOW_NAME)
+class QwitWorkflow:
+    """Runs one QWIT flow (or sub-flow) from its plan."""
+
+    @workflow.init
+    def __init__(self, input: FlowInput) -> None:
+        self.input = input
+        self.interpreter = Interpreter(input, _Runtime(self), workflow.info().workflow_id)
+        self.subflows_done: dict[str, dict[str, Any]] = {}
+
+    @workflow.run
+    async def run(self, input: FlowInput) -> dict[str, Any]:
+        """Interpret the plan; fail with a ``qwit.*`` ApplicationError on failure."""
+        if input.version > PLAN_VERSION:
+            raise ApplicationError(
+                f"plan version {input.version} is newer than this worker understands "
+                f"({PLAN_VERSION}); upgrade qwit on the workers",
+                type="qwit.PlanVersionError",
+                non_retryable=True,
+            )
+        try:
+            return await self.interpreter.run()
+        except FlowFailure as failed:
+            raise failure_error(failed.info) from None
+
+    @workflow.query(name=QUERY_STATE)
+    def state(self) -> FlowState:
+        """The flow's progress."""
+        return self.interpreter.state()
+
+    @workflow.update(name=UPDATE_REACT)
+    async def react(self, decision: Decision) -> None:
+        """An operator's decision for a waiting flow."""
+        self.interpreter.decide(decision)
+
+    @react.validator
+    def validate_react(self, decision: Decision) -> None:
+        """Refuse a decision the flow can't take, before it is recorded."""
+        try:
+            self.interpreter.check_decision(decision.reaction, decision.args)
+        except Exception as exc:
+            raise ApplicationError(str(exc), type="qwit.ReactionError", non_retryable=True) from None
+
+    @workflow.signal(name=SIGNAL_SETTLE)
+    def settle(self, commit: bool) -> None:
+        """The parent's word on a sub-flow whose steps have run."""
+        self.interpreter.settle(commit)
+
+    @workflow.signal(name=SIGNAL_SUBFLOW_DONE)
+    def subflow_done(self, done: SubflowDone) -> None:
+        """A sub-flow's steps have all run."""
+        self.subflows_done[done.flow_id] = done.outputs
