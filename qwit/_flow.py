@@ -178,6 +178,10 @@ class _Compiler:
             )
         if not defines(cls, "step_forward"):
             raise FlowDefinitionError(f"{where}: step {cls.name!r} does not define step_forward")
+        try:
+            fields = _fields(cls)
+        except TypeError as exc:
+            raise FlowDefinitionError(f"{where}: {exc}") from None
 
         def get(key: str, default: Any) -> Any:
             value = _option(cls, options, key)
@@ -209,7 +213,7 @@ class _Compiler:
             back_on_failure=back_on_failure,
             local=local,
             has_back=defines(cls, "step_back"),
-            fields=_fields(cls),
+            fields=fields,
             backend=_backend_name(cls.backend, where),
         )
 

@@ -91,6 +91,11 @@ class Registry:
         return self
 
     def _add_step(self, cls: type[Step]) -> None:
+        for method in ("step_forward", "step_back"):
+            try:
+                args_model(cls, method)
+            except TypeError as exc:
+                raise FlowDefinitionError(f"step {cls.name!r}: {exc}") from None
         other = self._steps.setdefault(cls.name, cls)
         if other is not cls:
             raise FlowDefinitionError(

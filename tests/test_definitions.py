@@ -1,0 +1,283 @@
+"""Bad definitions are refused before anything runs (CONTRACT section 1)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+import qwit
+from qwit._flow import compile_flow
+from qwit._plan import FlowNode, StepNode
+
+
+class A(qwit.Step):
+    async def step_forward(self, args: dict[str, Any]) -> None:
+        return None
+
+
+class B(qwit.Step, name="payments.charge"):
+    def step_forward(self, args: dict[str, Any]) -> None:
+        return None
+
+    def step_back(self, args: dict[str, Any]) -> None:
+        return None
+
+
+def flow_of(*entries: Any) -> type[qwit.Flow]:
+    class Made(qwit.Flow):
+        def build_flow(self) -> None:
+            for entry in entries:
+                if isinstance(entry, tuple):
+                    target, *rest = entry
+                    options = rest[1] if len(rest) > 1 else {}
+                    self.step(target, rest[0] if rest else None, **options)
+                else:
+                    self.step(entry)
+
+    return Made
+
+
+def refused(flow: type[qwit.Flow], *fragments: str) -> str:
+    client = qwit.Client(task_queue="unused")
+    with pytest.raises(qwit.FlowDefinitionError) as info:
+        client.prepare(flow, {})
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def test_names_default_to_the_class_name_or_are_explicit():
+    assert A.name == "A"
+    assert B.name == "payments.charge"
+
+    class Sub(B):
+        pass
+
+    assert Sub.name == "Sub"
+
+
+def test_the_plan_is_data_with_options_from_class_and_call():
+    class Slow(qwit.Step):
+        timeout = timedelta(minutes=2)
+        retry = qwit.Retry(max_attempts=5)
+        on_failure = {ValueError: qwit.SKIP, "KeyError": "abort"}
+
+        async def step_forward(self, args: dict[str, Any]) -> None:
+            return None
+
+    class Inner(qwit.Flow):
+        def build_flow(self) -> None:
+            self.step(B)
+
+    class Outer(qwit.Flow, name="orders.outer"):
+        def build_flow(self) -> None:
+            self.step(Slow, {"k": [1, 2]}, timeout=10, local=True)
+            self.step(Inner, {"scope": "inner"}, on_failure=qwit.SKIP)
+            self.step(Slow)
+
+    plan = compile_flow(Outer)
+    assert plan.name == "orders.outer"
+    first, inner, last = plan.steps
+    assert isinstance(first, StepNode) and isinstance(last, StepNode)
+    assert first.static_args == {"k": [1, 2]}
+    assert first.timeout == 10 and first.local
+    assert last.timeout == 120 and not last.local
+    assert first.retry.max_attempts == 5
+    assert first.has_back is False
+    assert first.on_failure.choose(["builtins.ValueError"]) == qwit.SKIP
+    assert first.on_failure.choose(["builtins.KeyError", "builtins.LookupError"]) == qwit.ABORT
+    assert first.on_failure.choose(["builtins.TypeError"]) == qwit.ROLLBACK
+    assert isinstance(inner, FlowNode)
+    assert inner.static_args == {"scope": "inner"}
+    assert inner.on_failure.default == qwit.SKIP
+    assert inner.steps[0].name == "payments.charge"
+    assert inner.steps[0].has_back is True
+    # the plan round-trips as JSON: the workflow gets data, not code
+    assert FlowNode.model_validate_json(plan.model_dump_json()) == plan
+
+
+class In(BaseModel):
+    order_id: int
+    note: str = ""
+
+
+def test_typed_steps_record_the_fields_they_read():
+    class Typed(qwit.Step):
+        async def step_forward(self, args: In) -> None:
+            return None
+
+    class Untyped(qwit.Step):
+        async def step_forward(self, args: dict[str, Any]) -> None:
+            return None
+
+    class F(qwit.Flow):
+        def build_flow(self) -> None:
+            self.step(Typed)
+            self.step(Untyped)
+
+    typed, untyped = compile_flow(F).steps
+    assert isinstance(typed, StepNode) and isinstance(untyped, StepNode)
+    assert typed.fields == ("note", "order_id")
+    assert untyped.fields is None
+
+
+def test_a_flow_with_no_steps():
+    class Empty(qwit.Flow):
+        def build_flow(self) -> None:
+            pass
+
+    refused(Empty, "'Empty'", "no steps")
+
+
+def test_a_flow_without_build_flow():
+    class NoBuild(qwit.Flow):
+        pass
+
+    refused(NoBuild, "'NoBuild'", "build_flow")
+
+
+def test_a_step_that_is_not_a_step_or_flow():
+    refused(flow_of(A, "not a step"), "'Made'", "step 2", "'not a step'")
+    refused(flow_of(A()), "step 1", "qwit.Step or qwit.Flow class")
+    refused(flow_of(int), "step 1", "int")
+
+
+def test_a_flow_that_contains_itself():
+    class Loop(qwit.Flow):
+        def build_flow(self) -> None:
+            self.step(A)
+            self.step(Loop)
+
+    refused(Loop, "contains itself", "Loop -> Loop")
+
+
+def test_a_flow_that_contains_itself_through_another():
+    class Ping(qwit.Flow):
+        def build_flow(self) -> None:
+            self.step(Pong)
+
+    class Pong(qwit.Flow):
+        def build_flow(self) -> None:
+            self.step(Ping)
+
+    refused(Ping, "Ping -> Pong -> Ping")
+
+
+def test_two_different_steps_with_the_same_name():
+    class Charge(qwit.Step, name="payments.charge"):
+        async def step_forward(self, args: dict[str, Any]) -> None:
+            return None
+
+    message = refused(flow_of(B, Charge), "'payments.charge'", "two different steps")
+    assert "B" in message and "Charge" in message
+
+
+def test_same_step_twice_is_fine():
+    plan = compile_flow(flow_of(A, A))
+    assert [s.name for s in plan.steps] == ["A", "A"]
+
+
+def test_static_args_that_are_not_json():
+    refused(flow_of((A, {"when": object()})), "step 1 ('A')", "field 'when'", "object")
+    refused(flow_of((A, {"deep": {"x": [1, {2, 3}]}})), "field 'deep.x[1]'", "set")
+    refused(flow_of((A, {"n": float("inf")})), "field 'n'", "finite")
+    refused(flow_of((A, {1: "int key"})), "keys must be strings")
+    refused(flow_of((A, ["a", "list"])), "static args", "dict")
+
+
+def test_bad_options():
+    refused(flow_of((A, None, {"retries": 3})), "unknown option", "retries")
+    refused(flow_of((A, None, {"retry": 3})), "retry must be a qwit.Retry")
+    refused(flow_of((A, None, {"timeout": -1})), "timeout must be a positive")
+    refused(flow_of((A, None, {"timeout": "soon"})), "timeout must be seconds")
+    refused(flow_of((A, None, {"on_failure": "explode"})), "unknown reaction 'explode'")
+    refused(flow_of((A, None, {"on_failure": qwit.RETRY})), "'retry' is not allowed")
+    refused(flow_of((A, None, {"on_failure": {42: "skip"}})), "exception classes or class names")
+    refused(flow_of((A, None, {"back_on_failure": qwit.SKIP})), "'skip' is not allowed")
+    refused(flow_of((A, None, {"local": "yes"})), "local must be True or False")
+
+
+def test_sub_flow_takes_only_on_failure():
+    class Inner(qwit.Flow):
+        def build_flow(self) -> None:
+            self.step(A)
+
+    refused(flow_of((Inner, None, {"retry": qwit.Retry()})), "apply to steps, not to a sub-flow")
+
+
+def test_a_step_without_step_forward():
+    class Lazy(qwit.Step):
+        pass
+
+    refused(flow_of(Lazy), "'Lazy' does not define step_forward")
+
+
+def test_build_flow_errors_name_the_flow():
+    class Broken(qwit.Flow):
+        def build_flow(self) -> None:
+            raise KeyError("oops")
+
+    refused(Broken, "'Broken'", "build_flow() raised KeyError")
+
+
+def test_start_refuses_something_that_is_not_a_flow():
+    client = qwit.Client(task_queue="unused")
+    with pytest.raises(qwit.FlowDefinitionError, match="expected a qwit.Flow class"):
+        client.prepare(A, {})  # type: ignore[arg-type]
+
+
+def test_a_step_naming_another_backend():
+    class Elsewhere(qwit.Step, backend=qwit.temporal):
+        async def step_forward(self, args: dict[str, Any]) -> None:
+            return None
+
+    class Fake:
+        name = "fake"
+
+    class Odd(qwit.Step, backend=Fake()):
+        async def step_forward(self, args: dict[str, Any]) -> None:
+            return None
+
+    qwit.Client(task_queue="unused").prepare(flow_of(Elsewhere), {})
+    refused(flow_of(Odd), "'Odd' names backend 'fake'", "runs on 'temporal'")
+
+
+def test_retry_policy_validation():
+    with pytest.raises(ValueError, match="max_interval"):
+        qwit.Retry(initial_interval=10, max_interval=1)
+    with pytest.raises(ValueError):
+        qwit.Retry(max_attempts=0)
+    policy = qwit.Retry(max_attempts=4, initial_interval=1, backoff=2, max_interval=3)
+    assert [policy.delay(n) for n in (1, 2, 3)] == [1, 2, 3]
+    assert policy.budget() == 6
+
+
+def test_reactions_accept_lowercase_names():
+    from qwit._options import parse_reaction
+
+    assert parse_reaction("rollback") is qwit.ROLLBACK
+    assert parse_reaction("RETRY") is qwit.RETRY
+    assert qwit.Reaction("skipback") is qwit.SKIPBACK
+
+
+def test_a_typed_step_whose_model_cant_be_resolved():
+    class Local(BaseModel):
+        x: int
+
+    class Hidden(qwit.Step):
+        async def step_forward(self, args: Local) -> None:
+            return None
+
+    refused(flow_of(Hidden), "'Hidden'", "can't resolve", "module level")
+
+
+def test_a_step_method_without_an_args_parameter():
+    class NoArgs(qwit.Step):
+        async def step_forward(self) -> None:  # type: ignore[override]
+            return None
+
+    refused(flow_of(NoArgs), "must take one parameter")
