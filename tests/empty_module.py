@@ -1,0 +1,3 @@
+"""A module that defines no Step or Flow."""
+
+VALUE = 1

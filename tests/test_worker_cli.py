@@ -1,0 +1,122 @@
+"""`qwit-worker`: the command users deploy, run as a real subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import qwit
+from qwit.temporal import DevServer
+from tests.worker_app import Restartable
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = [sys.executable, "-c", "from qwit._cli import worker_main; worker_main()"]
+
+
+def start_worker(address: str, queue: str, *modules: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "TEMPORAL_ADDRESS": address, "QWIT_TASK_QUEUE": queue}
+    return subprocess.Popen(
+        [*WORKER, *modules],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+async def wait_for(path: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path.name} never appeared"
+        await asyncio.sleep(0.05)
+
+
+async def wait_ready(proc: subprocess.Popen[str], timeout: float = 30) -> None:
+    """Wait until the worker logs that it serves (it logs after polling starts)."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    loop = asyncio.get_running_loop()
+    while time.monotonic() < deadline:
+        line = await loop.run_in_executor(None, proc.stdout.readline)
+        if "serving" in line:
+            return
+        assert line, "worker exited before serving"
+    raise AssertionError("worker did not start")
+
+
+def test_usage_errors_exit_2_with_one_line():
+    for modules, expected in [
+        (["tests.no_such_module"], "can't import module 'tests.no_such_module'"),
+        (["tests.empty_module"], "nothing to serve"),
+    ]:
+        proc = subprocess.run(
+            [*WORKER, *modules], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert expected in proc.stderr
+    proc = subprocess.run(WORKER, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "Missing argument" in proc.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_worker_serves_and_exits_0_on_signal(dev_server: DevServer, sig, procs, tmp_path):
+    queue = f"cli-{uuid.uuid4().hex[:8]}"
+    proc = start_worker(dev_server.address, queue, "tests.worker_app")
+    procs.append(proc)
+    await wait_ready(proc)
+    (tmp_path / "go").touch()
+    client = await qwit.connect(target_host=dev_server.address, task_queue=queue)
+    result = await client.run(Restartable, {"dir": str(tmp_path)})
+    assert result["first_pid"] == result["gate_pid"] == result["last_pid"] == proc.pid
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert "worker stopped" in out
+
+
+async def test_flow_survives_killing_its_worker_mid_flow(dev_server: DevServer, procs, tmp_path):
+    queue = f"cli-{uuid.uuid4().hex[:8]}"
+    first = start_worker(dev_server.address, queue, "tests.worker_app")
+    procs.append(first)
+    await wait_ready(first)
+    client = await qwit.connect(target_host=dev_server.address, task_queue=queue)
+    handle = await client.start(Restartable, {"dir": str(tmp_path)})
+    await wait_for(tmp_path / "gate.attempt1")
+    first.kill()  # SIGKILL: no graceful shutdown, the step in flight is lost
+    first.wait()
+    second = start_worker(dev_server.address, queue, "tests.worker_app")
+    procs.append(second)
+    await wait_ready(second)
+    (tmp_path / "go").touch()
+    result = await asyncio.wait_for(handle.result(), 60)
+    assert result["first_pid"] == first.pid
+    assert result["gate_pid"] == result["last_pid"] == second.pid
+    # First ran once: nothing was replayed as a new effect
+    assert (tmp_path / "first").read_text().split() == [str(first.pid)]
+    assert not (tmp_path / "first.back").exists()
+    second.send_signal(signal.SIGTERM)
+    second.communicate(timeout=30)
+    assert second.returncode == 0
