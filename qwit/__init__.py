@@ -32,11 +32,29 @@ from ._step import Step
 __version__ = "0.1.0"
 
 # Public names read as qwit.X (in reprs, tracebacks and error types on the wire).
-for _name in ("Client", "Flow", "FlowHandle", "Engine", "Retry", "Reaction", "Step",
-              "StepContext", "FlowState", "StepState", "WaitInfo", "QwitError",
-              "FlowDefinitionError", "ArgumentsError", "ReactionError", "FlowFailed",
-              "FlowRolledBack", "FlowCancelled", "CompensationFailed", "FlowAborted",
-              "StepError"):
+for _name in (
+    "Client",
+    "Flow",
+    "FlowHandle",
+    "Engine",
+    "Retry",
+    "Reaction",
+    "Step",
+    "StepContext",
+    "FlowState",
+    "StepState",
+    "WaitInfo",
+    "QwitError",
+    "FlowDefinitionError",
+    "ArgumentsError",
+    "ReactionError",
+    "FlowFailed",
+    "FlowRolledBack",
+    "FlowCancelled",
+    "CompensationFailed",
+    "FlowAborted",
+    "StepError",
+):
     globals()[_name].__module__ = "qwit"
 del _name
 

@@ -104,7 +104,9 @@ class Client:
             )
         return input
 
-    async def start(self, flow: type[Flow], args: Any = None, *, id: str | None = None) -> FlowHandle:
+    async def start(
+        self, flow: type[Flow], args: Any = None, *, id: str | None = None
+    ) -> FlowHandle:
         """Start a flow and return its handle at once.
 
         Args:
@@ -120,7 +122,9 @@ class Client:
         input = self.prepare(flow, args, id=id)
         return await self.engine(flow.backend).start(input)
 
-    async def run(self, flow: type[Flow], args: Any = None, *, id: str | None = None) -> dict[str, Any]:
+    async def run(
+        self, flow: type[Flow], args: Any = None, *, id: str | None = None
+    ) -> dict[str, Any]:
         """Start a flow and wait for its result (see ``FlowHandle.result``)."""
         handle = await self.start(flow, args, id=id)
         return await handle.result()

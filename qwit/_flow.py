@@ -59,7 +59,9 @@ class Flow:
         """Declare the steps, in order, with ``self.step(...)``."""
         raise NotImplementedError
 
-    def step(self, step: type[Step] | type[Flow], static_args: Any = None, /, **options: Any) -> None:
+    def step(
+        self, step: type[Step] | type[Flow], static_args: Any = None, /, **options: Any
+    ) -> None:
         """Add a step (or a sub-flow) to this flow.
 
         Args:
@@ -92,7 +94,7 @@ def _option(cls: type, options: dict[str, Any], key: str) -> Any:
 class _Compiler:
     def __init__(self) -> None:
         self.names: dict[str, type] = {}
-        self.stack: list[type] = []
+        self.stack: list[type[Flow]] = []
 
     def flow(self, cls: type[Flow], static_args: dict[str, Any], on_failure: Any) -> FlowNode:
         if cls in self.stack:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from datetime import timedelta
-from typing import Any, Union
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -67,7 +67,9 @@ def parse_reaction(value: object, *, allowed: frozenset[Reaction] | None = None)
         raise ValueError(f"a reaction must be a qwit reaction or its name, not {value!r}")
     if allowed is not None and reaction not in allowed:
         names = ", ".join(sorted(r.value for r in allowed))
-        raise ValueError(f"reaction {reaction.value!r} is not allowed here (expected one of: {names})")
+        raise ValueError(
+            f"reaction {reaction.value!r} is not allowed here (expected one of: {names})"
+        )
     return reaction
 
 
@@ -147,7 +149,7 @@ class FailurePolicy(BaseModel):
         return self.default
 
 
-OnFailure = Union[Reaction, str, Mapping[Any, Any], FailurePolicy]
+OnFailure = Reaction | str | Mapping[Any, Any] | FailurePolicy
 
 
 def qualified_name(cls: type) -> str:

@@ -8,7 +8,7 @@ plan it started with whatever is deployed later.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -67,7 +67,7 @@ class FlowNode(BaseModel):
         return names
 
 
-Node = Annotated[Union[StepNode, FlowNode], Field(discriminator="kind")]
+Node = Annotated[StepNode | FlowNode, Field(discriminator="kind")]
 FlowNode.model_rebuild()
 
 

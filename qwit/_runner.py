@@ -22,7 +22,7 @@ from ._flow import Flow, step_classes
 from ._jsonargs import NotJSON, as_args
 from ._options import qualified_name
 from ._plan import StepCall
-from ._step import Step, args_model
+from ._step import Step, args_model, defines
 
 
 class StepFailure(Exception):
@@ -120,9 +120,9 @@ def _module_members(module: ModuleType) -> Iterable[type[Step] | type[Flow]]:
     for value in list(vars(module).values()):
         if not isinstance(value, type) or value in (Step, Flow):
             continue
-        if issubclass(value, Flow) and value.build_flow is not Flow.build_flow:
-            yield value
-        elif issubclass(value, Step) and value.step_forward is not Step.step_forward:
+        is_flow = issubclass(value, Flow) and value.build_flow is not Flow.build_flow
+        is_step = issubclass(value, Step) and defines(value, "step_forward")
+        if is_flow or is_step:
             yield value
 
 
@@ -224,7 +224,8 @@ def normalise_output(step: str, result: Any, attempt: int = 1) -> dict[str, Any]
             ErrorInfo(
                 type="qwit.ArgumentsError",
                 types=["qwit.ArgumentsError", "qwit.QwitError", "builtins.Exception"],
-                message=f"step {step!r} returned an output that can't be sent:{field} {exc.problem}",
+                message=f"step {step!r} returned an output that can't be sent:"
+                f"{field} {exc.problem}",
                 retryable=False,
                 attempt=attempt,
             )

@@ -167,7 +167,9 @@ class Interpreter:
         self.flow_id = flow_id
         self.args: dict[str, Any] = dict(input.args)
         self.outputs: dict[str, Any] = {}
-        self.recs = [_Rec(node, child_path(input.path, i)) for i, node in enumerate(input.flow.steps)]
+        self.recs = [
+            _Rec(node, child_path(input.path, i)) for i, node in enumerate(input.flow.steps)
+        ]
         self.status: FlowStatus = "running"
         self.failure: FailureInfo | None = None
         self.waiting: WaitInfo | None = None
@@ -285,7 +287,9 @@ class Interpreter:
             return ROLLBACK
         return node.on_failure.choose(info.error.types if info.error else [])
 
-    def _call(self, rec: _Rec, direction: Literal["step_forward", "step_back"], args: dict[str, Any]) -> StepCall:
+    def _call(
+        self, rec: _Rec, direction: Literal["step_forward", "step_back"], args: dict[str, Any]
+    ) -> StepCall:
         return StepCall(
             flow_id=self.input.root_id,
             path=rec.path,
@@ -317,7 +321,9 @@ class Interpreter:
                 info = await in_flight.sub.cancel()
                 self._compensated.extend(info.compensated)
                 self._failed_compensations.extend(info.failed_compensations)
-                in_flight.status = "compensation_failed" if info.failed_compensations else "compensated"
+                in_flight.status = (
+                    "compensation_failed" if info.failed_compensations else "compensated"
+                )
             elif self._failed_step_has_effect(in_flight):
                 undo = in_flight
         await self._rollback(undo)
@@ -499,8 +505,8 @@ class Interpreter:
 
 __all__ = [
     "Decision",
+    "FlowFailure",
     "FlowRuntime",
     "Interpreter",
-    "FlowFailure",
     "SubflowRun",
 ]

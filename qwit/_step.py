@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
 import typing
 from datetime import timedelta
@@ -99,7 +98,9 @@ def defines(cls: type, method: str) -> bool:
     return getattr(cls, method) is not getattr(Step, method)
 
 
-@functools.lru_cache(maxsize=4096)
+_models: dict[tuple[type, str], type[BaseModel] | None] = {}
+
+
 def args_model(cls: type, method: str) -> type[BaseModel] | None:
     """The pydantic model a step method's ``args`` parameter is annotated with.
 
@@ -107,6 +108,13 @@ def args_model(cls: type, method: str) -> type[BaseModel] | None:
         TypeError: the method takes no args parameter, or its annotation
             can't be resolved (e.g. a model defined inside a function).
     """
+    key = (cls, method)
+    if key not in _models:
+        _models[key] = _args_model(cls, method)
+    return _models[key]
+
+
+def _args_model(cls: type, method: str) -> type[BaseModel] | None:
     fn = getattr(cls, method)
     params = [p for p in inspect.signature(fn).parameters.values() if p.name != "self"]
     if not params:

@@ -39,13 +39,13 @@ async def client(temporal_client: temporalio.client.Client, task_queue: str) -> 
 
 
 @pytest.fixture
-def worker(
-    temporal_client: temporalio.client.Client, task_queue: str
-) -> Any:
+def worker(temporal_client: temporalio.client.Client, task_queue: str) -> Any:
     """`async with worker(Flow, Step, module...)`: a worker on the test's task queue."""
 
     @asynccontextmanager
-    async def run(*members: type[qwit.Step] | type[qwit.Flow] | ModuleType, **options: Any) -> AsyncIterator[Worker]:
+    async def run(
+        *members: type[qwit.Step] | type[qwit.Flow] | ModuleType, **options: Any
+    ) -> AsyncIterator[Worker]:
         w = create_worker(temporal_client, *members, task_queue=task_queue, **options)
         async with w:
             yield w

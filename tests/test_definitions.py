@@ -226,7 +226,7 @@ def test_build_flow_errors_name_the_flow():
 
 def test_start_refuses_something_that_is_not_a_flow():
     client = qwit.Client(task_queue="unused")
-    with pytest.raises(qwit.FlowDefinitionError, match="expected a qwit.Flow class"):
+    with pytest.raises(qwit.FlowDefinitionError, match=r"expected a qwit\.Flow class"):
         client.prepare(A, {})  # type: ignore[arg-type]
 
 
@@ -249,7 +249,7 @@ def test_a_step_naming_another_backend():
 def test_retry_policy_validation():
     with pytest.raises(ValueError, match="max_interval"):
         qwit.Retry(initial_interval=10, max_interval=1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="max_attempts"):
         qwit.Retry(max_attempts=0)
     policy = qwit.Retry(max_attempts=4, initial_interval=1, backoff=2, max_interval=3)
     assert [policy.delay(n) for n in (1, 2, 3)] == [1, 2, 3]

@@ -35,7 +35,10 @@ def test_every_image_is_pinned():
         assert image, f"{name} has no image"
         repo, _, tag = image.rpartition(":")
         assert repo and re.fullmatch(r"\d+(\.\d+)+", tag), f"{name}: {image} is not pinned"
-    versions = {SERVICES[s]["image"].split(":")[1] for s in ("temporal", "temporal-schema", "temporal-setup")}
+    versions = {
+        SERVICES[s]["image"].split(":")[1]
+        for s in ("temporal", "temporal-schema", "temporal-setup")
+    }
     assert len(versions) == 1, "server and admin-tools must share a version"
     base = (ROOT / "Dockerfile").read_text().splitlines()[1]
     assert re.fullmatch(r"FROM python:\d+\.\d+\.\d+-slim-\w+", base), base
@@ -86,7 +89,11 @@ async def test_namespace_script_registers_search_attributes(runs: int, tmp_path:
     cli_dir.mkdir()
     (cli_dir / "temporal").symlink_to(find_temporal_cli())
     async with DevServer(search_attributes=()) as server:
-        env = {**os.environ, "PATH": f"{cli_dir}:{os.environ['PATH']}", "TEMPORAL_ADDRESS": server.address}
+        env = {
+            **os.environ,
+            "PATH": f"{cli_dir}:{os.environ['PATH']}",
+            "TEMPORAL_ADDRESS": server.address,
+        }
         for _ in range(runs):  # the script must be safe to run again
             proc = subprocess.run(
                 ["sh", str(ROOT / "deploy/temporal/create-namespace.sh")],

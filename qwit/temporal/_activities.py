@@ -99,7 +99,5 @@ async def unregistered_step(args: Sequence[RawValue]) -> NoReturn:
 def step_activities(registry: Registry) -> list[Callable[..., Any]]:
     """Activities for every registered step, both directions."""
     return [
-        step_activity(cls, direction)
-        for cls in registry.steps.values()
-        for direction in DIRECTIONS
+        step_activity(cls, direction) for cls in registry.steps.values() for direction in DIRECTIONS
     ]

@@ -93,7 +93,8 @@ class DevServer:
         self.dynamic_config = [*(FAST_DYNAMIC_CONFIG if fast else ()), *dynamic_config]
         self.search_attributes = list(search_attributes)
         self.process: subprocess.Popen[bytes] | None = None
-        self._log = tempfile.TemporaryFile(prefix="qwit-temporal-")
+        # The server's output, kept for error messages; lives as long as the server.
+        self._log = tempfile.TemporaryFile(prefix="qwit-temporal-")  # noqa: SIM115
 
     @property
     def address(self) -> str:
@@ -206,4 +207,3 @@ class DevServer:
     ) -> None:
         self.stop()
         self._log.close()
-

@@ -16,7 +16,7 @@ from temporalio.exceptions import (
 )
 
 from .._engine import Engine, FlowHandle
-from .._errors import FailureInfo, FlowFailed, ReactionError
+from .._errors import FailureInfo, FailureKind, FlowFailed, ReactionError
 from .._options import Reaction
 from .._plan import FlowInput
 from .._saga import Decision
@@ -58,6 +58,7 @@ def _flow_failed(flow_id: str, err: WorkflowFailureError) -> FlowFailed:
     if info is not None:
         return FlowFailed.from_info(info)
     cause = err.cause
+    kind: FailureKind
     if isinstance(cause, TerminatedError):
         kind, reason = "aborted", f"terminated in Temporal ({cause.message}): nothing was undone"
     elif isinstance(cause, TimeoutError):
@@ -130,9 +131,7 @@ class TemporalFlowHandle(FlowHandle):
             raise ReactionError(f"flow {self.id!r}: {exc}") from None
         client = await self._engine.temporal_client()
         try:
-            await client.get_workflow_handle(waiting.flow_id).execute_update(
-                UPDATE_REACT, decision
-            )
+            await client.get_workflow_handle(waiting.flow_id).execute_update(UPDATE_REACT, decision)
         except WorkflowUpdateFailedError as err:
             cause = err.cause
             message = cause.message if isinstance(cause, ApplicationError) else str(cause)

@@ -66,13 +66,18 @@ def failure_error(info: FailureInfo) -> ApplicationError:
 
 def failure_info(err: BaseException) -> FailureInfo | None:
     """The FailureInfo a QWIT workflow failed with, if ``err`` carries one."""
-    while err is not None:
-        if isinstance(err, ApplicationError) and (err.type or "").startswith("qwit.") and err.details:
+    current: BaseException | None = err
+    while current is not None:
+        if (
+            isinstance(current, ApplicationError)
+            and (current.type or "").startswith("qwit.")
+            and current.details
+        ):
             try:
-                return FailureInfo.model_validate(err.details[0])
+                return FailureInfo.model_validate(current.details[0])
             except ValidationError:
                 return None
-        err = err.cause  # type: ignore[assignment]
+        current = getattr(current, "cause", None)
     return None
 
 
@@ -165,14 +170,15 @@ class _Runtime(FlowRuntime):
         timeout = timedelta(seconds=node.timeout)
         try:
             if node.local:
-                return await workflow.execute_local_activity(
+                result: StepReturn = await workflow.execute_local_activity(
                     activity,
                     call,
                     result_type=StepReturn,
                     start_to_close_timeout=timeout,
                     retry_policy=_policy(retry),
                 )
-            return await workflow.execute_activity(
+                return result
+            result = await workflow.execute_activity(
                 activity,
                 call,
                 result_type=StepReturn,
@@ -183,6 +189,7 @@ class _Runtime(FlowRuntime):
                 retry_policy=_policy(retry),
                 cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
             )
+            return result
         except (ActivityError, ApplicationError, TimeoutError) as err:
             if is_cancelled_exception(err) and self.cancel_requested():
                 raise asyncio.CancelledError from None
@@ -256,7 +263,9 @@ class QwitWorkflow:
         try:
             self.interpreter.check_decision(decision.reaction, decision.args)
         except Exception as exc:
-            raise ApplicationError(str(exc), type="qwit.ReactionError", non_retryable=True) from None
+            raise ApplicationError(
+                str(exc), type="qwit.ReactionError", non_retryable=True
+            ) from None
 
     @workflow.signal(name=SIGNAL_SETTLE)
     def settle(self, commit: bool) -> None:

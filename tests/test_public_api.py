@@ -1,0 +1,83 @@
+"""The public surface is a decision: renaming or dropping a name fails here."""
+
+from __future__ import annotations
+
+import qwit
+
+
+def test_exported_members():
+    assert qwit.__all__ == [
+        "ABORT",
+        "RETRY",
+        "ROLLBACK",
+        "SKIP",
+        "SKIPBACK",
+        "WAIT",
+        "ArgumentsError",
+        "Backend",
+        "Client",
+        "CompensationFailed",
+        "Engine",
+        "Flow",
+        "FlowAborted",
+        "FlowCancelled",
+        "FlowDefinitionError",
+        "FlowFailed",
+        "FlowHandle",
+        "FlowRolledBack",
+        "FlowState",
+        "QwitError",
+        "Reaction",
+        "ReactionError",
+        "Retry",
+        "Step",
+        "StepContext",
+        "StepError",
+        "StepState",
+        "WaitInfo",
+        "connect",
+        "context",
+        "heartbeat",
+        "temporal",
+    ]
+    assert qwit.__all__ == sorted(qwit.__all__, key=lambda n: (not n.isupper(), n[0].islower(), n))
+    for name in qwit.__all__:
+        assert hasattr(qwit, name), name
+
+
+def test_public_classes_read_as_qwit():
+    for name in qwit.__all__:
+        member = getattr(qwit, name)
+        if isinstance(member, type) and name not in ("Backend",):
+            assert member.__module__ == "qwit", name
+
+
+def test_error_tree():
+    assert issubclass(qwit.FlowDefinitionError, qwit.QwitError)
+    assert issubclass(qwit.ArgumentsError, qwit.QwitError)
+    assert issubclass(qwit.FlowRolledBack, qwit.FlowFailed)
+    assert issubclass(qwit.FlowCancelled, qwit.FlowRolledBack)
+    assert issubclass(qwit.CompensationFailed, qwit.FlowFailed)
+    assert issubclass(qwit.FlowAborted, qwit.FlowFailed)
+    assert issubclass(qwit.FlowFailed, qwit.QwitError)
+    assert not issubclass(qwit.StepError, qwit.QwitError)
+
+
+def test_contexts_outside_a_step():
+    import pytest
+
+    with pytest.raises(RuntimeError, match="only available while a step runs"):
+        qwit.context()
+    qwit.heartbeat("nothing happens outside a step")
+
+
+def test_reactions_and_their_names():
+    assert [r.value for r in qwit.Reaction] == [
+        "rollback",
+        "skipback",
+        "skip",
+        "abort",
+        "wait",
+        "retry",
+    ]
+    assert qwit.ROLLBACK == "rollback"
