@@ -120,3 +120,41 @@ async def test_flow_survives_killing_its_worker_mid_flow(dev_server: DevServer, 
     second.send_signal(signal.SIGTERM)
     second.communicate(timeout=30)
     assert second.returncode == 0
+
+
+async def test_heartbeat_lets_a_killed_workers_step_resume_fast_and_in_place(
+    dev_server: DevServer, procs, tmp_path
+):
+    from tests.worker_app import LongJob
+
+    queue = f"cli-{uuid.uuid4().hex[:8]}"
+    first = start_worker(dev_server.address, queue, "tests.worker_app")
+    procs.append(first)
+    await wait_ready(first)
+    client = await qwit.connect(target_host=dev_server.address, task_queue=queue)
+    handle = await client.start(LongJob, {"dir": str(tmp_path), "items": 30})
+    await wait_for(tmp_path / "item12")
+    first.kill()
+    first.wait()
+    killed_at = time.time()
+    second = start_worker(dev_server.address, queue, "tests.worker_app")
+    procs.append(second)
+    await wait_ready(second)
+    result = await asyncio.wait_for(handle.result(), 60)
+    assert result["items_done"] == 30
+    attempts = sorted(p.name for p in tmp_path.glob("progress.attempt*"))
+    assert attempts[0] == "progress.attempt1.from0"
+    resumed = next(p for p in tmp_path.glob("progress.attempt2.from*"))
+    resume_at = int(resumed.name.rsplit("from", 1)[1])
+    # it resumed where the last heartbeat said, not from the start...
+    assert resume_at >= 5
+    # ...soon after the kill: the heartbeat timeout (1.5 s), not the step timeout (120 s)
+    assert resumed.stat().st_mtime - killed_at < 15
+    # every item was processed; items before the resume point exactly once
+    for item in range(30):
+        pids = (tmp_path / f"item{item}").read_text().split()
+        assert pids, item
+        if item < resume_at:
+            assert pids == [str(first.pid)]
+    second.send_signal(signal.SIGTERM)
+    second.communicate(timeout=30)

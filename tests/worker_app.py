@@ -51,3 +51,29 @@ class Restartable(qwit.Flow):
         self.step(First)
         self.step(Gate)
         self.step(Last)
+
+
+class Progress(qwit.Step):
+    """Works through `items`, heartbeating its position; a new attempt resumes
+    after the last position the previous one reported."""
+
+    heartbeat_timeout = 1.5
+    timeout = 120
+    retry = qwit.Retry(max_attempts=5, initial_interval=0.2, max_interval=0.5)
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        ctx = qwit.context()
+        last = ctx.heartbeat_details
+        start = 0 if last is None else int(last) + 1
+        mark(args, f"progress.attempt{ctx.attempt}.from{start}")
+        for item in range(start, args["items"]):
+            mark(args, f"item{item}")
+            qwit.heartbeat(item)
+            await asyncio.sleep(0.1)
+        return {"items_done": args["items"]}
+
+
+class LongJob(qwit.Flow):
+    def build_flow(self) -> None:
+        self.step(First)
+        self.step(Progress)

@@ -1,0 +1,227 @@
+"""Random flows keep the saga promise (hypothesis, on the real dev server).
+
+Flows of random shape (sub-flows up to 3 levels, up to 8 steps), one failing
+step that fails before or after applying its effect, random reactions on the
+failing step and on the sub-flows. Every step records its effect in a ledger.
+A small independent model of the rules predicts the exact ledger (every `do`
+and `undo`, in order) and the outcome; the run must match it. With ROLLBACK
+everywhere this is: each applied effect undone exactly once, newest first,
+nothing else undone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import qwit
+from tests import ledger
+from tests.ledger import Effect
+
+REACTIONS = [qwit.ROLLBACK, qwit.SKIPBACK, qwit.SKIP, qwit.ABORT]
+
+
+class Eff(Effect, name="prop.eff"):
+    """One step class for every node: its effect id comes from static args."""
+
+
+@dataclass
+class StepSpec:
+    eid: str
+    fails: bool = False
+    after: bool = False
+    reaction: qwit.Reaction = qwit.ROLLBACK
+
+
+@dataclass
+class FlowSpec:
+    children: list[StepSpec | FlowSpec] = field(default_factory=list)
+    reaction: qwit.Reaction = qwit.ROLLBACK
+
+
+def steps_of(flow: FlowSpec) -> list[StepSpec]:
+    out: list[StepSpec] = []
+    for child in flow.children:
+        out.extend(steps_of(child) if isinstance(child, FlowSpec) else [child])
+    return out
+
+
+@st.composite
+def flows(draw: st.DrawFn) -> FlowSpec:
+    counter = itertools.count(1)
+    budget = [draw(st.integers(1, 8))]
+
+    def build(depth: int) -> FlowSpec:
+        flow = FlowSpec(reaction=draw(st.sampled_from(REACTIONS)))
+        width = draw(st.integers(1, 3))
+        for _ in range(width):
+            if budget[0] <= 0:
+                break
+            if depth < 3 and budget[0] >= 2 and draw(st.booleans()):
+                sub = build(depth + 1)
+                if sub.children:
+                    flow.children.append(sub)
+            else:
+                budget[0] -= 1
+                flow.children.append(StepSpec(eid=f"s{next(counter)}"))
+        return flow
+
+    root = build(1)
+    if not root.children:
+        root.children.append(StepSpec(eid=f"s{next(counter)}"))
+    failing = draw(st.sampled_from(steps_of(root)))
+    failing.fails = True
+    failing.after = draw(st.booleans())
+    failing.reaction = draw(st.sampled_from(REACTIONS))
+    return root
+
+
+# -- the model ------------------------------------------------------------------------
+
+
+class Outcome(Exception):
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+
+def model(root: FlowSpec) -> tuple[str, list[tuple[str, str]]]:
+    """The ledger and outcome the rules predict, computed without QWIT."""
+    log: list[tuple[str, str]] = []
+    applied: set[str] = set()
+
+    def undo(effects: list[str]) -> None:
+        for eid in reversed(effects):
+            if eid in applied:
+                log.append(("undo", eid))
+
+    def run(flow: FlowSpec) -> list[str]:
+        """Run a flow; return the effects it applied (in order) if it completed."""
+        done: list[str] = []  # effects of completed children, in order
+        for child in flow.children:
+            if isinstance(child, FlowSpec):
+                try:
+                    done.extend(run(child))
+                    continue
+                except Outcome as failed:
+                    if failed.kind == "aborted":
+                        raise
+                    reaction = child.reaction  # the sub-flow undid itself already
+                    failed_effects: list[str] = []
+            else:
+                if not child.fails:
+                    log.append(("do", child.eid))
+                    applied.add(child.eid)
+                    done.append(child.eid)
+                    continue
+                failed_effects = []
+                if child.after:
+                    log.append(("do", child.eid))
+                    applied.add(child.eid)
+                    failed_effects = [child.eid]
+                reaction = child.reaction
+            if reaction == qwit.SKIP:
+                continue
+            if reaction == qwit.ABORT:
+                raise Outcome("aborted")
+            if reaction == qwit.ROLLBACK:
+                undo(failed_effects)
+            undo(done)
+            raise Outcome("rolled_back")
+        return done
+
+    try:
+        run(root)
+    except Outcome as outcome:
+        return outcome.kind, log
+    return "completed", log
+
+
+# -- flows from specs ---------------------------------------------------------------------
+
+
+def flow_class(spec: FlowSpec) -> type[qwit.Flow]:
+    entries: list[tuple[Any, dict[str, Any], dict[str, Any]]] = []
+    for child in spec.children:
+        if isinstance(child, FlowSpec):
+            entries.append((flow_class(child), {}, {"on_failure": child.reaction}))
+        else:
+            options = {"on_failure": child.reaction} if child.fails else {}
+            entries.append((Eff, {"eid": child.eid}, options))
+
+    class Generated(qwit.Flow, name=f"prop.flow.{uuid.uuid4().hex[:8]}"):
+        def build_flow(self) -> None:
+            for target, args, options in entries:
+                self.step(target, args, **options)
+
+    return Generated
+
+
+def fail_args(root: FlowSpec) -> dict[str, Any]:
+    failing = next(s for s in steps_of(root) if s.fails)
+    return {"fail": failing.eid, "fail_after": failing.after}
+
+
+@pytest.fixture(scope="module")
+async def prop_env(temporal_client: Any) -> Any:
+    from qwit.temporal import create_worker
+
+    queue = f"prop-{uuid.uuid4().hex[:8]}"
+    client = await qwit.connect(temporal_client=temporal_client, task_queue=queue)
+    async with create_worker(temporal_client, Eff, task_queue=queue):
+        yield client
+
+
+KIND = {
+    qwit.FlowRolledBack: "rolled_back",
+    qwit.FlowAborted: "aborted",
+}
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(spec=flows())
+async def test_random_flows_match_the_model(prop_env: qwit.Client, spec: FlowSpec) -> None:
+    run = uuid.uuid4().hex
+    expected_kind, expected_log = model(spec)
+    try:
+        await prop_env.run(flow_class(spec), {"ledger": run, **fail_args(spec)})
+        kind = "completed"
+    except qwit.FlowFailed as failed:
+        kind = KIND[type(failed)]
+        assert failed.step is not None
+    assert (kind, ledger.entries(run)) == (expected_kind, expected_log)
+    # each applied effect is undone at most once, and only applied ones are undone
+    undone = ledger.undone(run)
+    assert len(undone) == len(set(undone))
+    assert set(undone) <= set(ledger.applied(run))
+
+
+def test_the_model_with_rollback_everywhere_undoes_everything_newest_first():
+    spec = FlowSpec(
+        children=[
+            StepSpec("a"),
+            FlowSpec(children=[StepSpec("b"), FlowSpec(children=[StepSpec("c")])]),
+            StepSpec("d", fails=True, after=True),
+        ]
+    )
+    kind, log = model(spec)
+    assert kind == "rolled_back"
+    assert log == [
+        ("do", "a"),
+        ("do", "b"),
+        ("do", "c"),
+        ("do", "d"),
+        ("undo", "d"),
+        ("undo", "c"),
+        ("undo", "b"),
+        ("undo", "a"),
+    ]
