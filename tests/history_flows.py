@@ -42,3 +42,61 @@ class OrderFlow(qwit.Flow):
         self.step(Reserve, {"warehouse": "w1"})
         self.step(Charge)
         self.step(Ship)
+
+
+class BookCarrier(qwit.Step):
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"booking": f"b-{args['order_id']}"}
+
+    async def step_back(self, args: dict[str, Any]) -> None:
+        return None
+
+
+class PrintLabel(qwit.Step):
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"label": f"l-{args['booking']}"}
+
+    async def step_back(self, args: dict[str, Any]) -> None:
+        return None
+
+
+class Shipping(qwit.Flow):
+    def build_flow(self) -> None:
+        self.step(BookCarrier)
+        self.step(PrintLabel)
+
+
+class Notify(qwit.Step):
+    retry = qwit.Retry(max_attempts=1)
+
+    async def step_forward(self, args: dict[str, Any]) -> None:
+        if args.get("fail_notify"):
+            raise RuntimeError("mail server down")
+
+
+class ShippedOrder(qwit.Flow):
+    def build_flow(self) -> None:
+        self.step(Reserve)
+        self.step(Shipping, {"carrier": "ups"})
+        self.step(Notify)
+
+
+class WaitForCancel(qwit.Step):
+    heartbeat_timeout = 2
+
+    async def step_forward(self, args: dict[str, Any]) -> None:
+        import asyncio
+
+        while True:
+            qwit.heartbeat()
+            await asyncio.sleep(0.05)
+
+    async def step_back(self, args: dict[str, Any]) -> None:
+        return None
+
+
+class Cancellable(qwit.Flow):
+    def build_flow(self) -> None:
+        self.step(Reserve)
+        self.step(Shipping)
+        self.step(WaitForCancel)

@@ -14,9 +14,12 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import WorkflowHistory
+
 import qwit
 from qwit.temporal import DevServer, connect_temporal, create_worker
-from tests.history_flows import OrderFlow
+from tests.history_flows import Cancellable, OrderFlow, ShippedOrder
 
 HISTORIES = Path(__file__).parent / "histories"
 
@@ -40,7 +43,53 @@ async def rolled_back(client: qwit.Client) -> str:
     raise AssertionError("the flow should have rolled back")
 
 
-SCENARIOS: dict[str, Scenario] = {"completed": completed, "rolled_back": rolled_back}
+async def subflow_completed(client: qwit.Client) -> str:
+    handle = await client.start(ShippedOrder, {"order_id": 3}, id="history-subflow-completed")
+    await handle.result()
+    return handle.id
+
+
+async def subflow_rolled_back(client: qwit.Client) -> str:
+    handle = await client.start(
+        ShippedOrder, {"order_id": 4, "fail_notify": True}, id="history-subflow-rolled-back"
+    )
+    try:
+        await handle.result()
+    except qwit.FlowRolledBack:
+        return handle.id
+    raise AssertionError("the flow should have rolled back")
+
+
+async def cancelled(client: qwit.Client) -> str:
+    handle = await client.start(Cancellable, {"order_id": 5}, id="history-cancelled")
+    for _ in range(200):
+        state = await handle.state()
+        if state.steps[-1].status == "running":
+            break
+        await asyncio.sleep(0.05)
+    await handle.cancel()
+    try:
+        await handle.result()
+    except qwit.FlowCancelled:
+        return handle.id
+    raise AssertionError("the flow should have been cancelled")
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "completed": completed,
+    "rolled_back": rolled_back,
+    "subflow_completed": subflow_completed,
+    "subflow_rolled_back": subflow_rolled_back,
+    "cancelled": cancelled,
+}
+
+
+def child_ids(history: WorkflowHistory) -> list[str]:
+    return [
+        e.start_child_workflow_execution_initiated_event_attributes.workflow_id
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED
+    ]
 
 
 async def record(names: list[str]) -> None:
@@ -49,12 +98,15 @@ async def record(names: list[str]) -> None:
         temporal = await connect_temporal(target_host=server.address)
         queue = f"record-{uuid.uuid4().hex[:8]}"
         client = await qwit.connect(temporal_client=temporal, task_queue=queue)
-        async with create_worker(temporal, OrderFlow, task_queue=queue):
+        async with create_worker(temporal, OrderFlow, ShippedOrder, Cancellable, task_queue=queue):
             for name in names:
-                flow_id = await SCENARIOS[name](client)
-                history = await temporal.get_workflow_handle(flow_id).fetch_history()
-                (HISTORIES / f"{name}.json").write_text(history.to_json())
-                print(f"recorded {name}: {len(history.events)} events")
+                todo = [(name, await SCENARIOS[name](client))]
+                while todo:
+                    file, flow_id = todo.pop(0)
+                    history = await temporal.get_workflow_handle(flow_id).fetch_history()
+                    (HISTORIES / f"{file}.json").write_text(history.to_json())
+                    print(f"recorded {file}: {len(history.events)} events")
+                    todo += [(f"{file}.child{i + 1}", c) for i, c in enumerate(child_ids(history))]
 
 
 if __name__ == "__main__":

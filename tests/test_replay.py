@@ -16,7 +16,16 @@ HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 
 def test_there_are_histories_to_replay():
     names = {path.stem for path in HISTORIES}
-    assert {"completed", "rolled_back"} <= names
+    assert {
+        "completed",
+        "rolled_back",
+        "subflow_completed",
+        "subflow_completed.child1",
+        "subflow_rolled_back",
+        "subflow_rolled_back.child1",
+        "cancelled",
+        "cancelled.child1",
+    } <= names
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])

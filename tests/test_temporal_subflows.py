@@ -273,6 +273,37 @@ async def test_cancel_during_a_step_rolls_back_it_and_the_completed_ones(
     assert [s.status for s in state.steps] == ["compensated", "compensated", "pending"]
 
 
+async def test_a_cancel_from_temporals_cli_rolls_back_too(client, worker, dev_server):
+    import subprocess
+
+    from qwit.temporal import find_temporal_cli
+
+    run = new_ledger()
+    async with worker(CancelMe):
+        handle = await client.start(CancelMe, {"ledger": run})
+        await ledger.wait_for_mark(run, "started", "Slow")
+        proc = await asyncio.to_thread(
+            subprocess.run,
+            [
+                find_temporal_cli(),
+                "workflow",
+                "cancel",
+                "--address",
+                dev_server.address,
+                "--workflow-id",
+                handle.id,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        with pytest.raises(qwit.FlowCancelled) as info:
+            await asyncio.wait_for(handle.result(), 30)
+    assert info.value.compensated == ["Slow", "A"]
+    ledger.assert_fully_undone(run)
+
+
 class CancelInside(qwit.Flow):
     def build_flow(self) -> None:
         self.step(A)
