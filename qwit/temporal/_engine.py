@@ -6,6 +6,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 import temporalio.client
+from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 from temporalio.envconfig import ClientConfig
 from temporalio.exceptions import (
@@ -14,15 +15,25 @@ from temporalio.exceptions import (
     TerminatedError,
     TimeoutError,
 )
+from temporalio.service import RPCError
 
 from .._engine import Engine, FlowHandle
 from .._errors import FailureInfo, FailureKind, FlowFailed, ReactionError
-from .._options import Reaction
+from .._jsonargs import NotJSON, as_args
+from .._options import Reaction, parse_reaction
 from .._plan import FlowInput
 from .._saga import Decision
 from .._state import FlowState
 from ._plugin import QwitPlugin
-from ._workflow import QUERY_STATE, UPDATE_REACT, WORKFLOW_NAME, failure_info
+from ._workflow import (
+    QUERY_STATE,
+    QWIT_FLOW,
+    QWIT_STATUS,
+    UPDATE_REACT,
+    WORKFLOW_NAME,
+    failure_info,
+    search_attributes,
+)
 
 if TYPE_CHECKING:
     from .._client import Client
@@ -126,7 +137,9 @@ class TemporalFlowHandle(FlowHandle):
         if waiting is None:
             raise ReactionError(f"flow {self.id!r} is not waiting (it is {state.status})")
         try:
-            decision = Decision(reaction=Reaction(str(reaction).lower()), args=args or {})
+            decision = Decision(reaction=parse_reaction(reaction), args=as_args(args, "args"))
+        except NotJSON as exc:
+            raise ReactionError(f"flow {self.id!r}: args {exc}") from None
         except ValueError as exc:
             raise ReactionError(f"flow {self.id!r}: {exc}") from None
         client = await self._engine.temporal_client()
@@ -147,6 +160,7 @@ class TemporalEngine(Engine):
         self.client = client
         self._temporal: temporalio.client.Client | None = client.given_temporal_client
         self._lock = asyncio.Lock()
+        self._search_attributes: bool | None = None
 
     async def temporal_client(self) -> temporalio.client.Client:
         """The temporalio client, connected on first use."""
@@ -156,14 +170,30 @@ class TemporalEngine(Engine):
                     self._temporal = await connect_temporal(**self.client.temporal_options)
         return self._temporal
 
+    async def has_search_attributes(self) -> bool:
+        """Whether the namespace has QWIT's search attributes (asked once)."""
+        if self._search_attributes is None:
+            client = await self.temporal_client()
+            try:
+                response = await client.operator_service.list_search_attributes(
+                    ListSearchAttributesRequest(namespace=client.namespace)
+                )
+                names = set(response.custom_attributes)
+            except RPCError:
+                names = set()
+            self._search_attributes = {QWIT_FLOW.name, QWIT_STATUS.name} <= names
+        return self._search_attributes
+
     async def start(self, input: FlowInput) -> FlowHandle:
         client = await self.temporal_client()
+        publish = await self.has_search_attributes()
         handle = await client.start_workflow(
             WORKFLOW_NAME,
             input,
             id=input.root_id,
             task_queue=self.client.task_queue,
             static_summary=input.flow.name,
+            search_attributes=search_attributes(input.flow.name) if publish else None,
         )
         return TemporalFlowHandle(self, handle.id, handle.result_run_id)
 
