@@ -15,7 +15,7 @@ from temporalio.exceptions import (
     TerminatedError,
     TimeoutError,
 )
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from .._engine import Engine, FlowHandle
 from .._errors import FailureInfo, FailureKind, FlowFailed, ReactionError
@@ -25,6 +25,7 @@ from .._plan import FlowInput
 from .._saga import Decision
 from .._state import FlowState
 from ._plugin import QwitPlugin
+from ._replay import replay_state
 from ._workflow import (
     QUERY_STATE,
     QWIT_FLOW,
@@ -81,6 +82,24 @@ def _flow_failed(flow_id: str, err: WorkflowFailureError) -> FlowFailed:
     return FlowFailed.from_info(FailureInfo(kind=kind, flow_id=flow_id, reason=reason))
 
 
+async def _query_state(
+    client: temporalio.client.Client, flow_id: str, run_id: str | None = None
+) -> FlowState:
+    """A flow's state from its workflow's query, or, when no worker answers
+    and the flow has ended, from a replay of its history right here."""
+    handle = client.get_workflow_handle(flow_id, run_id=run_id)
+    try:
+        state: FlowState = await handle.query(QUERY_STATE, result_type=FlowState)
+        return state
+    except RPCError as err:
+        if err.status != RPCStatusCode.FAILED_PRECONDITION:
+            raise
+        replayed = await replay_state(await handle.fetch_history())
+        if replayed is None:
+            raise
+        return replayed
+
+
 class TemporalFlowHandle(FlowHandle):
     """A flow running as a Temporal workflow."""
 
@@ -109,8 +128,8 @@ class TemporalFlowHandle(FlowHandle):
         await handle.cancel()
 
     async def state(self) -> FlowState:
-        handle = await self.workflow_handle()
-        state: FlowState = await handle.query(QUERY_STATE, result_type=FlowState)
+        client = await self._engine.temporal_client()
+        state = await _query_state(client, self.id, self.run_id)
         return await self._with_subflows(state)
 
     async def _with_subflows(self, state: FlowState) -> FlowState:
@@ -121,10 +140,7 @@ class TemporalFlowHandle(FlowHandle):
         for i, step in enumerate(steps):
             if step.kind != "flow" or step.flow_id is None:
                 continue
-            child = await client.get_workflow_handle(step.flow_id).query(
-                QUERY_STATE, result_type=FlowState
-            )
-            child = await self._with_subflows(child)
+            child = await self._with_subflows(await _query_state(client, step.flow_id))
             steps[i] = step.model_copy(update={"steps": child.steps})
             if waiting is None and child.waiting is not None:
                 waiting = child.waiting
