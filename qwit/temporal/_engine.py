@@ -7,7 +7,11 @@ from typing import TYPE_CHECKING, Any
 
 import temporalio.client
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
-from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
+from temporalio.client import (
+    WorkflowExecutionStatus,
+    WorkflowFailureError,
+    WorkflowUpdateFailedError,
+)
 from temporalio.envconfig import ClientConfig
 from temporalio.exceptions import (
     ApplicationError,
@@ -15,7 +19,7 @@ from temporalio.exceptions import (
     TerminatedError,
     TimeoutError,
 )
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.service import RPCError
 
 from .._engine import Engine, FlowHandle
 from .._errors import FailureInfo, FailureKind, FlowFailed, ReactionError
@@ -85,19 +89,16 @@ def _flow_failed(flow_id: str, err: WorkflowFailureError) -> FlowFailed:
 async def _query_state(
     client: temporalio.client.Client, flow_id: str, run_id: str | None = None
 ) -> FlowState:
-    """A flow's state from its workflow's query, or, when no worker answers
-    and the flow has ended, from a replay of its history right here."""
+    """A flow's state: from its workflow's query while it runs, and from a
+    replay of its history right here once it has ended (no worker needed)."""
     handle = client.get_workflow_handle(flow_id, run_id=run_id)
-    try:
-        state: FlowState = await handle.query(QUERY_STATE, result_type=FlowState)
-        return state
-    except RPCError as err:
-        if err.status != RPCStatusCode.FAILED_PRECONDITION:
-            raise
+    description = await handle.describe()
+    if description.status != WorkflowExecutionStatus.RUNNING:
         replayed = await replay_state(await handle.fetch_history())
-        if replayed is None:
-            raise
-        return replayed
+        if replayed is not None:
+            return replayed
+    state: FlowState = await handle.query(QUERY_STATE, result_type=FlowState)
+    return state
 
 
 class TemporalFlowHandle(FlowHandle):
