@@ -145,7 +145,12 @@ async def run_crash(
     specs: list[tuple[FlowSpec, dict[str, Any]]] = []
     for _ in range(flows):
         spec = random_flow(rng, max_steps=6)
-        args = {"db": db_path, "delay": rng.choice([0.0, 0.05, 0.2]), **fail_args(spec)}
+        args = {
+            "db": db_path,
+            "delay": rng.choice([0.0, 0.1, 0.3]),
+            "back_delay": rng.choice([0.1, 0.5, 1.0]),
+            **fail_args(spec),
+        }
         specs.append((spec, args))
     queue = f"crash-{uuid.uuid4().hex[:8]}"
     async with DevServer() as server:

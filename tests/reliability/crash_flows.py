@@ -43,7 +43,9 @@ def _write(path: str, sql: str, params: tuple[Any, ...]) -> None:
 
 
 class CrashStep(qwit.Step, name="crash.step"):
-    """Static args: `eid`. Flow args: `db`, `fail` (an eid), `fail_after`, `delay`."""
+    """Static args: `eid`. Flow args: `db`, `fail` (an eid), `fail_after`, and
+    `delay` / `back_delay`, seconds each direction spends around its effect (so
+    kills land mid-step)."""
 
     timeout = 3
     retry = qwit.Retry(max_attempts=20, initial_interval=0.2, max_interval=1.0)
@@ -83,7 +85,7 @@ class CrashStep(qwit.Step, name="crash.step"):
             "INSERT INTO runs VALUES (?, ?, ?, ?, ?)",
             (ctx.idempotency_key, "back", os.getpid(), ctx.attempt, time.time()),
         )
-        await asyncio.sleep(args.get("delay", 0.0))
+        await asyncio.sleep(args.get("back_delay", 0.0))
         # Undo only what was applied, once: the undo's own key makes a retried
         # step_back a no-op.
         await asyncio.to_thread(
