@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from ._activities import activity_name
 from ._devserver import DevServer, find_temporal_cli, free_port
+from ._encryption import EncryptionCodec, EncryptionError, new_encryption_key
 from ._engine import TemporalEngine, TemporalFlowHandle, connect_config, connect_temporal
 from ._plugin import QwitPlugin
 from ._worker import create_worker, serve
@@ -31,6 +32,8 @@ def create_engine(client: Client) -> TemporalEngine:
 __all__ = [
     "WORKFLOW_NAME",
     "DevServer",
+    "EncryptionCodec",
+    "EncryptionError",
     "QwitPlugin",
     "QwitWorkflow",
     "TemporalEngine",
@@ -43,5 +46,6 @@ __all__ = [
     "find_temporal_cli",
     "free_port",
     "name",
+    "new_encryption_key",
     "serve",
 ]
