@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ._activities import activity_name
+from ._connection import TemporalConnectionError
 from ._devserver import DevServer, find_temporal_cli, free_port
 from ._encryption import EncryptionCodec, EncryptionError, new_encryption_key
 from ._engine import TemporalEngine, TemporalFlowHandle, connect_config, connect_temporal
@@ -36,6 +37,7 @@ __all__ = [
     "EncryptionError",
     "QwitPlugin",
     "QwitWorkflow",
+    "TemporalConnectionError",
     "TemporalEngine",
     "TemporalFlowHandle",
     "activity_name",
