@@ -392,6 +392,23 @@ async def test_negative_control_without_encryption_the_canary_is_found(tmp_path:
     assert exposure.unencrypted_payloads
 
 
+async def test_keys_given_in_code_through_qwit_connect(dev_server: DevServer, task_queue: str):
+    codec = EncryptionCodec({"code": KEY_A})
+    client = await qwit.connect(
+        task_queue=task_queue,
+        target_host=dev_server.address,
+        plugins=[QwitPlugin(encryption=codec)],
+    )
+    worker_client = await encrypted_client(dev_server.address, {"code": KEY_A})
+    async with create_worker(worker_client, secure_flows, task_queue=task_queue):
+        handle = await client.start(Complete, {"secret": "s3cr3t"})
+        assert (await handle.result())["remembered"] == "output of s3cr3t"
+    history = await worker_client.get_workflow_handle(handle.id).fetch_history()
+    assert key_ids(history) == {"code"}
+    assert "s3cr3t" not in history.to_json()
+    await client.close()
+
+
 # -- rotation on a real server ----------------------------------------------------
 
 

@@ -252,3 +252,15 @@ def test_a_missing_ca_file_is_named(temporal_env: pytest.MonkeyPatch, tmp_path: 
         TemporalConnectionError, match=f"TEMPORAL_TLS_SERVER_CA_CERT_PATH={missing}"
     ):
         connect_config()
+
+
+async def test_nothing_listening(temporal_env: pytest.MonkeyPatch):
+    from qwit.temporal import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    set_env(temporal_env, {"TEMPORAL_ADDRESS": address})
+    with pytest.raises(
+        TemporalConnectionError, match="refused: is a Temporal server running"
+    ) as info:
+        await asyncio.wait_for(connect_temporal(), 30)
+    assert info.value.address == address and not info.value.tls
