@@ -50,8 +50,19 @@ Runtime.set_default(Runtime(telemetry=TelemetryConfig(logging=LoggingConfig(
     filter=TelemetryFilter(core_level="DEBUG", other_level="DEBUG"),
     forwarding=LogForwardingConfig(logger=logging.getLogger("temporalio.core")),
 ))))
+import os, sys
 from qwit._cli import worker_main
-worker_main()
+try:
+    worker_main()
+except SystemExit as exit:
+    code = exit.code if isinstance(exit.code, int) else 1
+# Skip interpreter finalization: after a failed connect the SDK's Rust threads
+# can abort it ("PyGILState_Release", temporalio/sdk-python issue 300), turning
+# exit 1 into SIGABRT about one time in five.
+logging.shutdown()
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(code)
 """,
     "tests.secure_flows",
 ]
