@@ -93,7 +93,7 @@ async def test_tampering_is_detected(where: str):
     elif where == "truncated":
         data = data[:10]
     else:
-        # the key id is authenticated data: relabelling a payload is detected too
+        # relabelled to another key: that key doesn't authenticate it
         sealed.metadata["encryption-key-id"] = b"b"
     sealed.data = bytes(data)
     with pytest.raises(EncryptionError, match="failed authentication") as info:
@@ -119,6 +119,23 @@ async def test_rotation_first_key_encrypts_every_key_decrypts():
     assert await rotated.decode([from_old, from_new]) == [payload("old"), payload("new")]
     with pytest.raises(EncryptionError, match="key id 'b'"):
         await old.decode([from_new])
+
+
+async def test_wire_format_is_that_of_temporals_encryption_samples():
+    """nonce (12 bytes) + AES-GCM ciphertext and tag of the serialised payload,
+    no associated data: what the codec servers of Temporal's samples read."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    codec = EncryptionCodec({"sample": KEY_A})
+    [sealed] = await codec.encode([payload("x")])
+    plain = AESGCM(KEY_A).decrypt(sealed.data[:12], sealed.data[12:], None)
+    assert Payload.FromString(plain) == payload("x")
+    nonce = b"\x01" * 12
+    theirs = Payload(
+        metadata={"encoding": b"binary/encrypted", "encryption-key-id": b"sample"},
+        data=nonce + AESGCM(KEY_A).encrypt(nonce, payload("y").SerializeToString(), None),
+    )
+    assert await codec.decode([theirs]) == [payload("y")]
 
 
 def test_repr_names_key_ids_only():

@@ -143,11 +143,13 @@ class EncryptionCodec(PayloadCodec):
     """Encrypts every payload with AES-256-GCM.
 
     Each payload is serialised whole (data and metadata, so even its
-    encoding is hidden) and encrypted under a fresh random 96-bit nonce, with
-    the key id as associated data. The result carries the metadata
-    ``encoding: binary/encrypted`` and ``encryption-key-id``. Payloads that
-    are not encrypted decode unchanged, so encryption can be switched on
-    while unencrypted flows are still in flight.
+    encoding is hidden) and encrypted under a fresh random 96-bit nonce; the
+    result is the nonce then the ciphertext and tag, with the metadata
+    ``encoding: binary/encrypted`` and ``encryption-key-id``. That is the
+    format of Temporal's own encryption samples, so a codec server built
+    from them can show QWIT's payloads in the Temporal UI. Payloads that are
+    not encrypted decode unchanged, so encryption can be switched on while
+    unencrypted flows are still in flight.
 
     Args:
         keys: Key id to 32-byte key, in order: the first key encrypts, every
@@ -242,7 +244,7 @@ class EncryptionCodec(PayloadCodec):
         encoded = []
         for payload in payloads:
             nonce = secrets.token_bytes(NONCE_BYTES)
-            sealed = cipher.encrypt(nonce, payload.SerializeToString(), key_id)
+            sealed = cipher.encrypt(nonce, payload.SerializeToString(), None)
             encoded.append(
                 Payload(
                     metadata={"encoding": ENCODING, KEY_ID_METADATA: key_id},
@@ -275,7 +277,7 @@ class EncryptionCodec(PayloadCodec):
             )
         data = payload.data
         try:
-            plain = cipher.decrypt(data[:NONCE_BYTES], data[NONCE_BYTES:], raw_id)
+            plain = cipher.decrypt(data[:NONCE_BYTES], data[NONCE_BYTES:], None)
         except (InvalidTag, ValueError):
             raise EncryptionError(
                 f"a payload encrypted with key id {key_id!r} failed authentication: it was "
