@@ -205,6 +205,8 @@ def test_bad_keys_given_in_code():
         EncryptionCodec({"a": KEY_A[:16]})
     with pytest.raises(EncryptionError, match="at least one key"):
         EncryptionCodec({})
+    with pytest.raises(EncryptionError, match="must be bytes"):
+        EncryptionCodec({"a": b64(KEY_A)})  # type: ignore[dict-item]
 
 
 def test_without_cryptography_the_error_says_what_to_install(monkeypatch: pytest.MonkeyPatch):

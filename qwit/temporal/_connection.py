@@ -82,8 +82,8 @@ def _diagnose(config: Mapping[str, Any], address: str, tls: bool, raw: str) -> t
     handshake = ("InvalidMessage", "tls handshake", "AlertReceived", "ConnectionReset", "Eof")
     if tls and any(sign in raw for sign in handshake):
         return (
-            f"the TLS handshake failed: does the server use TLS at this address? (TLS is on "
-            f"because {_TLS_VARS} is set)",
+            f"the TLS handshake failed: does the server use TLS at this address? ({_TLS_VARS} "
+            "turns TLS on)",
             False,
         )
     if "ConnectionRefused" in raw:

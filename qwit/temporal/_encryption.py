@@ -177,6 +177,11 @@ class EncryptionCodec(PayloadCodec):
                 raise EncryptionError(f"invalid encryption key id {key_id!r}")
             if key_id in self._ciphers:
                 raise EncryptionError(f"encryption key id {key_id!r} is given twice")
+            if not isinstance(key, (bytes, bytearray)):
+                raise EncryptionError(
+                    f"encryption key {key_id!r} must be bytes (for base64 text, use "
+                    "EncryptionCodec.from_text)"
+                )
             if len(key) != KEY_BYTES:
                 raise EncryptionError(
                     f"encryption key {key_id!r} is {len(key)} bytes; AES-256-GCM needs {KEY_BYTES}"

@@ -22,7 +22,7 @@ from temporalio.exceptions import (
 from temporalio.service import RPCError
 
 from .._engine import Engine, FlowHandle
-from .._errors import FailureInfo, FailureKind, FlowFailed, ReactionError
+from .._errors import FailureInfo, FailureKind, FlowFailed, QwitError, ReactionError
 from .._plan import FlowInput
 from .._saga import Decision
 from .._state import FlowState
@@ -83,6 +83,8 @@ async def connect_temporal(**overrides: Any) -> temporalio.client.Client:
         plugins.append(QwitPlugin())
     try:
         return await temporalio.client.Client.connect(plugins=plugins, **config)
+    except QwitError:
+        raise
     except (RuntimeError, RPCError) as err:
         raise connection_error(config, err) from err
 
