@@ -122,11 +122,12 @@ async def test_a_flow_runs_end_to_end_through_tls(
     tls_front: TLSFront, temporal_env: pytest.MonkeyPatch, tmp_path: Path
 ):
     queue = f"tls-{uuid.uuid4().hex[:8]}"
+    key = new_encryption_key()
     # The one setting for encryption, read by the client and the worker alike.
     env = tls_front.env(
         TEMPORAL_TLS_SERVER_NAME="localhost",
         QWIT_TASK_QUEUE=queue,
-        QWIT_ENCRYPTION_KEYS=f"k1:{new_encryption_key()}",
+        QWIT_ENCRYPTION_KEYS=f"k1:{key}",
     )
     set_env(temporal_env, env)
     log = tmp_path / "worker.log"
@@ -157,6 +158,7 @@ async def test_a_flow_runs_end_to_end_through_tls(
     assert "serving tests.secure_flows" in output
     assert "DEBUG" in output  # the log really was at DEBUG
     assert_no_api_key(output)
+    assert key not in output and key[:16] not in output  # nor the encryption key
 
     # Both processes went through the proxy, and every request carried the key
     # as Temporal's API key auth does.
