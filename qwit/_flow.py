@@ -181,7 +181,8 @@ class _Compiler:
         if not defines(cls, "step_forward"):
             raise FlowDefinitionError(f"{where}: step {cls.name!r} does not define step_forward")
         try:
-            fields = _fields(cls)
+            fields = _fields(cls, "step_forward")
+            back_fields = _fields(cls, "step_back")
         except TypeError as exc:
             raise FlowDefinitionError(f"{where}: {exc}") from None
 
@@ -216,6 +217,7 @@ class _Compiler:
             local=local,
             has_back=defines(cls, "step_back"),
             fields=fields,
+            back_fields=back_fields,
             backend=_backend_name(cls.backend, where),
         )
 
@@ -226,18 +228,13 @@ def _retry(value: Any, option: str) -> Retry:
     return value
 
 
-def _fields(cls: type[Step]) -> tuple[str, ...] | None:
-    """The arg names a typed step reads, forward and back; None if it reads all."""
-    wanted: set[str] = set()
-    for method in ("step_forward", "step_back"):
-        if method == "step_back" and not defines(cls, method):
-            continue
-        model = args_model(cls, method)
-        names = model_fields(model) if model is not None else None
-        if names is None:
-            return None
-        wanted |= names
-    return tuple(sorted(wanted))
+def _fields(cls: type[Step], method: str) -> tuple[str, ...] | None:
+    """The arg names a typed step method reads; None if it reads them all."""
+    if not defines(cls, method):
+        return None
+    model = args_model(cls, method)
+    names = model_fields(model) if model is not None else None
+    return None if names is None else tuple(sorted(names))
 
 
 def compile_flow(flow: type[Flow]) -> FlowNode:

@@ -43,7 +43,9 @@ class StepNode(BaseModel):
     has_back: bool = True
     """False when the Step does not override ``step_back``: nothing to run on undo."""
     fields: tuple[str, ...] | None = None
-    """Arg names the step reads (typed steps); None means all of them."""
+    """Arg names ``step_forward`` reads (a typed step); None means all of them."""
+    back_fields: tuple[str, ...] | None = None
+    """Arg names ``step_back`` reads (typed); None means all of them."""
     backend: str | None = None
 
 

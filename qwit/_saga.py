@@ -257,8 +257,10 @@ class Interpreter:
                 if isinstance(node, FlowNode):
                     output = await self._forward_subflow(rec, args)
                 else:
-                    rec.args = _select(args, node.fields)
-                    call = self._call(rec, "step_forward", rec.args)
+                    # All the args are kept for step_back; the step is sent only
+                    # what its model reads, so history grows with what is used.
+                    rec.args = args
+                    call = self._call(rec, "step_forward", _select(args, node.fields))
                     refused = self.runtime.refuse_forward(call, self._undo_count())
                     if refused is not None:
                         raise StepFailure(refused)
@@ -420,7 +422,7 @@ class Interpreter:
             return
         while True:
             rec.status = "compensating"
-            back_args = {**(rec.args or {}), **(rec.output or {})}
+            back_args = _select({**(rec.args or {}), **(rec.output or {})}, node.back_fields)
             try:
                 result = await self.runtime.run_step(node, self._call(rec, "step_back", back_args))
             except StepFailure as failure:
@@ -476,7 +478,12 @@ class Interpreter:
             todo.append(failed)
         items = []
         for rec in reversed(todo):
-            args = {} if rec.is_flow else {**(rec.args or {}), **(rec.output or {})}
+            node = rec.node
+            args = (
+                _select({**(rec.args or {}), **(rec.output or {})}, node.back_fields)
+                if isinstance(node, StepNode)
+                else {}
+            )
             items.append(PreviewItem(name=rec.name, path=rec.path, args=args))
         return items
 

@@ -156,17 +156,16 @@ class Long(qwit.Flow):
             self.step(Blob, {"eid": f"s{i}", "size": 2000})
 
 
-async def test_a_history_near_its_limit_stops_going_forward_and_rolls_back(
-    client, worker, monkeypatch
-):
+async def test_a_history_near_its_limit_stops_going_forward_and_rolls_back(small, monkeypatch):
     from qwit.temporal import _workflow
 
-    # a tiny budget stands in for Temporal's 50 MB: the flow must stop and undo
+    # A tiny budget stands in for Temporal's 50 MB: the flow must stop and undo.
+    # (On this module's own server: its history only replays with that budget.)
     monkeypatch.setattr(_workflow, "HISTORY_BYTES_BUDGET", 40_000)
     run = uuid.uuid4().hex
-    async with worker(Long):
+    async with small.worker(Long):
         with pytest.raises(qwit.FlowRolledBack) as info:
-            await client.run(Long, {"ledger": run})
+            await small.client.run(Long, {"ledger": run})
     assert info.value.error_type == "qwit.HistoryTooLarge"
     applied = ledger.applied(run)
     assert 3 < len(applied) < 40

@@ -35,6 +35,8 @@ from tests.tls_proxy import Authority, TLSProxy
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = f"api-key-canary-{uuid.uuid4().hex}"
+#: The encryption key of the TLS flows (module-level: the session replay needs it).
+ENCRYPTION_KEY = new_encryption_key()
 
 # qwit-worker with everything logged at DEBUG, the SDK's Rust core included.
 WORKER_AT_DEBUG = [
@@ -122,7 +124,7 @@ async def test_a_flow_runs_end_to_end_through_tls(
     tls_front: TLSFront, temporal_env: pytest.MonkeyPatch, tmp_path: Path
 ):
     queue = f"tls-{uuid.uuid4().hex[:8]}"
-    key = new_encryption_key()
+    key = ENCRYPTION_KEY
     # The one setting for encryption, read by the client and the worker alike.
     env = tls_front.env(
         TEMPORAL_TLS_SERVER_NAME="localhost",

@@ -3,6 +3,7 @@ nondeterminism error. (Named to run last: it replays what the others recorded.)"
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator
 
 import temporalio.client
@@ -14,6 +15,7 @@ from qwit.temporal import EncryptionCodec, QwitPlugin
 
 async def test_every_history_of_the_session_replays(temporal_client: temporalio.client.Client):
     from tests.test_encryption import KEY_A, KEY_B
+    from tests.test_tls import ENCRYPTION_KEY
 
     executions = temporal_client.list_workflows(
         'WorkflowType="qwit.Flow" AND ExecutionStatus != "Running"'
@@ -25,10 +27,20 @@ async def test_every_history_of_the_session_replays(temporal_client: temporalio.
             yield history
 
     # The encryption tests' flows are encrypted; unencrypted payloads decode as is.
-    codec = EncryptionCodec({"a": KEY_A, "b": KEY_B, "code": KEY_A})
+    codec = EncryptionCodec(
+        {"a": KEY_A, "b": KEY_B, "code": KEY_A, "k1": base64.b64decode(ENCRYPTION_KEY)}
+    )
     replayer = Replayer(workflows=[], plugins=[QwitPlugin(encryption=codec)])
     results = await replayer.replay_workflows(each(), raise_on_replay_failure=False)
-    failures = {run_id: repr(err) for run_id, err in results.replay_failures.items()}
+    ids = {h.run_id: h.workflow_id for h in histories}
+    failures = {ids.get(run, run): repr(err) for run, err in results.replay_failures.items()}
     print(f"replayed {len(histories)} histories: {len(failures)} failures")
+    if failures:
+        import json
+
+        dump = {ids.get(run, run): str(err) for run, err in results.replay_failures.items()}
+        bad = [h for h in histories if h.run_id in results.replay_failures]
+        with open("/tmp/replay_failures.json", "w") as f:
+            json.dump({"errors": dump, "histories": [h.to_json() for h in bad]}, f)
     assert failures == {}
     assert len(histories) >= 100

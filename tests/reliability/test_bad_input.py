@@ -252,9 +252,10 @@ def test_generated_enough() -> None:
 async def test_started_flows_end_even_naming_unserved_steps(
     steps: list[type[qwit.Step]], args: dict[str, Any], served: Any
 ) -> None:
-    client = served
+    client, started = served
     flow = make_flow([(s, None, {}) for s in steps], f"bad.run.{uuid.uuid4().hex[:6]}")
     handle = await client.start(flow, {**args, "ledger": uuid.uuid4().hex})
+    started.append(handle.id)
     if Unserved not in steps:
         await asyncio.wait_for(handle.result(), 30)
         return
@@ -270,13 +271,19 @@ async def served(temporal_client: temporalio.client.Client) -> Any:
 
     queue = f"bad-{uuid.uuid4().hex[:8]}"
     client = qwit.Client(temporal_client=temporal_client, task_queue=queue)
+    started: list[str] = []
     async with create_worker(temporal_client, *STEPS, task_queue=queue):
-        yield client
-    running = [
-        w.id
-        async for w in temporal_client.list_workflows(
-            f'TaskQueue="{queue}" AND ExecutionStatus != "Completed" '
-            'AND ExecutionStatus != "Failed"'
-        )
+        yield client, started
+    # Every flow started ended, completed or failed (a QWIT failure): none is
+    # still running (stuck) or was terminated by the server.
+    statuses = [
+        (await temporal_client.get_workflow_handle(flow_id).describe()).status
+        for flow_id in started
     ]
-    assert running == [], f"flows stuck or terminated: {running}"
+    ended = {
+        temporalio.client.WorkflowExecutionStatus.COMPLETED,
+        temporalio.client.WorkflowExecutionStatus.FAILED,
+    }
+    stuck = [f for f, status in zip(started, statuses, strict=True) if status not in ended]
+    assert started
+    assert stuck == [], f"flows stuck or terminated: {stuck}"
