@@ -52,21 +52,24 @@ async def warm_up(sides: Sequence[Side], shapes: Sequence[Shape], times: int) ->
                 await run_once(side, shape)
 
 
-async def latency(
-    sides: Sequence[Side], shapes: Sequence[Shape], reps: int
-) -> dict[str, dict[str, list[float]]]:
-    """Milliseconds from start to result of one flow at a time, by shape and side."""
-    samples: dict[str, dict[str, list[float]]] = {
-        shape.key: {side.name: [] for side in sides} for shape in shapes
-    }
+Samples = dict[str, dict[str, list[float]]]
+Ids = dict[str, dict[str, list[str]]]
+
+
+async def latency(sides: Sequence[Side], shapes: Sequence[Shape], reps: int) -> tuple[Samples, Ids]:
+    """Milliseconds from start to result of one flow at a time, by shape and
+    side; and the workflow ids of those flows."""
+    samples: Samples = {shape.key: {side.name: [] for side in sides} for shape in shapes}
+    ids: Ids = {shape.key: {side.name: [] for side in sides} for shape in shapes}
     for rep in range(reps):
         for shape in shapes:
             for side in alternate(sides, rep):
-                _, ms = await run_once(side, shape)
+                workflow_id, ms = await run_once(side, shape)
                 samples[shape.key][side.name].append(ms)
+                ids[shape.key][side.name].append(workflow_id)
         if reps >= 10 and (rep + 1) % max(1, reps // 4) == 0:
             progress(f"    {rep + 1}/{reps}")
-    return samples
+    return samples, ids
 
 
 async def throughput_round(
@@ -159,6 +162,71 @@ def history_figures(events: Sequence[HistoryEvent]) -> dict[str, int]:
 async def history(client: temporalio.client.Client, workflow_id: str) -> dict[str, int]:
     fetched = await client.get_workflow_handle(workflow_id).fetch_history()
     return history_figures(fetched.events)
+
+
+def _ms(event: HistoryEvent) -> float:
+    return event.event_time.ToNanoseconds() / 1e6
+
+
+def step_phases(events: Sequence[HistoryEvent]) -> dict[str, float]:
+    """Where a flow's time goes, from the server's own event times (ms).
+
+    Per step, medians over the flow's steps:
+
+    - ``activity``: the activity scheduled until its completion is recorded
+      (its dispatch to the worker, the work, the result's way back);
+    - ``task_dispatch``: the next workflow task scheduled until a worker
+      picked it up (the server's transfer queue and matching);
+    - ``task_run``: that workflow task picked up until completed (the
+      worker's SDK and workflow code, and the round trips to the server).
+
+    Once per flow: ``first_task_run``, the first workflow task picked up
+    until completed (the workflow created from its input, its first step
+    scheduled).
+    """
+    phases: dict[str, list[float]] = {"activity": [], "task_dispatch": [], "task_run": []}
+    first_task_run: float | None = None
+    scheduled: dict[int, float] = {}
+    task_scheduled = task_started = 0.0
+    after_activity = False
+    for event in events:
+        kind, at = event.event_type, _ms(event)
+        if kind == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            scheduled[event.event_id] = at
+        elif kind == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
+            done = event.activity_task_completed_event_attributes
+            phases["activity"].append(at - scheduled[done.scheduled_event_id])
+            after_activity = True
+        elif kind == EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED:
+            task_scheduled = at
+        elif kind == EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED:
+            task_started = at
+            if after_activity:
+                phases["task_dispatch"].append(at - task_scheduled)
+        elif kind == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED:
+            if first_task_run is None:
+                first_task_run = at - task_started
+            elif after_activity:
+                phases["task_run"].append(at - task_started)
+            after_activity = False
+    found = {name: statistics.median(values) for name, values in phases.items() if values}
+    if first_task_run is not None:
+        found["first_task_run"] = first_task_run
+    return found
+
+
+async def step_phase_medians(
+    client: temporalio.client.Client, ids: dict[str, list[str]], flows: int
+) -> dict[str, dict[str, float]]:
+    """``step_phases`` of the last ``flows`` flows of each side, medians."""
+    found: dict[str, dict[str, float]] = {}
+    for side, side_ids in ids.items():
+        per_flow = []
+        for workflow_id in side_ids[-flows:]:
+            fetched = await client.get_workflow_handle(workflow_id).fetch_history()
+            per_flow.append(step_phases(fetched.events))
+        found[side] = {name: statistics.median(p[name] for p in per_flow) for name in per_flow[0]}
+    return found
 
 
 def median(values: Sequence[float]) -> float:

@@ -66,8 +66,12 @@ def _label(key: str) -> str:
 
 def build(results: dict[str, Any]) -> Figures:
     figures = Figures()
-    _latency(figures, results["latency"]["fast"], "", "tuned dev server")
-    _latency(figures, results["latency"]["default"], "_default_server", "default dev server")
+    for server, suffix, where in (
+        ("fast", "", "tuned dev server"),
+        ("default", "_default_server", "default dev server"),
+    ):
+        _latency(figures, results["latency"][server], suffix, where)
+        _phases(figures, results["step_phases"][server], suffix, where)
     for store, suffix in (("memory", ""), ("sqlite", "_sqlite")):
         if store in results["throughput"]:
             _throughput(figures, results["throughput"][store], suffix, store)
@@ -108,6 +112,26 @@ def _latency(
         per_step["qwit"],
         per_step["hand"],
     )
+
+
+def _phases(figures: Figures, phases: dict[str, dict[str, float]], suffix: str, where: str) -> None:
+    section = f"Where a step's time goes, {where} (ms, medians from history event times)"
+    labels = {
+        "activity": "activity: scheduled to completed",
+        "task_dispatch": "next workflow task: scheduled to picked up",
+        "task_run": "next workflow task: picked up to completed",
+        "first_task_run": "first workflow task: picked up to completed (per flow)",
+    }
+    for phase, label in labels.items():
+        figures.add(
+            section,
+            label,
+            f"step_{phase}",
+            "ms",
+            suffix,
+            phases["qwit"][phase],
+            phases["hand"][phase],
+        )
 
 
 def _throughput(

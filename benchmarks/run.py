@@ -22,9 +22,17 @@ import temporalio.client
 
 import qwit
 from benchmarks import report
-from benchmarks.measure import history, latency, progress, run_once, throughput, warm_up
+from benchmarks.measure import (
+    history,
+    latency,
+    progress,
+    run_once,
+    step_phase_medians,
+    throughput,
+    warm_up,
+)
 from benchmarks.procs import WorkerProcess, memory_mb
-from benchmarks.shapes import BIG_SHAPES, FIVE, LATENCY_SHAPES
+from benchmarks.shapes import BIG_SHAPES, FIVE, LATENCY_SHAPES, TWENTY
 from benchmarks.sides import HandSide, QwitSide, Side
 from benchmarks.worker import SIDES, WORKER_OPTIONS
 from qwit.temporal import DevServer, connect_temporal, find_temporal_cli
@@ -48,6 +56,10 @@ class Settings:
 FULL = Settings("full", 3, 60, 20, 200, 5, 200, 3)
 QUICK = Settings("quick", 2, 15, 5, 200, 1, 200, 1)
 SMOKE = Settings("smoke", 0, 1, 1, 10, 1, 10, 1)
+
+
+#: Flows (20 steps each, per side) whose histories show where a step's time goes.
+PHASE_FLOWS = 5
 
 
 @dataclass
@@ -115,7 +127,12 @@ async def measure(settings: Settings) -> dict[str, Any]:
         await warm_up(env.sides, LATENCY_SHAPES, settings.warmup)
         results["workers"]["idle"] = {side: memory_mb(w.pid) for side, w in workers.items()}
         progress(f"  latency, {settings.latency_reps} runs of each flow and side")
-        results["latency"]["fast"] = await latency(env.sides, LATENCY_SHAPES, settings.latency_reps)
+        results["latency"]["fast"], ids = await latency(
+            env.sides, LATENCY_SHAPES, settings.latency_reps
+        )
+        results["step_phases"] = {
+            "fast": await step_phase_medians(env.plain, ids[TWENTY.key], PHASE_FLOWS)
+        }
         progress("  history")
         results["history"] = await histories(env)
         progress(
@@ -135,8 +152,11 @@ async def measure(settings: Settings) -> dict[str, Any]:
     async with environment(fast=False) as env:
         await warm_up(env.sides, LATENCY_SHAPES, min(1, settings.warmup))
         progress(f"  latency, {settings.default_latency_reps} runs of each flow and side")
-        results["latency"]["default"] = await latency(
+        results["latency"]["default"], ids = await latency(
             env.sides, LATENCY_SHAPES, settings.default_latency_reps
+        )
+        results["step_phases"]["default"] = await step_phase_medians(
+            env.plain, ids[TWENTY.key], PHASE_FLOWS
         )
 
     progress("tuned dev server, SQLite (fast=True, db_filename=...)")

@@ -35,6 +35,8 @@ def expected_keys() -> list[tuple[str, str]]:
             for q in ("p50", "p95"):
                 figure(f"latency_{q}", "ms", f"_{shape}{server}")
         figure("latency_per_step", "ms", server)
+        for phase in ("activity", "task_dispatch", "task_run", "first_task_run"):
+            figure(f"step_{phase}", "ms", server)
     for store in ("", "_sqlite"):
         figure("throughput", "flows_per_s", store)
         figure("throughput_steps", "per_s", store)
