@@ -72,7 +72,11 @@ def build(results: dict[str, Any]) -> Figures:
     ):
         _latency(figures, results["latency"][server], suffix, where)
         _phases(figures, results["step_phases"][server], suffix, where)
-    for store, suffix in (("memory", ""), ("sqlite", "_sqlite")):
+    for store, suffix in (
+        ("memory", ""),
+        ("unsandboxed", "_unsandboxed"),
+        ("sqlite", "_sqlite"),
+    ):
         if store in results["throughput"]:
             _throughput(figures, results["throughput"][store], suffix, store)
     _history(figures, results["history"])
@@ -137,7 +141,12 @@ def _phases(figures: Figures, phases: dict[str, dict[str, float]], suffix: str, 
 def _throughput(
     figures: Figures, rounds: dict[str, list[dict[str, float]]], suffix: str, store: str
 ) -> None:
-    section = f"Throughput, {FIVE.steps}-step flows, all in flight at once, one worker ({store})"
+    where = {
+        "memory": "in memory",
+        "unsandboxed": "in memory, both workers without the workflow sandbox",
+        "sqlite": "SQLite",
+    }[store]
+    section = f"Throughput, {FIVE.steps}-step flows all in flight at once, one worker, {where}"
 
     def med(side: str, key: str) -> float:
         return median([r[key] for r in rounds[side]])

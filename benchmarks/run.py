@@ -76,13 +76,16 @@ class Env:
 
 
 @asynccontextmanager
-async def environment(**server_options: Any) -> AsyncIterator[Env]:
+async def environment(*, unsandboxed: bool = False, **server_options: Any) -> AsyncIterator[Env]:
     """A dev server, and a worker process for each side on its own task queue."""
     async with DevServer(**server_options) as server:
         progress(f"  server ready at {server.address}")
         run = uuid.uuid4().hex[:8]
         workers = {
-            side: WorkerProcess(side, server.address, f"bench-{side}-{run}") for side in SIDES
+            side: WorkerProcess(
+                side, server.address, f"bench-{side}-{run}", unsandboxed=unsandboxed
+            )
+            for side in SIDES
         }
         try:
             # One after the other: their start-up times are a figure.
@@ -148,6 +151,21 @@ async def measure(settings: Settings) -> dict[str, Any]:
         )
         results["workers"]["end"] = {side: memory_mb(w.pid) for side, w in workers.items()}
 
+    progress("tuned dev server, in memory, workers without the workflow sandbox")
+    async with environment(fast=True, unsandboxed=True) as env:
+        await warm_up(env.sides, [FIVE], settings.warmup)
+        progress(
+            f"  throughput, {settings.throughput_rounds} rounds of {settings.throughput_flows}"
+        )
+        results["throughput"]["unsandboxed"] = await throughput(
+            env.sides,
+            FIVE,
+            settings.throughput_flows,
+            settings.throughput_rounds,
+            env.workers,
+            env.server_pid,
+        )
+
     progress("default dev server (fast=False)")
     async with environment(fast=False) as env:
         await warm_up(env.sides, LATENCY_SHAPES, min(1, settings.warmup))
@@ -195,7 +213,7 @@ def _temporal_cli_version() -> str:
         return "unknown"
 
 
-def meta(settings: Settings, seconds: float) -> dict[str, Any]:
+def meta(settings: Settings, seconds: float, load: tuple[float, ...]) -> dict[str, Any]:
     return {
         "mode": settings.mode,
         "settings": asdict(settings),
@@ -209,6 +227,9 @@ def meta(settings: Settings, seconds: float) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "cpu": _cpu_model(),
         "worker_options": WORKER_OPTIONS,
+        # Other work on the machine shows here: both sides felt it alike.
+        "loadavg_1m_at_start": load[0],
+        "loadavg_1m_at_end": os.getloadavg()[0],
     }
 
 
@@ -230,10 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = SMOKE if args.smoke else QUICK if args.quick else FULL
 
     started = time.perf_counter()
+    load = os.getloadavg()
     results = asyncio.run(measure(settings))
     figures = report.build(results)
     document = {
-        "meta": meta(settings, time.perf_counter() - started),
+        "meta": meta(settings, time.perf_counter() - started, load),
         "figures": figures.flat,
         "details": results,
     }

@@ -37,7 +37,7 @@ def expected_keys() -> list[tuple[str, str]]:
         figure("latency_per_step", "ms", server)
         for phase in ("activity", "task_dispatch", "task_run", "first_task_run"):
             figure(f"step_{phase}", "ms", server)
-    for store in ("", "_sqlite"):
+    for store in ("", "_unsandboxed", "_sqlite"):
         figure("throughput", "flows_per_s", store)
         figure("throughput_steps", "per_s", store)
         for part in ("worker_cpu", "server_cpu", "client_cpu"):
