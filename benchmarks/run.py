@@ -54,7 +54,7 @@ class Settings:
 
 
 FULL = Settings("full", 3, 60, 20, 200, 5, 200, 3)
-QUICK = Settings("quick", 2, 15, 5, 200, 1, 200, 1)
+QUICK = Settings("quick", 2, 10, 4, 200, 1, 100, 1)
 SMOKE = Settings("smoke", 0, 1, 1, 10, 1, 10, 1)
 
 
