@@ -32,7 +32,7 @@ from benchmarks.measure import (
     warm_up,
 )
 from benchmarks.procs import WorkerProcess, memory_mb
-from benchmarks.shapes import BIG_SHAPES, FIVE, LATENCY_SHAPES, TWENTY
+from benchmarks.shapes import BIG_SHAPES, FIVE, LATENCY_SHAPES, TWENTY, Shape
 from benchmarks.sides import HandSide, QwitSide, Side
 from benchmarks.worker import SIDES, WORKER_OPTIONS
 from qwit.temporal import DevServer, connect_temporal, find_temporal_cli
@@ -76,7 +76,9 @@ class Env:
 
 
 @asynccontextmanager
-async def environment(*, unsandboxed: bool = False, **server_options: Any) -> AsyncIterator[Env]:
+async def environment(
+    *, unsandboxed: bool = False, together: bool = False, **server_options: Any
+) -> AsyncIterator[Env]:
     """A dev server, and a worker process for each side on its own task queue."""
     async with DevServer(**server_options) as server:
         progress(f"  server ready at {server.address}")
@@ -88,9 +90,12 @@ async def environment(*, unsandboxed: bool = False, **server_options: Any) -> As
             for side in SIDES
         }
         try:
-            # One after the other: their start-up times are a figure.
-            for worker in workers.values():
-                await worker.start()
+            if together:
+                await asyncio.gather(*(worker.start() for worker in workers.values()))
+            else:
+                # One after the other: their start-up times are a figure.
+                for worker in workers.values():
+                    await worker.start()
             qwit_client = await qwit.connect(
                 temporal_client=await connect_temporal(target_host=server.address),
                 task_queue=workers["qwit"].task_queue,
@@ -100,22 +105,32 @@ async def environment(*, unsandboxed: bool = False, **server_options: Any) -> As
             sides: list[Side] = [QwitSide(qwit_client), HandSide(plain, workers["hand"].task_queue)]
             yield Env(server, workers, sides, plain)
         finally:
-            for worker in workers.values():
-                await worker.stop()
+            await asyncio.gather(*(worker.stop() for worker in workers.values()))
 
 
 async def histories(env: Env) -> dict[str, dict[str, dict[str, int]]]:
-    """History figures of one fresh run of every shape, on both sides."""
+    """History figures of one fresh run of every shape, on both sides.
+
+    The runs go all at once: nothing here is timed, and a history's events
+    and bytes do not depend on what else the server does.
+    """
+
+    async def one(side: Side, shape: Shape) -> dict[str, int]:
+        workflow_id, _ = await run_once(side, shape)
+        return await history(env.plain, workflow_id)
+
+    # The hand-written saga has no typed variant: it always sends each
+    # activity only what it needs.
+    pairs = [
+        (shape, side)
+        for shape in LATENCY_SHAPES + BIG_SHAPES
+        for side in env.sides
+        if not (shape.typed and side.name == "hand")
+    ]
+    results = await asyncio.gather(*(one(side, shape) for shape, side in pairs))
     found: dict[str, dict[str, dict[str, int]]] = {}
-    for shape in LATENCY_SHAPES + BIG_SHAPES:
-        found[shape.key] = {}
-        for side in env.sides:
-            # The hand-written saga has no typed variant: it always sends
-            # each activity only what it needs.
-            if shape.typed and side.name == "hand":
-                continue
-            workflow_id, _ = await run_once(side, shape)
-            found[shape.key][side.name] = await history(env.plain, workflow_id)
+    for (shape, side), figures in zip(pairs, results, strict=True):
+        found.setdefault(shape.key, {})[side.name] = figures
     return found
 
 
@@ -152,7 +167,7 @@ async def measure(settings: Settings) -> dict[str, Any]:
         results["workers"]["end"] = {side: memory_mb(w.pid) for side, w in workers.items()}
 
     progress("tuned dev server, in memory, workers without the workflow sandbox")
-    async with environment(fast=True, unsandboxed=True) as env:
+    async with environment(fast=True, unsandboxed=True, together=True) as env:
         await warm_up(env.sides, [FIVE], settings.warmup)
         progress(
             f"  throughput, {settings.throughput_rounds} rounds of {settings.throughput_flows}"
@@ -167,7 +182,7 @@ async def measure(settings: Settings) -> dict[str, Any]:
         )
 
     progress("default dev server (fast=False)")
-    async with environment(fast=False) as env:
+    async with environment(fast=False, together=True) as env:
         await warm_up(env.sides, LATENCY_SHAPES, min(1, settings.warmup))
         progress(f"  latency, {settings.default_latency_reps} runs of each flow and side")
         results["latency"]["default"], ids = await latency(
@@ -179,7 +194,7 @@ async def measure(settings: Settings) -> dict[str, Any]:
 
     progress("tuned dev server, SQLite (fast=True, db_filename=...)")
     with tempfile.TemporaryDirectory(prefix="qwit-bench-") as tmp:
-        async with environment(fast=True, db_filename=Path(tmp) / "bench.db") as env:
+        async with environment(fast=True, db_filename=Path(tmp) / "bench.db", together=True) as env:
             await warm_up(env.sides, [FIVE], settings.warmup)
             progress(f"  throughput, {settings.sqlite_rounds} rounds of {settings.sqlite_flows}")
             results["throughput"]["sqlite"] = await throughput(
