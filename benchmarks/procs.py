@@ -77,7 +77,7 @@ class WorkerProcess:
         assert self.process.stdout is not None
         line = await asyncio.wait_for(self.process.stdout.readline(), timeout)
         if line.strip() != b"ready":
-            await self.stop()
+            await self.stop(keep_stderr=True)
             raise RuntimeError(f"the {self.side} worker did not start: {self.stderr_tail()}")
         self.ready_seconds = time.perf_counter() - started
         return self
@@ -86,7 +86,7 @@ class WorkerProcess:
         self._stderr.seek(0)
         return self._stderr.read()[-4000:].decode(errors="replace")
 
-    async def stop(self, timeout: float = 40.0) -> None:
+    async def stop(self, timeout: float = 40.0, *, keep_stderr: bool = False) -> None:
         process, self.process = self.process, None
         if process is not None and process.returncode is None:
             process.send_signal(signal.SIGTERM)
@@ -95,4 +95,5 @@ class WorkerProcess:
             except asyncio.TimeoutError:
                 process.kill()
                 await process.wait()
-        self._stderr.close()
+        if not keep_stderr:
+            self._stderr.close()
