@@ -1,0 +1,4 @@
+"""QWIT against a hand-written Temporal saga doing the same work.
+
+Run ``python -m benchmarks`` (see README.md beside this file).
+"""

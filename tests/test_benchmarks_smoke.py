@@ -1,0 +1,116 @@
+"""The benchmark suite runs end to end (smoke mode) and reports every figure.
+
+No speed is checked here: timings on a shared machine belong to the
+benchmark's own report, not to pass/fail.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+LATENCY_SHAPES = ["1_steps", "5_steps", "20_steps", "5_steps_fail", "5_local_steps"]
+BIG = [f"{n}_steps_1kb{typing}" for n in (25, 50) for typing in ("", "_typed_forward", "_typed")]
+
+
+def expected_keys() -> list[tuple[str, str]]:
+    """(value key without the side, ratio key) for every figure."""
+    figures: list[tuple[str, str]] = []
+
+    def figure(metric: str, unit: str, suffix: str) -> None:
+        unit_part = f"_{unit}" if unit else ""
+        figures.append((f"{metric}{unit_part}_{{side}}{suffix}", f"{metric}_ratio{suffix}"))
+
+    for server in ("", "_default_server"):
+        for shape in LATENCY_SHAPES:
+            for q in ("p50", "p95"):
+                figure(f"latency_{q}", "ms", f"_{shape}{server}")
+        figure("latency_per_step", "ms", server)
+        for phase in ("activity", "task_dispatch", "task_run", "first_task_run"):
+            figure(f"step_{phase}", "ms", server)
+    for store in ("", "_unsandboxed", "_sqlite"):
+        figure("throughput", "flows_per_s", store)
+        figure("throughput_steps", "per_s", store)
+        for part in ("worker_cpu", "server_cpu", "client_cpu"):
+            figure(part, "ms_per_flow", store)
+    for shape in LATENCY_SHAPES:
+        figure("history_events", "", f"_{shape}")
+        figure("history_bytes", "", f"_{shape}")
+        figure("workflow_input", "bytes", f"_{shape}")
+    for shape in BIG:
+        figure("history_bytes", "", f"_{shape}")
+    for typing in ("", "_typed_forward", "_typed"):
+        figure("history_growth_exponent", "", f"_1kb{typing}")
+    figure("worker_rss_idle", "mb", "")
+    figure("worker_rss_peak", "mb", "")
+    figure("worker_ready", "s", "")
+    return figures
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    path = tmp_path_factory.mktemp("bench") / "smoke.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TEMPORAL_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--smoke", "--json", str(path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "| figure | QWIT | hand-written | QWIT / hand |" in proc.stdout
+    document: dict[str, Any] = json.loads(path.read_text())
+    return document
+
+
+def test_every_figure_has_both_sides_and_a_ratio(report: dict[str, Any]) -> None:
+    figures = report["figures"]
+    missing = []
+    for value_key, ratio_key in expected_keys():
+        for key in (value_key.format(side="qwit"), value_key.format(side="hand"), ratio_key):
+            if key not in figures:
+                missing.append(key)
+    assert not missing, f"missing figures: {missing}"
+    for key in ("history_events_ratio", "history_bytes_ratio", "throughput_ratio"):
+        assert key in figures
+
+
+def test_values_are_sane(report: dict[str, Any]) -> None:
+    figures = report["figures"]
+    for key, value in figures.items():
+        assert isinstance(value, (int, float)), key
+        assert math.isfinite(value), key
+        if "growth_exponent" not in key:
+            assert value > 0, f"{key} = {value}"
+    assert figures["history_events_ratio"] > 0
+    # More steps take longer, on both sides.
+    for side in ("qwit", "hand"):
+        assert (
+            figures[f"latency_p50_ms_{side}_20_steps"] > figures[f"latency_p50_ms_{side}_1_steps"]
+        )
+        assert (
+            figures[f"history_bytes_{side}_50_steps_1kb"]
+            > figures[f"history_bytes_{side}_25_steps_1kb"]
+        )
+
+
+def test_both_sides_did_the_same_work(report: dict[str, Any]) -> None:
+    history = report["details"]["history"]
+    for side in ("qwit", "hand"):
+        assert history["5_steps"][side]["activities_forward"] == 5
+        assert history["5_steps_fail"][side]["activities_forward"] == 5
+        assert history["5_steps_fail"][side]["activities_back"] == 4
+        assert history["5_local_steps"][side]["markers"] == 5
+        assert history["5_local_steps"][side]["activities_forward"] == 0
+    assert report["meta"]["mode"] == "smoke"
