@@ -462,11 +462,13 @@ class Interpreter:
         )
         self.status = "waiting"
         self._decision = None
-        try:
-            await self.runtime.wait_until(lambda: self._decision is not None)
-        finally:
-            self.waiting = None
-            self.status = previous
+        # No try/finally: a wait that ends in an exception (a cancel, or the
+        # engine dropping this flow) must not change the status, because that
+        # may publish it, and a dropped flow's coroutine can be closed later,
+        # in another flow's context. The cancel path sets the status itself.
+        await self.runtime.wait_until(lambda: self._decision is not None)
+        self.waiting = None
+        self.status = previous
         decision = self._decision
         assert decision is not None
         self._decision = None

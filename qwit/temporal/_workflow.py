@@ -293,7 +293,10 @@ class _Runtime(FlowRuntime):
 
     def status_changed(self, status: FlowStatus) -> None:
         owner = self.owner
-        if owner.published is None:
+        if owner.published is None or workflow.info().run_id != owner.run_id:
+            # No attribute to publish; or this flow's coroutine is being closed
+            # by the garbage collector while another flow runs (after its
+            # worker dropped it): a command now would land in that other flow.
             return
         # "compensating" matters only after a wait (an operator's rollback);
         # a rollback straight from "running" goes on to its final status soon.
@@ -318,6 +321,7 @@ class QwitWorkflow:
         self.input = input
         self.interpreter = Interpreter(input, _Runtime(self), workflow.info().workflow_id)
         self.subflows_done: dict[str, dict[str, Any]] = {}
+        self.run_id = workflow.info().run_id
         # QwitStatus as last published; None where the namespace lacks it (the
         # client sets it at start only where it is registered).
         self.published = workflow.info().typed_search_attributes.get(QWIT_STATUS)
