@@ -1,0 +1,84 @@
+"""The shared saga interpreter with a minimal runtime of the test's own."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from collections.abc import Callable
+from typing import Any
+
+import qwit
+from qwit._flow import compile_flow
+from qwit.engine import (
+    ErrorInfo,
+    FlowInput,
+    FlowNode,
+    FlowRuntime,
+    Interpreter,
+    StepCall,
+    StepFailure,
+    StepNode,
+    StepReturn,
+    SubflowRun,
+)
+
+
+class Needs(qwit.Step, name="unit.needs"):
+    on_failure = qwit.WAIT
+
+    async def step_forward(self, args: dict[str, Any]) -> None:
+        return None
+
+
+class WaitingFlow(qwit.Flow):
+    def build_flow(self) -> None:
+        self.step(Needs)
+
+
+class Recording(FlowRuntime):
+    """Every step fails; waits never end; status changes are recorded."""
+
+    def __init__(self) -> None:
+        self.statuses: list[str] = []
+
+    async def run_step(self, node: StepNode, call: StepCall) -> StepReturn:
+        raise StepFailure(ErrorInfo(type="builtins.ValueError", message="no"))
+
+    async def start_subflow(self, node: FlowNode, input: FlowInput, attempt: int) -> SubflowRun:
+        raise NotImplementedError
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        await asyncio.Event().wait()
+
+    def cancel_requested(self) -> bool:
+        return False
+
+    def status_changed(self, status: Any) -> None:
+        self.statuses.append(status)
+
+
+def interpreter() -> tuple[Interpreter, Recording]:
+    runtime = Recording()
+    input = FlowInput(flow=compile_flow(WaitingFlow), args={}, root_id="unit-1")
+    return Interpreter(input, runtime, "unit-1"), runtime
+
+
+async def test_a_dropped_waiting_flow_changes_no_status():
+    """A waiting flow whose engine drops it (cancelling its task, or closing
+    its coroutine when it is garbage-collected) must not publish a status: on
+    Temporal that would be a command in whatever flow runs at that moment."""
+    interp, runtime = interpreter()
+    task = asyncio.ensure_future(interp.run())
+    while interp.status != "waiting":
+        await asyncio.sleep(0)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert runtime.statuses == ["waiting"]
+
+    interp, runtime = interpreter()
+    coro = interp.run()
+    coro.send(None)  # runs until it waits
+    assert interp.status == "waiting"
+    del coro
+    gc.collect()
+    assert runtime.statuses == ["waiting"]
