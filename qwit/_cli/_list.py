@@ -116,14 +116,23 @@ def row_status(execution: WorkflowExecutionStatus | None, published: str | None)
 
 
 async def searchable(client: temporalio.client.Client) -> bool:
-    """Whether the namespace has QWIT's search attributes."""
+    """Whether flows here publish QWIT's search attributes.
+
+    They must be registered in the namespace, and flows must set them (flows
+    started by a QWIT without them, or before they were registered, don't).
+    """
     try:
         response = await client.operator_service.list_search_attributes(
             ListSearchAttributesRequest(namespace=client.namespace)
         )
     except RPCError:
         return False
-    return {QWIT_FLOW.name, QWIT_STATUS.name} <= set(response.custom_attributes)
+    if not {QWIT_FLOW.name, QWIT_STATUS.name} <= set(response.custom_attributes):
+        return False
+    probe = f"WorkflowType = {_quote(WORKFLOW_NAME)} AND {QWIT_STATUS.name} IS NOT NULL"
+    async for _ in client.list_workflows(query=probe, limit=1):
+        return True
+    return False
 
 
 def _time(value: datetime | None) -> str:

@@ -28,7 +28,7 @@ from ._common import (
     run_async,
 )
 from ._connect import connect
-from ._list import list_flows
+from ._list import QWIT_STATUS, list_flows, row_status
 from ._progress import Follower, running_attempts
 from ._render import failure_lines, state_view
 
@@ -89,10 +89,13 @@ async def fetch_state(temporal: temporalio.client.Client, handle: FlowHandle) ->
 async def follow_to_end(
     temporal: temporalio.client.Client, handle: FlowHandle, state: FlowState
 ) -> int:
-    """Follow a flow from ``state`` on; print its result or its story."""
+    """Follow a flow from ``state`` on; print its result or its story.
+
+    Only what happens after ``state`` is shown: the operator saw the rest.
+    """
     err = console()
     follower = Follower(err)
-    follower.show(state, {})
+    follower.catch_up(state)
 
     async def on_interrupt(count: int) -> None:
         raise Interrupted
@@ -165,6 +168,7 @@ def react(
 
     async def go() -> int:
         temporal, handle = await _handle(address, namespace, flow_id)
+        before = await fetch_state(temporal, handle) if wait else None
         try:
             await handle.react(reaction, args)
         except ReactionError as exc:
@@ -172,9 +176,9 @@ def react(
         except RPCError as exc:
             raise _rpc_failure(exc, flow_id) from None
         console().print(Text(f"qwit: flow {flow_id}: {reaction} accepted", style="dim"))
-        if not wait:
+        if before is None:
             return 0
-        return await follow_to_end(temporal, handle, await fetch_state(temporal, handle))
+        return await follow_to_end(temporal, handle, before)
 
     sys.exit(run_async(go()))
 
@@ -193,8 +197,8 @@ def cancel(flow_id: str, wait: bool, address: str | None, namespace: str | None)
         except RPCError as exc:
             raise _rpc_failure(exc, flow_id) from None
         if desc.status != WorkflowExecutionStatus.RUNNING:
-            ended = desc.status.name.lower() if desc.status else "unknown"
-            raise Failed(f"flow {flow_id!r} has already ended ({ended})")
+            ended = row_status(desc.status, desc.typed_search_attributes.get(QWIT_STATUS))
+            raise Failed(f"flow {flow_id!r} has already ended ({ended.replace('_', ' ')})")
         state = await fetch_state(temporal, handle) if wait else None
         try:
             await handle.cancel()

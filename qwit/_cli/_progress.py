@@ -23,6 +23,7 @@ from rich.spinner import Spinner
 from rich.text import Text
 
 from .._engine import FlowHandle
+from .._plan import FlowNode, child_path
 from .._state import FlowState, StepState
 from ._common import symbols_ok
 from ._render import Row, attempts_note, event_line, rows, wait_lines
@@ -57,7 +58,9 @@ def _implied_finish(step: StepState) -> str:
     return "failed" if step.status == "compensated" and step.error else "done"
 
 
-def _entry_events(old: str, step: StepState, row: Row) -> tuple[list[Event], list[Event]]:
+def _entry_events(
+    old: str, step: StepState, row: Row, no_back: frozenset[str]
+) -> tuple[list[Event], list[Event]]:
     """Forward and undo events of one entry going from ``old`` to its status."""
     new = step.status
     if new == old:
@@ -86,23 +89,26 @@ def _entry_events(old: str, step: StepState, row: Row) -> tuple[list[Event], lis
                 Event(kind, row, detail)
             )
         elif rank == 3:
-            back.append(Event("compensating", row))
+            if step.path not in no_back:
+                back.append(Event("compensating", row))
         else:
             detail = step.error.describe() if new == "compensation_failed" and step.error else ""
+            if step.path in no_back:
+                detail = "(no step_back: nothing to undo)"
             back.append(Event(new, row, detail))
     return forward, back
 
 
 def _events(
-    old: dict[str, StepState], steps: list[StepState], depth: int
+    old: dict[str, StepState], steps: list[StepState], depth: int, no_back: frozenset[str]
 ) -> tuple[list[Event], list[Event]]:
     forward: list[Event] = []
     back: list[Event] = []
     for step in steps:
         row = Row(step, depth)
         before = old.get(step.path)
-        f, b = _entry_events(before.status if before else "pending", step, row)
-        inner_f, inner_b = _events(old, step.steps, depth + 1)
+        f, b = _entry_events(before.status if before else "pending", step, row, no_back)
+        inner_f, inner_b = _events(old, step.steps, depth + 1, no_back)
         # An entry starts before its sub-flow's steps and ends after them.
         starts = [e for e in f if e.kind == "started"]
         forward += starts + inner_f + [e for e in f if e.kind != "started"]
@@ -111,10 +117,18 @@ def _events(
     return forward, back
 
 
-def diff(old: FlowState | None, new: FlowState) -> list[Event]:
-    """What changed between two polls, in the order the saga did it."""
+def diff(
+    old: FlowState | None, new: FlowState, no_back: frozenset[str] = frozenset()
+) -> list[Event]:
+    """What changed between two polls, in the order the saga did it.
+
+    Args:
+        old: The state at the last poll (None: nothing seen yet).
+        new: The state now.
+        no_back: Paths of steps without a ``step_back``, whose undo is a no-op.
+    """
     before = {row.step.path: row.step for row in rows(old.steps)} if old else {}
-    forward, back = _events(before, new.steps, 0)
+    forward, back = _events(before, new.steps, 0, no_back)
     return forward + back
 
 
@@ -164,6 +178,7 @@ class Follower:
     last: FlowState | None = None
     width: int = 0
     path_width: int = 1
+    no_back: frozenset[str] = frozenset()
     symbols: bool = field(init=False)
     _retries: dict[str, int] = field(default_factory=dict)
     _waiting_seen: str | None = None
@@ -171,6 +186,34 @@ class Follower:
 
     def __post_init__(self) -> None:
         self.symbols = symbols_ok(self.out)
+
+    def expect(self, plan: FlowNode) -> None:
+        """Size the columns for every step of the plan, and learn which have no undo."""
+        no_back = set()
+
+        def walk(node: FlowNode, parent: str, depth: int) -> None:
+            for i, step in enumerate(node.steps):
+                path = child_path(parent, i)
+                suffix = " (sub-flow)" if isinstance(step, FlowNode) else ""
+                self.width = max(self.width, 2 * depth + len(step.name + suffix))
+                self.path_width = max(self.path_width, len(path))
+                if isinstance(step, FlowNode):
+                    walk(step, path, depth + 1)
+                elif not step.has_back:
+                    no_back.add(path)
+
+        walk(plan, "", 0)
+        self.no_back = frozenset(no_back)
+
+    def catch_up(self, state: FlowState) -> None:
+        """Take ``state`` as seen, without printing it: show only what comes next."""
+        every = list(rows(state.steps))
+        self.width = max([len(r.label) for r in every] + [self.width])
+        self.path_width = max([len(r.step.path) for r in every] + [self.path_width])
+        waiting = state.waiting
+        if waiting is not None:
+            self._waiting_seen = f"{waiting.flow_id}/{waiting.path}/{waiting.direction}"
+        self.last = state
 
     def _print(self, kind: str, row: Row, detail: str = "") -> None:
         self.out.print(
@@ -186,11 +229,11 @@ class Follower:
 
     def show(self, state: FlowState, retrying: dict[str, tuple[int, str]]) -> None:
         """Print what changed since the last state."""
-        if self.last is None:
-            every = list(rows(state.steps))
-            self.width = max([len(r.label) for r in every] + [self.width])
-            self.path_width = max([len(r.step.path) for r in every] + [self.path_width])
-        for event in diff(self.last, state):
+        # A sub-flow's steps appear once it starts: widen the columns for them.
+        every = list(rows(state.steps))
+        self.width = max([len(r.label) for r in every] + [self.width])
+        self.path_width = max([len(r.step.path) for r in every] + [self.path_width])
+        for event in diff(self.last, state, self.no_back):
             if event.kind in ("started", "compensating"):
                 self._retries.pop(event.row.step.path, None)
             self._print(event.kind, event.row, event.detail)

@@ -89,17 +89,33 @@ def status_text(status: str) -> Text:
     return Text(status.replace("_", " "), style=STATUS_STYLE.get(status, ""))
 
 
-def wait_lines(waiting: WaitInfo, flow_id: str, react: str = "qwit react") -> list[Text]:
-    """What a waiting flow waits for, and the commands that decide it."""
+def wait_lines(
+    waiting: WaitInfo, flow_id: str, react: str = "qwit react", *, preview: bool = False
+) -> list[Text]:
+    """What a waiting flow waits for, and the commands that decide it.
+
+    Args:
+        waiting: The wait.
+        flow_id: The flow's id, for the commands.
+        react: How to call ``qwit react`` from another terminal.
+        preview: List what a rollback would undo with each step's args
+            (else one line of names).
+    """
     head = Text()
     head.append("flow waits for an operator", style=STATUS_STYLE["waiting"])
     undo = " (its step_back)" if waiting.direction == "step_back" else ""
     head.append(f" at step {waiting.path} {waiting.step!r}{undo}: {waiting.error.describe()}")
     lines = [head]
     for reaction in waiting.allowed:
-        extra = " --args '{...}'" if reaction == "retry" else ""
+        extra = " [--args JSON]" if reaction == "retry" else ""
         lines.append(Text(f"    {react} {flow_id} {reaction}{extra}", style="bold"))
-    if waiting.rollback_preview:
+    if waiting.rollback_preview and preview:
+        lines.append(Text("  a rollback would undo, newest first, with these args:"))
+        for item in waiting.rollback_preview:
+            lines.append(
+                Text(f"    {item.path:<6} {item.name}  {json.dumps(item.args)}", style="dim")
+            )
+    elif waiting.rollback_preview:
         undone = ", ".join(item.name for item in waiting.rollback_preview)
         lines.append(Text(f"  a rollback would undo, newest first: {undone}", style="dim"))
     return lines
@@ -164,11 +180,7 @@ def state_view(state: FlowState, running: dict[str, tuple[int, str]] | None = No
     parts: list[RenderableType] = [head, table]
     if state.waiting is not None and not state.done:
         parts.append(Text())
-        parts.extend(wait_lines(state.waiting, state.flow_id))
-        for item in state.waiting.rollback_preview:
-            parts.append(
-                Text(f"    {item.path:<6} {item.name}  {json.dumps(item.args)}", style="dim")
-            )
+        parts.extend(wait_lines(state.waiting, state.flow_id, preview=True))
     if state.failure is not None:
         parts.append(Text())
         parts.extend(failure_lines(FlowFailed.from_info(state.failure), state.flow))

@@ -17,7 +17,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from .._client import Client
 from .._errors import ArgumentsError, FlowDefinitionError, FlowFailed
-from .._flow import Flow
+from .._flow import Flow, compile_flow
 from .._runner import Registry
 from ..temporal import create_worker
 from ._common import (
@@ -188,6 +188,7 @@ async def _run_flow(
                 "(qwit worker MODULE, or qwit dev MODULE)?"
             )
         follower = Follower(err, react=react, no_worker_hint=hint)
+        follower.expect(compile_flow(flow))
 
         async def on_interrupt(count: int) -> None:
             if count > 1:
