@@ -16,7 +16,7 @@ class NotJSON(ValueError):
     def __init__(self, field: str, problem: str) -> None:
         self.field = field
         self.problem = problem
-        super().__init__(f"{field}: {problem}" if field else problem)
+        super().__init__(f"field {field!r}: {problem}" if field else problem)
 
 
 def _join(prefix: str, key: str) -> str:

@@ -113,6 +113,9 @@ class FlowRuntime(ABC):
     async def report_forward_done(self, outputs: dict[str, Any]) -> None:  # noqa: B027
         """A sub-flow's steps have all run: tell the parent (sub-flows only)."""
 
+    def status_changed(self, status: FlowStatus) -> None:  # noqa: B027
+        """The flow's status changed (to publish it, e.g. for search)."""
+
     async def shield(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` to its end even if the flow is cancelled meanwhile."""
         task = asyncio.ensure_future(coro)
@@ -170,13 +173,24 @@ class Interpreter:
         self.recs = [
             _Rec(node, child_path(input.path, i)) for i, node in enumerate(input.flow.steps)
         ]
-        self.status: FlowStatus = "running"
+        self._status: FlowStatus = "running"
         self.failure: FailureInfo | None = None
         self.waiting: WaitInfo | None = None
         self._decision: Decision | None = None
         self._settle: bool | None = None
         self._compensated: list[str] = []
         self._failed_compensations: list[str] = []
+
+    @property
+    def status(self) -> FlowStatus:
+        """The flow's status, as ``state()`` reports it."""
+        return self._status
+
+    @status.setter
+    def status(self, status: FlowStatus) -> None:
+        if status != self._status:
+            self._status = status
+            self.runtime.status_changed(status)
 
     @property
     def is_subflow(self) -> bool:

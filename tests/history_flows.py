@@ -100,3 +100,40 @@ class Cancellable(qwit.Flow):
         self.step(Reserve)
         self.step(Shipping)
         self.step(WaitForCancel)
+
+
+class Approve(qwit.Step):
+    retry = qwit.Retry(max_attempts=1)
+    on_failure = qwit.WAIT
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        if not args.get("approved"):
+            raise PermissionError("waiting for approval")
+        return {"approved_by": args.get("approver", "ops")}
+
+    async def step_back(self, args: dict[str, Any]) -> None:
+        return None
+
+
+class Refund(qwit.Step):
+    back_retry = qwit.Retry(max_attempts=1)
+    back_on_failure = qwit.WAIT
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"refundable": True}
+
+    async def step_back(self, args: dict[str, Any]) -> None:
+        raise ConnectionError("refund service down")
+
+
+class ApprovedOrder(qwit.Flow):
+    def build_flow(self) -> None:
+        self.step(Reserve)
+        self.step(Approve)
+        self.step(Ship)
+
+
+class RefundOrder(qwit.Flow):
+    def build_flow(self) -> None:
+        self.step(Refund)
+        self.step(Notify)

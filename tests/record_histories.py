@@ -19,7 +19,13 @@ from temporalio.client import WorkflowHistory
 
 import qwit
 from qwit.temporal import DevServer, connect_temporal, create_worker
-from tests.history_flows import Cancellable, OrderFlow, ShippedOrder
+from tests.history_flows import (
+    ApprovedOrder,
+    Cancellable,
+    OrderFlow,
+    RefundOrder,
+    ShippedOrder,
+)
 
 HISTORIES = Path(__file__).parent / "histories"
 
@@ -75,7 +81,50 @@ async def cancelled(client: qwit.Client) -> str:
     raise AssertionError("the flow should have been cancelled")
 
 
+async def until_waiting(handle: qwit.FlowHandle) -> None:
+    for _ in range(400):
+        if (await handle.state()).status == "waiting":
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the flow never waited")
+
+
+async def waited_retry(client: qwit.Client) -> str:
+    handle = await client.start(ApprovedOrder, {"order_id": 6}, id="history-waited-retry")
+    await until_waiting(handle)
+    await handle.react(qwit.RETRY, args={"approved": True, "approver": "alice"})
+    await handle.result()
+    return handle.id
+
+
+async def waited_rollback(client: qwit.Client) -> str:
+    handle = await client.start(ApprovedOrder, {"order_id": 7}, id="history-waited-rollback")
+    await until_waiting(handle)
+    await handle.react(qwit.ROLLBACK)
+    try:
+        await handle.result()
+    except qwit.FlowRolledBack:
+        return handle.id
+    raise AssertionError("the flow should have rolled back")
+
+
+async def waited_compensation(client: qwit.Client) -> str:
+    handle = await client.start(
+        RefundOrder, {"order_id": 8, "fail_notify": True}, id="history-waited-compensation"
+    )
+    await until_waiting(handle)
+    await handle.react(qwit.SKIP)
+    try:
+        await handle.result()
+    except qwit.CompensationFailed:
+        return handle.id
+    raise AssertionError("the compensation should have failed")
+
+
 SCENARIOS: dict[str, Scenario] = {
+    "waited_retry": waited_retry,
+    "waited_rollback": waited_rollback,
+    "waited_compensation": waited_compensation,
     "completed": completed,
     "rolled_back": rolled_back,
     "subflow_completed": subflow_completed,
@@ -98,7 +147,15 @@ async def record(names: list[str]) -> None:
         temporal = await connect_temporal(target_host=server.address)
         queue = f"record-{uuid.uuid4().hex[:8]}"
         client = await qwit.connect(temporal_client=temporal, task_queue=queue)
-        async with create_worker(temporal, OrderFlow, ShippedOrder, Cancellable, task_queue=queue):
+        async with create_worker(
+            temporal,
+            OrderFlow,
+            ShippedOrder,
+            Cancellable,
+            ApprovedOrder,
+            RefundOrder,
+            task_queue=queue,
+        ):
             for name in names:
                 todo = [(name, await SCENARIOS[name](client))]
                 while todo:

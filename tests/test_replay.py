@@ -25,6 +25,9 @@ def test_there_are_histories_to_replay():
         "subflow_rolled_back.child1",
         "cancelled",
         "cancelled.child1",
+        "waited_retry",
+        "waited_rollback",
+        "waited_compensation",
     } <= names
 
 

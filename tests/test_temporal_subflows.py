@@ -428,3 +428,21 @@ def test_default_back_retry_is_generous():
     assert budget.max_attempts is not None and budget.max_attempts >= 10
     total = budget.budget()
     assert total is not None and total >= 20 * 60
+
+
+async def test_state_of_an_ended_flow_needs_no_worker(client, worker):
+    run = new_ledger()
+    async with worker(Outer):
+        with pytest.raises(qwit.FlowRolledBack) as info:
+            await client.run(Outer, {"ledger": run, "fail": "O2"})
+    # no worker polls the task queue now: the state is rebuilt from the history
+    state = await client.get_handle(info.value.flow_id).state()
+    assert state.status == "rolled_back"
+    assert [(s.name, s.status) for s in state.steps] == [
+        ("O1", "compensated"),
+        ("Inner", "compensated"),
+        ("O2", "compensated"),
+    ]
+    assert [s.status for s in state.steps[1].steps] == ["compensated", "compensated"]
+    assert state.failure is not None
+    assert state.failure.compensated == ["O2", "I2", "I1", "O1"]

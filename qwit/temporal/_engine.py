@@ -6,7 +6,12 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 import temporalio.client
-from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
+from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
+from temporalio.client import (
+    WorkflowExecutionStatus,
+    WorkflowFailureError,
+    WorkflowUpdateFailedError,
+)
 from temporalio.envconfig import ClientConfig
 from temporalio.exceptions import (
     ApplicationError,
@@ -14,15 +19,26 @@ from temporalio.exceptions import (
     TerminatedError,
     TimeoutError,
 )
+from temporalio.service import RPCError
 
 from .._engine import Engine, FlowHandle
 from .._errors import FailureInfo, FailureKind, FlowFailed, ReactionError
-from .._options import Reaction
+from .._jsonargs import NotJSON, as_args
+from .._options import Reaction, parse_reaction
 from .._plan import FlowInput
 from .._saga import Decision
 from .._state import FlowState
 from ._plugin import QwitPlugin
-from ._workflow import QUERY_STATE, UPDATE_REACT, WORKFLOW_NAME, failure_info
+from ._replay import replay_state
+from ._workflow import (
+    QUERY_STATE,
+    QWIT_FLOW,
+    QWIT_STATUS,
+    UPDATE_REACT,
+    WORKFLOW_NAME,
+    failure_info,
+    search_attributes,
+)
 
 if TYPE_CHECKING:
     from .._client import Client
@@ -70,6 +86,21 @@ def _flow_failed(flow_id: str, err: WorkflowFailureError) -> FlowFailed:
     return FlowFailed.from_info(FailureInfo(kind=kind, flow_id=flow_id, reason=reason))
 
 
+async def _query_state(
+    client: temporalio.client.Client, flow_id: str, run_id: str | None = None
+) -> FlowState:
+    """A flow's state: from its workflow's query while it runs, and from a
+    replay of its history right here once it has ended (no worker needed)."""
+    handle = client.get_workflow_handle(flow_id, run_id=run_id)
+    description = await handle.describe()
+    if description.status != WorkflowExecutionStatus.RUNNING:
+        replayed = await replay_state(await handle.fetch_history())
+        if replayed is not None:
+            return replayed
+    state: FlowState = await handle.query(QUERY_STATE, result_type=FlowState)
+    return state
+
+
 class TemporalFlowHandle(FlowHandle):
     """A flow running as a Temporal workflow."""
 
@@ -98,8 +129,8 @@ class TemporalFlowHandle(FlowHandle):
         await handle.cancel()
 
     async def state(self) -> FlowState:
-        handle = await self.workflow_handle()
-        state: FlowState = await handle.query(QUERY_STATE, result_type=FlowState)
+        client = await self._engine.temporal_client()
+        state = await _query_state(client, self.id, self.run_id)
         return await self._with_subflows(state)
 
     async def _with_subflows(self, state: FlowState) -> FlowState:
@@ -110,10 +141,7 @@ class TemporalFlowHandle(FlowHandle):
         for i, step in enumerate(steps):
             if step.kind != "flow" or step.flow_id is None:
                 continue
-            child = await client.get_workflow_handle(step.flow_id).query(
-                QUERY_STATE, result_type=FlowState
-            )
-            child = await self._with_subflows(child)
+            child = await self._with_subflows(await _query_state(client, step.flow_id))
             steps[i] = step.model_copy(update={"steps": child.steps})
             if waiting is None and child.waiting is not None:
                 waiting = child.waiting
@@ -126,7 +154,9 @@ class TemporalFlowHandle(FlowHandle):
         if waiting is None:
             raise ReactionError(f"flow {self.id!r} is not waiting (it is {state.status})")
         try:
-            decision = Decision(reaction=Reaction(str(reaction).lower()), args=args or {})
+            decision = Decision(reaction=parse_reaction(reaction), args=as_args(args, "args"))
+        except NotJSON as exc:
+            raise ReactionError(f"flow {self.id!r}: args {exc}") from None
         except ValueError as exc:
             raise ReactionError(f"flow {self.id!r}: {exc}") from None
         client = await self._engine.temporal_client()
@@ -147,6 +177,7 @@ class TemporalEngine(Engine):
         self.client = client
         self._temporal: temporalio.client.Client | None = client.given_temporal_client
         self._lock = asyncio.Lock()
+        self._search_attributes: bool | None = None
 
     async def temporal_client(self) -> temporalio.client.Client:
         """The temporalio client, connected on first use."""
@@ -156,14 +187,30 @@ class TemporalEngine(Engine):
                     self._temporal = await connect_temporal(**self.client.temporal_options)
         return self._temporal
 
+    async def has_search_attributes(self) -> bool:
+        """Whether the namespace has QWIT's search attributes (asked once)."""
+        if self._search_attributes is None:
+            client = await self.temporal_client()
+            try:
+                response = await client.operator_service.list_search_attributes(
+                    ListSearchAttributesRequest(namespace=client.namespace)
+                )
+                names = set(response.custom_attributes)
+            except RPCError:
+                names = set()
+            self._search_attributes = {QWIT_FLOW.name, QWIT_STATUS.name} <= names
+        return self._search_attributes
+
     async def start(self, input: FlowInput) -> FlowHandle:
         client = await self.temporal_client()
+        publish = await self.has_search_attributes()
         handle = await client.start_workflow(
             WORKFLOW_NAME,
             input,
             id=input.root_id,
             task_queue=self.client.task_queue,
             static_summary=input.flow.name,
+            search_attributes=search_attributes(input.flow.name) if publish else None,
         )
         return TemporalFlowHandle(self, handle.id, handle.result_run_id)
 

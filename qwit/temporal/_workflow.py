@@ -12,7 +12,12 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
+from temporalio.common import (
+    RetryPolicy,
+    SearchAttributeKey,
+    SearchAttributePair,
+    TypedSearchAttributes,
+)
 from temporalio.exceptions import (
     ActivityError,
     ApplicationError,
@@ -31,9 +36,19 @@ with workflow.unsafe.imports_passed_through():
     from .._plan import PLAN_VERSION, FlowInput, FlowNode, StepCall, StepNode, StepReturn
     from .._runner import StepFailure
     from .._saga import Decision, FlowFailure, FlowRuntime, Interpreter, SubflowRun
-    from .._state import FlowState
+    from .._state import FlowState, FlowStatus
 
 WORKFLOW_NAME = "qwit.Flow"
+#: Search attributes (Keyword) that make flows findable by name and QWIT status,
+#: set where the namespace has them registered.
+QWIT_FLOW = SearchAttributeKey.for_keyword("QwitFlow")
+QWIT_STATUS = SearchAttributeKey.for_keyword("QwitStatus")
+#: Statuses published to QwitStatus. The happy path publishes nothing beyond
+#: the "running" set at start, so a completed flow's history is no longer than a
+#: hand-written saga's; Temporal's own status tells it completed.
+PUBLISHED_STATUSES = frozenset(
+    {"running", "waiting", "rolled_back", "cancelled", "compensation_failed", "aborted"}
+)
 QUERY_STATE = "qwit.state"
 UPDATE_REACT = "qwit.react"
 SIGNAL_SETTLE = "qwit.settle"
@@ -47,6 +62,16 @@ class SubflowDone(BaseModel):
 
     flow_id: str
     outputs: dict[str, Any]
+
+
+def search_attributes(flow: str) -> TypedSearchAttributes:
+    """The search attributes a flow starts with."""
+    return TypedSearchAttributes(
+        [
+            SearchAttributePair(QWIT_FLOW, flow),
+            SearchAttributePair(QWIT_STATUS, "running"),
+        ]
+    )
 
 
 def failure_type(info: FailureInfo) -> str:
@@ -205,6 +230,9 @@ class _Runtime(FlowRuntime):
             id=child_id,
             cancellation_type=workflow.ChildWorkflowCancellationType.WAIT_CANCELLATION_COMPLETED,
             static_summary=node.name,
+            search_attributes=(
+                search_attributes(node.name) if self.owner.published is not None else None
+            ),
         )
         return _Subflow(self.owner, handle)
 
@@ -213,6 +241,16 @@ class _Runtime(FlowRuntime):
 
     def cancel_requested(self) -> bool:
         return workflow.cancellation_reason() is not None
+
+    def status_changed(self, status: FlowStatus) -> None:
+        owner = self.owner
+        if owner.published is None:
+            return
+        # "compensating" matters only after a wait (an operator's rollback);
+        # a rollback straight from "running" goes on to its final status soon.
+        if status in PUBLISHED_STATUSES or owner.published != "running":
+            workflow.upsert_search_attributes([QWIT_STATUS.value_set(status)])
+            owner.published = status
 
     async def report_forward_done(self, outputs: dict[str, Any]) -> None:
         parent = self.owner.input.parent_id
@@ -231,6 +269,9 @@ class QwitWorkflow:
         self.input = input
         self.interpreter = Interpreter(input, _Runtime(self), workflow.info().workflow_id)
         self.subflows_done: dict[str, dict[str, Any]] = {}
+        # QwitStatus as last published; None where the namespace lacks it (the
+        # client sets it at start only where it is registered).
+        self.published = workflow.info().typed_search_attributes.get(QWIT_STATUS)
 
     @workflow.run
     async def run(self, input: FlowInput) -> dict[str, Any]:

@@ -1,0 +1,57 @@
+"""A closed flow's state, rebuilt from its history without any worker."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from temporalio import workflow
+from temporalio.client import WorkflowHistory
+from temporalio.worker import (
+    ExecuteWorkflowInput,
+    Interceptor,
+    Replayer,
+    WorkflowInboundInterceptor,
+    WorkflowInterceptorClassInput,
+)
+
+from .._state import FINAL_STATUSES, FlowState
+from ._plugin import QwitPlugin
+
+
+class _Capture(Interceptor):
+    """Keeps the state the replayed workflow ends with."""
+
+    def __init__(self) -> None:
+        self.states: list[FlowState] = []
+
+    def workflow_interceptor_class(
+        self, input: WorkflowInterceptorClassInput
+    ) -> type[WorkflowInboundInterceptor]:
+        states = self.states
+
+        class Inbound(WorkflowInboundInterceptor):
+            async def execute_workflow(self, input: ExecuteWorkflowInput) -> Any:
+                try:
+                    return await super().execute_workflow(input)
+                finally:
+                    states.append(workflow.instance().state())
+
+        return Inbound
+
+
+async def replay_state(history: WorkflowHistory) -> FlowState | None:
+    """The final state of the flow whose (complete) history this is.
+
+    The plan travels in the history, so replaying it needs no user code: only
+    QWIT's workflow, which this process has. Returns None for a flow that has
+    not ended (its history stops mid-way) or that is not a QWIT flow.
+    """
+    capture = _Capture()
+    replayer = Replayer(workflows=[], plugins=[QwitPlugin()], interceptors=[capture])
+    try:
+        await replayer.replay_workflow(history, raise_on_replay_failure=False)
+    except Exception:
+        return None
+    if not capture.states or capture.states[-1].status not in FINAL_STATUSES:
+        return None
+    return capture.states[-1]
