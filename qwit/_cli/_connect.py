@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 import sys
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import click
 import temporalio.client
@@ -85,31 +88,76 @@ def data_dir() -> Path:
     return base / "qwit"
 
 
-@contextmanager
-def exclusive(path: Path) -> Any:
-    """Hold an exclusive lock on ``path`` (yields False if another process has it).
+class Lock:
+    """An exclusive lock on a file, which a server we start can hold for us.
 
-    Two Temporal servers must never open the same SQLite file.
+    Two Temporal servers must never open the same SQLite file. The lock's
+    file descriptor is passed to the server process, so the lock lasts as
+    long as the server does, even after this process has exited.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle: IO[str] = path.open("a+")
-    try:
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: int | None = None
+
+    def acquire(self, wait: float = 0.0) -> bool:
+        """Take the lock, waiting up to ``wait`` seconds; False if another holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             import fcntl
         except ImportError:  # pragma: no cover - Windows: no advisory locks, trust the user
-            yield True
-            return
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            self.fd = fd
+            return True
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    return False
+                time.sleep(0.1)
+            else:
+                self.fd = fd
+                return True
+
+    def release(self) -> None:
+        """Let go of our hold (a server given the lock keeps it until it exits)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+@contextmanager
+def exclusive(path: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on ``path``; yields False if another process has it."""
+    lock = Lock(path)
+    owned = lock.acquire()
+    try:
+        yield owned
     finally:
-        handle.close()
+        lock.release()
+
+
+class _LockedDevServer(DevServer):
+    """A dev server that inherits the lock on its SQLite file."""
+
+    def __init__(self, lock: Lock, **options: Any) -> None:
+        super().__init__(**options)
+        self.lock = lock
+
+    def start_process(self) -> None:
+        if self.db_filename:
+            Path(self.db_filename).parent.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            self.command(),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            pass_fds=() if self.lock.fd is None else (self.lock.fd,),
+        )
 
 
 def port_free(port: int) -> bool:
@@ -122,22 +170,31 @@ def port_free(port: int) -> bool:
     return True
 
 
+#: Seconds ``qwit run`` waits for the server of the previous run to let go of its state.
+LOCK_WAIT = 5.0
+
+
 @asynccontextmanager
 async def embedded_server(
-    namespace: str, say: Any, db_name: str = "run.db"
+    namespace: str, say: Callable[[str], None], db_name: str = "run.db"
 ) -> AsyncIterator[DevServer]:
-    """A dev server that lives as long as the command, its state in the data dir.
+    """A dev server for one command, its state kept in the data dir.
 
-    When another command already holds that state (two ``qwit run`` at once),
-    this one keeps its server's state in memory instead.
+    On the way out the server is asked to stop, without waiting the second or
+    so it takes: it holds the lock on its state until it has stopped, and the
+    next command waits for that. When another command keeps the state busy
+    for longer (two ``qwit run`` at once), this one's server keeps its state
+    in memory instead.
 
     Raises:
         Failed: the Temporal CLI is missing, or the server did not start.
     """
     db = data_dir() / db_name
-    with exclusive(db.with_name(db.name + ".lock")) as owned:
+    lock = Lock(db.with_name(db.name + ".lock"))
+    owned = lock.acquire(wait=LOCK_WAIT)
+    try:
         try:
-            server = DevServer(db_filename=db if owned else None, namespace=namespace)
+            server = _LockedDevServer(lock, db_filename=db if owned else None, namespace=namespace)
         except FileNotFoundError as exc:
             raise Failed(str(exc)) from None
         where = f"state in {db}" if owned else f"state in memory: {db} is in use"
@@ -149,4 +206,7 @@ async def embedded_server(
         try:
             yield server
         finally:
-            await server.__aexit__(None, None, None)
+            if server.process is not None and server.process.poll() is None:
+                server.process.send_signal(signal.SIGTERM)
+    finally:
+        lock.release()

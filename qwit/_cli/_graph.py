@@ -46,7 +46,7 @@ def _node_id(path: str) -> str:
 
 def policy_lines(policy: FailurePolicy) -> list[str]:
     """How a step reacts to failure, when it is not the default ROLLBACK."""
-    lines = [f"on {rule.match}: {rule.reaction.value}" for rule in policy.rules]
+    lines = [f"on {rule.match.rsplit('.', 1)[-1]}: {rule.reaction.value}" for rule in policy.rules]
     if policy.default != Reaction.ROLLBACK:
         lines.append(f"on failure: {policy.default.value}")
     return lines
@@ -58,7 +58,8 @@ def _box(node: StepNode, path: str) -> Box:
         lines.append(f"if undo fails: {node.back_on_failure.value}")
     if node.local:
         lines.append("local")
-    marked = [r.reaction for r in node.on_failure.rules] + [node.on_failure.default]
+    # Coloured by the reaction to most failures: the default, else the first rule's.
+    marked = [node.on_failure.default] + [r.reaction for r in node.on_failure.rules]
     reaction = next((r for r in marked if r != Reaction.ROLLBACK), Reaction.ROLLBACK)
     return Box(_node_id(path), path, tuple(lines), node.has_back, reaction)
 
@@ -144,7 +145,7 @@ def dot(flow: FlowNode) -> str:
                 out.append(f"{indent}}}")
             else:
                 box = _box(step, path)
-                attrs = f"label={_dot_text(chr(10).join(box.lines))}"
+                attrs = "label=" + _dot_text("\n".join(box.lines)).replace("\n", "\\n")
                 if box.reaction != Reaction.ROLLBACK:
                     colour = REACTION_COLOURS[box.reaction]
                     attrs += f', style="rounded,filled", fillcolor="{colour}"'

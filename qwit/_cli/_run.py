@@ -92,10 +92,10 @@ def run(
     queue = queue_name(task_queue)
     try:
         Client(task_queue=queue).prepare(flow, args, id=flow_id)
-        if not no_worker:
-            Registry(module, flow)
+        Registry(flow)
     except (FlowDefinitionError, ArgumentsError) as exc:
         raise click.UsageError(str(exc)) from None
+    serve = _served(flow, module, console())
     embedded = not address_configured(address)
     if verbose:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -104,16 +104,29 @@ def run(
         logging.getLogger("temporalio.activity").setLevel(logging.ERROR)
     try:
         code = run_async(
-            _run(flow, module, args, flow_id, no_worker, queue, address, namespace, embedded)
+            _run(flow, serve, args, flow_id, no_worker, queue, address, namespace, embedded)
         )
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
     sys.exit(code)
 
 
+def _served(flow: type[Flow], module: ModuleType, err: Console) -> list[Any]:
+    """What the in-process worker serves: the module's Steps and Flows, with the flow's.
+
+    A module with something else wrong in it still runs this flow.
+    """
+    try:
+        Registry(module, flow)
+    except FlowDefinitionError as exc:
+        err.print(Text(f"qwit: serving only {flow.name!r}'s steps: {exc}", style="yellow"))
+        return [flow]
+    return [module, flow]
+
+
 async def _run(
     flow: type[Flow],
-    module: ModuleType,
+    serve: list[Any],
     args: dict[str, Any],
     flow_id: str | None,
     no_worker: bool,
@@ -130,7 +143,7 @@ async def _run(
     loop.add_signal_handler(signal.SIGTERM, main.cancel)
     try:
         return await _run_flow(
-            err, flow, module, args, flow_id, no_worker, queue, address, namespace, embedded
+            err, flow, serve, args, flow_id, no_worker, queue, address, namespace, embedded
         )
     except asyncio.CancelledError:
         err.print(Text("qwit: terminated", style="yellow"))
@@ -149,7 +162,7 @@ def _say(err: Console) -> Any:
 async def _run_flow(
     err: Console,
     flow: type[Flow],
-    module: ModuleType,
+    serve: list[Any],
     args: dict[str, Any],
     flow_id: str | None,
     no_worker: bool,
@@ -171,11 +184,14 @@ async def _run_flow(
         else:
             temporal = await connect(address, namespace)
             where = describe_target(address)
-        if not no_worker:
-            await stack.enter_async_context(create_worker(temporal, module, flow, task_queue=queue))
         client = Client(temporal_client=temporal, task_queue=queue)
+        starting = asyncio.ensure_future(client.start(flow, args, id=flow_id))
+        if not no_worker:
+            # The worker starts polling while the flow's start is on its way.
+            worker = create_worker(temporal, *serve, task_queue=queue)
+            await stack.enter_async_context(worker)
         try:
-            handle = await client.start(flow, args, id=flow_id)
+            handle = await starting
         except WorkflowAlreadyStartedError:
             raise Failed(f"a flow with id {flow_id!r} is already running") from None
         except (FlowDefinitionError, ArgumentsError) as exc:
