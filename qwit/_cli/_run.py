@@ -188,7 +188,11 @@ async def _run_flow(
         starting = asyncio.ensure_future(client.start(flow, args, id=flow_id))
         if not no_worker:
             # The worker starts polling while the flow's start is on its way.
-            worker = create_worker(temporal, *serve, task_queue=queue)
+            # On a shared server this short-lived worker must not keep flows
+            # sticky to itself: once it exits, other runs' flows it had cached
+            # would stall until Temporal's sticky timeout (10 s) sends them on.
+            options: dict[str, Any] = {} if embedded else {"max_cached_workflows": 0}
+            worker = create_worker(temporal, *serve, task_queue=queue, **options)
             await stack.enter_async_context(worker)
         try:
             handle = await starting
