@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from click.testing import CliRunner
 
@@ -62,6 +63,14 @@ def test_dot_of_a_nested_flow():
     assert 's1 -> start [style=dashed, label="undo", constraint=false];' in out
     assert "s2_1 -> s1 [style=dashed" not in out  # t.pack has no step_back
     assert out.count("{") == out.count("}")
+
+
+def test_the_readme_shows_what_graph_draws():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    shown = re.findall(r"```mermaid\n(.*?)```", readme, re.S)
+    code, out = graph("samples.shipping.flows:ShipOrder")
+    assert code == 0
+    assert shown == [out]
 
 
 def test_graph_usage_errors_exit_2_naming_the_flow():
