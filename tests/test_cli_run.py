@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 
 from qwit.temporal import DevServer
-from tests.clirun import finish, qwit, start
+from tests.clirun import finish, qwit, read_until, start
 
 GOOD = {"order_id": "1001", "sku": "A-1", "quantity": 2, "card": "4242", "cents": 2599}
 DECLINED = {"order_id": "1002", "sku": "B-2", "quantity": 1, "card": "4000-0002", "cents": 999}
@@ -86,3 +87,19 @@ async def test_run_usage_error_names_the_bad_flow():
     assert done.code == 2
     assert "'samples.order.flows:PlaceOrdr' does not resolve" in done.err
     assert done.out == ""
+
+
+async def test_ctrl_c_cancels_the_flow_which_rolls_back(dev_server: DevServer):
+    claim = '{"employee": "al", "cents": 50000}'
+    run = await start(
+        "run", "samples.approval.flows:ExpenseClaim", "--args", claim,
+        QWIT_TASK_QUEUE="cli-run-interrupted", TEMPORAL_ADDRESS=dev_server.address,
+    )  # fmt: skip
+    assert run.stderr is not None
+    await read_until(run.stderr, "flow waits for an operator")
+    run.send_signal(signal.SIGINT)
+    done = await finish(run)
+    assert done.code == 1, done.err
+    assert "cancelling the flow: it rolls back (Ctrl-C again to stop waiting)" in done.err
+    assert "flow 'expenses.claim' cancelled" in done.err
+    assert "undone, newest first: expenses.approve, expenses.submit" in done.err

@@ -8,8 +8,10 @@ import re
 import shlex
 import uuid
 from pathlib import Path
+from typing import Any
 
 from qwit.temporal import DevServer
+from samples.approval import flows as approval_flows
 from tests.clirun import finish, read_until, start
 from tests.clirun import qwit as run_qwit
 
@@ -35,8 +37,14 @@ def lines(text: str) -> list[str]:
 async def test_shipping_sample(dev_server: DevServer):
     ships, fails, graph = readme_commands("shipping")[:3]
     assert ships[0] == fails[0] == "run" and graph[0] == "graph"
-    env = {"TEMPORAL_ADDRESS": dev_server.address, "QWIT_TASK_QUEUE": f"ship-{uuid.uuid4()}"}
-    shipped, failed = await asyncio.gather(run_qwit(*ships, **env), run_qwit(*fails, **env))
+    # Each run serves its own steps: on a task queue of its own, neither
+    # depends on the other's worker still being there.
+    shipped, failed = await asyncio.gather(
+        *(
+            run_qwit(*command, TEMPORAL_ADDRESS=dev_server.address, QWIT_TASK_QUEUE=queue)
+            for command, queue in ((ships, f"ship-{uuid.uuid4()}"), (fails, f"ship-{uuid.uuid4()}"))
+        )
+    )
 
     assert shipped.code == 0, shipped.err
     result = json.loads(shipped.out)
@@ -59,7 +67,7 @@ async def test_shipping_sample(dev_server: DevServer):
     assert 'subgraph f3["3 shipping (sub-flow)"]' in drawn.out
 
 
-async def test_approval_sample(dev_server: DevServer):
+async def test_approval_sample(dev_server: DevServer, worker: Any, task_queue: str):
     dev, submit, status, approve, reject = readme_commands("approval")[:5]
     assert dev == ["dev", "samples.approval.flows"]
     assert [submit[0], status[0], approve[:3], reject[:3]] == [
@@ -68,7 +76,9 @@ async def test_approval_sample(dev_server: DevServer):
         ["react", "claim-7", "retry"],
         ["react", "claim-7", "rollback"],
     ]
-    env = {"TEMPORAL_ADDRESS": dev_server.address, "QWIT_TASK_QUEUE": f"claims-{uuid.uuid4()}"}
+    # The worker of `qwit dev` serves the steps; here, this test's worker does.
+    assert "--no-worker" in submit
+    env = {"TEMPORAL_ADDRESS": dev_server.address, "QWIT_TASK_QUEUE": task_queue}
 
     def ours(command: list[str], claim: str) -> list[str]:
         return [claim if arg == "claim-7" else arg for arg in command]
@@ -79,22 +89,25 @@ async def test_approval_sample(dev_server: DevServer):
         return proc, await read_until(proc.stderr, f"qwit react {claim} rollback")
 
     kept, dropped = f"claim-{uuid.uuid4().hex[:8]}", f"claim-{uuid.uuid4().hex[:8]}"
-    (to_approve, told), (to_reject, _) = await asyncio.gather(submitted(kept), submitted(dropped))
-    assert "flow waits for an operator at step 2 'expenses.approve'" in told
-    assert f"qwit react {kept} retry [--args JSON]" in told
+    async with worker(approval_flows):
+        (to_approve, told), (to_reject, _) = await asyncio.gather(
+            submitted(kept), submitted(dropped)
+        )
+        assert "flow waits for an operator at step 2 'expenses.approve'" in told
+        assert f"qwit react {kept} retry [--args JSON]" in told
 
-    done = await run_qwit(*ours(status, kept), **env)
-    assert done.code == 0, done.err
-    assert f"flow expenses.claim id {kept} status waiting" in lines(done.out)
+        done = await run_qwit(*ours(status, kept), **env)
+        assert done.code == 0, done.err
+        assert f"flow expenses.claim id {kept} status waiting" in lines(done.out)
 
-    decided = await asyncio.gather(
-        run_qwit(*ours(approve, kept), **env), run_qwit(*ours(reject, dropped), **env)
-    )
-    assert [d.code for d in decided] == [0, 0], [d.err for d in decided]
+        decided = await asyncio.gather(
+            run_qwit(*ours(approve, kept), **env), run_qwit(*ours(reject, dropped), **env)
+        )
+        assert [d.code for d in decided] == [0, 0], [d.err for d in decided]
 
-    paid = await finish(to_approve)
+        paid = await finish(to_approve)
+        withdrawn = await finish(to_reject)
     assert paid.code == 0, paid.err
-    assert json.loads(paid.out)["approved_by"] == "manager"
-    withdrawn = await finish(to_reject)
+    assert json.loads(paid.out)["approved_by"] == "manager", (paid.out, paid.err)
     assert withdrawn.code == 1, withdrawn.err
     assert "undone, newest first: expenses.approve, expenses.submit" in withdrawn.err
