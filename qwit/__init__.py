@@ -8,7 +8,7 @@ in-process (``qwit.local``).
 
 from __future__ import annotations
 
-from . import temporal
+from . import engine, local, temporal
 from ._client import Client, connect
 from ._context import StepContext, context, heartbeat
 from ._engine import Backend, Engine, FlowHandle
@@ -89,6 +89,8 @@ __all__ = [
     "WaitInfo",
     "connect",
     "context",
+    "engine",
     "heartbeat",
+    "local",
     "temporal",
 ]

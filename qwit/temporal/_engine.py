@@ -23,8 +23,6 @@ from temporalio.service import RPCError
 
 from .._engine import Engine, FlowHandle
 from .._errors import FailureInfo, FailureKind, FlowFailed, ReactionError
-from .._jsonargs import NotJSON, as_args
-from .._options import Reaction, parse_reaction
 from .._plan import FlowInput
 from .._saga import Decision
 from .._state import FlowState
@@ -42,6 +40,7 @@ from ._workflow import (
 
 if TYPE_CHECKING:
     from .._client import Client
+    from .._flow import Flow
 
 DEFAULT_ADDRESS = "localhost:7233"
 
@@ -128,40 +127,14 @@ class TemporalFlowHandle(FlowHandle):
         handle = await self.workflow_handle()
         await handle.cancel()
 
-    async def state(self) -> FlowState:
+    async def flow_state(self, flow_id: str) -> FlowState:
         client = await self._engine.temporal_client()
-        state = await _query_state(client, self.id, self.run_id)
-        return await self._with_subflows(state)
+        return await _query_state(client, flow_id, self.run_id if flow_id == self.id else None)
 
-    async def _with_subflows(self, state: FlowState) -> FlowState:
-        """Fill each sub-flow's entry with its own steps, queried from its workflow."""
-        client = await self._engine.temporal_client()
-        steps = list(state.steps)
-        waiting = state.waiting
-        for i, step in enumerate(steps):
-            if step.kind != "flow" or step.flow_id is None:
-                continue
-            child = await self._with_subflows(await _query_state(client, step.flow_id))
-            steps[i] = step.model_copy(update={"steps": child.steps})
-            if waiting is None and child.waiting is not None:
-                waiting = child.waiting
-        status = "waiting" if waiting is not None and not state.done else state.status
-        return state.model_copy(update={"steps": steps, "waiting": waiting, "status": status})
-
-    async def react(self, reaction: Reaction | str, args: dict[str, Any] | None = None) -> None:
-        state = await self.state()
-        waiting = state.waiting
-        if waiting is None:
-            raise ReactionError(f"flow {self.id!r} is not waiting (it is {state.status})")
-        try:
-            decision = Decision(reaction=parse_reaction(reaction), args=as_args(args, "args"))
-        except NotJSON as exc:
-            raise ReactionError(f"flow {self.id!r}: args {exc}") from None
-        except ValueError as exc:
-            raise ReactionError(f"flow {self.id!r}: {exc}") from None
+    async def send_decision(self, flow_id: str, decision: Decision) -> None:
         client = await self._engine.temporal_client()
         try:
-            await client.get_workflow_handle(waiting.flow_id).execute_update(UPDATE_REACT, decision)
+            await client.get_workflow_handle(flow_id).execute_update(UPDATE_REACT, decision)
         except WorkflowUpdateFailedError as err:
             cause = err.cause
             message = cause.message if isinstance(cause, ApplicationError) else str(cause)
@@ -201,7 +174,8 @@ class TemporalEngine(Engine):
             self._search_attributes = {QWIT_FLOW.name, QWIT_STATUS.name} <= names
         return self._search_attributes
 
-    async def start(self, input: FlowInput) -> FlowHandle:
+    async def start(self, flow: type[Flow], input: FlowInput) -> FlowHandle:
+        del flow  # the workflow runs the plan alone; workers have the steps
         client = await self.temporal_client()
         publish = await self.has_search_attributes()
         handle = await client.start_workflow(

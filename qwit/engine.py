@@ -1,0 +1,54 @@
+"""Everything needed to write a QWIT engine.
+
+An engine runs compiled plans on some queue engine. It does not implement the
+saga rules: ``Interpreter`` does (args, reactions, undo order, waiting for an
+operator, what ``state()`` reports), driven by a ``FlowRuntime`` the engine
+supplies:
+
+- ``run_step(node, call)``: run one direction of a step, retries included,
+  with ``run_step_method`` and a ``Registry`` of the steps it may run;
+- ``start_subflow(node, input, attempt)``: run a sub-flow (another
+  Interpreter), returning a ``SubflowRun``;
+- ``wait_until(predicate)``: wait until a signal (an operator's decision, a
+  parent's word) makes ``predicate()`` true;
+- ``cancel_requested()``.
+
+On the client side an engine is an ``Engine`` (``start``, ``get_handle``)
+handing out ``FlowHandle`` s (``result``, ``cancel``, ``flow_state``,
+``send_decision``). A backend, what ``backend=`` names, is any object with a
+``name`` and ``create_engine(client)``: a module will do. ``qwit.local`` is a
+complete engine in one file; read it first.
+"""
+
+from __future__ import annotations
+
+from ._engine import Backend, Engine, FlowHandle
+from ._errors import ErrorInfo, FailureInfo
+from ._plan import FlowInput, FlowNode, StepCall, StepNode, StepReturn
+from ._runner import Registry, StepFailure, run_step_method
+from ._saga import Decision, FlowFailure, FlowRuntime, Interpreter, SubflowRun
+from ._state import FlowState, StepState, WaitInfo
+
+__all__ = [
+    "Backend",
+    "Decision",
+    "Engine",
+    "ErrorInfo",
+    "FailureInfo",
+    "FlowFailure",
+    "FlowHandle",
+    "FlowInput",
+    "FlowNode",
+    "FlowRuntime",
+    "FlowState",
+    "Interpreter",
+    "Registry",
+    "StepCall",
+    "StepFailure",
+    "StepNode",
+    "StepReturn",
+    "StepState",
+    "SubflowRun",
+    "WaitInfo",
+    "run_step_method",
+]

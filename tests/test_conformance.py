@@ -1,0 +1,277 @@
+"""One suite, every engine: the same scenarios with the same expectations on
+Temporal (real dev server), qwit.local, and a custom thread-pool engine
+written in the tests from qwit.engine alone."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+import qwit
+from tests import ledger, thread_engine
+from tests.ledger import Effect
+from tests.test_temporal_core import FlakyFlow, RefusesFlow, SyncTypedFlow
+from tests.test_temporal_reactions import ApprovalFlow, FixableFlow, failing_flow
+from tests.test_temporal_subflows import BadBackFlow, CancelMe, Level1, Outer
+
+
+@dataclass
+class Env:
+    client: qwit.Client
+    serve: Callable[..., contextlib.AbstractAsyncContextManager[Any]]
+
+
+@contextlib.asynccontextmanager
+async def _nothing_to_serve(*members: Any) -> AsyncIterator[None]:
+    yield None
+
+
+@pytest.fixture(params=["temporal", "local", "threads"])
+async def env(
+    request: pytest.FixtureRequest, temporal_client: Any, task_queue: str, worker: Any
+) -> AsyncIterator[Env]:
+    if request.param == "temporal":
+        client = await qwit.connect(
+            temporal_client=temporal_client, task_queue=task_queue, backend=qwit.temporal
+        )
+        yield Env(client, worker)
+        return
+    backend = qwit.local if request.param == "local" else thread_engine
+    client = await qwit.connect(backend=backend)
+    yield Env(client, _nothing_to_serve)
+    await client.close()
+
+
+def new_ledger() -> str:
+    return uuid.uuid4().hex
+
+
+async def outcome(handle: qwit.FlowHandle) -> tuple[str, Any]:
+    try:
+        return "completed", await asyncio.wait_for(handle.result(), 60)
+    except qwit.FlowFailed as failed:
+        return failed.kind, failed
+
+
+async def wait_status(handle: qwit.FlowHandle, status: str) -> qwit.FlowState:
+    async def poll() -> qwit.FlowState:
+        while (state := await handle.state()).status != status:
+            await asyncio.sleep(0.03)
+        return state
+
+    return await asyncio.wait_for(poll(), 30)
+
+
+async def test_args_and_sub_flow_scoping(env: Env):
+    run = new_ledger()
+    async with env.serve(Outer):
+        result = await env.client.run(Outer, {"ledger": run})
+    assert result == {
+        "ledger": run,
+        "out_O1": "-",
+        "out_I1": "inner-only",
+        "out_I2": "inner-only",
+        "out_O2": "-",
+    }
+
+
+@pytest.mark.parametrize(
+    ("reaction", "kind", "undone", "statuses"),
+    [
+        ("rollback", "rolled_back", ["react.F", "react.A"], ["compensated"] * 2 + ["pending"]),
+        ("skipback", "rolled_back", ["react.A"], ["compensated", "failed", "pending"]),
+        ("skip", "completed", [], ["done", "skipped", "done"]),
+        ("abort", "aborted", [], ["done", "failed", "pending"]),
+    ],
+)
+async def test_each_reaction(env: Env, reaction, kind, undone, statuses):
+    run = new_ledger()
+    flow = failing_flow(reaction)
+    async with env.serve(flow):
+        handle = await env.client.start(
+            flow, {"ledger": run, "fail": "react.F", "fail_after": True}
+        )
+        got, _ = await outcome(handle)
+        state = await handle.state()
+    assert got == kind
+    assert ledger.undone(run) == undone
+    assert [s.status for s in state.steps] == statuses
+    assert state.status == kind
+
+
+@pytest.mark.parametrize(
+    ("fail", "compensated"),
+    [("O2", ["O2", "I2", "I1", "O1"]), ("I2", ["I2", "I1", "O1"])],
+)
+async def test_sub_flow_failures(env: Env, fail, compensated):
+    run = new_ledger()
+    async with env.serve(Outer):
+        handle = await env.client.start(Outer, {"ledger": run, "fail": fail, "fail_after": True})
+        kind, err = await outcome(handle)
+        state = await handle.state()
+    assert kind == "rolled_back"
+    assert err.step == fail
+    assert err.compensated == compensated
+    ledger.assert_fully_undone(run)
+    assert state.steps[1].kind == "flow"
+    assert [s.status for s in state.steps[1].steps] == ["compensated", "compensated"]
+
+
+async def test_three_levels(env: Env):
+    run = new_ledger()
+    async with env.serve(Level1):
+        handle = await env.client.start(Level1, {"ledger": run, "fail": "D", "fail_after": True})
+        kind, err = await outcome(handle)
+    assert (kind, err.compensated) == ("rolled_back", ["D", "C", "B", "A"])
+    ledger.assert_fully_undone(run)
+
+
+async def test_cancel_during_a_step(env: Env):
+    run = new_ledger()
+    async with env.serve(CancelMe):
+        handle = await env.client.start(CancelMe, {"ledger": run})
+        await ledger.wait_for_mark(run, "started", "Slow")
+        await handle.cancel()
+        await handle.cancel()
+        kind, err = await outcome(handle)
+        state = await handle.state()
+    assert kind == "cancelled"
+    assert err.compensated == ["Slow", "A"]
+    ledger.assert_fully_undone(run)
+    assert state.status == "cancelled"
+
+
+async def test_failing_compensation(env: Env):
+    run = new_ledger()
+    async with env.serve(BadBackFlow):
+        handle = await env.client.start(BadBackFlow, {"ledger": run, "fail": "C"})
+        kind, err = await outcome(handle)
+    assert kind == "compensation_failed"
+    assert err.compensated == ["C", "I2", "I1", "A"]
+    assert err.failed_compensations == ["BadBack"]
+    assert ledger.marks(run, "undo-attempt") == ["BadBack", "BadBack"]
+
+
+async def test_retries(env: Env):
+    from tests.test_temporal_core import ATTEMPTS
+
+    run = new_ledger()
+    async with env.serve(FlakyFlow, RefusesFlow):
+        handle = await env.client.start(FlakyFlow, {"run": run, "succeed_on": 3})
+        kind, result = await outcome(handle)
+        state = await handle.state()
+        assert (kind, result["attempt"], state.steps[0].attempts) == ("completed", 3, 3)
+        assert result["key"] == f"{handle.id}/1/step_forward"
+        refused = new_ledger()
+        kind, err = await outcome(await env.client.start(RefusesFlow, {"run": refused}))
+    assert ATTEMPTS[run] == [1, 2, 3]
+    assert (kind, ATTEMPTS[refused]) == ("rolled_back", [1])
+    assert err.reason == "StepError: card declined"
+
+
+async def test_typed_step_missing_a_field(env: Env):
+    async with env.serve(SyncTypedFlow):
+        ok = await env.client.run(SyncTypedFlow, {"order_id": 1, "amount": 2.0})
+        handle = await env.client.start(SyncTypedFlow, {"order_id": 1, "ledger": new_ledger()})
+        kind, err = await outcome(handle)
+    assert ok["receipt"] == "r-1-2.00"
+    assert kind == "rolled_back"
+    assert "'amount'" in err.reason
+
+
+async def test_wait_retry_with_args_and_state(env: Env):
+    run = new_ledger()
+    async with env.serve(ApprovalFlow):
+        handle = await env.client.start(ApprovalFlow, {"ledger": run})
+        state = await wait_status(handle, "waiting")
+        assert state.waiting is not None
+        assert (state.waiting.step, state.waiting.direction) == ("react.approval", "step_forward")
+        assert [p.name for p in state.waiting.rollback_preview] == ["react.approval", "react.A"]
+        assert [s.status for s in state.steps] == ["done", "failed", "pending"]
+        with pytest.raises(qwit.ReactionError):
+            await handle.react("explode")
+        await handle.react("retry", args={"approved": True, "approver": "carol"})
+        kind, result = await outcome(handle)
+        state = await handle.state()
+        with pytest.raises(qwit.ReactionError, match="not waiting"):
+            await handle.react("retry")
+    assert kind == "completed"
+    assert result["approved_by"] == "carol"
+    assert state.status == "completed"
+    assert [s.status for s in state.steps] == ["done", "done", "done"]
+    assert [s.attempts for s in state.steps] == [1, 3, 1]
+
+
+async def test_wait_then_rollback(env: Env):
+    run = new_ledger()
+    async with env.serve(ApprovalFlow):
+        handle = await env.client.start(ApprovalFlow, {"ledger": run})
+        await wait_status(handle, "waiting")
+        await handle.react(qwit.ROLLBACK)
+        kind, err = await outcome(handle)
+    assert kind == "rolled_back"
+    assert err.compensated == ["react.approval", "react.A"]
+    assert ledger.undone(run) == ["react.A"]
+
+
+async def test_wait_on_compensation_then_retry(env: Env):
+    from tests.test_temporal_reactions import ALLOWED
+
+    run = new_ledger()
+    async with env.serve(FixableFlow):
+        handle = await env.client.start(FixableFlow, {"ledger": run, "fail": "react.C"})
+        state = await wait_status(handle, "waiting")
+        assert state.waiting is not None
+        assert state.waiting.direction == "step_back"
+        ALLOWED.add(run)
+        await handle.react("retry")
+        kind, err = await outcome(handle)
+    assert (kind, err.compensated) == (
+        "rolled_back",
+        ["react.C", "react.fixable_back", "react.A"],
+    )
+    ledger.assert_fully_undone(run)
+
+
+class Local(Effect, name="conformance.local"):
+    pass
+
+
+class LocalFlow(qwit.Flow, backend=qwit.local):
+    def build_flow(self) -> None:
+        self.step(Local)
+
+
+class TemporalFlow(qwit.Flow):
+    def build_flow(self) -> None:
+        self.step(Local)
+
+
+async def test_one_client_runs_local_and_temporal_flows(temporal_client, task_queue, worker):
+    client = await qwit.connect(temporal_client=temporal_client, task_queue=task_queue)
+    run = new_ledger()
+    async with worker(TemporalFlow):
+        on_temporal = await client.start(TemporalFlow, {"ledger": run})
+        in_process = await client.start(LocalFlow, {"ledger": run})
+        assert (on_temporal.engine, in_process.engine) == ("temporal", "local")
+        results = await asyncio.gather(on_temporal.result(), in_process.result())
+    assert results[0] == results[1] == {"ledger": run, "out_conformance.local": "-"}
+    assert ledger.applied(run) == ["conformance.local", "conformance.local"]
+    await client.close()
+
+
+async def test_a_local_only_client_never_connects_to_temporal():
+    # nothing listens on this address: starting a local flow must not try it
+    client = await qwit.connect(target_host="127.0.0.1:1")
+    run = new_ledger()
+    assert await client.run(LocalFlow, {"ledger": run}) == {
+        "ledger": run,
+        "out_conformance.local": "-",
+    }
+    await client.close()

@@ -1,0 +1,38 @@
+"""qwit.testing, as a user's test suite would use it: on the order sample."""
+
+from __future__ import annotations
+
+import pytest
+
+import qwit
+from qwit.testing import temporal_environment
+from samples.order.flows import PlaceOrder
+
+GOOD = {"order_id": "t-1", "sku": "A-1", "quantity": 1, "card": "4242", "cents": 100}
+DECLINED = {**GOOD, "order_id": "t-2", "card": "4000-0002"}
+
+
+async def test_qwit_local_runs_a_temporal_flow_in_process(qwit_local: qwit.Client):
+    result = await qwit_local.run(PlaceOrder, GOOD)
+    assert result["tracking"] == "1Z-t-1"
+    handle = await qwit_local.start(PlaceOrder, DECLINED)
+    assert handle.engine == "local"
+    with pytest.raises(qwit.FlowRolledBack) as info:
+        await handle.result()
+    assert info.value.compensated == ["payments.charge", "inventory.reserve"]
+
+
+async def test_qwit_temporal_serves_modules_on_a_fresh_queue(qwit_temporal):
+    from samples.order import flows
+
+    async with qwit_temporal(flows) as client:
+        handle = await client.start(PlaceOrder, GOOD)
+        assert handle.engine == "temporal"
+        assert (await handle.result())["tracking"] == "1Z-t-1"
+        with pytest.raises(qwit.FlowRolledBack):
+            await client.run(PlaceOrder, DECLINED)
+
+
+async def test_temporal_environment_outside_pytest_fixtures():
+    async with temporal_environment(PlaceOrder) as client:
+        assert (await client.run(PlaceOrder, GOOD))["charge"].startswith("ch-")
