@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from ._engine import Backend, Engine, FlowHandle
 from ._errors import ArgumentsError, FlowDefinitionError
 from ._flow import Flow, compile_flow
-from ._jsonargs import NotJSON, as_args, json_size
+from ._jsonargs import NotJSON, as_args
 from ._plan import FlowInput, FlowNode
 
 if TYPE_CHECKING:
@@ -18,8 +18,6 @@ if TYPE_CHECKING:
 #: Environment variable naming the task queue of clients and workers.
 TASK_QUEUE_ENV = "QWIT_TASK_QUEUE"
 DEFAULT_TASK_QUEUE = "qwit"
-#: Temporal refuses a payload over 2 MiB (its default ``limit.blobSize.error``).
-MAX_INPUT_BYTES = 2 * 1024 * 1024
 
 
 def default_task_queue() -> str:
@@ -101,14 +99,7 @@ class Client:
         if id is not None and (not isinstance(id, str) or not id.strip()):
             raise ArgumentsError(f"flow {plan.name!r}: id must be a non-empty string, not {id!r}")
         flow_id = id or f"{plan.name}-{uuid.uuid4().hex}"
-        input = FlowInput(flow=plan, args=clean, root_id=flow_id)
-        size = json_size(input.model_dump(mode="json"))
-        if size > MAX_INPUT_BYTES:
-            raise ArgumentsError(
-                f"flow {plan.name!r}: its args and plan take {size} bytes, over the "
-                f"{MAX_INPUT_BYTES}-byte payload limit; pass references (ids, URLs) instead"
-            )
-        return input
+        return FlowInput(flow=plan, args=clean, root_id=flow_id)
 
     async def start(
         self, flow: type[Flow], args: Any = None, *, id: str | None = None

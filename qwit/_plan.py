@@ -85,6 +85,8 @@ class FlowInput(BaseModel):
     """Position of this flow inside the root ('' for the root, '3' or '3.1')."""
     parent_id: str | None = None
     """Set for a sub-flow: the id of the flow that runs it."""
+    payload_limit: int | None = None
+    """Largest payload the engine accepts, in bytes (None: no limit known)."""
 
 
 class StepCall(BaseModel):

@@ -116,6 +116,17 @@ class FlowRuntime(ABC):
     def status_changed(self, status: FlowStatus) -> None:  # noqa: B027
         """The flow's status changed (to publish it, e.g. for search)."""
 
+    def refuse_forward(self, call: StepCall | FlowInput, pending_undos: int) -> ErrorInfo | None:
+        """Why the engine can't run this ``step_forward`` (or start this
+        sub-flow) now, or None.
+
+        An engine with hard limits (payload size, history length) refuses a
+        step here, before anything runs, so the flow fails that step and rolls
+        back while it still can. ``pending_undos`` is how many undos a rollback
+        would run.
+        """
+        return None
+
     async def shield(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` to its end even if the flow is cancelled meanwhile."""
         task = asyncio.ensure_future(coro)
@@ -221,6 +232,9 @@ class Interpreter:
         self.status = "completed"
         return self.outputs if self.is_subflow else self.args
 
+    def _undo_count(self) -> int:
+        return sum(1 for r in self.recs if r.status == "done")
+
     def _failed(self, info: FailureInfo) -> FlowFailure:
         self.failure = info
         self.status = info.kind
@@ -245,6 +259,9 @@ class Interpreter:
                 else:
                     rec.args = _select(args, node.fields)
                     call = self._call(rec, "step_forward", rec.args)
+                    refused = self.runtime.refuse_forward(call, self._undo_count())
+                    if refused is not None:
+                        raise StepFailure(refused)
                     result = await self.runtime.run_step(node, call)
                     rec.attempts += result.attempt
                     output = result.output
@@ -288,7 +305,11 @@ class Interpreter:
             root_id=self.input.root_id,
             path=rec.path,
             parent_id=self.flow_id,
+            payload_limit=self.input.payload_limit,
         )
+        refused = self.runtime.refuse_forward(child, self._undo_count())
+        if refused is not None:
+            raise StepFailure(refused)
         rec.sub = await self.runtime.start_subflow(node, child, rec.runs)
         rec.attempts += 1
         return await rec.sub.forward()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import temporalio.client
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
+from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
 from temporalio.client import (
     WorkflowExecutionStatus,
     WorkflowFailureError,
@@ -18,14 +20,24 @@ from temporalio.exceptions import (
     CancelledError,
     TerminatedError,
     TimeoutError,
+    WorkflowAlreadyStartedError,
 )
 from temporalio.service import RPCError
 
 from .._engine import Engine, FlowHandle
-from .._errors import FailureInfo, FailureKind, FlowFailed, ReactionError
-from .._plan import FlowInput
+from .._errors import (
+    ArgumentsError,
+    FailureInfo,
+    FailureKind,
+    FlowDefinitionError,
+    FlowFailed,
+    ReactionError,
+)
+from .._jsonargs import json_size
+from .._plan import FlowInput, FlowNode
 from .._saga import Decision
 from .._state import FlowState
+from ._activities import DEFAULT_PAYLOAD_LIMIT, PAYLOAD_MARGIN
 from ._plugin import QwitPlugin
 from ._replay import replay_state
 from ._workflow import (
@@ -141,6 +153,29 @@ class TemporalFlowHandle(FlowHandle):
             raise ReactionError(message) from None
 
 
+#: Steps of one flow (sub-flows count apart: each is a workflow of its own)
+#: beyond which forward and undo could not fit in one history.
+MAX_STEPS_PER_FLOW = 2000
+
+
+@dataclass(frozen=True)
+class _Namespace:
+    search_attributes: bool
+    payload_limit: int
+
+
+def _check_plan_length(node: FlowNode) -> None:
+    if len(node.steps) > MAX_STEPS_PER_FLOW:
+        raise FlowDefinitionError(
+            f"flow {node.name!r} has {len(node.steps)} steps; on Temporal a flow (or "
+            f"sub-flow) takes at most {MAX_STEPS_PER_FLOW}, so that its steps and their "
+            "undo fit in one history: group steps into sub-flows"
+        )
+    for step in node.steps:
+        if isinstance(step, FlowNode):
+            _check_plan_length(step)
+
+
 class TemporalEngine(Engine):
     """Runs flows as ``qwit.Flow`` workflows on a Temporal cluster."""
 
@@ -150,7 +185,7 @@ class TemporalEngine(Engine):
         self.client = client
         self._temporal: temporalio.client.Client | None = client.given_temporal_client
         self._lock = asyncio.Lock()
-        self._search_attributes: bool | None = None
+        self._namespace: _Namespace | None = None
 
     async def temporal_client(self) -> temporalio.client.Client:
         """The temporalio client, connected on first use."""
@@ -160,32 +195,52 @@ class TemporalEngine(Engine):
                     self._temporal = await connect_temporal(**self.client.temporal_options)
         return self._temporal
 
-    async def has_search_attributes(self) -> bool:
-        """Whether the namespace has QWIT's search attributes (asked once)."""
-        if self._search_attributes is None:
+    async def namespace(self) -> _Namespace:
+        """What QWIT needs to know of the namespace (asked once)."""
+        if self._namespace is None:
             client = await self.temporal_client()
             try:
-                response = await client.operator_service.list_search_attributes(
+                attributes = await client.operator_service.list_search_attributes(
                     ListSearchAttributesRequest(namespace=client.namespace)
                 )
-                names = set(response.custom_attributes)
+                names = set(attributes.custom_attributes)
             except RPCError:
                 names = set()
-            self._search_attributes = {QWIT_FLOW.name, QWIT_STATUS.name} <= names
-        return self._search_attributes
+            described = await client.workflow_service.describe_namespace(
+                DescribeNamespaceRequest(namespace=client.namespace)
+            )
+            limit = described.namespace_info.limits.blob_size_limit_error
+            self._namespace = _Namespace(
+                search_attributes={QWIT_FLOW.name, QWIT_STATUS.name} <= names,
+                payload_limit=limit or DEFAULT_PAYLOAD_LIMIT,
+            )
+        return self._namespace
 
     async def start(self, flow: type[Flow], input: FlowInput) -> FlowHandle:
         del flow  # the workflow runs the plan alone; workers have the steps
         client = await self.temporal_client()
-        publish = await self.has_search_attributes()
-        handle = await client.start_workflow(
-            WORKFLOW_NAME,
-            input,
-            id=input.root_id,
-            task_queue=self.client.task_queue,
-            static_summary=input.flow.name,
-            search_attributes=search_attributes(input.flow.name) if publish else None,
-        )
+        namespace = await self.namespace()
+        _check_plan_length(input.flow)
+        input = input.model_copy(update={"payload_limit": namespace.payload_limit})
+        size = json_size(input.model_dump(mode="json"))
+        if size > namespace.payload_limit - PAYLOAD_MARGIN:
+            raise ArgumentsError(
+                f"flow {input.flow.name!r}: its args and plan take {size} bytes, over the "
+                f"{namespace.payload_limit}-byte payload limit of the namespace; pass "
+                "references (ids, URLs) instead of large values"
+            )
+        publish = namespace.search_attributes
+        try:
+            handle = await client.start_workflow(
+                WORKFLOW_NAME,
+                input,
+                id=input.root_id,
+                task_queue=self.client.task_queue,
+                static_summary=input.flow.name,
+                search_attributes=search_attributes(input.flow.name) if publish else None,
+            )
+        except WorkflowAlreadyStartedError:
+            raise ArgumentsError(f"a flow with id {input.root_id!r} is already running") from None
         return TemporalFlowHandle(self, handle.id, handle.result_run_id)
 
     def get_handle(self, flow_id: str) -> FlowHandle:

@@ -32,11 +32,13 @@ with workflow.unsafe.imports_passed_through():
     from pydantic import BaseModel, ConfigDict, ValidationError
 
     from .._errors import ErrorInfo, FailureInfo, FlowFailed
+    from .._jsonargs import json_size
     from .._options import Retry
     from .._plan import PLAN_VERSION, FlowInput, FlowNode, StepCall, StepNode, StepReturn
     from .._runner import StepFailure
     from .._saga import Decision, FlowFailure, FlowRuntime, Interpreter, SubflowRun
     from .._state import FlowState, FlowStatus
+    from ._activities import PAYLOAD_MARGIN
 
 WORKFLOW_NAME = "qwit.Flow"
 #: Search attributes (Keyword) that make flows findable by name and QWIT status,
@@ -46,6 +48,13 @@ QWIT_STATUS = SearchAttributeKey.for_keyword("QwitStatus")
 #: Statuses published to QwitStatus. The happy path publishes nothing beyond
 #: the "running" set at start, so a completed flow's history is no longer than a
 #: hand-written saga's; Temporal's own status tells it completed.
+#: History events a step costs (activity scheduled, started, completed, and a
+#: workflow task's scheduled, started, completed).
+EVENTS_PER_STEP = 6
+#: Temporal terminates a workflow at 51,200 events or 50 MiB of history, with no
+#: compensation; QWIT stops starting steps well before, so a rollback fits.
+HISTORY_EVENTS_BUDGET = 45_000
+HISTORY_BYTES_BUDGET = 22 * 1024 * 1024
 PUBLISHED_STATUSES = frozenset(
     {"running", "waiting", "rolled_back", "cancelled", "compensation_failed", "aborted"}
 )
@@ -112,6 +121,8 @@ def _policy(retry: Retry) -> RetryPolicy:
         backoff_coefficient=retry.backoff,
         maximum_interval=timedelta(seconds=retry.max_interval),
         maximum_attempts=retry.max_attempts or 0,
+        # An output over the payload limit will be as big on every attempt.
+        non_retryable_error_types=["PayloadsTooLarge"],
     )
 
 
@@ -135,6 +146,17 @@ def _error_info(err: BaseException, retry: Retry) -> ErrorInfo:
             attempt=retry.max_attempts or 1,
         )
     return ErrorInfo(type=type(cause).__name__, types=[type(cause).__name__], message=str(cause))
+
+
+def _refusal(kind: str, message: str) -> ErrorInfo:
+    return ErrorInfo(
+        type=kind,
+        types=[kind, "qwit.QwitError", "builtins.Exception"],
+        message=message,
+        retryable=False,
+        started=False,
+        attempt=0,
+    )
 
 
 class _Subflow(SubflowRun):
@@ -241,6 +263,33 @@ class _Runtime(FlowRuntime):
 
     def cancel_requested(self) -> bool:
         return workflow.cancellation_reason() is not None
+
+    def refuse_forward(self, call: StepCall | FlowInput, pending_undos: int) -> ErrorInfo | None:
+        what = (
+            f"step {call.step!r}" if isinstance(call, StepCall) else f"sub-flow {call.flow.name!r}"
+        )
+        limit = self.owner.input.payload_limit
+        if limit:
+            size = json_size(call.model_dump(mode="json"))
+            if size > limit - PAYLOAD_MARGIN:
+                return _refusal(
+                    "qwit.PayloadTooLarge",
+                    f"{what} would be sent {size} bytes of args, over the {limit}-byte "
+                    "payload limit of the namespace: pass references (ids, URLs) instead "
+                    "of large values, or give the steps typed args",
+                )
+        info = workflow.info()
+        # A rollback costs about what the forward steps cost; stop going forward
+        # while the history still has room to undo everything.
+        length = info.get_current_history_length() + EVENTS_PER_STEP * (pending_undos + 1)
+        if length > HISTORY_EVENTS_BUDGET or info.get_current_history_size() > HISTORY_BYTES_BUDGET:
+            return _refusal(
+                "qwit.HistoryTooLarge",
+                f"{what} can't start: the flow's history ({info.get_current_history_length()} "
+                f"events, {info.get_current_history_size()} bytes) is near Temporal's limit, "
+                "which must leave room for a rollback",
+            )
+        return None
 
     def status_changed(self, status: FlowStatus) -> None:
         owner = self.owner

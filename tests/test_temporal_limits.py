@@ -1,0 +1,173 @@
+"""Temporal's hard limits never terminate a flow: QWIT fails the step and rolls
+back instead (dev server with `limit.blobSize.*` set low)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import temporalio.client
+
+import qwit
+from qwit.temporal import DevServer, connect_temporal, create_worker
+from tests import ledger
+from tests.ledger import Effect
+
+LIMIT = 20_000
+
+
+@pytest.fixture(scope="module")
+async def small_server() -> AsyncIterator[temporalio.client.Client]:
+    config = [f"limit.blobSize.error={LIMIT}", f"limit.blobSize.warn={LIMIT // 2}"]
+    async with DevServer(dynamic_config=config) as server:
+        yield await connect_temporal(target_host=server.address)
+
+
+@pytest.fixture
+async def small(small_server: temporalio.client.Client) -> Any:
+    queue = f"limits-{uuid.uuid4().hex[:8]}"
+    client = await qwit.connect(temporal_client=small_server, task_queue=queue)
+
+    class Env:
+        def __init__(self) -> None:
+            self.client = client
+
+        def worker(self, *members: Any) -> Any:
+            return create_worker(small_server, *members, task_queue=queue)
+
+    return Env()
+
+
+class Before(Effect, name="limits.before"):
+    pass
+
+
+class Blob(Effect, name="limits.blob"):
+    """Returns `size` bytes under its own key."""
+
+    retry = qwit.Retry(max_attempts=3, initial_interval=0.1, max_interval=0.1)
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any] | None:
+        await super().step_forward(args)
+        return {f"blob_{args['eid']}": "x" * args["size"]}
+
+
+class NoUndoBlob(qwit.Step, name="limits.no_undo_blob"):
+    """A big output, and nothing to undo."""
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {f"blob_{args['eid']}": "x" * args["size"]}
+
+
+class BigOutput(qwit.Flow):
+    def build_flow(self) -> None:
+        self.step(Before)
+        self.step(NoUndoBlob, {"eid": "b1", "size": 3 * LIMIT})
+        self.step(Before)
+
+
+class TooBigToUndo(qwit.Flow):
+    def build_flow(self) -> None:
+        self.step(Before)
+        self.step(Blob, {"eid": "b1", "size": LIMIT // 2})
+        self.step(Blob, {"eid": "b2", "size": LIMIT // 2})
+        self.step(Before)
+
+
+class Accumulating(qwit.Flow):
+    def build_flow(self) -> None:
+        self.step(Before)
+        self.step(NoUndoBlob, {"eid": "n1", "size": LIMIT // 2})
+        self.step(NoUndoBlob, {"eid": "n2", "size": LIMIT // 2})
+        self.step(Before)
+
+
+async def flow_status(client: temporalio.client.Client, flow_id: str) -> Any:
+    return (await client.get_workflow_handle(flow_id).describe()).status
+
+
+async def test_an_output_over_the_limit_fails_the_step_once_and_rolls_back(small, small_server):
+    run = uuid.uuid4().hex
+    async with small.worker(BigOutput):
+        with pytest.raises(qwit.FlowRolledBack) as info:
+            await small.client.run(BigOutput, {"ledger": run})
+        state = await small.client.get_handle(info.value.flow_id).state()
+    # the SDK refuses to send it; the policy makes that final at once
+    assert info.value.step == "limits.no_undo_blob"
+    assert "PayloadsTooLarge" in info.value.reason
+    assert state.steps[1].attempts == 1
+    ledger.assert_fully_undone(run)
+    assert await flow_status(small_server, info.value.flow_id) == (
+        temporalio.client.WorkflowExecutionStatus.FAILED
+    )
+
+
+async def test_an_output_too_big_to_undo_fails_its_step_which_is_undone(small):
+    run = uuid.uuid4().hex
+    async with small.worker(TooBigToUndo):
+        with pytest.raises(qwit.FlowRolledBack) as info:
+            await small.client.run(TooBigToUndo, {"ledger": run})
+    err = info.value
+    assert err.error_type == "qwit.PayloadTooLarge"
+    assert err.step == "limits.blob"
+    assert "its undo would not fit" in err.reason
+    # the step applied its effect, then failed: it is undone with its args alone
+    assert err.compensated == ["limits.blob", "limits.blob", "limits.before"]
+    assert ledger.applied(run) == ["limits.before", "b1", "b2"]
+    ledger.assert_fully_undone(run)
+
+
+async def test_args_grown_over_the_limit_refuse_the_next_step_and_roll_back(small):
+    run = uuid.uuid4().hex
+    async with small.worker(Accumulating):
+        with pytest.raises(qwit.FlowRolledBack) as info:
+            await small.client.run(Accumulating, {"ledger": run})
+        state = await small.client.get_handle(info.value.flow_id).state()
+    err = info.value
+    assert err.error_type == "qwit.PayloadTooLarge"
+    assert err.step == "limits.before"
+    assert f"{LIMIT}-byte payload limit" in err.reason
+    assert err.compensated == ["limits.no_undo_blob", "limits.no_undo_blob", "limits.before"]
+    assert state.steps[3].attempts == 0
+    ledger.assert_fully_undone(run)
+
+
+async def test_start_args_over_the_namespace_limit_are_refused(small):
+    with pytest.raises(qwit.ArgumentsError, match=f"{LIMIT}-byte payload limit"):
+        await small.client.start(Accumulating, {"ledger": "x", "blob": "y" * LIMIT})
+
+
+class Many(qwit.Flow):
+    def build_flow(self) -> None:
+        for _ in range(2001):
+            self.step(Before)
+
+
+async def test_a_plan_too_long_for_one_history_is_refused(client):
+    with pytest.raises(qwit.FlowDefinitionError, match="2001 steps"):
+        await client.start(Many, {"ledger": "x"})
+
+
+class Long(qwit.Flow):
+    def build_flow(self) -> None:
+        for i in range(40):
+            self.step(Blob, {"eid": f"s{i}", "size": 2000})
+
+
+async def test_a_history_near_its_limit_stops_going_forward_and_rolls_back(
+    client, worker, monkeypatch
+):
+    from qwit.temporal import _workflow
+
+    # a tiny budget stands in for Temporal's 50 MB: the flow must stop and undo
+    monkeypatch.setattr(_workflow, "HISTORY_BYTES_BUDGET", 40_000)
+    run = uuid.uuid4().hex
+    async with worker(Long):
+        with pytest.raises(qwit.FlowRolledBack) as info:
+            await client.run(Long, {"ledger": run})
+    assert info.value.error_type == "qwit.HistoryTooLarge"
+    applied = ledger.applied(run)
+    assert 3 < len(applied) < 40
+    ledger.assert_fully_undone(run)
