@@ -63,6 +63,16 @@ def test_a_rollback_inside_a_sub_flow_seen_in_one_poll_reads_in_saga_order():
     ]
 
 
+def test_a_failed_step_first_seen_while_being_undone():
+    running = state("running", step("1", "reserve", "done"), step("2", "charge", "running"))
+    undoing = state(
+        "compensating",
+        step("1", "reserve", "done", attempts=1),
+        step("2", "charge", "compensating", attempts=1, error=DECLINED),
+    )
+    assert lines(running, undoing) == ["2 failed StepError: no route", "2 compensating"]
+
+
 def test_a_step_run_again_after_a_wait():
     waiting = state(
         "waiting",

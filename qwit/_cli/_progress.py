@@ -53,9 +53,11 @@ class Event:
 
 
 def _implied_finish(step: StepState) -> str:
-    # A step seen only once its undo began: it failed if it kept an error
-    # after being undone; a compensation_failed step's error is its undo's.
-    return "failed" if step.status == "compensated" and step.error else "done"
+    # A step first seen once its undo began: it failed if it still carries an
+    # error (its forward one). A compensation_failed step's error is its
+    # undo's, which says nothing of how its forward run ended.
+    failed = step.error is not None and step.status in ("compensating", "compensated")
+    return "failed" if failed else "done"
 
 
 def _entry_events(
@@ -210,9 +212,7 @@ class Follower:
         every = list(rows(state.steps))
         self.width = max([len(r.label) for r in every] + [self.width])
         self.path_width = max([len(r.step.path) for r in every] + [self.path_width])
-        waiting = state.waiting
-        if waiting is not None:
-            self._waiting_seen = f"{waiting.flow_id}/{waiting.path}/{waiting.direction}"
+        self._waiting_seen = _wait_key(state)
         self.last = state
 
     def _print(self, kind: str, row: Row, detail: str = "") -> None:
@@ -244,7 +244,7 @@ class Follower:
                 detail = f"(attempt {attempt}) after {error}" if error else f"(attempt {attempt})"
                 self._print("retrying", by_path[path], detail)
         waiting = state.waiting if not state.done else None
-        key = f"{waiting.flow_id}/{waiting.path}/{waiting.direction}" if waiting else None
+        key = _wait_key(state)
         if waiting is not None and key != self._waiting_seen:
             for line in wait_lines(waiting, state.flow_id, self.react):
                 self.out.print(line)
@@ -341,6 +341,15 @@ class Follower:
             if not result.done():
                 result.cancel()
         return result.result()
+
+
+def _wait_key(state: FlowState) -> str | None:
+    """Tells one wait from the next, even when no poll saw the flow between them."""
+    waiting = state.waiting
+    if waiting is None or state.done:
+        return None
+    attempts = next((r.step.attempts for r in rows(state.steps) if r.step.path == waiting.path), 0)
+    return f"{waiting.flow_id}/{waiting.path}/{waiting.direction}/{attempts}"
 
 
 async def _maybe_await(value: Any) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from types import ModuleType
 from typing import Any
@@ -14,6 +15,7 @@ import click
 from rich.console import Console
 from rich.text import Text
 from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError
 
 from .._client import Client
 from .._errors import ArgumentsError, FlowDefinitionError, FlowFailed
@@ -152,7 +154,7 @@ async def _run(
         loop.remove_signal_handler(signal.SIGTERM)
 
 
-def _say(err: Console) -> Any:
+def _say(err: Console) -> Callable[[str], None]:
     def say(text: str) -> None:
         err.print(Text(f"qwit: {text}", style="dim"))
 
@@ -193,13 +195,19 @@ async def _run_flow(
             # would stall until Temporal's sticky timeout (10 s) sends them on.
             options: dict[str, Any] = {} if embedded else {"max_cached_workflows": 0}
             worker = create_worker(temporal, *serve, task_queue=queue, **options)
-            await stack.enter_async_context(worker)
+            try:
+                await stack.enter_async_context(worker)
+            except BaseException:
+                starting.cancel()
+                raise
         try:
             handle = await starting
         except WorkflowAlreadyStartedError:
             raise Failed(f"a flow with id {flow_id!r} is already running") from None
         except (FlowDefinitionError, ArgumentsError) as exc:
             raise click.UsageError(str(exc)) from None
+        except RPCError as exc:
+            raise Failed(f"starting the flow failed: {exc.message}") from None
         say(f"flow {flow.name!r}, id {handle.id}, on Temporal at {where}, task queue {queue!r}")
         hint = ""
         if no_worker:
