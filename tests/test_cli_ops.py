@@ -15,6 +15,7 @@ import qwit
 from qwit._cli import cli as cli_group
 from qwit.temporal import DevServer
 from samples.approval.flows import ExpenseClaim
+from tests.cli_flows import Outer
 from tests.clirun import Done
 from tests.clirun import qwit as run_qwit
 
@@ -154,7 +155,38 @@ def test_usage_errors_exit_2():
         (["list", "--status", "sleeping"], "'sleeping' is not one of 'running'"),
         (["list", "--limit", "0"], "0 is not in the range"),
         (["status"], "Missing argument 'FLOW_ID'"),
+        (["worker"], "Missing argument 'MODULES...'"),
+        (["worker", "tests.empty_module"], "nothing to serve"),
     ]:
         result = CliRunner().invoke(cli_group, args)
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output, (args, result.output)
+
+
+async def test_status_shows_sub_flows_indented_and_list_a_table(
+    client: qwit.Client, worker: Any, cli
+):
+    async with worker(Outer):
+        handle = await client.start(Outer, {}, id=f"outer-{uuid.uuid4().hex[:8]}")
+        deadline = time.monotonic() + 20
+        while (await handle.state()).status != "waiting":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        done = await cli("status", handle.id)
+        assert done.code == 0, done.err
+        table = done.out.splitlines()
+        assert [line.split()[:3] for line in table[2:7]] == [
+            ["1", "t.reserve", "done"],
+            ["2", "t.inner", "(sub-flow)"],
+            ["2.1", "t.pack", "done"],
+            ["2.2", "t.notify", "done"],
+            ["3", "t.approve", "failed"],
+        ]
+        # a sub-flow's steps are indented under it
+        assert table[4].index("t.pack") == table[3].index("t.inner") + 2
+        await listed(cli, flow_id=handle.id, status="waiting")
+        done = await cli("list", "--flow", "t.outer", "--limit", "3")
+        assert done.code == 0, done.err
+        assert done.out.split()[:5] == ["flow", "id", "flow", "status", "started"]
+        assert handle.id in done.out and "waiting" in done.out
+        await handle.cancel()

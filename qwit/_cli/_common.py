@@ -168,6 +168,7 @@ def task_queue_option(fn: F) -> F:
         "--task-queue",
         envvar=TASK_QUEUE_ENV,
         default=None,
+        metavar="QUEUE",
         help=f"Temporal task queue [env {TASK_QUEUE_ENV}; default: qwit].",
     )(fn)
 
@@ -177,6 +178,7 @@ def connection_options(fn: F) -> F:
     fn = click.option(
         "--namespace",
         default=None,
+        metavar="NAME",
         help="Temporal namespace [default: from Temporal's env config, else 'default'].",
     )(fn)
     return click.option(

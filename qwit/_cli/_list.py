@@ -200,7 +200,12 @@ def _matches(row_status: str, wanted: str) -> bool:
 
 @click.command("list")
 @click.option(
-    "--limit", default=20, show_default=True, type=click.IntRange(1, 1000), help="At most N flows."
+    "--limit",
+    default=20,
+    show_default=True,
+    metavar="N",
+    type=click.IntRange(1, 1000),
+    help="At most N flows.",
 )
 @click.option(
     "--status",
