@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -23,33 +22,19 @@ from hypothesis import strategies as st
 import qwit
 from tests import ledger
 from tests.ledger import Effect
-
-REACTIONS = [qwit.ROLLBACK, qwit.SKIPBACK, qwit.SKIP, qwit.ABORT]
+from tests.saga_model import (
+    REACTIONS,
+    FlowSpec,
+    StepSpec,
+    fail_args,
+    flow_class,
+    model,
+    steps_of,
+)
 
 
 class Eff(Effect, name="prop.eff"):
     """One step class for every node: its effect id comes from static args."""
-
-
-@dataclass
-class StepSpec:
-    eid: str
-    fails: bool = False
-    after: bool = False
-    reaction: qwit.Reaction = qwit.ROLLBACK
-
-
-@dataclass
-class FlowSpec:
-    children: list[StepSpec | FlowSpec] = field(default_factory=list)
-    reaction: qwit.Reaction = qwit.ROLLBACK
-
-
-def steps_of(flow: FlowSpec) -> list[StepSpec]:
-    out: list[StepSpec] = []
-    for child in flow.children:
-        out.extend(steps_of(child) if isinstance(child, FlowSpec) else [child])
-    return out
 
 
 @st.composite
@@ -82,91 +67,6 @@ def flows(draw: st.DrawFn) -> FlowSpec:
     return root
 
 
-# -- the model ------------------------------------------------------------------------
-
-
-class Outcome(Exception):
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-
-
-def model(root: FlowSpec) -> tuple[str, list[tuple[str, str]]]:
-    """The ledger and outcome the rules predict, computed without QWIT."""
-    log: list[tuple[str, str]] = []
-    applied: set[str] = set()
-
-    def undo(effects: list[str]) -> None:
-        for eid in reversed(effects):
-            if eid in applied:
-                log.append(("undo", eid))
-
-    def run(flow: FlowSpec) -> list[str]:
-        """Run a flow; return the effects it applied (in order) if it completed."""
-        done: list[str] = []  # effects of completed children, in order
-        for child in flow.children:
-            if isinstance(child, FlowSpec):
-                try:
-                    done.extend(run(child))
-                    continue
-                except Outcome as failed:
-                    if failed.kind == "aborted":
-                        raise
-                    reaction = child.reaction  # the sub-flow undid itself already
-                    failed_effects: list[str] = []
-            else:
-                if not child.fails:
-                    log.append(("do", child.eid))
-                    applied.add(child.eid)
-                    done.append(child.eid)
-                    continue
-                failed_effects = []
-                if child.after:
-                    log.append(("do", child.eid))
-                    applied.add(child.eid)
-                    failed_effects = [child.eid]
-                reaction = child.reaction
-            if reaction == qwit.SKIP:
-                continue
-            if reaction == qwit.ABORT:
-                raise Outcome("aborted")
-            if reaction == qwit.ROLLBACK:
-                undo(failed_effects)
-            undo(done)
-            raise Outcome("rolled_back")
-        return done
-
-    try:
-        run(root)
-    except Outcome as outcome:
-        return outcome.kind, log
-    return "completed", log
-
-
-# -- flows from specs ---------------------------------------------------------------------
-
-
-def flow_class(spec: FlowSpec) -> type[qwit.Flow]:
-    entries: list[tuple[Any, dict[str, Any], dict[str, Any]]] = []
-    for child in spec.children:
-        if isinstance(child, FlowSpec):
-            entries.append((flow_class(child), {}, {"on_failure": child.reaction}))
-        else:
-            options = {"on_failure": child.reaction} if child.fails else {}
-            entries.append((Eff, {"eid": child.eid}, options))
-
-    class Generated(qwit.Flow, name=f"prop.flow.{uuid.uuid4().hex[:8]}"):
-        def build_flow(self) -> None:
-            for target, args, options in entries:
-                self.step(target, args, **options)
-
-    return Generated
-
-
-def fail_args(root: FlowSpec) -> dict[str, Any]:
-    failing = next(s for s in steps_of(root) if s.fails)
-    return {"fail": failing.eid, "fail_after": failing.after}
-
-
 @pytest.fixture(scope="module")
 async def prop_env(temporal_client: Any) -> Any:
     from qwit.temporal import create_worker
@@ -194,7 +94,7 @@ async def test_random_flows_match_the_model(prop_env: qwit.Client, spec: FlowSpe
     expected_kind, expected_log = model(spec)
     failed_step: str | None = "-"
     try:
-        await prop_env.run(flow_class(spec), {"ledger": run, **fail_args(spec)})
+        await prop_env.run(flow_class(spec, Eff), {"ledger": run, **fail_args(spec)})
         kind = "completed"
     except qwit.FlowFailed as failed:
         kind = KIND[type(failed)]

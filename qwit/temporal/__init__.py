@@ -10,7 +10,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ._activities import activity_name
+from ._connection import TemporalConnectionError
 from ._devserver import DevServer, find_temporal_cli, free_port
+from ._encryption import EncryptionCodec, EncryptionError, new_encryption_key
 from ._engine import TemporalEngine, TemporalFlowHandle, connect_config, connect_temporal
 from ._plugin import QwitPlugin
 from ._worker import create_worker, serve
@@ -31,8 +33,11 @@ def create_engine(client: Client) -> TemporalEngine:
 __all__ = [
     "WORKFLOW_NAME",
     "DevServer",
+    "EncryptionCodec",
+    "EncryptionError",
     "QwitPlugin",
     "QwitWorkflow",
+    "TemporalConnectionError",
     "TemporalEngine",
     "TemporalFlowHandle",
     "activity_name",
@@ -43,5 +48,6 @@ __all__ = [
     "find_temporal_cli",
     "free_port",
     "name",
+    "new_encryption_key",
     "serve",
 ]

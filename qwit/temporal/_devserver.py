@@ -182,17 +182,22 @@ class DevServer:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
         """Stop the server (SIGTERM, then SIGKILL after ``timeout``)."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(sig)
         try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            if process is None or process.poll() is not None:
+                return
+            process.send_signal(sig)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        finally:
+            self._log.close()
 
     def log(self) -> str:
-        """What the server printed so far (its tail)."""
+        """What the server printed so far (its tail), while it runs."""
+        if self._log.closed:
+            return ""
         self._log.seek(0)
         return self._log.read()[-4000:].decode(errors="replace")
 
@@ -206,4 +211,3 @@ class DevServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-        self._log.close()

@@ -31,6 +31,7 @@ from .._errors import (
     FailureKind,
     FlowDefinitionError,
     FlowFailed,
+    QwitError,
     ReactionError,
 )
 from .._jsonargs import json_size
@@ -38,6 +39,7 @@ from .._plan import FlowInput, FlowNode
 from .._saga import Decision
 from .._state import FlowState
 from ._activities import DEFAULT_PAYLOAD_LIMIT, PAYLOAD_MARGIN
+from ._connection import config_error, connection_error
 from ._plugin import QwitPlugin
 from ._replay import replay_state
 from ._workflow import (
@@ -64,20 +66,40 @@ def connect_config(**overrides: Any) -> dict[str, Any]:
     ``TEMPORAL_NAMESPACE``, ``TEMPORAL_API_KEY``, TLS variables,
     ``TEMPORAL_PROFILE`` and the config file), with ``localhost:7233`` when no
     address is set, then updated with ``overrides``.
+
+    Raises:
+        TemporalConnectionError: The config can't be loaded (a TLS file named
+            there is missing, say).
     """
-    config: dict[str, Any] = dict(ClientConfig.load_client_connect_config())
+    try:
+        loaded = ClientConfig.load_client_connect_config()
+    except (OSError, RuntimeError, ValueError) as err:
+        raise config_error(err) from err
+    config: dict[str, Any] = dict(loaded)
     config.setdefault("target_host", DEFAULT_ADDRESS)
     config.update(overrides)
     return config
 
 
 async def connect_temporal(**overrides: Any) -> temporalio.client.Client:
-    """A temporalio client set up for QWIT (see ``connect_config``)."""
+    """A temporalio client set up for QWIT (see ``connect_config``).
+
+    Raises:
+        TemporalConnectionError: Temporal can't be reached; the message names
+            the address and says what to check (e.g. that TLS verification
+            failed), the SDK's error is its cause.
+        EncryptionError: The encryption keys configured are bad.
+    """
     config = connect_config(**overrides)
     plugins = list(config.pop("plugins", []))
     if not any(isinstance(p, QwitPlugin) for p in plugins):
         plugins.append(QwitPlugin())
-    return await temporalio.client.Client.connect(plugins=plugins, **config)
+    try:
+        return await temporalio.client.Client.connect(plugins=plugins, **config)
+    except QwitError:
+        raise
+    except (RuntimeError, RPCError) as err:
+        raise connection_error(config, err) from err
 
 
 def _flow_failed(flow_id: str, err: WorkflowFailureError) -> FlowFailed:

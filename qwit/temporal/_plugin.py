@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 from temporalio.activity import _Definition as _ActivityDefinition
 from temporalio.contrib.pydantic import PydanticPayloadConverter
@@ -18,6 +18,7 @@ from .._flow import Flow
 from .._runner import Registry
 from .._step import Step
 from ._activities import step_activities, unregistered_step
+from ._encryption import EncryptionCodec, encrypted_converter
 from ._workflow import QwitWorkflow
 
 #: Modules the workflow sandbox shares with the worker instead of re-importing
@@ -25,12 +26,17 @@ from ._workflow import QwitWorkflow
 PASSTHROUGH_MODULES = ("qwit", "pydantic", "pydantic_core", "annotated_types")
 
 
-def _data_converter(existing: DataConverter | None) -> DataConverter:
-    base = existing or DataConverter.default
-    if base.payload_converter_class is PydanticPayloadConverter:
-        return base
-    # Keep the user's codec and failure converter; only JSON handling changes.
-    return dataclasses.replace(base, payload_converter_class=PydanticPayloadConverter)
+def _data_converter(
+    encryption: EncryptionCodec | None,
+) -> Callable[[DataConverter | None], DataConverter]:
+    def convert(existing: DataConverter | None) -> DataConverter:
+        base = existing or DataConverter.default
+        if base.payload_converter_class is not PydanticPayloadConverter:
+            # Keep the user's codec and failure converter; only JSON handling changes.
+            base = dataclasses.replace(base, payload_converter_class=PydanticPayloadConverter)
+        return encrypted_converter(base, encryption)
+
+    return convert
 
 
 def _workflow_runner(existing: WorkflowRunner | None) -> WorkflowRunner:
@@ -82,9 +88,21 @@ class QwitPlugin(SimplePlugin):
     (plus one that fails unknown steps at once), and passes QWIT's modules
     through the workflow sandbox. Applying it twice is harmless.
 
+    With encryption (``QWIT_ENCRYPTION_KEYS`` or ``QWIT_ENCRYPTION_KEY_FILE``
+    set, or ``encryption=`` given), every payload is encrypted after any
+    codec already set, and failure messages and stack traces travel
+    encrypted too.
+
     Args:
         *members: Step classes, Flow classes (their steps are registered) or
             modules (every Step and Flow they define) this worker will run.
+        encryption: The payload encryption codec. By default it comes from the
+            environment (none if neither variable is set); ``False`` turns it
+            off whatever the environment says.
+
+    Raises:
+        EncryptionError: The environment's keys are bad, or encryption is
+            configured and ``cryptography`` is not installed.
 
     Example:
         >>> worker = temporalio.worker.Worker(
@@ -92,11 +110,17 @@ class QwitPlugin(SimplePlugin):
         ... )
     """
 
-    def __init__(self, *members: type[Step] | type[Flow] | ModuleType) -> None:
+    def __init__(
+        self,
+        *members: type[Step] | type[Flow] | ModuleType,
+        encryption: EncryptionCodec | Literal[False] | None = None,
+    ) -> None:
         self.registry = Registry(*members)
+        # Read once, here, so bad keys fail when a client or worker is set up.
+        self.encryption = EncryptionCodec.from_env() if encryption is None else encryption or None
         super().__init__(
             "qwit",
-            data_converter=_data_converter,
+            data_converter=_data_converter(self.encryption),
             activities=_add_activities(self.registry),
             workflows=_add_workflow,
             workflow_runner=_workflow_runner,
