@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from qwit._cli import cli
 from qwit._cli._connect import Lock, address_configured, data_dir
+from qwit.temporal import free_port
 
 
 @pytest.fixture
@@ -48,3 +51,11 @@ def test_the_state_lock_is_exclusive(tmp_path: Path):
     first.release()
     assert second.acquire()
     second.release()
+
+
+def test_an_unreachable_temporal_fails_the_request_with_1(no_env):
+    address = f"127.0.0.1:{free_port()}"
+    for args in (["status", "f-1"], ["list"], ["cancel", "f-1"], ["react", "f-1", "retry"]):
+        result = CliRunner().invoke(cli, [*args, "--address", address])
+        assert result.exit_code == 1, (args, result.output)
+        assert f"can't connect to Temporal at {address}" in result.output

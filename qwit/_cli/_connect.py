@@ -17,6 +17,7 @@ import click
 import temporalio.client
 from temporalio.envconfig import ClientConfig
 
+from .._errors import QwitError
 from ..temporal import DevServer, connect_temporal
 from ._common import Failed
 
@@ -67,13 +68,16 @@ async def connect(
         **extra: More ``Client.connect`` keywords.
 
     Raises:
-        Failed: Temporal can't be reached.
+        Failed: Temporal can't be reached, or the encryption keys are bad.
     """
     env_config()  # a broken config is a usage error, reported before connecting
     try:
         return await connect_temporal(**overrides(address, namespace), **extra)
+    except QwitError as exc:
+        # It says which address, with TLS or not, and what to check.
+        raise Failed(str(exc)) from None
     except RuntimeError as exc:
-        raise Failed(f"can't reach Temporal at {describe_target(address)}: {exc}") from None
+        raise Failed(f"can't connect to Temporal at {describe_target(address)}: {exc}") from None
 
 
 def data_dir() -> Path:

@@ -8,7 +8,7 @@ from types import ModuleType
 
 import click
 
-from ..temporal import serve
+from ..temporal import connect_temporal, serve
 from ._common import (
     connection_options,
     import_modules,
@@ -17,7 +17,7 @@ from ._common import (
     task_queue_option,
     worker_registry,
 )
-from ._connect import connect
+from ._connect import env_config, overrides
 
 log = logging.getLogger("qwit.worker")
 
@@ -25,7 +25,7 @@ log = logging.getLogger("qwit.worker")
 async def _serve(
     modules: list[ModuleType], task_queue: str, address: str | None, namespace: str | None
 ) -> None:
-    client = await connect(address, namespace)
+    client = await connect_temporal(**overrides(address, namespace))
     log.info("serving %s on task queue %r", ", ".join(m.__name__ for m in modules), task_queue)
     await serve(client, *modules, task_queue=task_queue)
     log.info("worker stopped")
@@ -48,9 +48,10 @@ def worker(
     imported = import_modules(modules)
     registry = worker_registry(imported)
     queue = queue_name(task_queue)
+    env_config()  # a broken config is a usage error
     log.info("steps: %s", ", ".join(sorted(registry.steps)))
     try:
         run_async(_serve(imported, queue, address, namespace))
-    except RuntimeError as exc:
-        click.echo(f"qwit-worker: {exc}", err=True)
+    except RuntimeError as exc:  # TemporalConnectionError too: it says what to check
+        click.echo(f"{click.get_current_context().command_path}: {exc}", err=True)
         sys.exit(1)
