@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import sys
 from contextlib import AsyncExitStack, suppress
@@ -69,6 +70,7 @@ def dev(
     Ctrl-C (or SIGTERM) stops the worker, letting steps in flight finish,
     then the server.
     """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     imported = import_modules(modules) if modules else []
     if imported:
         worker_registry(imported)
