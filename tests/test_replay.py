@@ -37,3 +37,20 @@ async def test_history_replays(path: Path):
     replayer = Replayer(workflows=[], plugins=[QwitPlugin()])
     result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
     assert result.replay_failure is None, result.replay_failure
+
+
+async def test_an_injected_nondeterministic_change_is_caught(monkeypatch: pytest.MonkeyPatch):
+    """Running the steps in another order than recorded must fail the replay."""
+    from qwit import _saga
+
+    async def reversed_forward(self: _saga.Interpreter) -> None:
+        for rec in reversed(self.recs):
+            await self._forward(rec)
+
+    monkeypatch.setattr(_saga.Interpreter, "_forward_all", reversed_forward)
+    path = next(p for p in HISTORIES if p.stem == "completed")
+    history = WorkflowHistory.from_json(path.stem, path.read_text())
+    replayer = Replayer(workflows=[], plugins=[QwitPlugin()])
+    result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+    assert result.replay_failure is not None
+    assert "nondetermin" in str(result.replay_failure).lower()

@@ -46,12 +46,15 @@ KIND = {
 
 
 class Worker:
-    """A `qwit-worker` subprocess for the crash steps."""
+    """A `qwit-worker` subprocess (by default for the crash steps)."""
 
-    def __init__(self, address: str, queue: str, log: Path) -> None:
+    def __init__(
+        self, address: str, queue: str, log: Path, module: str = "tests.reliability.crash_flows"
+    ) -> None:
         self.address = address
         self.queue = queue
         self.log = log
+        self.module = module
         self.proc: subprocess.Popen[bytes] | None = None
 
     async def start(self) -> None:
@@ -62,7 +65,7 @@ class Worker:
                     sys.executable,
                     "-c",
                     "from qwit._cli import worker_main; worker_main()",
-                    "tests.reliability.crash_flows",
+                    self.module,
                 ],
                 cwd=ROOT,
                 env=env,

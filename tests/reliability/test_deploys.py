@@ -1,0 +1,97 @@
+"""Deploys: flows waiting mid-way while the worker is replaced by one whose Flow
+code changed. Flows in flight finish on the plan they started with; new flows
+use the new one; a worker missing a step an old plan names fails that flow
+promptly instead of leaving it stuck."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import pytest
+
+import qwit
+from qwit.temporal import DevServer
+from tests.reliability import deploy_v1, deploy_v2
+from tests.reliability.crash import Worker
+
+
+async def until_waiting(handle: qwit.FlowHandle) -> None:
+    async def poll() -> None:
+        while (await handle.state()).status != "waiting":
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(poll(), 30)
+
+
+def serve(module: str, server: DevServer, queue: str, tmp_path: Path) -> Worker:
+    worker = Worker(
+        server.address, queue, tmp_path / f"{module}.log", f"tests.reliability.{module}"
+    )
+    worker.mark()
+    return worker
+
+
+@pytest.mark.timeout(300)
+async def test_flows_in_flight_keep_their_plan_across_a_deploy(dev_server, tmp_path):
+    queue = f"deploy-{uuid.uuid4().hex[:8]}"
+    client = await qwit.connect(target_host=dev_server.address, task_queue=queue)
+    v1 = serve("deploy_v1", dev_server, queue, tmp_path)
+    await v1.start()
+    try:
+        old = [await client.start(deploy_v1.Release, {"n": i}) for i in range(5)]
+        for handle in old:
+            await until_waiting(handle)
+    finally:
+        v1.stop()
+    assert v1.proc is not None and v1.proc.returncode == 0
+
+    v2 = serve("deploy_v2", dev_server, queue, tmp_path)
+    await v2.start()
+    try:
+        new = await client.start(deploy_v2.Release, {"n": 99, "approved": True})
+        for handle in old:
+            await handle.react(qwit.RETRY, args={"approved": True})
+        results = [await asyncio.wait_for(h.result(), 30) for h in old]
+        new_result = await asyncio.wait_for(new.result(), 30)
+        states = [await h.state() for h in old]
+    finally:
+        v2.stop()
+    for result, state in zip(results, states, strict=True):
+        # the plan of version 1: no completed/published, the old step ran (new code)
+        assert result["finished_by"] == "v2"
+        assert "completed_by" not in result
+        assert "published" not in result
+        assert [s.name for s in state.steps] == [
+            "deploy.prepare",
+            "deploy.approve",
+            "deploy.finish",
+        ]
+    assert new_result["completed_by"] == "v2"
+    assert new_result["published"] is True
+    assert "finished_by" not in new_result
+
+
+@pytest.mark.timeout(300)
+async def test_a_worker_missing_an_old_step_fails_the_flow_promptly(dev_server, tmp_path):
+    queue = f"deploy-{uuid.uuid4().hex[:8]}"
+    client = await qwit.connect(target_host=dev_server.address, task_queue=queue)
+    v1 = serve("deploy_v1", dev_server, queue, tmp_path)
+    await v1.start()
+    try:
+        handle = await client.start(deploy_v1.Release, {})
+        await until_waiting(handle)
+    finally:
+        v1.stop()
+    v3 = serve("deploy_v3", dev_server, queue, tmp_path)
+    await v3.start()
+    try:
+        await handle.react(qwit.RETRY, args={"approved": True})
+        with pytest.raises(qwit.FlowRolledBack) as info:
+            await asyncio.wait_for(handle.result(), 20)
+    finally:
+        v3.stop()
+    assert info.value.step == "deploy.finish"
+    assert "not registered" in info.value.reason
+    assert repr(queue) in info.value.reason
