@@ -1,0 +1,75 @@
+"""Command line: ``qwit`` and ``qwit-worker``.
+
+Exit codes, for every command: 0 done; 1 the flow (or the request) failed;
+2 usage error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+
+import click
+
+from ._common import import_modules, worker_registry
+from ._dev import dev
+from ._graph import graph
+from ._ops import cancel, list_flows, react, status
+from ._run import run
+from ._worker import worker
+
+
+@click.group()
+@click.version_option(package_name="qwit", message="qwit %(version)s")
+def cli() -> None:
+    """QWIT: Queued Workflows In Transactions.
+
+    Temporal connection settings come from Temporal's environment config
+    (TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE, TEMPORAL_API_KEY, TLS variables,
+    TEMPORAL_PROFILE); the task queue from QWIT_TASK_QUEUE (default: qwit).
+    """
+
+
+for _command in (run, dev, status, list_flows, react, cancel, graph, worker):
+    cli.add_command(_command)
+del _command
+
+
+def _exit(command: click.Command, prog_name: str) -> None:
+    """Run ``command``, then end the process without finalizing the interpreter.
+
+    The Temporal client's Rust threads may still call into Python while the
+    interpreter finalizes, which aborts the process (SIGABRT) after the
+    command has done its work (temporalio/sdk-python#300); skipping
+    finalization, once output is flushed, avoids it.
+    """
+    try:
+        command.main(prog_name=prog_name)
+    except SystemExit as exc:
+        code = exc.code
+    else:  # pragma: no cover - standalone mode always exits
+        code = 0
+    if not isinstance(code, int):
+        if code is not None:
+            click.echo(code, err=True)
+        code = 0 if code is None else 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+def worker_main() -> None:
+    """Entry point of ``qwit-worker``."""
+    _exit(worker, "qwit-worker")
+
+
+def main() -> None:
+    """Entry point of ``qwit``."""
+    _exit(cli, "qwit")
+
+
+__all__ = ["cli", "import_modules", "main", "worker_main", "worker_registry"]

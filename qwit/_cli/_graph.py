@@ -1,0 +1,185 @@
+"""``qwit graph MODULE:FLOW``: the compiled plan as a Mermaid or Graphviz flowchart.
+
+Solid edges are the forward path, step by step; sub-flows are subgraphs.
+Dashed edges are compensations: from each step that has a ``step_back`` to
+the step before it, the way a rollback walks back. A step whose failure
+reaction is not the default (ROLLBACK) says so in its box.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import pairwise
+
+import click
+
+from .._errors import FlowDefinitionError
+from .._flow import compile_flow
+from .._options import FailurePolicy, Reaction
+from .._plan import FlowNode, StepNode, child_path
+from ._common import resolve_flow
+
+#: Fill colours of steps by failure reaction, for both formats.
+REACTION_COLOURS = {
+    Reaction.WAIT: "#fff3b0",
+    Reaction.SKIP: "#e8e8e8",
+    Reaction.SKIPBACK: "#dbe9ff",
+    Reaction.ABORT: "#ffd6d6",
+}
+
+
+@dataclass(frozen=True)
+class Box:
+    """A step of the plan, placed: its id, path and the lines of its label."""
+
+    id: str
+    path: str
+    lines: tuple[str, ...]
+    has_back: bool
+    reaction: Reaction
+
+
+def _node_id(path: str) -> str:
+    return "s" + path.replace(".", "_")
+
+
+def policy_lines(policy: FailurePolicy) -> list[str]:
+    """How a step reacts to failure, when it is not the default ROLLBACK."""
+    lines = [f"on {rule.match.rsplit('.', 1)[-1]}: {rule.reaction.value}" for rule in policy.rules]
+    if policy.default != Reaction.ROLLBACK:
+        lines.append(f"on failure: {policy.default.value}")
+    return lines
+
+
+def _box(node: StepNode, path: str) -> Box:
+    lines = [f"{path} {node.name}", *policy_lines(node.on_failure)]
+    if node.back_on_failure != Reaction.ROLLBACK:
+        lines.append(f"if undo fails: {node.back_on_failure.value}")
+    if node.local:
+        lines.append("local")
+    # Coloured by the reaction to most failures: the default, else the first rule's.
+    marked = [node.on_failure.default] + [r.reaction for r in node.on_failure.rules]
+    reaction = next((r for r in marked if r != Reaction.ROLLBACK), Reaction.ROLLBACK)
+    return Box(_node_id(path), path, tuple(lines), node.has_back, reaction)
+
+
+def _boxes(flow: FlowNode, parent: str = "") -> Iterator[Box]:
+    for i, node in enumerate(flow.steps):
+        path = child_path(parent, i)
+        if isinstance(node, FlowNode):
+            yield from _boxes(node, path)
+        else:
+            yield _box(node, path)
+
+
+def _subflow_title(node: FlowNode, path: str) -> str:
+    return " · ".join([f"{path} {node.name} (sub-flow)", *policy_lines(node.on_failure)])
+
+
+def _edges(flow: FlowNode) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Forward edges, start to end, and compensation edges, each step to the one before."""
+    ids = ["start", *(box.id for box in _boxes(flow)), "done"]
+    forward = list(pairwise(ids))
+    back = [(b, a) for (a, b), box in zip(forward, _boxes(flow), strict=False) if box.has_back]
+    return forward, back
+
+
+def _mermaid_text(text: str) -> str:
+    return text.replace('"', "#quot;")
+
+
+def mermaid(flow: FlowNode) -> str:
+    """The plan as a Mermaid flowchart."""
+    out = ["flowchart TD", f'    start(["{_mermaid_text(flow.name)}"])']
+    classes: dict[Reaction, list[str]] = {}
+
+    def body(node: FlowNode, parent: str, indent: str) -> None:
+        for i, step in enumerate(node.steps):
+            path = child_path(parent, i)
+            if isinstance(step, FlowNode):
+                title = _mermaid_text(_subflow_title(step, path))
+                out.append(f'{indent}subgraph f{_node_id(path)[1:]}["{title}"]')
+                body(step, path, indent + "    ")
+                out.append(f"{indent}end")
+            else:
+                box = _box(step, path)
+                label = "<br/>".join(_mermaid_text(line) for line in box.lines)
+                out.append(f'{indent}{box.id}["{label}"]')
+                if box.reaction != Reaction.ROLLBACK:
+                    classes.setdefault(box.reaction, []).append(box.id)
+
+    body(flow, "", "    ")
+    out.append('    done(["completed"])')
+    forward, back = _edges(flow)
+    out += [f"    {a} --> {b}" for a, b in forward]
+    out += [f"    {a} -. undo .-> {b}" for a, b in back]
+    for reaction, ids in classes.items():
+        out.append(f"    classDef {reaction.value} fill:{REACTION_COLOURS[reaction]}")
+        out.append(f"    class {','.join(ids)} {reaction.value}")
+    return "\n".join(out) + "\n"
+
+
+def _dot_text(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def dot(flow: FlowNode) -> str:
+    """The plan as a Graphviz digraph."""
+    out = [
+        f"digraph {_dot_text(flow.name)} {{",
+        "    rankdir=TB;",
+        '    node [shape=box, style=rounded, fontname="Helvetica"];',
+        '    edge [fontname="Helvetica", fontsize=10];',
+        f"    start [label={_dot_text(flow.name)}, shape=oval];",
+    ]
+
+    def body(node: FlowNode, parent: str, indent: str) -> None:
+        for i, step in enumerate(node.steps):
+            path = child_path(parent, i)
+            if isinstance(step, FlowNode):
+                out.append(f"{indent}subgraph cluster_{_node_id(path)[1:]} {{")
+                out.append(f"{indent}    label={_dot_text(_subflow_title(step, path))};")
+                out.append(f"{indent}    style=rounded;")
+                body(step, path, indent + "    ")
+                out.append(f"{indent}}}")
+            else:
+                box = _box(step, path)
+                attrs = "label=" + _dot_text("\n".join(box.lines)).replace("\n", "\\n")
+                if box.reaction != Reaction.ROLLBACK:
+                    colour = REACTION_COLOURS[box.reaction]
+                    attrs += f', style="rounded,filled", fillcolor="{colour}"'
+                out.append(f"{indent}{box.id} [{attrs}];")
+
+    body(flow, "", "    ")
+    out.append('    done [label="completed", shape=oval];')
+    forward, back = _edges(flow)
+    out += [f"    {a} -> {b};" for a, b in forward]
+    out += [f'    {a} -> {b} [style=dashed, label="undo", constraint=false];' for a, b in back]
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+@click.command("graph")
+@click.argument("flow_spec", metavar="MODULE:FLOW")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["mermaid", "dot"], case_sensitive=False),
+    default="mermaid",
+    show_default=True,
+    help="Mermaid (renders on GitHub) or Graphviz dot.",
+)
+def graph(flow_spec: str, fmt: str) -> None:
+    """Print a flowchart of the flow MODULE:FLOW.
+
+    Steps in order, sub-flows as subgraphs, failure reactions other than the
+    default rollback marked, and compensations as dashed edges from each step
+    that has a step_back to the step before it.
+    """
+    flow, _ = resolve_flow(flow_spec)
+    try:
+        plan = compile_flow(flow)
+    except FlowDefinitionError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(mermaid(plan) if fmt.lower() == "mermaid" else dot(plan), nl=False)

@@ -1,0 +1,250 @@
+"""``qwit list``: recent flows, from Temporal's visibility.
+
+Flows are ``qwit.Flow`` workflows without a parent (a sub-flow is a child
+workflow of its flow). Where the namespace has QWIT's search attributes
+(``QwitFlow``, ``QwitStatus``: ``qwit dev`` and QWIT's dev servers register
+them), the server filters by flow name and QWIT status. Elsewhere the server
+filters by Temporal's execution status, and each flow's name and outcome are
+read from the flow itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import asdict, dataclass
+from datetime import datetime
+
+import click
+import temporalio.client
+from rich.table import Table
+from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
+from temporalio.client import WorkflowExecution, WorkflowExecutionStatus
+from temporalio.common import SearchAttributeKey
+from temporalio.service import RPCError
+
+from .._errors import FlowFailed
+from .._state import FINAL_STATUSES, FlowState
+from ..temporal import WORKFLOW_NAME
+from ..temporal._workflow import QUERY_STATE, failure_info
+from ._common import Failed, connection_options, console, run_async
+from ._connect import connect
+from ._render import status_text
+
+QWIT_FLOW = SearchAttributeKey.for_keyword("QwitFlow")
+QWIT_STATUS = SearchAttributeKey.for_keyword("QwitStatus")
+
+#: QWIT statuses of a failed flow: Temporal sees each as a failed workflow.
+FAILED_STATUSES = frozenset(FINAL_STATUSES - {"completed"})
+#: What ``--status`` accepts: QWIT's flow statuses, and Temporal's outcomes
+#: that skip QWIT (``failed`` is any of QWIT's failures).
+STATUS_CHOICES = (
+    "running",
+    "waiting",
+    "compensating",
+    "completed",
+    "rolled_back",
+    "cancelled",
+    "compensation_failed",
+    "aborted",
+    "failed",
+    "terminated",
+    "timed_out",
+)
+_EXECUTION = {
+    "running": "Running",
+    "waiting": "Running",
+    "compensating": "Running",
+    "completed": "Completed",
+    "failed": "Failed",
+    "terminated": "Terminated",
+    "timed_out": "TimedOut",
+    **{status: "Failed" for status in FAILED_STATUSES},
+}
+#: Rows looked at, at most, to find ``--limit`` matches without search attributes.
+SCAN_LIMIT = 500
+
+
+@dataclass
+class Row:
+    """One flow of the listing."""
+
+    flow_id: str
+    flow: str
+    status: str
+    started: str
+    ended: str
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def build_query(status: str | None, flow: str | None, searchable: bool) -> str:
+    """The visibility query for ``qwit list``'s filters.
+
+    Args:
+        status: ``--status``.
+        flow: ``--flow``.
+        searchable: Whether the namespace has QwitFlow and QwitStatus.
+    """
+    parts = [f"WorkflowType = {_quote(WORKFLOW_NAME)}", "ParentWorkflowId IS NULL"]
+    if flow and searchable:
+        parts.append(f"QwitFlow = {_quote(flow)}")
+    if status:
+        clause = f"ExecutionStatus = {_quote(_EXECUTION[status])}"
+        if searchable and status in ("running", "waiting", "compensating", *FAILED_STATUSES):
+            clause += f" AND QwitStatus = {_quote(status)}"
+        if status == "cancelled":
+            # A flow cancelled before it ran ends cancelled in Temporal's own terms.
+            clause = f"(({clause}) OR ExecutionStatus = 'Canceled')"
+        parts.append(clause)
+    return " AND ".join(parts)
+
+
+def row_status(execution: WorkflowExecutionStatus | None, published: str | None) -> str:
+    """A flow's QWIT status from Temporal's status and the QwitStatus it published."""
+    if execution == WorkflowExecutionStatus.COMPLETED:
+        return "completed"
+    if execution == WorkflowExecutionStatus.RUNNING:
+        return published if published in ("running", "waiting", "compensating") else "running"
+    if execution == WorkflowExecutionStatus.FAILED:
+        return published if published in FAILED_STATUSES else "failed"
+    if execution == WorkflowExecutionStatus.CANCELED:
+        return "cancelled"
+    return execution.name.lower() if execution else "unknown"
+
+
+async def searchable(client: temporalio.client.Client) -> bool:
+    """Whether flows here publish QWIT's search attributes.
+
+    They must be registered in the namespace, and flows must set them (flows
+    started by a QWIT without them, or before they were registered, don't).
+    """
+    try:
+        response = await client.operator_service.list_search_attributes(
+            ListSearchAttributesRequest(namespace=client.namespace)
+        )
+    except RPCError:
+        return False
+    if not {QWIT_FLOW.name, QWIT_STATUS.name} <= set(response.custom_attributes):
+        return False
+    probe = f"WorkflowType = {_quote(WORKFLOW_NAME)} AND {QWIT_STATUS.name} IS NOT NULL"
+    async for _ in client.list_workflows(query=probe, limit=1):
+        return True
+    return False
+
+
+def _time(value: datetime | None) -> str:
+    return value.astimezone().strftime("%Y-%m-%d %H:%M:%S") if value else ""
+
+
+async def _read_row(client: temporalio.client.Client, wf: WorkflowExecution, deep: bool) -> Row:
+    """A listing row; ``deep`` reads name and outcome from the flow when unpublished."""
+    attrs = wf.typed_search_attributes
+    name = attrs.get(QWIT_FLOW)
+    status = row_status(wf.status, attrs.get(QWIT_STATUS))
+    if deep:
+        handle = client.get_workflow_handle(wf.id, run_id=wf.run_id)
+        if name is None:
+            try:
+                name = await (await handle.describe()).static_summary()
+            except RPCError:
+                name = None
+        if status == "failed":
+            try:
+                await handle.result()
+            except temporalio.client.WorkflowFailureError as err:
+                info = failure_info(err.cause)
+                status = FlowFailed.from_info(info).kind if info else status
+    return Row(wf.id, name or "?", status, _time(wf.start_time), _time(wf.close_time))
+
+
+async def _live_status(client: temporalio.client.Client, flow_id: str) -> str | None:
+    try:
+        state: FlowState = await asyncio.wait_for(
+            client.get_workflow_handle(flow_id).query(QUERY_STATE, result_type=FlowState), 2.0
+        )
+    except Exception:  # no worker to answer: Temporal's word is all there is
+        return None
+    return state.status
+
+
+async def find_flows(
+    client: temporalio.client.Client, limit: int, status: str | None, flow: str | None
+) -> list[Row]:
+    """The most recent flows that match the filters, newest first."""
+    has_attributes = await searchable(client)
+    query = build_query(status, flow, has_attributes)
+    found: list[Row] = []
+    scanned = 0
+    page = limit if has_attributes else min(SCAN_LIMIT, max(limit * 5, 50))
+    async for wf in client.list_workflows(query=query, page_size=page):
+        scanned += 1
+        published = wf.typed_search_attributes.get(QWIT_STATUS) is not None
+        row = await _read_row(client, wf, deep=not published)
+        if not published and status in ("waiting", "compensating", "running"):
+            row.status = await _live_status(client, wf.id) or row.status
+        if (status is None or _matches(row.status, status)) and (flow is None or row.flow == flow):
+            found.append(row)
+        if len(found) >= limit or scanned >= SCAN_LIMIT:
+            break
+    return found
+
+
+def _matches(row_status: str, wanted: str) -> bool:
+    if wanted == "failed":
+        return row_status in FAILED_STATUSES or row_status == "failed"
+    return row_status == wanted
+
+
+@click.command("list")
+@click.option(
+    "--limit",
+    default=20,
+    show_default=True,
+    metavar="N",
+    type=click.IntRange(1, 1000),
+    help="At most N flows.",
+)
+@click.option(
+    "--status",
+    "status_filter",
+    type=click.Choice(STATUS_CHOICES, case_sensitive=False),
+    help="Only flows in this status.",
+)
+@click.option("--flow", "flow_name", metavar="NAME", help="Only flows of this name.")
+@click.option("--json", "as_json", is_flag=True, help="Print the flows as JSON.")
+@connection_options
+def list_flows(
+    limit: int,
+    status_filter: str | None,
+    flow_name: str | None,
+    as_json: bool,
+    address: str | None,
+    namespace: str | None,
+) -> None:
+    """List recent flows, newest first."""
+    status = status_filter.lower() if status_filter else None
+
+    async def go() -> list[Row]:
+        client = await connect(address, namespace)
+        try:
+            return await find_flows(client, limit, status, flow_name)
+        except RPCError as exc:
+            raise Failed(f"listing flows failed: {exc.message}") from None
+
+    found = run_async(go())
+    if as_json:
+        click.echo(json.dumps([asdict(row) for row in found], indent=None))
+        return
+    out = console(stderr=False)
+    if not found:
+        out.print("no flows found")
+        return
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for column in ("flow id", "flow", "status", "started", "ended"):
+        table.add_column(column)
+    for row in found:
+        table.add_row(row.flow_id, row.flow, status_text(row.status), row.started, row.ended)
+    out.print(table)

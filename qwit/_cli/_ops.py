@@ -1,0 +1,215 @@
+"""Operating flows: ``qwit status``, ``qwit react``, ``qwit cancel``."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import click
+import temporalio.client
+from rich.text import Text
+from temporalio.client import WorkflowExecutionStatus, WorkflowQueryFailedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from .._client import Client
+from .._engine import FlowHandle
+from .._errors import FlowFailed, ReactionError
+from .._options import FAILURE_REACTIONS, RETRY
+from .._state import FlowState
+from ._common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    Failed,
+    Interrupted,
+    connection_options,
+    console,
+    dump_json,
+    parse_args_json,
+    run_async,
+)
+from ._connect import connect
+from ._list import QWIT_STATUS, list_flows, row_status
+from ._progress import Follower, running_attempts
+from ._render import failure_lines, state_view
+
+#: Seconds a state query may take: without a worker on its task queue, none answers.
+STATE_TIMEOUT = 10.0
+
+#: Reactions an operator may send, by their command-line names.
+REACTIONS = sorted(
+    {r.value for r in FAILURE_REACTIONS if r.value != "wait"} | {RETRY.value},
+    key=["retry", "skip", "skipback", "rollback", "abort"].index,
+)
+
+WAIT_OPTION = click.option(
+    "--wait",
+    is_flag=True,
+    help="Then follow the flow to its end, as qwit run does (exit 0 completed, 1 failed).",
+)
+
+
+async def _handle(
+    address: str | None, namespace: str | None, flow_id: str
+) -> tuple[temporalio.client.Client, FlowHandle]:
+    temporal = await connect(address, namespace)
+    return temporal, Client(temporal_client=temporal).get_handle(flow_id)
+
+
+async def _no_answer(temporal: temporalio.client.Client, flow_id: str) -> Failed:
+    """Why a flow's state did not come, in words."""
+    try:
+        desc = await temporal.get_workflow_handle(flow_id).describe()
+    except RPCError as exc:
+        return _rpc_failure(exc, flow_id)
+    status = desc.status.name.lower() if desc.status else "unknown"
+    return Failed(
+        f"flow {flow_id!r} did not answer in {STATE_TIMEOUT:.0f}s (Temporal status: {status}): "
+        f"is a worker serving its task queue {desc.task_queue!r}?"
+    )
+
+
+def _rpc_failure(exc: RPCError, flow_id: str) -> Failed:
+    if exc.status == RPCStatusCode.NOT_FOUND:
+        return Failed(f"no flow with id {flow_id!r}: {exc.message}")
+    return Failed(f"flow {flow_id!r}: {exc.message}")
+
+
+async def fetch_state(temporal: temporalio.client.Client, handle: FlowHandle) -> FlowState:
+    """The flow's state, or a Failed saying why there is none."""
+    try:
+        return await asyncio.wait_for(handle.state(), STATE_TIMEOUT)
+    except asyncio.TimeoutError:
+        raise await _no_answer(temporal, handle.id) from None
+    except RPCError as exc:
+        raise _rpc_failure(exc, handle.id) from None
+    except WorkflowQueryFailedError as exc:
+        raise Failed(f"{handle.id!r} is not a QWIT flow, or can't tell its state: {exc}") from None
+
+
+async def follow_to_end(
+    temporal: temporalio.client.Client, handle: FlowHandle, state: FlowState
+) -> int:
+    """Follow a flow from ``state`` on; print its result or its story.
+
+    Only what happens after ``state`` is shown: the operator saw the rest.
+    """
+    err = console()
+    follower = Follower(err)
+    follower.catch_up(state)
+
+    async def on_interrupt(count: int) -> None:
+        raise Interrupted
+
+    try:
+        result = await follower.follow(handle, temporal, on_interrupt=on_interrupt)
+    except FlowFailed as failed:
+        for line in failure_lines(failed, state.flow):
+            err.print(line)
+        return EXIT_FAILED
+    except Interrupted:
+        return EXIT_INTERRUPTED
+    click.echo(dump_json(result))
+    return 0
+
+
+@click.command("status")
+@click.argument("flow_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the state as JSON.")
+@connection_options
+def status(flow_id: str, as_json: bool, address: str | None, namespace: str | None) -> None:
+    """Show the steps of flow FLOW_ID: status, attempts, errors.
+
+    Steps are in plan order, a sub-flow's steps indented under it. A waiting
+    flow shows what it waits for, the commands that decide it, and what a
+    rollback would undo.
+    """
+
+    async def go() -> None:
+        temporal, handle = await _handle(address, namespace, flow_id)
+        state = await fetch_state(temporal, handle)
+        if as_json:
+            click.echo(dump_json(state.model_dump(mode="json")))
+            return
+        running = await running_attempts(temporal, state)
+        console(stderr=False).print(state_view(state, running))
+
+    run_async(go())
+
+
+@click.command("react")
+@click.argument("flow_id")
+@click.argument("reaction", type=click.Choice(REACTIONS, case_sensitive=False))
+@click.option(
+    "--args",
+    "args_json",
+    metavar="JSON",
+    help="With retry: args merged in before the step runs again (a JSON object).",
+)
+@WAIT_OPTION
+@connection_options
+def react(
+    flow_id: str,
+    reaction: str,
+    args_json: str | None,
+    wait: bool,
+    address: str | None,
+    namespace: str | None,
+) -> None:
+    """Decide flow FLOW_ID, which waits for an operator, with REACTION.
+
+    retry runs the failed step again (--args merged in); skip goes on without
+    it; rollback undoes the failed step and the completed ones; skipback
+    undoes the completed ones only; abort stops and undoes nothing.
+    """
+    args = parse_args_json(args_json)
+    reaction = reaction.lower()
+    if args and reaction != RETRY.value:
+        raise click.UsageError(f"--args goes only with retry, not with {reaction}")
+
+    async def go() -> int:
+        temporal, handle = await _handle(address, namespace, flow_id)
+        before = await fetch_state(temporal, handle) if wait else None
+        try:
+            await handle.react(reaction, args)
+        except ReactionError as exc:
+            raise Failed(str(exc)) from None
+        except RPCError as exc:
+            raise _rpc_failure(exc, flow_id) from None
+        console().print(Text(f"qwit: flow {flow_id}: {reaction} accepted", style="dim"))
+        if before is None:
+            return 0
+        return await follow_to_end(temporal, handle, before)
+
+    sys.exit(run_async(go()))
+
+
+@click.command("cancel")
+@click.argument("flow_id")
+@WAIT_OPTION
+@connection_options
+def cancel(flow_id: str, wait: bool, address: str | None, namespace: str | None) -> None:
+    """Cancel flow FLOW_ID: the step in flight and the completed ones are undone."""
+
+    async def go() -> int:
+        temporal, handle = await _handle(address, namespace, flow_id)
+        try:
+            desc = await temporal.get_workflow_handle(flow_id).describe()
+        except RPCError as exc:
+            raise _rpc_failure(exc, flow_id) from None
+        if desc.status != WorkflowExecutionStatus.RUNNING:
+            ended = row_status(desc.status, desc.typed_search_attributes.get(QWIT_STATUS))
+            raise Failed(f"flow {flow_id!r} has already ended ({ended.replace('_', ' ')})")
+        state = await fetch_state(temporal, handle) if wait else None
+        try:
+            await handle.cancel()
+        except RPCError as exc:
+            raise _rpc_failure(exc, flow_id) from None
+        console().print(Text(f"qwit: flow {flow_id}: cancel requested, it rolls back", style="dim"))
+        if state is None:
+            return 0
+        return await follow_to_end(temporal, handle, state)
+
+    sys.exit(run_async(go()))
+
+
+__all__ = ["cancel", "list_flows", "react", "status"]

@@ -1,0 +1,187 @@
+"""How the command line shows flows: step lines, tables, waits and outcomes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from .._errors import CompensationFailed, FlowAborted, FlowCancelled, FlowFailed, FlowRolledBack
+from .._state import FlowState, StepState, WaitInfo
+
+#: Style of each flow and step status.
+STATUS_STYLE = {
+    "pending": "dim",
+    "running": "cyan",
+    "done": "green",
+    "completed": "green",
+    "failed": "red",
+    "skipped": "yellow",
+    "waiting": "yellow bold",
+    "compensating": "magenta",
+    "compensated": "magenta",
+    "rolled_back": "magenta",
+    "cancelled": "magenta",
+    "compensation_failed": "red bold",
+    "aborted": "red",
+}
+
+#: Progress events: (symbol, ASCII symbol, style).
+EVENT_LOOK = {
+    "started": ("▶", ">", "cyan"),
+    "retrying": ("↻", "~", "yellow"),
+    "done": ("✓", "+", "green"),
+    "failed": ("✗", "x", "red"),
+    "skipped": ("↷", "-", "yellow"),
+    "waiting": ("⏸", "=", "yellow bold"),
+    "compensating": ("↩", "<", "magenta"),
+    "compensated": ("↺", "<", "magenta"),
+    "compensation_failed": ("✗", "!", "red bold"),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One step of a flow, flattened: sub-flows' steps follow their entry."""
+
+    step: StepState
+    depth: int
+
+    @property
+    def label(self) -> str:
+        suffix = " (sub-flow)" if self.step.kind == "flow" else ""
+        return "  " * self.depth + self.step.name + suffix
+
+
+def rows(steps: list[StepState], depth: int = 0) -> Iterator[Row]:
+    """Every step in plan order, sub-flows' steps after their entry, indented."""
+    for step in steps:
+        yield Row(step, depth)
+        yield from rows(step.steps, depth + 1)
+
+
+def event_line(
+    kind: str, row: Row, detail: str, *, width: int, symbols: bool, path_width: int = 4
+) -> Text:
+    """``✓ 2  payments.charge  done``: one step event."""
+    symbol, ascii_symbol, style = EVENT_LOOK[kind]
+    line = Text()
+    line.append(f"{symbol if symbols else ascii_symbol} ", style=style)
+    line.append(f"{row.step.path:<{path_width}} ", style="dim")
+    line.append(f"{row.label:<{width}} ")
+    line.append(kind.replace("_", " "), style=style)
+    if detail:
+        line.append(f": {detail}" if kind in ("failed", "compensation_failed") else f" {detail}")
+    return line
+
+
+def attempts_note(step: StepState) -> str:
+    """``(3 attempts)`` when a step needed more than one."""
+    return f"({step.attempts} attempts)" if step.attempts > 1 else ""
+
+
+def status_text(status: str) -> Text:
+    """A status word in its colour."""
+    return Text(status.replace("_", " "), style=STATUS_STYLE.get(status, ""))
+
+
+def wait_lines(
+    waiting: WaitInfo, flow_id: str, react: str = "qwit react", *, preview: bool = False
+) -> list[Text]:
+    """What a waiting flow waits for, and the commands that decide it.
+
+    Args:
+        waiting: The wait.
+        flow_id: The flow's id, for the commands.
+        react: How to call ``qwit react`` from another terminal.
+        preview: List what a rollback would undo with each step's args
+            (else one line of names).
+    """
+    head = Text()
+    head.append("flow waits for an operator", style=STATUS_STYLE["waiting"])
+    undo = " (its step_back)" if waiting.direction == "step_back" else ""
+    head.append(f" at step {waiting.path} {waiting.step!r}{undo}: {waiting.error.describe()}")
+    lines = [head]
+    for reaction in waiting.allowed:
+        extra = " [--args JSON]" if reaction == "retry" else ""
+        lines.append(Text(f"    {react} {flow_id} {reaction}{extra}", style="bold"))
+    if waiting.rollback_preview and preview:
+        lines.append(Text("  a rollback would undo, newest first, with these args:"))
+        for item in waiting.rollback_preview:
+            lines.append(
+                Text(f"    {item.path:<6} {item.name}  {json.dumps(item.args)}", style="dim")
+            )
+    elif waiting.rollback_preview:
+        undone = ", ".join(item.name for item in waiting.rollback_preview)
+        lines.append(Text(f"  a rollback would undo, newest first: {undone}", style="dim"))
+    return lines
+
+
+def failure_lines(failed: FlowFailed, flow: str) -> list[Text]:
+    """The story of a failed flow: which step, why, what was undone (or not)."""
+    kind = failed.kind.replace("_", " ")
+    head = Text()
+    head.append(f"flow {flow!r} {kind}", style=STATUS_STYLE.get(failed.kind, "red"))
+    head.append(f" (id {failed.flow_id})")
+    lines = [head]
+    if failed.step:
+        lines.append(Text(f"  failed step: {failed.step!r}"))
+    lines.append(Text(f"  reason: {failed.reason}"))
+    if isinstance(failed, (FlowRolledBack, CompensationFailed)):
+        undone = ", ".join(failed.compensated) or "nothing (no step had completed)"
+        lines.append(Text(f"  undone, newest first: {undone}"))
+    if isinstance(failed, CompensationFailed):
+        lines.append(
+            Text(
+                "  could not undo: "
+                + ", ".join(failed.failed_compensations)
+                + " (undo these by hand)",
+                style="red bold",
+            )
+        )
+    if isinstance(failed, FlowAborted):
+        lines.append(Text("  aborted: nothing was undone"))
+    if isinstance(failed, FlowCancelled) and not failed.step:
+        lines.append(Text("  it was cancelled between steps"))
+    return lines
+
+
+def state_view(state: FlowState, running: dict[str, tuple[int, str]] | None = None) -> Group:
+    """``qwit status``: the flow, its steps in plan order, its wait or outcome.
+
+    Args:
+        state: The flow's state.
+        running: Attempt number and last error of steps being retried, by path.
+    """
+    running = running or {}
+    head = Text()
+    head.append("flow ", style="dim")
+    head.append(state.flow, style="bold")
+    head.append("  id ", style="dim")
+    head.append(state.flow_id)
+    head.append("  status ", style="dim")
+    head.append_text(status_text(state.status))
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for column in ("path", "step", "status", "attempts", "error"):
+        table.add_column(column, justify="right" if column == "attempts" else "left")
+    for row in rows(state.steps):
+        step = row.step
+        attempts = str(step.attempts)
+        error = step.error.describe() if step.error else ""
+        if step.path in running:
+            attempt, last = running[step.path]
+            attempts = f"{attempt} (retrying)"
+            error = error or last
+        table.add_row(step.path, row.label, status_text(step.status), attempts, error)
+    parts: list[RenderableType] = [head, table]
+    if state.waiting is not None and not state.done:
+        parts.append(Text())
+        parts.extend(wait_lines(state.waiting, state.flow_id, preview=True))
+    if state.failure is not None:
+        parts.append(Text())
+        parts.extend(failure_lines(FlowFailed.from_info(state.failure), state.flow))
+    return Group(*parts)

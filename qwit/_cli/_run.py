@@ -1,0 +1,238 @@
+"""``qwit run MODULE:FLOW``: run one flow, show its progress, print its result."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from types import ModuleType
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.text import Text
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError
+
+from .._client import Client
+from .._errors import ArgumentsError, FlowDefinitionError, FlowFailed
+from .._flow import Flow, compile_flow
+from .._runner import Registry
+from ..temporal import create_worker
+from ._common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    Failed,
+    Interrupted,
+    connection_options,
+    console,
+    dump_json,
+    parse_args_json,
+    queue_name,
+    resolve_flow,
+    run_async,
+    task_queue_option,
+)
+from ._connect import (
+    address_configured,
+    connect,
+    data_dir,
+    describe_target,
+    embedded_server,
+    env_config,
+)
+from ._progress import Follower
+from ._render import failure_lines
+
+#: Exit code after SIGTERM, as shells report it.
+EXIT_TERMINATED = 143
+
+
+@click.command("run")
+@click.argument("flow_spec", metavar="MODULE:FLOW")
+@click.option("--args", "args_json", metavar="JSON", help="The flow's input args: a JSON object.")
+@click.option("--id", "flow_id", metavar="ID", help="The flow's id [default: <name>-<random>].")
+@click.option(
+    "--no-worker",
+    is_flag=True,
+    help="Run no worker here: one already serves the task queue (e.g. qwit dev MODULE).",
+)
+@click.option(
+    "-v", "--verbose", is_flag=True, help="Log what the worker does, failing steps' tracebacks too."
+)
+@task_queue_option
+@connection_options
+def run(
+    flow_spec: str,
+    args_json: str | None,
+    flow_id: str | None,
+    no_worker: bool,
+    verbose: bool,
+    task_queue: str | None,
+    address: str | None,
+    namespace: str | None,
+) -> None:
+    """Run the flow MODULE:FLOW and wait for it to end.
+
+    Shows each step's progress on stderr and prints the flow's final args as
+    JSON on stdout. Unless --no-worker, a worker for MODULE's steps runs in
+    this process. Without a Temporal address (TEMPORAL_ADDRESS, a
+    TEMPORAL_PROFILE, --address), a local Temporal dev server runs for the
+    duration, its state kept in $QWIT_DATA_DIR (default ~/.local/share/qwit).
+
+    Ctrl-C cancels the flow, which rolls it back; a second Ctrl-C stops
+    waiting and leaves the flow as it is.
+
+    Exit status: 0 the flow completed; 1 it failed (the story is on stderr);
+    2 usage error.
+    """
+    flow, module = resolve_flow(flow_spec)
+    args = parse_args_json(args_json)
+    queue = queue_name(task_queue)
+    try:
+        Client(task_queue=queue).prepare(flow, args, id=flow_id)
+        Registry(flow)
+    except (FlowDefinitionError, ArgumentsError) as exc:
+        raise click.UsageError(str(exc)) from None
+    serve = _served(flow, module, console())
+    embedded = not address_configured(address)
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    else:
+        # A failing step's traceback would bury the story the progress lines tell.
+        logging.getLogger("temporalio.activity").setLevel(logging.ERROR)
+    try:
+        code = run_async(
+            _run(flow, serve, args, flow_id, no_worker, queue, address, namespace, embedded)
+        )
+    except KeyboardInterrupt:
+        code = EXIT_INTERRUPTED
+    sys.exit(code)
+
+
+def _served(flow: type[Flow], module: ModuleType, err: Console) -> list[Any]:
+    """What the in-process worker serves: the module's Steps and Flows, with the flow's.
+
+    A module with something else wrong in it still runs this flow.
+    """
+    try:
+        Registry(module, flow)
+    except FlowDefinitionError as exc:
+        err.print(Text(f"qwit: serving only {flow.name!r}'s steps: {exc}", style="yellow"))
+        return [flow]
+    return [module, flow]
+
+
+async def _run(
+    flow: type[Flow],
+    serve: list[Any],
+    args: dict[str, Any],
+    flow_id: str | None,
+    no_worker: bool,
+    queue: str,
+    address: str | None,
+    namespace: str | None,
+    embedded: bool,
+) -> int:
+    err = console()
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    # SIGTERM must still stop the worker and the dev server we started.
+    loop.add_signal_handler(signal.SIGTERM, main.cancel)
+    try:
+        return await _run_flow(
+            err, flow, serve, args, flow_id, no_worker, queue, address, namespace, embedded
+        )
+    except asyncio.CancelledError:
+        err.print(Text("qwit: terminated", style="yellow"))
+        return EXIT_TERMINATED
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
+def _say(err: Console) -> Callable[[str], None]:
+    def say(text: str) -> None:
+        err.print(Text(f"qwit: {text}", style="dim"))
+
+    return say
+
+
+async def _run_flow(
+    err: Console,
+    flow: type[Flow],
+    serve: list[Any],
+    args: dict[str, Any],
+    flow_id: str | None,
+    no_worker: bool,
+    queue: str,
+    address: str | None,
+    namespace: str | None,
+    embedded: bool,
+) -> int:
+    say = _say(err)
+    async with AsyncExitStack() as stack:
+        react = "qwit react"
+        if embedded:
+            ns = namespace or env_config().get("namespace") or "default"
+            server = await stack.enter_async_context(embedded_server(ns, say))
+            # Only this server's own settings: env TLS or API keys are for other clusters.
+            temporal = await connect(server.address, ns, tls=False, api_key=None)
+            where = f"{server.address} (local dev server)"
+            react = f"TEMPORAL_ADDRESS={server.address} qwit react"
+        else:
+            temporal = await connect(address, namespace)
+            where = describe_target(address)
+        client = Client(temporal_client=temporal, task_queue=queue)
+        starting = asyncio.ensure_future(client.start(flow, args, id=flow_id))
+        if not no_worker:
+            # The worker starts polling while the flow's start is on its way.
+            # On a shared server this short-lived worker must not keep flows
+            # sticky to itself: once it exits, other runs' flows it had cached
+            # would stall until Temporal's sticky timeout (10 s) sends them on.
+            options: dict[str, Any] = {} if embedded else {"max_cached_workflows": 0}
+            worker = create_worker(temporal, *serve, task_queue=queue, **options)
+            try:
+                await stack.enter_async_context(worker)
+            except BaseException:
+                starting.cancel()
+                raise
+        try:
+            handle = await starting
+        except WorkflowAlreadyStartedError:
+            raise Failed(f"a flow with id {flow_id!r} is already running") from None
+        except (FlowDefinitionError, ArgumentsError) as exc:
+            raise click.UsageError(str(exc)) from None
+        except RPCError as exc:
+            raise Failed(f"starting the flow failed: {exc.message}") from None
+        say(f"flow {flow.name!r}, id {handle.id}, on Temporal at {where}, task queue {queue!r}")
+        hint = ""
+        if no_worker:
+            hint = (
+                f"qwit: no worker has answered yet: is one serving task queue {queue!r} "
+                "(qwit worker MODULE, or qwit dev MODULE)?"
+            )
+        follower = Follower(err, react=react, no_worker_hint=hint)
+        follower.expect(compile_flow(flow))
+
+        async def on_interrupt(count: int) -> None:
+            if count > 1:
+                raise Interrupted
+            say("cancelling the flow: it rolls back (Ctrl-C again to stop waiting)")
+            await handle.cancel()
+
+        try:
+            result = await follower.follow(handle, temporal, on_interrupt=on_interrupt)
+        except FlowFailed as failed:
+            for line in failure_lines(failed, flow.name):
+                err.print(line)
+            return EXIT_FAILED
+        except Interrupted:
+            kept = f" in {data_dir() / 'run.db'}" if embedded else " in Temporal"
+            say(f"stopped waiting; flow {handle.id} stays as it is{kept}")
+            return EXIT_INTERRUPTED
+        click.echo(dump_json(result))
+        return 0

@@ -1,0 +1,1 @@
+"""An expense claim that waits for a manager's approval."""

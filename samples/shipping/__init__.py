@@ -1,0 +1,1 @@
+"""The order saga with shipping as a sub-flow: book a carrier, print a label."""
