@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import types
 from pathlib import Path
@@ -36,6 +37,27 @@ def test_quick_start_commands_are_two_and_use_the_sample():
     quick = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
     commands = re.findall(r"```sh\n(.*?)\n```", quick, re.S)
     assert len(commands) == 2
-    assert "python -m samples.order" in commands[0]
+    assert commands[0].count(".venv/bin/qwit run samples.order.flows:PlaceOrder") == 2
     assert "pytest" in commands[1]
     assert "<!-- test-command -->" in quick
+
+
+async def test_quick_start_qwit_runs_work_word_for_word(tmp_path):
+    """The quick start's `qwit run`s, exactly as written, on a fresh data directory."""
+    import shlex
+
+    from tests.clirun import qwit
+
+    quick = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    first = re.findall(r"```sh\n(.*?)\n```", quick, re.S)[0]
+    runs = [shlex.split(part)[1:] for part in first.split(" && ") if "bin/qwit run" in part]
+    env = {"QWIT_DATA_DIR": str(tmp_path / "data")}
+    completed = await qwit(*runs[0], timeout=120, **env)
+    assert completed.code == 0, completed.err
+    assert json.loads(completed.out)["tracking"] == "1Z-1"
+    declined = await qwit(*runs[1], timeout=120, **env)
+    assert declined.code == 1
+    assert declined.out == ""
+    assert "payments.charge" in declined.err
+    assert "declined" in declined.err
+    assert "inventory.reserve" in declined.err
