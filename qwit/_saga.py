@@ -536,6 +536,7 @@ class Interpreter:
                     status=rec.status,
                     attempts=rec.attempts,
                     kind="flow" if rec.is_flow else "step",
+                    has_back=not isinstance(rec.node, StepNode) or rec.node.has_back,
                     error=rec.error,
                     flow_id=rec.sub.flow_id if rec.sub else None,
                 )

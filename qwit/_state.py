@@ -48,6 +48,8 @@ class StepState(BaseModel):
     status: StepStatus = "pending"
     attempts: int = 0
     kind: Literal["step", "flow"] = "step"
+    has_back: bool = True
+    """False for a step without ``step_back``: its undo does nothing."""
     error: ErrorInfo | None = None
     flow_id: str | None = None
     """For a sub-flow: the id of the engine's execution that runs it."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -144,26 +143,6 @@ def exclusive(path: Path) -> Iterator[bool]:
         lock.release()
 
 
-class _LockedDevServer(DevServer):
-    """A dev server that inherits the lock on its SQLite file."""
-
-    def __init__(self, lock: Lock, **options: Any) -> None:
-        super().__init__(**options)
-        self.lock = lock
-
-    def start_process(self) -> None:
-        if self.db_filename:
-            Path(self.db_filename).parent.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            self.command(),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            pass_fds=() if self.lock.fd is None else (self.lock.fd,),
-        )
-
-
 def port_free(port: int) -> bool:
     """Whether nothing listens on 127.0.0.1:``port`` (and we may bind it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -198,7 +177,12 @@ async def embedded_server(
     owned = lock.acquire(wait=LOCK_WAIT)
     try:
         try:
-            server = _LockedDevServer(lock, db_filename=db if owned else None, namespace=namespace)
+            # The server inherits the lock: held until the server has stopped.
+            server = DevServer(
+                db_filename=db if owned else None,
+                namespace=namespace,
+                pass_fds=() if lock.fd is None else (lock.fd,),
+            )
         except FileNotFoundError as exc:
             raise Failed(str(exc)) from None
         where = f"state in {db}" if owned else f"state in memory: {db} is in use"

@@ -71,6 +71,8 @@ class DevServer:
         dynamic_config: More ``key=value`` dynamic config entries.
         search_attributes: ``Name=Type`` search attributes to register.
         cli: Path of the ``temporal`` CLI (default: ``find_temporal_cli()``).
+        pass_fds: File descriptors the server process inherits (e.g. a lock
+            on its database file, held for as long as the server runs).
     """
 
     def __init__(
@@ -84,6 +86,7 @@ class DevServer:
         search_attributes: Sequence[str] = SEARCH_ATTRIBUTES,
         namespace: str = "default",
         cli: str | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> None:
         self.port = port or free_port()
         self.ui_port = ui_port
@@ -92,6 +95,7 @@ class DevServer:
         self.cli = cli or find_temporal_cli()
         self.dynamic_config = [*(FAST_DYNAMIC_CONFIG if fast else ()), *dynamic_config]
         self.search_attributes = list(search_attributes)
+        self.pass_fds = tuple(pass_fds)
         self.process: subprocess.Popen[bytes] | None = None
         # The server's output, kept for error messages; lives as long as the server.
         self._log = tempfile.TemporaryFile(prefix="qwit-temporal-")  # noqa: SIM115
@@ -143,6 +147,7 @@ class DevServer:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            pass_fds=self.pass_fds,
         )
 
     async def wait_ready(self, timeout: float = 60.0) -> None:
