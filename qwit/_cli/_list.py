@@ -3,9 +3,10 @@
 Flows are ``qwit.Flow`` workflows without a parent (a sub-flow is a child
 workflow of its flow). Where the namespace has QWIT's search attributes
 (``QwitFlow``, ``QwitStatus``: ``qwit dev`` and QWIT's dev servers register
-them), the server filters by flow name and QWIT status. Elsewhere the server
-filters by Temporal's execution status, and each flow's name and outcome are
-read from the flow itself.
+them), the server filters by flow name, and finds waiting flows by
+``QwitStatus`` (a flow publishes it from its first wait on). Otherwise the
+server filters by Temporal's execution status, and a flow's name and outcome
+are read from the flow itself.
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ def build_query(status: str | None, flow: str | None, searchable: bool) -> str:
         parts.append(f"QwitFlow = {_quote(flow)}")
     if status:
         clause = f"ExecutionStatus = {_quote(_EXECUTION[status])}"
-        if searchable and status in ("running", "waiting", "compensating", *FAILED_STATUSES):
+        if searchable and status in ("waiting", "compensating"):
+            # Published from a flow's first wait on: the ones an operator needs.
             clause += f" AND QwitStatus = {_quote(status)}"
         if status == "cancelled":
             # A flow cancelled before it ran ends cancelled in Temporal's own terms.
@@ -116,7 +118,7 @@ def row_status(execution: WorkflowExecutionStatus | None, published: str | None)
 
 
 async def searchable(client: temporalio.client.Client) -> bool:
-    """Whether flows here publish QWIT's search attributes.
+    """Whether flows here carry QWIT's search attributes.
 
     They must be registered in the namespace, and flows must set them (flows
     started by a QWIT without them, or before they were registered, don't).
@@ -129,7 +131,7 @@ async def searchable(client: temporalio.client.Client) -> bool:
         return False
     if not {QWIT_FLOW.name, QWIT_STATUS.name} <= set(response.custom_attributes):
         return False
-    probe = f"WorkflowType = {_quote(WORKFLOW_NAME)} AND {QWIT_STATUS.name} IS NOT NULL"
+    probe = f"WorkflowType = {_quote(WORKFLOW_NAME)} AND {QWIT_FLOW.name} IS NOT NULL"
     async for _ in client.list_workflows(query=probe, limit=1):
         return True
     return False

@@ -41,13 +41,14 @@ with workflow.unsafe.imports_passed_through():
     from ._activities import PAYLOAD_MARGIN
 
 WORKFLOW_NAME = "qwit.Flow"
-#: Search attributes (Keyword) that make flows findable by name and QWIT status,
-#: set where the namespace has them registered.
+#: Search attributes (Keyword), set where the namespace has them registered.
+#: QwitFlow, the flow's name, is set when it starts. QwitStatus is published
+#: from a flow's first wait on (an operator must find waiting flows), and at
+#: every status change after it; a flow that never waits publishes nothing,
+#: so its history is as long as a hand-written saga's, and Temporal's own
+#: status (with the failure type, e.g. qwit.FlowRolledBack) tells its end.
 QWIT_FLOW = SearchAttributeKey.for_keyword("QwitFlow")
 QWIT_STATUS = SearchAttributeKey.for_keyword("QwitStatus")
-#: Statuses published to QwitStatus. The happy path publishes nothing beyond
-#: the "running" set at start, so a completed flow's history is no longer than a
-#: hand-written saga's; Temporal's own status tells it completed.
 #: History events a step costs (activity scheduled, started, completed, and a
 #: workflow task's scheduled, started, completed).
 EVENTS_PER_STEP = 6
@@ -55,9 +56,6 @@ EVENTS_PER_STEP = 6
 #: compensation; QWIT stops starting steps well before, so a rollback fits.
 HISTORY_EVENTS_BUDGET = 45_000
 HISTORY_BYTES_BUDGET = 22 * 1024 * 1024
-PUBLISHED_STATUSES = frozenset(
-    {"running", "waiting", "rolled_back", "cancelled", "compensation_failed", "aborted"}
-)
 QUERY_STATE = "qwit.state"
 UPDATE_REACT = "qwit.react"
 SIGNAL_SETTLE = "qwit.settle"
@@ -75,12 +73,7 @@ class SubflowDone(BaseModel):
 
 def search_attributes(flow: str) -> TypedSearchAttributes:
     """The search attributes a flow starts with."""
-    return TypedSearchAttributes(
-        [
-            SearchAttributePair(QWIT_FLOW, flow),
-            SearchAttributePair(QWIT_STATUS, "running"),
-        ]
-    )
+    return TypedSearchAttributes([SearchAttributePair(QWIT_FLOW, flow)])
 
 
 def failure_type(info: FailureInfo) -> str:
@@ -252,9 +245,7 @@ class _Runtime(FlowRuntime):
             id=child_id,
             cancellation_type=workflow.ChildWorkflowCancellationType.WAIT_CANCELLATION_COMPLETED,
             static_summary=node.name,
-            search_attributes=(
-                search_attributes(node.name) if self.owner.published is not None else None
-            ),
+            search_attributes=(search_attributes(node.name) if self.owner.can_publish else None),
         )
         return _Subflow(self.owner, handle)
 
@@ -293,14 +284,12 @@ class _Runtime(FlowRuntime):
 
     def status_changed(self, status: FlowStatus) -> None:
         owner = self.owner
-        if owner.published is None or workflow.info().run_id != owner.run_id:
+        if not owner.can_publish or workflow.info().run_id != owner.run_id:
             # No attribute to publish; or this flow's coroutine is being closed
             # by the garbage collector while another flow runs (after its
             # worker dropped it): a command now would land in that other flow.
             return
-        # "compensating" matters only after a wait (an operator's rollback);
-        # a rollback straight from "running" goes on to its final status soon.
-        if status in PUBLISHED_STATUSES or owner.published != "running":
+        if status == "waiting" or owner.published is not None:
             workflow.upsert_search_attributes([QWIT_STATUS.value_set(status)])
             owner.published = status
 
@@ -322,9 +311,9 @@ class QwitWorkflow:
         self.interpreter = Interpreter(input, _Runtime(self), workflow.info().workflow_id)
         self.subflows_done: dict[str, dict[str, Any]] = {}
         self.run_id = workflow.info().run_id
-        # QwitStatus as last published; None where the namespace lacks it (the
-        # client sets it at start only where it is registered).
-        self.published = workflow.info().typed_search_attributes.get(QWIT_STATUS)
+        # The client sets QwitFlow at start only where the attributes exist.
+        self.can_publish = workflow.info().typed_search_attributes.get(QWIT_FLOW) is not None
+        self.published: str | None = None
 
     @workflow.run
     async def run(self, input: FlowInput) -> dict[str, Any]:
