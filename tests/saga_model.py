@@ -113,7 +113,8 @@ def flow_class(spec: FlowSpec, step: type[qwit.Step]) -> type[qwit.Flow]:
 
 
 def random_flow(rng: Any, max_steps: int = 8, max_depth: int = 3) -> FlowSpec:
-    """A random spec drawn from ``rng`` (a ``random.Random``)."""
+    """A random spec drawn from ``rng``: a ``random.Random``, or anything with
+    its ``randint`` and ``choice`` (the property test draws with hypothesis)."""
     counter = iter(range(1, 10_000))
     budget = [rng.randint(1, max_steps)]
 
@@ -122,7 +123,7 @@ def random_flow(rng: Any, max_steps: int = 8, max_depth: int = 3) -> FlowSpec:
         for _ in range(rng.randint(1, 3)):
             if budget[0] <= 0:
                 break
-            if depth < max_depth and budget[0] >= 2 and rng.random() < 0.5:
+            if depth < max_depth and budget[0] >= 2 and rng.randint(0, 1):
                 sub = build(depth + 1)
                 if sub.children:
                     flow.children.append(sub)
@@ -136,7 +137,7 @@ def random_flow(rng: Any, max_steps: int = 8, max_depth: int = 3) -> FlowSpec:
         root.children.append(StepSpec(eid=f"s{next(counter)}"))
     failing = rng.choice(steps_of(root))
     failing.fails = True
-    failing.after = rng.random() < 0.5
+    failing.after = bool(rng.randint(0, 1))
     failing.reaction = rng.choice(REACTIONS)
     return root
 

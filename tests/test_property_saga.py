@@ -11,8 +11,8 @@ nothing else undone.
 
 from __future__ import annotations
 
-import itertools
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -23,13 +23,12 @@ import qwit
 from tests import ledger
 from tests.ledger import Effect
 from tests.saga_model import (
-    REACTIONS,
     FlowSpec,
     StepSpec,
     fail_args,
     flow_class,
     model,
-    steps_of,
+    random_flow,
 )
 
 
@@ -37,34 +36,22 @@ class Eff(Effect, name="prop.eff"):
     """One step class for every node: its effect id comes from static args."""
 
 
+class _Draws:
+    """``random_flow``'s source of choices, drawn with hypothesis (so it shrinks)."""
+
+    def __init__(self, draw: st.DrawFn) -> None:
+        self.draw = draw
+
+    def randint(self, low: int, high: int) -> int:
+        return self.draw(st.integers(low, high))
+
+    def choice(self, options: Sequence[Any]) -> Any:
+        return self.draw(st.sampled_from(options))
+
+
 @st.composite
 def flows(draw: st.DrawFn) -> FlowSpec:
-    counter = itertools.count(1)
-    budget = [draw(st.integers(1, 8))]
-
-    def build(depth: int) -> FlowSpec:
-        flow = FlowSpec(reaction=draw(st.sampled_from(REACTIONS)))
-        width = draw(st.integers(1, 3))
-        for _ in range(width):
-            if budget[0] <= 0:
-                break
-            if depth < 3 and budget[0] >= 2 and draw(st.booleans()):
-                sub = build(depth + 1)
-                if sub.children:
-                    flow.children.append(sub)
-            else:
-                budget[0] -= 1
-                flow.children.append(StepSpec(eid=f"s{next(counter)}"))
-        return flow
-
-    root = build(1)
-    if not root.children:
-        root.children.append(StepSpec(eid=f"s{next(counter)}"))
-    failing = draw(st.sampled_from(steps_of(root)))
-    failing.fails = True
-    failing.after = draw(st.booleans())
-    failing.reaction = draw(st.sampled_from(REACTIONS))
-    return root
+    return random_flow(_Draws(draw))
 
 
 @pytest.fixture(scope="module")
