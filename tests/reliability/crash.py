@@ -127,6 +127,25 @@ def ledger_of(db: sqlite3.Connection, flow_id: str) -> tuple[set[str], list[str]
     return applied, undone
 
 
+def check_flow(
+    db: sqlite3.Connection, spec: FlowSpec, flow_id: str, outcome: str
+) -> tuple[set[str], list[str], str | None]:
+    """A flow's ledger (applied, undone), and what differs from the model, if anything."""
+    kind, log = model(spec)
+    applied, undone = ledger_of(db, flow_id)
+    expected_applied = {eid for action, eid in log if action == "do"}
+    expected_undone = [eid for action, eid in log if action == "undo"]
+    if (outcome, applied, undone) == (kind, expected_applied, expected_undone):
+        return applied, undone, None
+    return (
+        applied,
+        undone,
+        f"{flow_id}: got {outcome} applied={sorted(applied)} undone={undone}; expected "
+        f"{kind} applied={sorted(expected_applied)} undone={expected_undone}; "
+        f"spec={json.dumps(asdict(spec))}",
+    )
+
+
 async def outcome_of(handle: qwit.FlowHandle, timeout: float) -> str:
     try:
         await asyncio.wait_for(handle.result(), timeout)
@@ -203,18 +222,11 @@ async def run_crash(
                     report.mismatches.append(f"flow {i} did not end: {result!r}")
                     continue
                 report.outcomes[result] = report.outcomes.get(result, 0) + 1
-                kind, log = model(spec)
-                applied, undone = ledger_of(db, handle.id)
-                expected_applied = {eid for action, eid in log if action == "do"}
-                expected_undone = [eid for action, eid in log if action == "undo"]
+                applied, undone, mismatch = check_flow(db, spec, handle.id, result)
                 report.effects_applied += len(applied)
                 report.effects_undone += len(undone)
-                if (result, applied, undone) != (kind, expected_applied, expected_undone):
-                    report.mismatches.append(
-                        f"flow {i} ({handle.id}): got {result} applied={sorted(applied)} "
-                        f"undone={undone}; expected {kind} applied={sorted(expected_applied)} "
-                        f"undone={expected_undone}; spec={json.dumps(asdict(spec))}"
-                    )
+                if mismatch:
+                    report.mismatches.append(f"flow {i}: {mismatch}")
                 status = (await temporal.get_workflow_handle(handle.id).describe()).status
                 if status in (
                     temporalio.client.WorkflowExecutionStatus.TERMINATED,

@@ -28,9 +28,9 @@ from temporalio.service import RPCError, RPCStatusCode
 
 import qwit
 from qwit.temporal import DevServer, connect_temporal, free_port
-from tests.reliability.crash import KIND, Worker, ledger_of
+from tests.reliability.crash import KIND, Worker, check_flow
 from tests.reliability.crash_flows import CrashStep, connect
-from tests.saga_model import FlowSpec, fail_args, flow_class, model, random_flow
+from tests.saga_model import FlowSpec, fail_args, flow_class, random_flow
 
 
 @dataclass
@@ -138,15 +138,9 @@ async def run_restarts(
                     report.lost += 1
                     continue
                 report.outcomes[result] = report.outcomes.get(result, 0) + 1
-                kind, log = model(specs[i][0])
-                applied, undone = ledger_of(db, handle.id)
-                expected = (
-                    kind,
-                    {eid for action, eid in log if action == "do"},
-                    [eid for action, eid in log if action == "undo"],
-                )
-                if (result, applied, undone) != expected:
-                    report.mismatches.append(f"flow {i}: got {(result, applied, undone)}")
+                _, _, mismatch = check_flow(db, specs[i][0], handle.id, result)
+                if mismatch:
+                    report.mismatches.append(f"flow {i}: {mismatch}")
         finally:
             db.close()
     finally:
