@@ -47,6 +47,7 @@ async def test_shipping_sample(dev_server: DevServer):
     )
 
     assert shipped.code == 0, shipped.err
+    assert shipped.out.strip(), f"no JSON on stdout; stderr:\n{shipped.err}"
     result = json.loads(shipped.out)
     assert result["tracking"] == f"1Z-{result['booking']}"
 

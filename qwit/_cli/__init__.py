@@ -12,6 +12,13 @@ import os
 import sys
 
 import click
+from temporalio.runtime import (
+    LogForwardingConfig,
+    LoggingConfig,
+    Runtime,
+    TelemetryConfig,
+    TelemetryFilter,
+)
 
 from ._common import import_modules, worker_registry
 from ._dev import dev
@@ -37,6 +44,21 @@ for _command in (run, dev, status, list_flows, react, cancel, graph, worker):
 del _command
 
 
+def _core_logs_to_stderr() -> None:
+    """Send the Temporal SDK core's own log lines through Python logging.
+
+    Left alone, the core writes its warnings to stdout, where ``qwit run``
+    prints the flow's result as JSON for other programs to read.
+    """
+    logging_config = LoggingConfig(
+        filter=TelemetryFilter(core_level="WARN", other_level="ERROR"),
+        forwarding=LogForwardingConfig(logger=logging.getLogger("temporalio.core")),
+    )
+    Runtime.set_default(
+        Runtime(telemetry=TelemetryConfig(logging=logging_config)), error_if_already_set=False
+    )
+
+
 def _exit(command: click.Command, prog_name: str) -> None:
     """Run ``command``, then end the process without finalizing the interpreter.
 
@@ -45,6 +67,7 @@ def _exit(command: click.Command, prog_name: str) -> None:
     command has done its work (temporalio/sdk-python#300); skipping
     finalization, once output is flushed, avoids it.
     """
+    _core_logs_to_stderr()
     try:
         command.main(prog_name=prog_name)
     except SystemExit as exc:
