@@ -65,7 +65,6 @@ class Registry:
 
     def __init__(self, *members: type[Step] | type[Flow] | ModuleType) -> None:
         self._steps: dict[str, type[Step]] = {}
-        self.flows: dict[str, type[Flow]] = {}
         self.add(*members)
 
     def add(self, *members: type[Step] | type[Flow] | ModuleType) -> Registry:
@@ -80,7 +79,6 @@ class Registry:
             if isinstance(member, ModuleType):
                 self.add(*_module_members(member))
             elif isinstance(member, type) and issubclass(member, Flow):
-                self.flows.setdefault(member.name, member)
                 for cls in step_classes(member):
                     self._add_step(cls)
             elif isinstance(member, type) and issubclass(member, Step):

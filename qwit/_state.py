@@ -101,18 +101,3 @@ class FlowState(BaseModel):
     def done(self) -> bool:
         """True once the flow has ended, one way or another."""
         return self.status in FINAL_STATUSES
-
-    def find_waiting(self) -> WaitInfo | None:
-        """The wait of this flow or of any sub-flow in it."""
-        if self.waiting is not None:
-            return self.waiting
-
-        def walk(steps: list[StepState]) -> WaitInfo | None:
-            for step in steps:
-                if step.status == "running" and step.kind == "flow":
-                    found = walk(step.steps)
-                    if found:
-                        return found
-            return None
-
-        return walk(self.steps)

@@ -9,6 +9,7 @@ tests/histories/<name>.json. Existing files are kept unless named.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
@@ -32,6 +33,14 @@ HISTORIES = Path(__file__).parent / "histories"
 Scenario = Callable[[qwit.Client], Awaitable[str]]
 
 
+async def ended_with(handle: qwit.FlowHandle, error: type[qwit.FlowFailed]) -> str:
+    """The flow's id, once it has ended with ``error`` (and nothing else)."""
+    with contextlib.suppress(error):
+        await handle.result()
+        raise AssertionError(f"flow {handle.id} should have ended with {error.__name__}")
+    return handle.id
+
+
 async def completed(client: qwit.Client) -> str:
     handle = await client.start(OrderFlow, {"order_id": 1}, id="history-completed")
     await handle.result()
@@ -42,11 +51,7 @@ async def rolled_back(client: qwit.Client) -> str:
     handle = await client.start(
         OrderFlow, {"order_id": 2, "fail_payment": True}, id="history-rolled-back"
     )
-    try:
-        await handle.result()
-    except qwit.FlowRolledBack:
-        return handle.id
-    raise AssertionError("the flow should have rolled back")
+    return await ended_with(handle, qwit.FlowRolledBack)
 
 
 async def subflow_completed(client: qwit.Client) -> str:
@@ -59,11 +64,7 @@ async def subflow_rolled_back(client: qwit.Client) -> str:
     handle = await client.start(
         ShippedOrder, {"order_id": 4, "fail_notify": True}, id="history-subflow-rolled-back"
     )
-    try:
-        await handle.result()
-    except qwit.FlowRolledBack:
-        return handle.id
-    raise AssertionError("the flow should have rolled back")
+    return await ended_with(handle, qwit.FlowRolledBack)
 
 
 async def cancelled(client: qwit.Client) -> str:
@@ -74,11 +75,7 @@ async def cancelled(client: qwit.Client) -> str:
             break
         await asyncio.sleep(0.05)
     await handle.cancel()
-    try:
-        await handle.result()
-    except qwit.FlowCancelled:
-        return handle.id
-    raise AssertionError("the flow should have been cancelled")
+    return await ended_with(handle, qwit.FlowCancelled)
 
 
 async def until_waiting(handle: qwit.FlowHandle) -> None:
@@ -101,11 +98,7 @@ async def waited_rollback(client: qwit.Client) -> str:
     handle = await client.start(ApprovedOrder, {"order_id": 7}, id="history-waited-rollback")
     await until_waiting(handle)
     await handle.react(qwit.ROLLBACK)
-    try:
-        await handle.result()
-    except qwit.FlowRolledBack:
-        return handle.id
-    raise AssertionError("the flow should have rolled back")
+    return await ended_with(handle, qwit.FlowRolledBack)
 
 
 async def waited_compensation(client: qwit.Client) -> str:
@@ -114,11 +107,7 @@ async def waited_compensation(client: qwit.Client) -> str:
     )
     await until_waiting(handle)
     await handle.react(qwit.SKIP)
-    try:
-        await handle.result()
-    except qwit.CompensationFailed:
-        return handle.id
-    raise AssertionError("the compensation should have failed")
+    return await ended_with(handle, qwit.CompensationFailed)
 
 
 SCENARIOS: dict[str, Scenario] = {
