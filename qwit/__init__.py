@@ -14,15 +14,21 @@ from ._context import StepContext, context, heartbeat
 from ._engine import Backend, Engine, FlowHandle
 from ._errors import (
     ArgumentsError,
+    Compensation,
     CompensationFailed,
+    EngineUnavailable,
     FlowAborted,
     FlowCancelled,
     FlowDefinitionError,
     FlowFailed,
+    FlowNotFound,
     FlowRolledBack,
+    HistoryTooLarge,
+    PayloadTooLarge,
     QwitError,
     ReactionError,
     StepError,
+    StepNotRegistered,
 )
 from ._flow import Flow
 from ._options import ABORT, RETRY, ROLLBACK, SKIP, SKIPBACK, WAIT, Reaction, Retry
@@ -31,32 +37,14 @@ from ._step import Step
 
 __version__ = "0.1.0"
 
-# Public names read as qwit.X (in reprs, tracebacks and error types on the wire).
-for _name in (
-    "Client",
-    "Flow",
-    "FlowHandle",
-    "Engine",
-    "Retry",
-    "Reaction",
-    "Step",
-    "StepContext",
-    "FlowState",
-    "StepState",
-    "WaitInfo",
-    "QwitError",
-    "FlowDefinitionError",
-    "ArgumentsError",
-    "ReactionError",
-    "FlowFailed",
-    "FlowRolledBack",
-    "FlowCancelled",
-    "CompensationFailed",
-    "FlowAborted",
-    "StepError",
-):
-    globals()[_name].__module__ = "qwit"
-del _name
+# Public classes read as qwit.X (in reprs, tracebacks and error types on the
+# wire): every class of __all__ defined in a private module.
+def _publish(names: list[str]) -> None:
+    for name in names:
+        value = globals()[name]
+        if isinstance(value, type) and value.__module__.startswith("qwit._"):
+            value.__module__ = "qwit"
+
 
 __all__ = [
     "ABORT",
@@ -68,16 +56,21 @@ __all__ = [
     "ArgumentsError",
     "Backend",
     "Client",
+    "Compensation",
     "CompensationFailed",
     "Engine",
+    "EngineUnavailable",
     "Flow",
     "FlowAborted",
     "FlowCancelled",
     "FlowDefinitionError",
     "FlowFailed",
     "FlowHandle",
+    "FlowNotFound",
     "FlowRolledBack",
     "FlowState",
+    "HistoryTooLarge",
+    "PayloadTooLarge",
     "QwitError",
     "Reaction",
     "ReactionError",
@@ -85,6 +78,7 @@ __all__ = [
     "Step",
     "StepContext",
     "StepError",
+    "StepNotRegistered",
     "StepState",
     "WaitInfo",
     "connect",
@@ -94,3 +88,5 @@ __all__ = [
     "local",
     "temporal",
 ]
+
+_publish(__all__)

@@ -10,7 +10,7 @@ from ._engine import Backend, Engine, FlowHandle
 from ._errors import ArgumentsError, FlowDefinitionError
 from ._flow import Flow, compile_flow
 from ._jsonargs import NotJSON, as_args
-from ._plan import FlowInput, FlowNode
+from ._plan import SUBFLOW_MARK, FlowInput, FlowNode
 
 if TYPE_CHECKING:
     import temporalio.client
@@ -98,8 +98,15 @@ class Client:
             raise ArgumentsError(f"flow {plan.name!r}, args:{field} {exc.problem}") from None
         if id is not None and (not isinstance(id, str) or not id.strip()):
             raise ArgumentsError(f"flow {plan.name!r}: id must be a non-empty string, not {id!r}")
+        if id is not None and SUBFLOW_MARK in id:
+            raise ArgumentsError(
+                f"flow {plan.name!r}: id {id!r} contains {SUBFLOW_MARK!r}, which QWIT keeps "
+                "for the ids of sub-flows (so that no flow's id can collide with one)"
+            )
         flow_id = id or f"{plan.name}-{uuid.uuid4().hex}"
-        return FlowInput(flow=plan, args=clean, root_id=flow_id)
+        # Fixed here, once: every idempotency key of this execution derives from
+        # it, so a later flow that reuses the id gets keys of its own.
+        return FlowInput(flow=plan, args=clean, root_id=flow_id, execution=uuid.uuid4().hex)
 
     async def start(
         self, flow: type[Flow], args: Any = None, *, id: str | None = None

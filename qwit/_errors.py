@@ -5,8 +5,13 @@ Everything QWIT raises derives from one root::
     QwitError
     ├── FlowDefinitionError      a Flow or Step is defined wrongly
     ├── ArgumentsError           a flow's args can't travel (not JSON, too big)
+    │   └── PayloadTooLarge      args or an output over the payload limit
     ├── ReactionError            handle.react(...) was refused
-    └── FlowFailed               .flow_id .step .reason .error_type
+    ├── FlowNotFound             no flow with that id
+    ├── EngineUnavailable        the engine can't be reached (says what to check)
+    ├── StepNotRegistered        no worker serves a step of the plan
+    ├── HistoryTooLarge          a flow's history is near its engine's limit
+    └── FlowFailed               .flow_id .step .reason .error_type .compensations
         ├── FlowRolledBack       .compensated
         │   └── FlowCancelled
         ├── CompensationFailed   .compensated .failed_compensations
@@ -22,7 +27,21 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+#: Longest error message or reason QWIT carries, in characters. A failure is
+#: repeated in a flow's end (the error, its reason, the exception's message):
+#: an unbounded message from a step could push that over the payload limit and
+#: leave the flow unable to end.
+MAX_MESSAGE = 4096
+
+
+def bounded(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    cut = len(text) - limit
+    return f"{text[:limit]}... [{cut} more characters cut]"
 
 
 class QwitError(Exception):
@@ -37,9 +56,34 @@ class ArgumentsError(QwitError):
     """A flow's args can't be sent: not a JSON object, not serialisable, too big."""
 
 
+class PayloadTooLarge(ArgumentsError):
+    """Args or a step's output are over the engine's payload limit.
+
+    When a step's output pushes a flow's accumulated args over the limit, that
+    step fails with this error (never retried) and the flow rolls back.
+    """
+
+
 class ReactionError(QwitError):
     """An operator's decision was refused: the flow isn't waiting, or the
     reaction or args are not valid for what it waits on."""
+
+
+class FlowNotFound(QwitError):
+    """No flow with that id is known to the engine."""
+
+
+class EngineUnavailable(QwitError):
+    """The engine can't be reached; the message says what to check."""
+
+
+class StepNotRegistered(QwitError):
+    """A plan names a step that no worker of its task queue serves."""
+
+
+class HistoryTooLarge(QwitError):
+    """A flow's history is so near its engine's limit that a step can't start
+    and still leave room to undo everything."""
 
 
 class StepError(Exception):
@@ -67,16 +111,80 @@ class ErrorInfo(BaseModel):
     types: list[str] = Field(default_factory=list)
     """Qualified names of the exception's classes, most specific first."""
     message: str = ""
+    """The error's message, at most ``MAX_MESSAGE`` characters."""
     retryable: bool = True
     started: bool = True
     """False when the step's method never ran (not registered, bad args), so
     there is nothing of it to undo."""
     attempt: int = 1
 
+    @field_validator("message")
+    @classmethod
+    def _bounded(cls, message: str) -> str:
+        return bounded(message)
+
     def describe(self) -> str:
         """``Type: message``, with the bare class name."""
         name = self.type.rsplit(".", 1)[-1]
         return f"{name}: {self.message}" if self.message else name
+
+
+def qualified_name(cls: type) -> str:
+    """``module.QualName`` of a class, as failures name it."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _message_of(exc: BaseException) -> str:
+    if isinstance(exc, StepError):
+        return exc.message
+    try:
+        return str(exc)
+    except Exception:  # a user's __str__ that raises must not hide the error
+        return f"<{type(exc).__name__}: its message could not be read>"
+
+
+def error_info(
+    exc: BaseException, *, attempt: int = 1, started: bool = True, retryable: bool | None = None
+) -> ErrorInfo:
+    """Describe an exception as data that crosses engines.
+
+    The one place an ``ErrorInfo`` is made from an exception: its type and
+    ``types`` are the qualified names of the exception's classes (most
+    specific first), so an ``on_failure`` mapping on any of them matches on
+    every engine.
+
+    Args:
+        exc: What was raised.
+        attempt: The attempt that raised it.
+        started: False when the step's method never ran (nothing to undo).
+        retryable: Override; by default every error is retryable except
+            ``StepError(retry=False)`` and QWIT's own refusals.
+    """
+    mro = [qualified_name(c) for c in type(exc).__mro__ if c not in (BaseException, object)]
+    if retryable is None:
+        retryable = not (
+            (isinstance(exc, StepError) and not exc.retry) or isinstance(exc, QwitError)
+        )
+    return ErrorInfo(
+        type=mro[0],
+        types=mro,
+        message=_message_of(exc),
+        retryable=retryable,
+        started=started,
+        attempt=attempt,
+    )
+
+
+class Compensation(BaseModel):
+    """One undo a flow ran (or tried), as the failure's ``.compensations`` list it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    path: str
+    status: Literal["compensated", "compensation_failed"]
+    error: ErrorInfo | None = None
+    """The undo's own error, when it failed."""
 
 
 FailureKind = Literal["rolled_back", "cancelled", "compensation_failed", "aborted"]
@@ -94,6 +202,13 @@ class FailureInfo(BaseModel):
     error: ErrorInfo | None = None
     compensated: list[str] = Field(default_factory=list)
     failed_compensations: list[str] = Field(default_factory=list)
+    compensations: list[Compensation] = Field(default_factory=list)
+    """Every undo, in the order they ended, with its path and error."""
+
+    @field_validator("reason")
+    @classmethod
+    def _bounded(cls, reason: str) -> str:
+        return bounded(reason)
 
 
 class FlowFailed(QwitError):
@@ -103,8 +218,11 @@ class FlowFailed(QwitError):
         flow_id: The id of the flow.
         step: Name of the step that failed (None when no step did, e.g. a
             cancel between steps).
-        reason: Why, in words: the step's error type and message.
+        reason: Why, in words: the forward failure's error type and message
+            (never an undo's error: see ``compensations``).
         error_type: Qualified class name of the step's error, if any.
+        compensations: Each undo that ran, in the order they ended, with its
+            ``name``, ``path``, ``status`` and ``error``.
         info: The whole outcome as the engine reported it.
     """
 
@@ -116,6 +234,7 @@ class FlowFailed(QwitError):
         self.step = info.step
         self.reason = info.reason
         self.error_type = info.error.type if info.error else None
+        self.compensations = list(info.compensations)
         super().__init__(self._message())
 
     def _message(self) -> str:

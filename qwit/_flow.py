@@ -12,6 +12,7 @@ from ._options import (
     DEFAULT_BACK_RETRY,
     DEFAULT_RETRY,
     DEFAULT_TIMEOUT,
+    DEFAULT_TIMEOUT_GRACE,
     STEP_OPTIONS,
     FailurePolicy,
     OnFailure,
@@ -69,7 +70,7 @@ class Flow:
             static_args: Args for this step only (a sub-flow's are seen by all
                 its steps); they override the flow's args of the same name.
             **options: Step options for this use: ``retry``, ``back_retry``,
-                ``timeout``, ``heartbeat_timeout``, ``on_failure``,
+                ``timeout``, ``timeout_grace``, ``heartbeat_timeout``, ``on_failure``,
                 ``back_on_failure``, ``local``. A sub-flow takes only
                 ``on_failure``.
         """
@@ -194,6 +195,7 @@ class _Compiler:
             retry = _retry(get("retry", DEFAULT_RETRY), "retry")
             back_retry = _retry(get("back_retry", DEFAULT_BACK_RETRY), "back_retry")
             timeout = parse_seconds(get("timeout", DEFAULT_TIMEOUT), "timeout")
+            grace = parse_seconds(get("timeout_grace", DEFAULT_TIMEOUT_GRACE), "timeout_grace")
             hb = _option(cls, options, "heartbeat_timeout")
             heartbeat_timeout = None if hb is None else parse_seconds(hb, "heartbeat_timeout")
             on_failure = parse_on_failure(get("on_failure", FailurePolicy()))
@@ -211,6 +213,7 @@ class _Compiler:
             retry=retry,
             back_retry=back_retry,
             timeout=timeout,
+            timeout_grace=grace,
             heartbeat_timeout=heartbeat_timeout,
             on_failure=on_failure,
             back_on_failure=back_on_failure,

@@ -9,6 +9,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ._errors import qualified_name
+
 
 class Reaction(str, enum.Enum):
     """What a flow does once a step's retries are spent.
@@ -115,6 +117,10 @@ DEFAULT_RETRY = Retry()
 DEFAULT_BACK_RETRY = Retry(max_attempts=25, initial_interval=1.0, backoff=2.0, max_interval=120.0)
 #: Default timeout of one attempt, in seconds.
 DEFAULT_TIMEOUT = 300.0
+#: Default ``timeout_grace``: how long a timed-out attempt, once told to stop
+#: (an ``async`` step cancelled, a plain one seeing ``context().cancelled``),
+#: gets to stop before the next attempt or the undo starts anyway.
+DEFAULT_TIMEOUT_GRACE = 30.0
 
 
 class FailureRule(BaseModel):
@@ -150,11 +156,6 @@ class FailurePolicy(BaseModel):
 
 
 OnFailure = Reaction | str | Mapping[Any, Any] | FailurePolicy
-
-
-def qualified_name(cls: type) -> str:
-    """``module.QualName`` of a class, as error types travel on the wire."""
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def parse_on_failure(value: object) -> FailurePolicy:
@@ -211,6 +212,7 @@ STEP_OPTIONS = (
     "retry",
     "back_retry",
     "timeout",
+    "timeout_grace",
     "heartbeat_timeout",
     "on_failure",
     "back_on_failure",

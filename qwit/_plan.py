@@ -36,6 +36,10 @@ class StepNode(BaseModel):
     retry: Retry = DEFAULT_RETRY
     back_retry: Retry = DEFAULT_BACK_RETRY
     timeout: float = DEFAULT_TIMEOUT
+    timeout_grace: float | None = None
+    """How long past ``timeout`` QWIT waits for a timed-out attempt to stop
+    before the next attempt or the undo starts. None (plans of older QWIT):
+    the engine's limit is ``timeout`` alone."""
     heartbeat_timeout: float | None = None
     on_failure: FailurePolicy = FailurePolicy()
     back_on_failure: Reaction = Reaction.ROLLBACK
@@ -89,6 +93,11 @@ class FlowInput(BaseModel):
     """Set for a sub-flow: the id of the flow that runs it."""
     payload_limit: int | None = None
     """Largest payload the engine accepts, in bytes (None: no limit known)."""
+    execution: str | None = None
+    """What makes this execution's idempotency keys its own: the root's
+    execution id (fixed when the flow starts), extended by each sub-flow
+    attempt past the first. None in plans of older QWIT, whose keys were
+    ``flow_id/path/direction`` and whose sub-flow ids were ``flow_id/path``."""
 
 
 class StepCall(BaseModel):
@@ -101,11 +110,19 @@ class StepCall(BaseModel):
     step: str
     direction: Literal["step_forward", "step_back"]
     args: dict[str, Any]
+    key: str | None = None
+    """The forward execution's key (``forward_key``); None in older plans."""
+    timeout: float | None = None
+    """The attempt's deadline, which the worker enforces itself (the engine's
+    limit is this plus the step's ``timeout_grace``); None in older plans."""
 
     @property
     def idempotency_key(self) -> str:
-        """Stable for this step of this flow and direction, across retries."""
-        return f"{self.flow_id}/{self.path}/{self.direction}"
+        """Stable for this execution of the step across its retries; an undo's
+        key is its forward's key plus the direction."""
+        if self.key is None:
+            return f"{self.flow_id}/{self.path}/{self.direction}"
+        return self.key if self.direction == "step_forward" else f"{self.key}/{self.direction}"
 
 
 class StepReturn(BaseModel):
@@ -115,6 +132,38 @@ class StepReturn(BaseModel):
 
     output: dict[str, Any] = Field(default_factory=dict)
     attempt: int = 1
+
+
+#: Room kept under a payload limit for what the engine's encoding adds.
+PAYLOAD_MARGIN = 1024
+
+#: What separates a root flow's id from its sub-flows' paths in their ids.
+#: User ids may not contain it, so a user's id never collides with a sub-flow's.
+SUBFLOW_MARK = "/~"
+
+
+def forward_key(execution: str, path: str, run: int) -> str:
+    """The idempotency key of a step's forward execution.
+
+    ``execution`` is the flow's (``FlowInput.execution``), ``run`` counts the
+    step's executions in it (1, then +1 for each operator RETRY).
+    """
+    return f"{execution}/{path}" + (f"~{run}" if run > 1 else "")
+
+
+def child_execution(execution: str, path: str, attempt: int) -> str:
+    """The ``execution`` of attempt ``attempt`` of the sub-flow at ``path``."""
+    return execution if attempt <= 1 else f"{execution}/{path}#{attempt}"
+
+
+def child_flow_id(input: FlowInput, path: str, attempt: int) -> str:
+    """The id of attempt ``attempt`` of the sub-flow at ``path`` (one place
+    for every engine)."""
+    if input.execution is None:  # flows started by older QWIT keep their ids
+        base = f"{input.root_id}/{path}"
+    else:
+        base = f"{input.root_id}{SUBFLOW_MARK}{path}"
+    return base + (f"#{attempt}" if attempt > 1 else "")
 
 
 def child_path(parent: str, index: int) -> str:

@@ -18,10 +18,16 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from ._context import StepContext, reset_context, set_context
-from ._errors import ErrorInfo, FlowDefinitionError, StepError
+from ._errors import (
+    ArgumentsError,
+    ErrorInfo,
+    FlowDefinitionError,
+    error_info,
+    qualified_name,
+)
 from ._flow import Flow, step_classes
 from ._jsonargs import NotJSON, as_args
-from ._options import qualified_name
+from ._options import DEFAULT_TIMEOUT_GRACE
 from ._plan import StepCall
 from ._step import Step, args_model, defines
 
@@ -32,20 +38,6 @@ class StepFailure(Exception):
     def __init__(self, info: ErrorInfo) -> None:
         super().__init__(info.describe())
         self.info = info
-
-
-def error_info(exc: BaseException, *, attempt: int = 1) -> ErrorInfo:
-    """Describe an exception raised by a step."""
-    mro = [qualified_name(c) for c in type(exc).__mro__ if c not in (BaseException, object)]
-    retryable = not (isinstance(exc, StepError) and not exc.retry)
-    message = exc.message if isinstance(exc, StepError) else str(exc)
-    return ErrorInfo(
-        type=qualified_name(type(exc)),
-        types=mro,
-        message=message,
-        retryable=retryable,
-        attempt=attempt,
-    )
 
 
 def _validation_message(step: str, exc: ValidationError) -> str:
@@ -140,20 +132,83 @@ def _thread_safe(fn: Callable[[Any], None]) -> Callable[[Any], None]:
     return call
 
 
-async def _in_thread(method: Callable[[Any], Any], arg: Any) -> Any:
-    """Run a plain step method in a thread.
+class _Deadline:
+    """A step attempt's own deadline, enforced where the step runs.
 
-    A thread can't be stopped: when the step is cancelled, wait for it to end
-    before passing the cancel on, so its ``step_back`` never runs beside it.
+    At ``timeout`` an ``async`` step is cancelled (at its next ``await``) and a
+    plain one sees ``context().cancelled``; either then gets ``grace`` seconds
+    to stop. The engine's own limit for the attempt is ``timeout + grace``,
+    so the next attempt, or the undo, starts only once this one has ended
+    (or, for a plain step that ignores ``cancelled``, once the grace is over).
     """
-    ctx = contextvars.copy_context()
-    future = asyncio.get_running_loop().run_in_executor(None, ctx.run, method, arg)
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        with contextlib.suppress(BaseException):
-            await future
-        raise
+
+    def __init__(self, timeout: float | None, grace: float, attempt: int) -> None:
+        self.timeout = timeout
+        self.grace = grace
+        self.attempt = attempt
+        self.fired = False
+
+    def error(self) -> StepFailure:
+        message = f"step timed out after {self.timeout:g}s"
+        return StepFailure(error_info(TimeoutError(message), attempt=self.attempt))
+
+    async def run_async(self, awaitable: Any) -> Any:
+        """Await the step's coroutine in this task, cancelling it at the deadline."""
+        if self.timeout is None:
+            return await awaitable
+        task = asyncio.current_task()
+        assert task is not None
+
+        def fire() -> None:
+            self.fired = True
+            task.cancel()
+
+        timer = asyncio.get_running_loop().call_later(self.timeout, fire)
+        try:
+            result = await awaitable
+            if self.fired:  # it swallowed the cancel and finished: its output stands
+                _uncancel(task)
+            return result
+        except asyncio.CancelledError:
+            if not self.fired or _cancelling(task) > 1:
+                raise  # a cancel from outside (the flow's): pass it on
+            _uncancel(task)
+            raise self.error() from None
+        finally:
+            timer.cancel()
+
+    async def run_thread(self, method: Callable[[Any], Any], arg: Any) -> Any:
+        """Run a plain step method in a thread, flagging it at the deadline.
+
+        A thread can't be stopped: when the step is cancelled from outside,
+        wait for it to end before passing the cancel on, so its ``step_back``
+        never runs beside it.
+        """
+        ctx = contextvars.copy_context()
+        future = asyncio.get_running_loop().run_in_executor(None, ctx.run, method, arg)
+        try:
+            done, _ = await asyncio.wait({future}, timeout=self.timeout)
+            if not done:
+                self.fired = True
+                await asyncio.wait({future}, timeout=self.grace)
+                if not future.done() or future.exception() is not None:
+                    raise self.error()
+            return future.result()
+        except asyncio.CancelledError:
+            with contextlib.suppress(BaseException):
+                await future
+            raise
+
+
+def _cancelling(task: asyncio.Task[Any]) -> int:
+    count = getattr(task, "cancelling", None)  # Python 3.11+
+    return int(count()) if count is not None else 1
+
+
+def _uncancel(task: asyncio.Task[Any]) -> None:
+    uncancel = getattr(task, "uncancel", None)  # Python 3.11+
+    if uncancel is not None:
+        uncancel()
 
 
 async def run_step_method(
@@ -165,12 +220,24 @@ async def run_step_method(
     heartbeat: Callable[[Any], None] | None = None,
     heartbeat_details: Any = None,
     is_cancelled: Callable[[], bool] | None = None,
+    timeout: float | None = None,
+    grace: float = DEFAULT_TIMEOUT_GRACE,
 ) -> dict[str, Any]:
     """Run ``call.direction`` of ``cls`` with ``call.args``; return its output.
 
+    Args:
+        timeout: The attempt's deadline in seconds (None: none here): an
+            ``async`` step is cancelled then, a plain one sees
+            ``context().cancelled``, and the attempt fails with a
+            ``TimeoutError`` once the step has stopped or ``grace`` is over.
+
     Raises:
-        StepFailure: the method raised, got args its model refused, or
-            returned something that is not a dict, a pydantic model or None.
+        StepFailure: the method raised (any ``BaseException`` but the
+            ``CancelledError`` of a cancel), timed out, got args its model
+            refused, or returned something that is not a dict, a pydantic
+            model or None.
+        asyncio.CancelledError: the attempt was cancelled from outside; the
+            step has stopped (or, plain, ended) by then.
     """
     method_name = call.direction
     model = args_model(cls, method_name)
@@ -180,15 +247,14 @@ async def run_step_method(
             arg = model.model_validate(call.args)
         except ValidationError as exc:
             raise StepFailure(
-                ErrorInfo(
-                    type="qwit.ArgumentsError",
-                    types=["qwit.ArgumentsError", "qwit.QwitError", "builtins.Exception"],
-                    message=_validation_message(call.step, exc),
-                    retryable=False,
-                    started=False,
+                error_info(
+                    ArgumentsError(_validation_message(call.step, exc)),
                     attempt=attempt,
+                    started=False,
                 )
             ) from None
+    deadline = _Deadline(timeout, grace, attempt)
+    outer_cancelled = is_cancelled or (lambda: False)
     ctx = StepContext(
         flow_id=call.flow_id,
         step=call.step,
@@ -199,20 +265,22 @@ async def run_step_method(
         heartbeat_details=heartbeat_details,
         engine=engine,
         _heartbeat=_thread_safe(heartbeat) if heartbeat else (lambda details: None),
-        _is_cancelled=is_cancelled or (lambda: False),
+        _is_cancelled=lambda: deadline.fired or outer_cancelled(),
     )
     token = set_context(ctx)
     try:
         method = getattr(cls(), method_name)
         if inspect.iscoroutinefunction(method):
-            result = await method(arg)
+            result = await deadline.run_async(method(arg))
         else:
-            result = await _in_thread(method, arg)
+            result = await deadline.run_thread(method, arg)
             if inspect.isawaitable(result):
-                result = await result
-    except asyncio.CancelledError:
+                result = await deadline.run_async(result)
+    except (asyncio.CancelledError, StepFailure):
         raise
-    except Exception as exc:
+    except BaseException as exc:  # any raise is the step's failure
+        if deadline.fired:
+            raise deadline.error() from exc
         raise StepFailure(error_info(exc, attempt=attempt)) from exc
     finally:
         reset_context(token)
@@ -236,12 +304,10 @@ def normalise_output(step: str, result: Any, attempt: int = 1) -> dict[str, Any]
     except NotJSON as exc:
         field = f" field {exc.field!r}:" if exc.field else ""
         raise StepFailure(
-            ErrorInfo(
-                type="qwit.ArgumentsError",
-                types=["qwit.ArgumentsError", "qwit.QwitError", "builtins.Exception"],
-                message=f"step {step!r} returned an output that can't be sent:"
-                f"{field} {exc.problem}",
-                retryable=False,
+            error_info(
+                ArgumentsError(
+                    f"step {step!r} returned an output that can't be sent:{field} {exc.problem}"
+                ),
                 attempt=attempt,
             )
         ) from None

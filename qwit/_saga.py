@@ -21,8 +21,16 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ._errors import ErrorInfo, FailureInfo, FailureKind, ReactionError
-from ._jsonargs import NotJSON, as_args
+from ._errors import (
+    Compensation,
+    ErrorInfo,
+    FailureInfo,
+    FailureKind,
+    PayloadTooLarge,
+    ReactionError,
+    error_info,
+)
+from ._jsonargs import NotJSON, as_args, json_size
 from ._options import (
     ABORT,
     RETRY,
@@ -33,7 +41,18 @@ from ._options import (
     Reaction,
     parse_reaction,
 )
-from ._plan import FlowInput, FlowNode, Node, StepCall, StepNode, StepReturn, child_path
+from ._plan import (
+    PAYLOAD_MARGIN,
+    FlowInput,
+    FlowNode,
+    Node,
+    StepCall,
+    StepNode,
+    StepReturn,
+    child_execution,
+    child_path,
+    forward_key,
+)
 from ._runner import StepFailure
 from ._state import FlowState, FlowStatus, PreviewItem, StepState, StepStatus, WaitInfo
 
@@ -100,7 +119,13 @@ class FlowRuntime(ABC):
 
     @abstractmethod
     async def start_subflow(self, node: FlowNode, input: FlowInput, attempt: int) -> SubflowRun:
-        """Start a sub-flow (``attempt`` counts operator retries, from 1)."""
+        """Start a sub-flow (``attempt`` counts operator retries, from 1); its
+        id is ``child_flow_id(input, input.path, attempt)``.
+
+        Raises:
+            StepFailure: the sub-flow could not start (e.g. its id is taken);
+                the parent treats it as the failure of that step.
+        """
 
     @abstractmethod
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
@@ -156,6 +181,10 @@ class _Rec:
     sub: SubflowRun | None = None
     failed_step: str | None = None
     runs: int = 0
+    key: str | None = None
+    """The idempotency key of the forward execution an undo would undo."""
+    back_error: ErrorInfo | None = None
+    back_attempts: int = 0
 
     @property
     def name(self) -> str:
@@ -191,6 +220,7 @@ class Interpreter:
         self._settle: bool | None = None
         self._compensated: list[str] = []
         self._failed_compensations: list[str] = []
+        self._compensations: list[Compensation] = []
 
     @property
     def status(self) -> FlowStatus:
@@ -261,12 +291,17 @@ class Interpreter:
                     # what its model reads, so history grows with what is used.
                     rec.args = args
                     call = self._call(rec, "step_forward", _select(args, node.fields))
+                    rec.key = call.key
                     refused = self.runtime.refuse_forward(call, self._undo_count())
                     if refused is not None:
                         raise StepFailure(refused)
                     result = await self.runtime.run_step(node, call)
                     rec.attempts += result.attempt
                     output = result.output
+                    outgrown = self._outgrown(rec, output)
+                    if outgrown is not None:
+                        rec.output = output  # its undo gets it, as a completed step's does
+                        raise StepFailure(outgrown)
             except StepFailure as failure:
                 rec.attempts += failure.info.attempt
                 rec.error = failure.info
@@ -274,8 +309,7 @@ class Interpreter:
             except FlowFailure as failed:
                 rec.error = failed.info.error
                 rec.failed_step = failed.info.step
-                self._compensated.extend(failed.info.compensated)
-                self._failed_compensations.extend(failed.info.failed_compensations)
+                self._absorb(failed.info)
                 reaction = self._subflow_reaction(rec, failed.info)
             else:
                 rec.output = output
@@ -300,6 +334,7 @@ class Interpreter:
     async def _forward_subflow(self, rec: _Rec, args: dict[str, Any]) -> dict[str, Any]:
         node = rec.node
         assert isinstance(node, FlowNode)
+        execution = self.input.execution
         child = FlowInput(
             version=self.input.version,
             flow=node,
@@ -308,13 +343,23 @@ class Interpreter:
             path=rec.path,
             parent_id=self.flow_id,
             payload_limit=self.input.payload_limit,
+            execution=None if execution is None else child_execution(execution, rec.path, rec.runs),
         )
         refused = self.runtime.refuse_forward(child, self._undo_count())
         if refused is not None:
             raise StepFailure(refused)
         rec.sub = await self.runtime.start_subflow(node, child, rec.runs)
         rec.attempts += 1
-        return await rec.sub.forward()
+        outputs = await rec.sub.forward()
+        outgrown = self._outgrown(rec, outputs)
+        if outgrown is not None:
+            # Its steps ran but their outputs can't join the args: undo it now,
+            # as a sub-flow that failed would have undone itself.
+            info = await self.runtime.shield(rec.sub.settle(commit=False))
+            if info is not None:
+                self._absorb(info)
+            raise StepFailure(outgrown)
+        return outputs
 
     def _subflow_reaction(self, rec: _Rec, info: FailureInfo) -> Reaction:
         node = rec.node
@@ -327,13 +372,61 @@ class Interpreter:
     def _call(
         self, rec: _Rec, direction: Literal["step_forward", "step_back"], args: dict[str, Any]
     ) -> StepCall:
+        execution = self.input.execution
+        node = rec.node
+        assert isinstance(node, StepNode)
+        if direction == "step_forward":
+            key = None if execution is None else forward_key(execution, rec.path, rec.runs)
+        else:
+            key = rec.key
         return StepCall(
             flow_id=self.input.root_id,
             path=rec.path,
             step=rec.name,
             direction=direction,
             args=args,
+            key=key,
+            timeout=None if node.timeout_grace is None else node.timeout,
         )
+
+    def _too_big(self, args: dict[str, Any]) -> int | None:
+        """The size of ``args`` if they are over the payload limit, else None.
+
+        Only flows started by this version of QWIT (``execution`` set) check:
+        older flows in flight keep the behaviour they started with.
+        """
+        limit = self.input.payload_limit
+        if not limit or self.input.execution is None:
+            return None
+        size = json_size(args)
+        return size if size > limit - PAYLOAD_MARGIN else None
+
+    def _outgrown(self, rec: _Rec, output: dict[str, Any]) -> ErrorInfo | None:
+        """A PayloadTooLarge failure if ``output`` pushes the args over the limit.
+
+        The flow's result, every later step's args and a sub-flow's report to
+        its parent carry the accumulated args: past the limit none of them
+        could be sent, so the step that pushed them over fails (its effect is
+        undone as a failed step's is) while the flow can still roll back.
+        """
+        size = self._too_big({**self.args, **output}) if output else None
+        if size is None:
+            return None
+        what = "sub-flow" if rec.is_flow else "step"
+        return error_info(
+            PayloadTooLarge(
+                f"{what} {rec.name!r} returned outputs that take the flow's args to "
+                f"{size} bytes, over the {self.input.payload_limit}-byte payload limit: "
+                "return references (ids, URLs) instead of large values"
+            ),
+            attempt=0,  # the step's attempts are counted already
+        )
+
+    def _absorb(self, info: FailureInfo) -> None:
+        """Take in what a sub-flow undid (it rolled itself back)."""
+        self._compensated.extend(info.compensated)
+        self._failed_compensations.extend(info.failed_compensations)
+        self._compensations.extend(info.compensations)
 
     # -- failure ------------------------------------------------------------
 
@@ -356,8 +449,7 @@ class Interpreter:
             in_flight.status = "failed"
             if in_flight.is_flow and in_flight.sub is not None and in_flight.error is None:
                 info = await in_flight.sub.cancel()
-                self._compensated.extend(info.compensated)
-                self._failed_compensations.extend(info.failed_compensations)
+                self._absorb(info)
                 in_flight.status = (
                     "compensation_failed" if info.failed_compensations else "compensated"
                 )
@@ -392,6 +484,7 @@ class Interpreter:
             error=error,
             compensated=list(self._compensated),
             failed_compensations=list(self._failed_compensations),
+            compensations=list(self._compensations),
         )
 
     async def _rollback(self, failed: _Rec | None) -> None:
@@ -409,16 +502,14 @@ class Interpreter:
             assert rec.sub is not None
             info = await rec.sub.settle(commit=False)
             if info is not None:
-                self._compensated.extend(info.compensated)
-                self._failed_compensations.extend(info.failed_compensations)
+                self._absorb(info)
                 if info.failed_compensations:
                     rec.status = "compensation_failed"
                     return
             rec.status = "compensated"
             return
         if not node.has_back:
-            rec.status = "compensated"
-            self._compensated.append(rec.name)
+            self._undone(rec, None)
             return
         while True:
             rec.status = "compensating"
@@ -426,18 +517,29 @@ class Interpreter:
             try:
                 result = await self.runtime.run_step(node, self._call(rec, "step_back", back_args))
             except StepFailure as failure:
-                rec.error = failure.info
+                rec.back_attempts += failure.info.attempt
+                rec.back_error = failure.info
                 rec.status = "compensation_failed"
                 if node.back_on_failure == WAIT:
                     decision = await self._wait(rec, "step_back", BACK_DECISIONS)
                     if decision.reaction == RETRY:
                         continue
-                self._failed_compensations.append(rec.name)
+                self._undone(rec, failure.info)
                 return
-            del result
-            rec.status = "compensated"
-            self._compensated.append(rec.name)
+            rec.back_attempts += result.attempt
+            self._undone(rec, None)
             return
+
+    def _undone(self, rec: _Rec, error: ErrorInfo | None) -> None:
+        """Record the end of one step's undo: done, or failed with ``error``."""
+        status: Literal["compensated", "compensation_failed"] = (
+            "compensated" if error is None else "compensation_failed"
+        )
+        rec.status = status
+        (self._compensated if error is None else self._failed_compensations).append(rec.name)
+        self._compensations.append(
+            Compensation(name=rec.name, path=rec.path, status=status, error=error)
+        )
 
     async def _settle_children(self, commit: bool) -> None:
         subs = [r.sub for r in self.recs if r.status == "done" and r.sub is not None]
@@ -449,14 +551,15 @@ class Interpreter:
     async def _wait(
         self, rec: _Rec, direction: Literal["step_forward", "step_back"], allowed: list[Reaction]
     ) -> Decision:
-        assert rec.error is not None
+        error = rec.back_error if direction == "step_back" else rec.error
+        assert error is not None
         previous = self.status
         self.waiting = WaitInfo(
             step=rec.failed_step or rec.name,
             path=rec.path,
             flow_id=self.flow_id,
             direction=direction,
-            error=rec.error,
+            error=error,
             allowed=[r.value for r in allowed],
             rollback_preview=self._preview(rec) if direction == "step_forward" else [],
         )
@@ -509,6 +612,12 @@ class Interpreter:
             raise ReactionError(f"flow {self.flow_id!r}: args {exc}") from None
         if extra and chosen != RETRY:
             raise ReactionError(f"flow {self.flow_id!r}: args only go with {RETRY.value!r}")
+        size = self._too_big({**self.args, **extra}) if extra else None
+        if size is not None:
+            raise ReactionError(
+                f"flow {self.flow_id!r}: with these args the flow's args would take {size} "
+                f"bytes, over the {self.input.payload_limit}-byte payload limit"
+            )
         return Decision(reaction=chosen, args=extra)
 
     def decide(self, decision: Decision) -> None:
@@ -535,6 +644,8 @@ class Interpreter:
                     path=rec.path,
                     status=rec.status,
                     attempts=rec.attempts,
+                    back_attempts=rec.back_attempts,
+                    back_error=rec.back_error,
                     kind="flow" if rec.is_flow else "step",
                     has_back=not isinstance(rec.node, StepNode) or rec.node.has_back,
                     error=rec.error,

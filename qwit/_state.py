@@ -51,6 +51,12 @@ class StepState(BaseModel):
     has_back: bool = True
     """False for a step without ``step_back``: its undo does nothing."""
     error: ErrorInfo | None = None
+    """What its ``step_forward`` (or sub-flow) failed with, last."""
+    back_attempts: int = 0
+    """Attempts of its ``step_back`` so far."""
+    back_error: ErrorInfo | None = None
+    """What its ``step_back`` failed with, last (the flow's own failure stays
+    in ``error``)."""
     flow_id: str | None = None
     """For a sub-flow: the id of the engine's execution that runs it."""
     steps: list[StepState] = Field(default_factory=list)

@@ -38,6 +38,10 @@ class Step:
         retry: ``qwit.Retry`` for ``step_forward`` (default: 3 attempts).
         back_retry: ``qwit.Retry`` for ``step_back`` (default: long, capped backoff).
         timeout: Seconds (or a timedelta) one attempt may take (default 300).
+            At the deadline an ``async`` step is cancelled at its next
+            ``await``; a plain one sees ``qwit.context().cancelled``.
+        timeout_grace: Seconds a timed-out attempt gets to stop before the
+            next attempt or the undo starts anyway (default 30).
         heartbeat_timeout: For long steps that call ``qwit.heartbeat()``.
         on_failure: A reaction, or a mapping from exception class (or class
             name) to reaction, applied once the retries are spent.
@@ -58,6 +62,7 @@ class Step:
     retry: ClassVar[Retry | None] = None
     back_retry: ClassVar[Retry | None] = None
     timeout: ClassVar[float | timedelta | None] = None
+    timeout_grace: ClassVar[float | timedelta | None] = None
     heartbeat_timeout: ClassVar[float | timedelta | None] = None
     on_failure: ClassVar[OnFailure | None] = None
     back_on_failure: ClassVar[Reaction | str | None] = None

@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ._errors import ArgumentsError, FlowFailed, QwitError
+from ._errors import ArgumentsError, FlowFailed, FlowNotFound, StepNotRegistered, error_info
+from ._options import DEFAULT_TIMEOUT_GRACE
+from ._plan import child_flow_id
 from .engine import (
     Decision,
     Engine,
-    ErrorInfo,
     FailureInfo,
     FlowFailure,
     FlowHandle,
@@ -127,7 +129,7 @@ class _Runtime(FlowRuntime):
         cls = self.run.registry.get(call.step)
         if cls is None:  # pragma: no cover - the registry is built from the flow itself
             raise StepFailure(
-                ErrorInfo(type="qwit.StepNotRegistered", message=call.step, retryable=False)
+                error_info(StepNotRegistered(f"step {call.step!r} is not registered"))
             )
         retry = node.retry if call.direction == "step_forward" else node.back_retry
         details: list[Any] = [None]
@@ -135,35 +137,36 @@ class _Runtime(FlowRuntime):
         while True:
             attempt += 1
             try:
-                output = await asyncio.wait_for(
-                    run_step_method(
-                        cls,
-                        call,
-                        attempt=attempt,
-                        engine=name,
-                        heartbeat=lambda d: details.__setitem__(0, d),
-                        heartbeat_details=details[0],
-                        is_cancelled=lambda: self.run.cancelling,
+                # Each attempt gets its own copy of the args, and the flow keeps
+                # its own copy of the output, as if they had crossed a wire: a
+                # step that mutates them changes nothing outside itself.
+                output = await run_step_method(
+                    cls,
+                    call.model_copy(update={"args": copy.deepcopy(call.args)}),
+                    attempt=attempt,
+                    engine=name,
+                    heartbeat=lambda d: details.__setitem__(0, copy.deepcopy(d)),
+                    heartbeat_details=copy.deepcopy(details[0]),
+                    is_cancelled=lambda: self.run.cancelling,
+                    timeout=node.timeout,
+                    grace=(
+                        DEFAULT_TIMEOUT_GRACE if node.timeout_grace is None else node.timeout_grace
                     ),
-                    node.timeout,
                 )
-                return StepReturn(output=output, attempt=attempt)
+                return StepReturn(output=copy.deepcopy(output), attempt=attempt)
             except StepFailure as failure:
                 info = failure.info
-            except asyncio.TimeoutError:
-                info = ErrorInfo(
-                    type="builtins.TimeoutError",
-                    types=["builtins.TimeoutError", "builtins.OSError", "builtins.Exception"],
-                    message=f"step timed out after {node.timeout:g}s",
-                )
             spent = retry.max_attempts is not None and attempt >= retry.max_attempts
             if spent or not info.retryable:
                 raise StepFailure(info.model_copy(update={"attempt": attempt}))
             await asyncio.sleep(retry.delay(attempt))
 
     async def start_subflow(self, node: FlowNode, input: FlowInput, attempt: int) -> SubflowRun:
-        flow_id = f"{input.root_id}/{input.path}" + (f"#{attempt}" if attempt > 1 else "")
-        return _Subflow(self.run.engine._launch(self.run.registry, input, flow_id))
+        flow_id = child_flow_id(input, input.path, attempt)
+        try:
+            return _Subflow(self.run.engine._launch(self.run.registry, input, flow_id))
+        except ArgumentsError as exc:
+            raise StepFailure(error_info(exc, started=False)) from None
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         while True:
@@ -190,7 +193,7 @@ class LocalFlowHandle(FlowHandle):
 
     async def result(self) -> dict[str, Any]:
         try:
-            return await asyncio.shield(self._engine.find(self.id).task)
+            return copy.deepcopy(await asyncio.shield(self._engine.find(self.id).task))
         except FlowFailure as failed:
             raise FlowFailed.from_info(failed.info) from None
 
@@ -198,7 +201,7 @@ class LocalFlowHandle(FlowHandle):
         self._engine.find(self.id).cancel()
 
     async def flow_state(self, flow_id: str) -> FlowState:
-        return self._engine.find(flow_id).interpreter.state()
+        return self._engine.find(flow_id).interpreter.state().model_copy(deep=True)
 
     async def send_decision(self, flow_id: str, decision: Decision) -> None:
         run = self._engine.find(flow_id)
@@ -218,12 +221,12 @@ class LocalEngine(Engine):
         """The run of ``flow_id``.
 
         Raises:
-            QwitError: no flow of that id was started on this engine.
+            FlowNotFound: no flow of that id was started on this engine.
         """
         try:
             return self.runs[flow_id]
         except KeyError:
-            raise QwitError(f"no flow {flow_id!r} was started on this local engine") from None
+            raise FlowNotFound(f"no flow {flow_id!r} was started on this local engine") from None
 
     def _launch(self, registry: Registry, input: FlowInput, flow_id: str) -> _Run:
         existing = self.runs.get(flow_id)
@@ -233,6 +236,8 @@ class LocalEngine(Engine):
         return run
 
     async def start(self, flow: type[Flow], input: FlowInput) -> FlowHandle:
+        # The flow keeps its own copy of the caller's args.
+        input = input.model_copy(update={"args": copy.deepcopy(input.args)})
         self._launch(Registry(flow), input, input.root_id)
         return LocalFlowHandle(self, input.root_id)
 

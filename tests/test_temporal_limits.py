@@ -119,7 +119,10 @@ async def test_an_output_too_big_to_undo_fails_its_step_which_is_undone(small):
     ledger.assert_fully_undone(run)
 
 
-async def test_args_grown_over_the_limit_refuse_the_next_step_and_roll_back(small):
+async def test_the_output_that_pushes_the_args_over_the_limit_fails_its_step(small):
+    # Two steps without step_back, each returning half the limit: the second
+    # takes the flow's args (and so its result) over it. That step fails with
+    # PayloadTooLarge, not retried, and the flow rolls back at once.
     run = uuid.uuid4().hex
     async with small.worker(Accumulating):
         with pytest.raises(qwit.FlowRolledBack) as info:
@@ -127,10 +130,11 @@ async def test_args_grown_over_the_limit_refuse_the_next_step_and_roll_back(smal
         state = await small.client.get_handle(info.value.flow_id).state()
     err = info.value
     assert err.error_type == "qwit.PayloadTooLarge"
-    assert err.step == "limits.before"
+    assert err.step == "limits.no_undo_blob"
     assert f"{LIMIT}-byte payload limit" in err.reason
     assert err.compensated == ["limits.no_undo_blob", "limits.no_undo_blob", "limits.before"]
-    assert state.steps[3].attempts == 0
+    assert [s.status for s in state.steps] == ["compensated", "compensated", "compensated", "pending"]
+    assert [s.attempts for s in state.steps] == [1, 1, 1, 0]
     ledger.assert_fully_undone(run)
 
 

@@ -403,7 +403,7 @@ async def test_wait_inside_a_sub_flow_is_seen_and_decided_from_the_root(client, 
         state = await wait_status(handle, "waiting")
         assert state.waiting is not None
         assert state.waiting.path == "2.2"
-        assert state.waiting.flow_id == f"{handle.id}/2"
+        assert state.waiting.flow_id == f"{handle.id}/~2"
         sub = state.steps[1]
         assert sub.kind == "flow"
         assert [s.status for s in sub.steps] == ["done", "failed", "pending"]

@@ -81,9 +81,9 @@ async def test_sub_flow_args_scoping_and_child_workflow(client, worker, temporal
         if e.event_type == EventType.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED
     ]
     assert [(c.workflow_type.name, c.workflow_id) for c in children] == [
-        ("qwit.Flow", f"{flow_id}/2")
+        ("qwit.Flow", f"{flow_id}/~2")
     ]
-    child_events = await history_events(temporal_client, f"{flow_id}/2")
+    child_events = await history_events(temporal_client, f"{flow_id}/~2")
     assert scheduled_activities(child_events) == ["I1.step_forward", "I2.step_forward"]
     assert ledger.applied(run) == ["O1", "I1", "I2", "O2"]
     assert ledger.undone(run) == []
@@ -108,7 +108,7 @@ async def test_failure_after_a_completed_sub_flow_undoes_it_in_its_own_execution
         ("undo", "O1"),
     ]
     # the sub-flow's undo is recorded in the sub-flow's execution, not the parent's
-    child = scheduled_activities(await history_events(temporal_client, f"{flow_id}/2"))
+    child = scheduled_activities(await history_events(temporal_client, f"{flow_id}/~2"))
     assert child == ["I1.step_forward", "I2.step_forward", "I2.step_back", "I1.step_back"]
     parent = scheduled_activities(await history_events(temporal_client, flow_id))
     assert parent == ["O1.step_forward", "O2.step_forward", "O2.step_back", "O1.step_back"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -10,17 +12,19 @@ from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
 from temporalio.common import RawValue
 from temporalio.exceptions import ApplicationError
 
-from .._errors import ErrorInfo
+from .._errors import ErrorInfo, PayloadTooLarge, StepNotRegistered, error_info
 from .._jsonargs import json_size
-from .._plan import StepCall, StepReturn
+from .._plan import PAYLOAD_MARGIN, StepCall, StepReturn
 from .._runner import Registry, StepFailure, run_step_method
 from .._step import Step, defines
 
 DIRECTIONS = ("step_forward", "step_back")
 #: Temporal's default ``limit.blobSize.error``, for servers that don't say.
 DEFAULT_PAYLOAD_LIMIT = 2 * 1024 * 1024
-#: Room kept under a payload limit for what the data converter adds.
-PAYLOAD_MARGIN = 1024
+#: A step that has run this long heartbeats for itself, and again as often, so
+#: that a cancel reaches it even if it never calls ``qwit.heartbeat()``
+#: (Temporal tells an activity of a cancel only in a heartbeat's response).
+AUTO_HEARTBEAT_EVERY = 1.0
 
 
 def activity_name(step: str, direction: str) -> str:
@@ -71,18 +75,43 @@ async def _check_undo_fits(call: StepCall, output: dict[str, Any]) -> None:
     output_size = json_size(output)
     if args_size + output_size > limit - PAYLOAD_MARGIN:
         raise _application_error(
-            ErrorInfo(
-                type="qwit.PayloadTooLarge",
-                types=["qwit.PayloadTooLarge", "qwit.QwitError", "builtins.Exception"],
-                message=(
+            error_info(
+                PayloadTooLarge(
                     f"step {call.step!r} returned {output_size} bytes; with its args "
                     f"({args_size} bytes) its undo would not fit the {limit}-byte payload "
                     "limit: return references (ids, URLs) instead of large values"
                 ),
-                retryable=False,
                 attempt=activity.info().attempt,
             )
         )
+
+
+class _Heartbeats:
+    """A step's heartbeats: its own, and QWIT's while it runs.
+
+    QWIT's repeat the details the step last gave (or those of the attempt
+    before, until it gives any), since Temporal keeps only the last.
+    """
+
+    def __init__(self, details: Sequence[Any]) -> None:
+        self.last: tuple[Any, ...] = tuple(details[:1])
+
+    def beat(self, details: Any) -> None:
+        self.last = (details,)
+        activity.heartbeat(details)
+
+    async def keep_alive(self) -> None:
+        while True:
+            await asyncio.sleep(AUTO_HEARTBEAT_EVERY)
+            activity.heartbeat(*self.last)
+
+
+def _grace(call: StepCall) -> float:
+    """The grace the workflow gave this attempt: its limit past ``call.timeout``."""
+    limit = activity.info().start_to_close_timeout
+    if call.timeout is None or limit is None:
+        return 0.0
+    return max(limit.total_seconds() - call.timeout, 0.0)
 
 
 def step_activity(cls: type[Step], direction: str) -> Callable[[StepCall], Any]:
@@ -94,26 +123,36 @@ def step_activity(cls: type[Step], direction: str) -> Callable[[StepCall], Any]:
         info = activity.info()
         if call.step != cls.name or call.direction != direction:
             raise _application_error(
-                ErrorInfo(
-                    type="qwit.StepNotRegistered",
-                    message=f"activity {info.activity_type!r} got a call for "
-                    f"{call.step}.{call.direction}",
-                    retryable=False,
+                error_info(
+                    StepNotRegistered(
+                        f"activity {info.activity_type!r} got a call for "
+                        f"{call.step}.{call.direction}"
+                    ),
                     started=False,
                 )
             )
+        beats = _Heartbeats(info.heartbeat_details)
+        # A local activity can't heartbeat: its own worker tells it of a cancel.
+        keeper = None if info.is_local else asyncio.create_task(beats.keep_alive())
         try:
             output = await run_step_method(
                 cls,
                 call,
                 attempt=info.attempt,
                 engine="temporal",
-                heartbeat=activity.heartbeat,
+                heartbeat=beats.beat,
                 heartbeat_details=_first_detail(info.heartbeat_details),
                 is_cancelled=activity.is_cancelled,
+                timeout=call.timeout,
+                grace=_grace(call),
             )
         except StepFailure as failure:
             raise _application_error(failure.info) from None
+        finally:
+            if keeper is not None:
+                keeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await keeper
         if output and has_back:
             await _check_undo_fits(call, output)
         return StepReturn(output=output, attempt=info.attempt)
@@ -135,15 +174,12 @@ async def unregistered_step(args: Sequence[RawValue]) -> NoReturn:
     if direction not in DIRECTIONS:
         step = info.activity_type
     raise _application_error(
-        ErrorInfo(
-            type="qwit.StepNotRegistered",
-            types=["qwit.StepNotRegistered", "qwit.QwitError", "builtins.Exception"],
-            message=(
+        error_info(
+            StepNotRegistered(
                 f"step {step!r} is not registered on the workers of task queue "
                 f"{info.task_queue!r}: start a worker for the module that defines it "
                 "(qwit-worker MODULE)"
             ),
-            retryable=False,
             started=False,
             attempt=info.attempt,
         )

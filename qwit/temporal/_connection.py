@@ -16,7 +16,7 @@ from typing import Any
 
 from temporalio.service import TLSConfig
 
-from .._errors import QwitError
+from .._errors import EngineUnavailable
 
 _CA_HINT = (
     "set TEMPORAL_TLS_SERVER_CA_CERT_PATH or TEMPORAL_TLS_SERVER_CA_CERT_DATA to the CA that "
@@ -25,7 +25,7 @@ _CA_HINT = (
 _TLS_VARS = "TEMPORAL_TLS, TEMPORAL_API_KEY or a TEMPORAL_TLS_* variable"
 
 
-class TemporalConnectionError(QwitError, RuntimeError):
+class TemporalConnectionError(EngineUnavailable, RuntimeError):
     """QWIT could not connect to Temporal.
 
     The message names the address, says whether TLS was on and what to

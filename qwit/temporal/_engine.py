@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,23 +24,25 @@ from temporalio.exceptions import (
     TimeoutError,
     WorkflowAlreadyStartedError,
 )
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from .._engine import Engine, FlowHandle
 from .._errors import (
     ArgumentsError,
+    ErrorInfo,
     FailureInfo,
     FailureKind,
     FlowDefinitionError,
     FlowFailed,
+    FlowNotFound,
     QwitError,
     ReactionError,
 )
 from .._jsonargs import json_size
-from .._plan import FlowInput, FlowNode
+from .._plan import PAYLOAD_MARGIN, FlowInput, FlowNode
 from .._saga import Decision
 from .._state import FlowState
-from ._activities import DEFAULT_PAYLOAD_LIMIT, PAYLOAD_MARGIN
+from ._activities import DEFAULT_PAYLOAD_LIMIT
 from ._connection import config_error, connection_error
 from ._plugin import QwitPlugin
 from ._replay import replay_state
@@ -125,13 +129,69 @@ async def _query_state(
     """A flow's state: from its workflow's query while it runs, and from a
     replay of its history right here once it has ended (no worker needed)."""
     handle = client.get_workflow_handle(flow_id, run_id=run_id)
-    description = await handle.describe()
-    if description.status != WorkflowExecutionStatus.RUNNING:
-        replayed = await replay_state(await handle.fetch_history())
-        if replayed is not None:
-            return replayed
-    state: FlowState = await handle.query(QUERY_STATE, result_type=FlowState)
-    return state
+    with _rpc_errors(flow_id):
+        description = await handle.describe()
+        if description.status != WorkflowExecutionStatus.RUNNING:
+            replayed = await replay_state(await handle.fetch_history())
+            if replayed is not None:
+                return replayed
+        state: FlowState = await handle.query(QUERY_STATE, result_type=FlowState)
+    return _with_attempts_in_flight(state, description)
+
+
+def _with_attempts_in_flight(
+    state: FlowState, description: temporalio.client.WorkflowExecutionDescription
+) -> FlowState:
+    """``state`` with what Temporal knows of the step in flight and the flow
+    does not yet: its attempt and its last error, while it is being retried.
+
+    A flow runs one step at a time, so the running (or compensating) step of
+    a pending activity's name is that activity's step.
+    """
+    pending = {
+        p.activity_type.name: p for p in description.raw_description.pending_activities
+    }
+    if not pending:
+        return state
+    steps = []
+    for step in state.steps:
+        forward = pending.get(f"{step.name}.step_forward") if step.status == "running" else None
+        back = pending.get(f"{step.name}.step_back") if step.status == "compensating" else None
+        if forward is not None and forward.attempt > 1:
+            step = step.model_copy(
+                update={
+                    "attempts": step.attempts + forward.attempt - 1,
+                    "error": _last_failure(forward) or step.error,
+                }
+            )
+        elif back is not None and back.attempt > 1:
+            step = step.model_copy(
+                update={
+                    "back_attempts": step.back_attempts + back.attempt - 1,
+                    "back_error": _last_failure(back) or step.back_error,
+                }
+            )
+        steps.append(step)
+    return state.model_copy(update={"steps": steps})
+
+
+def _last_failure(pending: Any) -> ErrorInfo | None:
+    failure = pending.last_failure
+    if not failure.message and not failure.HasField("application_failure_info"):
+        return None
+    kind = failure.application_failure_info.type or "Error"
+    return ErrorInfo(type=kind, types=[kind], message=failure.message, attempt=pending.attempt - 1)
+
+
+@contextlib.contextmanager
+def _rpc_errors(flow_id: str) -> Iterator[None]:
+    """Temporal's RPC errors about a flow, as QWIT errors."""
+    try:
+        yield
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            raise FlowNotFound(f"no flow with id {flow_id!r} ({err.message})") from None
+        raise
 
 
 class TemporalFlowHandle(FlowHandle):
@@ -152,14 +212,16 @@ class TemporalFlowHandle(FlowHandle):
     async def result(self) -> dict[str, Any]:
         handle = await self.workflow_handle()
         try:
-            result: dict[str, Any] = await handle.result()
+            with _rpc_errors(self.id):
+                result: dict[str, Any] = await handle.result()
         except WorkflowFailureError as err:
             raise _flow_failed(self.id, err) from None
         return result
 
     async def cancel(self) -> None:
         handle = await self.workflow_handle()
-        await handle.cancel()
+        with _rpc_errors(self.id):
+            await handle.cancel()
 
     async def flow_state(self, flow_id: str) -> FlowState:
         client = await self._engine.temporal_client()
@@ -168,7 +230,8 @@ class TemporalFlowHandle(FlowHandle):
     async def send_decision(self, flow_id: str, decision: Decision) -> None:
         client = await self._engine.temporal_client()
         try:
-            await client.get_workflow_handle(flow_id).execute_update(UPDATE_REACT, decision)
+            with _rpc_errors(flow_id):
+                await client.get_workflow_handle(flow_id).execute_update(UPDATE_REACT, decision)
         except WorkflowUpdateFailedError as err:
             cause = err.cause
             message = cause.message if isinstance(cause, ApplicationError) else str(cause)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from types import ModuleType
 from typing import Any, Literal
 
@@ -11,7 +12,7 @@ from temporalio.activity import _Definition as _ActivityDefinition
 from temporalio.contrib.pydantic import PydanticPayloadConverter
 from temporalio.converter import DataConverter
 from temporalio.plugin import SimplePlugin
-from temporalio.worker import WorkflowRunner
+from temporalio.worker import WorkerConfig, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from .._flow import Flow
@@ -24,6 +25,11 @@ from ._workflow import QwitWorkflow
 #: Modules the workflow sandbox shares with the worker instead of re-importing
 #: them for every run: QWIT's own (pure, deterministic) and pydantic's.
 PASSTHROUGH_MODULES = ("qwit", "pydantic", "pydantic_core", "annotated_types")
+#: Longest a step's heartbeat waits to be sent. Temporal tells a running
+#: activity of a cancel only in a heartbeat's response, and the SDK holds
+#: heartbeats back for up to 30 s (60 s at most) by default: QWIT's steps
+#: heartbeat every second while they run, sent at most this often.
+HEARTBEAT_THROTTLE = timedelta(seconds=2)
 
 
 def _data_converter(
@@ -125,3 +131,16 @@ class QwitPlugin(SimplePlugin):
             workflows=_add_workflow,
             workflow_runner=_workflow_runner,
         )
+
+    def configure_worker(self, config: WorkerConfig) -> WorkerConfig:
+        """Set the worker up for QWIT (see the class), and cap its heartbeat
+        throttle at ``HEARTBEAT_THROTTLE`` so that a cancel reaches a step
+        within seconds."""
+        config = super().configure_worker(config)
+        current = config.get("default_heartbeat_throttle_interval")
+        if current is None or current > HEARTBEAT_THROTTLE:
+            config["default_heartbeat_throttle_interval"] = HEARTBEAT_THROTTLE
+        current = config.get("max_heartbeat_throttle_interval")
+        if current is None or current > HEARTBEAT_THROTTLE:
+            config["max_heartbeat_throttle_interval"] = HEARTBEAT_THROTTLE
+        return config

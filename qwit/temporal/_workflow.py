@@ -7,6 +7,7 @@ sub-flow a child workflow of this same type. It imports no user code.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -23,6 +24,7 @@ from temporalio.exceptions import (
     ApplicationError,
     ChildWorkflowError,
     TimeoutError,
+    WorkflowAlreadyStartedError,
     is_cancelled_exception,
 )
 
@@ -31,14 +33,30 @@ with workflow.unsafe.imports_passed_through():
 
     from pydantic import BaseModel, ConfigDict, ValidationError
 
-    from .._errors import ErrorInfo, FailureInfo, FlowFailed
+    from .._errors import (
+        ArgumentsError,
+        ErrorInfo,
+        FailureInfo,
+        FlowFailed,
+        HistoryTooLarge,
+        PayloadTooLarge,
+        error_info,
+    )
     from .._jsonargs import json_size
     from .._options import Retry
-    from .._plan import PLAN_VERSION, FlowInput, FlowNode, StepCall, StepNode, StepReturn
+    from .._plan import (
+        PAYLOAD_MARGIN,
+        PLAN_VERSION,
+        FlowInput,
+        FlowNode,
+        StepCall,
+        StepNode,
+        StepReturn,
+        child_flow_id,
+    )
     from .._runner import StepFailure
     from .._saga import Decision, FlowFailure, FlowRuntime, Interpreter, SubflowRun
-    from .._state import FlowState, FlowStatus
-    from ._activities import PAYLOAD_MARGIN
+    from .._state import FlowState, FlowStatus, WaitInfo
 
 WORKFLOW_NAME = "qwit.Flow"
 #: Search attributes (Keyword), set where the namespace has them registered.
@@ -79,6 +97,41 @@ def search_attributes(flow: str) -> TypedSearchAttributes:
 def failure_type(info: FailureInfo) -> str:
     """The ApplicationError type a failed flow ends with, e.g. ``qwit.FlowRolledBack``."""
     return f"qwit.{type(FlowFailed.from_info(info)).__name__}"
+
+
+def fit_failure(info: FailureInfo, limit: int | None) -> FailureInfo:
+    """``info``, made to fit the payload limit: a flow must always be able to end.
+
+    Messages are bounded already; what can still grow is the list of undos
+    with their errors. Their errors' messages are shortened first, then the
+    details are dropped (the name lists stay).
+    """
+    if not limit or json_size(info.model_dump(mode="json")) <= limit - PAYLOAD_MARGIN:
+        return info
+    short = [
+        c.model_copy(
+            update={"error": c.error.model_copy(update={"message": c.error.message[:200]})}
+        )
+        if c.error
+        else c
+        for c in info.compensations
+    ]
+    info = info.model_copy(update={"compensations": short})
+    if json_size(info.model_dump(mode="json")) <= limit - PAYLOAD_MARGIN:
+        return info
+    return info.model_copy(update={"compensations": []})
+
+
+def fit_state(state: FlowState, limit: int | None) -> FlowState:
+    """``state``, made to fit the payload limit (a query result is a payload):
+    the args and the rollback preview's args are left out when too big."""
+    if not limit or json_size(state.model_dump(mode="json")) <= limit - PAYLOAD_MARGIN:
+        return state
+    waiting: WaitInfo | None = state.waiting
+    if waiting is not None:
+        preview = [item.model_copy(update={"args": {}}) for item in waiting.rollback_preview]
+        waiting = waiting.model_copy(update={"rollback_preview": preview})
+    return state.model_copy(update={"args": {}, "waiting": waiting})
 
 
 def failure_error(info: FailureInfo) -> ApplicationError:
@@ -132,24 +185,15 @@ def _error_info(err: BaseException, retry: Retry) -> ErrorInfo:
             type=kind, types=[kind], message=cause.message, retryable=not cause.non_retryable
         )
     if isinstance(cause, TimeoutError):
-        return ErrorInfo(
-            type="builtins.TimeoutError",
-            types=["builtins.TimeoutError", "builtins.OSError", "builtins.Exception"],
-            message=f"step timed out ({cause.type.name.lower() if cause.type else 'timeout'})",
-            attempt=retry.max_attempts or 1,
-        )
-    return ErrorInfo(type=type(cause).__name__, types=[type(cause).__name__], message=str(cause))
+        kind = cause.type.name.lower() if cause.type else "timeout"
+        # builtins.TimeoutError, as the worker's own deadline reports it
+        timed_out = builtins.TimeoutError(f"step timed out ({kind})")
+        return error_info(timed_out, attempt=retry.max_attempts or 1)
+    return error_info(cause)
 
 
-def _refusal(kind: str, message: str) -> ErrorInfo:
-    return ErrorInfo(
-        type=kind,
-        types=[kind, "qwit.QwitError", "builtins.Exception"],
-        message=message,
-        retryable=False,
-        started=False,
-        attempt=0,
-    )
+def _refusal(exc: Exception) -> ErrorInfo:
+    return error_info(exc, started=False, attempt=0)
 
 
 class _Subflow(SubflowRun):
@@ -207,7 +251,10 @@ class _Runtime(FlowRuntime):
         forward = call.direction == "step_forward"
         retry = node.retry if forward else node.back_retry
         activity = f"{node.name}.{call.direction}"
-        timeout = timedelta(seconds=node.timeout)
+        # The worker enforces the step's timeout itself (call.timeout); the
+        # server's limit adds the grace, so the next attempt or the undo never
+        # starts beside an attempt that is still stopping.
+        timeout = timedelta(seconds=node.timeout + (node.timeout_grace or 0.0))
         try:
             if node.local:
                 result: StepReturn = await workflow.execute_local_activity(
@@ -236,17 +283,28 @@ class _Runtime(FlowRuntime):
             raise StepFailure(_error_info(err, retry)) from None
 
     async def start_subflow(self, node: FlowNode, input: FlowInput, attempt: int) -> SubflowRun:
-        child_id = f"{input.root_id}/{input.path}"
-        if attempt > 1:
-            child_id += f"#{attempt}"
-        handle = await workflow.start_child_workflow(
-            WORKFLOW_NAME,
-            input,
-            id=child_id,
-            cancellation_type=workflow.ChildWorkflowCancellationType.WAIT_CANCELLATION_COMPLETED,
-            static_summary=node.name,
-            search_attributes=(search_attributes(node.name) if self.owner.can_publish else None),
-        )
+        child_id = child_flow_id(input, input.path, attempt)
+        try:
+            handle = await workflow.start_child_workflow(
+                WORKFLOW_NAME,
+                input,
+                id=child_id,
+                cancellation_type=workflow.ChildWorkflowCancellationType.WAIT_CANCELLATION_COMPLETED,
+                static_summary=node.name,
+                search_attributes=(
+                    search_attributes(node.name) if self.owner.can_publish else None
+                ),
+            )
+        except WorkflowAlreadyStartedError:
+            raise StepFailure(
+                error_info(
+                    ArgumentsError(
+                        f"sub-flow {node.name!r} could not start: a workflow with its id "
+                        f"{child_id!r} is already running"
+                    ),
+                    started=False,
+                )
+            ) from None
         return _Subflow(self.owner, handle)
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
@@ -264,10 +322,11 @@ class _Runtime(FlowRuntime):
             size = json_size(call.model_dump(mode="json"))
             if size > limit - PAYLOAD_MARGIN:
                 return _refusal(
-                    "qwit.PayloadTooLarge",
-                    f"{what} would be sent {size} bytes of args, over the {limit}-byte "
-                    "payload limit of the namespace: pass references (ids, URLs) instead "
-                    "of large values, or give the steps typed args",
+                    PayloadTooLarge(
+                        f"{what} would be sent {size} bytes of args, over the {limit}-byte "
+                        "payload limit of the namespace: pass references (ids, URLs) instead "
+                        "of large values, or give the steps typed args"
+                    )
                 )
         info = workflow.info()
         # A rollback costs about what the forward steps cost; stop going forward
@@ -275,10 +334,12 @@ class _Runtime(FlowRuntime):
         length = info.get_current_history_length() + EVENTS_PER_STEP * (pending_undos + 1)
         if length > HISTORY_EVENTS_BUDGET or info.get_current_history_size() > HISTORY_BYTES_BUDGET:
             return _refusal(
-                "qwit.HistoryTooLarge",
-                f"{what} can't start: the flow's history ({info.get_current_history_length()} "
-                f"events, {info.get_current_history_size()} bytes) is near Temporal's limit, "
-                "which must leave room for a rollback",
+                HistoryTooLarge(
+                    f"{what} can't start: the flow's history "
+                    f"({info.get_current_history_length()} events, "
+                    f"{info.get_current_history_size()} bytes) is near Temporal's limit, "
+                    "which must leave room for a rollback"
+                )
             )
         return None
 
@@ -328,12 +389,16 @@ class QwitWorkflow:
         try:
             return await self.interpreter.run()
         except FlowFailure as failed:
-            raise failure_error(failed.info) from None
+            info = failed.info
+            if input.execution is not None:  # flows of older QWIT end as they did
+                info = fit_failure(info, input.payload_limit)
+            raise failure_error(info) from None
 
     @workflow.query(name=QUERY_STATE)
     def state(self) -> FlowState:
-        """The flow's progress."""
-        return self.interpreter.state()
+        """The flow's progress: status, each step's status and attempts, what
+        it waits for (a query adds nothing to the history)."""
+        return fit_state(self.interpreter.state(), self.input.payload_limit)
 
     @workflow.update(name=UPDATE_REACT)
     async def react(self, decision: Decision) -> None:

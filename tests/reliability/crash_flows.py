@@ -78,7 +78,7 @@ class CrashStep(qwit.Step, name="crash.step"):
     async def step_back(self, args: dict[str, Any]) -> None:
         ctx = qwit.context()
         db = args["db"]
-        forward_key = f"{ctx.flow_id}/{ctx.path}/step_forward"
+        forward_key = ctx.idempotency_key.removesuffix("/step_back")
         await asyncio.to_thread(
             _write,
             db,
