@@ -37,6 +37,7 @@ from ._step import Step
 
 __version__ = "0.1.0"
 
+
 # Public classes read as qwit.X (in reprs, tracebacks and error types on the
 # wire): every class of __all__ defined in a private module.
 def _publish(names: list[str]) -> None:

@@ -137,9 +137,10 @@ class _Deadline:
 
     At ``timeout`` an ``async`` step is cancelled (at its next ``await``) and a
     plain one sees ``context().cancelled``; either then gets ``grace`` seconds
-    to stop. The engine's own limit for the attempt is ``timeout + grace``,
-    so the next attempt, or the undo, starts only once this one has ended
-    (or, for a plain step that ignores ``cancelled``, once the grace is over).
+    to stop. However it ends after its deadline, the attempt has timed out.
+    The engine's own limit for the attempt is ``timeout + grace``, so the next
+    attempt, or the undo, starts only once this one has ended (or, for a plain
+    step that ignores ``cancelled``, once the grace is over).
     """
 
     def __init__(self, timeout: float | None, grace: float, attempt: int) -> None:
@@ -166,9 +167,6 @@ class _Deadline:
         timer = asyncio.get_running_loop().call_later(self.timeout, fire)
         try:
             result = await awaitable
-            if self.fired:  # it swallowed the cancel and finished: its output stands
-                _uncancel(task)
-            return result
         except asyncio.CancelledError:
             if not self.fired or _cancelling(task) > 1:
                 raise  # a cancel from outside (the flow's): pass it on
@@ -176,6 +174,10 @@ class _Deadline:
             raise self.error() from None
         finally:
             timer.cancel()
+        if self.fired:  # it swallowed the cancel and finished late: still a timeout
+            _uncancel(task)
+            raise self.error()
+        return result
 
     async def run_thread(self, method: Callable[[Any], Any], arg: Any) -> Any:
         """Run a plain step method in a thread, flagging it at the deadline.
@@ -190,9 +192,11 @@ class _Deadline:
             done, _ = await asyncio.wait({future}, timeout=self.timeout)
             if not done:
                 self.fired = True
+                # Whatever it does now, the attempt has timed out; wait (a
+                # while) for it to stop, so nothing else of it runs beside
+                # what comes next.
                 await asyncio.wait({future}, timeout=self.grace)
-                if not future.done() or future.exception() is not None:
-                    raise self.error()
+                raise self.error()
             return future.result()
         except asyncio.CancelledError:
             with contextlib.suppress(BaseException):

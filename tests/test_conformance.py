@@ -4,10 +4,9 @@ written in the tests from qwit.engine alone."""
 
 from __future__ import annotations
 
-import re
-
 import asyncio
 import contextlib
+import re
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass

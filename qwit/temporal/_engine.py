@@ -148,9 +148,7 @@ def _with_attempts_in_flight(
     A flow runs one step at a time, so the running (or compensating) step of
     a pending activity's name is that activity's step.
     """
-    pending = {
-        p.activity_type.name: p for p in description.raw_description.pending_activities
-    }
+    pending = {p.activity_type.name: p for p in description.raw_description.pending_activities}
     if not pending:
         return state
     steps = []
