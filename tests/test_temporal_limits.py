@@ -3,6 +3,7 @@ back instead (dev server with `limit.blobSize.*` set low)."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -133,7 +134,12 @@ async def test_the_output_that_pushes_the_args_over_the_limit_fails_its_step(sma
     assert err.step == "limits.no_undo_blob"
     assert f"{LIMIT}-byte payload limit" in err.reason
     assert err.compensated == ["limits.no_undo_blob", "limits.no_undo_blob", "limits.before"]
-    assert [s.status for s in state.steps] == ["compensated", "compensated", "compensated", "pending"]
+    assert [s.status for s in state.steps] == [
+        "compensated",
+        "compensated",
+        "compensated",
+        "pending",
+    ]
     assert [s.attempts for s in state.steps] == [1, 1, 1, 0]
     ledger.assert_fully_undone(run)
 
@@ -173,4 +179,74 @@ async def test_a_history_near_its_limit_stops_going_forward_and_rolls_back(small
     assert info.value.error_type == "qwit.HistoryTooLarge"
     applied = ledger.applied(run)
     assert 3 < len(applied) < 40
+    ledger.assert_fully_undone(run)
+
+
+class BlobsSub(qwit.Flow, name="limits.blobs_sub"):
+    def build_flow(self) -> None:
+        self.step(Before, {"eid": "sub-before"})
+        self.step(NoUndoBlob, {"eid": "s1", "size": LIMIT // 3})
+        self.step(NoUndoBlob, {"eid": "s2", "size": LIMIT // 3})
+
+
+class BigSubOutputs(qwit.Flow, name="limits.big_sub_outputs"):
+    def build_flow(self) -> None:
+        self.step(Before)
+        self.step(NoUndoBlob, {"eid": "p1", "size": LIMIT // 3})
+        self.step(BlobsSub)
+
+
+async def test_a_sub_flow_whose_outputs_outgrow_the_limit_rolls_back(small, small_server):
+    # Before the fix the sub-flow's outputs reached the parent and the
+    # parent's result could never be sent: RUNNING forever, nothing undone.
+    run = uuid.uuid4().hex
+    async with small.worker(BigSubOutputs):
+        handle = await small.client.start(BigSubOutputs, {"ledger": run})
+        with pytest.raises(qwit.FlowRolledBack) as info:
+            await asyncio.wait_for(handle.result(), 30)
+        state = await handle.state()
+    err = info.value
+    assert err.error_type == "qwit.PayloadTooLarge"
+    assert err.step == "limits.no_undo_blob"
+    assert [c.path for c in err.compensations] == ["3.3", "3.2", "3.1", "2", "1"]
+    assert state.status == "rolled_back"
+    ledger.assert_fully_undone(run)
+    assert await flow_status(small_server, handle.id) == (
+        temporalio.client.WorkflowExecutionStatus.FAILED
+    )
+
+
+class Shouts(qwit.Step, name="limits.shouts"):
+    async def step_forward(self, args: dict[str, Any]) -> None:
+        raise qwit.StepError("x" * args["size"], retry=False)
+
+
+class ShoutingFlow(qwit.Flow, name="limits.shouting"):
+    def build_flow(self) -> None:
+        self.step(Before)
+        self.step(Shouts)
+
+
+@pytest.mark.parametrize("size", [3 * LIMIT])
+async def test_a_huge_error_message_still_ends_the_flow(small, small_server, size):
+    run = uuid.uuid4().hex
+    async with small.worker(ShoutingFlow):
+        handle = await small.client.start(ShoutingFlow, {"ledger": run, "size": size})
+        with pytest.raises(qwit.FlowRolledBack) as info:
+            await asyncio.wait_for(handle.result(), 30)
+    assert info.value.error_type == "qwit.StepError"
+    assert info.value.reason.endswith("more characters cut]")
+    assert len(info.value.reason) < 5000
+    ledger.assert_fully_undone(run)
+
+
+async def test_a_megabyte_error_message_on_the_default_limit(client, worker):
+    # ~1 MB: repeated in the flow's end (error, reason, message) it went over
+    # the default 2 MB payload limit and the flow never ended.
+    run = uuid.uuid4().hex
+    async with worker(ShoutingFlow):
+        handle = await client.start(ShoutingFlow, {"ledger": run, "size": 1_000_000})
+        with pytest.raises(qwit.FlowRolledBack) as info:
+            await asyncio.wait_for(handle.result(), 30)
+    assert len(info.value.reason) < 5000
     ledger.assert_fully_undone(run)
