@@ -25,6 +25,7 @@ A failed flow's outcome travels from the engine to the client as data (a
 
 from __future__ import annotations
 
+import traceback
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -117,11 +118,21 @@ class ErrorInfo(BaseModel):
     """False when the step's method never ran (not registered, bad args), so
     there is nothing of it to undo."""
     attempt: int = 1
+    traceback: str = ""
+    """Where the step raised it: the formatted traceback, innermost frames
+    last (the last ``MAX_MESSAGE`` characters of it)."""
 
     @field_validator("message")
     @classmethod
     def _bounded(cls, message: str) -> str:
         return bounded(message)
+
+    @field_validator("traceback")
+    @classmethod
+    def _bounded_tail(cls, text: str) -> str:
+        if len(text) <= MAX_MESSAGE:
+            return text
+        return f"[{len(text) - MAX_MESSAGE} characters cut]...{text[-MAX_MESSAGE:]}"
 
     def describe(self) -> str:
         """``Type: message``, with the bare class name."""
@@ -143,8 +154,22 @@ def _message_of(exc: BaseException) -> str:
         return f"<{type(exc).__name__}: its message could not be read>"
 
 
+def _formatted(exc: BaseException) -> str:
+    if exc.__traceback__ is None:
+        return ""
+    try:
+        return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    except Exception:  # a __str__ that raises, somewhere in the chain
+        return "".join(traceback.format_tb(exc.__traceback__))
+
+
 def error_info(
-    exc: BaseException, *, attempt: int = 1, started: bool = True, retryable: bool | None = None
+    exc: BaseException,
+    *,
+    attempt: int = 1,
+    started: bool = True,
+    retryable: bool | None = None,
+    with_traceback: bool = True,
 ) -> ErrorInfo:
     """Describe an exception as data that crosses engines.
 
@@ -159,6 +184,8 @@ def error_info(
         started: False when the step's method never ran (nothing to undo).
         retryable: Override; by default every error is retryable except
             ``StepError(retry=False)`` and QWIT's own refusals.
+        with_traceback: Keep where it was raised (False in workflow code,
+            which must not depend on file paths).
     """
     mro = [qualified_name(c) for c in type(exc).__mro__ if c not in (BaseException, object)]
     if retryable is None:
@@ -172,6 +199,7 @@ def error_info(
         retryable=retryable,
         started=started,
         attempt=attempt,
+        traceback=_formatted(exc) if with_traceback else "",
     )
 
 

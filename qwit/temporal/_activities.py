@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from temporalio import activity
 from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
 from temporalio.common import RawValue
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 from .._errors import ErrorInfo, PayloadTooLarge, StepNotRegistered, error_info
 from .._jsonargs import json_size
@@ -32,13 +33,56 @@ def activity_name(step: str, direction: str) -> str:
     return f"{step}.{direction}"
 
 
+log = logging.getLogger("qwit.step")
+
+
+def _expected(info: ErrorInfo) -> bool:
+    """A ``StepError(retry=False)``: an outcome the step chose, not a fault."""
+    return info.type == "qwit.StepError" and not info.retryable
+
+
 def _application_error(info: ErrorInfo) -> ApplicationError:
     return ApplicationError(
         info.describe(),
         info.model_dump(mode="json"),
         type=info.type,
         non_retryable=not info.retryable,
+        # The SDK logs a benign failure at DEBUG (with its traceback), others
+        # at WARNING: an expected outcome is one INFO line of ours instead.
+        category=(
+            ApplicationErrorCategory.BENIGN
+            if _expected(info)
+            else ApplicationErrorCategory.UNSPECIFIED
+        ),
     )
+
+
+def _traceable(exc: BaseException | None) -> BaseException | None:
+    """``exc`` if Temporal can carry it as a failure's cause (its message can
+    be read), so the step's own frames reach the history and the log."""
+    if exc is None:
+        return None
+    try:
+        str(exc)
+    except Exception:
+        return None
+    return exc
+
+
+def _failed(failure: StepFailure, call: StepCall) -> ApplicationError:
+    """The activity's error for a failed step, its cause the step's own error."""
+    info = failure.info
+    if _expected(info):
+        log.info(
+            "step %s (%s) of flow %s failed: %s (not retried)",
+            call.step,
+            call.direction,
+            call.flow_id,
+            info.describe(),
+        )
+    error = _application_error(info)
+    error.__cause__ = _traceable(failure.__cause__)
+    return error
 
 
 def _first_detail(details: Sequence[Any]) -> Any:
@@ -147,7 +191,8 @@ def step_activity(cls: type[Step], direction: str) -> Callable[[StepCall], Any]:
                 grace=_grace(call),
             )
         except StepFailure as failure:
-            raise _application_error(failure.info) from None
+            error = _failed(failure, call)
+            raise error from error.__cause__
         finally:
             if keeper is not None:
                 keeper.cancel()

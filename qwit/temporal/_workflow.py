@@ -188,12 +188,12 @@ def _error_info(err: BaseException, retry: Retry) -> ErrorInfo:
         kind = cause.type.name.lower() if cause.type else "timeout"
         # builtins.TimeoutError, as the worker's own deadline reports it
         timed_out = builtins.TimeoutError(f"step timed out ({kind})")
-        return error_info(timed_out, attempt=retry.max_attempts or 1)
-    return error_info(cause)
+        return error_info(timed_out, attempt=retry.max_attempts or 1, with_traceback=False)
+    return error_info(cause, with_traceback=False)
 
 
 def _refusal(exc: Exception) -> ErrorInfo:
-    return error_info(exc, started=False, attempt=0)
+    return error_info(exc, started=False, attempt=0, with_traceback=False)
 
 
 class _Subflow(SubflowRun):
@@ -303,6 +303,7 @@ class _Runtime(FlowRuntime):
                         f"{child_id!r} is already running"
                     ),
                     started=False,
+                    with_traceback=False,
                 )
             ) from None
         return _Subflow(self.owner, handle)
