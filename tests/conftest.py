@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -53,3 +55,31 @@ def worker(temporal_client: temporalio.client.Client, task_queue: str) -> Any:
             yield w
 
     return run
+
+
+@dataclass
+class EngineEnv:
+    """A client on one engine, and how to serve flows for it."""
+
+    name: str
+    client: qwit.Client
+    serve: Callable[..., contextlib.AbstractAsyncContextManager[Any]]
+    temporal: temporalio.client.Client | None = None
+
+
+@contextlib.asynccontextmanager
+async def _in_process(*members: Any) -> AsyncIterator[None]:
+    yield None
+
+
+@pytest.fixture(params=["temporal", "local"])
+async def engine_env(
+    request: pytest.FixtureRequest, temporal_client: Any, task_queue: str, worker: Any
+) -> AsyncIterator[EngineEnv]:
+    if request.param == "temporal":
+        client = await qwit.connect(temporal_client=temporal_client, task_queue=task_queue)
+        yield EngineEnv("temporal", client, worker, temporal_client)
+        return
+    client = await qwit.connect(backend=qwit.local)
+    yield EngineEnv("local", client, _in_process)
+    await client.close()

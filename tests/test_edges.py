@@ -11,19 +11,17 @@ letting a step change its caller's args.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import temporalio.client
 
 import qwit
+from tests.conftest import EngineEnv
 from tests.test_temporal_reactions import wait_status
 
 
@@ -116,32 +114,6 @@ class OnePay(qwit.Flow, name="edges.one_pay"):
         self.step(Pay, {"eid": "A"})
 
 
-@dataclass
-class Env:
-    name: str
-    client: qwit.Client
-    serve: Callable[..., contextlib.AbstractAsyncContextManager[Any]]
-    temporal: temporalio.client.Client | None = None
-
-
-@contextlib.asynccontextmanager
-async def _in_process(*members: Any) -> AsyncIterator[None]:
-    yield None
-
-
-@pytest.fixture(params=["temporal", "local"])
-async def env(
-    request: pytest.FixtureRequest, temporal_client: Any, task_queue: str, worker: Any
-) -> AsyncIterator[Env]:
-    if request.param == "temporal":
-        client = await qwit.connect(temporal_client=temporal_client, task_queue=task_queue)
-        yield Env("temporal", client, worker, temporal_client)
-        return
-    client = await qwit.connect(backend=qwit.local)
-    yield Env("local", client, _in_process)
-    await client.close()
-
-
 def new_run() -> str:
     return uuid.uuid4().hex
 
@@ -156,13 +128,15 @@ async def ended(handle: qwit.FlowHandle, timeout: float = 60) -> tuple[str, Any]
 # -- idempotency keys ---------------------------------------------------------
 
 
-async def test_an_operator_retry_of_a_sub_flow_applies_its_effects_again(env: Env):
+async def test_an_operator_retry_of_a_sub_flow_applies_its_effects_again(engine_env: EngineEnv):
     # The sub-flow fails at Q after charging P and undoes itself (P refunded);
     # the operator's RETRY runs it again: P and Q must be charged for real,
     # not deduplicated away under the keys of the undone attempt.
     run = new_run()
-    async with env.serve(RetryTheSub):
-        handle = await env.client.start(RetryTheSub, {"run": run, "fail": "Q", "fail_after": True})
+    async with engine_env.serve(RetryTheSub):
+        handle = await engine_env.client.start(
+            RetryTheSub, {"run": run, "fail": "Q", "fail_after": True}
+        )
         await wait_status(handle, "waiting")
         await handle.react(qwit.RETRY, args={"fix": True})
         kind, _ = await ended(handle)
@@ -181,21 +155,21 @@ async def test_an_operator_retry_of_a_sub_flow_applies_its_effects_again(env: En
     ]
 
 
-async def test_a_flow_that_reuses_an_ended_flows_id_gets_fresh_keys(env: Env):
+async def test_a_flow_that_reuses_an_ended_flows_id_gets_fresh_keys(engine_env: EngineEnv):
     run = new_run()
     flow_id = f"reused-{run}"
-    async with env.serve(OnePay):
-        await env.client.run(OnePay, {"run": run}, id=flow_id)
-        await env.client.run(OnePay, {"run": run}, id=flow_id)
+    async with engine_env.serve(OnePay):
+        await engine_env.client.run(OnePay, {"run": run}, id=flow_id)
+        await engine_env.client.run(OnePay, {"run": run}, id=flow_id)
     provider = PROVIDERS[run]
     assert provider.actions("charge", "dedup") == [("charge", "A"), ("charge", "A")]
     assert len(provider.charges) == 2
 
 
-async def test_a_retried_step_keeps_its_key_and_an_undo_names_its_forward(env: Env):
+async def test_a_retried_step_keeps_its_key_and_an_undo_names_its_forward(engine_env: EngineEnv):
     run = new_run()
-    async with env.serve(Flaky2):
-        kind, err = await ended(await env.client.start(Flaky2, {"run": run}))
+    async with engine_env.serve(Flaky2):
+        kind, err = await ended(await engine_env.client.start(Flaky2, {"run": run}))
     assert kind == "rolled_back"
     keys = KEYS[run]
     forward = [k for d, k in keys if d == "step_forward"]
@@ -245,19 +219,19 @@ class ParentOfSub(qwit.Flow, name="edges.parent_of_sub"):
         self.step(SubOfWaits)
 
 
-async def test_ids_with_the_sub_flow_mark_are_refused(env: Env):
+async def test_ids_with_the_sub_flow_mark_are_refused(engine_env: EngineEnv):
     with pytest.raises(qwit.ArgumentsError, match="/~"):
-        await env.client.start(OnePay, {"run": "x"}, id="order-7/~2")
+        await engine_env.client.start(OnePay, {"run": "x"}, id="order-7/~2")
 
 
-async def test_a_user_id_shaped_like_a_path_does_not_collide(env: Env):
+async def test_a_user_id_shaped_like_a_path_does_not_collide(engine_env: EngineEnv):
     run = new_run()
     parent_id = f"order-{run}"
-    async with env.serve(ParentOfSub, OnePay):
-        parent = await env.client.start(ParentOfSub, {"run": run}, id=parent_id)
+    async with engine_env.serve(ParentOfSub, OnePay):
+        parent = await engine_env.client.start(ParentOfSub, {"run": run}, id=parent_id)
         await wait_status(parent, "waiting")
         # the id the first version gave the sub-flow at path 2
-        await env.client.run(OnePay, {"run": run}, id=f"{parent_id}/2")
+        await engine_env.client.run(OnePay, {"run": run}, id=f"{parent_id}/2")
         await parent.react(qwit.RETRY, args={"go": True})
         kind, _ = await ended(parent)
     assert kind == "completed"
@@ -349,11 +323,13 @@ class TimesOutPlain(qwit.Flow, name="edges.times_out_plain"):
 
 
 @pytest.mark.parametrize("flow", [TimesOutAsync, TimesOutPlain])
-async def test_a_step_is_stopped_at_its_timeout_and_undone_after_it_ended(env: Env, flow: Any):
+async def test_a_step_is_stopped_at_its_timeout_and_undone_after_it_ended(
+    engine_env: EngineEnv, flow: Any
+):
     run = new_run()
-    async with env.serve(flow):
+    async with engine_env.serve(flow):
         began = time.monotonic()
-        kind, err = await ended(await env.client.start(flow, {"run": run}))
+        kind, err = await ended(await engine_env.client.start(flow, {"run": run}))
         took = time.monotonic() - began
     provider = PROVIDERS[run]
     assert kind == "rolled_back"
@@ -364,13 +340,15 @@ async def test_a_step_is_stopped_at_its_timeout_and_undone_after_it_ended(env: E
     assert provider.when("forward-ended", "slow") < provider.when("undo-started", "slow")
 
 
-async def test_a_plain_step_that_ignores_cancelled_is_undone_after_it_ended(env: Env):
+async def test_a_plain_step_that_ignores_cancelled_is_undone_after_it_ended(engine_env: EngineEnv):
     # It runs 2.5 s past its 1 s timeout; the grace (5 s) covers it: its undo
     # comes after its effect, and so refunds it.
     run = new_run()
-    async with env.serve(TimesOutPlain):
+    async with engine_env.serve(TimesOutPlain):
         kind, _ = await ended(
-            await env.client.start(TimesOutPlain, {"run": run, "sleep": 2.5, "stubborn": True})
+            await engine_env.client.start(
+                TimesOutPlain, {"run": run, "sleep": 2.5, "stubborn": True}
+            )
         )
     provider = PROVIDERS[run]
     assert kind == "rolled_back"
@@ -434,24 +412,24 @@ async def _wait_note(run: str, action: str) -> None:
 
 
 @pytest.mark.parametrize("step", [Sleeper, PlainSleeper, LocalSleeper])
-async def test_a_cancel_reaches_a_step_that_never_heartbeats(env: Env, step: Any):
+async def test_a_cancel_reaches_a_step_that_never_heartbeats(engine_env: EngineEnv, step: Any):
     run = new_run()
     flow = SLEEP_FLOWS[step]
-    async with env.serve(flow):
-        handle = await env.client.start(flow, {"run": run})
+    async with engine_env.serve(flow):
+        handle = await engine_env.client.start(flow, {"run": run})
         await _wait_note(run, "started")
         await asyncio.sleep(1.5)  # past the first automatic heartbeat
         asked = time.monotonic()
         await handle.cancel()
         kind, err = await ended(handle, timeout=30)
         stopped = PROVIDERS[run].when("forward-ended", "sleeper") - asked
-    CANCEL_DELAYS[f"{env.name}:{step.name}"].append(stopped)
-    print(f"cancel reached {step.name} on {env.name} after {stopped:.2f}s")
+    CANCEL_DELAYS[f"{engine_env.name}:{step.name}"].append(stopped)
+    print(f"cancel reached {step.name} on {engine_env.name} after {stopped:.2f}s")
     assert kind == "cancelled"
     assert err.compensated[-1] == "edges.pay"
     # A Temporal local activity hears of the cancel when the flow's workflow
     # task is next renewed (at 80% of its 10 s timeout); others within seconds.
-    assert stopped < (9 if step.local and env.name == "temporal" else 6)
+    assert stopped < (9 if step.local and engine_env.name == "temporal" else 6)
     assert PROVIDERS[run].standing() == []
 
 
@@ -498,10 +476,12 @@ class SkipsThrown(qwit.Flow, name="edges.skips_thrown"):
     ("flow", "error_type"),
     [(ThrowsFlow, f"{__name__}.Thrown"), (ExitsFlow, "builtins.SystemExit")],
 )
-async def test_a_base_exception_is_a_step_failure(env: Env, flow: Any, error_type: str):
+async def test_a_base_exception_is_a_step_failure(
+    engine_env: EngineEnv, flow: Any, error_type: str
+):
     run = new_run()
-    async with env.serve(flow):
-        handle = await env.client.start(flow, {"run": run})
+    async with engine_env.serve(flow):
+        handle = await engine_env.client.start(flow, {"run": run})
         kind, err = await ended(handle)
         state = await handle.state()
     assert kind == "rolled_back"
@@ -510,10 +490,10 @@ async def test_a_base_exception_is_a_step_failure(env: Env, flow: Any, error_typ
     assert PROVIDERS[run].standing() == []
 
 
-async def test_on_failure_matches_a_base_exception_by_class(env: Env):
+async def test_on_failure_matches_a_base_exception_by_class(engine_env: EngineEnv):
     run = new_run()
-    async with env.serve(SkipsThrown):
-        kind, _ = await ended(await env.client.start(SkipsThrown, {"run": run}))
+    async with engine_env.serve(SkipsThrown):
+        kind, _ = await ended(await engine_env.client.start(SkipsThrown, {"run": run}))
     assert kind == "completed"
     assert PROVIDERS[run].standing() == ["A"]
 
@@ -541,10 +521,10 @@ class BadBackFlow(qwit.Flow, name="edges.bad_back_flow"):
         self.step(BadBack)
 
 
-async def test_compensation_failed_keeps_the_forward_failure(env: Env):
+async def test_compensation_failed_keeps_the_forward_failure(engine_env: EngineEnv):
     run = new_run()
-    async with env.serve(BadBackFlow):
-        handle = await env.client.start(BadBackFlow, {"run": run})
+    async with engine_env.serve(BadBackFlow):
+        handle = await engine_env.client.start(BadBackFlow, {"run": run})
         kind, err = await ended(handle)
         state = await handle.state()
     assert kind == "compensation_failed"
@@ -565,8 +545,8 @@ async def test_compensation_failed_keeps_the_forward_failure(env: Env):
     assert state.steps[1].back_attempts == 2
 
 
-async def test_an_unknown_flow_id_raises_flow_not_found(env: Env):
-    handle = env.client.get_handle(f"nobody-{new_run()}")
+async def test_an_unknown_flow_id_raises_flow_not_found(engine_env: EngineEnv):
+    handle = engine_env.client.get_handle(f"nobody-{new_run()}")
     with pytest.raises(qwit.FlowNotFound):
         await handle.result()
     with pytest.raises(qwit.FlowNotFound):
@@ -662,11 +642,13 @@ BACK_ARGS: dict[str, Any] = {}
 
 
 @pytest.mark.parametrize("fail", [False, True])
-async def test_a_step_that_mutates_its_args_changes_nothing_outside_it(env: Env, fail: bool):
+async def test_a_step_that_mutates_its_args_changes_nothing_outside_it(
+    engine_env: EngineEnv, fail: bool
+):
     run = new_run()
     given = {"run": run, "items": ["a"], "nested": {"x": 1}, "fail": fail}
-    async with env.serve(MutatingFlow):
-        kind, result = await ended(await env.client.start(MutatingFlow, given))
+    async with engine_env.serve(MutatingFlow):
+        kind, result = await ended(await engine_env.client.start(MutatingFlow, given))
     assert given == {"run": run, "items": ["a"], "nested": {"x": 1}, "fail": fail}
     if fail:
         assert kind == "rolled_back"

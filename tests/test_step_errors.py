@@ -13,7 +13,8 @@ import temporalio.client
 from temporalio.api.enums.v1 import EventType
 
 import qwit
-from tests.test_edges import Env, ended, env  # noqa: F401  (the engines fixture)
+from tests.conftest import EngineEnv
+from tests.test_edges import ended
 
 
 def price_of(order: dict[str, Any]) -> int:
@@ -58,9 +59,9 @@ MUTE = _flow(Mute)
 MUTE_SKIPPED = _flow(Mute, on_failure={Unspeakable: qwit.SKIP})
 
 
-async def test_the_steps_own_frames_reach_the_flows_error(env: Env):
-    async with env.serve(PRICED):
-        kind, err = await ended(await env.client.start(PRICED, {}))
+async def test_the_steps_own_frames_reach_the_flows_error(engine_env: EngineEnv):
+    async with engine_env.serve(PRICED):
+        kind, err = await ended(await engine_env.client.start(PRICED, {}))
     assert kind == "rolled_back"
     assert err.error_type == "builtins.KeyError"
     trace = err.info.error.traceback
@@ -117,10 +118,12 @@ async def test_an_expected_failure_is_one_info_line(
     assert loud == []
 
 
-async def test_an_error_that_cannot_say_what_it_is_keeps_its_class(env: Env):
-    async with env.serve(MUTE, MUTE_SKIPPED):
-        kind, err = await ended(await env.client.start(MUTE, {}))
-        skipped, _ = await ended(await env.client.start(MUTE_SKIPPED, {"id": uuid.uuid4().hex}))
+async def test_an_error_that_cannot_say_what_it_is_keeps_its_class(engine_env: EngineEnv):
+    async with engine_env.serve(MUTE, MUTE_SKIPPED):
+        kind, err = await ended(await engine_env.client.start(MUTE, {}))
+        skipped, _ = await ended(
+            await engine_env.client.start(MUTE_SKIPPED, {"id": uuid.uuid4().hex})
+        )
     assert kind == "rolled_back"
     assert err.error_type == f"{__name__}.Unspeakable"
     assert "could not be read" in err.reason
