@@ -76,8 +76,9 @@ def test_scripts_and_configs_it_mounts_exist():
 def test_readme_agrees_with_compose():
     readme = (ROOT / "README.md").read_text()
     assert "docker compose up --build" in readme
-    ui_port = SERVICES["temporal-ui"]["ports"][0].split(":")[0]
-    grpc_port = SERVICES["temporal"]["ports"][0].split(":")[0]
+    # HOST_IP:HOST_PORT:CONTAINER_PORT: the host port is the one before last
+    ui_port = SERVICES["temporal-ui"]["ports"][0].split(":")[-2]
+    grpc_port = SERVICES["temporal"]["ports"][0].split(":")[-2]
     assert f"http://localhost:{ui_port}" in readme
     assert f"localhost:{grpc_port}" in readme
     assert " ".join(SERVICES["qwit-worker"]["command"]) in readme
