@@ -145,6 +145,7 @@ async def test_requests_about_an_unknown_flow_fail_with_1(cli):
         done = await cli(*args)
         assert done.code == 1, (args, done.err)
         assert "no flow with id 'no-such-flow'" in done.err
+        assert "Traceback" not in done.err, (args, done.err)
 
 
 def test_usage_errors_exit_2():

@@ -12,6 +12,7 @@ import os
 import pkgutil
 import sys
 from collections.abc import Callable, Coroutine
+from importlib.machinery import PathFinder
 from types import ModuleType
 from typing import IO, Any, TypeVar
 
@@ -47,9 +48,11 @@ class Interrupted(Exception):
 
 def console(*, stderr: bool = True) -> Console:
     """A rich console; off a terminal, wide enough that lines are not folded."""
-    probe = Console(stderr=stderr)
-    width = None if probe.is_terminal else 200
-    return Console(stderr=stderr, width=width, highlight=False, soft_wrap=not probe.is_terminal)
+    out = Console(stderr=stderr, highlight=False)
+    if not out.is_terminal:
+        out.width = 200
+        out.soft_wrap = True
+    return out
 
 
 def symbols_ok(out: Console) -> bool:
@@ -62,10 +65,91 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
-def ensure_cwd_importable() -> None:
-    """Let modules of the current directory be named, as ``python -m`` does."""
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+def _local_modules(directory: str) -> dict[str, str]:
+    """Top-level modules of ``directory``: name to file or package name."""
+    found: dict[str, str] = {}
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return found
+    for entry in entries:
+        name = entry.name
+        if name.endswith(".py") and name[:-3].isidentifier():
+            found.setdefault(name[:-3], name)
+        elif name.isidentifier() and os.path.isfile(os.path.join(entry.path, "__init__.py")):
+            found[name] = name
+    return found
+
+
+def _inside(path: str | None, directory: str) -> bool:
+    if not path:
+        return False
+    return os.path.realpath(path).startswith(os.path.realpath(directory) + os.sep)
+
+
+def _searched_before(directory: str) -> list[str]:
+    """The entries of ``sys.path`` that imports search before ``directory``."""
+    real = os.path.realpath(directory)
+    before = []
+    for entry in sys.path:
+        if os.path.realpath(entry or os.curdir) == real:
+            break
+        before.append(entry)
+    return before
+
+
+def _taken_by(name: str, directory: str) -> str | None:
+    """Whose the top-level module ``name`` is, if not ``directory``'s own."""
+    if name in sys.stdlib_module_names:
+        return "Python's standard library"
+    loaded = sys.modules.get(name)
+    if loaded is not None:
+        where = getattr(loaded, "__file__", None)
+        return None if _inside(where, directory) else f"the module at {where}"
+    spec = PathFinder.find_spec(name, _searched_before(directory))
+    if spec is None:
+        return None
+    where = spec.origin or next(iter(spec.submodule_search_locations or []), None)
+    if where is None or _inside(where, directory):
+        return None
+    return f"the module at {where}"
+
+
+def ensure_cwd_importable(names: tuple[str, ...] | list[str] = ()) -> None:
+    """Let modules of the current directory be named, after every other module.
+
+    The current directory goes last on ``sys.path``: a file there named like
+    a module of Python's or of an installed package (``fcntl.py``,
+    ``json.py``, ``cryptography/``) can't take that module's place in QWIT or
+    in the libraries it uses, even those imported later (``cryptography``
+    is, once encryption is on). Such files are ignored, with a warning on
+    stderr.
+
+    Args:
+        names: The modules named on the command line.
+
+    Raises:
+        click.UsageError: A module named on the command line is the current
+            directory's, but its name belongs to another module.
+    """
+    cwd = os.getcwd()
+    local = _local_modules(cwd)
+    named = {name.split(".", 1)[0] for name in names}
+    for name in sorted(local):
+        taken = _taken_by(name, cwd)
+        if taken is None:
+            continue
+        if name in named:
+            raise click.UsageError(
+                f"the current directory's {local[name]} can't be imported as {name!r}: "
+                f"that name belongs to {taken}; rename it"
+            )
+        click.echo(
+            f"qwit: ignoring {local[name]} in the current directory: {name!r} belongs to {taken}",
+            err=True,
+        )
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
 
 
 def import_modules(names: tuple[str, ...] | list[str]) -> list[ModuleType]:
@@ -77,7 +161,7 @@ def import_modules(names: tuple[str, ...] | list[str]) -> list[ModuleType]:
     Raises:
         click.UsageError: a module can't be imported.
     """
-    ensure_cwd_importable()
+    ensure_cwd_importable(names)
     modules = []
     for name in names:
         try:
@@ -111,8 +195,8 @@ def resolve_flow(spec: str) -> tuple[type[Flow], ModuleType]:
     Raises:
         click.BadParameter: the name does not resolve, or not to a Flow.
     """
-    ensure_cwd_importable()
     module_name = spec.split(":", 1)[0] if ":" in spec else spec.rpartition(".")[0]
+    ensure_cwd_importable([module_name] if module_name else [])
     if ":" not in spec or not module_name or not spec.split(":", 1)[1]:
         raise click.BadParameter(
             f"{spec!r} is not MODULE:FLOW (e.g. samples.order.flows:PlaceOrder)",
@@ -160,6 +244,15 @@ def dump_json(value: Any) -> str:
     """JSON for stdout: indented for a person, one line for a pipe."""
     indent = 2 if sys.stdout.isatty() else None
     return json.dumps(value, indent=indent, ensure_ascii=False)
+
+
+def args_option(help: str) -> Callable[[F], F]:
+    """``--args JSON``, given to the command as ``args``: a dict (``{}`` when not given)."""
+
+    def parse(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, Any]:
+        return parse_args_json(value, param_hint="--args")
+
+    return click.option("--args", "args", metavar="JSON", callback=parse, help=help)
 
 
 def task_queue_option(fn: F) -> F:

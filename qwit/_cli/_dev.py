@@ -21,7 +21,7 @@ from ._common import (
     task_queue_option,
     worker_registry,
 )
-from ._connect import data_dir, exclusive, port_free
+from ._connect import DEV_DB, exclusive, port_free, private_db, start_server
 
 DEFAULT_PORT = 7233
 DEFAULT_UI_PORT = 8233
@@ -79,7 +79,7 @@ def dev(
         if ui_port == port:
             raise click.UsageError("--ui-port must differ from --port")
         _check_port(ui_port, "--ui-port")
-    db = data_dir() / "dev.db"
+    db = private_db(DEV_DB)
     with exclusive(db.with_name(db.name + ".lock")) as owned:
         if not owned:
             raise Failed(f"another qwit dev is using {db}; stop it, or set QWIT_DATA_DIR")
@@ -99,9 +99,10 @@ async def _dev(server: DevServer, modules: list[ModuleType], queue: str) -> int:
         _say(f"starting Temporal on 127.0.0.1:{server.port} (state in {server.db_filename})...")
         async with AsyncExitStack() as stack:
             try:
-                await stack.enter_async_context(server)
+                await start_server(server)
             except RuntimeError as exc:
                 raise Failed(str(exc)) from None
+            stack.callback(server.stop)
             if modules:
                 client = await connect_temporal(target_host=server.address, tls=False, api_key=None)
                 await stack.enter_async_context(create_worker(client, *modules, task_queue=queue))

@@ -19,21 +19,22 @@ from datetime import datetime
 import click
 import temporalio.client
 from rich.table import Table
+from rich.text import Text
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.client import WorkflowExecution, WorkflowExecutionStatus
-from temporalio.common import SearchAttributeKey
 from temporalio.service import RPCError
 
+from .._client import Client
 from .._errors import FlowFailed
-from .._state import FINAL_STATUSES, FlowState
-from ..temporal import WORKFLOW_NAME
-from ..temporal._workflow import QUERY_STATE, failure_info
-from ._common import Failed, connection_options, console, run_async
-from ._connect import connect
-from ._render import status_text
+from .._state import FINAL_STATUSES
+from ..temporal import WORKFLOW_NAME, TemporalFlowHandle, create_engine
 
-QWIT_FLOW = SearchAttributeKey.for_keyword("QwitFlow")
-QWIT_STATUS = SearchAttributeKey.for_keyword("QwitStatus")
+# Declared once, where flows publish them.
+from ..temporal._workflow import QWIT_FLOW, QWIT_STATUS
+from ._common import Failed, connection_options, console, run_async
+from ._connect import temporal_for
+from ._keys import missing_keys, missing_keys_text, own_key_ids
+from ._render import status_text
 
 #: QWIT statuses of a failed flow: Temporal sees each as a failed workflow.
 FAILED_STATUSES = frozenset(FINAL_STATUSES - {"completed"})
@@ -68,13 +69,18 @@ SCAN_LIMIT = 500
 
 @dataclass
 class Row:
-    """One flow of the listing."""
+    """One flow of the listing.
+
+    ``note`` says what could not be read, e.g. a flow encrypted with a key
+    this process lacks (its status is then Temporal's alone).
+    """
 
     flow_id: str
     flow: str
     status: str
     started: str
     ended: str
+    note: str = ""
 
 
 def _quote(value: str) -> str:
@@ -142,31 +148,57 @@ def _time(value: datetime | None) -> str:
 
 
 async def _read_row(client: temporalio.client.Client, wf: WorkflowExecution, deep: bool) -> Row:
-    """A listing row; ``deep`` reads name and outcome from the flow when unpublished."""
+    """A listing row; ``deep`` reads name and outcome from the flow when unpublished.
+
+    A flow whose payloads this process can't decode (encrypted with a key it
+    lacks) is listed all the same, with a note that says so.
+    """
     attrs = wf.typed_search_attributes
     name = attrs.get(QWIT_FLOW)
     status = row_status(wf.status, attrs.get(QWIT_STATUS))
+    note = ""
     if deep:
-        handle = client.get_workflow_handle(wf.id, run_id=wf.run_id)
-        if name is None:
-            try:
-                name = await (await handle.describe()).static_summary()
-            except RPCError:
-                name = None
-        if status == "failed":
-            try:
-                await handle.result()
-            except temporalio.client.WorkflowFailureError as err:
-                info = failure_info(err.cause)
-                status = FlowFailed.from_info(info).kind if info else status
-    return Row(wf.id, name or "?", status, _time(wf.start_time), _time(wf.close_time))
+        try:
+            name, status = await _read_flow(client, wf, name, status)
+        except RPCError:
+            raise
+        except Exception as exc:  # a payload this process can't decode
+            missing = await missing_keys(client, wf.id, wf.run_id)
+            if missing:
+                note = f"undecryptable: {missing_keys_text(missing, own_key_ids(client))}"
+            else:
+                note = f"unreadable: {type(exc).__name__}: {exc}"
+    return Row(wf.id, name or "?", status, _time(wf.start_time), _time(wf.close_time), note)
+
+
+def _flow_handle(
+    client: temporalio.client.Client, flow_id: str, run_id: str | None = None
+) -> TemporalFlowHandle:
+    """QWIT's handle of one run of a flow."""
+    return TemporalFlowHandle(create_engine(Client(temporal_client=client)), flow_id, run_id)
+
+
+async def _read_flow(
+    client: temporalio.client.Client, wf: WorkflowExecution, name: str | None, status: str
+) -> tuple[str | None, str]:
+    """The flow's name and QWIT status, read from the flow where visibility lacks them."""
+    handle = client.get_workflow_handle(wf.id, run_id=wf.run_id)
+    if name is None:
+        try:
+            name = await (await handle.describe()).static_summary()
+        except RPCError:
+            name = None
+    if status == "failed":
+        try:
+            await _flow_handle(client, wf.id, wf.run_id).result()
+        except FlowFailed as failed:
+            status = failed.kind
+    return name, status
 
 
 async def _live_status(client: temporalio.client.Client, flow_id: str) -> str | None:
     try:
-        state: FlowState = await asyncio.wait_for(
-            client.get_workflow_handle(flow_id).query(QUERY_STATE, result_type=FlowState), 2.0
-        )
+        state = await asyncio.wait_for(_flow_handle(client, flow_id).state(), 2.0)
     except Exception:  # no worker to answer: Temporal's word is all there is
         return None
     return state.status
@@ -226,15 +258,23 @@ def list_flows(
     address: str | None,
     namespace: str | None,
 ) -> None:
-    """List recent flows, newest first."""
-    status = status_filter.lower() if status_filter else None
+    """List recent flows, newest first.
+
+    With no Temporal address configured, the flows are those of qwit run
+    ($QWIT_DATA_DIR/run.db). A flow this process can't read (encrypted with
+    a key it lacks) is listed with a note that says which key; its status is
+    then Temporal's.
+    """
+
+    def say(text: str) -> None:
+        console().print(f"qwit: {text}", style="dim")
 
     async def go() -> list[Row]:
-        client = await connect(address, namespace)
-        try:
-            return await find_flows(client, limit, status, flow_name)
-        except RPCError as exc:
-            raise Failed(f"listing flows failed: {exc.message}") from None
+        async with temporal_for(address, namespace, say) as client:
+            try:
+                return await find_flows(client, limit, status_filter, flow_name)
+            except RPCError as exc:
+                raise Failed(f"listing flows failed: {exc.message}") from None
 
     found = run_async(go())
     if as_json:
@@ -245,8 +285,12 @@ def list_flows(
         out.print("no flows found")
         return
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for column in ("flow id", "flow", "status", "started", "ended"):
+    columns = ["flow id", "flow", "status", "started", "ended"]
+    noted = any(row.note for row in found)
+    for column in [*columns, "note"] if noted else columns:
         table.add_column(column)
     for row in found:
-        table.add_row(row.flow_id, row.flow, status_text(row.status), row.started, row.ended)
+        cells: list[str | Text] = [row.flow_id, row.flow, status_text(row.status)]
+        cells += [row.started, row.ended, *([row.note] if noted else [])]
+        table.add_row(*cells)
     out.print(table)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 
 import click
 import temporalio.client
@@ -13,22 +16,24 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from .._client import Client
 from .._engine import FlowHandle
-from .._errors import FlowFailed, ReactionError
+from .._errors import FlowFailed, FlowNotFound, ReactionError
 from .._options import FAILURE_REACTIONS, RETRY
 from .._state import FlowState
+from ..temporal._workflow import QWIT_STATUS
 from ._common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     Failed,
     Interrupted,
+    args_option,
     connection_options,
     console,
     dump_json,
-    parse_args_json,
     run_async,
 )
-from ._connect import connect
-from ._list import QWIT_STATUS, list_flows, row_status
+from ._connect import temporal_for
+from ._keys import key_ids, missing_keys, missing_keys_text, own_key_ids
+from ._list import list_flows, row_status
 from ._progress import Follower, running_attempts
 from ._render import failure_lines, state_view
 
@@ -48,11 +53,27 @@ WAIT_OPTION = click.option(
 )
 
 
+def _say(text: str) -> None:
+    console().print(Text(f"qwit: {text}", style="dim"))
+
+
+@asynccontextmanager
 async def _handle(
-    address: str | None, namespace: str | None, flow_id: str
-) -> tuple[temporalio.client.Client, FlowHandle]:
-    temporal = await connect(address, namespace)
-    return temporal, Client(temporal_client=temporal).get_handle(flow_id)
+    address: str | None, namespace: str | None, flow_id: str, *, may_start: bool = True
+) -> AsyncIterator[tuple[temporalio.client.Client, FlowHandle]]:
+    """The Temporal client and the handle of ``flow_id``, for as long as the block runs."""
+    async with temporal_for(address, namespace, _say, may_start=may_start) as temporal:
+        yield temporal, Client(temporal_client=temporal).get_handle(flow_id)
+
+
+async def _undecryptable(temporal: temporalio.client.Client, flow_id: str) -> Failed | None:
+    """A Failed naming the keys the flow needs and this process lacks, if any."""
+    missing = await missing_keys(temporal, flow_id)
+    if not missing:
+        return None
+    return Failed(
+        f"can't read flow {flow_id!r}: {missing_keys_text(missing, own_key_ids(temporal))}"
+    )
 
 
 async def _no_answer(temporal: temporalio.client.Client, flow_id: str) -> Failed:
@@ -61,6 +82,9 @@ async def _no_answer(temporal: temporalio.client.Client, flow_id: str) -> Failed
         desc = await temporal.get_workflow_handle(flow_id).describe()
     except RPCError as exc:
         return _rpc_failure(exc, flow_id)
+    undecryptable = await _undecryptable(temporal, flow_id)
+    if undecryptable is not None:
+        return undecryptable
     status = desc.status.name.lower() if desc.status else "unknown"
     return Failed(
         f"flow {flow_id!r} did not answer in {STATE_TIMEOUT:.0f}s (Temporal status: {status}): "
@@ -75,15 +99,37 @@ def _rpc_failure(exc: RPCError, flow_id: str) -> Failed:
 
 
 async def fetch_state(temporal: temporalio.client.Client, handle: FlowHandle) -> FlowState:
-    """The flow's state, or a Failed saying why there is none."""
+    """The flow's state, or a Failed saying why there is none.
+
+    A flow encrypted with a key this process lacks is told as such: before
+    asking for the state of an ended flow (Temporal's description of it
+    shows the keys of its input), and when the state can't be read.
+    """
+    try:
+        desc = await temporal.get_workflow_handle(handle.id).describe()
+    except RPCError as exc:
+        raise _rpc_failure(exc, handle.id) from None
+    missing = key_ids(desc.raw_description) - set(own_key_ids(temporal))
+    if missing and desc.status != WorkflowExecutionStatus.RUNNING:
+        text = missing_keys_text(missing, own_key_ids(temporal))
+        raise Failed(f"can't read flow {handle.id!r}: {text}")
     try:
         return await asyncio.wait_for(handle.state(), STATE_TIMEOUT)
     except asyncio.TimeoutError:
         raise await _no_answer(temporal, handle.id) from None
+    except FlowNotFound as exc:
+        raise Failed(str(exc)) from None
     except RPCError as exc:
         raise _rpc_failure(exc, handle.id) from None
     except WorkflowQueryFailedError as exc:
         raise Failed(f"{handle.id!r} is not a QWIT flow, or can't tell its state: {exc}") from None
+    except Exception as exc:  # the state came, and this process can't decode it
+        undecryptable = await _undecryptable(temporal, handle.id)
+        if undecryptable is not None:
+            raise undecryptable from None
+        raise Failed(
+            f"can't read the state of flow {handle.id!r}: {type(exc).__name__}: {exc}"
+        ) from None
 
 
 async def follow_to_end(
@@ -121,16 +167,17 @@ def status(flow_id: str, as_json: bool, address: str | None, namespace: str | No
 
     Steps are in plan order, a sub-flow's steps indented under it. A waiting
     flow shows what it waits for, the commands that decide it, and what a
-    rollback would undo.
+    rollback would undo. With no Temporal address configured, the flows are
+    those of qwit run ($QWIT_DATA_DIR/run.db).
     """
 
     async def go() -> None:
-        temporal, handle = await _handle(address, namespace, flow_id)
-        state = await fetch_state(temporal, handle)
-        if as_json:
-            click.echo(dump_json(state.model_dump(mode="json")))
-            return
-        running = await running_attempts(temporal, state)
+        async with _handle(address, namespace, flow_id) as (temporal, handle):
+            state = await fetch_state(temporal, handle)
+            if as_json:
+                click.echo(dump_json(state.model_dump(mode="json")))
+                return
+            running = await running_attempts(temporal, state)
         console(stderr=False).print(state_view(state, running))
 
     run_async(go())
@@ -139,18 +186,13 @@ def status(flow_id: str, as_json: bool, address: str | None, namespace: str | No
 @click.command("react")
 @click.argument("flow_id")
 @click.argument("reaction", type=click.Choice(REACTIONS, case_sensitive=False))
-@click.option(
-    "--args",
-    "args_json",
-    metavar="JSON",
-    help="With retry: args merged in before the step runs again (a JSON object).",
-)
+@args_option("With retry: args merged in before the step runs again (a JSON object).")
 @WAIT_OPTION
 @connection_options
 def react(
     flow_id: str,
     reaction: str,
-    args_json: str | None,
+    args: dict[str, Any],
     wait: bool,
     address: str | None,
     namespace: str | None,
@@ -161,24 +203,22 @@ def react(
     it; rollback undoes the failed step and the completed ones; skipback
     undoes the completed ones only; abort stops and undoes nothing.
     """
-    args = parse_args_json(args_json)
-    reaction = reaction.lower()
     if args and reaction != RETRY.value:
         raise click.UsageError(f"--args goes only with retry, not with {reaction}")
 
     async def go() -> int:
-        temporal, handle = await _handle(address, namespace, flow_id)
-        before = await fetch_state(temporal, handle) if wait else None
-        try:
-            await handle.react(reaction, args)
-        except ReactionError as exc:
-            raise Failed(str(exc)) from None
-        except RPCError as exc:
-            raise _rpc_failure(exc, flow_id) from None
-        console().print(Text(f"qwit: flow {flow_id}: {reaction} accepted", style="dim"))
-        if before is None:
-            return 0
-        return await follow_to_end(temporal, handle, before)
+        async with _handle(address, namespace, flow_id, may_start=False) as (temporal, handle):
+            before = await fetch_state(temporal, handle) if wait else None
+            try:
+                await handle.react(reaction, args)
+            except (ReactionError, FlowNotFound) as exc:
+                raise Failed(str(exc)) from None
+            except RPCError as exc:
+                raise _rpc_failure(exc, flow_id) from None
+            _say(f"flow {flow_id}: {reaction} accepted")
+            if before is None:
+                return 0
+            return await follow_to_end(temporal, handle, before)
 
     sys.exit(run_async(go()))
 
@@ -191,23 +231,25 @@ def cancel(flow_id: str, wait: bool, address: str | None, namespace: str | None)
     """Cancel flow FLOW_ID: the step in flight and the completed ones are undone."""
 
     async def go() -> int:
-        temporal, handle = await _handle(address, namespace, flow_id)
-        try:
-            desc = await temporal.get_workflow_handle(flow_id).describe()
-        except RPCError as exc:
-            raise _rpc_failure(exc, flow_id) from None
-        if desc.status != WorkflowExecutionStatus.RUNNING:
-            ended = row_status(desc.status, desc.typed_search_attributes.get(QWIT_STATUS))
-            raise Failed(f"flow {flow_id!r} has already ended ({ended.replace('_', ' ')})")
-        state = await fetch_state(temporal, handle) if wait else None
-        try:
-            await handle.cancel()
-        except RPCError as exc:
-            raise _rpc_failure(exc, flow_id) from None
-        console().print(Text(f"qwit: flow {flow_id}: cancel requested, it rolls back", style="dim"))
-        if state is None:
-            return 0
-        return await follow_to_end(temporal, handle, state)
+        async with _handle(address, namespace, flow_id, may_start=False) as (temporal, handle):
+            try:
+                desc = await temporal.get_workflow_handle(flow_id).describe()
+            except RPCError as exc:
+                raise _rpc_failure(exc, flow_id) from None
+            if desc.status != WorkflowExecutionStatus.RUNNING:
+                ended = row_status(desc.status, desc.typed_search_attributes.get(QWIT_STATUS))
+                raise Failed(f"flow {flow_id!r} has already ended ({ended.replace('_', ' ')})")
+            state = await fetch_state(temporal, handle) if wait else None
+            try:
+                await handle.cancel()
+            except FlowNotFound as exc:
+                raise Failed(str(exc)) from None
+            except RPCError as exc:
+                raise _rpc_failure(exc, flow_id) from None
+            _say(f"flow {flow_id}: cancel requested, it rolls back")
+            if state is None:
+                return 0
+            return await follow_to_end(temporal, handle, state)
 
     sys.exit(run_async(go()))
 

@@ -27,22 +27,23 @@ from ._common import (
     EXIT_INTERRUPTED,
     Failed,
     Interrupted,
+    args_option,
     connection_options,
     console,
     dump_json,
-    parse_args_json,
     queue_name,
     resolve_flow,
     run_async,
     task_queue_option,
 )
 from ._connect import (
+    RUN_DB,
     address_configured,
     connect,
     data_dir,
     describe_target,
     embedded_server,
-    env_config,
+    local_namespace,
 )
 from ._progress import Follower
 from ._render import failure_lines
@@ -53,7 +54,7 @@ EXIT_TERMINATED = 143
 
 @click.command("run")
 @click.argument("flow_spec", metavar="MODULE:FLOW")
-@click.option("--args", "args_json", metavar="JSON", help="The flow's input args: a JSON object.")
+@args_option("The flow's input args: a JSON object.")
 @click.option("--id", "flow_id", metavar="ID", help="The flow's id [default: <name>-<random>].")
 @click.option(
     "--no-worker",
@@ -67,7 +68,7 @@ EXIT_TERMINATED = 143
 @connection_options
 def run(
     flow_spec: str,
-    args_json: str | None,
+    args: dict[str, Any],
     flow_id: str | None,
     no_worker: bool,
     verbose: bool,
@@ -81,7 +82,9 @@ def run(
     JSON on stdout. Unless --no-worker, a worker for MODULE's steps runs in
     this process. Without a Temporal address (TEMPORAL_ADDRESS, a
     TEMPORAL_PROFILE, --address), a local Temporal dev server runs for the
-    duration, its state kept in $QWIT_DATA_DIR (default ~/.local/share/qwit).
+    duration, its state kept in $QWIT_DATA_DIR/run.db (default
+    ~/.local/share/qwit), where qwit list and qwit status find the flow; then
+    --no-worker is a usage error (no other worker could reach that server).
 
     Ctrl-C cancels the flow, which rolls it back; a second Ctrl-C stops
     waiting and leaves the flow as it is.
@@ -90,15 +93,21 @@ def run(
     2 usage error.
     """
     flow, module = resolve_flow(flow_spec)
-    args = parse_args_json(args_json)
     queue = queue_name(task_queue)
     try:
         Client(task_queue=queue).prepare(flow, args, id=flow_id)
         Registry(flow)
     except (FlowDefinitionError, ArgumentsError) as exc:
         raise click.UsageError(str(exc)) from None
-    serve = _served(flow, module, console())
     embedded = not address_configured(address)
+    if embedded and no_worker:
+        raise click.UsageError(
+            "--no-worker needs the Temporal your workers use: with no address configured, "
+            "qwit run starts a local server of its own, which no other worker can reach. "
+            "Set TEMPORAL_ADDRESS (or --address) to your workers' server, or drop --no-worker."
+        )
+    err = console()
+    serve = _served(flow, module, err)
     if verbose:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     else:
@@ -106,7 +115,7 @@ def run(
         logging.getLogger("temporalio.activity").setLevel(logging.ERROR)
     try:
         code = run_async(
-            _run(flow, serve, args, flow_id, no_worker, queue, address, namespace, embedded)
+            _run(err, flow, serve, args, flow_id, no_worker, queue, address, namespace, embedded)
         )
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
@@ -127,6 +136,7 @@ def _served(flow: type[Flow], module: ModuleType, err: Console) -> list[Any]:
 
 
 async def _run(
+    err: Console,
     flow: type[Flow],
     serve: list[Any],
     args: dict[str, Any],
@@ -137,7 +147,6 @@ async def _run(
     namespace: str | None,
     embedded: bool,
 ) -> int:
-    err = console()
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None
@@ -177,7 +186,7 @@ async def _run_flow(
     async with AsyncExitStack() as stack:
         react = "qwit react"
         if embedded:
-            ns = namespace or env_config().get("namespace") or "default"
+            ns = local_namespace(namespace)
             server = await stack.enter_async_context(embedded_server(ns, say))
             # Only this server's own settings: env TLS or API keys are for other clusters.
             temporal = await connect(server.address, ns, tls=False, api_key=None)
@@ -231,7 +240,7 @@ async def _run_flow(
                 err.print(line)
             return EXIT_FAILED
         except Interrupted:
-            kept = f" in {data_dir() / 'run.db'}" if embedded else " in Temporal"
+            kept = f" in {data_dir() / RUN_DB}" if embedded else " in Temporal"
             say(f"stopped waiting; flow {handle.id} stays as it is{kept}")
             return EXIT_INTERRUPTED
         click.echo(dump_json(result))
