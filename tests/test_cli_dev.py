@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
+import stat
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -49,6 +52,13 @@ async def test_dev_serves_flows_stops_cleanly_and_keeps_its_state(tmp_path):
     assert stopped.code == 0, stopped.err
     assert "stopping..." in stopped.out and "stopped" in stopped.out
     assert port_free(port) and port_free(ui_port)
+    # its state is its user's alone
+    state = Path(data)
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in state.iterdir()} == {
+        name: 0o600 for name in os.listdir(state)
+    }
+    assert (state / "dev.db").exists()
 
     # restarted on the same data dir (headless, SIGTERM this time): the flow is still there
     dev = await start("dev", "--port", str(port), "--headless", QWIT_DATA_DIR=data)
