@@ -128,7 +128,7 @@ def private_data_dir() -> Path:
     """
     directory = data_dir()
     directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-    _tighten(directory, DIR_MODE)
+    _tighten(directory, DIR_MODE, follow=True)
     return directory
 
 
@@ -146,18 +146,23 @@ def private_db(name: str) -> Path:
     return db
 
 
-def _tighten(path: Path, mode: int) -> None:
-    """Take group and other permissions off ``path`` (if it exists and is ours)."""
+def _tighten(path: Path, mode: int, *, follow: bool = False) -> None:
+    """Take off ``path`` the permissions ``mode`` does not give (if it is ours).
+
+    A symbolic link is followed only if ``follow`` (the data directory may
+    be one); otherwise it is left alone.
+    """
     try:
-        info = path.lstat()
+        info = path.stat() if follow else path.lstat()
     except FileNotFoundError:
-        return
-    if hasattr(os, "getuid") and info.st_uid != os.getuid():
         return
     if stat.S_ISLNK(info.st_mode):
         return
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        return
     if stat.S_IMODE(info.st_mode) & ~mode:
-        path.chmod(stat.S_IMODE(info.st_mode) & mode)
+        with suppress(OSError):  # a read-only file system, say: nothing more to do
+            path.chmod(stat.S_IMODE(info.st_mode) & mode)
 
 
 @contextmanager
