@@ -18,6 +18,19 @@ if TYPE_CHECKING:
 #: Environment variable naming the task queue of clients and workers.
 TASK_QUEUE_ENV = "QWIT_TASK_QUEUE"
 DEFAULT_TASK_QUEUE = "qwit"
+#: Environment variable: seconds a step that no worker serves is offered again
+#: before it fails (see ``Client``).
+UNSERVED_STEP_TIMEOUT_ENV = "QWIT_UNSERVED_STEP_TIMEOUT"
+DEFAULT_UNSERVED_STEP_TIMEOUT = 60.0
+
+
+def _unserved_step_timeout(value: float | None) -> float:
+    if value is None:
+        raw = os.environ.get(UNSERVED_STEP_TIMEOUT_ENV)
+        value = float(raw) if raw else DEFAULT_UNSERVED_STEP_TIMEOUT
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"unserved_step_timeout must be seconds >= 0, not {value!r}")
+    return float(value)
 
 
 def default_task_queue() -> str:
@@ -54,6 +67,12 @@ class Client:
             whatever its Flow names (tests run production flows on
             ``qwit.local`` this way).
         task_queue: The Temporal task queue flows are started on.
+        unserved_step_timeout: Seconds a step that the worker which took it
+            does not serve is offered to the task queue again, so that another
+            worker may run it (during a rolling deploy, or with workers that
+            serve different modules), before the step fails with
+            ``StepNotRegistered``. Default ``$QWIT_UNSERVED_STEP_TIMEOUT`` or
+            60. Fixed in each flow's plan when it starts.
         temporal_options: Keyword arguments for ``temporalio.client.Client.connect``
             that override Temporal's environment config.
     """
@@ -65,8 +84,10 @@ class Client:
         temporal_client: temporalio.client.Client | None = None,
         temporal_options: dict[str, Any] | None = None,
         backend: Backend | None = None,
+        unserved_step_timeout: float | None = None,
     ) -> None:
         self.task_queue = task_queue or default_task_queue()
+        self.unserved_step_timeout = _unserved_step_timeout(unserved_step_timeout)
         self.backend = backend
         self.temporal_options = dict(temporal_options or {})
         self.given_temporal_client = temporal_client
@@ -106,7 +127,13 @@ class Client:
         flow_id = id or f"{plan.name}-{uuid.uuid4().hex}"
         # Fixed here, once: every idempotency key of this execution derives from
         # it, so a later flow that reuses the id gets keys of its own.
-        return FlowInput(flow=plan, args=clean, root_id=flow_id, execution=uuid.uuid4().hex)
+        return FlowInput(
+            flow=plan,
+            args=clean,
+            root_id=flow_id,
+            unserved_step_timeout=self.unserved_step_timeout,
+            execution=uuid.uuid4().hex,
+        )
 
     async def start(
         self, flow: type[Flow], args: Any = None, *, id: str | None = None
@@ -156,6 +183,7 @@ async def connect(
     task_queue: str | None = None,
     temporal_client: temporalio.client.Client | None = None,
     backend: Backend | None = None,
+    unserved_step_timeout: float | None = None,
     **temporal_options: Any,
 ) -> Client:
     """A client for starting and steering flows.
@@ -173,6 +201,8 @@ async def connect(
             should have ``qwit.temporal.QwitPlugin()`` among its plugins).
         backend: Run every flow on this engine, whatever its Flow names
             (e.g. ``qwit.local`` in unit tests).
+        unserved_step_timeout: Seconds a step no worker serves is offered
+            again before it fails (default ``$QWIT_UNSERVED_STEP_TIMEOUT`` or 60).
         **temporal_options: Overrides for ``temporalio.client.Client.connect``,
             e.g. ``target_host="temporal:7233"``, ``namespace="orders"``.
     """
@@ -181,4 +211,5 @@ async def connect(
         temporal_client=temporal_client,
         temporal_options=temporal_options,
         backend=backend,
+        unserved_step_timeout=unserved_step_timeout,
     )

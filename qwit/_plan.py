@@ -93,6 +93,11 @@ class FlowInput(BaseModel):
     """Set for a sub-flow: the id of the flow that runs it."""
     payload_limit: int | None = None
     """Largest payload the engine accepts, in bytes (None: no limit known)."""
+    unserved_step_timeout: float | None = None
+    """How long, in seconds, a step no worker that took it serves is offered
+    to the task queue again (another worker may serve it: a rolling deploy,
+    workers of different modules) before it fails. None in plans of older
+    QWIT: it fails at once."""
     execution: str | None = None
     """What makes this execution's idempotency keys its own: the root's
     execution id (fixed when the flow starts), extended by each sub-flow

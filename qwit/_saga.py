@@ -343,6 +343,7 @@ class Interpreter:
             path=rec.path,
             parent_id=self.flow_id,
             payload_limit=self.input.payload_limit,
+            unserved_step_timeout=self.input.unserved_step_timeout,
             execution=None if execution is None else child_execution(execution, rec.path, rec.runs),
         )
         refused = self.runtime.refuse_forward(child, self._undo_count())

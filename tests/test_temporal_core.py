@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import uuid
 from typing import Any
 
@@ -310,15 +311,25 @@ class PartlyRegisteredFlow(qwit.Flow):
         self.step(NotRegistered)
 
 
-async def test_a_step_no_worker_registered_fails_the_flow_promptly(client, worker, task_queue):
+async def test_a_step_no_worker_serves_fails_the_flow_in_bounded_time(
+    temporal_client, worker, task_queue
+):
+    client = await qwit.connect(
+        temporal_client=temporal_client, task_queue=task_queue, unserved_step_timeout=2
+    )
     run = new_ledger()
     async with worker(Registered):
+        began = time.monotonic()
         with pytest.raises(qwit.FlowRolledBack) as info:
             await asyncio.wait_for(client.run(PartlyRegisteredFlow, {"ledger": run}), 20)
+        took = time.monotonic() - began
     err = info.value
+    assert 2 <= took < 10
     assert err.step == "NotRegistered"
+    assert err.error_type == "qwit.StepNotRegistered"
     assert "'NotRegistered'" in err.reason
     assert repr(task_queue) in err.reason
+    assert "no worker served it for" in err.reason
     assert err.compensated == ["Registered"]
     assert ledger.entries(run) == [("do", "Registered"), ("undo", "Registered")]
 

@@ -20,7 +20,7 @@ from .._runner import Registry
 from .._step import Step
 from ._activities import step_activities, unregistered_step
 from ._encryption import EncryptionCodec, encrypted_converter
-from ._workflow import QwitWorkflow
+from ._workflow import NoEagerInterceptor, QwitWorkflow
 
 #: Modules the workflow sandbox shares with the worker instead of re-importing
 #: them for every run: QWIT's own (pure, deterministic) and pydantic's.
@@ -130,6 +130,7 @@ class QwitPlugin(SimplePlugin):
             activities=_add_activities(self.registry),
             workflows=_add_workflow,
             workflow_runner=_workflow_runner,
+            interceptors=[NoEagerInterceptor()],
         )
 
     def configure_worker(self, config: WorkerConfig) -> WorkerConfig:

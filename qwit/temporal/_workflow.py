@@ -27,6 +27,13 @@ from temporalio.exceptions import (
     WorkflowAlreadyStartedError,
     is_cancelled_exception,
 )
+from temporalio.worker import (
+    Interceptor,
+    StartActivityInput,
+    WorkflowInboundInterceptor,
+    WorkflowInterceptorClassInput,
+    WorkflowOutboundInterceptor,
+)
 
 with workflow.unsafe.imports_passed_through():
     import asyncio
@@ -74,6 +81,11 @@ EVENTS_PER_STEP = 6
 #: compensation; QWIT stops starting steps well before, so a rollback fits.
 HISTORY_EVENTS_BUDGET = 45_000
 HISTORY_BYTES_BUDGET = 22 * 1024 * 1024
+#: A step that the worker which took it does not serve is offered again after
+#: this delay, doubled each time up to the max, for the plan's
+#: ``unserved_step_timeout``.
+UNSERVED_RETRY_FIRST = 0.2
+UNSERVED_RETRY_MAX = 2.0
 QUERY_STATE = "qwit.state"
 UPDATE_REACT = "qwit.react"
 SIGNAL_SETTLE = "qwit.settle"
@@ -248,6 +260,38 @@ class _Runtime(FlowRuntime):
         self.owner = owner
 
     async def run_step(self, node: StepNode, call: StepCall) -> StepReturn:
+        limit = self.owner.input.unserved_step_timeout
+        if limit is None:  # plans of older QWIT: an unserved step fails at once
+            return await self._run_once(node, call)
+        began = workflow.now()
+        delay = UNSERVED_RETRY_FIRST
+        offered_again = False
+        while True:
+            try:
+                return await self._run_once(node, call, eager=not offered_again)
+            except StepFailure as failure:
+                if failure.info.type != "qwit.StepNotRegistered":
+                    raise
+                waited = (workflow.now() - began).total_seconds()
+                if waited + delay > limit:
+                    message = f"{failure.info.message} (no worker served it for {waited:.0f}s)"
+                    raise StepFailure(
+                        failure.info.model_copy(update={"message": message})
+                    ) from None
+            # Another worker of the queue may serve it (a rolling deploy, workers
+            # of different modules): offer it again.
+            await workflow.sleep(delay)
+            delay = min(delay * 2, UNSERVED_RETRY_MAX)
+            # Not eagerly, on this flow's own worker, which lacks it: through
+            # the task queue, where any worker may take it.
+            offered_again = True
+
+    async def _run_once(self, node: StepNode, call: StepCall, eager: bool = True) -> StepReturn:
+        if not eager:
+            # Scheduled through the task queue, not handed to this worker at
+            # once (see NoEagerInterceptor): another worker may serve it.
+            call = call.model_copy()
+            self.owner.not_eager.add(id(call))
         forward = call.direction == "step_forward"
         retry = node.retry if forward else node.back_retry
         activity = f"{node.name}.{call.direction}"
@@ -376,6 +420,8 @@ class QwitWorkflow:
         # The client sets QwitFlow at start only where the attributes exist.
         self.can_publish = workflow.info().typed_search_attributes.get(QWIT_FLOW) is not None
         self.published: str | None = None
+        #: Step calls (by id) to schedule through the task queue, not eagerly.
+        self.not_eager: set[int] = set()
 
     @workflow.run
     async def run(self, input: FlowInput) -> dict[str, Any]:
@@ -425,3 +471,33 @@ class QwitWorkflow:
     def subflow_done(self, done: SubflowDone) -> None:
         """A sub-flow's steps have all run."""
         self.subflows_done[done.flow_id] = done.outputs
+
+
+class _NoEagerOutbound(WorkflowOutboundInterceptor):
+    def start_activity(self, input: StartActivityInput) -> workflow.ActivityHandle[Any]:
+        owner = workflow.instance()
+        if isinstance(owner, QwitWorkflow) and input.args and id(input.args[0]) in owner.not_eager:
+            owner.not_eager.discard(id(input.args[0]))
+            input.disable_eager_execution = True
+        return super().start_activity(input)
+
+
+class _NoEagerInbound(WorkflowInboundInterceptor):
+    def init(self, outbound: WorkflowOutboundInterceptor) -> None:
+        super().init(_NoEagerOutbound(outbound))
+
+
+class NoEagerInterceptor(Interceptor):
+    """Lets the flow schedule a step through its task queue instead of eagerly.
+
+    Temporal hands an activity straight to the worker that scheduled it
+    (eager execution) when it can: quicker, but a step that worker does not
+    serve would come back to it every time. A step offered again after
+    ``StepNotRegistered`` goes through the task queue, where any worker that
+    serves it may take it.
+    """
+
+    def workflow_interceptor_class(
+        self, input: WorkflowInterceptorClassInput
+    ) -> type[WorkflowInboundInterceptor] | None:
+        return _NoEagerInbound

@@ -270,7 +270,8 @@ async def served(temporal_client: temporalio.client.Client) -> Any:
     from qwit.temporal import create_worker
 
     queue = f"bad-{uuid.uuid4().hex[:8]}"
-    client = qwit.Client(temporal_client=temporal_client, task_queue=queue)
+    # Unserved steps are offered again for a short while only, to keep this quick.
+    client = qwit.Client(temporal_client=temporal_client, task_queue=queue, unserved_step_timeout=1)
     started: list[str] = []
     async with create_worker(temporal_client, *STEPS, task_queue=queue):
         yield client, started

@@ -1,7 +1,8 @@
 """Deploys: flows waiting mid-way while the worker is replaced by one whose Flow
 code changed. Flows in flight finish on the plan they started with; new flows
-use the new one; a worker missing a step an old plan names fails that flow
-promptly instead of leaving it stuck."""
+use the new one; while two versions serve one task queue, every flow finds the
+worker that serves each of its steps; a step no worker serves fails its flow in
+bounded time instead of leaving it stuck."""
 
 from __future__ import annotations
 
@@ -74,9 +75,11 @@ async def test_flows_in_flight_keep_their_plan_across_a_deploy(dev_server, tmp_p
 
 
 @pytest.mark.timeout(300)
-async def test_a_worker_missing_an_old_step_fails_the_flow_promptly(dev_server, tmp_path):
+async def test_a_worker_missing_an_old_step_fails_the_flow_in_bounded_time(dev_server, tmp_path):
     queue = f"deploy-{uuid.uuid4().hex[:8]}"
-    client = await qwit.connect(target_host=dev_server.address, task_queue=queue)
+    client = await qwit.connect(
+        target_host=dev_server.address, task_queue=queue, unserved_step_timeout=3
+    )
     v1 = serve("deploy_v1", dev_server, queue, tmp_path)
     await v1.start()
     try:
@@ -95,3 +98,45 @@ async def test_a_worker_missing_an_old_step_fails_the_flow_promptly(dev_server, 
     assert info.value.step == "deploy.finish"
     assert "not registered" in info.value.reason
     assert repr(queue) in info.value.reason
+
+
+class A(qwit.Step, name="mixed.a"):
+    async def step_forward(self, args: dict) -> dict:
+        return {"a": True}
+
+
+class C(qwit.Step, name="mixed.c"):
+    async def step_forward(self, args: dict) -> dict:
+        return {"c": True}
+
+
+class B(qwit.Step, name="mixed.b"):
+    """Only version 2 of the workers has it."""
+
+    async def step_forward(self, args: dict) -> dict:
+        return {"b": True}
+
+
+class MixedV2(qwit.Flow, name="mixed.flow"):
+    def build_flow(self) -> None:
+        self.step(A)
+        self.step(B)
+        self.step(C)
+
+
+@pytest.mark.timeout(300)
+async def test_two_worker_versions_at_once_run_every_new_flow(dev_server, temporal_client):
+    # A rolling deploy: v1 (no step B) and v2 poll one task queue. Before, the
+    # first worker to take B failed it for good: 11 of 20 new flows rolled back.
+    from qwit.temporal import connect_temporal, create_worker
+
+    queue = f"mixed-{uuid.uuid4().hex[:8]}"
+    client = await qwit.connect(temporal_client=temporal_client, task_queue=queue)
+    # two processes' worth of workers: each its own connection
+    other = await connect_temporal(target_host=dev_server.address)
+    v1 = create_worker(temporal_client, A, C, task_queue=queue)
+    v2 = create_worker(other, A, B, C, task_queue=queue)
+    async with v1, v2:
+        handles = [await client.start(MixedV2, {"n": i}) for i in range(20)]
+        results = await asyncio.wait_for(asyncio.gather(*(h.result() for h in handles)), 240)
+    assert all(r == {"n": i, "a": True, "b": True, "c": True} for i, r in enumerate(results))
