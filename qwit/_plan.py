@@ -82,8 +82,8 @@ class FlowInput(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    version: int = PLAN_VERSION
-    flow: FlowNode
+    # The order is what Temporal's UI shows of a flow's input: what an operator
+    # looks for first (the args, the ids), the compiled plan last.
     args: dict[str, Any] = Field(default_factory=dict)
     root_id: str
     """Id of the flow the user started; sub-flows share it."""
@@ -91,6 +91,7 @@ class FlowInput(BaseModel):
     """Position of this flow inside the root ('' for the root, '3' or '3.1')."""
     parent_id: str | None = None
     """Set for a sub-flow: the id of the flow that runs it."""
+    version: int = PLAN_VERSION
     payload_limit: int | None = None
     """Largest payload the engine accepts, in bytes (None: no limit known)."""
     unserved_step_timeout: float | None = None
@@ -103,6 +104,8 @@ class FlowInput(BaseModel):
     execution id (fixed when the flow starts), extended by each sub-flow
     attempt past the first. None in plans of older QWIT, whose keys were
     ``flow_id/path/direction`` and whose sub-flow ids were ``flow_id/path``."""
+    flow: FlowNode
+    """The compiled plan."""
 
 
 class StepCall(BaseModel):

@@ -86,6 +86,8 @@ HISTORY_BYTES_BUDGET = 22 * 1024 * 1024
 #: ``unserved_step_timeout``.
 UNSERVED_RETRY_FIRST = 0.2
 UNSERVED_RETRY_MAX = 2.0
+#: Flow statuses that end a flow without completing it.
+FAILED_STATUSES = frozenset({"rolled_back", "cancelled", "compensation_failed", "aborted"})
 QUERY_STATE = "qwit.state"
 UPDATE_REACT = "qwit.react"
 SIGNAL_SETTLE = "qwit.settle"
@@ -146,10 +148,12 @@ def fit_state(state: FlowState, limit: int | None) -> FlowState:
     return state.model_copy(update={"args": {}, "waiting": waiting})
 
 
-def failure_error(info: FailureInfo) -> ApplicationError:
-    """The error a workflow fails with, carrying ``info`` as its details."""
+def failure_error(info: FailureInfo, flow: str | None = None) -> ApplicationError:
+    """The error a workflow fails with, carrying ``info`` as its details; its
+    message, which Temporal's UI shows first, starts with the flow's name."""
+    message = FlowFailed.from_info(info).args[0]
     return ApplicationError(
-        FlowFailed.from_info(info).args[0],
+        f"{flow}: {message}" if flow else message,
         info.model_dump(mode="json"),
         type=failure_type(info),
         non_retryable=True,
@@ -299,6 +303,9 @@ class _Runtime(FlowRuntime):
         # server's limit adds the grace, so the next attempt or the undo never
         # starts beside an attempt that is still stopping.
         timeout = timedelta(seconds=node.timeout + (node.timeout_grace or 0.0))
+        # What Temporal's UI shows for the activity: the step's path and name
+        # (flows of this version; older ones keep the commands they had).
+        summary = f"{call.path} {node.name}" if call.key is not None else None
         try:
             if node.local:
                 result: StepReturn = await workflow.execute_local_activity(
@@ -307,6 +314,7 @@ class _Runtime(FlowRuntime):
                     result_type=StepReturn,
                     start_to_close_timeout=timeout,
                     retry_policy=_policy(retry),
+                    summary=summary,
                 )
                 return result
             result = await workflow.execute_activity(
@@ -319,6 +327,7 @@ class _Runtime(FlowRuntime):
                 ),
                 retry_policy=_policy(retry),
                 cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+                summary=summary,
             )
             return result
         except (ActivityError, ApplicationError, TimeoutError) as err:
@@ -390,12 +399,20 @@ class _Runtime(FlowRuntime):
 
     def status_changed(self, status: FlowStatus) -> None:
         owner = self.owner
-        if not owner.can_publish or workflow.info().run_id != owner.run_id:
-            # No attribute to publish; or this flow's coroutine is being closed
-            # by the garbage collector while another flow runs (after its
-            # worker dropped it): a command now would land in that other flow.
+        if workflow.info().run_id != owner.run_id:
+            # This flow's coroutine is being closed by the garbage collector
+            # while another flow runs (after its worker dropped it): a command
+            # now would land in that other flow.
             return
-        if status == "waiting" or owner.published is not None:
+        owner.describe_wait(status)
+        if not owner.can_publish:
+            return
+        # Published from a flow's first wait on (an operator must find waiting
+        # flows), and, in flows of this version, when a flow ends without
+        # completing (one event on those paths; none on the completed one), so
+        # that QwitStatus finds every flow by its QWIT outcome.
+        ends_failed = status in FAILED_STATUSES and owner.input.execution is not None
+        if status == "waiting" or owner.published is not None or ends_failed:
             workflow.upsert_search_attributes([QWIT_STATUS.value_set(status)])
             owner.published = status
 
@@ -423,6 +440,25 @@ class QwitWorkflow:
         #: Step calls (by id) to schedule through the task queue, not eagerly.
         self.not_eager: set[int] = set()
 
+    def describe_wait(self, status: FlowStatus) -> None:
+        """Say in the flow's current details (Temporal's UI shows them) what it
+        waits for and how to decide; nothing once it no longer waits. Details
+        are metadata: they add nothing to the history."""
+        waiting = self.interpreter.waiting
+        if status != "waiting" or waiting is None:
+            workflow.set_current_details("")
+            return
+        flow_id = workflow.info().workflow_id
+        choices = "|".join(waiting.allowed)
+        workflow.set_current_details(
+            f"**Waiting for an operator.** Step `{waiting.step}` (path {waiting.path}, "
+            f"{waiting.direction}) failed: {waiting.error.describe()}\n\n"
+            f"Decide with `qwit react {self.input.root_id} {choices} [--args JSON]`, or "
+            f"`temporal workflow update execute --workflow-id {flow_id} --name "
+            f"{UPDATE_REACT} --input '{{\"reaction\": \"{waiting.allowed[0]}\", "
+            f"\"args\": {{}}}}'`."
+        )
+
     @workflow.run
     async def run(self, input: FlowInput) -> dict[str, Any]:
         """Interpret the plan; fail with a ``qwit.*`` ApplicationError on failure."""
@@ -439,15 +475,23 @@ class QwitWorkflow:
             info = failed.info
             if input.execution is not None:  # flows of older QWIT end as they did
                 info = fit_failure(info, input.payload_limit)
-            raise failure_error(info) from None
+            raise failure_error(info, input.flow.name) from None
 
-    @workflow.query(name=QUERY_STATE)
+    @workflow.query(
+        name=QUERY_STATE,
+        description="QWIT's view of the flow: its status, each step's status and "
+        "attempts, what it waits for.",
+    )
     def state(self) -> FlowState:
         """The flow's progress: status, each step's status and attempts, what
         it waits for (a query adds nothing to the history)."""
         return fit_state(self.interpreter.state(), self.input.payload_limit)
 
-    @workflow.update(name=UPDATE_REACT)
+    @workflow.update(
+        name=UPDATE_REACT,
+        description="Decide for a flow waiting for an operator: "
+        '{"reaction": "retry|skip|skipback|rollback|abort", "args": {...}} (args only with retry).',
+    )
     async def react(self, decision: Decision) -> None:
         """An operator's decision for a waiting flow."""
         self.interpreter.decide(decision)
@@ -462,12 +506,18 @@ class QwitWorkflow:
                 str(exc), type="qwit.ReactionError", non_retryable=True
             ) from None
 
-    @workflow.signal(name=SIGNAL_SETTLE)
+    @workflow.signal(
+        name=SIGNAL_SETTLE,
+        description="QWIT internal: a parent flow keeps (true) or undoes (false) this sub-flow.",
+    )
     def settle(self, commit: bool) -> None:
         """The parent's word on a sub-flow whose steps have run."""
         self.interpreter.settle(commit)
 
-    @workflow.signal(name=SIGNAL_SUBFLOW_DONE)
+    @workflow.signal(
+        name=SIGNAL_SUBFLOW_DONE,
+        description="QWIT internal: a sub-flow tells its parent that its steps have run.",
+    )
     def subflow_done(self, done: SubflowDone) -> None:
         """A sub-flow's steps have all run."""
         self.subflows_done[done.flow_id] = done.outputs
