@@ -22,7 +22,7 @@ from ._options import (
     parse_seconds,
 )
 from ._plan import FlowNode, Node, StepNode
-from ._step import Step, _own_name, args_model, defines, model_fields
+from ._step import Step, _own_name, args_model, defines, is_abstract, mark_abstract, model_fields
 
 
 class Flow:
@@ -46,12 +46,20 @@ class Flow:
     backend: ClassVar[Any] = None
     on_failure: ClassVar[OnFailure | None] = None
 
-    def __init_subclass__(cls, *, name: str | None = None, backend: Any = None, **kwargs: Any):
+    def __init_subclass__(
+        cls,
+        *,
+        name: str | None = None,
+        backend: Any = None,
+        abstract: bool = False,
+        **kwargs: Any,
+    ):
         super().__init_subclass__(**kwargs)
         declared = cls.__dict__.get("name")
         cls.name = _own_name(cls, name if name is not None else declared)
         if backend is not None:
             cls.backend = backend
+        mark_abstract(cls, abstract)
 
     def __init__(self) -> None:
         self._entries: list[tuple[Any, Any, dict[str, Any]]] = []
@@ -149,6 +157,11 @@ class _Compiler:
                 f"{where}: expected a qwit.Step or qwit.Flow class, got {target!r}"
             )
         where = f"flow {parent.name!r}, step {index + 1} ({target.name!r})"
+        if is_abstract(target):
+            raise FlowDefinitionError(
+                f"{where}: {target.__qualname__} is abstract (abstract=True), a base for "
+                "other steps and flows: use one of its subclasses"
+            )
         try:
             static_args = as_args(raw_args, "static args")
         except NotJSON as exc:
@@ -249,6 +262,10 @@ def compile_flow(flow: type[Flow]) -> FlowNode:
     """
     if not (isinstance(flow, type) and issubclass(flow, Flow)):
         raise FlowDefinitionError(f"expected a qwit.Flow class, got {flow!r}")
+    if is_abstract(flow):
+        raise FlowDefinitionError(
+            f"flow {flow.name!r} is abstract (abstract=True): run one of its subclasses"
+        )
     return _Compiler().flow(flow, {}, flow.on_failure)
 
 

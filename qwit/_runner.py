@@ -29,7 +29,7 @@ from ._flow import Flow, step_classes
 from ._jsonargs import NotJSON, as_args
 from ._options import DEFAULT_TIMEOUT_GRACE
 from ._plan import StepCall
-from ._step import Step, args_model, defines
+from ._step import Step, args_model, defines, is_abstract
 
 
 class StepFailure(Exception):
@@ -74,6 +74,11 @@ class Registry:
                 for cls in step_classes(member):
                     self._add_step(cls)
             elif isinstance(member, type) and issubclass(member, Step):
+                if is_abstract(member):
+                    raise FlowDefinitionError(
+                        f"{member.__qualname__} is abstract (abstract=True): register its "
+                        "subclasses, not the base"
+                    )
                 self._add_step(member)
             else:
                 raise FlowDefinitionError(
@@ -109,7 +114,7 @@ class Registry:
 
 def _module_members(module: ModuleType) -> Iterable[type[Step] | type[Flow]]:
     for value in list(vars(module).values()):
-        if not isinstance(value, type) or value in (Step, Flow):
+        if not isinstance(value, type) or value in (Step, Flow) or is_abstract(value):
             continue
         is_flow = issubclass(value, Flow) and value.build_flow is not Flow.build_flow
         is_step = issubclass(value, Step) and defines(value, "step_forward")

@@ -33,6 +33,8 @@ class Step:
             so renaming a step is a deploy decision.
         backend: The engine that runs the step. Default: the engine of the
             flow that contains it.
+        abstract: True for a base class other steps derive from: it is never
+            registered, served or used in a plan, and needs no unique name.
 
     Options, as class attributes (or keywords of ``Flow.step`` for one use):
         retry: ``qwit.Retry`` for ``step_forward`` (default: 3 attempts).
@@ -68,12 +70,20 @@ class Step:
     back_on_failure: ClassVar[Reaction | str | None] = None
     local: ClassVar[bool | None] = None
 
-    def __init_subclass__(cls, *, name: str | None = None, backend: Any = None, **kwargs: Any):
+    def __init_subclass__(
+        cls,
+        *,
+        name: str | None = None,
+        backend: Any = None,
+        abstract: bool = False,
+        **kwargs: Any,
+    ):
         super().__init_subclass__(**kwargs)
         declared = cls.__dict__.get("name")
         cls.name = _own_name(cls, name if name is not None else declared)
         if backend is not None:
             cls.backend = backend
+        mark_abstract(cls, abstract)
 
     def step_forward(self, args: Any) -> Any:
         """Do the work.
@@ -96,6 +106,18 @@ class Step:
                 it completed.
         """
         return None
+
+
+def mark_abstract(cls: type, abstract: bool) -> None:
+    """Record whether ``cls`` itself (not its subclasses) is abstract."""
+    if not isinstance(abstract, bool):
+        raise TypeError(f"{cls.__qualname__}: abstract= must be True or False, not {abstract!r}")
+    cls._qwit_abstract = abstract  # type: ignore[attr-defined]
+
+
+def is_abstract(cls: type) -> bool:
+    """Whether ``cls`` was declared with ``abstract=True`` (its subclasses are not)."""
+    return bool(cls.__dict__.get("_qwit_abstract", False))
 
 
 def defines(cls: type, method: str) -> bool:

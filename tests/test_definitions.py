@@ -281,3 +281,62 @@ def test_a_step_method_without_an_args_parameter():
             return None
 
     refused(flow_of(NoArgs), "must take one parameter")
+
+
+# -- abstract bases ----------------------------------------------------------------
+
+
+class _Stage(qwit.Step, abstract=True):
+    """A base that defines step_forward for its subclasses."""
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {type(self).name: True}
+
+
+class StageOne(_Stage, name="abstract.one"):
+    pass
+
+
+class StageTwo(_Stage, name="abstract.two"):
+    pass
+
+
+class _BaseFlow(qwit.Flow, abstract=True):
+    def build_flow(self) -> None:
+        self.step(StageOne)
+
+
+class Staged(_BaseFlow, name="abstract.staged"):
+    def build_flow(self) -> None:
+        super().build_flow()
+        self.step(StageTwo)
+
+
+class UsesTheBase(qwit.Flow, name="abstract.uses_base"):
+    def build_flow(self) -> None:
+        self.step(_Stage)
+
+
+def test_an_abstract_base_is_neither_registered_nor_served():
+    import types
+
+    from qwit.engine import Registry
+
+    module = types.ModuleType("stages")
+    module.__dict__.update(_Stage=_Stage, StageOne=StageOne, StageTwo=StageTwo, Staged=Staged)
+    registry = Registry(module)
+    assert sorted(registry.steps) == ["abstract.one", "abstract.two"]
+    assert not qwit.Step.__dict__.get("_qwit_abstract")
+    assert "_qwit_abstract" not in StageOne.__dict__ or not StageOne._qwit_abstract
+    with pytest.raises(qwit.FlowDefinitionError, match="abstract"):
+        Registry(_Stage)
+
+
+async def test_an_abstract_base_can_not_be_used_in_a_plan_or_run():
+    client = await qwit.connect(backend=qwit.local)
+    with pytest.raises(qwit.FlowDefinitionError, match="abstract"):
+        await client.start(UsesTheBase, {})
+    with pytest.raises(qwit.FlowDefinitionError, match="abstract"):
+        await client.start(_BaseFlow, {})
+    assert await client.run(Staged, {}) == {"abstract.one": True, "abstract.two": True}
+    await client.close()
