@@ -6,9 +6,15 @@ Random flows (sub-flows, a failing step, random reactions) run on `qwit-worker`
 subprocesses while the suite kills the worker with SIGKILL at random moments
 (forward steps and compensations alike) and starts a new one. Then every flow
 must have ended as the model of the saga rules predicts: completed, rolled
-back or aborted, each effect applied exactly once per idempotency key, the
-undone ones undone exactly once, newest first, and no flow lost, stuck or
-terminated. The seed is printed first; a failing seed reproduces the run.
+back or aborted, and no flow lost, stuck or terminated. The steps apply their
+effects through a SQLite ledger that dedups on the idempotency key, shared by
+the worker subprocesses, and each flow's record must keep the strict rules of
+``tests.strict_ledger``: each effect applied once per key, by one execution
+(fresh keys per execution, stable across retries), undone once (a second undo
+execution is never forgiven), each undo started after every attempt of its
+forward had ended (an attempt of a killed worker ends when it was killed),
+newest first, and nothing recorded after the flow reported its end. The seed
+is printed first; a failing seed reproduces the run.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +40,8 @@ import temporalio.client
 
 import qwit
 from qwit.temporal import DevServer, connect_temporal
-from tests.reliability.crash_flows import CrashStep, connect
+from tests import strict_ledger
+from tests.reliability.crash_flows import CrashStep, connect, entries, foreign_uses
 from tests.saga_model import FlowSpec, fail_args, flow_class, model, random_flow
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,6 +64,8 @@ class Worker:
         self.log = log
         self.module = module
         self.proc: subprocess.Popen[bytes] | None = None
+        self.died: dict[int, float] = {}
+        """pid -> when it was killed (time.monotonic())."""
 
     async def start(self) -> None:
         env = {**os.environ, "TEMPORAL_ADDRESS": self.address, "QWIT_TASK_QUEUE": self.queue}
@@ -83,6 +93,7 @@ class Worker:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
+            self.died[self.proc.pid] = time.monotonic()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -106,8 +117,12 @@ class Report:
     outcomes: dict[str, int] = field(default_factory=dict)
     effects_applied: int = 0
     effects_undone: int = 0
+    dedups: int = 0
+    undo_noops: int = 0
+    undo_dedups: int = 0
     step_runs: int = 0
     step_runs_repeated: int = 0
+    unfinished_attempts: int = 0
     lost: int = 0
     terminated: int = 0
     mismatches: list[str] = field(default_factory=list)
@@ -118,40 +133,39 @@ class Report:
         return not self.mismatches and self.lost == 0 and self.terminated == 0
 
 
-def ledger_of(db: sqlite3.Connection, flow_id: str) -> tuple[set[str], list[str]]:
-    applied = {eid for (eid,) in db.execute("SELECT eid FROM effects WHERE flow = ?", (flow_id,))}
-    undone = [
-        eid
-        for (eid,) in db.execute("SELECT eid FROM undos WHERE flow = ? ORDER BY seq", (flow_id,))
-    ]
-    return applied, undone
-
-
 def check_flow(
-    db: sqlite3.Connection, spec: FlowSpec, flow_id: str, outcome: str
-) -> tuple[set[str], list[str], str | None]:
-    """A flow's ledger (applied, undone), and what differs from the model, if anything."""
+    db: sqlite3.Connection,
+    spec: FlowSpec,
+    run: str,
+    outcome: str,
+    ended_at: float | None,
+    died: dict[int, float],
+) -> tuple[list[strict_ledger.Entry], list[str]]:
+    """A flow's ledger entries, and every strict rule they break (with the
+    model's prediction of what is applied and undone)."""
     kind, log = model(spec)
-    applied, undone = ledger_of(db, flow_id)
-    expected_applied = {eid for action, eid in log if action == "do"}
-    expected_undone = [eid for action, eid in log if action == "undo"]
-    if (outcome, applied, undone) == (kind, expected_applied, expected_undone):
-        return applied, undone, None
-    return (
-        applied,
-        undone,
-        f"{flow_id}: got {outcome} applied={sorted(applied)} undone={undone}; expected "
-        f"{kind} applied={sorted(expected_applied)} undone={expected_undone}; "
-        f"spec={json.dumps(asdict(spec))}",
+    expected = strict_ledger.Expected(
+        outcome=kind,
+        applied=[(eid, 0) for action, eid in log if action == "do"],
+        undone=[(eid, 0) for action, eid in log if action == "undo"],
     )
+    own = entries(db, run)
+    found = strict_ledger.violations(
+        own, expected=expected, outcome=outcome, ended_at=ended_at, died=died
+    )
+    for other in foreign_uses(db, run, {strict_ledger.forward_of(e.key) for e in own}):
+        found.append(f"key {other.key} also used by run {other.run}: {other.describe()}")
+    return own, found
 
 
-async def outcome_of(handle: qwit.FlowHandle, timeout: float) -> str:
+async def outcome_of(handle: qwit.FlowHandle, timeout: float, ended: dict[str, float]) -> str:
     try:
         await asyncio.wait_for(handle.result(), timeout)
         return "completed"
     except qwit.FlowFailed as failed:
         return KIND[type(failed)]
+    finally:
+        ended.setdefault(handle.id, time.monotonic())
 
 
 async def run_crash(
@@ -169,6 +183,7 @@ async def run_crash(
         spec = random_flow(rng, max_steps=6)
         args = {
             "db": db_path,
+            "run": uuid.uuid4().hex,
             "delay": rng.choice([0.0, 0.1, 0.3]),
             "back_delay": rng.choice([0.1, 0.5, 1.0]),
             **fail_args(spec),
@@ -196,25 +211,25 @@ async def run_crash(
 
         try:
             starting = asyncio.create_task(start_all())
-            kill_times = []
             for k in range(kills):
                 await asyncio.sleep(kill_gaps[k])
                 worker.kill()
-                kill_times.append(time.time())
                 say(f"  kill {k + 1}/{kills}: {len(handles)} flows started")
                 await asyncio.sleep(pauses[k])
                 worker.mark()
                 await worker.start()
             await starting
+            ended: dict[str, float] = {}
             results = await asyncio.gather(
-                *(outcome_of(h, timeout=120 + 10 * kills) for h in handles),
+                *(outcome_of(h, timeout=120 + 10 * kills, ended=ended) for h in handles),
                 return_exceptions=True,
             )
         finally:
             worker.stop()
         db = connect(db_path)
+        backs: list[float] = []  # when each undo attempt started
         try:
-            for i, ((spec, _args), handle, result) in enumerate(
+            for i, ((spec, args), handle, result) in enumerate(
                 zip(specs, handles, results, strict=True)
             ):
                 if isinstance(result, BaseException):
@@ -222,26 +237,37 @@ async def run_crash(
                     report.mismatches.append(f"flow {i} did not end: {result!r}")
                     continue
                 report.outcomes[result] = report.outcomes.get(result, 0) + 1
-                applied, undone, mismatch = check_flow(db, spec, handle.id, result)
-                report.effects_applied += len(applied)
-                report.effects_undone += len(undone)
-                if mismatch:
-                    report.mismatches.append(f"flow {i}: {mismatch}")
+                own, found = check_flow(
+                    db, spec, args["run"], result, ended.get(handle.id), worker.died
+                )
+                count = Counter(e.kind for e in own)
+                report.effects_applied += count[strict_ledger.DO]
+                report.effects_undone += count[strict_ledger.UNDO]
+                report.dedups += count[strict_ledger.DEDUP]
+                report.undo_noops += count[strict_ledger.UNDO_NOOP]
+                report.undo_dedups += count[strict_ledger.UNDO_DEDUP]
+                starts = [e for e in own if e.kind == strict_ledger.START]
+                report.step_runs += len(starts)
+                report.step_runs_repeated += len(starts) - len({e.key for e in starts})
+                report.unfinished_attempts += len(starts) - count[strict_ledger.END]
+                if found:
+                    report.mismatches.append(
+                        f"flow {i} ({handle.id}, {result}): "
+                        + "; ".join(found[:5])
+                        + f"; spec={json.dumps(asdict(spec))}"
+                    )
                 status = (await temporal.get_workflow_handle(handle.id).describe()).status
                 if status in (
                     temporalio.client.WorkflowExecutionStatus.TERMINATED,
                     temporalio.client.WorkflowExecutionStatus.TIMED_OUT,
                 ):
                     report.terminated += 1
-            runs = db.execute("SELECT COUNT(*), COUNT(DISTINCT key) FROM runs").fetchone()
-            report.step_runs = runs[0]
-            report.step_runs_repeated = runs[0] - runs[1]
-            backs = [t for (t,) in db.execute("SELECT at FROM runs WHERE direction = 'back'")]
-            report.kills_during_compensation = sum(
-                1 for kill in kill_times if any(kill - 1.0 <= t <= kill for t in backs)
-            )
+                backs.extend(e.at for e in starts if e.direction == "back")
         finally:
             db.close()
+        report.kills_during_compensation = sum(
+            1 for at in worker.died.values() if any(at - 1.0 <= t <= at for t in backs)
+        )
     report.seconds = round(time.monotonic() - began, 1)
     return report
 
