@@ -8,10 +8,10 @@ in-process (``qwit.local``).
 
 from __future__ import annotations
 
-from . import engine, local, temporal
-from ._client import Client, connect
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._context import StepContext, context, heartbeat
-from ._engine import Backend, Engine, FlowHandle
 from ._errors import (
     ArgumentsError,
     Compensation,
@@ -30,21 +30,53 @@ from ._errors import (
     StepError,
     StepNotRegistered,
 )
-from ._flow import Flow
 from ._options import ABORT, RETRY, ROLLBACK, SKIP, SKIPBACK, WAIT, Reaction, Retry
 from ._state import FlowState, StepState, WaitInfo
 from ._step import Step
 
+if TYPE_CHECKING:
+    from . import engine, local, temporal
+    from ._client import Client, connect
+    from ._engine import Backend, Engine, FlowHandle
+    from ._flow import Flow
+
 __version__ = "0.1.0"
 
+#: Names imported on first use, so that importing one part of QWIT (the saga
+#: rules, say) does not import the engines, the client and temporalio.
+_LAZY = {
+    "Backend": "._engine",
+    "Client": "._client",
+    "Engine": "._engine",
+    "Flow": "._flow",
+    "FlowHandle": "._engine",
+    "connect": "._client",
+    "engine": ".engine",
+    "local": ".local",
+    "temporal": ".temporal",
+}
 
-# Public classes read as qwit.X (in reprs, tracebacks and error types on the
-# wire): every class of __all__ defined in a private module.
-def _publish(names: list[str]) -> None:
-    for name in names:
-        value = globals()[name]
-        if isinstance(value, type) and value.__module__.startswith("qwit._"):
-            value.__module__ = "qwit"
+
+def _public(value: Any) -> Any:
+    """Public classes read as ``qwit.X`` (in reprs, tracebacks and error types
+    on the wire), whichever private module defines them."""
+    if isinstance(value, type) and value.__module__.startswith("qwit._"):
+        value.__module__ = "qwit"
+    return value
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qwit' has no attribute {name!r}")
+    loaded = importlib.import_module(module, __name__)
+    value = loaded if module.lstrip(".") == name else getattr(loaded, name)
+    globals()[name] = _public(value)
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = [
@@ -90,4 +122,7 @@ __all__ = [
     "temporal",
 ]
 
-_publish(__all__)
+for _name in __all__:
+    if _name not in _LAZY:
+        _public(globals()[_name])
+del _name

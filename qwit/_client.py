@@ -6,18 +6,17 @@ import os
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from . import temporal
 from ._engine import Backend, Engine, FlowHandle
 from ._errors import ArgumentsError, FlowDefinitionError
 from ._flow import Flow, compile_flow
 from ._jsonargs import NotJSON, as_args
 from ._plan import SUBFLOW_MARK, FlowInput, FlowNode
+from .temporal._config import DEFAULT_TASK_QUEUE, TASK_QUEUE_ENV, default_task_queue
 
 if TYPE_CHECKING:
     import temporalio.client
 
-#: Environment variable naming the task queue of clients and workers.
-TASK_QUEUE_ENV = "QWIT_TASK_QUEUE"
-DEFAULT_TASK_QUEUE = "qwit"
 #: Environment variable: seconds a step that no worker serves is offered again
 #: before it fails (see ``Client``).
 UNSERVED_STEP_TIMEOUT_ENV = "QWIT_UNSERVED_STEP_TIMEOUT"
@@ -33,14 +32,7 @@ def _unserved_step_timeout(value: float | None) -> float:
     return float(value)
 
 
-def default_task_queue() -> str:
-    """``$QWIT_TASK_QUEUE``, or ``qwit``."""
-    return os.environ.get(TASK_QUEUE_ENV) or DEFAULT_TASK_QUEUE
-
-
 def _default_backend() -> Backend:
-    from . import temporal
-
     return temporal
 
 
@@ -213,3 +205,12 @@ async def connect(
         backend=backend,
         unserved_step_timeout=unserved_step_timeout,
     )
+
+
+__all__ = [
+    "DEFAULT_TASK_QUEUE",
+    "TASK_QUEUE_ENV",
+    "Client",
+    "connect",
+    "default_task_queue",
+]

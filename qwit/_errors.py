@@ -203,6 +203,19 @@ def error_info(
     )
 
 
+class StepFailure(Exception):
+    """A step's method failed; ``info`` says how, as data that crosses engines.
+
+    Engines raise it from ``FlowRuntime.run_step`` once a step's retries are
+    spent (or its error is not retryable); it is not part of the user-facing
+    tree above.
+    """
+
+    def __init__(self, info: ErrorInfo) -> None:
+        super().__init__(info.describe())
+        self.info = info
+
+
 class Compensation(BaseModel):
     """One undo a flow ran (or tried), as the failure's ``.compensations`` list it."""
 

@@ -20,8 +20,8 @@ from pydantic import BaseModel, ValidationError
 from ._context import StepContext, reset_context, set_context
 from ._errors import (
     ArgumentsError,
-    ErrorInfo,
     FlowDefinitionError,
+    StepFailure,
     error_info,
     qualified_name,
 )
@@ -30,14 +30,6 @@ from ._jsonargs import NotJSON, as_args
 from ._options import DEFAULT_TIMEOUT_GRACE
 from ._plan import StepCall
 from ._step import Step, args_model, defines, is_abstract
-
-
-class StepFailure(Exception):
-    """A step's method failed; ``info`` says how, as data that crosses engines."""
-
-    def __init__(self, info: ErrorInfo) -> None:
-        super().__init__(info.describe())
-        self.info = info
 
 
 def _validation_message(step: str, exc: ValidationError) -> str:

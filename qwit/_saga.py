@@ -28,6 +28,7 @@ from ._errors import (
     FailureKind,
     PayloadTooLarge,
     ReactionError,
+    StepFailure,
     error_info,
 )
 from ._jsonargs import NotJSON, as_args, json_size
@@ -53,7 +54,6 @@ from ._plan import (
     child_path,
     forward_key,
 )
-from ._runner import StepFailure
 from ._state import FlowState, FlowStatus, PreviewItem, StepState, StepStatus, WaitInfo
 
 T = TypeVar("T")

@@ -23,9 +23,9 @@ complete engine in one file; read it first.
 from __future__ import annotations
 
 from ._engine import Backend, Engine, FlowHandle
-from ._errors import ErrorInfo, FailureInfo
+from ._errors import ErrorInfo, FailureInfo, StepFailure
 from ._plan import FlowInput, FlowNode, StepCall, StepNode, StepReturn
-from ._runner import Registry, StepFailure, run_step_method
+from ._runner import Registry, run_step_method
 from ._saga import Decision, FlowFailure, FlowRuntime, Interpreter, SubflowRun
 from ._state import FlowState, StepState, WaitInfo
 

@@ -13,10 +13,10 @@ from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
 from temporalio.common import RawValue
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
-from .._errors import ErrorInfo, PayloadTooLarge, StepNotRegistered, error_info
+from .._errors import ErrorInfo, PayloadTooLarge, StepFailure, StepNotRegistered, error_info
 from .._jsonargs import json_size
 from .._plan import PAYLOAD_MARGIN, StepCall, StepReturn
-from .._runner import Registry, StepFailure, run_step_method
+from .._runner import Registry, run_step_method
 from .._step import Step, defines
 
 DIRECTIONS = ("step_forward", "step_back")

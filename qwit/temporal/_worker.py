@@ -11,10 +11,10 @@ from typing import Any
 import temporalio.client
 from temporalio.worker import Worker
 
-from .._client import default_task_queue
 from .._flow import Flow
 from .._step import Step
 from ._activities import step_activities
+from ._config import default_task_queue
 from ._plugin import QwitPlugin
 
 #: How long a stopping worker lets steps in flight finish before cancelling them.

@@ -47,6 +47,7 @@ with workflow.unsafe.imports_passed_through():
         FlowFailed,
         HistoryTooLarge,
         PayloadTooLarge,
+        StepFailure,
         error_info,
     )
     from .._jsonargs import json_size
@@ -61,7 +62,6 @@ with workflow.unsafe.imports_passed_through():
         StepReturn,
         child_flow_id,
     )
-    from .._runner import StepFailure
     from .._saga import Decision, FlowFailure, FlowRuntime, Interpreter, SubflowRun
     from .._state import FlowState, FlowStatus, WaitInfo
 
@@ -455,8 +455,8 @@ class QwitWorkflow:
             f"{waiting.direction}) failed: {waiting.error.describe()}\n\n"
             f"Decide with `qwit react {self.input.root_id} {choices} [--args JSON]`, or "
             f"`temporal workflow update execute --workflow-id {flow_id} --name "
-            f"{UPDATE_REACT} --input '{{\"reaction\": \"{waiting.allowed[0]}\", "
-            f"\"args\": {{}}}}'`."
+            f'{UPDATE_REACT} --input \'{{"reaction": "{waiting.allowed[0]}", '
+            f'"args": {{}}}}\'`.'
         )
 
     @workflow.run
