@@ -388,11 +388,11 @@ def random_scenario(
 
     def decisions(spec: StepSpec | FlowSpec) -> list[str]:
         final = [d for d in DECISIONS if d != "retry" and (retryable(spec) or "retry" not in d)]
-        first = rng.choice(final + (["retry"] if retryable(spec) else []))
+        first = rng.choice(final + (["retry", "retry", "retry_fix"] if retryable(spec) else []))
         return [first, rng.choice(final)] if first == "retry" else [first]
 
     def build(depth: int) -> FlowSpec:
-        flow = FlowSpec(reaction=rng.choice([qwit.WAIT, qwit.WAIT, *REACTIONS]))
+        flow = FlowSpec(reaction=rng.choice([qwit.WAIT] * 3 + REACTIONS))
         for _ in range(rng.randint(1, 3)):
             if budget[0] <= 0:
                 break

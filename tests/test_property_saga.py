@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import qwit
@@ -201,7 +201,7 @@ def scenarios(draw: st.DrawFn) -> Scenario:
     spec = random_scenario(rng, timeouts=rng.random() < 0.25)
     base = predict(spec)
     cancel = Cancel()
-    how = rng.choice(["none", "none", "hold", "wait"])
+    how = rng.choice(["none", "none", "none", "hold", "hold", "wait"])
     if how == "hold" and base.ok_runs:
         cancel = Cancel(hold=rng.choice(base.ok_runs), before=rng.random() < 0.5)
     elif how == "wait" and base.waits:
@@ -371,15 +371,92 @@ async def check_example(env: Env, scenario: Scenario) -> None:
     LEDGER.check(run, Expected(pred.outcome, pred.applied, pred.undone), outcome)
 
 
+def _examples() -> list[Scenario]:
+    """Cases every run plays, whatever hypothesis draws."""
+    S, F = StepSpec, FlowSpec
+    wait = qwit.WAIT
+    return [
+        # a sub-flow run three times (RETRY unchanged, then fixed), then a rollback
+        Scenario(
+            F(
+                [
+                    S("s1", mode="ok"),
+                    F(
+                        [S("s2", mode="ok", sync=True), S("s3", mode="before", fails=True)],
+                        reaction=wait,
+                        decisions=["retry", "retry_fix"],
+                    ),
+                    S("s4", mode="after", fails=True),
+                ]
+            )
+        ),
+        # a step run three times by operator RETRY, in a sub-flow, then cancelled
+        Scenario(
+            F(
+                [
+                    F(
+                        [
+                            S("s1", mode="ok"),
+                            S("s2", mode="before", reaction=wait, decisions=["retry", "retry_fix"]),
+                            S("s3", mode="ok"),
+                        ]
+                    )
+                ]
+            ),
+            Cancel(hold=("s3", 0)),
+        ),
+        # timeouts: async, applied late, then rolled back; plain, first attempt only
+        Scenario(
+            F(
+                [
+                    S("s1", mode="slow", late="effect", sync=True),
+                    S("s2", mode="ok"),
+                    S("s3", mode="timeout", late="effect"),
+                ]
+            )
+        ),
+        Scenario(
+            F(
+                [
+                    S("s1", mode="ok", sync=True),
+                    S("s2", mode="timeout", late="finish", sync=True),
+                ]
+            )
+        ),
+        # cancelled while a sub-flow step waits
+        Scenario(
+            F(
+                [
+                    S("s1", mode="ok"),
+                    F(
+                        [
+                            S("s2", mode="ok"),
+                            S("s3", mode="after", reaction=wait, decisions=["skip"]),
+                        ]
+                    ),
+                ]
+            ),
+            Cancel(wait=1),
+        ),
+    ]
+
+
 SETTINGS: dict[str, Any] = {
     "deadline": None,
     "suppress_health_check": [HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 }
 
 
+def _with_examples(test: Any) -> Any:
+    for case in reversed(_examples()):
+        test = example(scenario=case)(test)
+    return test
+
+
 @pytest.mark.timeout(3600)
 @settings(max_examples=EXAMPLES, **SETTINGS)
 @given(scenario=scenarios())
+@_with_examples
 async def test_random_flows_on_temporal(temporal_env: Env, scenario: Scenario) -> None:
     await check_example(temporal_env, scenario)
 
@@ -387,6 +464,7 @@ async def test_random_flows_on_temporal(temporal_env: Env, scenario: Scenario) -
 @pytest.mark.timeout(3600)
 @settings(max_examples=2 * EXAMPLES, **SETTINGS)
 @given(scenario=scenarios())
+@_with_examples
 async def test_random_flows_on_local(local_env: Env, scenario: Scenario) -> None:
     await check_example(local_env, scenario)
 
