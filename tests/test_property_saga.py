@@ -403,7 +403,7 @@ def _examples() -> list[Scenario]:
                     )
                 ]
             ),
-            Cancel(hold=("s3", 0)),
+            Cancel(hold=("s3", 2)),
         ),
         # timeouts: async, applied late, then rolled back; plain, first attempt only
         Scenario(
