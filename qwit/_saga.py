@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -54,7 +54,16 @@ from ._plan import (
     child_path,
     forward_key,
 )
-from ._state import FlowState, FlowStatus, PreviewItem, StepState, StepStatus, WaitInfo
+from ._state import (
+    ERROR_STATUSES,
+    FlowEvent,
+    FlowState,
+    FlowStatus,
+    PreviewItem,
+    StepState,
+    StepStatus,
+    WaitInfo,
+)
 
 T = TypeVar("T")
 
@@ -163,28 +172,27 @@ class FlowRuntime(ABC):
                     return task.result()
 
 
-class _Stop(Exception):
-    def __init__(self, reaction: Reaction, rec: _Rec) -> None:
-        self.reaction = reaction
-        self.rec = rec
-
-
 @dataclass
-class _Rec:
+class StepRun:
+    """One step (or sub-flow) of a flow's plan, as the flow runs it."""
+
     node: Node
     path: str
     status: StepStatus = "pending"
     attempts: int = 0
-    args: dict[str, Any] | None = None
-    output: dict[str, Any] | None = None
-    error: ErrorInfo | None = None
-    sub: SubflowRun | None = None
-    failed_step: str | None = None
+    back_attempts: int = 0
     runs: int = 0
+    """Executions of its forward so far (operator RETRYs start new ones)."""
+    args: dict[str, Any] | None = None
+    """The args its (last) forward got; an undo gets them, plus the output."""
+    output: dict[str, Any] | None = None
     key: str | None = None
     """The idempotency key of the forward execution an undo would undo."""
+    error: ErrorInfo | None = None
     back_error: ErrorInfo | None = None
-    back_attempts: int = 0
+    failed_step: str | None = None
+    """For a sub-flow that failed: the name of its step that failed."""
+    sub: SubflowRun | None = None
 
     @property
     def name(self) -> str:
@@ -194,11 +202,72 @@ class _Rec:
     def is_flow(self) -> bool:
         return isinstance(self.node, FlowNode)
 
+    @property
+    def has_effect(self) -> bool:
+        """Whether a failed forward may have done something to undo."""
+        if self.is_flow:
+            return False  # a sub-flow that failed has undone itself
+        return self.args is not None and (self.error is None or self.error.started)
+
+
+@dataclass
+class SagaState:
+    """Everything one flow's run holds (``Interpreter`` changes it, nothing else).
+
+    What has been done, and so what a rollback must walk, is the ``done``
+    stack: a step is pushed when it completes, and undone newest first.
+    """
+
+    args: dict[str, Any]
+    runs: list[StepRun]
+    """Every step of the plan, in plan order."""
+    status: FlowStatus = "running"
+    outputs: dict[str, Any] = field(default_factory=dict)
+    done: list[StepRun] = field(default_factory=list)
+    current: StepRun | None = None
+    """The step going forward (or waiting for an operator) right now."""
+    compensations: list[Compensation] = field(default_factory=list)
+    compensated: list[str] = field(default_factory=list)
+    failed_compensations: list[str] = field(default_factory=list)
+    failure: FailureInfo | None = None
+    waiting: WaitInfo | None = None
+    decision: Decision | None = None
+    settle: bool | None = None
+    events: list[FlowEvent] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Completed:
+    output: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Failed:
+    reaction: Reaction
+
+
+_Outcome = _Completed | _Failed
+
+
+class _Stop(Exception):
+    """The forward run stops at ``run`` with ``reaction`` (ROLLBACK, SKIPBACK, ABORT)."""
+
+    def __init__(self, reaction: Reaction, run: StepRun) -> None:
+        self.reaction = reaction
+        self.run = run
+
 
 def _select(args: dict[str, Any], fields: tuple[str, ...] | None) -> dict[str, Any]:
     if fields is None:
         return args
     return {key: args[key] for key in fields if key in args}
+
+
+def _back_args(run: StepRun) -> dict[str, Any]:
+    """What a step's undo gets: its forward's args and output, as its model reads them."""
+    node = run.node
+    assert isinstance(node, StepNode)
+    return _select({**(run.args or {}), **(run.output or {})}, node.back_fields)
 
 
 class Interpreter:
@@ -208,34 +277,57 @@ class Interpreter:
         self.input = input
         self.runtime = runtime
         self.flow_id = flow_id
-        self.args: dict[str, Any] = dict(input.args)
-        self.outputs: dict[str, Any] = {}
-        self.recs = [
-            _Rec(node, child_path(input.path, i)) for i, node in enumerate(input.flow.steps)
-        ]
-        self._status: FlowStatus = "running"
-        self.failure: FailureInfo | None = None
-        self.waiting: WaitInfo | None = None
-        self._decision: Decision | None = None
-        self._settle: bool | None = None
-        self._compensated: list[str] = []
-        self._failed_compensations: list[str] = []
-        self._compensations: list[Compensation] = []
+        self.saga = SagaState(
+            args=dict(input.args),
+            runs=[
+                StepRun(node, child_path(input.path, i)) for i, node in enumerate(input.flow.steps)
+            ],
+        )
 
     @property
     def status(self) -> FlowStatus:
         """The flow's status, as ``state()`` reports it."""
-        return self._status
+        return self.saga.status
 
-    @status.setter
-    def status(self, status: FlowStatus) -> None:
-        if status != self._status:
-            self._status = status
-            self.runtime.status_changed(status)
+    @property
+    def waiting(self) -> WaitInfo | None:
+        """What the flow waits for, while an operator must decide."""
+        return self.saga.waiting
 
     @property
     def is_subflow(self) -> bool:
         return self.input.parent_id is not None
+
+    # -- transitions: the only places state changes, each recorded ---------------
+
+    def _flow_to(self, status: FlowStatus) -> None:
+        """Change the flow's status, record it, and have the engine publish it."""
+        if status == self.saga.status:
+            return
+        self.saga.status = status
+        self._record("", self.input.flow.name, status)
+        self.runtime.status_changed(status)
+
+    def _step_to(self, run: StepRun, status: StepStatus) -> None:
+        run.status = status
+        self._record(run.path, run.name, status, run)
+
+    def _record(self, path: str, name: str, status: str, run: StepRun | None = None) -> None:
+        error = None
+        if run is not None:
+            failed = run.back_error if status == "compensation_failed" else run.error
+            error = failed.describe() if failed and status in ERROR_STATUSES else None
+        self.saga.events.append(
+            FlowEvent(
+                seq=len(self.saga.events) + 1,
+                path=path,
+                name=name,
+                kind="flow" if run is None else "step",
+                status=status,
+                attempts=run.attempts if run else 0,
+                error=error,
+            )
+        )
 
     # -- the run ----------------------------------------------------------
 
@@ -248,9 +340,9 @@ class Interpreter:
         try:
             await self._forward_all()
             if self.is_subflow:
-                await self.runtime.report_forward_done(self.outputs)
-                await self.runtime.wait_until(lambda: self._settle is not None)
-                if not self._settle:
+                await self.runtime.report_forward_done(self.saga.outputs)
+                await self.runtime.wait_until(lambda: self.saga.settle is not None)
+                if not self.saga.settle:
                     raise self._failed(await self.runtime.shield(self._parent_rollback()))
         except _Stop as stop:
             raise self._failed(await self.runtime.shield(self._on_stop(stop))) from None
@@ -259,80 +351,93 @@ class Interpreter:
                 raise
             raise self._failed(await self.runtime.shield(self._on_cancel())) from None
         await self._settle_children(commit=True)
-        self.status = "completed"
-        return self.outputs if self.is_subflow else self.args
-
-    def _undo_count(self) -> int:
-        return sum(1 for r in self.recs if r.status == "done")
+        self._flow_to("completed")
+        return self.saga.outputs if self.is_subflow else self.saga.args
 
     def _failed(self, info: FailureInfo) -> FlowFailure:
-        self.failure = info
-        self.status = info.kind
+        self.saga.failure = info
+        self._flow_to(info.kind)
         return FlowFailure(info)
 
     async def _forward_all(self) -> None:
-        for rec in self.recs:
+        for run in self.saga.runs:
             if self.runtime.cancel_requested():
                 raise asyncio.CancelledError
-            await self._forward(rec)
+            self.saga.current = run
+            await self._forward(run)
+            self.saga.current = None
 
-    async def _forward(self, rec: _Rec) -> None:
-        node = rec.node
+    async def _forward(self, run: StepRun) -> None:
+        """Run a step forward until it is done or skipped; raise _Stop otherwise.
+
+        The one place a step's outcome is decided.
+        """
         while True:
-            args = {**self.args, **node.static_args}
-            rec.status = "running"
-            rec.error = None
-            rec.runs += 1
-            try:
-                if isinstance(node, FlowNode):
-                    output = await self._forward_subflow(rec, args)
-                else:
-                    # All the args are kept for step_back; the step is sent only
-                    # what its model reads, so history grows with what is used.
-                    rec.args = args
-                    call = self._call(rec, "step_forward", _select(args, node.fields))
-                    rec.key = call.key
-                    refused = self.runtime.refuse_forward(call, self._undo_count())
-                    if refused is not None:
-                        raise StepFailure(refused)
-                    result = await self.runtime.run_step(node, call)
-                    rec.attempts += result.attempt
-                    output = result.output
-                    outgrown = self._outgrown(rec, output)
-                    if outgrown is not None:
-                        rec.output = output  # its undo gets it, as a completed step's does
-                        raise StepFailure(outgrown)
-            except StepFailure as failure:
-                rec.attempts += failure.info.attempt
-                rec.error = failure.info
-                reaction = node.on_failure.choose(failure.info.types or [failure.info.type])
-            except FlowFailure as failed:
-                rec.error = failed.info.error
-                rec.failed_step = failed.info.step
-                self._absorb(failed.info)
-                reaction = self._subflow_reaction(rec, failed.info)
-            else:
-                rec.output = output
-                rec.status = "done"
-                self.args.update(output)
-                self.outputs.update(output)
+            outcome = await self._attempt(run)
+            if isinstance(outcome, _Completed):
+                run.output = outcome.output
+                self._step_to(run, "done")
+                self.saga.done.append(run)
+                self.saga.args.update(outcome.output)
+                self.saga.outputs.update(outcome.output)
                 return
-            rec.status = "failed"
+            self._step_to(run, "failed")
             if self.runtime.cancel_requested():
                 raise asyncio.CancelledError
+            reaction = outcome.reaction
             if reaction == WAIT:
-                decision = await self._wait(rec, "step_forward", FORWARD_DECISIONS)
+                decision = await self._wait(run, "step_forward", FORWARD_DECISIONS)
                 if decision.reaction == RETRY:
-                    self.args.update(decision.args)
+                    self.saga.args.update(decision.args)
                     continue
                 reaction = decision.reaction
             if reaction == SKIP:
-                rec.status = "skipped"
+                self._step_to(run, "skipped")
                 return
-            raise _Stop(reaction, rec)
+            raise _Stop(reaction, run)
 
-    async def _forward_subflow(self, rec: _Rec, args: dict[str, Any]) -> dict[str, Any]:
-        node = rec.node
+    async def _attempt(self, run: StepRun) -> _Outcome:
+        """One execution of a step's forward (retries included), as an outcome."""
+        node = run.node
+        args = {**self.saga.args, **node.static_args}
+        run.error = None
+        run.runs += 1
+        self._step_to(run, "running")
+        try:
+            if isinstance(node, FlowNode):
+                return _Completed(await self._forward_subflow(run, args))
+            return _Completed(await self._forward_step(run, node, args))
+        except StepFailure as failure:
+            run.attempts += failure.info.attempt
+            run.error = failure.info
+            return _Failed(node.on_failure.choose(failure.info.types or [failure.info.type]))
+        except FlowFailure as failed:
+            run.error = failed.info.error
+            run.failed_step = failed.info.step
+            self._absorb(failed.info)
+            return _Failed(self._subflow_reaction(run, failed.info))
+
+    async def _forward_step(
+        self, run: StepRun, node: StepNode, args: dict[str, Any]
+    ) -> dict[str, Any]:
+        # All the args are kept for step_back; the step is sent only what its
+        # model reads, so history grows with what is used.
+        run.args = args
+        call = self._call(run, "step_forward", _select(args, node.fields))
+        run.key = call.key
+        refused = self.runtime.refuse_forward(call, len(self.saga.done))
+        if refused is not None:
+            raise StepFailure(refused)
+        result = await self.runtime.run_step(node, call)
+        run.attempts += result.attempt
+        outgrown = self._outgrown(run, result.output)
+        if outgrown is not None:
+            run.output = result.output  # its undo gets it, as a completed step's does
+            raise StepFailure(outgrown)
+        return result.output
+
+    async def _forward_subflow(self, run: StepRun, args: dict[str, Any]) -> dict[str, Any]:
+        node = run.node
         assert isinstance(node, FlowNode)
         execution = self.input.execution
         child = FlowInput(
@@ -340,50 +445,49 @@ class Interpreter:
             flow=node,
             args=args,
             root_id=self.input.root_id,
-            path=rec.path,
+            path=run.path,
             parent_id=self.flow_id,
             payload_limit=self.input.payload_limit,
             unserved_step_timeout=self.input.unserved_step_timeout,
-            execution=None if execution is None else child_execution(execution, rec.path, rec.runs),
+            execution=None if execution is None else child_execution(execution, run.path, run.runs),
         )
-        refused = self.runtime.refuse_forward(child, self._undo_count())
+        refused = self.runtime.refuse_forward(child, len(self.saga.done))
         if refused is not None:
             raise StepFailure(refused)
-        rec.sub = await self.runtime.start_subflow(node, child, rec.runs)
-        rec.attempts += 1
-        outputs = await rec.sub.forward()
-        outgrown = self._outgrown(rec, outputs)
+        run.sub = await self.runtime.start_subflow(node, child, run.runs)
+        run.attempts += 1
+        outputs = await run.sub.forward()
+        outgrown = self._outgrown(run, outputs)
         if outgrown is not None:
             # Its steps ran but their outputs can't join the args: undo it now,
             # as a sub-flow that failed would have undone itself.
-            info = await self.runtime.shield(rec.sub.settle(commit=False))
+            info = await self.runtime.shield(run.sub.settle(commit=False))
             if info is not None:
                 self._absorb(info)
             raise StepFailure(outgrown)
         return outputs
 
-    def _subflow_reaction(self, rec: _Rec, info: FailureInfo) -> Reaction:
-        node = rec.node
+    def _subflow_reaction(self, run: StepRun, info: FailureInfo) -> Reaction:
         if info.kind == "aborted":
             return ABORT
         if info.kind == "cancelled" and self.runtime.cancel_requested():
             return ROLLBACK
-        return node.on_failure.choose(info.error.types if info.error else [])
+        return run.node.on_failure.choose(info.error.types if info.error else [])
 
     def _call(
-        self, rec: _Rec, direction: Literal["step_forward", "step_back"], args: dict[str, Any]
+        self, run: StepRun, direction: Literal["step_forward", "step_back"], args: dict[str, Any]
     ) -> StepCall:
         execution = self.input.execution
-        node = rec.node
+        node = run.node
         assert isinstance(node, StepNode)
         if direction == "step_forward":
-            key = None if execution is None else forward_key(execution, rec.path, rec.runs)
+            key = None if execution is None else forward_key(execution, run.path, run.runs)
         else:
-            key = rec.key
+            key = run.key
         return StepCall(
             flow_id=self.input.root_id,
-            path=rec.path,
-            step=rec.name,
+            path=run.path,
+            step=run.name,
             direction=direction,
             args=args,
             key=key,
@@ -402,7 +506,7 @@ class Interpreter:
         size = json_size(args)
         return size if size > limit - PAYLOAD_MARGIN else None
 
-    def _outgrown(self, rec: _Rec, output: dict[str, Any]) -> ErrorInfo | None:
+    def _outgrown(self, run: StepRun, output: dict[str, Any]) -> ErrorInfo | None:
         """A PayloadTooLarge failure if ``output`` pushes the args over the limit.
 
         The flow's result, every later step's args and a sub-flow's report to
@@ -410,70 +514,59 @@ class Interpreter:
         could be sent, so the step that pushed them over fails (its effect is
         undone as a failed step's is) while the flow can still roll back.
         """
-        size = self._too_big({**self.args, **output}) if output else None
+        size = self._too_big({**self.saga.args, **output}) if output else None
         if size is None:
             return None
-        what = "sub-flow" if rec.is_flow else "step"
+        what = "sub-flow" if run.is_flow else "step"
         return error_info(
             PayloadTooLarge(
-                f"{what} {rec.name!r} returned outputs that take the flow's args to "
+                f"{what} {run.name!r} returned outputs that take the flow's args to "
                 f"{size} bytes, over the {self.input.payload_limit}-byte payload limit: "
                 "return references (ids, URLs) instead of large values"
             ),
             attempt=0,  # the step's attempts are counted already
         )
 
-    def _absorb(self, info: FailureInfo) -> None:
-        """Take in what a sub-flow undid (it rolled itself back)."""
-        self._compensated.extend(info.compensated)
-        self._failed_compensations.extend(info.failed_compensations)
-        self._compensations.extend(info.compensations)
-
     # -- failure ------------------------------------------------------------
 
     async def _on_stop(self, stop: _Stop) -> FailureInfo:
-        rec = stop.rec
         if stop.reaction == ABORT:
             await self._settle_children(commit=True)
-            return self._info("aborted", rec)
-        self.status = "compensating"
-        undo_failed = stop.reaction == ROLLBACK and self._failed_step_has_effect(rec)
-        await self._rollback(rec if undo_failed else None)
-        return self._info("rolled_back", rec)
+            return self._info("aborted", stop.run)
+        self._flow_to("compensating")
+        undo_failed = stop.reaction == ROLLBACK and stop.run.has_effect
+        await self._rollback(stop.run if undo_failed else None)
+        return self._info("rolled_back", stop.run)
 
     async def _on_cancel(self) -> FailureInfo:
-        self.status = "compensating"
-        self.waiting = None
-        in_flight = next((r for r in self.recs if r.status in ("running", "failed")), None)
-        undo: _Rec | None = None
+        self._flow_to("compensating")
+        self.saga.waiting = None
+        in_flight = self.saga.current
+        undo: StepRun | None = None
         if in_flight is not None:
-            in_flight.status = "failed"
+            self._step_to(in_flight, "failed")
             if in_flight.is_flow and in_flight.sub is not None and in_flight.error is None:
                 info = await in_flight.sub.cancel()
                 self._absorb(info)
-                in_flight.status = (
-                    "compensation_failed" if info.failed_compensations else "compensated"
+                self._step_to(
+                    in_flight, "compensation_failed" if info.failed_compensations else "compensated"
                 )
-            elif self._failed_step_has_effect(in_flight):
+            elif in_flight.has_effect:
                 undo = in_flight
         await self._rollback(undo)
         return self._info("cancelled", in_flight, reason="the flow was cancelled")
 
     async def _parent_rollback(self) -> FailureInfo:
-        self.status = "compensating"
+        self._flow_to("compensating")
         await self._rollback(None)
         return self._info("rolled_back", None, reason="the parent flow rolled back")
 
-    def _failed_step_has_effect(self, rec: _Rec) -> bool:
-        if rec.is_flow:
-            return False
-        assert isinstance(rec.node, StepNode)
-        return rec.args is not None and (rec.error is None or rec.error.started)
-
-    def _info(self, kind: FailureKind, rec: _Rec | None, reason: str | None = None) -> FailureInfo:
-        error = rec.error if rec else None
-        step = (rec.failed_step or rec.name) if rec else None
-        if kind != "aborted" and self._failed_compensations:
+    def _info(
+        self, kind: FailureKind, run: StepRun | None, reason: str | None = None
+    ) -> FailureInfo:
+        error = run.error if run else None
+        step = (run.failed_step or run.name) if run else None
+        if kind != "aborted" and self.saga.failed_compensations:
             kind = "compensation_failed"
         if reason is None:
             reason = error.describe() if error else "failed"
@@ -483,115 +576,118 @@ class Interpreter:
             step=step,
             reason=reason,
             error=error,
-            compensated=list(self._compensated),
-            failed_compensations=list(self._failed_compensations),
-            compensations=list(self._compensations),
+            compensated=list(self.saga.compensated),
+            failed_compensations=list(self.saga.failed_compensations),
+            compensations=list(self.saga.compensations),
         )
 
-    async def _rollback(self, failed: _Rec | None) -> None:
-        """Undo ``failed`` (if given) and every completed step, newest first."""
-        todo = [r for r in self.recs if r.status == "done"]
-        if failed is not None:
-            todo.append(failed)
-        for rec in reversed(todo):
-            await self._undo(rec)
+    def _undo_order(self, failed: StepRun | None) -> list[StepRun]:
+        """What a rollback undoes, in order: ``failed`` (if given), then the
+        done stack, newest first."""
+        return ([failed] if failed is not None else []) + self.saga.done[::-1]
 
-    async def _undo(self, rec: _Rec) -> None:
-        node = rec.node
-        rec.status = "compensating"
+    async def _rollback(self, failed: StepRun | None) -> None:
+        """Undo ``failed`` (if given) and every completed step, newest first."""
+        for run in self._undo_order(failed):
+            await self._undo(run)
+
+    async def _undo(self, run: StepRun) -> None:
+        node = run.node
+        self._step_to(run, "compensating")
         if isinstance(node, FlowNode):
-            assert rec.sub is not None
-            info = await rec.sub.settle(commit=False)
+            assert run.sub is not None
+            info = await run.sub.settle(commit=False)
             if info is not None:
                 self._absorb(info)
-                if info.failed_compensations:
-                    rec.status = "compensation_failed"
-                    return
-            rec.status = "compensated"
+            failed = info is not None and bool(info.failed_compensations)
+            self._step_to(run, "compensation_failed" if failed else "compensated")
             return
         if not node.has_back:
-            self._undone(rec, None)
+            self._undone(run, None)
             return
         while True:
-            rec.status = "compensating"
-            back_args = _select({**(rec.args or {}), **(rec.output or {})}, node.back_fields)
+            call = self._call(run, "step_back", _back_args(run))
             try:
-                result = await self.runtime.run_step(node, self._call(rec, "step_back", back_args))
+                result = await self.runtime.run_step(node, call)
             except StepFailure as failure:
-                rec.back_attempts += failure.info.attempt
-                rec.back_error = failure.info
-                rec.status = "compensation_failed"
+                run.back_attempts += failure.info.attempt
+                run.back_error = failure.info
+                self._step_to(run, "compensation_failed")
                 if node.back_on_failure == WAIT:
-                    decision = await self._wait(rec, "step_back", BACK_DECISIONS)
+                    decision = await self._wait(run, "step_back", BACK_DECISIONS)
                     if decision.reaction == RETRY:
+                        self._step_to(run, "compensating")
                         continue
-                self._undone(rec, failure.info)
+                self._undone(run, failure.info)
                 return
-            rec.back_attempts += result.attempt
-            self._undone(rec, None)
+            run.back_attempts += result.attempt
+            self._undone(run, None)
             return
 
-    def _undone(self, rec: _Rec, error: ErrorInfo | None) -> None:
+    def _undone(self, run: StepRun, error: ErrorInfo | None) -> None:
         """Record the end of one step's undo: done, or failed with ``error``."""
         status: Literal["compensated", "compensation_failed"] = (
             "compensated" if error is None else "compensation_failed"
         )
-        rec.status = status
-        (self._compensated if error is None else self._failed_compensations).append(rec.name)
-        self._compensations.append(
-            Compensation(name=rec.name, path=rec.path, status=status, error=error)
+        self._step_to(run, status)
+        (self.saga.compensated if error is None else self.saga.failed_compensations).append(
+            run.name
+        )
+        self.saga.compensations.append(
+            Compensation(name=run.name, path=run.path, status=status, error=error)
         )
 
+    def _absorb(self, info: FailureInfo) -> None:
+        """Take in what a sub-flow undid (it rolled itself back)."""
+        self.saga.compensated.extend(info.compensated)
+        self.saga.failed_compensations.extend(info.failed_compensations)
+        self.saga.compensations.extend(info.compensations)
+
     async def _settle_children(self, commit: bool) -> None:
-        subs = [r.sub for r in self.recs if r.status == "done" and r.sub is not None]
+        subs = [run.sub for run in self.saga.done if run.sub is not None]
         if subs:
             await asyncio.gather(*(sub.settle(commit=commit) for sub in subs))
 
     # -- operator decisions ----------------------------------------------------
 
     async def _wait(
-        self, rec: _Rec, direction: Literal["step_forward", "step_back"], allowed: list[Reaction]
+        self, run: StepRun, direction: Literal["step_forward", "step_back"], allowed: list[Reaction]
     ) -> Decision:
-        error = rec.back_error if direction == "step_back" else rec.error
+        error = run.back_error if direction == "step_back" else run.error
         assert error is not None
-        previous = self.status
-        self.waiting = WaitInfo(
-            step=rec.failed_step or rec.name,
-            path=rec.path,
+        previous = self.saga.status
+        self.saga.waiting = WaitInfo(
+            step=run.failed_step or run.name,
+            path=run.path,
             flow_id=self.flow_id,
             direction=direction,
             error=error,
             allowed=[r.value for r in allowed],
-            rollback_preview=self._preview(rec) if direction == "step_forward" else [],
+            rollback_preview=self._preview(run) if direction == "step_forward" else [],
         )
-        self.status = "waiting"
-        self._decision = None
+        self._flow_to("waiting")
+        self.saga.decision = None
         # No try/finally: a wait that ends in an exception (a cancel, or the
         # engine dropping this flow) must not change the status, because that
         # may publish it, and a dropped flow's coroutine can be closed later,
         # in another flow's context. The cancel path sets the status itself.
-        await self.runtime.wait_until(lambda: self._decision is not None)
-        self.waiting = None
-        self.status = previous
-        decision = self._decision
+        await self.runtime.wait_until(lambda: self.saga.decision is not None)
+        self.saga.waiting = None
+        self._flow_to(previous)
+        decision = self.saga.decision
         assert decision is not None
-        self._decision = None
+        self.saga.decision = None
         return decision
 
-    def _preview(self, failed: _Rec) -> list[PreviewItem]:
-        todo = [r for r in self.recs if r.status == "done"]
-        if self._failed_step_has_effect(failed):
-            todo.append(failed)
-        items = []
-        for rec in reversed(todo):
-            node = rec.node
-            args = (
-                _select({**(rec.args or {}), **(rec.output or {})}, node.back_fields)
-                if isinstance(node, StepNode)
-                else {}
+    def _preview(self, failed: StepRun) -> list[PreviewItem]:
+        return [
+            PreviewItem(
+                name=run.name,
+                path=run.path,
+                args=_back_args(run) if isinstance(run.node, StepNode) else {},
             )
-            items.append(PreviewItem(name=rec.name, path=rec.path, args=args))
-        return items
+            for run in self._undo_order(failed if failed.has_effect else None)
+        ]
 
     def check_decision(self, reaction: Any, args: Any = None) -> Decision:
         """Validate an operator's decision without applying it.
@@ -600,9 +696,10 @@ class Interpreter:
             ReactionError: the flow is not waiting, or the reaction or args
                 are not valid for what it waits on.
         """
-        if self.waiting is None:
+        waiting = self.saga.waiting
+        if waiting is None:
             raise ReactionError(f"flow {self.flow_id!r} is not waiting (it is {self.status})")
-        allowed = frozenset(Reaction(r) for r in self.waiting.allowed)
+        allowed = frozenset(Reaction(r) for r in waiting.allowed)
         try:
             chosen = parse_reaction(reaction, allowed=allowed)
         except ValueError as exc:
@@ -613,7 +710,7 @@ class Interpreter:
             raise ReactionError(f"flow {self.flow_id!r}: args {exc}") from None
         if extra and chosen != RETRY:
             raise ReactionError(f"flow {self.flow_id!r}: args only go with {RETRY.value!r}")
-        size = self._too_big({**self.args, **extra}) if extra else None
+        size = self._too_big({**self.saga.args, **extra}) if extra else None
         if size is not None:
             raise ReactionError(
                 f"flow {self.flow_id!r}: with these args the flow's args would take {size} "
@@ -624,12 +721,12 @@ class Interpreter:
     def decide(self, decision: Decision) -> None:
         """Apply a decision checked by ``check_decision``."""
         self.check_decision(decision.reaction, decision.args)
-        self._decision = decision
+        self.saga.decision = decision
 
     def settle(self, commit: bool) -> None:
         """A sub-flow's parent decided: keep (True) or undo (False) its effects."""
-        if self._settle is None:
-            self._settle = commit
+        if self.saga.settle is None:
+            self.saga.settle = commit
 
     # -- state -----------------------------------------------------------------
 
@@ -638,25 +735,26 @@ class Interpreter:
         return FlowState(
             flow=self.input.flow.name,
             flow_id=self.flow_id,
-            status=self.status,
+            status=self.saga.status,
             steps=[
                 StepState(
-                    name=rec.name,
-                    path=rec.path,
-                    status=rec.status,
-                    attempts=rec.attempts,
-                    back_attempts=rec.back_attempts,
-                    back_error=rec.back_error,
-                    kind="flow" if rec.is_flow else "step",
-                    has_back=not isinstance(rec.node, StepNode) or rec.node.has_back,
-                    error=rec.error,
-                    flow_id=rec.sub.flow_id if rec.sub else None,
+                    name=run.name,
+                    path=run.path,
+                    status=run.status,
+                    attempts=run.attempts,
+                    back_attempts=run.back_attempts,
+                    back_error=run.back_error,
+                    kind="flow" if run.is_flow else "step",
+                    has_back=not isinstance(run.node, StepNode) or run.node.has_back,
+                    error=run.error,
+                    flow_id=run.sub.flow_id if run.sub else None,
                 )
-                for rec in self.recs
+                for run in self.saga.runs
             ],
-            waiting=self.waiting,
-            failure=self.failure,
-            args=self.args,
+            waiting=self.saga.waiting,
+            failure=self.saga.failure,
+            args=self.saga.args,
+            events=list(self.saga.events),
         )
 
 
@@ -665,5 +763,7 @@ __all__ = [
     "FlowFailure",
     "FlowRuntime",
     "Interpreter",
+    "SagaState",
+    "StepRun",
     "SubflowRun",
 ]

@@ -35,6 +35,32 @@ FINAL_STATUSES: frozenset[str] = frozenset(
 )
 
 
+#: Step statuses that come with an error.
+ERROR_STATUSES: frozenset[str] = frozenset({"failed", "compensation_failed"})
+
+
+class FlowEvent(BaseModel):
+    """One transition of a flow or of one of its steps, in the order they happened.
+
+    A flow's ``state().events`` lists them all, numbered from 1, so a watcher
+    prints what is new since the last number it saw instead of guessing the
+    transitions it missed between two looks.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    seq: int
+    kind: Literal["flow", "step"]
+    path: str
+    """The step's path ('' for the flow itself)."""
+    name: str
+    status: str
+    """The status it went to (a FlowStatus or a StepStatus)."""
+    attempts: int = 0
+    error: str | None = None
+    """With ``failed`` and ``compensation_failed``: the error, in words."""
+
+
 class StepState(BaseModel):
     """One step of a flow, in plan order.
 
@@ -102,6 +128,9 @@ class FlowState(BaseModel):
     failure: FailureInfo | None = None
     args: dict[str, Any] = Field(default_factory=dict)
     """The flow's current args (its result, once completed)."""
+    events: list[FlowEvent] = Field(default_factory=list)
+    """The flow's own transitions and its steps', in order (a sub-flow's
+    steps' are in its own state)."""
 
     @property
     def done(self) -> bool:

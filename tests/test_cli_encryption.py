@@ -70,9 +70,19 @@ async def test_list_shows_undecryptable_flows_and_status_names_the_key(
     run = uuid.uuid4().hex[:8]
     done = await client.start(Complete, {"secret": "s"}, id=f"enc-done-{run}")
     await done.result()
-    failed = await client.start(RollBack, {"secret": "s"}, id=f"enc-failed-{run}")
+    # A flow of an older QWIT, which published no outcome when it failed: to
+    # list it, the CLI must read the flow itself.
+    old = client.prepare(RollBack, {"secret": "s"}, id=f"enc-failed-{run}")
+    failed = await client.engine().start(RollBack, old.model_copy(update={"execution": None}))
     with pytest.raises(qwit.FlowRolledBack):
         await failed.result()
+    # A flow of this version publishes its outcome (QwitStatus): search
+    # attributes are not encrypted, so it reads without the key.
+    new = await client.start(RollBack, {"secret": "s"}, id=f"enc-new-{run}")
+    with pytest.raises(qwit.FlowRolledBack):
+        await new.result()
+    new_row = await listed(dev_server, new.id, "secure.roll_back", **env)
+    assert (new_row["status"], new_row["note"]) == ("rolled_back", "")
 
     row = await listed(dev_server, failed.id, "secure.roll_back", **env)
     assert row["flow"] == "secure.roll_back"

@@ -44,8 +44,8 @@ async def test_an_injected_nondeterministic_change_is_caught(monkeypatch: pytest
     from qwit import _saga
 
     async def reversed_forward(self: _saga.Interpreter) -> None:
-        for rec in reversed(self.recs):
-            await self._forward(rec)
+        for run in reversed(self.saga.runs):
+            await self._forward(run)
 
     monkeypatch.setattr(_saga.Interpreter, "_forward_all", reversed_forward)
     path = next(p for p in HISTORIES if p.stem == "completed")
