@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 import qwit
@@ -443,6 +443,9 @@ def _examples() -> list[Scenario]:
 
 SETTINGS: dict[str, Any] = {
     "deadline": None,
+    # No shrinking: a flow comes from a seed, which shrinks to nothing useful,
+    # and a failing example is printed whole (its spec) anyway.
+    "phases": [Phase.explicit, Phase.reuse, Phase.generate],
     "suppress_health_check": [HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 }
 
