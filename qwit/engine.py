@@ -16,14 +16,27 @@ supplies:
 On the client side an engine is an ``Engine`` (``start``, ``get_handle``)
 handing out ``FlowHandle`` s (``result``, ``cancel``, ``flow_state``,
 ``send_decision``). A backend, what ``backend=`` names, is any object with a
-``name`` and ``create_engine(client)``: a module will do. ``qwit.local`` is a
-complete engine in one file; read it first.
+``name`` and ``create_engine(client)``: a module will do.
+
+An engine that keeps its flows in this process subclasses ``InMemoryEngine``
+and ``InMemoryRuntime``, which hold the run table, sub-flows, waiting, the
+handles and the retry rule (``run_with_retries``): it writes only how one
+attempt of a step runs (``run_attempt``). ``qwit.local`` is such an engine, in
+a few lines; read it first.
 """
 
 from __future__ import annotations
 
 from ._engine import Backend, Engine, FlowHandle
 from ._errors import ErrorInfo, FailureInfo, StepFailure
+from ._memory import (
+    Heartbeats,
+    InMemoryEngine,
+    InMemoryHandle,
+    InMemoryRun,
+    InMemoryRuntime,
+    run_with_retries,
+)
 from ._plan import FlowInput, FlowNode, StepCall, StepNode, StepReturn
 from ._runner import Registry, run_step_method
 from ._saga import Decision, FlowFailure, FlowRuntime, Interpreter, SubflowRun
@@ -41,6 +54,11 @@ __all__ = [
     "FlowNode",
     "FlowRuntime",
     "FlowState",
+    "Heartbeats",
+    "InMemoryEngine",
+    "InMemoryHandle",
+    "InMemoryRun",
+    "InMemoryRuntime",
     "Interpreter",
     "Registry",
     "StepCall",
@@ -51,4 +69,5 @@ __all__ = [
     "SubflowRun",
     "WaitInfo",
     "run_step_method",
+    "run_with_retries",
 ]

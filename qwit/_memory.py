@@ -1,0 +1,266 @@
+"""The shared parts of engines that keep their flows in this process's memory.
+
+``qwit.local`` and a custom engine (the thread-pool engine of the tests) need
+the same run table, sub-flow plumbing, waiting and handle methods, and the
+same retry rule; only how one attempt of a step runs is their own. They
+subclass ``InMemoryRuntime`` (its ``run_attempt``) and ``InMemoryEngine``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from ._engine import Engine, FlowHandle
+from ._errors import ArgumentsError, FailureInfo, FlowFailed, FlowNotFound, StepFailure, error_info
+from ._options import Retry
+from ._plan import FlowInput, FlowNode, StepCall, StepNode, StepReturn, child_flow_id
+from ._runner import Registry
+from ._saga import Decision, FlowFailure, FlowRuntime, Interpreter, SubflowRun
+from ._state import FlowState
+
+if TYPE_CHECKING:
+    from ._flow import Flow
+
+
+async def run_with_retries(
+    attempt: Callable[[int], Awaitable[dict[str, Any]]], retry: Retry
+) -> StepReturn:
+    """Run ``attempt(1)``, ``attempt(2)``... until one returns a step's output,
+    or ``retry`` is spent or the error is not retryable (then StepFailure).
+
+    The retry rule, written once for every in-memory engine: back off by
+    ``retry.delay(n)`` between attempts.
+    """
+    number = 0
+    while True:
+        number += 1
+        try:
+            return StepReturn(output=await attempt(number), attempt=number)
+        except StepFailure as failure:
+            info = failure.info
+        spent = retry.max_attempts is not None and number >= retry.max_attempts
+        if spent or not info.retryable:
+            raise StepFailure(info.model_copy(update={"attempt": number}))
+        await asyncio.sleep(retry.delay(number))
+
+
+class Heartbeats:
+    """The details a step last gave ``qwit.heartbeat()``, kept across its attempts."""
+
+    def __init__(self) -> None:
+        self.last: Any = None
+
+    def beat(self, details: Any) -> None:
+        self.last = copy.deepcopy(details)
+
+
+class InMemoryRun:
+    """One flow (the root or a sub-flow) running as an asyncio task."""
+
+    def __init__(self, engine: InMemoryEngine, registry: Registry, input: FlowInput, flow_id: str):
+        self.engine = engine
+        self.registry = registry
+        self.flow_id = flow_id
+        self.changed = asyncio.Event()
+        self.cancelling = False
+        self.forward_done: asyncio.Future[dict[str, Any]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self.interpreter = Interpreter(input, engine.runtime(self), flow_id)
+        self.task = asyncio.create_task(self.interpreter.run(), name=f"qwit {flow_id}")
+        # A failed flow's exception is read by result(); never warn about it.
+        self.task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    def poke(self) -> None:
+        """Something a waiting predicate reads has changed."""
+        self.changed.set()
+
+    def cancel(self) -> None:
+        if not self.cancelling and not self.task.done():
+            self.cancelling = True
+            self.task.cancel()
+
+
+class _Subflow(SubflowRun):
+    def __init__(self, run: InMemoryRun) -> None:
+        self.run = run
+        self.flow_id = run.flow_id
+
+    async def forward(self) -> dict[str, Any]:
+        await asyncio.wait(
+            {self.run.forward_done, self.run.task}, return_when=asyncio.FIRST_COMPLETED
+        )
+        if self.run.forward_done.done():
+            return self.run.forward_done.result()
+        await self.run.task  # it ended without running all its steps: raises FlowFailure
+        raise AssertionError("a sub-flow ended without reporting its steps")  # pragma: no cover
+
+    async def _outcome(self) -> FailureInfo | None:
+        try:
+            await asyncio.shield(self.run.task)
+        except FlowFailure as failed:
+            return failed.info
+        return None
+
+    async def settle(self, commit: bool) -> FailureInfo | None:
+        self.run.interpreter.settle(commit)
+        self.run.poke()
+        return await self._outcome()
+
+    async def cancel(self) -> FailureInfo:
+        self.run.cancel()
+        info = await self._outcome()
+        return info or FailureInfo(kind="cancelled", flow_id=self.flow_id, reason="cancelled")
+
+
+class InMemoryRuntime(FlowRuntime):
+    """A flow's runtime on an in-memory engine: all but how an attempt runs."""
+
+    def __init__(self, run: InMemoryRun) -> None:
+        self.run = run
+        self.engine = run.engine.name
+
+    async def run_attempt(
+        self, cls: type[Any], node: StepNode, call: StepCall, attempt: int, beats: Heartbeats
+    ) -> Any:
+        """Run attempt number ``attempt`` of ``call`` (``run_step_method``
+        somewhere); return the step's output.
+
+        ``beats`` keeps what the step passes to ``qwit.heartbeat()`` for the
+        attempts after this one.
+
+        Raises:
+            StepFailure: the attempt failed.
+        """
+        raise NotImplementedError
+
+    async def run_step(self, node: StepNode, call: StepCall) -> StepReturn:
+        cls = self.run.registry.get(call.step)
+        if cls is None:  # pragma: no cover - the registry is built from the flow itself
+            raise StepFailure(error_info(ArgumentsError(f"step {call.step!r} is not registered")))
+        retry = node.retry if call.direction == "step_forward" else node.back_retry
+        beats = Heartbeats()
+
+        async def attempt(number: int) -> dict[str, Any]:
+            # Each attempt gets its own copy of the args, and the flow keeps
+            # its own copy of the output, as if they had crossed a wire: a
+            # step that mutates them changes nothing outside itself.
+            own = call.model_copy(update={"args": copy.deepcopy(call.args)})
+            output: dict[str, Any] = await self.run_attempt(cls, node, own, number, beats)
+            return copy.deepcopy(output)
+
+        return await run_with_retries(attempt, retry)
+
+    async def start_subflow(self, node: FlowNode, input: FlowInput, attempt: int) -> SubflowRun:
+        flow_id = child_flow_id(input, input.path, attempt)
+        try:
+            return _Subflow(self.run.engine.launch(self.run.registry, input, flow_id))
+        except ArgumentsError as exc:
+            raise StepFailure(error_info(exc, started=False)) from None
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        while True:
+            self.run.changed.clear()
+            if predicate():
+                return
+            await self.run.changed.wait()
+
+    def cancel_requested(self) -> bool:
+        return self.run.cancelling
+
+    async def report_forward_done(self, outputs: dict[str, Any]) -> None:
+        self.run.forward_done.set_result(outputs)
+
+
+class InMemoryHandle(FlowHandle):
+    """A flow kept in this process's memory."""
+
+    def __init__(self, engine: InMemoryEngine, flow_id: str) -> None:
+        self.id = flow_id
+        self.engine = engine.name
+        self._engine = engine
+
+    async def result(self) -> dict[str, Any]:
+        try:
+            return copy.deepcopy(await asyncio.shield(self._engine.find(self.id).task))
+        except FlowFailure as failed:
+            raise FlowFailed.from_info(failed.info) from None
+
+    async def cancel(self) -> None:
+        self._engine.find(self.id).cancel()
+
+    async def flow_state(self, flow_id: str) -> FlowState:
+        return self._engine.find(flow_id).interpreter.state().model_copy(deep=True)
+
+    async def send_decision(self, flow_id: str, decision: Decision) -> None:
+        run = self._engine.find(flow_id)
+        run.interpreter.decide(decision.model_copy(deep=True))
+        run.poke()
+
+
+class InMemoryEngine(Engine):
+    """An engine whose flows are asyncio tasks of this process (not durable).
+
+    A subclass sets ``name`` and ``runtime_class`` (an ``InMemoryRuntime``
+    with its own ``run_attempt``).
+    """
+
+    runtime_class: type[InMemoryRuntime] = InMemoryRuntime
+
+    def __init__(self) -> None:
+        self.runs: dict[str, InMemoryRun] = {}
+
+    def runtime(self, run: InMemoryRun) -> InMemoryRuntime:
+        """The runtime of one flow of this engine."""
+        return self.runtime_class(run)
+
+    def find(self, flow_id: str) -> InMemoryRun:
+        """The run of ``flow_id``.
+
+        Raises:
+            FlowNotFound: no flow of that id was started on this engine.
+        """
+        try:
+            return self.runs[flow_id]
+        except KeyError:
+            raise FlowNotFound(
+                f"no flow {flow_id!r} was started on the {self.name} engine"
+            ) from None
+
+    def launch(self, registry: Registry, input: FlowInput, flow_id: str) -> InMemoryRun:
+        """Start running ``input`` under ``flow_id``.
+
+        Raises:
+            ArgumentsError: a flow of that id is running.
+        """
+        existing = self.runs.get(flow_id)
+        if existing is not None and not existing.task.done():
+            raise ArgumentsError(f"a flow with id {flow_id!r} is already running")
+        run = self.runs[flow_id] = InMemoryRun(self, registry, input, flow_id)
+        return run
+
+    async def start(self, flow: type[Flow], input: FlowInput) -> FlowHandle:
+        # The flow keeps its own copy of the caller's args.
+        input = input.model_copy(update={"args": copy.deepcopy(input.args)})
+        self.launch(Registry(flow), input, input.root_id)
+        return InMemoryHandle(self, input.root_id)
+
+    def get_handle(self, flow_id: str) -> FlowHandle:
+        return InMemoryHandle(self, flow_id)
+
+    async def close(self) -> None:
+        """Cancel the flows still running (they roll back) and wait for them."""
+        running = [
+            run
+            for run in self.runs.values()
+            if not run.task.done() and run.interpreter.input.parent_id is None
+        ]
+        for run in running:
+            run.cancel()
+        for run in running:
+            with contextlib.suppress(BaseException):
+                await run.task
