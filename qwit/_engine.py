@@ -55,12 +55,21 @@ class FlowHandle(ABC):
             FlowCancelled: the flow was cancelled and rolled back.
             CompensationFailed: some step could not be undone.
             FlowAborted: a step failed with ABORT; nothing was undone.
+            FlowNotFound: no flow has this id.
+            EngineUnavailable: the engine can't be reached (on Temporal, once
+                it has not answered for the engine's ``unavailable_timeout``:
+                a server that restarts meanwhile is waited for).
         """
 
     @abstractmethod
     async def cancel(self) -> None:
         """Ask the flow to stop; it rolls back the step in flight and every
-        completed step, then ends with FlowCancelled."""
+        completed step, then ends with FlowCancelled.
+
+        Raises:
+            FlowNotFound: no flow has this id.
+            EngineUnavailable: the engine can't be reached.
+        """
 
     @abstractmethod
     async def flow_state(self, flow_id: str) -> FlowState:
@@ -77,7 +86,12 @@ class FlowHandle(ABC):
 
     async def state(self) -> FlowState:
         """The flow's progress: status, and each step's status and attempts,
-        sub-flows' steps included; a wait anywhere inside shows as ``waiting``."""
+        sub-flows' steps included; a wait anywhere inside shows as ``waiting``.
+
+        Raises:
+            FlowNotFound: no flow has this id.
+            EngineUnavailable: the engine can't be reached.
+        """
         return await self._with_subflows(await self.flow_state(self.id))
 
     async def _with_subflows(self, state: FlowState) -> FlowState:
@@ -106,6 +120,8 @@ class FlowHandle(ABC):
         Raises:
             ReactionError: the flow is not waiting, or the decision is not
                 one it can take; nothing changes.
+            FlowNotFound: no flow has this id.
+            EngineUnavailable: the engine can't be reached.
         """
         try:
             decision = Decision(reaction=parse_reaction(reaction), args=as_args(args, "args"))

@@ -20,7 +20,7 @@ import click
 from rich.console import Console
 
 from .._client import TASK_QUEUE_ENV, default_task_queue
-from .._errors import FlowDefinitionError
+from .._errors import EngineUnavailable, FlowDefinitionError, FlowNotFound
 from .._flow import Flow
 from .._runner import Registry
 
@@ -61,8 +61,16 @@ def symbols_ok(out: Console) -> bool:
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a command's coroutine; its own signal handlers decide about Ctrl-C."""
-    return asyncio.run(coro)
+    """Run a command's coroutine; its own signal handlers decide about Ctrl-C.
+
+    Raises:
+        Failed: Temporal could not be reached, or the flow is unknown (the
+            error's own message says what to check).
+    """
+    try:
+        return asyncio.run(coro)
+    except (EngineUnavailable, FlowNotFound) as exc:
+        raise Failed(str(exc)) from None
 
 
 def _local_modules(directory: str) -> dict[str, str]:

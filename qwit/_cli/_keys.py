@@ -15,12 +15,12 @@ from google.protobuf.message import Message
 from temporalio.api.common.v1 import Payload
 from temporalio.service import RPCError
 
-from ..temporal import QwitPlugin
-from ..temporal._encryption import (
+from ..temporal import (
     ENCODING,
     ENCRYPTION_KEY_FILE_ENV,
     ENCRYPTION_KEYS_ENV,
     KEY_ID_METADATA,
+    QwitPlugin,
 )
 
 

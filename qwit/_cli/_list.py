@@ -27,10 +27,15 @@ from temporalio.service import RPCError
 from .._client import Client
 from .._errors import FlowFailed
 from .._state import FINAL_STATUSES
-from ..temporal import WORKFLOW_NAME, TemporalFlowHandle, create_engine
-
-# Declared once, where flows publish them.
-from ..temporal._workflow import QWIT_FLOW, QWIT_STATUS
+from ..temporal import (
+    QWIT_FLOW,
+    QWIT_STATUS,
+    WORKFLOW_NAME,
+    TemporalFlowHandle,
+    create_engine,
+    is_unavailable,
+    unreachable,
+)
 from ._common import Failed, connection_options, console, run_async
 from ._connect import temporal_for
 from ._keys import missing_keys, missing_keys_text, own_key_ids
@@ -65,6 +70,8 @@ _EXECUTION = {
 }
 #: Rows looked at, at most, to find ``--limit`` matches without search attributes.
 SCAN_LIMIT = 500
+#: Seconds reading one flow may wait for a Temporal that does not answer.
+LISTING_PATIENCE = 10.0
 
 
 @dataclass
@@ -174,8 +181,11 @@ async def _read_row(client: temporalio.client.Client, wf: WorkflowExecution, dee
 def _flow_handle(
     client: temporalio.client.Client, flow_id: str, run_id: str | None = None
 ) -> TemporalFlowHandle:
-    """QWIT's handle of one run of a flow."""
-    return TemporalFlowHandle(create_engine(Client(temporal_client=client)), flow_id, run_id)
+    """QWIT's handle of one run of a flow (its result is asked of an ended flow:
+    when Temporal does not answer, the listing does not wait long)."""
+    engine = create_engine(Client(temporal_client=client))
+    engine.unavailable_timeout = LISTING_PATIENCE
+    return TemporalFlowHandle(engine, flow_id, run_id)
 
 
 async def _read_flow(
@@ -274,6 +284,8 @@ def list_flows(
             try:
                 return await find_flows(client, limit, status_filter, flow_name)
             except RPCError as exc:
+                if is_unavailable(exc):
+                    raise Failed(str(unreachable(client, exc, "to list flows"))) from None
                 raise Failed(f"listing flows failed: {exc.message}") from None
 
     found = run_async(go())

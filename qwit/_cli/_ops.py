@@ -16,10 +16,10 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from .._client import Client
 from .._engine import FlowHandle
-from .._errors import FlowFailed, FlowNotFound, ReactionError
+from .._errors import EngineUnavailable, FlowFailed, FlowNotFound, ReactionError
 from .._options import FAILURE_REACTIONS, RETRY
 from .._state import FlowState
-from ..temporal._workflow import QWIT_STATUS
+from ..temporal import QWIT_STATUS, is_unavailable, unreachable
 from ._common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -81,7 +81,7 @@ async def _no_answer(temporal: temporalio.client.Client, flow_id: str) -> Failed
     try:
         desc = await temporal.get_workflow_handle(flow_id).describe()
     except RPCError as exc:
-        return _rpc_failure(exc, flow_id)
+        return _rpc_failure(temporal, exc, flow_id)
     undecryptable = await _undecryptable(temporal, flow_id)
     if undecryptable is not None:
         return undecryptable
@@ -92,9 +92,13 @@ async def _no_answer(temporal: temporalio.client.Client, flow_id: str) -> Failed
     )
 
 
-def _rpc_failure(exc: RPCError, flow_id: str) -> Failed:
+def _rpc_failure(temporal: temporalio.client.Client, exc: RPCError, flow_id: str) -> Failed:
+    """A one-line Failed for an RPC error about ``flow_id``: for a Temporal
+    that does not answer, it names the address and what to check."""
     if exc.status == RPCStatusCode.NOT_FOUND:
         return Failed(f"no flow with id {flow_id!r}: {exc.message}")
+    if is_unavailable(exc):
+        return Failed(str(unreachable(temporal, exc, f"for flow {flow_id!r}")))
     return Failed(f"flow {flow_id!r}: {exc.message}")
 
 
@@ -108,7 +112,7 @@ async def fetch_state(temporal: temporalio.client.Client, handle: FlowHandle) ->
     try:
         desc = await temporal.get_workflow_handle(handle.id).describe()
     except RPCError as exc:
-        raise _rpc_failure(exc, handle.id) from None
+        raise _rpc_failure(temporal, exc, handle.id) from None
     missing = key_ids(desc.raw_description) - set(own_key_ids(temporal))
     if missing and desc.status != WorkflowExecutionStatus.RUNNING:
         text = missing_keys_text(missing, own_key_ids(temporal))
@@ -117,10 +121,10 @@ async def fetch_state(temporal: temporalio.client.Client, handle: FlowHandle) ->
         return await asyncio.wait_for(handle.state(), STATE_TIMEOUT)
     except asyncio.TimeoutError:
         raise await _no_answer(temporal, handle.id) from None
-    except FlowNotFound as exc:
+    except (FlowNotFound, EngineUnavailable) as exc:
         raise Failed(str(exc)) from None
     except RPCError as exc:
-        raise _rpc_failure(exc, handle.id) from None
+        raise _rpc_failure(temporal, exc, handle.id) from None
     except WorkflowQueryFailedError as exc:
         raise Failed(f"{handle.id!r} is not a QWIT flow, or can't tell its state: {exc}") from None
     except Exception as exc:  # the state came, and this process can't decode it
@@ -211,10 +215,10 @@ def react(
             before = await fetch_state(temporal, handle) if wait else None
             try:
                 await handle.react(reaction, args)
-            except (ReactionError, FlowNotFound) as exc:
+            except (ReactionError, FlowNotFound, EngineUnavailable) as exc:
                 raise Failed(str(exc)) from None
             except RPCError as exc:
-                raise _rpc_failure(exc, flow_id) from None
+                raise _rpc_failure(temporal, exc, flow_id) from None
             _say(f"flow {flow_id}: {reaction} accepted")
             if before is None:
                 return 0
@@ -235,17 +239,17 @@ def cancel(flow_id: str, wait: bool, address: str | None, namespace: str | None)
             try:
                 desc = await temporal.get_workflow_handle(flow_id).describe()
             except RPCError as exc:
-                raise _rpc_failure(exc, flow_id) from None
+                raise _rpc_failure(temporal, exc, flow_id) from None
             if desc.status != WorkflowExecutionStatus.RUNNING:
                 ended = row_status(desc.status, desc.typed_search_attributes.get(QWIT_STATUS))
                 raise Failed(f"flow {flow_id!r} has already ended ({ended.replace('_', ' ')})")
             state = await fetch_state(temporal, handle) if wait else None
             try:
                 await handle.cancel()
-            except FlowNotFound as exc:
+            except (FlowNotFound, EngineUnavailable) as exc:
                 raise Failed(str(exc)) from None
             except RPCError as exc:
-                raise _rpc_failure(exc, flow_id) from None
+                raise _rpc_failure(temporal, exc, flow_id) from None
             _say(f"flow {flow_id}: cancel requested, it rolls back")
             if state is None:
                 return 0

@@ -10,6 +10,7 @@ import click
 
 from ..temporal import connect_temporal, serve
 from ._common import (
+    Failed,
     connection_options,
     import_modules,
     queue_name,
@@ -52,6 +53,7 @@ def worker(
     log.info("steps: %s", ", ".join(sorted(registry.steps)))
     try:
         run_async(_serve(imported, queue, address, namespace))
-    except RuntimeError as exc:  # TemporalConnectionError too: it says what to check
-        click.echo(f"{click.get_current_context().command_path}: {exc}", err=True)
+    except (RuntimeError, Failed) as exc:  # TemporalConnectionError too: it says what to check
+        text = exc.format_message() if isinstance(exc, Failed) else str(exc)
+        click.echo(f"{click.get_current_context().command_path}: {text}", err=True)
         sys.exit(1)

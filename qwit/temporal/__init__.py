@@ -10,13 +10,29 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ._activities import activity_name
-from ._connection import TemporalConnectionError
+from ._connection import TemporalConnectionError, is_transient, is_unavailable
 from ._devserver import DevServer, find_temporal_cli, free_port
-from ._encryption import EncryptionCodec, EncryptionError, new_encryption_key
-from ._engine import TemporalEngine, TemporalFlowHandle, connect_config, connect_temporal
+from ._encryption import (
+    ENCODING,
+    ENCRYPTION_KEY_FILE_ENV,
+    ENCRYPTION_KEYS_ENV,
+    KEY_ID_METADATA,
+    EncryptionCodec,
+    EncryptionError,
+    new_encryption_key,
+)
+from ._engine import (
+    RESULT_POLLS_ENV,
+    UNAVAILABLE_TIMEOUT_ENV,
+    TemporalEngine,
+    TemporalFlowHandle,
+    connect_config,
+    connect_temporal,
+    unreachable,
+)
 from ._plugin import QwitPlugin
 from ._worker import create_worker, serve
-from ._workflow import WORKFLOW_NAME, QwitWorkflow
+from ._workflow import QWIT_FLOW, QWIT_STATUS, WORKFLOW_NAME, QwitWorkflow
 
 if TYPE_CHECKING:
     from .._client import Client
@@ -31,6 +47,14 @@ def create_engine(client: Client) -> TemporalEngine:
 
 
 __all__ = [
+    "ENCODING",
+    "ENCRYPTION_KEYS_ENV",
+    "ENCRYPTION_KEY_FILE_ENV",
+    "KEY_ID_METADATA",
+    "QWIT_FLOW",
+    "QWIT_STATUS",
+    "RESULT_POLLS_ENV",
+    "UNAVAILABLE_TIMEOUT_ENV",
     "WORKFLOW_NAME",
     "DevServer",
     "EncryptionCodec",
@@ -47,7 +71,10 @@ __all__ = [
     "create_worker",
     "find_temporal_cli",
     "free_port",
+    "is_transient",
+    "is_unavailable",
     "name",
     "new_encryption_key",
     "serve",
+    "unreachable",
 ]

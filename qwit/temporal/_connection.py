@@ -1,10 +1,11 @@
-"""Why a connection to Temporal failed, in words a user can act on.
+"""Why Temporal can't be reached, in words a user can act on.
 
 The SDK reports a failed connection as one ``RuntimeError`` holding a Rust
-transport error (``InvalidCertificate(UnknownIssuer)`` and the like). QWIT
-says instead which address it tried, whether TLS was on, what most likely
-went wrong and which setting to look at, and keeps the SDK's error as the
-cause.
+transport error (``InvalidCertificate(UnknownIssuer)`` and the like), and a
+call that finds the server gone as an ``RPCError`` (``tcp connect error``,
+``transport error``, ``Timeout expired``). QWIT says instead which address
+it tried, whether TLS was on, what most likely went wrong and which setting
+to look at, and keeps the SDK's error as the cause.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from temporalio.service import TLSConfig
+from temporalio.service import RPCError, RPCStatusCode, TLSConfig
 
 from .._errors import EngineUnavailable
 
@@ -23,10 +24,11 @@ _CA_HINT = (
     "signed it"
 )
 _TLS_VARS = "TEMPORAL_TLS, TEMPORAL_API_KEY or a TEMPORAL_TLS_* variable"
+_UNKNOWN = "the connection failed"
 
 
 class TemporalConnectionError(EngineUnavailable, RuntimeError):
-    """QWIT could not connect to Temporal.
+    """QWIT could not reach Temporal: to connect, or for a call once connected.
 
     The message names the address, says whether TLS was on and what to
     check; the SDK's own error is the ``__cause__``. It never contains the API
@@ -98,7 +100,13 @@ def _diagnose(config: Mapping[str, Any], address: str, tls: bool, raw: str) -> t
             "TEMPORAL_TLS_SERVER_CA_CERT_PATH",
             False,
         )
-    return "the connection failed", False
+    return _UNKNOWN, False
+
+
+def _tls_on(config: Mapping[str, Any]) -> bool:
+    # As Client.connect decides: an API key turns TLS on unless tls says otherwise.
+    api_key = config.get("api_key")
+    return bool(api_key) if config.get("tls") is None else config.get("tls") is not False
 
 
 def connection_error(config: Mapping[str, Any], err: BaseException) -> TemporalConnectionError:
@@ -108,16 +116,17 @@ def connection_error(config: Mapping[str, Any], err: BaseException) -> TemporalC
     """
     address = str(config.get("target_host", ""))
     api_key = config.get("api_key")
-    # As Client.connect decides: an API key turns TLS on unless tls says otherwise.
-    tls = bool(api_key) if config.get("tls") is None else config.get("tls") is not False
+    tls = _tls_on(config)
     raw = str(err)
     if isinstance(api_key, str) and api_key:
         raw = raw.replace(api_key, "<api key>")  # never seen there, but never shown either
     what, verification = _diagnose(config, address, tls, raw)
     namespace = config.get("namespace", "default")
+    # A diagnosis says it all (the SDK's error stays the __cause__); else show that error.
+    cause = f"{' ' if what.endswith('?') else '. '}Cause: {raw}" if what == _UNKNOWN else ""
     message = (
         f"can't connect to Temporal at {address} (namespace {namespace!r}, "
-        f"TLS {'on' if tls else 'off'}): {what}{' ' if what.endswith('?') else '. '}Cause: {raw}"
+        f"TLS {'on' if tls else 'off'}): {what}{cause}"
     )
     return TemporalConnectionError(
         message, address=address, tls=tls, tls_verification_failed=verification
@@ -145,4 +154,98 @@ def config_error(
     )
 
 
-__all__ = ["TemporalConnectionError", "config_error", "connection_error"]
+#: Words of a transport failure in an RPC error whose status is UNKNOWN or INTERNAL.
+_TRANSPORT_WORDS = ("transport", "connect", "connection", "broken pipe", "reset", "timeout", "eof")
+
+#: Statuses of a call that may succeed if made again later: the server is
+#: down, restarting, unreachable for a while, or too busy right now.
+TRANSIENT_STATUSES = frozenset(
+    {
+        RPCStatusCode.UNAVAILABLE,
+        RPCStatusCode.DEADLINE_EXCEEDED,
+        RPCStatusCode.RESOURCE_EXHAUSTED,
+        RPCStatusCode.ABORTED,
+        RPCStatusCode.CANCELLED,
+    }
+)
+
+
+def is_transient(err: RPCError) -> bool:
+    """Whether ``err`` says the server could not answer now (down, unreachable,
+    busy), rather than that the request itself is wrong."""
+    if err.status in TRANSIENT_STATUSES:
+        return True
+    if err.status in (RPCStatusCode.UNKNOWN, RPCStatusCode.INTERNAL):
+        text = err.message.lower()
+        return any(word in text for word in _TRANSPORT_WORDS)
+    return False
+
+
+def is_unavailable(err: RPCError) -> bool:
+    """Whether ``err`` means that Temporal can't be reached or used: a
+    transient failure, or credentials the server refuses."""
+    return is_transient(err) or err.status in (
+        RPCStatusCode.UNAUTHENTICATED,
+        RPCStatusCode.PERMISSION_DENIED,
+    )
+
+
+def _rpc_diagnosis(err: RPCError) -> str:
+    """What an RPC error says of the server, and what to check."""
+    text = err.message.lower()
+    status = err.status
+    if status == RPCStatusCode.RESOURCE_EXHAUSTED:
+        return (
+            "the server is too busy and refused the request; if it lasts, raise the "
+            "namespace's limits or spread the load"
+        )
+    if status in (RPCStatusCode.UNAUTHENTICATED, RPCStatusCode.PERMISSION_DENIED):
+        return (
+            "the server refused the credentials (TEMPORAL_API_KEY or client certificate) "
+            "for this namespace"
+        )
+    if status == RPCStatusCode.DEADLINE_EXCEEDED or "timeout" in text or "timed out" in text:
+        return "the server did not answer in time: is it running, and reachable from here?"
+    if "connect" in text or "dns" in text:
+        return "nothing answered there: is a Temporal server running, and reachable from here?"
+    return "the server went away or is restarting: is it running, and reachable from here?"
+
+
+def unavailable_error(
+    config: Mapping[str, Any], namespace: str, err: RPCError, doing: str, after: str = ""
+) -> TemporalConnectionError:
+    """A ``TemporalConnectionError`` for a call that Temporal did not answer.
+
+    Raise it ``from err``, so the SDK's error stays the cause.
+
+    Args:
+        config: The client's connection settings (``target_host``, ``tls``,
+            ``api_key``), as ``temporalio.service.ConnectConfig`` has them.
+        namespace: The client's namespace.
+        err: What the call raised.
+        doing: What QWIT was doing, e.g. ``"to cancel flow 'order-7'"``.
+        after: More to say, at the end of the message.
+    """
+    address = str(config.get("target_host", ""))
+    tls = _tls_on(config)
+    raw = err.message
+    api_key = config.get("api_key")
+    if isinstance(api_key, str) and api_key:
+        raw = raw.replace(api_key, "<api key>")
+    where = f"{address} (namespace {namespace!r}, TLS {'on' if tls else 'off'})"
+    message = (
+        f"can't reach Temporal at {where} {doing}: {_rpc_diagnosis(err)} "
+        f"({err.status.name}: {raw}){after}"
+    )
+    return TemporalConnectionError(message, address=address, tls=tls)
+
+
+__all__ = [
+    "TRANSIENT_STATUSES",
+    "TemporalConnectionError",
+    "config_error",
+    "connection_error",
+    "is_transient",
+    "is_unavailable",
+    "unavailable_error",
+]

@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+import logging
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import temporalio.client
+from temporalio.api.common.v1 import WorkflowExecution
+from temporalio.api.enums.v1 import HistoryEventFilterType
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
-from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
+from temporalio.api.workflowservice.v1 import (
+    DescribeNamespaceRequest,
+    GetWorkflowExecutionHistoryRequest,
+)
 from temporalio.client import (
     WorkflowExecutionStatus,
     WorkflowFailureError,
@@ -43,7 +54,14 @@ from .._plan import PAYLOAD_MARGIN, FlowInput, FlowNode
 from .._saga import Decision
 from .._state import FlowState
 from ._activities import DEFAULT_PAYLOAD_LIMIT
-from ._connection import config_error, connection_error
+from ._connection import (
+    TemporalConnectionError,
+    config_error,
+    connection_error,
+    is_transient,
+    is_unavailable,
+    unavailable_error,
+)
 from ._plugin import QwitPlugin
 from ._replay import replay_state
 from ._workflow import (
@@ -61,6 +79,38 @@ if TYPE_CHECKING:
     from .._flow import Flow
 
 DEFAULT_ADDRESS = "localhost:7233"
+
+#: Environment variable: how many long polls for flows' ends one client holds
+#: at once (``TemporalEngine.result_polls``).
+RESULT_POLLS_ENV = "QWIT_RESULT_POLLS"
+DEFAULT_RESULT_POLLS = 100
+#: Environment variable: seconds ``result()`` keeps asking a Temporal that
+#: does not answer before it gives up (``TemporalEngine.unavailable_timeout``).
+UNAVAILABLE_TIMEOUT_ENV = "QWIT_UNAVAILABLE_TIMEOUT"
+DEFAULT_UNAVAILABLE_TIMEOUT = 300.0
+#: Seconds one long poll for a flow's end may last: the server answers a
+#: second before. Shorter while other waits queue for a poll, so each gets its turn.
+LONG_POLL_DEADLINE = 60.0
+SHARED_POLL_DEADLINE = 5.0
+#: Pause after a failed call while waiting for a result: the first, and the
+#: longest (each pause doubles, less a random part of up to a half).
+FIRST_BACKOFF = 0.2
+MAX_BACKOFF = 5.0
+
+log = logging.getLogger("qwit.temporal")
+
+
+def _setting(value: float | None, env: str, default: float, what: str, *, whole: bool) -> float:
+    if value is None:
+        raw = os.environ.get(env)
+        try:
+            value = float(raw) if raw else default
+        except ValueError:
+            raise ValueError(f"${env} must be a number, not {raw!r}") from None
+    if not value > 0 or value == float("inf") or (whole and value != int(value)):
+        kind = "a whole number" if whole else "seconds"
+        raise ValueError(f"{what} must be {kind} > 0, not {value!r}")
+    return float(value)
 
 
 def connect_config(**overrides: Any) -> dict[str, Any]:
@@ -129,7 +179,7 @@ async def _query_state(
     """A flow's state: from its workflow's query while it runs, and from a
     replay of its history right here once it has ended (no worker needed)."""
     handle = client.get_workflow_handle(flow_id, run_id=run_id)
-    with _rpc_errors(flow_id):
+    with _rpc_errors(client, flow_id, f"for the state of flow {flow_id!r}"):
         description = await handle.describe()
         if description.status != WorkflowExecutionStatus.RUNNING:
             replayed = await replay_state(await handle.fetch_history())
@@ -181,15 +231,99 @@ def _last_failure(pending: Any) -> ErrorInfo | None:
     return ErrorInfo(type=kind, types=[kind], message=failure.message, attempt=pending.attempt - 1)
 
 
+def unreachable(
+    client: temporalio.client.Client, err: RPCError, doing: str, after: str = ""
+) -> TemporalConnectionError:
+    """The ``EngineUnavailable`` to raise (``from err``) for a call that
+    Temporal did not answer: it names the address and what to check.
+
+    Args:
+        client: The client that made the call.
+        err: What the call raised (see ``is_unavailable``).
+        doing: What QWIT was doing, e.g. ``"to cancel flow 'order-7'"``.
+        after: More to say, at the end of the message.
+    """
+    config = client.service_client.config
+    settings = {"target_host": config.target_host, "tls": config.tls, "api_key": config.api_key}
+    return unavailable_error(settings, client.namespace, err, doing, after)
+
+
+def _mapped(client: temporalio.client.Client, err: RPCError, flow_id: str, doing: str) -> Exception:
+    """The QWIT error for an RPC error about a flow, or ``err`` itself."""
+    if err.status == RPCStatusCode.NOT_FOUND:
+        return FlowNotFound(f"no flow with id {flow_id!r} ({err.message})")
+    if is_unavailable(err):
+        return unreachable(client, err, doing)
+    return err
+
+
 @contextlib.contextmanager
-def _rpc_errors(flow_id: str) -> Iterator[None]:
-    """Temporal's RPC errors about a flow, as QWIT errors."""
+def _rpc_errors(client: temporalio.client.Client, flow_id: str, doing: str) -> Iterator[None]:
+    """Temporal's RPC errors about a flow, as QWIT errors.
+
+    An unknown id raises ``FlowNotFound``; a server that can't be reached,
+    is restarting, is too busy or refuses the credentials raises
+    ``EngineUnavailable`` (a ``TemporalConnectionError``) that names the
+    address and what to check, the SDK's error as its cause.
+    """
     try:
         yield
     except RPCError as err:
-        if err.status == RPCStatusCode.NOT_FOUND:
-            raise FlowNotFound(f"no flow with id {flow_id!r} ({err.message})") from None
-        raise
+        mapped = _mapped(client, err, flow_id, doing)
+        if mapped is err:
+            raise
+        if isinstance(mapped, FlowNotFound):
+            raise mapped from None
+        raise mapped from err
+
+
+class _Patience:
+    """How ``result()`` rides out a Temporal that does not answer for a while.
+
+    Each transient failure (server down or restarting, unreachable, too
+    busy) is followed by a pause, with backoff and jitter; a call that
+    succeeds starts the count afresh. Only when no call has succeeded for
+    ``unavailable_timeout`` seconds does the wait end, with ``EngineUnavailable``.
+    """
+
+    def __init__(
+        self, engine: TemporalEngine, client: temporalio.client.Client, flow_id: str
+    ) -> None:
+        self.engine = engine
+        self.client = client
+        self.flow_id = flow_id
+        self.failing_since: float | None = None
+        self.failures = 0
+
+    def succeeded(self) -> None:
+        self.failing_since = None
+        self.failures = 0
+
+    async def after(self, err: RPCError) -> None:
+        """Pause before the next try; raise if ``err`` is not worth another one."""
+        doing = f"while waiting for flow {self.flow_id!r} to end"
+        if not is_transient(err):
+            mapped = _mapped(self.client, err, self.flow_id, doing)
+            if mapped is err:
+                raise err
+            if isinstance(mapped, FlowNotFound):
+                raise mapped from None
+            raise mapped from err
+        self.engine.result_retries[err.status.name] += 1
+        now = time.monotonic()
+        if self.failing_since is None:
+            self.failing_since = now
+        elif now - self.failing_since >= self.engine.unavailable_timeout:
+            gave_up = (
+                f". Gave up after {self.engine.unavailable_timeout:g} s without an answer "
+                f"(${UNAVAILABLE_TIMEOUT_ENV}); the flow may still be running: ask for its "
+                "result again later"
+            )
+            raise unreachable(self.client, err, doing, gave_up) from err
+        self.engine.note_trouble(self.client, err)
+        delay = min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** min(self.failures, 10))
+        self.failures += 1
+        await asyncio.sleep(random.uniform(delay / 2, delay))
 
 
 class TemporalFlowHandle(FlowHandle):
@@ -208,17 +342,62 @@ class TemporalFlowHandle(FlowHandle):
         return client.get_workflow_handle(self.id, run_id=self.run_id)
 
     async def result(self) -> dict[str, Any]:
-        handle = await self.workflow_handle()
-        try:
-            with _rpc_errors(self.id):
-                result: dict[str, Any] = await handle.result()
-        except WorkflowFailureError as err:
-            raise _flow_failed(self.id, err) from None
-        return result
+        """Wait for the flow to end (see ``FlowHandle.result``).
+
+        It waits through a Temporal that restarts or can't be reached for a
+        while, and through a server too busy to take one more long poll:
+        failed calls are made again, with backoff and jitter, for up to the
+        engine's ``unavailable_timeout`` without an answer. One client holds
+        at most ``result_polls`` long polls at once; other waits take turns.
+
+        Raises:
+            FlowFailed: The flow failed (one of its subclasses).
+            FlowNotFound: No flow has this id.
+            EngineUnavailable: Temporal can't be reached at all, or did not
+                answer for ``unavailable_timeout`` seconds.
+        """
+        engine = self._engine
+        client = await engine.temporal_client()
+        patience = _Patience(engine, client, self.id)
+        request = GetWorkflowExecutionHistoryRequest(
+            namespace=client.namespace,
+            execution=WorkflowExecution(workflow_id=self.id, run_id=self.run_id or ""),
+            wait_new_event=True,
+            history_event_filter_type=HistoryEventFilterType.HISTORY_EVENT_FILTER_TYPE_CLOSE_EVENT,
+            skip_archival=True,
+        )
+        # Long polls until the close event comes; each holds one of the client's slots.
+        while True:
+            try:
+                async with engine.result_poll() as deadline:
+                    response = await client.workflow_service.get_workflow_execution_history(
+                        request, retry=False, timeout=timedelta(seconds=deadline)
+                    )
+            except RPCError as err:
+                await patience.after(err)
+                continue
+            patience.succeeded()
+            if response.history.events or not response.next_page_token:
+                break
+            request.next_page_token = response.next_page_token
+        # It has ended: the SDK reads and decodes the outcome, at once.
+        handle = client.get_workflow_handle(self.id, run_id=self.run_id)
+        while True:
+            try:
+                async with engine.result_poll() as deadline:
+                    result: dict[str, Any] = await handle.result(
+                        rpc_timeout=timedelta(seconds=deadline)
+                    )
+                return result
+            except WorkflowFailureError as err:
+                raise _flow_failed(self.id, err) from None
+            except RPCError as err:
+                await patience.after(err)
 
     async def cancel(self) -> None:
-        handle = await self.workflow_handle()
-        with _rpc_errors(self.id):
+        client = await self._engine.temporal_client()
+        handle = client.get_workflow_handle(self.id, run_id=self.run_id)
+        with _rpc_errors(client, self.id, f"to cancel flow {self.id!r}"):
             await handle.cancel()
 
     async def flow_state(self, flow_id: str) -> FlowState:
@@ -228,7 +407,7 @@ class TemporalFlowHandle(FlowHandle):
     async def send_decision(self, flow_id: str, decision: Decision) -> None:
         client = await self._engine.temporal_client()
         try:
-            with _rpc_errors(flow_id):
+            with _rpc_errors(client, flow_id, f"to decide flow {flow_id!r}"):
                 await client.get_workflow_handle(flow_id).execute_update(UPDATE_REACT, decision)
         except WorkflowUpdateFailedError as err:
             cause = err.cause
@@ -260,15 +439,90 @@ def _check_plan_length(node: FlowNode) -> None:
 
 
 class TemporalEngine(Engine):
-    """Runs flows as ``qwit.Flow`` workflows on a Temporal cluster."""
+    """Runs flows as ``qwit.Flow`` workflows on a Temporal cluster.
+
+    Waiting for flows' ends (``FlowHandle.result``) scales to thousands of
+    flows awaited at once from one process: each wait is a long poll, which
+    Temporal caps per namespace (``frontend.namespaceCount``, 1,200 by
+    default), so a client holds at most ``result_polls`` of them and the
+    other waits take turns; a refusal (``RESOURCE_EXHAUSTED``) or a server
+    restarting is waited out.
+
+    Args:
+        client: The QWIT client this engine serves.
+        result_polls: Long polls for flows' ends this client holds at once
+            (default ``$QWIT_RESULT_POLLS`` or 100). Keep it well under the
+            namespace's limit, shared with every other client.
+        unavailable_timeout: Seconds ``result()`` keeps asking a Temporal
+            that does not answer (down, restarting, unreachable, too busy)
+            before it raises ``EngineUnavailable`` (default
+            ``$QWIT_UNAVAILABLE_TIMEOUT`` or 300).
+
+    Attributes:
+        result_retries: Failed calls that ``result()`` made again, by gRPC
+            status name (``UNAVAILABLE``, ``RESOURCE_EXHAUSTED``...).
+    """
 
     name = "temporal"
 
-    def __init__(self, client: Client) -> None:
+    def __init__(
+        self,
+        client: Client,
+        *,
+        result_polls: int | None = None,
+        unavailable_timeout: float | None = None,
+    ) -> None:
         self.client = client
         self._temporal: temporalio.client.Client | None = client.given_temporal_client
         self._lock = asyncio.Lock()
         self._namespace: _Namespace | None = None
+        self.result_polls = int(
+            _setting(
+                result_polls, RESULT_POLLS_ENV, DEFAULT_RESULT_POLLS, "result_polls", whole=True
+            )
+        )
+        self.unavailable_timeout = _setting(
+            unavailable_timeout,
+            UNAVAILABLE_TIMEOUT_ENV,
+            DEFAULT_UNAVAILABLE_TIMEOUT,
+            "unavailable_timeout",
+            whole=False,
+        )
+        self.result_retries: Counter[str] = Counter()
+        self._polls: asyncio.Semaphore | None = None
+        self._queued = 0
+        self._warned_at = -float("inf")
+
+    @contextlib.asynccontextmanager
+    async def result_poll(self) -> AsyncIterator[float]:
+        """Hold one of the client's ``result_polls`` slots; yields the seconds
+        the poll may last (shorter while other waits queue for a slot)."""
+        if self._polls is None:
+            self._polls = asyncio.Semaphore(self.result_polls)
+        self._queued += 1
+        try:
+            await self._polls.acquire()
+        finally:
+            self._queued -= 1
+        try:
+            yield SHARED_POLL_DEADLINE if self._queued else LONG_POLL_DEADLINE
+        finally:
+            self._polls.release()
+
+    def note_trouble(self, client: temporalio.client.Client, err: RPCError) -> None:
+        """Log, at most once a minute, that results wait for Temporal."""
+        now = time.monotonic()
+        if err.status == RPCStatusCode.RESOURCE_EXHAUSTED or now - self._warned_at < 60:
+            return
+        self._warned_at = now
+        log.warning(
+            "Temporal at %s does not answer (%s: %s): waiting for flows' results goes on "
+            "for up to %g s",
+            client.service_client.config.target_host,
+            err.status.name,
+            err.message,
+            self.unavailable_timeout,
+        )
 
     async def temporal_client(self) -> temporalio.client.Client:
         """The temporalio client, connected on first use."""
@@ -287,11 +541,18 @@ class TemporalEngine(Engine):
                     ListSearchAttributesRequest(namespace=client.namespace)
                 )
                 names = set(attributes.custom_attributes)
-            except RPCError:
+            except RPCError as err:
+                if is_transient(err):
+                    raise unreachable(client, err, "to start a flow") from err
                 names = set()
-            described = await client.workflow_service.describe_namespace(
-                DescribeNamespaceRequest(namespace=client.namespace)
-            )
+            try:
+                described = await client.workflow_service.describe_namespace(
+                    DescribeNamespaceRequest(namespace=client.namespace)
+                )
+            except RPCError as err:
+                if is_unavailable(err):
+                    raise unreachable(client, err, "to start a flow") from err
+                raise
             limit = described.namespace_info.limits.blob_size_limit_error
             self._namespace = _Namespace(
                 search_attributes={QWIT_FLOW.name, QWIT_STATUS.name} <= names,
@@ -324,6 +585,10 @@ class TemporalEngine(Engine):
             )
         except WorkflowAlreadyStartedError:
             raise ArgumentsError(f"a flow with id {input.root_id!r} is already running") from None
+        except RPCError as err:
+            if is_unavailable(err):
+                raise unreachable(client, err, f"to start flow {input.root_id!r}") from err
+            raise
         return TemporalFlowHandle(self, handle.id, handle.result_run_id)
 
     def get_handle(self, flow_id: str) -> FlowHandle:
@@ -331,8 +596,13 @@ class TemporalEngine(Engine):
 
 
 __all__ = [
+    "DEFAULT_RESULT_POLLS",
+    "DEFAULT_UNAVAILABLE_TIMEOUT",
+    "RESULT_POLLS_ENV",
+    "UNAVAILABLE_TIMEOUT_ENV",
     "TemporalEngine",
     "TemporalFlowHandle",
     "connect_config",
     "connect_temporal",
+    "unreachable",
 ]
