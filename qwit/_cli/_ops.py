@@ -165,8 +165,13 @@ async def follow_to_end(
 @click.command("status")
 @click.argument("flow_id")
 @click.option("--json", "as_json", is_flag=True, help="Print the state as JSON.")
+@click.option(
+    "-v", "--verbose", is_flag=True, help="Show where each step's error was raised (tracebacks)."
+)
 @connection_options
-def status(flow_id: str, as_json: bool, address: str | None, namespace: str | None) -> None:
+def status(
+    flow_id: str, as_json: bool, verbose: bool, address: str | None, namespace: str | None
+) -> None:
     """Show the steps of flow FLOW_ID: status, attempts, errors.
 
     Steps are in plan order, a sub-flow's steps indented under it. A waiting
@@ -182,7 +187,7 @@ def status(flow_id: str, as_json: bool, address: str | None, namespace: str | No
                 click.echo(dump_json(state.model_dump(mode="json")))
                 return
             running = await running_attempts(temporal, state)
-        console(stderr=False).print(state_view(state, running))
+        console(stderr=False).print(state_view(state, running, verbose=verbose))
 
     run_async(go())
 

@@ -10,7 +10,14 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from .._errors import CompensationFailed, FlowAborted, FlowCancelled, FlowFailed, FlowRolledBack
+from .._errors import (
+    CompensationFailed,
+    ErrorInfo,
+    FlowAborted,
+    FlowCancelled,
+    FlowFailed,
+    FlowRolledBack,
+)
 from .._state import FlowState, StepState, WaitInfo
 
 #: Style of each flow and step status.
@@ -121,8 +128,28 @@ def wait_lines(
     return lines
 
 
-def failure_lines(failed: FlowFailed, flow: str) -> list[Text]:
-    """The story of a failed flow: which step, why, what was undone (or not)."""
+def traceback_lines(title: str, error: ErrorInfo | None, indent: str = "    ") -> list[Text]:
+    """Where a step raised its error: a title, then the traceback, indented.
+
+    Nothing when the error carries no traceback (it was not raised by the
+    step's own code: a timeout, a step no worker serves).
+    """
+    if error is None or not error.traceback.strip():
+        return []
+    lines = [Text(f"{indent[:-2]}{title}:", style="dim")]
+    lines += [Text(indent + line, style="dim") for line in error.traceback.rstrip().splitlines()]
+    return lines
+
+
+def failure_lines(failed: FlowFailed, flow: str, *, verbose: bool = False) -> list[Text]:
+    """The story of a failed flow: which step, why, what was undone (or not).
+
+    Args:
+        failed: How the flow ended.
+        flow: The flow's name.
+        verbose: Show where the failing step raised its error (its
+            traceback), and where each undo that failed raised its own.
+    """
     kind = failed.kind.replace("_", " ")
     head = Text()
     head.append(f"flow {flow!r} {kind}", style=STATUS_STYLE.get(failed.kind, "red"))
@@ -131,6 +158,8 @@ def failure_lines(failed: FlowFailed, flow: str) -> list[Text]:
     if failed.step:
         lines.append(Text(f"  failed step: {failed.step!r}"))
     lines.append(Text(f"  reason: {failed.reason}"))
+    if verbose:
+        lines += traceback_lines(f"traceback of step {failed.step!r}", failed.info.error)
     if isinstance(failed, (FlowRolledBack, CompensationFailed)):
         undone = ", ".join(failed.compensated) or "nothing (no step had completed)"
         lines.append(Text(f"  undone, newest first: {undone}"))
@@ -143,6 +172,11 @@ def failure_lines(failed: FlowFailed, flow: str) -> list[Text]:
                 style="red bold",
             )
         )
+        if verbose:
+            for undo in failed.compensations:
+                if undo.status == "compensation_failed":
+                    title = f"traceback of the undo of step {undo.path} {undo.name!r}"
+                    lines += traceback_lines(title, undo.error)
     if isinstance(failed, FlowAborted):
         lines.append(Text("  aborted: nothing was undone"))
     if isinstance(failed, FlowCancelled) and not failed.step:
@@ -150,12 +184,15 @@ def failure_lines(failed: FlowFailed, flow: str) -> list[Text]:
     return lines
 
 
-def state_view(state: FlowState, running: dict[str, tuple[int, str]] | None = None) -> Group:
+def state_view(
+    state: FlowState, running: dict[str, tuple[int, str]] | None = None, *, verbose: bool = False
+) -> Group:
     """``qwit status``: the flow, its steps in plan order, its wait or outcome.
 
     Args:
         state: The flow's state.
         running: Attempt number and last error of steps being retried, by path.
+        verbose: Show where each step's error was raised (its traceback).
     """
     running = running or {}
     head = Text()
@@ -178,10 +215,22 @@ def state_view(state: FlowState, running: dict[str, tuple[int, str]] | None = No
             error = error or last
         table.add_row(step.path, row.label, status_text(step.status), attempts, error)
     parts: list[RenderableType] = [head, table]
+    if verbose:
+        for row in rows(state.steps):
+            step = row.step
+            for title, raised in (
+                (f"traceback of step {step.path} {step.name!r}", step.error),
+                (f"traceback of the undo of step {step.path} {step.name!r}", step.back_error),
+            ):
+                found = traceback_lines(title, raised)
+                if found:
+                    parts.append(Text())
+                    parts.extend(found)
     if state.waiting is not None and not state.done:
         parts.append(Text())
         parts.extend(wait_lines(state.waiting, state.flow_id, preview=True))
     if state.failure is not None:
         parts.append(Text())
+        # The steps' tracebacks are above, with the table.
         parts.extend(failure_lines(FlowFailed.from_info(state.failure), state.flow))
     return Group(*parts)

@@ -62,7 +62,10 @@ EXIT_TERMINATED = 143
     help="Run no worker here: one already serves the task queue (e.g. qwit dev MODULE).",
 )
 @click.option(
-    "-v", "--verbose", is_flag=True, help="Log what the worker does, failing steps' tracebacks too."
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="Log what the worker does, and show where the failing step raised its error.",
 )
 @task_queue_option
 @connection_options
@@ -115,7 +118,19 @@ def run(
         logging.getLogger("temporalio.activity").setLevel(logging.ERROR)
     try:
         code = run_async(
-            _run(err, flow, serve, args, flow_id, no_worker, queue, address, namespace, embedded)
+            _run(
+                err,
+                flow,
+                serve,
+                args,
+                flow_id,
+                no_worker,
+                queue,
+                address,
+                namespace,
+                embedded,
+                verbose,
+            )
         )
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
@@ -146,6 +161,7 @@ async def _run(
     address: str | None,
     namespace: str | None,
     embedded: bool,
+    verbose: bool,
 ) -> int:
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
@@ -154,7 +170,7 @@ async def _run(
     loop.add_signal_handler(signal.SIGTERM, main.cancel)
     try:
         return await _run_flow(
-            err, flow, serve, args, flow_id, no_worker, queue, address, namespace, embedded
+            err, flow, serve, args, flow_id, no_worker, queue, address, namespace, embedded, verbose
         )
     except asyncio.CancelledError:
         err.print(Text("qwit: terminated", style="yellow"))
@@ -181,6 +197,7 @@ async def _run_flow(
     address: str | None,
     namespace: str | None,
     embedded: bool,
+    verbose: bool,
 ) -> int:
     say = _say(err)
     async with AsyncExitStack() as stack:
@@ -236,7 +253,7 @@ async def _run_flow(
         try:
             result = await follower.follow(handle, temporal, on_interrupt=on_interrupt)
         except FlowFailed as failed:
-            for line in failure_lines(failed, flow.name):
+            for line in failure_lines(failed, flow.name, verbose=verbose):
                 err.print(line)
             return EXIT_FAILED
         except Interrupted:
