@@ -138,7 +138,7 @@ def private_db(name: str) -> Path:
     The database and SQLite's files beside it, if an older QWIT left them
     readable by others, are made 0600. The server creates them itself (the
     dev server sets up its schema only in a file that does not exist yet):
-    ``start_server`` gives it a umask under which they are created 0600.
+    ``DevServer`` gives it a umask under which they are created 0600.
     """
     db = private_data_dir() / name
     for path in (db, *(db.with_name(db.name + side) for side in SQLITE_SIDE_FILES)):
@@ -165,24 +165,14 @@ def _tighten(path: Path, mode: int, *, follow: bool = False) -> None:
             path.chmod(stat.S_IMODE(info.st_mode) & mode)
 
 
-@contextmanager
-def private_umask() -> Iterator[None]:
-    """Files created meanwhile, by this process or a child it starts, are its user's alone."""
-    old = os.umask(0o077)
-    try:
-        yield
-    finally:
-        os.umask(old)
-
-
 async def start_server(server: DevServer) -> None:
-    """Start ``server`` with a private umask, so whatever it creates is 0600.
+    """Start ``server``; with a database file, whatever it creates is 0600
+    (``DevServer`` gives it a private umask).
 
     Raises:
         RuntimeError: the server did not start.
     """
-    with private_umask():
-        server.start_process()
+    server.start_process()
     try:
         await server.wait_ready()
     except BaseException:

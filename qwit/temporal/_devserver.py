@@ -27,6 +27,9 @@ from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
 #: trip cost ~50 ms; lifting the limit brings it to ~10 ms.
 FAST_DYNAMIC_CONFIG = ("history.transferProcessorMaxPollRPS=10000",)
 
+#: The umask of a server that keeps a database: its files are its owner's alone.
+PRIVATE_UMASK = 0o077
+
 #: Search attributes QWIT's tooling registers, so flows can be filtered.
 SEARCH_ATTRIBUTES = ("QwitFlow=Keyword", "QwitStatus=Keyword")
 
@@ -138,7 +141,12 @@ class DevServer:
         return cmd
 
     def start_process(self) -> None:
-        """Launch the server process (``wait_ready`` waits for it)."""
+        """Launch the server process (``wait_ready`` waits for it).
+
+        With a database file, the server runs under the umask 077: the
+        database and the files SQLite keeps beside it are created readable
+        by their owner alone (0600). This process's own umask is left alone.
+        """
         if self.db_filename:
             Path(self.db_filename).parent.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
@@ -148,6 +156,7 @@ class DevServer:
             stderr=subprocess.STDOUT,
             start_new_session=True,
             pass_fds=self.pass_fds,
+            umask=PRIVATE_UMASK if self.db_filename else -1,
         )
 
     async def wait_ready(self, timeout: float = 60.0) -> None:
