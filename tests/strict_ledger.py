@@ -211,16 +211,10 @@ def violations(
         if not forwards:
             found.append(f"undo of a step that never ran: {e.describe()}")
             continue
-        fwd = forwards[0]
-        if (fwd.run, fwd.flow_id, fwd.path, fwd.eid, fwd.epoch) != (
-            e.run,
-            e.flow_id,
-            e.path,
-            e.eid,
-            e.epoch,
-        ):
-            found.append(f"undo key {e.key} names another execution: {fwd.describe()}")
-        for f in forwards:
+        same = [f for f in forwards if f.identity[:-1] == e.identity[:-1]]
+        if not same:
+            found.append(f"undo key {e.key} names another execution: {forwards[0].describe()}")
+        for f in same:
             _, f_end = span(f)
             if f_end is None or e.at < f_end:
                 found.append(
