@@ -11,7 +11,7 @@ from ._engine import Backend, Engine, FlowHandle
 from ._errors import ArgumentsError, FlowDefinitionError
 from ._flow import Flow, compile_flow
 from ._jsonargs import NotJSON, as_args
-from ._plan import SUBFLOW_MARK, FlowInput, FlowNode
+from ._plan import SUBFLOW_MARK, FlowInput, FlowNode, walk
 from .temporal._config import DEFAULT_TASK_QUEUE, TASK_QUEUE_ENV, default_task_queue
 
 if TYPE_CHECKING:
@@ -36,15 +36,14 @@ def _default_backend() -> Backend:
     return temporal
 
 
-def _check_backends(node: FlowNode, engine: str, where: str) -> None:
-    for step in node.steps:
-        if step.backend is not None and step.backend != engine:
+def _check_backends(plan: FlowNode, engine: str) -> None:
+    for path, node, _ in walk(plan):
+        if node.backend is not None and node.backend != engine:
             raise FlowDefinitionError(
-                f"{where}: {step.kind} {step.name!r} names backend {step.backend!r}, "
-                f"but its flow runs on {engine!r}; an engine runs a flow's steps itself"
+                f"flow {plan.name!r}, path {path}: {node.kind} {node.name!r} names backend "
+                f"{node.backend!r}, but its flow runs on {engine!r}; an engine runs a flow's "
+                "steps itself"
             )
-        if isinstance(step, FlowNode):
-            _check_backends(step, engine, f"{where} > {step.name!r}")
 
 
 class Client:
@@ -103,7 +102,7 @@ class Client:
         plan = compile_flow(flow)
         if self.backend is None:
             backend = flow.backend or _default_backend()
-            _check_backends(plan, backend.name, f"flow {plan.name!r}")
+            _check_backends(plan, backend.name)
         try:
             clean = as_args(args, "a flow's args")
         except NotJSON as exc:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ._errors import FlowDefinitionError
@@ -253,37 +255,46 @@ def _fields(cls: type[Step], method: str) -> tuple[str, ...] | None:
     return None if names is None else tuple(sorted(names))
 
 
+@dataclass(frozen=True)
+class _Compiled:
+    plan: FlowNode
+    steps: tuple[type[Step], ...]
+
+
+#: Each Flow class is compiled once (weakly kept: flows made at run time go).
+_compiled: weakref.WeakKeyDictionary[type[Flow], _Compiled] = weakref.WeakKeyDictionary()
+
+
+def _compile(flow: type[Flow]) -> _Compiled:
+    if not (isinstance(flow, type) and issubclass(flow, Flow)):
+        raise FlowDefinitionError(f"expected a qwit.Flow class, got {flow!r}")
+    compiled = _compiled.get(flow)
+    if compiled is None:
+        if is_abstract(flow):
+            raise FlowDefinitionError(
+                f"flow {flow.name!r} is abstract (abstract=True): run one of its subclasses"
+            )
+        compiler = _Compiler()
+        plan = compiler.flow(flow, {}, flow.on_failure)
+        steps = tuple(c for c in compiler.names.values() if issubclass(c, Step))
+        compiled = _compiled[flow] = _Compiled(plan, steps)
+    return compiled
+
+
 def compile_flow(flow: type[Flow]) -> FlowNode:
-    """Compile a Flow class into its plan.
+    """Compile a Flow class into its plan (once per class).
 
     Raises:
         FlowDefinitionError: the flow, one of its steps, or an option is
             defined wrongly; the message names the flow, the step and the field.
     """
-    if not (isinstance(flow, type) and issubclass(flow, Flow)):
-        raise FlowDefinitionError(f"expected a qwit.Flow class, got {flow!r}")
-    if is_abstract(flow):
-        raise FlowDefinitionError(
-            f"flow {flow.name!r} is abstract (abstract=True): run one of its subclasses"
-        )
-    return _Compiler().flow(flow, {}, flow.on_failure)
+    return _compile(flow).plan
 
 
 def step_classes(flow: type[Flow]) -> Iterator[type[Step]]:
-    """Every Step class a flow uses, sub-flows included, each once."""
-    seen: set[type] = set()
+    """Every Step class a flow uses, sub-flows included, each once.
 
-    def walk(cls: type[Flow]) -> Iterator[type[Step]]:
-        instance = cls()
-        instance.build_flow()
-        for target, _args, _options in instance._entries:
-            if target in seen:
-                continue
-            seen.add(target)
-            if isinstance(target, type) and issubclass(target, Flow):
-                yield from walk(target)
-            elif isinstance(target, type) and issubclass(target, Step):
-                yield target
-
-    compile_flow(flow)  # refuses a bad flow (and recursion) before walking it
-    yield from walk(flow)
+    Raises:
+        FlowDefinitionError: the flow is defined wrongly.
+    """
+    yield from _compile(flow).steps

@@ -8,6 +8,7 @@ plan it started with whatever is deployed later.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -67,10 +68,7 @@ class FlowNode(BaseModel):
 
     def step_names(self) -> list[str]:
         """Names of every step of this flow, sub-flows flattened, in plan order."""
-        names: list[str] = []
-        for node in self.steps:
-            names.extend(node.step_names() if isinstance(node, FlowNode) else [node.name])
-        return names
+        return [node.name for _, node, _ in walk(self) if isinstance(node, StepNode)]
 
 
 Node = Annotated[StepNode | FlowNode, Field(discriminator="kind")]
@@ -172,6 +170,16 @@ def child_flow_id(input: FlowInput, path: str, attempt: int) -> str:
     else:
         base = f"{input.root_id}{SUBFLOW_MARK}{path}"
     return base + (f"#{attempt}" if attempt > 1 else "")
+
+
+def walk(flow: FlowNode, path: str = "", depth: int = 0) -> Iterator[tuple[str, Node, int]]:
+    """Every node under ``flow``, depth first in plan order, with its path and
+    depth (0 for ``flow``'s own steps): the one way to walk a plan."""
+    for i, node in enumerate(flow.steps):
+        node_path = child_path(path, i)
+        yield node_path, node, depth
+        if isinstance(node, FlowNode):
+            yield from walk(node, node_path, depth + 1)
 
 
 def child_path(parent: str, index: int) -> str:
