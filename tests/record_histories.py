@@ -20,6 +20,7 @@ from temporalio.client import WorkflowHistory
 
 import qwit
 from qwit.temporal import DevServer, connect_temporal, create_worker
+from qwit.testing import wait_for_status
 from tests.history_flows import (
     ApprovedOrder,
     Cancellable,
@@ -79,11 +80,7 @@ async def cancelled(client: qwit.Client) -> str:
 
 
 async def until_waiting(handle: qwit.FlowHandle) -> None:
-    for _ in range(400):
-        if (await handle.state()).status == "waiting":
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("the flow never waited")
+    await wait_for_status(handle, "waiting", timeout=20)
 
 
 async def waited_retry(client: qwit.Client) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 import qwit
+from qwit.testing import wait_for_status as wait_status
 from tests import ledger, thread_engine
 from tests.ledger import Effect
 from tests.test_temporal_core import FlakyFlow, RefusesFlow, SyncTypedFlow
@@ -58,15 +59,6 @@ async def outcome(handle: qwit.FlowHandle) -> tuple[str, Any]:
         return "completed", await asyncio.wait_for(handle.result(), 60)
     except qwit.FlowFailed as failed:
         return failed.kind, failed
-
-
-async def wait_status(handle: qwit.FlowHandle, status: str) -> qwit.FlowState:
-    async def poll() -> qwit.FlowState:
-        while (state := await handle.state()).status != status:
-            await asyncio.sleep(0.03)
-        return state
-
-    return await asyncio.wait_for(poll(), 30)
 
 
 async def test_args_and_sub_flow_scoping(env: Env):

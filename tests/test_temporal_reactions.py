@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 import qwit
+from qwit.testing import wait_for_status
 from tests import ledger
 from tests.ledger import Effect
 
@@ -166,14 +167,7 @@ class ApprovalFlow(qwit.Flow):
 
 
 async def wait_status(handle: qwit.FlowHandle, status: str, timeout: float = 20) -> qwit.FlowState:
-    async def poll() -> qwit.FlowState:
-        while True:
-            state = await handle.state()
-            if state.status == status:
-                return state
-            await asyncio.sleep(0.05)
-
-    return await asyncio.wait_for(poll(), timeout)
+    return await wait_for_status(handle, status, timeout)
 
 
 async def test_wait_then_retry_succeeds(client, worker):

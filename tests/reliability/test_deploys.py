@@ -14,16 +14,13 @@ import pytest
 
 import qwit
 from qwit.temporal import DevServer
+from qwit.testing import wait_for_status
 from tests.reliability import deploy_v1, deploy_v2
 from tests.reliability.crash import Worker
 
 
 async def until_waiting(handle: qwit.FlowHandle) -> None:
-    async def poll() -> None:
-        while (await handle.state()).status != "waiting":
-            await asyncio.sleep(0.05)
-
-    await asyncio.wait_for(poll(), 30)
+    await wait_for_status(handle, "waiting")
 
 
 def serve(module: str, server: DevServer, queue: str, tmp_path: Path) -> Worker:
