@@ -388,6 +388,7 @@ class Interpreter:
             if reaction == WAIT:
                 decision = await self._wait(run, "step_forward", FORWARD_DECISIONS)
                 if decision.reaction == RETRY:
+                    await self._undo_before_retry(run)
                     self.saga.args.update(decision.args)
                     continue
                 reaction = decision.reaction
@@ -395,6 +396,16 @@ class Interpreter:
                 self._step_to(run, "skipped")
                 return
             raise _Stop(reaction, run)
+
+    async def _undo_before_retry(self, run: StepRun) -> None:
+        """Undo the failed execution of a step an operator retries, if it may
+        have done something: the retry is a new execution, under a new key, so
+        what the failed one did would otherwise stay applied beside it.
+
+        Flows of older QWIT retried under the same key; they keep doing so.
+        """
+        if self.input.execution is not None and run.has_effect:
+            await self._undo(run)
 
     async def _attempt(self, run: StepRun) -> _Outcome:
         """One execution of a step's forward (retries included), as an outcome."""
