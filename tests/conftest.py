@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -28,8 +29,43 @@ def dev_server(qwit_dev_server: DevServer) -> DevServer:
 
 
 @pytest.fixture(scope="session")
-def temporal_client(qwit_temporal_client: temporalio.client.Client) -> temporalio.client.Client:
-    return qwit_temporal_client
+async def temporal_client(
+    qwit_temporal_client: temporalio.client.Client,
+) -> AsyncIterator[temporalio.client.Client]:
+    """The session's client; when the session ends, every flow that ran on its
+    dev server must replay without a nondeterminism error."""
+    yield qwit_temporal_client
+    await replay_session(qwit_temporal_client)
+
+
+async def replay_session(client: temporalio.client.Client) -> None:
+    """Replay every ended QWIT flow of the session's dev server; fail on any error."""
+    from temporalio.client import WorkflowHistory
+    from temporalio.worker import Replayer
+
+    from qwit.temporal import EncryptionCodec, QwitPlugin
+    from tests.test_encryption import KEY_A, KEY_B
+    from tests.test_tls import ENCRYPTION_KEY
+
+    executions = client.list_workflows('WorkflowType="qwit.Flow" AND ExecutionStatus != "Running"')
+    histories = [history async for history in executions.map_histories()]
+    if not histories:
+        return
+
+    async def each() -> AsyncIterator[WorkflowHistory]:
+        for history in histories:
+            yield history
+
+    # The encryption tests' flows are encrypted; unencrypted payloads decode as is.
+    codec = EncryptionCodec(
+        {"a": KEY_A, "b": KEY_B, "code": KEY_A, "k1": base64.b64decode(ENCRYPTION_KEY)}
+    )
+    replayer = Replayer(workflows=[], plugins=[QwitPlugin(encryption=codec)])
+    results = await replayer.replay_workflows(each(), raise_on_replay_failure=False)
+    ids = {h.run_id: h.workflow_id for h in histories}
+    failures = {ids.get(run, run): repr(err) for run, err in results.replay_failures.items()}
+    print(f"\nreplayed {len(histories)} histories of the session: {len(failures)} failures")
+    assert failures == {}, failures
 
 
 @pytest.fixture
@@ -38,8 +74,12 @@ def task_queue() -> str:
 
 
 @pytest.fixture
-async def client(temporal_client: temporalio.client.Client, task_queue: str) -> qwit.Client:
-    return await qwit.connect(temporal_client=temporal_client, task_queue=task_queue)
+async def client(
+    temporal_client: temporalio.client.Client, task_queue: str
+) -> AsyncIterator[qwit.Client]:
+    client = await qwit.connect(temporal_client=temporal_client, task_queue=task_queue)
+    yield client
+    await client.close()
 
 
 @pytest.fixture
