@@ -8,7 +8,9 @@ the crash suite compare real runs with it.
 several kinds (before or after their effect, or timing out), operator
 decisions on WAIT (RETRY with or without a fix, SKIP, SKIPBACK, ROLLBACK,
 ABORT) on steps and sub-flows, and a cancel after a given effect or at a
-given wait. It names each effect by its execution: (effect id, epoch), the
+given wait. An operator RETRY of a step first undoes the failed execution's
+effect, if it applied one (the retry is a new execution, under a new key).
+It names each effect by its execution: (effect id, epoch), the
 epoch being the number of the operator RETRY whose args the step saw (0
 before any). Its rules are the contract's (sections 4 and 5), written here
 from scratch.
@@ -343,6 +345,9 @@ def predict(root: FlowSpec, cancel: Cancel | None = None) -> Prediction:
                         undo([*done, failed])
                         raise _Cancelled()
                     if reaction in ("retry", "retry_fix"):
+                        # the failed execution's effect goes first: the retry
+                        # is a new execution, under a new key
+                        undo([failed])
                         epoch = waits[-1].args["epoch"]
                         fixes = fixes | {
                             k.removeprefix("fix_") for k in waits[-1].args if k.startswith("fix_")
@@ -368,14 +373,6 @@ def predict(root: FlowSpec, cancel: Cancel | None = None) -> Prediction:
     return Prediction(outcome, log, waits, ok_runs)
 
 
-def retryable(spec: StepSpec | FlowSpec) -> bool:
-    """Whether an operator RETRY fits a failure of ``spec``: a sub-flow (it
-    undid itself), or a step whose failed execution left no effect."""
-    if isinstance(spec, FlowSpec):
-        return True
-    return spec.kind == "before" or (spec.kind == "timeout" and spec.late == "drop")
-
-
 def random_scenario(
     rng: Any, max_steps: int = 8, max_depth: int = 3, timeouts: bool = True
 ) -> FlowSpec:
@@ -386,9 +383,9 @@ def random_scenario(
     counter = iter(range(1, 10_000))
     budget = [rng.randint(1, max_steps)]
 
-    def decisions(spec: StepSpec | FlowSpec) -> list[str]:
-        final = [d for d in DECISIONS if d != "retry" and (retryable(spec) or "retry" not in d)]
-        first = rng.choice(final + (["retry", "retry", "retry_fix"] if retryable(spec) else []))
+    def decisions() -> list[str]:
+        final = [d for d in DECISIONS if d != "retry"]
+        first = rng.choice([*final, "retry", "retry", "retry_fix"])
         return [first, rng.choice(final)] if first == "retry" else [first]
 
     def build(depth: int) -> FlowSpec:
@@ -400,7 +397,7 @@ def random_scenario(
                 sub = build(depth + 1)
                 if sub.children:
                     if sub.reaction == qwit.WAIT:
-                        sub.decisions = decisions(sub)
+                        sub.decisions = decisions()
                     flow.children.append(sub)
             else:
                 budget[0] -= 1
@@ -420,7 +417,7 @@ def random_scenario(
         spec.fails = True
         spec.reaction = rng.choice([qwit.WAIT] * 4 + REACTIONS)
         if spec.reaction == qwit.WAIT:
-            spec.decisions = decisions(spec)
+            spec.decisions = decisions()
 
     for _ in range(rng.choice([0, 1, 1, 1, 2, 2])):
         fail(rng.choice(steps), rng.choice(["before", "after"]))

@@ -406,6 +406,21 @@ def _examples() -> list[Scenario]:
             ),
             Cancel(hold=("s3", 2)),
         ),
+        # a step that failed after its effect, run again twice by the operator
+        Scenario(
+            F(
+                [
+                    S(
+                        "s1",
+                        mode="after",
+                        reaction=wait,
+                        decisions=["retry", "retry_fix"],
+                        sync=True,
+                    ),
+                    S("s2", mode="before"),
+                ]
+            )
+        ),
         # timeouts: async, applied late, then rolled back; plain, first attempt only
         Scenario(
             F(
