@@ -366,16 +366,18 @@ class TemporalFlowHandle(FlowHandle):
             history_event_filter_type=HistoryEventFilterType.HISTORY_EVENT_FILTER_TYPE_CLOSE_EVENT,
             skip_archival=True,
         )
-        # Long polls until the close event comes; each holds one of the client's slots.
+        # Long polls until the close event comes; each holds one of the
+        # client's slots, and keeps it while it backs off after a failure, so
+        # that a refusal does not let the next wait in to be refused at once.
         while True:
-            try:
-                async with engine.result_poll() as deadline:
+            async with engine.result_poll() as deadline:
+                try:
                     response = await client.workflow_service.get_workflow_execution_history(
                         request, retry=False, timeout=timedelta(seconds=deadline)
                     )
-            except RPCError as err:
-                await patience.after(err)
-                continue
+                except RPCError as err:
+                    await patience.after(err)
+                    continue
             patience.succeeded()
             if response.history.events or not response.next_page_token:
                 break
@@ -383,16 +385,17 @@ class TemporalFlowHandle(FlowHandle):
         # It has ended: the SDK reads and decodes the outcome, at once.
         handle = client.get_workflow_handle(self.id, run_id=self.run_id)
         while True:
-            try:
-                async with engine.result_poll() as deadline:
+            async with engine.result_poll() as deadline:
+                try:
                     result: dict[str, Any] = await handle.result(
                         rpc_timeout=timedelta(seconds=deadline)
                     )
-                return result
-            except WorkflowFailureError as err:
-                raise _flow_failed(self.id, err) from None
-            except RPCError as err:
-                await patience.after(err)
+                except WorkflowFailureError as err:
+                    raise _flow_failed(self.id, err) from None
+                except RPCError as err:
+                    await patience.after(err)
+                    continue
+            return result
 
     async def cancel(self) -> None:
         client = await self._engine.temporal_client()
