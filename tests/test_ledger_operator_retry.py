@@ -6,9 +6,10 @@ applies its effect again: the failed execution's effect is a second one. The
 saga promise still holds for it: when the flow rolls back, every effect is
 undone once; when it completes, the step's effect is there once, not twice.
 
-Both tests fail with the library as it is: ``Interpreter._forward`` (qwit/_saga.py)
-answers RETRY by running the step again under the next key and keeps only
-that key for its undo, so the failed execution's effect is never undone.
+These tests found that ``Interpreter._forward`` (qwit/_saga.py) answered RETRY
+by running the step again under the next key and kept only that key for its
+undo, so the failed execution's effect was never undone; the library now
+undoes the failed execution first (``_undo_before_retry``).
 """
 
 from __future__ import annotations
