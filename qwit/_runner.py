@@ -193,12 +193,21 @@ class _Deadline:
                 # while) for it to stop, so nothing else of it runs beside
                 # what comes next.
                 await asyncio.wait({future}, timeout=self.grace)
+                # Its own ending (a result, or the error it stopped with) is
+                # superseded by the timeout: read it, now or when it comes, so
+                # asyncio does not log it as never retrieved.
+                future.add_done_callback(_read)
                 raise self.error()
             return future.result()
         except asyncio.CancelledError:
             with contextlib.suppress(BaseException):
                 await future
             raise
+
+
+def _read(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _cancelling(task: asyncio.Task[Any]) -> int:
