@@ -498,8 +498,12 @@ class TemporalEngine(Engine):
 
     @contextlib.asynccontextmanager
     async def result_poll(self) -> AsyncIterator[float]:
-        """Hold one of the client's ``result_polls`` slots; yields the seconds
-        the poll may last (shorter while other waits queue for a slot)."""
+        """Hold one of the client's ``result_polls`` slots for one long poll.
+
+        Yields:
+            The seconds the poll may last: shorter while other waits queue
+            for a slot, so that each gets its turn.
+        """
         if self._polls is None:
             self._polls = asyncio.Semaphore(self.result_polls)
         self._queued += 1
