@@ -44,6 +44,7 @@ async def replay_session(client: temporalio.client.Client) -> None:
     from temporalio.worker import Replayer
 
     from qwit.temporal import EncryptionCodec, QwitPlugin
+    from tests import test_cli_encryption as cli
     from tests.test_encryption import KEY_A, KEY_B
     from tests.test_tls import ENCRYPTION_KEY
 
@@ -58,7 +59,13 @@ async def replay_session(client: temporalio.client.Client) -> None:
 
     # The encryption tests' flows are encrypted; unencrypted payloads decode as is.
     codec = EncryptionCodec(
-        {"a": KEY_A, "b": KEY_B, "code": KEY_A, "k1": base64.b64decode(ENCRYPTION_KEY)}
+        {
+            "a": KEY_A,
+            "b": KEY_B,
+            "code": KEY_A,
+            "k1": base64.b64decode(ENCRYPTION_KEY),
+            "cli-a": base64.b64decode(cli.KEY_A),
+        }
     )
     replayer = Replayer(workflows=[], plugins=[QwitPlugin(encryption=codec)])
     results = await replayer.replay_workflows(each(), raise_on_replay_failure=False)

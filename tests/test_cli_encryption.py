@@ -28,7 +28,7 @@ from tests.secure_flows import Complete, RollBack, WaitThenFinish
 
 KEY_A = new_encryption_key()
 KEY_B = new_encryption_key()
-ROTATED = {"QWIT_ENCRYPTION_KEYS": f"b:{KEY_B}"}  # a's flows are from before the rotation
+ROTATED = {"QWIT_ENCRYPTION_KEYS": f"cli-b:{KEY_B}"}  # cli-a's flows are from before it
 NO_KEYS: dict[str, str] = {}
 
 
@@ -37,7 +37,7 @@ async def encrypted(dev_server: DevServer, task_queue: str) -> Any:
     """A client and a worker of key ``a`` on the test's task queue."""
     temporal = await connect_temporal(
         target_host=dev_server.address,
-        plugins=[QwitPlugin(encryption=EncryptionCodec({"a": base64.b64decode(KEY_A)}))],
+        plugins=[QwitPlugin(encryption=EncryptionCodec({"cli-a": base64.b64decode(KEY_A)}))],
     )
     client = qwit.Client(temporal_client=temporal, task_queue=task_queue)
     async with create_worker(temporal, secure_flows, task_queue=task_queue) as worker:
@@ -87,8 +87,8 @@ async def test_list_shows_undecryptable_flows_and_status_names_the_key(
     row = await listed(dev_server, failed.id, "secure.roll_back", **env)
     assert row["flow"] == "secure.roll_back"
     assert row["status"] == "failed"  # Temporal's word: QWIT's can't be read
-    assert row["note"].startswith("undecryptable: encrypted with key id 'a'"), row
-    lacking = "this process has only 'b'" if env else "no keys are set here"
+    assert row["note"].startswith("undecryptable: encrypted with key id 'cli-a'"), row
+    lacking = "this process has only 'cli-b'" if env else "no keys are set here"
     assert lacking in row["note"]
     # the others are listed as usual
     assert (await listed(dev_server, done.id, "secure.complete", **env))["note"] == ""
@@ -100,14 +100,15 @@ async def test_list_shows_undecryptable_flows_and_status_names_the_key(
     for flow_id in (failed.id, done.id):
         status = await cli(dev_server, "status", flow_id, **env)
         assert status.code == 1
-        assert f"can't read flow '{flow_id}': encrypted with key id 'a', which this process " in (
-            status.err
+        assert (
+            f"can't read flow '{flow_id}': encrypted with key id 'cli-a', which this process "
+            in (status.err)
         )
         assert lacking in status.err
         assert "worker" not in status.err and "Traceback" not in status.err
 
     # with the key, all is readable again
-    both = {"QWIT_ENCRYPTION_KEYS": f"b:{KEY_B},a:{KEY_A}"}
+    both = {"QWIT_ENCRYPTION_KEYS": f"cli-b:{KEY_B},cli-a:{KEY_A}"}
     assert (await listed(dev_server, failed.id, "secure.roll_back", **both))["status"] == (
         "rolled_back"
     )
@@ -128,8 +129,8 @@ async def test_status_of_a_running_flow_whose_state_comes_encrypted(
         # the worker answers, with a state encrypted under a key this process lacks
         status = await cli(dev_server, "status", handle.id, **ROTATED)
         assert status.code == 1
-        assert f"can't read flow '{handle.id}': encrypted with key id 'a'" in status.err
-        assert "this process has only 'b'" in status.err
+        assert f"can't read flow '{handle.id}': encrypted with key id 'cli-a'" in status.err
+        assert "this process has only 'cli-b'" in status.err
         assert "Traceback" not in status.err
     finally:
         await handle.cancel()

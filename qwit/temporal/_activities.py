@@ -57,16 +57,25 @@ def _application_error(info: ErrorInfo) -> ApplicationError:
     )
 
 
+#: Frames of a step's traceback that travel with its failure (the innermost).
+MAX_FRAMES = 40
+
+
 def _traceable(exc: BaseException | None) -> BaseException | None:
-    """``exc`` if Temporal can carry it as a failure's cause (its message can
-    be read), so the step's own frames reach the history and the log."""
+    """A stand-in for ``exc`` that Temporal can carry as a failure's cause: its
+    class's qualified name, its message (bounded) and its innermost frames, so
+    the step's own frames reach the history and the log, and no message or
+    recursion makes the failure too big to send."""
     if exc is None:
         return None
-    try:
-        str(exc)
-    except Exception:
-        return None
-    return exc
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb)
+        tb = tb.tb_next
+    info = error_info(exc, with_traceback=False)
+    cause = ApplicationError(info.message, type=info.type, non_retryable=not info.retryable)
+    return cause.with_traceback(frames[max(len(frames) - MAX_FRAMES, 0)] if frames else None)
 
 
 def _failed(failure: StepFailure, call: StepCall) -> ApplicationError:
