@@ -24,8 +24,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from temporalio.service import RPCError, RPCStatusCode
-
 import qwit
 from qwit.temporal import DevServer, connect_temporal, free_port
 from tests.reliability.crash import KIND, Worker, check_flow
@@ -51,19 +49,19 @@ class RestartReport:
         return self.lost == 0 and not self.mismatches
 
 
-async def _outcome(handle: qwit.FlowHandle, deadline: float) -> str:
-    """The flow's end, asking again while the server is unreachable."""
+async def _outcome(handle: qwit.FlowHandle, deadline: float, ended: dict[str, float]) -> str:
+    """The flow's end, asking again while the server is unreachable; notes when
+    it was reported in ``ended``."""
     while True:
         try:
             await asyncio.wait_for(handle.result(), max(1.0, deadline - time.monotonic()))
+            ended[handle.id] = time.monotonic()
             return "completed"
         except qwit.FlowFailed as failed:
+            ended[handle.id] = time.monotonic()
             return KIND[type(failed)]
-        except RPCError as err:
-            # a server that lost the flow says so: no need to wait for it
-            if err.status == RPCStatusCode.NOT_FOUND or time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.5)
+        except qwit.FlowNotFound:
+            raise  # a server that lost the flow says so: no need to wait for it
         except Exception:
             if time.monotonic() > deadline:
                 raise
@@ -87,11 +85,10 @@ async def run_restarts(
         return DevServer(port=port, db_filename=db_file)
 
     specs: list[tuple[FlowSpec, dict[str, Any]]] = []
-    for _ in range(flows):
+    for i in range(flows):
         spec = random_flow(rng, max_steps=5)
-        specs.append(
-            (spec, {"db": ledger, "delay": rng.choice([0.05, 0.2, 0.4]), **fail_args(spec)})
-        )
+        args = {"db": ledger, "run": f"rs-{seed}-{i}", "delay": rng.choice([0.05, 0.2, 0.4])}
+        specs.append((spec, {**args, **fail_args(spec)}))
     signals = [signal.SIGTERM] * 3 + [signal.SIGKILL] * 3
     rng.shuffle(signals)
     queue = f"restarts-{uuid.uuid4().hex[:8]}"
@@ -128,8 +125,10 @@ async def run_restarts(
         await starting
         report.acknowledged = len(started)
         deadline = time.monotonic() + 180
+        ended: dict[str, float] = {}
         results = await asyncio.gather(
-            *(_outcome(handle, deadline) for _, handle in started), return_exceptions=True
+            *(_outcome(handle, deadline, ended) for _, handle in started),
+            return_exceptions=True,
         )
         db = connect(ledger)
         try:
@@ -138,9 +137,11 @@ async def run_restarts(
                     report.lost += 1
                     continue
                 report.outcomes[result] = report.outcomes.get(result, 0) + 1
-                _, _, mismatch = check_flow(db, specs[i][0], handle.id, result)
-                if mismatch:
-                    report.mismatches.append(f"flow {i}: {mismatch}")
+                spec, args = specs[i]
+                _, found = check_flow(
+                    db, spec, args["run"], result, ended.get(handle.id), worker.died
+                )
+                report.mismatches.extend(f"flow {i}: {problem}" for problem in found)
         finally:
             db.close()
     finally:
