@@ -17,6 +17,7 @@ import uuid
 from collections import defaultdict
 from typing import Any
 
+import pydantic
 import pytest
 import temporalio.client
 
@@ -660,3 +661,76 @@ async def test_a_step_that_mutates_its_args_changes_nothing_outside_it(
         assert result["items"] == ["a"]
         assert result["read"] == [["a"], {"x": 1}, {"list": [1]}]
         assert result["made"] == {"list": [1]}
+
+
+# -- QWIT's own failures are classes an on_failure mapping can name ----------------
+
+
+class BadOutput(qwit.Step, name="edges.bad_output"):
+    retry = qwit.Retry(max_attempts=1)
+
+    async def step_forward(self, args: dict[str, Any]) -> Any:
+        return {"when": object()}  # not JSON: qwit.ArgumentsError
+
+
+class TypedArgs(pydantic.BaseModel):
+    cents: int
+
+
+class NeedsCents(qwit.Step, name="edges.needs_cents"):
+    async def step_forward(self, args: TypedArgs) -> None:
+        return None
+
+
+class Slow(qwit.Step, name="edges.slow"):
+    timeout = 0.5
+    timeout_grace = 1
+    retry = qwit.Retry(max_attempts=1)
+
+    async def step_forward(self, args: dict[str, Any]) -> None:
+        await asyncio.sleep(10)
+
+
+def _mapped(step: type[qwit.Step], key: Any) -> type[qwit.Flow]:
+    class Mapped(qwit.Flow, name=f"edges.mapped.{step.name}.{getattr(key, '__name__', key)}"):
+        def build_flow(self) -> None:
+            self.step(Pay, {"eid": "A"})
+            self.step(step, on_failure={key: qwit.SKIP})
+
+    return Mapped
+
+
+@pytest.mark.parametrize(
+    ("step", "key"),
+    [
+        (BadOutput, qwit.ArgumentsError),
+        (BadOutput, qwit.QwitError),
+        (NeedsCents, qwit.ArgumentsError),
+        (Slow, TimeoutError),
+        (Slow, OSError),
+    ],
+)
+async def test_every_failure_qwit_raises_is_matched_by_its_class(
+    engine_env: EngineEnv, step: Any, key: Any
+):
+    flow = _mapped(step, key)
+    run = new_run()
+    async with engine_env.serve(flow):
+        kind, _ = await ended(await engine_env.client.start(flow, {"run": run}))
+    assert kind == "completed"
+    assert PROVIDERS[run].standing() == ["A"]
+
+
+@pytest.mark.parametrize("key", [qwit.StepNotRegistered, qwit.QwitError])
+async def test_an_unserved_step_is_matched_by_its_class(
+    temporal_client: Any, worker: Any, task_queue: str, key: Any
+):
+    client = await qwit.connect(
+        temporal_client=temporal_client, task_queue=task_queue, unserved_step_timeout=0.5
+    )
+    flow = _mapped(Slow, key)
+    run = new_run()
+    async with worker(Pay):  # no worker serves edges.slow
+        kind, _ = await ended(await client.start(flow, {"run": run}))
+    assert kind == "completed"
+    assert PROVIDERS[run].standing() == ["A"]

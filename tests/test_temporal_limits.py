@@ -250,3 +250,19 @@ async def test_a_megabyte_error_message_on_the_default_limit(client, worker):
             await asyncio.wait_for(handle.result(), 30)
     assert len(info.value.reason) < 5000
     ledger.assert_fully_undone(run)
+
+
+class SkipsTooLarge(qwit.Flow, name="limits.skips_too_large"):
+    def build_flow(self) -> None:
+        self.step(Before)
+        self.step(NoUndoBlob, {"eid": "n1", "size": LIMIT // 2})
+        self.step(NoUndoBlob, {"eid": "n2", "size": LIMIT // 2}, on_failure={
+            qwit.PayloadTooLarge: qwit.SKIP
+        })  # fmt: skip
+
+
+async def test_payload_too_large_is_matched_by_its_class(small):
+    run = uuid.uuid4().hex
+    async with small.worker(SkipsTooLarge):
+        result = await small.client.run(SkipsTooLarge, {"ledger": run})
+    assert "blob_n1" in result and "blob_n2" not in result
