@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from . import temporal
@@ -12,7 +13,12 @@ from ._errors import ArgumentsError, FlowDefinitionError
 from ._flow import Flow, compile_flow
 from ._jsonargs import NotJSON, as_args
 from ._plan import SUBFLOW_MARK, FlowInput, FlowNode, walk
-from .temporal._config import DEFAULT_TASK_QUEUE, TASK_QUEUE_ENV, default_task_queue
+from .temporal._config import (
+    DEFAULT_TASK_QUEUE,
+    TASK_QUEUE_ENV,
+    TemporalSettings,
+    default_task_queue,
+)
 
 if TYPE_CHECKING:
     import temporalio.client
@@ -57,32 +63,52 @@ class Client:
         backend: When set, the engine of every flow this client starts,
             whatever its Flow names (tests run production flows on
             ``qwit.local`` this way).
-        task_queue: The Temporal task queue flows are started on.
         unserved_step_timeout: Seconds a step that the worker which took it
             does not serve is offered to the task queue again, so that another
             worker may run it (during a rolling deploy, or with workers that
             serve different modules), before the step fails with
             ``StepNotRegistered``. Default ``$QWIT_UNSERVED_STEP_TIMEOUT`` or
             60. Fixed in each flow's plan when it starts.
-        temporal_options: Keyword arguments for ``temporalio.client.Client.connect``
-            that override Temporal's environment config.
+
+    Each engine's own settings (for Temporal: the task queue, the connection)
+    are an object of that engine's, passed in ``settings`` and handed to the
+    engine alone; ``task_queue``, ``temporal_client`` and ``temporal_options``
+    are a shorthand for ``qwit.temporal.TemporalSettings``.
     """
 
     def __init__(
         self,
         *,
+        backend: Backend | None = None,
+        unserved_step_timeout: float | None = None,
+        settings: Iterable[Any] = (),
         task_queue: str | None = None,
         temporal_client: temporalio.client.Client | None = None,
         temporal_options: dict[str, Any] | None = None,
-        backend: Backend | None = None,
-        unserved_step_timeout: float | None = None,
     ) -> None:
-        self.task_queue = task_queue or default_task_queue()
         self.unserved_step_timeout = _unserved_step_timeout(unserved_step_timeout)
         self.backend = backend
-        self.temporal_options = dict(temporal_options or {})
-        self.given_temporal_client = temporal_client
+        self._settings: dict[str, Any] = {
+            "temporal": TemporalSettings(
+                task_queue=task_queue or default_task_queue(),
+                temporal_client=temporal_client,
+                connect_options=dict(temporal_options or {}),
+            )
+        }
+        for each in settings:
+            self._settings[each.backend] = each
         self._engines: dict[str, Engine] = {}
+
+    def settings(self, backend: str) -> Any:
+        """The settings this client holds for the engine named ``backend``
+        (None if it holds none): what that engine is created with."""
+        return self._settings.get(backend)
+
+    @property
+    def task_queue(self) -> str:
+        """The Temporal task queue flows are started on (``TemporalSettings``)."""
+        task_queue: str = self._settings["temporal"].task_queue
+        return task_queue
 
     def engine(self, backend: Backend | None = None) -> Engine:
         """The engine for ``backend`` (default: Temporal), created on first use."""
@@ -175,6 +201,8 @@ async def connect(
     temporal_client: temporalio.client.Client | None = None,
     backend: Backend | None = None,
     unserved_step_timeout: float | None = None,
+    result_polls: int | None = None,
+    unavailable_timeout: float | None = None,
     **temporal_options: Any,
 ) -> Client:
     """A client for starting and steering flows.
@@ -194,15 +222,24 @@ async def connect(
             (e.g. ``qwit.local`` in unit tests).
         unserved_step_timeout: Seconds a step no worker serves is offered
             again before it fails (default ``$QWIT_UNSERVED_STEP_TIMEOUT`` or 60).
+        result_polls: Long polls for flows' ends this client holds at once
+            on Temporal (default ``$QWIT_RESULT_POLLS`` or 100).
+        unavailable_timeout: Seconds ``result()`` waits for a Temporal that
+            does not answer (default ``$QWIT_UNAVAILABLE_TIMEOUT`` or 300).
         **temporal_options: Overrides for ``temporalio.client.Client.connect``,
             e.g. ``target_host="temporal:7233"``, ``namespace="orders"``.
     """
-    return Client(
-        task_queue=task_queue,
+    temporal_settings = TemporalSettings(
+        task_queue=task_queue or default_task_queue(),
         temporal_client=temporal_client,
-        temporal_options=temporal_options,
+        connect_options=temporal_options,
+        result_polls=result_polls,
+        unavailable_timeout=unavailable_timeout,
+    )
+    return Client(
         backend=backend,
         unserved_step_timeout=unserved_step_timeout,
+        settings=[temporal_settings],
     )
 
 

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from qwit._cli import cli
 from qwit._cli._connect import Lock, address_configured, data_dir
-from qwit.temporal import free_port
+from qwit.temporal._devserver import free_port
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from qwit._cli import cli
 from qwit._cli._connect import port_free
-from qwit.temporal import free_port
+from qwit.temporal._devserver import free_port
 from tests.clirun import finish, qwit, read_until, start
 
 

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 import qwit
-from qwit.temporal import DevServer, connect_temporal, create_worker, free_port
+from qwit.temporal import DevServer, connect_temporal, create_worker
+from qwit.temporal._devserver import free_port
 from tests.clirun import qwit as run_qwit
 
 #: Seconds the server stays down: longer than the SDK's own retries of a call

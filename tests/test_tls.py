@@ -270,7 +270,7 @@ def test_a_missing_ca_file_is_named(temporal_env: pytest.MonkeyPatch, tmp_path: 
 
 
 async def test_nothing_listening(temporal_env: pytest.MonkeyPatch):
-    from qwit.temporal import free_port
+    from qwit.temporal._devserver import free_port
 
     address = f"127.0.0.1:{free_port()}"
     set_env(temporal_env, {"TEMPORAL_ADDRESS": address})

@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ._activities import activity_name
+from ._config import TASK_QUEUE_ENV, TemporalSettings, default_task_queue
 from ._connection import TemporalConnectionError, is_transient, is_unavailable
-from ._devserver import DevServer, find_temporal_cli, free_port
+from ._devserver import DevServer, find_temporal_cli
 from ._encryption import (
     ENCODING,
     ENCRYPTION_KEY_FILE_ENV,
@@ -54,6 +55,7 @@ __all__ = [
     "QWIT_FLOW",
     "QWIT_STATUS",
     "RESULT_POLLS_ENV",
+    "TASK_QUEUE_ENV",
     "UNAVAILABLE_TIMEOUT_ENV",
     "WORKFLOW_NAME",
     "DevServer",
@@ -64,13 +66,14 @@ __all__ = [
     "TemporalConnectionError",
     "TemporalEngine",
     "TemporalFlowHandle",
+    "TemporalSettings",
     "activity_name",
     "connect_config",
     "connect_temporal",
     "create_engine",
     "create_worker",
+    "default_task_queue",
     "find_temporal_cli",
-    "free_port",
     "is_transient",
     "is_unavailable",
     "name",

@@ -54,6 +54,7 @@ from .._plan import PAYLOAD_MARGIN, FlowInput, FlowNode
 from .._saga import Decision
 from .._state import FlowState
 from ._activities import DEFAULT_PAYLOAD_LIMIT
+from ._config import TemporalSettings
 from ._connection import (
     TemporalConnectionError,
     config_error,
@@ -476,7 +477,14 @@ class TemporalEngine(Engine):
         unavailable_timeout: float | None = None,
     ) -> None:
         self.client = client
-        self._temporal: temporalio.client.Client | None = client.given_temporal_client
+        settings = client.settings(self.name)
+        self.settings: TemporalSettings = (
+            settings if isinstance(settings, TemporalSettings) else TemporalSettings()
+        )
+        result_polls = self.settings.result_polls if result_polls is None else result_polls
+        if unavailable_timeout is None:
+            unavailable_timeout = self.settings.unavailable_timeout
+        self._temporal: temporalio.client.Client | None = self.settings.temporal_client
         self._lock = asyncio.Lock()
         self._namespace: _Namespace | None = None
         self.result_polls = int(
@@ -536,7 +544,7 @@ class TemporalEngine(Engine):
         if self._temporal is None:
             async with self._lock:
                 if self._temporal is None:
-                    self._temporal = await connect_temporal(**self.client.temporal_options)
+                    self._temporal = await connect_temporal(**self.settings.connect_options)
         return self._temporal
 
     async def namespace(self) -> _Namespace:
@@ -586,7 +594,7 @@ class TemporalEngine(Engine):
                 WORKFLOW_NAME,
                 input,
                 id=input.root_id,
-                task_queue=self.client.task_queue,
+                task_queue=self.settings.task_queue,
                 static_summary=input.flow.name,
                 search_attributes=search_attributes(input.flow.name) if publish else None,
             )

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import qwit
-from qwit.temporal import DevServer, connect_temporal, free_port
+from qwit.temporal import DevServer, connect_temporal
+from qwit.temporal._devserver import free_port
 from tests.reliability.crash import KIND, Worker, check_flow
 from tests.reliability.crash_flows import CrashStep, connect
 from tests.saga_model import FlowSpec, fail_args, flow_class, random_flow
