@@ -17,7 +17,7 @@ import click
 from .._errors import FlowDefinitionError
 from .._flow import compile_flow
 from .._options import FailurePolicy, Reaction
-from .._plan import FlowNode, StepNode, child_path
+from .._plan import FlowNode, StepNode, walk
 from ._common import resolve_flow
 
 #: Fill colours of steps by failure reaction, for both formats.
@@ -64,13 +64,29 @@ def _box(node: StepNode, path: str) -> Box:
     return Box(_node_id(path), path, tuple(lines), node.has_back, reaction)
 
 
-def _boxes(flow: FlowNode, parent: str = "") -> Iterator[Box]:
-    for i, node in enumerate(flow.steps):
-        path = child_path(parent, i)
-        if isinstance(node, FlowNode):
-            yield from _boxes(node, path)
-        else:
+def _boxes(flow: FlowNode) -> Iterator[Box]:
+    for path, node, _ in walk(flow):
+        if isinstance(node, StepNode):
             yield _box(node, path)
+
+
+def _indent(depth: int) -> str:
+    return "    " * (depth + 1)
+
+
+def _outline(flow: FlowNode) -> Iterator[tuple[str, StepNode | FlowNode | None, int]]:
+    """The plan's nodes as ``walk`` gives them, each sub-flow followed, after
+    its last node, by ``(its path, None, its depth)``: where it closes."""
+    opened: list[tuple[str, int]] = []
+    for path, node, depth in walk(flow):
+        while opened and opened[-1][1] >= depth:
+            sub_path, sub_depth = opened.pop()
+            yield sub_path, None, sub_depth
+        yield path, node, depth
+        if isinstance(node, FlowNode):
+            opened.append((path, depth))
+    for sub_path, sub_depth in reversed(opened):
+        yield sub_path, None, sub_depth
 
 
 def _subflow_title(node: FlowNode, path: str) -> str:
@@ -93,23 +109,19 @@ def mermaid(flow: FlowNode) -> str:
     """The plan as a Mermaid flowchart."""
     out = ["flowchart TD", f'    start(["{_mermaid_text(flow.name)}"])']
     classes: dict[Reaction, list[str]] = {}
-
-    def body(node: FlowNode, parent: str, indent: str) -> None:
-        for i, step in enumerate(node.steps):
-            path = child_path(parent, i)
-            if isinstance(step, FlowNode):
-                title = _mermaid_text(_subflow_title(step, path))
-                out.append(f'{indent}subgraph f{_node_id(path)[1:]}["{title}"]')
-                body(step, path, indent + "    ")
-                out.append(f"{indent}end")
-            else:
-                box = _box(step, path)
-                label = "<br/>".join(_mermaid_text(line) for line in box.lines)
-                out.append(f'{indent}{box.id}["{label}"]')
-                if box.reaction != Reaction.ROLLBACK:
-                    classes.setdefault(box.reaction, []).append(box.id)
-
-    body(flow, "", "    ")
+    for path, step, depth in _outline(flow):
+        indent = _indent(depth)
+        if step is None:
+            out.append(f"{indent}end")
+        elif isinstance(step, FlowNode):
+            title = _mermaid_text(_subflow_title(step, path))
+            out.append(f'{indent}subgraph f{_node_id(path)[1:]}["{title}"]')
+        else:
+            box = _box(step, path)
+            label = "<br/>".join(_mermaid_text(line) for line in box.lines)
+            out.append(f'{indent}{box.id}["{label}"]')
+            if box.reaction != Reaction.ROLLBACK:
+                classes.setdefault(box.reaction, []).append(box.id)
     out.append('    done(["completed"])')
     forward, back = _edges(flow)
     out += [f"    {a} --> {b}" for a, b in forward]
@@ -133,25 +145,21 @@ def dot(flow: FlowNode) -> str:
         '    edge [fontname="Helvetica", fontsize=10];',
         f"    start [label={_dot_text(flow.name)}, shape=oval];",
     ]
-
-    def body(node: FlowNode, parent: str, indent: str) -> None:
-        for i, step in enumerate(node.steps):
-            path = child_path(parent, i)
-            if isinstance(step, FlowNode):
-                out.append(f"{indent}subgraph cluster_{_node_id(path)[1:]} {{")
-                out.append(f"{indent}    label={_dot_text(_subflow_title(step, path))};")
-                out.append(f"{indent}    style=rounded;")
-                body(step, path, indent + "    ")
-                out.append(f"{indent}}}")
-            else:
-                box = _box(step, path)
-                attrs = "label=" + _dot_text("\n".join(box.lines)).replace("\n", "\\n")
-                if box.reaction != Reaction.ROLLBACK:
-                    colour = REACTION_COLOURS[box.reaction]
-                    attrs += f', style="rounded,filled", fillcolor="{colour}"'
-                out.append(f"{indent}{box.id} [{attrs}];")
-
-    body(flow, "", "    ")
+    for path, step, depth in _outline(flow):
+        indent = _indent(depth)
+        if step is None:
+            out.append(f"{indent}}}")
+        elif isinstance(step, FlowNode):
+            out.append(f"{indent}subgraph cluster_{_node_id(path)[1:]} {{")
+            out.append(f"{indent}    label={_dot_text(_subflow_title(step, path))};")
+            out.append(f"{indent}    style=rounded;")
+        else:
+            box = _box(step, path)
+            attrs = "label=" + _dot_text("\n".join(box.lines)).replace("\n", "\\n")
+            if box.reaction != Reaction.ROLLBACK:
+                colour = REACTION_COLOURS[box.reaction]
+                attrs += f', style="rounded,filled", fillcolor="{colour}"'
+            out.append(f"{indent}{box.id} [{attrs}];")
     out.append('    done [label="completed", shape=oval];')
     forward, back = _edges(flow)
     out += [f"    {a} -> {b};" for a, b in forward]
