@@ -18,6 +18,7 @@ from typing import IO, Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.text import Text
 
 from .._client import TASK_QUEUE_ENV, default_task_queue
 from .._errors import EngineUnavailable, FlowDefinitionError, FlowNotFound
@@ -53,6 +54,15 @@ def console(*, stderr: bool = True) -> Console:
         out.width = 200
         out.soft_wrap = True
     return out
+
+
+def sayer(err: Console) -> Callable[[str], None]:
+    """``say(text)``: a dim ``qwit: text`` line on ``err``, what qwit itself has to say."""
+
+    def say(text: str) -> None:
+        err.print(Text(f"qwit: {text}", style="dim"))
+
+    return say
 
 
 def symbols_ok(out: Console) -> bool:

@@ -36,7 +36,7 @@ from ..temporal import (
     is_unavailable,
     unreachable,
 )
-from ._common import Failed, connection_options, console, run_async
+from ._common import Failed, connection_options, console, run_async, sayer
 from ._connect import temporal_for
 from ._keys import missing_keys, missing_keys_text, own_key_ids
 from ._render import status_text
@@ -276,11 +276,8 @@ def list_flows(
     then Temporal's.
     """
 
-    def say(text: str) -> None:
-        console().print(f"qwit: {text}", style="dim")
-
     async def go() -> list[Row]:
-        async with temporal_for(address, namespace, say) as client:
+        async with temporal_for(address, namespace, sayer(console())) as client:
             try:
                 return await find_flows(client, limit, status_filter, flow_name)
             except RPCError as exc:

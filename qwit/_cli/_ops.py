@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import click
 import temporalio.client
-from rich.text import Text
+from rich.console import Console
 from temporalio.client import WorkflowExecutionStatus, WorkflowQueryFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -30,11 +30,12 @@ from ._common import (
     console,
     dump_json,
     run_async,
+    sayer,
 )
 from ._connect import temporal_for
 from ._keys import key_ids, missing_keys, missing_keys_text, own_key_ids
 from ._list import list_flows, row_status
-from ._progress import Follower, running_attempts
+from ._progress import Follower
 from ._render import failure_lines, state_view
 
 #: Seconds a state query may take: without a worker on its task queue, none answers.
@@ -53,16 +54,17 @@ WAIT_OPTION = click.option(
 )
 
 
-def _say(text: str) -> None:
-    console().print(Text(f"qwit: {text}", style="dim"))
-
-
 @asynccontextmanager
 async def _handle(
-    address: str | None, namespace: str | None, flow_id: str, *, may_start: bool = True
+    address: str | None,
+    namespace: str | None,
+    flow_id: str,
+    say: Callable[[str], None],
+    *,
+    may_start: bool = True,
 ) -> AsyncIterator[tuple[temporalio.client.Client, FlowHandle]]:
     """The Temporal client and the handle of ``flow_id``, for as long as the block runs."""
-    async with temporal_for(address, namespace, _say, may_start=may_start) as temporal:
+    async with temporal_for(address, namespace, say, may_start=may_start) as temporal:
         yield temporal, Client(temporal_client=temporal).get_handle(flow_id)
 
 
@@ -136,22 +138,31 @@ async def fetch_state(temporal: temporalio.client.Client, handle: FlowHandle) ->
         ) from None
 
 
-async def follow_to_end(
-    temporal: temporalio.client.Client, handle: FlowHandle, state: FlowState
-) -> int:
-    """Follow a flow from ``state`` on; print its result or its story.
-
-    Only what happens after ``state`` is shown: the operator saw the rest.
-    """
-    err = console()
+async def caught_up(
+    err: Console, temporal: temporalio.client.Client, handle: FlowHandle
+) -> tuple[Follower, FlowState]:
+    """A Follower that has seen the flow as it is now (and that state): it
+    will tell only what happens next."""
+    state = await fetch_state(temporal, handle)
     follower = Follower(err)
-    follower.catch_up(state)
+    await follower.catch_up(handle, state)
+    return follower, state
+
+
+async def follow_to_end(
+    err: Console, handle: FlowHandle, follower: Follower, state: FlowState
+) -> int:
+    """Follow a flow to its end with ``follower``; print its result or its story.
+
+    Only what happens after ``state``, which the follower caught up with, is
+    shown: the operator saw the rest.
+    """
 
     async def on_interrupt(count: int) -> None:
         raise Interrupted
 
     try:
-        result = await follower.follow(handle, temporal, on_interrupt=on_interrupt)
+        result = await follower.follow(handle, on_interrupt=on_interrupt)
     except FlowFailed as failed:
         for line in failure_lines(failed, state.flow):
             err.print(line)
@@ -181,13 +192,12 @@ def status(
     """
 
     async def go() -> None:
-        async with _handle(address, namespace, flow_id) as (temporal, handle):
+        async with _handle(address, namespace, flow_id, sayer(console())) as (temporal, handle):
             state = await fetch_state(temporal, handle)
-            if as_json:
-                click.echo(dump_json(state.model_dump(mode="json")))
-                return
-            running = await running_attempts(temporal, state)
-        console(stderr=False).print(state_view(state, running, verbose=verbose))
+        if as_json:
+            click.echo(dump_json(state.model_dump(mode="json")))
+            return
+        console(stderr=False).print(state_view(state, verbose=verbose))
 
     run_async(go())
 
@@ -215,19 +225,26 @@ def react(
     if args and reaction != RETRY.value:
         raise click.UsageError(f"--args goes only with retry, not with {reaction}")
 
+    err = console()
+    say = sayer(err)
+
     async def go() -> int:
-        async with _handle(address, namespace, flow_id, may_start=False) as (temporal, handle):
-            before = await fetch_state(temporal, handle) if wait else None
+        async with _handle(address, namespace, flow_id, say, may_start=False) as (
+            temporal,
+            handle,
+        ):
+            # Caught up before the decision: what it leads to is all shown.
+            following = await caught_up(err, temporal, handle) if wait else None
             try:
                 await handle.react(reaction, args)
             except (ReactionError, FlowNotFound, EngineUnavailable) as exc:
                 raise Failed(str(exc)) from None
             except RPCError as exc:
                 raise _rpc_failure(temporal, exc, flow_id) from None
-            _say(f"flow {flow_id}: {reaction} accepted")
-            if before is None:
+            say(f"flow {flow_id}: {reaction} accepted")
+            if following is None:
                 return 0
-            return await follow_to_end(temporal, handle, before)
+            return await follow_to_end(err, handle, *following)
 
     sys.exit(run_async(go()))
 
@@ -239,8 +256,14 @@ def react(
 def cancel(flow_id: str, wait: bool, address: str | None, namespace: str | None) -> None:
     """Cancel flow FLOW_ID: the step in flight and the completed ones are undone."""
 
+    err = console()
+    say = sayer(err)
+
     async def go() -> int:
-        async with _handle(address, namespace, flow_id, may_start=False) as (temporal, handle):
+        async with _handle(address, namespace, flow_id, say, may_start=False) as (
+            temporal,
+            handle,
+        ):
             try:
                 desc = await temporal.get_workflow_handle(flow_id).describe()
             except RPCError as exc:
@@ -248,17 +271,17 @@ def cancel(flow_id: str, wait: bool, address: str | None, namespace: str | None)
             if desc.status != WorkflowExecutionStatus.RUNNING:
                 ended = row_status(desc.status, desc.typed_search_attributes.get(QWIT_STATUS))
                 raise Failed(f"flow {flow_id!r} has already ended ({ended.replace('_', ' ')})")
-            state = await fetch_state(temporal, handle) if wait else None
+            following = await caught_up(err, temporal, handle) if wait else None
             try:
                 await handle.cancel()
             except (FlowNotFound, EngineUnavailable) as exc:
                 raise Failed(str(exc)) from None
             except RPCError as exc:
                 raise _rpc_failure(temporal, exc, flow_id) from None
-            _say(f"flow {flow_id}: cancel requested, it rolls back")
-            if state is None:
+            say(f"flow {flow_id}: cancel requested, it rolls back")
+            if following is None:
                 return 0
-            return await follow_to_end(temporal, handle, state)
+            return await follow_to_end(err, handle, *following)
 
     sys.exit(run_async(go()))
 

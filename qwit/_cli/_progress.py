@@ -1,32 +1,39 @@
 """Live progress of a flow on stderr.
 
-The flow's state is polled a few times a second; each poll is compared with
-the last one and every change is printed as a line (``▶ started``, ``✓ done``,
-``↩ compensating``...), so the same story reads on a terminal and in a log. A
-poll can miss short-lived statuses; the lines fill them in, forward events
-in plan order, then undo events newest first, as the saga runs them.
+Every flow execution (the root, and each sub-flow: on Temporal a workflow of
+its own) records each transition of its own and of its steps as a numbered
+event. A few times a second the follower reads the events it has not printed
+yet and prints each as a line (``▶ started``, ``✓ done``, ``↩ compensating``...),
+so the same story reads on a terminal and in a log, and nothing that happened
+between two looks is lost.
+
+A sub-flow's events are printed among its parent's, where they happened: its
+run between its entry's ``started`` and ``done`` (or ``failed``), its undo
+between the entry's ``compensating`` and ``compensated``. Events record an
+attempt when it ends; an attempt in flight, the step being retried, is told
+from the flow's state, which reports it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import temporalio.client
 from rich.console import Console
 from rich.live import Live
 from rich.spinner import Spinner
 from rich.text import Text
 
 from .._engine import FlowHandle
-from .._plan import FlowNode, child_path
-from .._state import FlowState, StepState
+from .._plan import FlowNode, walk
+from .._state import FlowEvent, FlowState, StepState
 from ._common import symbols_ok
-from ._render import Row, attempts_note, event_line, rows, wait_lines
+from ._render import Row, attempts_note, error_text, event_line, rows, wait_lines
 
 #: Seconds between two polls of a flow's state.
 POLL_INTERVAL = 0.2
@@ -35,133 +42,59 @@ QUERY_TIMEOUT = 5.0
 #: Seconds without an answer after which the user hears that no worker answers.
 NO_WORKER_HINT_AFTER = 5.0
 
-_FORWARD_RANK = {"pending": 0, "running": 1, "done": 2, "failed": 2, "skipped": 2}
-_BACK_RANK = {"compensating": 3, "compensated": 4, "compensation_failed": 4}
-
-
-def _rank(status: str) -> int:
-    return _FORWARD_RANK.get(status, _BACK_RANK.get(status, 0))
+#: Statuses of a sub-flow's entry before which the sub-flow's whole story is told.
+_AFTER_SUBFLOW = frozenset({"compensated", "compensation_failed", "skipped"})
 
 
 @dataclass(frozen=True)
 class Event:
-    """A step changed status: ``kind`` is the new status, or ``started``/``retrying``."""
+    """A line of progress: ``kind`` is what the step did (``started``,
+    ``retrying``, or the status it went to)."""
 
     kind: str
     row: Row
     detail: str = ""
 
 
-def _implied_finish(step: StepState) -> str:
-    # A step first seen once its undo began: it failed if it still carries an
-    # error (its forward one). A compensation_failed step's error is its
-    # undo's, which says nothing of how its forward run ended.
-    failed = step.error is not None and step.status in ("compensating", "compensated")
-    return "failed" if failed else "done"
+@dataclass
+class _Execution:
+    """One flow execution followed: its last state, and how far its events were read."""
+
+    flow_id: str
+    state: FlowState | None = None
+    seen: int = 0
+    """The ``seq`` of the last event read (0: none)."""
+
+    @property
+    def events(self) -> list[FlowEvent]:
+        return self.state.events if self.state is not None else []
+
+    @property
+    def finished(self) -> bool:
+        """Ended, and every event read: nothing more to fetch."""
+        return self.state is not None and self.state.done and self.seen >= len(self.state.events)
 
 
-def _entry_events(
-    old: str, step: StepState, row: Row, no_back: frozenset[str]
-) -> tuple[list[Event], list[Event]]:
-    """Forward and undo events of one entry going from ``old`` to its status."""
-    new = step.status
-    if new == old:
-        return [], []
-    if old == "failed" and new == "skipped":
-        return [Event("skipped", row)], []
-    before, after = _rank(old), _rank(new)
-    again = ""
-    if after < before or (after == before and before in (2, 4)):
-        # It ran again: an operator's retry of the step, or of its undo.
-        if after <= 2:
-            before, again = 0, "again"
-        else:
-            before = 2
-    forward: list[Event] = []
-    back: list[Event] = []
-    for rank in range(before + 1, after + 1):
-        if rank == 1:
-            forward.append(Event("started", row, again))
-        elif rank == 2:
-            kind = new if after == 2 else _implied_finish(step)
-            detail = step.error.describe() if kind == "failed" and step.error else ""
-            detail = f"{detail} {attempts_note(step)}".strip()
-            # A sub-flow's failure is known once its own steps were undone.
-            (back if kind == "failed" and step.kind == "flow" else forward).append(
-                Event(kind, row, detail)
-            )
-        elif rank == 3:
-            if step.path not in no_back:
-                back.append(Event("compensating", row))
-        else:
-            detail = step.error.describe() if new == "compensation_failed" and step.error else ""
-            if step.path in no_back:
-                detail = "(no step_back: nothing to undo)"
-            back.append(Event(new, row, detail))
-    return forward, back
+def _undo_start(child: _Execution) -> int | None:
+    """The ``seq`` where a sub-flow's undo starts, if its parent started it and
+    it was not read yet: what comes from there is told after the parent's own
+    ``compensating`` of the entry (or its ``failed``, when the parent was
+    cancelled). A sub-flow that failed undoes itself as part of its run."""
+    events = child.events
+    start = next((e for e in events if e.kind == "flow" and e.status == "compensating"), None)
+    if start is None or start.seq <= child.seen:
+        return None
+    last_step = next((e for e in reversed(events[: start.seq - 1]) if e.kind == "step"), None)
+    if last_step is not None and last_step.status == "failed":
+        return None
+    return start.seq
 
 
-def _events(
-    old: dict[str, StepState], steps: list[StepState], depth: int, no_back: frozenset[str]
-) -> tuple[list[Event], list[Event]]:
-    forward: list[Event] = []
-    back: list[Event] = []
-    for step in steps:
-        row = Row(step, depth)
-        before = old.get(step.path)
-        f, b = _entry_events(before.status if before else "pending", step, row, no_back)
-        inner_f, inner_b = _events(old, step.steps, depth + 1, no_back)
-        # An entry starts before its sub-flow's steps and ends after them.
-        starts = [e for e in f if e.kind == "started"]
-        forward += starts + inner_f + [e for e in f if e.kind != "started"]
-        comp = [e for e in b if e.kind == "compensating"]
-        back = comp + inner_b + [e for e in b if e.kind != "compensating"] + back
-    return forward, back
-
-
-def diff(
-    old: FlowState | None, new: FlowState, no_back: frozenset[str] = frozenset()
-) -> list[Event]:
-    """What changed between two polls, in the order the saga did it.
-
-    Args:
-        old: The state at the last poll (None: nothing seen yet).
-        new: The state now.
-        no_back: Paths of steps without a ``step_back``, whose undo is a no-op.
-    """
-    before = {row.step.path: row.step for row in rows(old.steps)} if old else {}
-    forward, back = _events(before, new.steps, 0, no_back)
-    return forward + back
-
-
-async def running_attempts(
-    client: temporalio.client.Client, state: FlowState
-) -> dict[str, tuple[int, str]]:
-    """Steps being retried right now: attempt number and last error, by path.
-
-    The flow's state counts a step's attempts once it ends; Temporal knows
-    the attempt in flight, from the workflow (or sub-flow) that runs it.
-    """
-    found: dict[str, tuple[int, str]] = {}
-
-    async def visit(flow_id: str, steps: list[StepState]) -> None:
-        running = {s.name: s for s in steps if s.status in ("running", "compensating")}
-        if any(s.kind == "step" for s in running.values()):
-            try:
-                desc = await client.get_workflow_handle(flow_id).describe()
-            except Exception:  # best effort: the flow may have just ended
-                return
-            for pending in desc.raw_description.pending_activities:
-                step_name, _, _ = pending.activity_type.name.rpartition(".")
-                step = running.get(step_name)
-                if step is not None and pending.attempt > 1:
-                    found[step.path] = (pending.attempt, pending.last_failure.message)
-        for s in steps:
-            if s.kind == "flow" and s.flow_id and s.status in ("running", "compensating"):
-                await visit(s.flow_id, s.steps)
-
-    await visit(state.flow_id, state.steps)
-    return found
+def _cancel_of(events: list[FlowEvent], event: FlowEvent) -> bool:
+    """Whether ``event`` (a step's ``failed``) is the step in flight failing
+    because the flow was cancelled: then the flow turned ``compensating`` just before."""
+    before = events[event.seq - 2] if event.seq >= 2 else None
+    return before is not None and before.kind == "flow" and before.status == "compensating"
 
 
 @dataclass
@@ -172,18 +105,27 @@ class Follower:
         out: Where the progress goes (stderr).
         react: The command an operator runs to decide a waiting flow.
         no_worker_hint: What to say when no worker answers for a while.
+        width: Width of the step column (the widest label seen or expected).
+        path_width: Width of the path column.
+        no_back: Paths of steps without a ``step_back``, whose undo is a no-op.
     """
 
     out: Console
     react: str = "qwit react"
     no_worker_hint: str = ""
-    last: FlowState | None = None
     width: int = 0
     path_width: int = 1
     no_back: frozenset[str] = frozenset()
     symbols: bool = field(init=False)
+    _root: str = ""
+    _executions: dict[str, _Execution] = field(default_factory=dict)
+    _subflows: dict[str, list[str]] = field(default_factory=dict)
+    """Execution ids of each sub-flow entry, by path, oldest first (an
+    operator's retry of a sub-flow runs a new execution)."""
+    _owner: dict[str, _Execution] = field(default_factory=dict)
+    """The execution each step path belongs to (its latest)."""
     _retries: dict[str, int] = field(default_factory=dict)
-    _waiting_seen: str | None = None
+    _back_base: dict[str, int] = field(default_factory=dict)
     _status: Text = field(default_factory=Text)
 
     def __post_init__(self) -> None:
@@ -192,65 +134,233 @@ class Follower:
     def expect(self, plan: FlowNode) -> None:
         """Size the columns for every step of the plan, and learn which have no undo."""
         no_back = set()
-
-        def walk(node: FlowNode, parent: str, depth: int) -> None:
-            for i, step in enumerate(node.steps):
-                path = child_path(parent, i)
-                suffix = " (sub-flow)" if isinstance(step, FlowNode) else ""
-                self.width = max(self.width, 2 * depth + len(step.name + suffix))
-                self.path_width = max(self.path_width, len(path))
-                if isinstance(step, FlowNode):
-                    walk(step, path, depth + 1)
-                elif not step.has_back:
-                    no_back.add(path)
-
-        walk(plan, "", 0)
+        for path, node, depth in walk(plan):
+            suffix = " (sub-flow)" if isinstance(node, FlowNode) else ""
+            self.width = max(self.width, 2 * depth + len(node.name + suffix))
+            self.path_width = max(self.path_width, len(path))
+            if not isinstance(node, FlowNode) and not node.has_back:
+                no_back.add(path)
         self.no_back = frozenset(no_back)
 
-    def catch_up(self, state: FlowState) -> None:
-        """Take ``state`` as seen, without printing it: show only what comes next."""
+    async def catch_up(self, handle: FlowHandle, state: FlowState) -> None:
+        """Take the flow as it is now as seen, without printing it: show only what comes next.
+
+        Args:
+            handle: The flow.
+            state: Its state (``handle.state()``), just read.
+        """
+        self._root = handle.id
+        # Best effort: a sub-flow not read now is told from its start.
+        with contextlib.suppress(Exception):
+            await self._fetch(handle, handle.id, state)
+        for execution in self._executions.values():
+            execution.seen = len(execution.events)
+        self._widen(state)
+        self._note_back_attempts(state)
+
+    async def poll(self, handle: FlowHandle) -> FlowState:
+        """Read the state of the flow and of each sub-flow with events still to print.
+
+        Returns:
+            The flow's state, sub-flows' steps in (as ``handle.state()`` has it).
+        """
+        self._root = handle.id
+        await self._fetch(handle, handle.id)
+        return self._merged(handle.id)
+
+    async def _fetch(
+        self, handle: FlowHandle, flow_id: str, state: FlowState | None = None
+    ) -> None:
+        # A parent before its sub-flows: what a sub-flow did because of its
+        # parent (its undo) is then never read before the parent's cause.
+        execution = self._executions.setdefault(flow_id, _Execution(flow_id))
+        if state is not None:
+            execution.state = state
+        elif not execution.finished:
+            execution.state = await asyncio.wait_for(handle.flow_state(flow_id), QUERY_TIMEOUT)
+        assert execution.state is not None
+        for step in execution.state.steps:
+            self._owner[step.path] = execution
+            if step.kind == "flow" and step.flow_id:
+                ids = self._subflows.setdefault(step.path, [])
+                if step.flow_id not in ids:
+                    ids.append(step.flow_id)
+        for step in execution.state.steps:
+            if step.kind == "flow":
+                for sub_id in self._subflows.get(step.path, []):
+                    await self._fetch(handle, sub_id)
+
+    def _merged(self, flow_id: str) -> FlowState:
+        """An execution's state with its sub-flows' steps (and waits) in."""
+        state = self._executions[flow_id].state
+        assert state is not None
+        steps = list(state.steps)
+        waiting = state.waiting
+        for i, step in enumerate(steps):
+            if step.kind != "flow" or step.flow_id not in self._executions:
+                continue
+            assert step.flow_id is not None
+            child = self._merged(step.flow_id)
+            steps[i] = step.model_copy(update={"steps": child.steps})
+            if waiting is None and child.waiting is not None:
+                waiting = child.waiting
+        status = "waiting" if waiting is not None and not state.done else state.status
+        return state.model_copy(update={"steps": steps, "waiting": waiting, "status": status})
+
+    # -- which events are new, in the order they happened ---------------------
+
+    def _read(
+        self, execution: _Execution, until: int | None = None
+    ) -> list[tuple[FlowEvent, _Execution]]:
+        """The events of ``execution`` not read yet (those before ``until``, if
+        given), each sub-flow's put among them where they happened."""
+        events = execution.events
+        subflows = (
+            [s.path for s in execution.state.steps if s.kind == "flow"] if execution.state else []
+        )
+        read: list[tuple[FlowEvent, _Execution]] = []
+        for event in events[execution.seen :]:
+            if until is not None and event.seq >= until:
+                break
+            if event.kind == "step" and event.path in subflows:
+                read += self._before_entry(events, event)
+            read.append((event, execution))
+            execution.seen = event.seq
+        # A sub-flow still running: what it did so far comes after its entry's last event.
+        for path in subflows:
+            last = next(
+                (
+                    e.status
+                    for e in reversed(events[: execution.seen])
+                    if e.kind == "step" and e.path == path
+                ),
+                None,
+            )
+            read += self._read_subflow(path, undo=last not in (None, "running", "done"))
+        return read
+
+    def _before_entry(
+        self, events: list[FlowEvent], event: FlowEvent
+    ) -> list[tuple[FlowEvent, _Execution]]:
+        """What a sub-flow did before its entry's ``event`` in the parent."""
+        status = event.status
+        if status == "running":
+            # An earlier execution of the sub-flow ended before this one started.
+            earlier = self._subflows.get(event.path, [])[:-1]
+            return [item for i in earlier for item in self._read(self._executions[i])]
+        if status == "done":
+            return self._read_subflow(event.path, undo=False)
+        if status == "failed":
+            return self._read_subflow(event.path, undo=not _cancel_of(events, event))
+        if status in _AFTER_SUBFLOW:
+            return self._read_subflow(event.path, undo=True)
+        return []  # compensating: its undo starts now
+
+    def _read_subflow(self, path: str, *, undo: bool) -> list[tuple[FlowEvent, _Execution]]:
+        """The new events of the sub-flow at ``path``: up to its undo (unless
+        ``undo``, when the parent already started it or it undid itself)."""
+        ids = self._subflows.get(path, [])
+        child = next((self._executions[i] for i in ids if not self._executions[i].finished), None)
+        if child is None or child.state is None:
+            return []
+        return self._read(child, None if undo else _undo_start(child))
+
+    # -- printing ----------------------------------------------------------------
+
+    def _widen(self, state: FlowState) -> None:
+        # A sub-flow's steps appear once it starts: widen the columns for them.
         every = list(rows(state.steps))
         self.width = max([len(r.label) for r in every] + [self.width])
         self.path_width = max([len(r.step.path) for r in every] + [self.path_width])
-        self._waiting_seen = _wait_key(state)
-        self.last = state
 
-    def _print(self, kind: str, row: Row, detail: str = "") -> None:
+    def _print(self, event: Event) -> None:
         self.out.print(
             event_line(
-                kind,
-                row,
-                detail,
+                event.kind,
+                event.row,
+                event.detail,
                 width=self.width,
                 symbols=self.symbols,
                 path_width=self.path_width,
             )
         )
 
-    def show(self, state: FlowState, retrying: dict[str, tuple[int, str]]) -> None:
-        """Print what changed since the last state."""
-        # A sub-flow's steps appear once it starts: widen the columns for them.
-        every = list(rows(state.steps))
-        self.width = max([len(r.label) for r in every] + [self.width])
-        self.path_width = max([len(r.step.path) for r in every] + [self.path_width])
-        for event in diff(self.last, state, self.no_back):
-            if event.kind in ("started", "compensating"):
-                self._retries.pop(event.row.step.path, None)
-            self._print(event.kind, event.row, event.detail)
+    def show(self, state: FlowState) -> None:
+        """Print the events since the last call, then the steps being retried.
+
+        Args:
+            state: The flow's state, as ``poll`` returned it.
+        """
+        self._widen(state)
         by_path = {r.step.path: r for r in rows(state.steps)}
-        for path, (attempt, error) in sorted(retrying.items()):
-            if self._retries.get(path, 1) < attempt and path in by_path:
-                self._retries[path] = attempt
-                detail = f"(attempt {attempt}) after {error}" if error else f"(attempt {attempt})"
-                self._print("retrying", by_path[path], detail)
-        waiting = state.waiting if not state.done else None
-        key = _wait_key(state)
-        if waiting is not None and key != self._waiting_seen:
-            for line in wait_lines(waiting, state.flow_id, self.react):
-                self.out.print(line)
-        self._waiting_seen = key
-        self.last = state
+        no_back = self.no_back | {p for p, r in by_path.items() if not r.step.has_back}
+        for event, execution in self._read(self._executions[self._root]):
+            if event.kind == "flow":
+                if event.status == "waiting":
+                    self._print_wait(event, execution)
+                continue
+            if event.status in ("running", "compensating"):
+                self._retries.pop(event.path, None)
+            found = by_path.get(event.path)
+            row = found or Row(StepState(name=event.name, path=event.path), event.path.count("."))
+            line = _event(event, row, execution.events, no_back)
+            if line is not None:
+                self._print(line)
+        for line in self._retried(state):
+            self._print(line)
+        self._note_back_attempts(state)
         self._status = self._status_line(state)
+
+    def _print_wait(self, event: FlowEvent, execution: _Execution) -> None:
+        """What the flow waits for, if ``event`` is the wait it is still in."""
+        state = execution.state
+        if state is None or state.waiting is None or state.done:
+            return
+        last = next((e for e in reversed(state.events) if e.kind == "flow"), None)
+        if last is event:
+            for line in wait_lines(state.waiting, self._root, self.react):
+                self.out.print(line)
+
+    def _retried(self, state: FlowState) -> list[Event]:
+        """A line for each step whose attempt in flight is a retry not told yet."""
+        lines = []
+        for row in rows(state.steps):
+            step = row.step
+            if step.kind != "step":
+                continue
+            if step.status == "running":
+                attempt = step.attempts - self._attempts_at_start(step) + 1
+                error = step.error
+            elif step.status == "compensating":
+                attempt = step.back_attempts - self._back_base.get(step.path, 0) + 1
+                error = step.back_error
+            else:
+                continue
+            if self._retries.get(step.path, 1) < attempt:
+                self._retries[step.path] = attempt
+                detail = f"(attempt {attempt})"
+                if error is not None:
+                    detail += f" after {error_text(error)}"
+                lines.append(Event("retrying", row, detail))
+        return lines
+
+    def _attempts_at_start(self, step: StepState) -> int:
+        """A running step's attempts when its execution started (its event says)."""
+        owner = self._owner.get(step.path)
+        events = owner.events if owner is not None else []
+        started = (
+            e
+            for e in reversed(events)
+            if e.kind == "step" and e.path == step.path and e.status == "running"
+        )
+        return next((e.attempts for e in started), step.attempts)
+
+    def _note_back_attempts(self, state: FlowState) -> None:
+        # Attempts of a step's undo before the one that runs now (an operator's
+        # retry of an undo that failed): the state counts them all.
+        for row in rows(state.steps):
+            if row.step.status != "compensating":
+                self._back_base[row.step.path] = row.step.back_attempts
 
     def _status_line(self, state: FlowState) -> Text:
         busy = [r for r in rows(state.steps) if r.step.status in ("running", "compensating")]
@@ -263,7 +373,6 @@ class Follower:
     async def follow(
         self,
         handle: FlowHandle,
-        client: temporalio.client.Client,
         *,
         on_interrupt: Callable[[int], Any] | None = None,
     ) -> dict[str, Any]:
@@ -271,7 +380,6 @@ class Follower:
 
         Args:
             handle: The flow.
-            client: The temporalio client, to see attempts in flight.
             on_interrupt: Called with 1, 2... at each SIGINT; it may raise to stop following.
         """
         result = asyncio.ensure_future(handle.result())
@@ -301,8 +409,7 @@ class Follower:
             hinted = False
             while not result.done():
                 try:
-                    state = await asyncio.wait_for(handle.state(), QUERY_TIMEOUT)
-                    retrying = await running_attempts(client, state)
+                    state = await self.poll(handle)
                 except asyncio.CancelledError:
                     raise
                 except Exception:
@@ -316,7 +423,7 @@ class Follower:
                         hinted = True
                 else:
                     unanswered_since = time.monotonic()
-                    self.show(state, retrying)
+                    self.show(state)
                     if live is not None:
                         live.update(Spinner("dots", text=self._status, style="cyan"))
                 waiter = asyncio.ensure_future(interrupts.get())
@@ -327,12 +434,9 @@ class Follower:
                     await _maybe_await(on_interrupt(waiter.result()))
                 else:
                     waiter.cancel()
-            # The last changes, so the story on screen is complete.
-            try:
-                final = await asyncio.wait_for(handle.state(), QUERY_TIMEOUT)
-                self.show(final, {})
-            except Exception:
-                pass
+            # The last events, so the story on screen is complete.
+            with contextlib.suppress(Exception):
+                self.show(await self.poll(handle))
         finally:
             if live is not None:
                 live.stop()
@@ -343,13 +447,28 @@ class Follower:
         return result.result()
 
 
-def _wait_key(state: FlowState) -> str | None:
-    """Tells one wait from the next, even when no poll saw the flow between them."""
-    waiting = state.waiting
-    if waiting is None or state.done:
-        return None
-    attempts = next((r.step.attempts for r in rows(state.steps) if r.step.path == waiting.path), 0)
-    return f"{waiting.flow_id}/{waiting.path}/{waiting.direction}/{attempts}"
+def _event(
+    event: FlowEvent, row: Row, events: list[FlowEvent], no_back: frozenset[str]
+) -> Event | None:
+    """The line a step's event prints (None: a no-op undo starting, not worth one)."""
+    status = event.status
+    if status == "running":
+        earlier = events[: event.seq - 1]
+        again = any(
+            e.kind == "step" and e.path == event.path and e.status == "running" for e in earlier
+        )
+        return Event("started", row, "again" if again else "")
+    if status == "done":
+        return Event("done", row, attempts_note(event.attempts))
+    if status == "failed":
+        return Event("failed", row, f"{event.error or ''} {attempts_note(event.attempts)}".strip())
+    if status == "compensating":
+        return None if event.path in no_back else Event("compensating", row)
+    if status == "compensated" and event.path in no_back:
+        return Event("compensated", row, "(no step_back: nothing to undo)")
+    if status == "compensation_failed":
+        return Event(status, row, event.error or "")
+    return Event(status, row)
 
 
 async def _maybe_await(value: Any) -> None:

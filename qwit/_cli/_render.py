@@ -86,9 +86,18 @@ def event_line(
     return line
 
 
-def attempts_note(step: StepState) -> str:
+def attempts_note(attempts: int) -> str:
     """``(3 attempts)`` when a step needed more than one."""
-    return f"({step.attempts} attempts)" if step.attempts > 1 else ""
+    return f"({attempts} attempts)" if attempts > 1 else ""
+
+
+def error_text(error: ErrorInfo) -> str:
+    """``Type: message``, once: the last failure of an attempt in flight, as
+    Temporal reports it, may carry the class name in its message already."""
+    text = error.describe()
+    name = error.type.rsplit(".", 1)[-1]
+    doubled = f"{name}: {name}: "
+    return text[len(name) + 2 :] if text.startswith(doubled) else text
 
 
 def status_text(status: str) -> Text:
@@ -184,17 +193,26 @@ def failure_lines(failed: FlowFailed, flow: str, *, verbose: bool = False) -> li
     return lines
 
 
-def state_view(
-    state: FlowState, running: dict[str, tuple[int, str]] | None = None, *, verbose: bool = False
-) -> Group:
+def _retrying(step: StepState) -> tuple[int, ErrorInfo] | None:
+    """The attempt in flight of a step being retried, and the last error.
+
+    The state counts an attempt in flight's failed predecessors (on Temporal,
+    from its pending activity), and names the last one's error.
+    """
+    if step.kind == "step" and step.status == "running" and step.error is not None:
+        return step.attempts + 1, step.error
+    if step.kind == "step" and step.status == "compensating" and step.back_error is not None:
+        return step.back_attempts + 1, step.back_error
+    return None
+
+
+def state_view(state: FlowState, *, verbose: bool = False) -> Group:
     """``qwit status``: the flow, its steps in plan order, its wait or outcome.
 
     Args:
         state: The flow's state.
-        running: Attempt number and last error of steps being retried, by path.
         verbose: Show where each step's error was raised (its traceback).
     """
-    running = running or {}
     head = Text()
     head.append("flow ", style="dim")
     head.append(state.flow, style="bold")
@@ -208,11 +226,12 @@ def state_view(
     for row in rows(state.steps):
         step = row.step
         attempts = str(step.attempts)
-        error = step.error.describe() if step.error else ""
-        if step.path in running:
-            attempt, last = running[step.path]
+        error = error_text(step.error) if step.error else ""
+        retrying = _retrying(step)
+        if retrying is not None:
+            attempt, last = retrying
             attempts = f"{attempt} (retrying)"
-            error = error or last
+            error = error or error_text(last)
         table.add_row(step.path, row.label, status_text(step.status), attempts, error)
     parts: list[RenderableType] = [head, table]
     if verbose:

@@ -6,8 +6,8 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Callable
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -34,6 +34,7 @@ from ._common import (
     queue_name,
     resolve_flow,
     run_async,
+    sayer,
     task_queue_option,
 )
 from ._connect import (
@@ -116,22 +117,20 @@ def run(
     else:
         # A failing step's traceback would bury the story the progress lines tell.
         logging.getLogger("temporalio.activity").setLevel(logging.ERROR)
+    request = _Request(
+        flow=flow,
+        serve=serve,
+        args=args,
+        flow_id=flow_id,
+        no_worker=no_worker,
+        queue=queue,
+        address=address,
+        namespace=namespace,
+        embedded=embedded,
+        verbose=verbose,
+    )
     try:
-        code = run_async(
-            _run(
-                err,
-                flow,
-                serve,
-                args,
-                flow_id,
-                no_worker,
-                queue,
-                address,
-                namespace,
-                embedded,
-                verbose,
-            )
-        )
+        code = run_async(_run(err, request))
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
     sys.exit(code)
@@ -150,28 +149,43 @@ def _served(flow: type[Flow], module: ModuleType, err: Console) -> list[Any]:
     return [module, flow]
 
 
-async def _run(
-    err: Console,
-    flow: type[Flow],
-    serve: list[Any],
-    args: dict[str, Any],
-    flow_id: str | None,
-    no_worker: bool,
-    queue: str,
-    address: str | None,
-    namespace: str | None,
-    embedded: bool,
-    verbose: bool,
-) -> int:
+@dataclass(frozen=True)
+class _Request:
+    """What ``qwit run`` was asked to do, its options checked.
+
+    Attributes:
+        flow: The flow to run.
+        serve: What the in-process worker serves (see ``_served``).
+        args: The flow's input args.
+        flow_id: Its id, if given.
+        no_worker: Run no worker here: one already serves the task queue.
+        queue: The task queue.
+        address: The Temporal address given (None: from the environment).
+        namespace: The namespace given.
+        embedded: No address configured: run on a local dev server of our own.
+        verbose: Log what the worker does; show where a failing step raised.
+    """
+
+    flow: type[Flow]
+    serve: list[Any]
+    args: dict[str, Any]
+    flow_id: str | None
+    no_worker: bool
+    queue: str
+    address: str | None
+    namespace: str | None
+    embedded: bool
+    verbose: bool
+
+
+async def _run(err: Console, request: _Request) -> int:
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None
     # SIGTERM must still stop the worker and the dev server we started.
     loop.add_signal_handler(signal.SIGTERM, main.cancel)
     try:
-        return await _run_flow(
-            err, flow, serve, args, flow_id, no_worker, queue, address, namespace, embedded, verbose
-        )
+        return await _run_flow(err, request)
     except asyncio.CancelledError:
         err.print(Text("qwit: terminated", style="yellow"))
         return EXIT_TERMINATED
@@ -179,48 +193,30 @@ async def _run(
         loop.remove_signal_handler(signal.SIGTERM)
 
 
-def _say(err: Console) -> Callable[[str], None]:
-    def say(text: str) -> None:
-        err.print(Text(f"qwit: {text}", style="dim"))
-
-    return say
-
-
-async def _run_flow(
-    err: Console,
-    flow: type[Flow],
-    serve: list[Any],
-    args: dict[str, Any],
-    flow_id: str | None,
-    no_worker: bool,
-    queue: str,
-    address: str | None,
-    namespace: str | None,
-    embedded: bool,
-    verbose: bool,
-) -> int:
-    say = _say(err)
+async def _run_flow(err: Console, request: _Request) -> int:
+    say = sayer(err)
+    flow, queue = request.flow, request.queue
     async with AsyncExitStack() as stack:
         react = "qwit react"
-        if embedded:
-            ns = local_namespace(namespace)
+        if request.embedded:
+            ns = local_namespace(request.namespace)
             server = await stack.enter_async_context(embedded_server(ns, say))
             # Only this server's own settings: env TLS or API keys are for other clusters.
             temporal = await connect(server.address, ns, tls=False, api_key=None)
             where = f"{server.address} (local dev server)"
             react = f"TEMPORAL_ADDRESS={server.address} qwit react"
         else:
-            temporal = await connect(address, namespace)
-            where = describe_target(address)
+            temporal = await connect(request.address, request.namespace)
+            where = describe_target(request.address)
         client = Client(temporal_client=temporal, task_queue=queue)
-        starting = asyncio.ensure_future(client.start(flow, args, id=flow_id))
-        if not no_worker:
+        starting = asyncio.ensure_future(client.start(flow, request.args, id=request.flow_id))
+        if not request.no_worker:
             # The worker starts polling while the flow's start is on its way.
             # On a shared server this short-lived worker must not keep flows
             # sticky to itself: once it exits, other runs' flows it had cached
             # would stall until Temporal's sticky timeout (10 s) sends them on.
-            options: dict[str, Any] = {} if embedded else {"max_cached_workflows": 0}
-            worker = create_worker(temporal, *serve, task_queue=queue, **options)
+            options: dict[str, Any] = {} if request.embedded else {"max_cached_workflows": 0}
+            worker = create_worker(temporal, *request.serve, task_queue=queue, **options)
             try:
                 await stack.enter_async_context(worker)
             except BaseException:
@@ -229,14 +225,14 @@ async def _run_flow(
         try:
             handle = await starting
         except WorkflowAlreadyStartedError:
-            raise Failed(f"a flow with id {flow_id!r} is already running") from None
+            raise Failed(f"a flow with id {request.flow_id!r} is already running") from None
         except (FlowDefinitionError, ArgumentsError) as exc:
             raise click.UsageError(str(exc)) from None
         except RPCError as exc:
             raise Failed(f"starting the flow failed: {exc.message}") from None
         say(f"flow {flow.name!r}, id {handle.id}, on Temporal at {where}, task queue {queue!r}")
         hint = ""
-        if no_worker:
+        if request.no_worker:
             hint = (
                 f"qwit: no worker has answered yet: is one serving task queue {queue!r} "
                 "(qwit worker MODULE, or qwit dev MODULE)?"
@@ -251,13 +247,13 @@ async def _run_flow(
             await handle.cancel()
 
         try:
-            result = await follower.follow(handle, temporal, on_interrupt=on_interrupt)
+            result = await follower.follow(handle, on_interrupt=on_interrupt)
         except FlowFailed as failed:
-            for line in failure_lines(failed, flow.name, verbose=verbose):
+            for line in failure_lines(failed, flow.name, verbose=request.verbose):
                 err.print(line)
             return EXIT_FAILED
         except Interrupted:
-            kept = f" in {data_dir() / RUN_DB}" if embedded else " in Temporal"
+            kept = f" in {data_dir() / RUN_DB}" if request.embedded else " in Temporal"
             say(f"stopped waiting; flow {handle.id} stays as it is{kept}")
             return EXIT_INTERRUPTED
         click.echo(dump_json(result))
