@@ -119,6 +119,139 @@ async def test_caught_up_it_tells_only_what_comes_next(qwit_local):
     ]
 
 
+class One(qwit.Step, name="p.one"):
+    def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"one": 1}
+
+    def step_back(self, args: dict[str, Any]) -> None:
+        pass
+
+
+class Fragile(qwit.Step, name="p.fragile"):
+    retry = qwit.Retry(max_attempts=1)
+
+    def step_forward(self, args: dict[str, Any]) -> None:
+        if not args.get("ok"):
+            raise qwit.StepError("broken", retry=False)
+
+    def step_back(self, args: dict[str, Any]) -> None:
+        pass
+
+
+class Slow(qwit.Step, name="p.slow"):
+    async def step_forward(self, args: dict[str, Any]) -> None:
+        await asyncio.sleep(30)
+
+    def step_back(self, args: dict[str, Any]) -> None:
+        pass
+
+
+class SlowSub(qwit.Flow, name="p.slow_sub"):
+    def build_flow(self) -> None:
+        self.step(One)
+        self.step(Slow)
+
+
+class Cancelled(qwit.Flow, name="p.cancelled"):
+    def build_flow(self) -> None:
+        self.step(SlowSub)
+
+
+class Deep(qwit.Flow, name="p.deep"):
+    def build_flow(self) -> None:
+        self.step(One)
+        self.step(Fragile)
+
+
+class Mid(qwit.Flow, name="p.mid"):
+    def build_flow(self) -> None:
+        self.step(One)
+        self.step(Deep)
+
+
+class Top(qwit.Flow, name="p.top"):
+    def build_flow(self) -> None:
+        self.step(Mid, on_failure=qwit.WAIT)
+
+
+async def test_a_sub_flow_run_again_tells_each_of_its_executions(qwit_local):
+    handle = await qwit_local.start(Top, {})
+    follow, out = follower()
+    following = asyncio.ensure_future(follow.follow(handle))
+    await wait_for_status(handle, "waiting")
+    await asyncio.sleep(0.5)  # the follower looks a few times a second
+    await handle.react("retry", {"ok": True})
+    await asyncio.wait_for(following, 10)
+    assert [line for line in story(out) if line[:1].isdigit()] == [
+        "1 p.mid (sub-flow) started",
+        "1.1 p.one started",
+        "1.1 p.one done",
+        "1.2 p.deep (sub-flow) started",
+        "1.2.1 p.one started",
+        "1.2.1 p.one done",
+        "1.2.2 p.fragile started",
+        "1.2.2 p.fragile failed: StepError: broken",
+        "1.2.2 p.fragile compensating",
+        "1.2.2 p.fragile compensated",
+        "1.2.1 p.one compensating",
+        "1.2.1 p.one compensated",
+        "1.2 p.deep (sub-flow) failed: StepError: broken",
+        "1.1 p.one compensating",
+        "1.1 p.one compensated",
+        "1 p.mid (sub-flow) failed: StepError: broken",
+        # the retry is a new execution of p.mid, and so of p.deep inside it
+        "1 p.mid (sub-flow) started again",
+        "1.1 p.one started",
+        "1.1 p.one done",
+        "1.2 p.deep (sub-flow) started",
+        "1.2.1 p.one started",
+        "1.2.1 p.one done",
+        "1.2.2 p.fragile started",
+        "1.2.2 p.fragile done",
+        "1.2 p.deep (sub-flow) done",
+        "1 p.mid (sub-flow) done (2 attempts)",
+    ]
+
+    # Looked at only once it has ended, the first execution's steps are not
+    # known any more (the flow names its sub-flows' latest executions only).
+    follow, out = follower()
+    await follow.follow(handle)
+    assert story(out)[:4] == [
+        "1 p.mid (sub-flow) started",
+        "1 p.mid (sub-flow) failed: StepError: broken",
+        "1 p.mid (sub-flow) started again",
+        "1.1 p.one started",
+    ]
+
+
+async def test_a_cancel_inside_a_sub_flow(qwit_local):
+    handle = await qwit_local.start(Cancelled, {})
+    follow, out = follower()
+    following = asyncio.ensure_future(follow.follow(handle))
+    await wait_for_status(handle, "running")
+    for _ in range(100):
+        if any("1.2 p.slow started" in line for line in story(out)):
+            break
+        await asyncio.sleep(0.05)
+    await handle.cancel()
+    with pytest.raises(qwit.FlowCancelled):
+        await asyncio.wait_for(following, 10)
+    assert story(out) == [
+        "1 p.slow_sub (sub-flow) started",
+        "1.1 p.one started",
+        "1.1 p.one done",
+        "1.2 p.slow started",
+        # the flow marks the sub-flow in flight failed, then cancels it: it undoes itself
+        "1 p.slow_sub (sub-flow) failed",
+        "1.2 p.slow failed",
+        "1.2 p.slow compensating",
+        "1.2 p.slow compensated",
+        "1.1 p.one compensating",
+        "1.1 p.one compensated",
+        "1 p.slow_sub (sub-flow) compensated",
+    ]
+
+
 # -- states read one after the other: a sub-flow's events wait for their cause --
 
 

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +64,11 @@ class _Execution:
     state: FlowState | None = None
     seen: int = 0
     """The ``seq`` of the last event read (0: none)."""
+    subflows: dict[str, list[_Execution]] = field(default_factory=dict)
+    """Its sub-flows' executions, by their entry's path, oldest first: an
+    operator's retry of a sub-flow runs a new one. (A sub-flow's execution is
+    known by where it runs: a nested sub-flow's id may be the same in two
+    executions of its parent.)"""
 
     @property
     def events(self) -> list[FlowEvent]:
@@ -88,6 +93,19 @@ def _undo_start(child: _Execution) -> int | None:
     if last_step is not None and last_step.status == "failed":
         return None
     return start.seq
+
+
+def _tree(execution: _Execution) -> Iterator[_Execution]:
+    """An execution and its sub-flows', and theirs."""
+    yield execution
+    for runs in execution.subflows.values():
+        for child in runs:
+            yield from _tree(child)
+
+
+def _of(event: FlowEvent, path: str) -> bool:
+    """Whether ``event`` is one of the step at ``path``."""
+    return event.kind == "step" and event.path == path
 
 
 def _cancel_of(events: list[FlowEvent], event: FlowEvent) -> bool:
@@ -117,11 +135,7 @@ class Follower:
     path_width: int = 1
     no_back: frozenset[str] = frozenset()
     symbols: bool = field(init=False)
-    _root: str = ""
-    _executions: dict[str, _Execution] = field(default_factory=dict)
-    _subflows: dict[str, list[str]] = field(default_factory=dict)
-    """Execution ids of each sub-flow entry, by path, oldest first (an
-    operator's retry of a sub-flow runs a new execution)."""
+    _root: _Execution = field(default_factory=lambda: _Execution(""))
     _owner: dict[str, _Execution] = field(default_factory=dict)
     """The execution each step path belongs to (its latest)."""
     _retries: dict[str, int] = field(default_factory=dict)
@@ -149,11 +163,11 @@ class Follower:
             handle: The flow.
             state: Its state (``handle.state()``), just read.
         """
-        self._root = handle.id
+        self._root = _Execution(handle.id)
         # Best effort: a sub-flow not read now is told from its start.
         with contextlib.suppress(Exception):
-            await self._fetch(handle, handle.id, state)
-        for execution in self._executions.values():
+            await self._fetch(handle, self._root, state)
+        for execution in _tree(self._root):
             execution.seen = len(execution.events)
         self._widen(state)
         self._note_back_attempts(state)
@@ -164,43 +178,44 @@ class Follower:
         Returns:
             The flow's state, sub-flows' steps in (as ``handle.state()`` has it).
         """
-        self._root = handle.id
-        await self._fetch(handle, handle.id)
-        return self._merged(handle.id)
+        if self._root.flow_id != handle.id:
+            self._root = _Execution(handle.id)
+        await self._fetch(handle, self._root)
+        return self._merged(self._root)
 
     async def _fetch(
-        self, handle: FlowHandle, flow_id: str, state: FlowState | None = None
+        self, handle: FlowHandle, execution: _Execution, state: FlowState | None = None
     ) -> None:
         # A parent before its sub-flows: what a sub-flow did because of its
         # parent (its undo) is then never read before the parent's cause.
-        execution = self._executions.setdefault(flow_id, _Execution(flow_id))
         if state is not None:
             execution.state = state
         elif not execution.finished:
-            execution.state = await asyncio.wait_for(handle.flow_state(flow_id), QUERY_TIMEOUT)
+            execution.state = await asyncio.wait_for(
+                handle.flow_state(execution.flow_id), QUERY_TIMEOUT
+            )
         assert execution.state is not None
         for step in execution.state.steps:
             self._owner[step.path] = execution
             if step.kind == "flow" and step.flow_id:
-                ids = self._subflows.setdefault(step.path, [])
-                if step.flow_id not in ids:
-                    ids.append(step.flow_id)
-        for step in execution.state.steps:
-            if step.kind == "flow":
-                for sub_id in self._subflows.get(step.path, []):
-                    await self._fetch(handle, sub_id)
+                runs = execution.subflows.setdefault(step.path, [])
+                if not runs or runs[-1].flow_id != step.flow_id:
+                    runs.append(_Execution(step.flow_id))
+        for runs in execution.subflows.values():
+            for child in runs:
+                await self._fetch(handle, child)
 
-    def _merged(self, flow_id: str) -> FlowState:
+    def _merged(self, execution: _Execution) -> FlowState:
         """An execution's state with its sub-flows' steps (and waits) in."""
-        state = self._executions[flow_id].state
+        state = execution.state
         assert state is not None
         steps = list(state.steps)
         waiting = state.waiting
         for i, step in enumerate(steps):
-            if step.kind != "flow" or step.flow_id not in self._executions:
+            runs = execution.subflows.get(step.path)
+            if not runs or runs[-1].state is None:
                 continue
-            assert step.flow_id is not None
-            child = self._merged(step.flow_id)
+            child = self._merged(runs[-1])
             steps[i] = step.model_copy(update={"steps": child.steps})
             if waiting is None and child.waiting is not None:
                 waiting = child.waiting
@@ -223,44 +238,55 @@ class Follower:
             if until is not None and event.seq >= until:
                 break
             if event.kind == "step" and event.path in subflows:
-                read += self._before_entry(events, event)
+                read += self._before_entry(execution, event)
             read.append((event, execution))
             execution.seen = event.seq
         # A sub-flow still running: what it did so far comes after its entry's last event.
         for path in subflows:
             last = next(
-                (
-                    e.status
-                    for e in reversed(events[: execution.seen])
-                    if e.kind == "step" and e.path == path
-                ),
-                None,
+                (e.status for e in reversed(events[: execution.seen]) if _of(e, path)), None
             )
-            read += self._read_subflow(path, undo=last not in (None, "running", "done"))
+            child = self._subflow(execution, path, execution.seen)
+            read += self._read_subflow(child, undo=last not in (None, "running", "done"))
         return read
 
     def _before_entry(
-        self, events: list[FlowEvent], event: FlowEvent
+        self, parent: _Execution, event: FlowEvent
     ) -> list[tuple[FlowEvent, _Execution]]:
-        """What a sub-flow did before its entry's ``event`` in the parent."""
+        """What a sub-flow did before its entry's ``event`` in ``parent``."""
         status = event.status
         if status == "running":
-            # An earlier execution of the sub-flow ended before this one started.
-            earlier = self._subflows.get(event.path, [])[:-1]
-            return [item for i in earlier for item in self._read(self._executions[i])]
+            # The sub-flow's earlier execution (before an operator's retry) ended before.
+            return self._read_subflow(self._subflow(parent, event.path, event.seq - 1), undo=True)
+        child = self._subflow(parent, event.path, event.seq)
         if status == "done":
-            return self._read_subflow(event.path, undo=False)
+            return self._read_subflow(child, undo=False)
         if status == "failed":
-            return self._read_subflow(event.path, undo=not _cancel_of(events, event))
+            return self._read_subflow(child, undo=not _cancel_of(parent.events, event))
         if status in _AFTER_SUBFLOW:
-            return self._read_subflow(event.path, undo=True)
+            return self._read_subflow(child, undo=True)
         return []  # compensating: its undo starts now
 
-    def _read_subflow(self, path: str, *, undo: bool) -> list[tuple[FlowEvent, _Execution]]:
-        """The new events of the sub-flow at ``path``: up to its undo (unless
+    @staticmethod
+    def _subflow(parent: _Execution, path: str, upto: int) -> _Execution | None:
+        """The execution of ``parent``'s sub-flow at ``path`` that its entry's
+        last ``running`` up to event ``upto`` started (None: not known).
+
+        An operator's retry of a sub-flow runs a new execution: the last one
+        known goes with the entry's last run, the one before with the run
+        before, and so on.
+        """
+        starts = [e.seq for e in parent.events if _of(e, path) and e.status == "running"]
+        run = sum(1 for seq in starts if seq <= upto)
+        known = parent.subflows.get(path, [])
+        index = len(known) - 1 - (len(starts) - run)
+        return known[index] if run and index >= 0 else None
+
+    def _read_subflow(
+        self, child: _Execution | None, *, undo: bool
+    ) -> list[tuple[FlowEvent, _Execution]]:
+        """The new events of a sub-flow's execution: up to its undo (unless
         ``undo``, when the parent already started it or it undid itself)."""
-        ids = self._subflows.get(path, [])
-        child = next((self._executions[i] for i in ids if not self._executions[i].finished), None)
         if child is None or child.state is None:
             return []
         return self._read(child, None if undo else _undo_start(child))
@@ -294,7 +320,7 @@ class Follower:
         self._widen(state)
         by_path = {r.step.path: r for r in rows(state.steps)}
         no_back = self.no_back | {p for p, r in by_path.items() if not r.step.has_back}
-        for event, execution in self._read(self._executions[self._root]):
+        for event, execution in self._read(self._root):
             if event.kind == "flow":
                 if event.status == "waiting":
                     self._print_wait(event, execution)
@@ -318,7 +344,7 @@ class Follower:
             return
         last = next((e for e in reversed(state.events) if e.kind == "flow"), None)
         if last is event:
-            for line in wait_lines(state.waiting, self._root, self.react):
+            for line in wait_lines(state.waiting, self._root.flow_id, self.react):
                 self.out.print(line)
 
     def _retried(self, state: FlowState) -> list[Event]:
