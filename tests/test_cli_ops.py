@@ -6,13 +6,17 @@ import asyncio
 import json
 import time
 import uuid
+from io import StringIO
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from rich.console import Console
 
 import qwit
 from qwit._cli import cli as cli_group
+from qwit._cli._render import state_view
+from qwit._errors import ErrorInfo
 from qwit.temporal import DevServer
 from samples.approval.flows import ExpenseClaim
 from tests.cli_flows import Outer
@@ -194,3 +198,23 @@ async def test_status_shows_sub_flows_indented_and_list_a_table(
         # ended before its worker stops: a flow cut off mid-run lingers in the worker's cache
         with pytest.raises(qwit.FlowCancelled):
             await handle.result()
+
+
+def test_status_tells_a_step_being_retried_from_its_state():
+    # On Temporal the state counts an attempt in flight's failed predecessors
+    # and names the last one's error (its words as Temporal has them).
+    last = ErrorInfo(type="builtins.ConnectionError", message="ConnectionError: try 2 refused")
+    state = qwit.FlowState(
+        flow="t.retried",
+        flow_id="r-1",
+        status="running",
+        steps=[
+            qwit.StepState(name="t.reserve", path="1", status="done", attempts=1),
+            qwit.StepState(name="t.flaky", path="2", status="running", attempts=2, error=last),
+        ],
+    )
+    out = StringIO()
+    Console(file=out, width=200).print(state_view(state))
+    table = [" ".join(line.split()) for line in out.getvalue().splitlines()]
+    assert "1 t.reserve done 1" in table
+    assert "2 t.flaky running 3 (retrying) ConnectionError: try 2 refused" in table
