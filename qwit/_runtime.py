@@ -1,0 +1,127 @@
+"""What an engine supplies to the saga rules, and what they hand back.
+
+``FlowRuntime`` is how one flow's steps run, its sub-flows start and it waits
+for signals, on one engine; ``SubflowRun`` is a sub-flow seen from its parent;
+``Decision`` is an operator's answer; ``FlowFailure`` is how a flow that did
+not complete ends. The rules themselves are in ``qwit._saga``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ._errors import ErrorInfo, FailureInfo
+from ._options import Reaction
+from ._plan import FlowInput, FlowNode, StepCall, StepNode, StepReturn
+from ._state import FlowStatus
+
+T = TypeVar("T")
+
+
+class FlowFailure(Exception):
+    """A sub-flow ended without completing; it has already undone itself."""
+
+    def __init__(self, info: FailureInfo) -> None:
+        super().__init__(info.reason)
+        self.info = info
+
+
+class Decision(BaseModel):
+    """An operator's answer to a waiting flow."""
+
+    model_config = ConfigDict(frozen=True)
+
+    reaction: Reaction
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class SubflowRun(ABC):
+    """A sub-flow started by an engine, seen from its parent."""
+
+    flow_id: str
+
+    @abstractmethod
+    async def forward(self) -> dict[str, Any]:
+        """Wait until the sub-flow's steps have all run; return their outputs.
+
+        Raises:
+            FlowFailure: the sub-flow failed (and undid itself).
+        """
+
+    @abstractmethod
+    async def settle(self, commit: bool) -> FailureInfo | None:
+        """End a sub-flow whose steps have run: keep its effects (``commit``),
+        or undo them and return how that went."""
+
+    @abstractmethod
+    async def cancel(self) -> FailureInfo:
+        """Cancel a sub-flow in flight and wait until it has undone itself."""
+
+
+class FlowRuntime(ABC):
+    """What an engine supplies to run one flow with the saga rules."""
+
+    engine: str = ""
+
+    @abstractmethod
+    async def run_step(self, node: StepNode, call: StepCall) -> StepReturn:
+        """Run one direction of a step, retries included.
+
+        Raises:
+            StepFailure: the retries are spent, or the error is not retryable.
+            asyncio.CancelledError: the flow was cancelled while the step ran;
+                the step has stopped by the time this is raised.
+        """
+
+    @abstractmethod
+    async def start_subflow(self, node: FlowNode, input: FlowInput, attempt: int) -> SubflowRun:
+        """Start a sub-flow (``attempt`` counts operator retries, from 1); its
+        id is ``child_flow_id(input, input.path, attempt)``.
+
+        Raises:
+            StepFailure: the sub-flow could not start (e.g. its id is taken);
+                the parent treats it as the failure of that step.
+        """
+
+    @abstractmethod
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Wait until ``predicate()`` is true (re-checked as signals arrive)."""
+
+    @abstractmethod
+    def cancel_requested(self) -> bool:
+        """Whether someone asked to cancel this flow."""
+
+    async def report_forward_done(self, outputs: dict[str, Any]) -> None:  # noqa: B027
+        """A sub-flow's steps have all run: tell the parent (sub-flows only)."""
+
+    def status_changed(self, status: FlowStatus) -> None:  # noqa: B027
+        """The flow's status changed (to publish it, e.g. for search)."""
+
+    def refuse_forward(self, call: StepCall | FlowInput, pending_undos: int) -> ErrorInfo | None:
+        """Why the engine can't run this ``step_forward`` (or start this
+        sub-flow) now, or None.
+
+        An engine with hard limits (payload size, history length) refuses a
+        step here, before anything runs, so the flow fails that step and rolls
+        back while it still can. ``pending_undos`` is how many undos a rollback
+        would run.
+        """
+        return None
+
+    async def shield(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` to its end even if the flow is cancelled meanwhile."""
+        task = asyncio.ensure_future(coro)
+        while True:
+            try:
+                return await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if task.done():
+                    return task.result()
+
+
+__all__ = ["Decision", "FlowFailure", "FlowRuntime", "SubflowRun"]
