@@ -113,7 +113,7 @@ def test_the_cycle_check_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     graph = import_graph()
     graph["qwit._plan"] = {*graph["qwit._plan"], "qwit._saga"}  # _saga imports _plan
-    assert ["qwit._plan", "qwit._saga"] in cycles(graph)
+    assert any({"qwit._plan", "qwit._saga"} <= set(c) for c in cycles(graph))
 
 
 def test_saga_imports_only_data_and_rules():
