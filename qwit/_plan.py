@@ -163,13 +163,20 @@ def child_execution(execution: str, path: str, attempt: int) -> str:
 
 
 def child_flow_id(input: FlowInput, path: str, attempt: int) -> str:
-    """The id of attempt ``attempt`` of the sub-flow at ``path`` (one place
-    for every engine)."""
+    """The id of attempt ``attempt`` of the sub-flow at ``path``, whose own
+    input is ``input`` (one place for every engine).
+
+    Ids are ``<root id>/~<path>``, plus ``#N`` for its N-th attempt; a
+    sub-flow inside a retried one keeps the retried one's ``#N`` in its id
+    (``order-7/~2#2/2.1``), so that every execution has an id of its own.
+    """
     if input.execution is None:  # flows started by older QWIT keep their ids
-        base = f"{input.root_id}/{path}"
-    else:
-        base = f"{input.root_id}{SUBFLOW_MARK}{path}"
-    return base + (f"#{attempt}" if attempt > 1 else "")
+        return f"{input.root_id}/{path}" + (f"#{attempt}" if attempt > 1 else "")
+    # the attempts of enclosing sub-flows (and of this one) are in its execution
+    _, _, scope = input.execution.partition("/")
+    if attempt > 1:  # the execution ends with this sub-flow's own "/path#N"
+        return f"{input.root_id}{SUBFLOW_MARK}{scope}"
+    return f"{input.root_id}{SUBFLOW_MARK}{scope + '/' if scope else ''}{path}"
 
 
 def walk(flow: FlowNode, path: str = "", depth: int = 0) -> Iterator[tuple[str, Node, int]]:

@@ -52,6 +52,7 @@ from ._plan import (
 from ._runtime import Decision, FlowFailure, FlowRuntime, SubflowRun
 from ._state import (
     ERROR_STATUSES,
+    UNDO_STATUSES,
     FlowEvent,
     FlowState,
     FlowStatus,
@@ -217,7 +218,9 @@ class Interpreter:
                 name=name,
                 kind="flow" if run is None else "step",
                 status=status,
-                attempts=run.attempts if run else 0,
+                attempts=(run.back_attempts if status in UNDO_STATUSES else run.attempts)
+                if run
+                else 0,
                 error=error,
             )
         )

@@ -35,6 +35,8 @@ FINAL_STATUSES: frozenset[str] = frozenset(
 )
 
 
+#: Step statuses of its undo: an event with one counts the undo's attempts.
+UNDO_STATUSES: frozenset[str] = frozenset({"compensating", "compensated", "compensation_failed"})
 #: Step statuses that come with an error.
 ERROR_STATUSES: frozenset[str] = frozenset({"failed", "compensation_failed"})
 
@@ -57,6 +59,7 @@ class FlowEvent(BaseModel):
     status: str
     """The status it went to (a FlowStatus or a StepStatus)."""
     attempts: int = 0
+    """The step's forward attempts; with an undo's status, its undo's."""
     error: str | None = None
     """With ``failed`` and ``compensation_failed``: the error, in words."""
 

@@ -82,3 +82,25 @@ async def test_a_dropped_waiting_flow_changes_no_status():
     del coro
     gc.collect()
     assert runtime.statuses == ["waiting"]
+
+
+def test_every_sub_flow_execution_has_an_id_of_its_own():
+    from qwit._plan import FlowInput, FlowNode, StepNode, child_execution, child_flow_id
+
+    plan = FlowNode(name="f", steps=(StepNode(name="s"),))
+
+    def sub(execution: str, path: str, attempt: int) -> str:
+        child = FlowInput(flow=plan, root_id="order-7", path=path, execution=execution)
+        return child_flow_id(child, path, attempt)
+
+    root = "e" * 32
+    mid2 = child_execution(root, "2", 2)
+    assert sub(root, "2", 1) == "order-7/~2"
+    assert sub(mid2, "2", 2) == "order-7/~2#2"
+    assert sub(root, "2.1", 1) == "order-7/~2.1"  # inside the first run of 2
+    assert sub(mid2, "2.1", 1) == "order-7/~2#2/2.1"  # inside its second run
+    inner2 = child_execution(mid2, "2.1", 2)
+    assert sub(inner2, "2.1", 2) == "order-7/~2#2/2.1#2"
+    # flows of older QWIT keep the ids they had
+    old = FlowInput(flow=plan, root_id="order-7", path="2")
+    assert child_flow_id(old, "2", 1) == "order-7/2"

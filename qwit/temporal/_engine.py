@@ -229,7 +229,9 @@ def _last_failure(pending: Any) -> ErrorInfo | None:
     if not failure.message and not failure.HasField("application_failure_info"):
         return None
     kind = failure.application_failure_info.type or "Error"
-    return ErrorInfo(type=kind, types=[kind], message=failure.message, attempt=pending.attempt - 1)
+    # The activity's message is the error described ("Type: message").
+    message = failure.message.removeprefix(f"{kind.rsplit('.', 1)[-1]}: ")
+    return ErrorInfo(type=kind, types=[kind], message=message, attempt=pending.attempt - 1)
 
 
 def unreachable(
