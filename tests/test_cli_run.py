@@ -103,3 +103,37 @@ async def test_ctrl_c_cancels_the_flow_which_rolls_back(dev_server: DevServer):
     assert "cancelling the flow: it rolls back (Ctrl-C again to stop waiting)" in done.err
     assert "flow 'expenses.claim' cancelled" in done.err
     assert "undone, newest first: expenses.approve, expenses.submit" in done.err
+
+
+async def test_run_completes_beside_a_worker_for_other_modules(dev_server: DevServer):
+    # A newcomer's trap: a `qwit-worker` (as `qwit dev` starts) serves another
+    # module on the same queue and address. `qwit run` starts its own worker
+    # for the order sample; before, the first worker to take a step it lacked
+    # failed it for good (4 runs out of 4 rolled back at step 1).
+    import uuid
+
+    from tests.test_worker_cli import start_worker, wait_ready
+
+    queue = f"mixed-{uuid.uuid4().hex[:8]}"
+    other = start_worker(dev_server.address, queue, "samples.approval.flows")
+    try:
+        await wait_ready(other)
+        runs = [
+            await finish(
+                await start(
+                    "run",
+                    "samples.order.flows:PlaceOrder",
+                    "--args",
+                    json.dumps(GOOD),
+                    TEMPORAL_ADDRESS=dev_server.address,
+                    QWIT_TASK_QUEUE=queue,
+                )
+            )
+            for _ in range(3)
+        ]
+    finally:
+        other.send_signal(signal.SIGTERM)
+        other.communicate(timeout=30)
+    for done in runs:
+        assert done.code == 0, done.err
+        assert json.loads(done.out)["tracking"] == "1Z-1001"
