@@ -203,6 +203,22 @@ def error_info(
     )
 
 
+def named_error_info(
+    type_name: str, message: str, *, retryable: bool = True, attempt: int = 1
+) -> ErrorInfo:
+    """Describe a failure that reached QWIT as a type name alone (an engine's
+    own error, e.g. Temporal's), not as an exception QWIT raised or caught.
+
+    With ``error_info``, the only places an ``ErrorInfo`` is made.
+    """
+    bare = type_name.rsplit(".", 1)[-1]
+    # an engine may have put "Type: " before the message already
+    message = message.removeprefix(f"{bare}: ")
+    return ErrorInfo(
+        type=type_name, types=[type_name], message=message, retryable=retryable, attempt=attempt
+    )
+
+
 class StepFailure(Exception):
     """A step's method failed; ``info`` says how, as data that crosses engines.
 

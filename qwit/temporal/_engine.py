@@ -48,6 +48,7 @@ from .._errors import (
     FlowNotFound,
     QwitError,
     ReactionError,
+    named_error_info,
 )
 from .._jsonargs import json_size
 from .._plan import PAYLOAD_MARGIN, FlowInput, FlowNode
@@ -229,9 +230,7 @@ def _last_failure(pending: Any) -> ErrorInfo | None:
     if not failure.message and not failure.HasField("application_failure_info"):
         return None
     kind = failure.application_failure_info.type or "Error"
-    # The activity's message is the error described ("Type: message").
-    message = failure.message.removeprefix(f"{kind.rsplit('.', 1)[-1]}: ")
-    return ErrorInfo(type=kind, types=[kind], message=message, attempt=pending.attempt - 1)
+    return named_error_info(kind, failure.message, attempt=pending.attempt - 1)
 
 
 def unreachable(

@@ -49,6 +49,7 @@ with workflow.unsafe.imports_passed_through():
         PayloadTooLarge,
         StepFailure,
         error_info,
+        named_error_info,
     )
     from .._jsonargs import json_size
     from .._options import Retry
@@ -196,9 +197,8 @@ def _error_info(err: BaseException, retry: Retry) -> ErrorInfo:
                 return ErrorInfo.model_validate(cause.details[0])
             except ValidationError:
                 pass
-        kind = cause.type or "ApplicationError"
-        return ErrorInfo(
-            type=kind, types=[kind], message=cause.message, retryable=not cause.non_retryable
+        return named_error_info(
+            cause.type or "ApplicationError", cause.message, retryable=not cause.non_retryable
         )
     if isinstance(cause, TimeoutError):
         kind = cause.type.name.lower() if cause.type else "timeout"
