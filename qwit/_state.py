@@ -33,6 +33,8 @@ StepStatus = Literal[
 FINAL_STATUSES: frozenset[str] = frozenset(
     {"completed", "rolled_back", "cancelled", "compensation_failed", "aborted"}
 )
+#: Flow statuses that end a flow without completing it.
+FAILED_STATUSES: frozenset[str] = FINAL_STATUSES - {"completed"}
 
 
 #: Step statuses of its undo: an event with one counts the undo's attempts.

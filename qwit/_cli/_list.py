@@ -26,7 +26,7 @@ from temporalio.service import RPCError
 
 from .._client import Client
 from .._errors import FlowFailed
-from .._state import FINAL_STATUSES
+from .._state import FAILED_STATUSES
 from ..temporal import (
     QWIT_FLOW,
     QWIT_STATUS,
@@ -41,8 +41,6 @@ from ._connect import temporal_for
 from ._keys import missing_keys, missing_keys_text, own_key_ids
 from ._render import status_text
 
-#: QWIT statuses of a failed flow: Temporal sees each as a failed workflow.
-FAILED_STATUSES = frozenset(FINAL_STATUSES - {"completed"})
 #: What ``--status`` accepts: QWIT's flow statuses, and Temporal's outcomes
 #: that skip QWIT (``failed`` is any of QWIT's failures).
 STATUS_CHOICES = (

@@ -51,7 +51,7 @@ from .._errors import (
     named_error_info,
 )
 from .._jsonargs import json_size
-from .._plan import PAYLOAD_MARGIN, FlowInput, FlowNode
+from .._plan import PAYLOAD_MARGIN, FlowInput, FlowNode, walk
 from .._saga import Decision
 from .._state import FlowState
 from ._activities import DEFAULT_PAYLOAD_LIMIT
@@ -431,16 +431,15 @@ class _Namespace:
     payload_limit: int
 
 
-def _check_plan_length(node: FlowNode) -> None:
-    if len(node.steps) > MAX_STEPS_PER_FLOW:
-        raise FlowDefinitionError(
-            f"flow {node.name!r} has {len(node.steps)} steps; on Temporal a flow (or "
-            f"sub-flow) takes at most {MAX_STEPS_PER_FLOW}, so that its steps and their "
-            "undo fit in one history: group steps into sub-flows"
-        )
-    for step in node.steps:
-        if isinstance(step, FlowNode):
-            _check_plan_length(step)
+def _check_plan_length(plan: FlowNode) -> None:
+    flows = [plan, *(node for _, node, _ in walk(plan) if isinstance(node, FlowNode))]
+    for node in flows:
+        if len(node.steps) > MAX_STEPS_PER_FLOW:
+            raise FlowDefinitionError(
+                f"flow {node.name!r} has {len(node.steps)} steps; on Temporal a flow (or "
+                f"sub-flow) takes at most {MAX_STEPS_PER_FLOW}, so that its steps and their "
+                "undo fit in one history: group steps into sub-flows"
+            )
 
 
 class TemporalEngine(Engine):

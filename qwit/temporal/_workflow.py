@@ -64,7 +64,7 @@ with workflow.unsafe.imports_passed_through():
         child_flow_id,
     )
     from .._saga import Decision, FlowFailure, FlowRuntime, Interpreter, SubflowRun
-    from .._state import FlowState, FlowStatus, WaitInfo
+    from .._state import FAILED_STATUSES, FlowState, FlowStatus, WaitInfo
 
 WORKFLOW_NAME = "qwit.Flow"
 #: Search attributes (Keyword), set where the namespace has them registered.
@@ -87,8 +87,6 @@ HISTORY_BYTES_BUDGET = 22 * 1024 * 1024
 #: ``unserved_step_timeout``.
 UNSERVED_RETRY_FIRST = 0.2
 UNSERVED_RETRY_MAX = 2.0
-#: Flow statuses that end a flow without completing it.
-FAILED_STATUSES = frozenset({"rolled_back", "cancelled", "compensation_failed", "aborted"})
 QUERY_STATE = "qwit.state"
 UPDATE_REACT = "qwit.react"
 SIGNAL_SETTLE = "qwit.settle"
