@@ -7,7 +7,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from benchmarks.measure import median, percentile
-from benchmarks.shapes import BIG_STEPS, FIVE, LATENCY_SHAPES, ONE, TWENTY, TYPINGS, big
+from benchmarks.shapes import (
+    BIG_STEPS,
+    FIVE,
+    LATENCY_SHAPES,
+    ONE,
+    TWENTY,
+    TYPED_HISTORY_SHAPES,
+    TYPINGS,
+    big,
+)
 
 
 @dataclass(frozen=True)
@@ -192,6 +201,18 @@ def _history(figures: Figures, histories: dict[str, dict[str, dict[str, int]]]) 
             f"_{shape.key}",
             by_side["qwit"]["input_bytes"],
             by_side["hand"]["input_bytes"],
+        )
+    # Typed steps are sent only what they read, as the hand-written saga's
+    # activities are: the same flow, step for step.
+    for typed, same in zip(TYPED_HISTORY_SHAPES, (FIVE, TWENTY), strict=True):
+        figures.add(
+            section,
+            f"bytes {_label(same.key)}, QWIT steps typed",
+            "history_bytes",
+            "",
+            f"_{typed.key}",
+            histories[typed.key]["qwit"]["bytes"],
+            histories[same.key]["hand"]["bytes"],
         )
     figures.alias("history_events_ratio", f"history_events_ratio_{FIVE.key}")
     figures.alias("history_bytes_ratio", f"history_bytes_ratio_{FIVE.key}")

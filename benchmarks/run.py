@@ -32,7 +32,7 @@ from benchmarks.measure import (
     warm_up,
 )
 from benchmarks.procs import WorkerProcess, memory_mb
-from benchmarks.shapes import BIG_SHAPES, FIVE, LATENCY_SHAPES, TWENTY, Shape
+from benchmarks.shapes import BIG_SHAPES, FIVE, LATENCY_SHAPES, TWENTY, TYPED_HISTORY_SHAPES, Shape
 from benchmarks.sides import HandSide, QwitSide, Side
 from benchmarks.worker import SIDES, WORKER_OPTIONS
 from qwit.temporal import DevServer, connect_temporal, find_temporal_cli
@@ -123,7 +123,7 @@ async def histories(env: Env) -> dict[str, dict[str, dict[str, int]]]:
     # activity only what it needs.
     pairs = [
         (shape, side)
-        for shape in LATENCY_SHAPES + BIG_SHAPES
+        for shape in LATENCY_SHAPES + TYPED_HISTORY_SHAPES + BIG_SHAPES
         for side in env.sides
         if not (shape.typed and side.name == "hand")
     ]

@@ -44,6 +44,13 @@ FIVE_FAIL = Shape("5_steps_fail", 5, fail_last=True)
 FIVE_LOCAL = Shape("5_local_steps", 5, local=True)
 
 LATENCY_SHAPES = (ONE, FIVE, TWENTY, FIVE_FAIL, FIVE_LOCAL)
+#: History only: FIVE and TWENTY with typed steps, which are sent only what
+#: they read, as the hand-written saga's activities are (untyped steps are
+#: sent every arg the flow has so far, by QWIT's contract).
+TYPED_HISTORY_SHAPES = (
+    Shape("5_steps_typed", 5, typing="typed"),
+    Shape("20_steps_typed", 20, typing="typed"),
+)
 
 KB = 1024
 #: History growth: two lengths, to tell linear from quadratic growth.
@@ -60,4 +67,4 @@ def big(steps: int, typing: str = "untyped") -> Shape:
 
 
 BIG_SHAPES = tuple(big(n, t) for n in BIG_STEPS for t in TYPINGS)
-ALL_SHAPES = LATENCY_SHAPES + BIG_SHAPES
+ALL_SHAPES = LATENCY_SHAPES + TYPED_HISTORY_SHAPES + BIG_SHAPES

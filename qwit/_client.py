@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import uuid
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -149,7 +150,7 @@ class Client:
             args=clean,
             root_id=flow_id,
             unserved_step_timeout=self.unserved_step_timeout,
-            execution=uuid.uuid4().hex,
+            execution=secrets.token_urlsafe(16),
         )
 
     async def start(

@@ -11,7 +11,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 from ._options import (
     DEFAULT_BACK_RETRY,
@@ -23,7 +30,83 @@ from ._options import (
 )
 
 #: Version of the plan format. An engine refuses plans newer than it knows.
-PLAN_VERSION = 1
+#: 1: every field of every node written out. 2: fields equal to their value
+#: in ``PINNED_DEFAULTS[2]`` left out (see ``FlowInput``).
+PLAN_VERSION = 2
+
+#: What a plan of each compact version leaves out: a field missing from a
+#: node or from the input means the value here (and a step's missing
+#: ``back_fields``, the same as its ``fields``). A version's table never
+#: changes, so a flow in flight keeps the settings it started with when QWIT's
+#: defaults change: new defaults come with a new plan version and its own
+#: table (a value that differs from the table is always written out).
+PINNED_DEFAULTS: dict[int, dict[str, dict[str, Any]]] = {
+    2: {
+        "input": {
+            "args": {},
+            "path": "",
+            "parent_id": None,
+            "payload_limit": 2 * 1024 * 1024,
+            "unserved_step_timeout": 60.0,
+        },
+        "flow": {
+            "static_args": {},
+            "on_failure": {"rules": [], "default": "rollback"},
+            "backend": None,
+        },
+        "step": {
+            "static_args": {},
+            "retry": {
+                "max_attempts": 3,
+                "initial_interval": 1.0,
+                "backoff": 2.0,
+                "max_interval": 60.0,
+            },
+            "back_retry": {
+                "max_attempts": 25,
+                "initial_interval": 1.0,
+                "backoff": 2.0,
+                "max_interval": 120.0,
+            },
+            "timeout": 300.0,
+            "timeout_grace": 30.0,
+            "heartbeat_timeout": None,
+            "on_failure": {"rules": [], "default": "rollback"},
+            "back_on_failure": "rollback",
+            "local": False,
+            "has_back": True,
+            "fields": None,
+            "backend": None,
+        },
+    }
+}
+
+
+def _compact_node(node: dict[str, Any], pinned: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    kind = node.get("kind", "step")
+    defaults = pinned[kind]
+    out = {k: v for k, v in node.items() if k not in defaults or defaults[k] != v}
+    if kind == "step":
+        del out["kind"]  # a node without a kind is a step
+        if node.get("back_fields") == node.get("fields"):
+            out.pop("back_fields", None)  # missing: the same as fields
+    else:
+        out["steps"] = [_compact_node(child, pinned) for child in node["steps"]]
+    return out
+
+
+def _expand_node(node: Any, pinned: dict[str, dict[str, Any]]) -> Any:
+    if not isinstance(node, dict):
+        return node  # a node object, or bad input pydantic reports
+    kind = node.get("kind", "step")
+    if kind not in pinned:
+        return node
+    out = {**pinned[kind], **node, "kind": kind}
+    if kind == "step" and "back_fields" not in node:
+        out["back_fields"] = out.get("fields")
+    if kind == "flow" and isinstance(out.get("steps"), list | tuple):
+        out["steps"] = [_expand_node(child, pinned) for child in out["steps"]]
+    return out
 
 
 class StepNode(BaseModel):
@@ -105,6 +188,30 @@ class FlowInput(BaseModel):
     flow: FlowNode
     """The compiled plan."""
 
+    # Plans of version 2 on are written compactly: the history of every flow
+    # holds its plan, so its size is paid on every flow (what a hand-written
+    # workflow's input does not carry).
+    @model_serializer(mode="wrap")
+    def _compact(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        pinned = PINNED_DEFAULTS.get(self.version)
+        if pinned is None:
+            return data
+        top = pinned["input"]
+        out = {k: v for k, v in data.items() if k not in top or top[k] != v}
+        out["flow"] = _compact_node(data["flow"], pinned)
+        return out
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        pinned = PINNED_DEFAULTS.get(data.get("version", 1))
+        if pinned is None:
+            return data
+        return {**pinned["input"], **data, "flow": _expand_node(data.get("flow"), pinned)}
+
 
 class StepCall(BaseModel):
     """One run of a step's method, as an engine hands it to a worker."""
@@ -131,6 +238,69 @@ class StepCall(BaseModel):
         return self.key if self.direction == "step_forward" else f"{self.key}/{self.direction}"
 
 
+class WireCall(BaseModel):
+    """A ``StepCall`` as a durable engine sends it to a worker, since every
+    call is kept in the flow's history: without what the worker learns from
+    the task itself. The step and direction are the task's name, the root
+    flow's id starts the flow's id, the path ends the key, and the timeout is
+    the task's time limit less ``WIRE_GRACE`` unless given. Flows of plans
+    older than version 2 send the whole ``StepCall``, which this reads too.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    args: dict[str, Any] = Field(default_factory=dict)
+    key: str | None = None
+    timeout: float | None = None
+    path: str | None = None
+    flow_id: str | None = None
+    step: str | None = None
+    direction: Literal["step_forward", "step_back"] | None = None
+
+    @model_serializer(mode="wrap")
+    def _compact(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {k: v for k, v in data.items() if v is not None and v != {}}
+
+    @classmethod
+    def of(cls, call: StepCall, grace: float | None) -> WireCall:
+        """What to send for ``call`` (of a plan of version 2 or later), run
+        with a time limit of ``call.timeout`` plus ``grace``."""
+        if call.key is None or path_of(call.key) != call.path:
+            raise ValueError(f"call {call.key!r} of {call.path!r} has no key that ends in it")
+        timeout = None if grace == WIRE_GRACE else call.timeout
+        return cls(args=call.args, key=call.key, timeout=timeout)
+
+    def call(self, *, flow_id: str, step: str, direction: str, limit: float | None) -> StepCall:
+        """The ``StepCall`` this stands for, given what the worker learnt from
+        the task: its flow's id, step, direction and time limit in seconds."""
+        if self.step is not None:  # a whole StepCall: a flow of an older plan
+            return StepCall.model_validate(self.model_dump())
+        if self.key is None:
+            raise ValueError("a call without its step needs its key")
+        timeout = self.timeout
+        if timeout is None and limit is not None:
+            timeout = limit - WIRE_GRACE
+        return StepCall(
+            flow_id=root_of(flow_id),
+            path=path_of(self.key),
+            step=step,
+            direction=direction,  # type: ignore[arg-type]
+            args=self.args,
+            key=self.key,
+            timeout=timeout,
+        )
+
+
+#: The ``timeout_grace`` a ``WireCall`` leaves unsaid (the pinned default).
+WIRE_GRACE = 30.0
+
+
+def root_of(flow_id: str) -> str:
+    """The id of the root flow of the flow whose id is ``flow_id``."""
+    return flow_id.partition(SUBFLOW_MARK)[0]
+
+
 class StepReturn(BaseModel):
     """What a step's method returned, normalised to a dict."""
 
@@ -138,6 +308,21 @@ class StepReturn(BaseModel):
 
     output: dict[str, Any] = Field(default_factory=dict)
     attempt: int = 1
+
+    # Written as ``[output]``, or ``[output, attempt]`` past the first
+    # attempt: every step's return is kept in its flow's history. Read from
+    # that, or from the ``{"output": ..., "attempt": ...}`` of older workers.
+    @model_serializer(mode="wrap")
+    def _compact(self, handler: SerializerFunctionWrapHandler) -> list[Any]:
+        data: dict[str, Any] = handler(self)
+        return [data["output"]] if self.attempt == 1 else [data["output"], data["attempt"]]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_list(cls, data: Any) -> Any:
+        if isinstance(data, list | tuple) and 1 <= len(data) <= 2:
+            return dict(zip(("output", "attempt"), data, strict=False))
+        return data
 
 
 #: Room kept under a payload limit for what the engine's encoding adds.
@@ -155,6 +340,15 @@ def forward_key(execution: str, path: str, run: int) -> str:
     step's executions in it (1, then +1 for each operator RETRY).
     """
     return f"{execution}/{path}" + (f"~{run}" if run > 1 else "")
+
+
+def path_of(key: str) -> str:
+    """The path of the step whose forward key (``forward_key``) is ``key``.
+
+    Execution ids hold no ``/`` or ``~`` (the root's is URL-safe base64; a
+    sub-flow attempt's adds ``/<path>#N``), so the path is the key's last part.
+    """
+    return key.rpartition("/")[2].partition("~")[0]
 
 
 def child_execution(execution: str, path: str, attempt: int) -> str:

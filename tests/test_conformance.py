@@ -161,7 +161,7 @@ async def test_retries(env: Env):
         state = await handle.state()
         assert (kind, result["attempt"], state.steps[0].attempts) == ("completed", 3, 3)
         # the execution's id (fixed at start), then the step's path
-        assert re.fullmatch(r"[0-9a-f]{32}/1", result["key"]), result["key"]
+        assert re.fullmatch(r"[A-Za-z0-9_-]{22}/1", result["key"]), result["key"]
         refused = new_ledger()
         kind, err = await outcome(await env.client.start(RefusesFlow, {"run": refused}))
     assert ATTEMPTS[run] == [1, 2, 3]

@@ -95,9 +95,10 @@ async def test_an_output_over_the_limit_fails_the_step_once_and_rolls_back(small
         with pytest.raises(qwit.FlowRolledBack) as info:
             await small.client.run(BigOutput, {"ledger": run})
         state = await small.client.get_handle(info.value.flow_id).state()
-    # the SDK refuses to send it; the policy makes that final at once
+    # the worker refuses to send it, as a final failure QWIT names
     assert info.value.step == "limits.no_undo_blob"
-    assert "PayloadsTooLarge" in info.value.reason
+    assert info.value.error_type == "qwit.PayloadTooLarge"
+    assert "returned 60014 bytes, over the 20000-byte payload limit" in info.value.reason
     assert state.steps[1].attempts == 1
     ledger.assert_fully_undone(run)
     assert await flow_status(small_server, info.value.flow_id) == (

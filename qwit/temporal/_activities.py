@@ -15,7 +15,7 @@ from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 from .._errors import ErrorInfo, PayloadTooLarge, StepFailure, StepNotRegistered, error_info
 from .._jsonargs import json_size
-from .._plan import PAYLOAD_MARGIN, StepCall, StepReturn
+from .._plan import PAYLOAD_MARGIN, StepCall, StepReturn, WireCall
 from .._runner import Registry, run_step_method
 from .._step import Step, defines
 
@@ -116,27 +116,38 @@ async def _payload_limit() -> int:
     return _payload_limits[key]
 
 
-async def _check_undo_fits(call: StepCall, output: dict[str, Any]) -> None:
-    """Fail a step whose output, with its args, would be too big to undo it.
+async def _check_output_fits(call: StepCall, output: dict[str, Any], undone: bool) -> None:
+    """Fail a step whose output is too big to return, or to undo it with.
 
-    ``step_back`` gets the step's args plus its output, in one payload. Failing
-    now (the step is then undone with its args alone, which fit) beats a
-    rollback that could never send the undo.
+    The output alone must fit one payload, or the worker could not report it
+    (the same on every attempt: the failure is final). An output that
+    ``step_back`` will get must fit with the step's args, in one payload:
+    failing now (the step is then undone with its args alone, which fit)
+    beats a rollback that could never send the undo.
     """
     limit = await _payload_limit()
-    args_size = json_size(call.model_dump(mode="json"))
     output_size = json_size(output)
-    if args_size + output_size > limit - PAYLOAD_MARGIN:
-        raise _application_error(
-            error_info(
-                PayloadTooLarge(
-                    f"step {call.step!r} returned {output_size} bytes; with its args "
-                    f"({args_size} bytes) its undo would not fit the {limit}-byte payload "
-                    "limit: return references (ids, URLs) instead of large values"
-                ),
-                attempt=activity.info().attempt,
-            )
+    if output_size > limit - PAYLOAD_MARGIN:
+        problem = f"returned {output_size} bytes, over the {limit}-byte payload limit"
+    elif undone:
+        args_size = json_size(call.args)
+        if args_size + output_size <= limit - PAYLOAD_MARGIN:
+            return
+        problem = (
+            f"returned {output_size} bytes; with its args ({args_size} bytes) its undo "
+            f"would not fit the {limit}-byte payload limit"
         )
+    else:
+        return
+    raise _application_error(
+        error_info(
+            PayloadTooLarge(
+                f"step {call.step!r} {problem}: return references (ids, URLs) instead of "
+                "large values"
+            ),
+            attempt=activity.info().attempt,
+        )
+    )
 
 
 class _Heartbeats:
@@ -167,13 +178,20 @@ def _grace(call: StepCall) -> float:
     return max(limit.total_seconds() - call.timeout, 0.0)
 
 
-def step_activity(cls: type[Step], direction: str) -> Callable[[StepCall], Any]:
+def step_activity(cls: type[Step], direction: str) -> Callable[[WireCall], Any]:
     """The activity that runs ``direction`` of the registered step ``cls``."""
 
     has_back = defines(cls, "step_back")
 
-    async def run(call: StepCall) -> StepReturn:
+    async def run(sent: WireCall) -> StepReturn:
         info = activity.info()
+        limit = info.start_to_close_timeout
+        call = sent.call(
+            flow_id=info.workflow_id or "",
+            step=cls.name,
+            direction=direction,
+            limit=limit.total_seconds() if limit else None,
+        )
         if call.step != cls.name or call.direction != direction:
             raise _application_error(
                 error_info(
@@ -207,8 +225,8 @@ def step_activity(cls: type[Step], direction: str) -> Callable[[StepCall], Any]:
                 keeper.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await keeper
-        if output and has_back:
-            await _check_undo_fits(call, output)
+        if output:
+            await _check_output_fits(call, output, undone=has_back and direction == DIRECTIONS[0])
         return StepReturn(output=output, attempt=info.attempt)
 
     run.__name__ = run.__qualname__ = f"{cls.__name__}_{direction}"

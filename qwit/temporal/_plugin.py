@@ -9,7 +9,6 @@ from types import ModuleType
 from typing import Any, Literal
 
 from temporalio.activity import _Definition as _ActivityDefinition
-from temporalio.contrib.pydantic import PydanticPayloadConverter
 from temporalio.converter import DataConverter
 from temporalio.plugin import SimplePlugin
 from temporalio.worker import WorkerConfig, WorkflowRunner
@@ -19,6 +18,7 @@ from .._flow import Flow
 from .._runner import Registry
 from .._step import Step
 from ._activities import step_activities, unregistered_step
+from ._converter import QwitPayloadConverter
 from ._encryption import EncryptionCodec, encrypted_converter
 from ._workflow import NoEagerInterceptor, QwitWorkflow
 
@@ -37,9 +37,9 @@ def _data_converter(
 ) -> Callable[[DataConverter | None], DataConverter]:
     def convert(existing: DataConverter | None) -> DataConverter:
         base = existing or DataConverter.default
-        if base.payload_converter_class is not PydanticPayloadConverter:
+        if base.payload_converter_class is not QwitPayloadConverter:
             # Keep the user's codec and failure converter; only JSON handling changes.
-            base = dataclasses.replace(base, payload_converter_class=PydanticPayloadConverter)
+            base = dataclasses.replace(base, payload_converter_class=QwitPayloadConverter)
         return encrypted_converter(base, encryption)
 
     return convert

@@ -61,6 +61,7 @@ with workflow.unsafe.imports_passed_through():
         StepCall,
         StepNode,
         StepReturn,
+        WireCall,
         child_flow_id,
     )
     from .._saga import Decision, FlowFailure, FlowRuntime, Interpreter, SubflowRun
@@ -176,14 +177,16 @@ def failure_info(err: BaseException) -> FailureInfo | None:
     return None
 
 
-def _policy(retry: Retry) -> RetryPolicy:
+def _policy(retry: Retry, version: int) -> RetryPolicy:
     return RetryPolicy(
         initial_interval=timedelta(seconds=retry.initial_interval),
         backoff_coefficient=retry.backoff,
         maximum_interval=timedelta(seconds=retry.max_interval),
         maximum_attempts=retry.max_attempts or 0,
-        # An output over the payload limit will be as big on every attempt.
-        non_retryable_error_types=["PayloadsTooLarge"],
+        # An output over the payload limit will be as big on every attempt:
+        # the workers of plans from version 2 on refuse it themselves, as a
+        # final qwit.PayloadTooLarge, before the SDK does.
+        non_retryable_error_types=["PayloadsTooLarge"] if version < 2 else None,
     )
 
 
@@ -289,11 +292,16 @@ class _Runtime(FlowRuntime):
             offered_again = True
 
     async def _run_once(self, node: StepNode, call: StepCall, eager: bool = True) -> StepReturn:
+        # Flows of plan version 2 on send calls without what the activity
+        # knows (WireCall); older ones (and inputs made without an execution
+        # id) send them whole, as their workers expect.
+        compact = self.owner.input.version >= 2 and call.key is not None
+        sent = WireCall.of(call, node.timeout_grace) if compact else call
         if not eager:
             # Scheduled through the task queue, not handed to this worker at
             # once (see NoEagerInterceptor): another worker may serve it.
-            call = call.model_copy()
-            self.owner.not_eager.add(id(call))
+            sent = sent.model_copy()
+            self.owner.not_eager.add(id(sent))
         forward = call.direction == "step_forward"
         retry = node.retry if forward else node.back_retry
         activity = f"{node.name}.{call.direction}"
@@ -308,22 +316,22 @@ class _Runtime(FlowRuntime):
             if node.local:
                 result: StepReturn = await workflow.execute_local_activity(
                     activity,
-                    call,
+                    sent,
                     result_type=StepReturn,
                     start_to_close_timeout=timeout,
-                    retry_policy=_policy(retry),
+                    retry_policy=_policy(retry, self.owner.input.version),
                     summary=summary,
                 )
                 return result
             result = await workflow.execute_activity(
                 activity,
-                call,
+                sent,
                 result_type=StepReturn,
                 start_to_close_timeout=timeout,
                 heartbeat_timeout=(
                     timedelta(seconds=node.heartbeat_timeout) if node.heartbeat_timeout else None
                 ),
-                retry_policy=_policy(retry),
+                retry_policy=_policy(retry, self.owner.input.version),
                 cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
                 summary=summary,
             )
