@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel
+from pydantic_core import to_json
 
 
 class NotJSON(ValueError):
@@ -67,5 +67,5 @@ def as_args(value: Any, what: str) -> dict[str, Any]:
 
 
 def json_size(value: Any) -> int:
-    """Bytes of ``value`` as compact JSON."""
-    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+    """Bytes of ``value`` as compact JSON (UTF-8, as payloads are written)."""
+    return len(to_json(value))

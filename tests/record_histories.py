@@ -3,7 +3,9 @@
     python -m tests.record_histories [NAME ...]
 
 Starts its own dev server and worker, runs each scenario and writes
-tests/histories/<name>.json. Existing files are kept unless named.
+tests/histories/plan<N>.<name>.json, N the plan version of this QWIT (the
+files without a version were recorded with plan version 1). Existing files
+are kept unless named.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowHistory
 
 import qwit
+from qwit._plan import PLAN_VERSION
 from qwit.temporal import DevServer, connect_temporal, create_worker
 from qwit.testing import wait_for_status
 from tests.history_flows import (
@@ -143,7 +146,7 @@ async def record(names: list[str]) -> None:
             task_queue=queue,
         ):
             for name in names:
-                todo = [(name, await SCENARIOS[name](client))]
+                todo = [(f"plan{PLAN_VERSION}.{name}", await SCENARIOS[name](client))]
                 while todo:
                     file, flow_id = todo.pop(0)
                     history = await temporal.get_workflow_handle(flow_id).fetch_history()

@@ -20,6 +20,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 LATENCY_SHAPES = ["1_steps", "5_steps", "20_steps", "5_steps_fail", "5_local_steps"]
 BIG = [f"{n}_steps_1kb{typing}" for n in (25, 50) for typing in ("", "_typed_forward", "_typed")]
+TYPED = ["5_steps_typed", "20_steps_typed"]
+#: The history of a QWIT flow is at most this many times the hand-written
+#: saga's for the same flow. Sizes, not timings: the same on every run but for
+#: the lengths of random ids.
+HISTORY_BYTES_GOAL = 1.25
 
 
 def expected_keys() -> list[tuple[str, str]]:
@@ -46,7 +51,7 @@ def expected_keys() -> list[tuple[str, str]]:
         figure("history_events", "", f"_{shape}")
         figure("history_bytes", "", f"_{shape}")
         figure("workflow_input", "bytes", f"_{shape}")
-    for shape in BIG:
+    for shape in BIG + TYPED:
         figure("history_bytes", "", f"_{shape}")
     for typing in ("", "_typed_forward", "_typed"):
         figure("history_growth_exponent", "", f"_1kb{typing}")
@@ -114,3 +119,12 @@ def test_both_sides_did_the_same_work(report: dict[str, Any]) -> None:
         assert history["5_local_steps"][side]["markers"] == 5
         assert history["5_local_steps"][side]["activities_forward"] == 0
     assert report["meta"]["mode"] == "smoke"
+
+
+@pytest.mark.parametrize("shape", ["5_steps", "5_steps_typed", "20_steps_typed"])
+def test_history_bytes_are_within_the_goal(report: dict[str, Any], shape: str) -> None:
+    # Untyped steps are sent every arg the flow has so far (the contract), so
+    # the 20-step untyped flow is over it: the hand-written saga sends each
+    # activity only what it reads, as typed steps are sent.
+    ratio = report["figures"][f"history_bytes_ratio_{shape}"]
+    assert ratio <= HISTORY_BYTES_GOAL, f"{shape}: {ratio:.3f}"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -159,15 +158,24 @@ class _Heartbeats:
 
     def __init__(self, details: Sequence[Any]) -> None:
         self.last: tuple[Any, ...] = tuple(details[:1])
+        self.timer: asyncio.TimerHandle | None = None
 
     def beat(self, details: Any) -> None:
         self.last = (details,)
         activity.heartbeat(details)
 
-    async def keep_alive(self) -> None:
-        while True:
-            await asyncio.sleep(AUTO_HEARTBEAT_EVERY)
-            activity.heartbeat(*self.last)
+    def keep_alive(self) -> None:
+        """Heartbeat every ``AUTO_HEARTBEAT_EVERY`` seconds until ``stop``
+        (a timer, not a task: most steps end before the first beat)."""
+        self.timer = asyncio.get_running_loop().call_later(AUTO_HEARTBEAT_EVERY, self._auto)
+
+    def _auto(self) -> None:
+        activity.heartbeat(*self.last)
+        self.keep_alive()
+
+    def stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
 
 
 def _grace(call: StepCall) -> float:
@@ -204,7 +212,8 @@ def step_activity(cls: type[Step], direction: str) -> Callable[[WireCall], Any]:
             )
         beats = _Heartbeats(info.heartbeat_details)
         # A local activity can't heartbeat: its own worker tells it of a cancel.
-        keeper = None if info.is_local else asyncio.create_task(beats.keep_alive())
+        if not info.is_local:
+            beats.keep_alive()
         try:
             output = await run_step_method(
                 cls,
@@ -221,10 +230,7 @@ def step_activity(cls: type[Step], direction: str) -> Callable[[WireCall], Any]:
             error = _failed(failure, call)
             raise error from error.__cause__
         finally:
-            if keeper is not None:
-                keeper.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await keeper
+            beats.stop()
         if output:
             await _check_output_fits(call, output, undone=has_back and direction == DIRECTIONS[0])
         return StepReturn(output=output, attempt=info.attempt)
