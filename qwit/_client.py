@@ -13,7 +13,7 @@ from ._engine import Backend, Engine, FlowHandle
 from ._errors import ArgumentsError, FlowDefinitionError
 from ._flow import Flow, compile_flow
 from ._jsonargs import NotJSON, as_args
-from ._plan import SUBFLOW_MARK, FlowInput, FlowNode, walk
+from ._plan import SUBFLOW_MARK, FlowInput, FlowNode, StepNode, walk
 from .temporal._config import (
     DEFAULT_TASK_QUEUE,
     TASK_QUEUE_ENV,
@@ -45,6 +45,8 @@ def _default_backend() -> Backend:
 
 def _check_backends(plan: FlowNode, engine: str) -> None:
     for path, node, _ in walk(plan):
+        if not isinstance(node, StepNode | FlowNode):
+            continue  # a parallel block or a map: its steps say
         if node.backend is not None and node.backend != engine:
             raise FlowDefinitionError(
                 f"flow {plan.name!r}, path {path}: {node.kind} {node.name!r} names backend "

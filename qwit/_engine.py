@@ -21,7 +21,7 @@ from ._jsonargs import NotJSON, as_args
 from ._options import Reaction, parse_reaction
 from ._plan import FlowInput
 from ._saga import Decision
-from ._state import FlowState
+from ._state import FlowState, StepState
 
 if TYPE_CHECKING:
     from ._client import Client
@@ -95,30 +95,50 @@ class FlowHandle(ABC):
         return await self._with_subflows(await self.flow_state(self.id))
 
     async def _with_subflows(self, state: FlowState) -> FlowState:
-        steps = list(state.steps)
-        waiting = state.waiting
-        for i, step in enumerate(steps):
-            if step.kind != "flow" or step.flow_id is None:
-                continue
-            child = await self._with_subflows(await self.flow_state(step.flow_id))
-            steps[i] = step.model_copy(update={"steps": child.steps})
-            if waiting is None and child.waiting is not None:
-                waiting = child.waiting
-        status = "waiting" if waiting is not None and not state.done else state.status
-        return state.model_copy(update={"steps": steps, "waiting": waiting, "status": status})
+        # (a flow of an older worker reports its one wait as ``waiting`` only)
+        waits = list(state.waits) or ([state.waiting] if state.waiting else [])
 
-    async def react(self, reaction: Reaction | str, args: dict[str, Any] | None = None) -> None:
+        async def fill(steps: list[StepState]) -> list[StepState]:
+            filled = []
+            for step in steps:
+                if step.kind == "flow" and step.flow_id is not None:
+                    child = await self._with_subflows(await self.flow_state(step.flow_id))
+                    step = step.model_copy(update={"steps": child.steps})
+                    waits.extend(child.waits)
+                elif step.steps:  # a parallel block's branches, a map's elements
+                    step = step.model_copy(update={"steps": await fill(step.steps)})
+                filled.append(step)
+            return filled
+
+        steps = await fill(list(state.steps))
+        waits.sort(key=lambda w: tuple(int(p) for p in w.path.split(".") if p.isdigit()))
+        waiting = waits[0] if waits else None
+        status = "waiting" if waiting is not None and not state.done else state.status
+        return state.model_copy(
+            update={"steps": steps, "waiting": waiting, "waits": waits, "status": status}
+        )
+
+    async def react(
+        self,
+        reaction: Reaction | str,
+        args: dict[str, Any] | None = None,
+        path: str | None = None,
+    ) -> None:
         """Decide for a flow that is waiting (a step with ``on_failure=WAIT``).
 
         Args:
             reaction: ``RETRY`` (run the step again), ``SKIP``, ``SKIPBACK``,
                 ``ROLLBACK`` or ``ABORT``; while a ``step_back`` waits,
                 ``RETRY`` or ``SKIP``. Lowercase names are accepted.
-            args: With RETRY, args merged into the waiting flow's args first,
+            args: With RETRY, args merged into the waiting step's args first,
                 to fix bad input.
+            path: The path of the waiting step this decides (``state().waits``
+                lists them); required when several wait (branches of a
+                parallel block, elements of a map), else optional.
 
         Raises:
-            ReactionError: the flow is not waiting, or the decision is not
+            ReactionError: the flow is not waiting (or not at ``path``, or at
+                several paths and none was named), or the decision is not
                 one it can take; nothing changes.
             FlowNotFound: no flow has this id.
             EngineUnavailable: the engine can't be reached.
@@ -130,9 +150,26 @@ class FlowHandle(ABC):
         except ValueError as exc:
             raise ReactionError(f"flow {self.id!r}: {exc}") from None
         state = await self.state()
-        if state.waiting is None:
+        if not state.waits:
             raise ReactionError(f"flow {self.id!r} is not waiting (it is {state.status})")
-        await self.send_decision(state.waiting.flow_id, decision)
+        paths = ", ".join(w.path for w in state.waits)
+        if path is None:
+            if len(state.waits) > 1:
+                raise ReactionError(
+                    f"flow {self.id!r}: {len(state.waits)} steps wait (paths {paths}): "
+                    "name the one this decides (path=...)"
+                )
+            waiting = state.waits[0]
+        else:
+            found = [w for w in state.waits if w.path == path]
+            if not found:
+                raise ReactionError(
+                    f"flow {self.id!r}: no step waits at path {path!r} (waiting: {paths})"
+                )
+            waiting = found[0]
+        await self.send_decision(
+            waiting.flow_id, decision.model_copy(update={"path": waiting.path})
+        )
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id!r} on {self.engine}>"

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import typing
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+from pydantic import BaseModel
 
 from ._errors import FlowDefinitionError
 from ._jsonargs import NotJSON, as_args
 from ._options import (
     BACK_FAILURE_REACTIONS,
     DEFAULT_BACK_RETRY,
+    DEFAULT_MAX_CONCURRENCY,
     DEFAULT_RETRY,
     DEFAULT_TIMEOUT,
     DEFAULT_TIMEOUT_GRACE,
@@ -23,7 +28,7 @@ from ._options import (
     parse_reaction,
     parse_seconds,
 )
-from ._plan import FlowNode, Node, StepNode
+from ._plan import FlowNode, MapNode, Node, ParallelNode, StepNode, Unit
 from ._step import Step, _own_name, args_model, defines, is_abstract, mark_abstract, model_fields
 
 
@@ -64,7 +69,8 @@ class Flow:
         mark_abstract(cls, abstract)
 
     def __init__(self) -> None:
-        self._entries: list[tuple[Any, Any, dict[str, Any]]] = []
+        self._entries: list[_Entry] = []
+        self._block: _ParallelEntry | None = None
 
     def build_flow(self) -> None:
         """Declare the steps, in order, with ``self.step(...)``."""
@@ -84,7 +90,95 @@ class Flow:
                 ``back_on_failure``, ``local``. A sub-flow takes only
                 ``on_failure``.
         """
-        self._entries.append((step, static_args, options))
+        block = getattr(self, "_block", None)
+        (self._entries if block is None else block.entries).append((step, static_args, options))
+
+    @contextlib.contextmanager
+    def parallel(self) -> Iterator[None]:
+        """A parallel block: each ``self.step(...)`` inside it is a branch.
+
+        The branches run side by side, each with the args as they were when
+        the block started (plus its own static args); once all have ended,
+        their outputs are merged into the args in plan order. On a failure
+        that rolls back, the branches still running are cancelled, and what
+        completed is undone in reverse dependency order: the branches side by
+        side, after what ran after the block and before what ran before it.
+
+        Example:
+            >>> with self.parallel():
+            ...     self.step(Charge)
+            ...     self.step(ShipFlow)  # a sub-flow branch runs its steps in order
+        """
+        if getattr(self, "_block", None) is not None:
+            raise FlowDefinitionError(
+                f"flow {self.name!r}: a parallel block can't hold another; put the inner "
+                "one in a sub-flow and use that as a branch"
+            )
+        block = _ParallelEntry()
+        self._entries.append(block)
+        self._block = block
+        try:
+            yield
+        finally:
+            self._block = None
+
+    def map(
+        self,
+        step: type[Step] | type[Flow],
+        static_args: Any = None,
+        /,
+        *,
+        over: str,
+        item: str,
+        into: str,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        **options: Any,
+    ) -> None:
+        """Run a step (or sub-flow) once per element of the list ``args[over]``.
+
+        Each element runs with the map's starting args, without ``over``,
+        plus the element as ``args[item]`` (and the static args); at most
+        ``max_concurrency`` run at once. Their outputs are collected, in
+        element order, into ``args[into]`` as a list (an element that was
+        skipped: None). An empty list is fine; a missing or non-list
+        ``args[over]`` fails the map step.
+
+        Args:
+            step: A Step or Flow class.
+            static_args: Args for every element.
+            over: The arg that holds the list.
+            item: The arg each element gets its element as.
+            into: The arg the outputs are collected into.
+            max_concurrency: Most elements run (or undone) at once.
+            **options: Step options for each element, as for ``step``.
+        """
+        if getattr(self, "_block", None) is not None:
+            raise FlowDefinitionError(
+                f"flow {self.name!r}: a map can't be a branch of a parallel block; put it in "
+                "a sub-flow and use that as a branch"
+            )
+        self._entries.append(
+            _MapEntry(step, static_args, options, over, item, into, max_concurrency)
+        )
+
+
+@dataclass
+class _ParallelEntry:
+    entries: list[tuple[Any, Any, dict[str, Any]]] = field(default_factory=list)
+
+
+@dataclass
+class _MapEntry:
+    target: Any
+    static_args: Any
+    options: dict[str, Any]
+    over: Any
+    item: Any
+    into: Any
+    max_concurrency: Any
+
+
+_Entry = tuple[Any, Any, dict[str, Any]] | _ParallelEntry | _MapEntry
 
 
 def _backend_name(backend: Any, where: str) -> str | None:
@@ -135,7 +229,7 @@ class _Compiler:
                 raise FlowDefinitionError(
                     f"flow {cls.name!r} has no steps: build_flow() must call self.step(...)"
                 )
-            nodes = [self.entry(cls, i, *entry) for i, entry in enumerate(entries)]
+            nodes = [self.any_entry(cls, i, entry) for i, entry in enumerate(entries)]
         finally:
             self.stack.pop()
         try:
@@ -150,15 +244,67 @@ class _Compiler:
             backend=_backend_name(cls.backend, f"flow {cls.name!r}"),
         )
 
+    def any_entry(self, parent: type[Flow], index: int, entry: _Entry) -> Node:
+        if isinstance(entry, _ParallelEntry):
+            return self.parallel(parent, index, entry)
+        if isinstance(entry, _MapEntry):
+            return self.map(parent, index, entry)
+        return self.entry(parent, f"step {index + 1}", *entry)
+
+    def parallel(self, parent: type[Flow], index: int, block: _ParallelEntry) -> ParallelNode:
+        where = f"flow {parent.name!r}, step {index + 1} (parallel block)"
+        if not block.entries:
+            raise FlowDefinitionError(f"{where} has no branches: call self.step(...) inside it")
+        branches = [
+            self.entry(parent, f"step {index + 1}.{i + 1} (a branch)", *entry)
+            for i, entry in enumerate(block.entries)
+        ]
+        # Typed outputs show a clash before anything runs.
+        seen: dict[str, str] = {}
+        for branch in branches:
+            for key in _output_fields(self.names.get(branch.name)):
+                if key in seen:
+                    raise FlowDefinitionError(
+                        f"{where}: branches {seen[key]!r} and {branch.name!r} both return "
+                        f"{key!r}; the block could not merge their outputs (rename one)"
+                    )
+                seen[key] = branch.name
+        return ParallelNode(branches=tuple(branches))
+
+    def map(self, parent: type[Flow], index: int, entry: _MapEntry) -> MapNode:
+        where = f"flow {parent.name!r}, step {index + 1} (map)"
+        for option in ("over", "item", "into"):
+            value = getattr(entry, option)
+            if not isinstance(value, str) or not value:
+                raise FlowDefinitionError(
+                    f"{where}: {option}= must be the name of an arg, not {value!r}"
+                )
+        limit = entry.max_concurrency
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise FlowDefinitionError(
+                f"{where}: max_concurrency must be a whole number >= 1, not {limit!r}"
+            )
+        node = self.entry(
+            parent, f"step {index + 1} (map)", entry.target, entry.static_args, entry.options
+        )
+        return MapNode(
+            name=node.name,
+            over=entry.over,
+            item=entry.item,
+            into=entry.into,
+            max_concurrency=limit,
+            node=node,
+        )
+
     def entry(
-        self, parent: type[Flow], index: int, target: Any, raw_args: Any, options: dict[str, Any]
-    ) -> Node:
-        where = f"flow {parent.name!r}, step {index + 1}"
+        self, parent: type[Flow], position: str, target: Any, raw_args: Any, options: dict[str, Any]
+    ) -> Unit:
+        where = f"flow {parent.name!r}, {position}"
         if not (isinstance(target, type) and issubclass(target, (Step, Flow))):
             raise FlowDefinitionError(
                 f"{where}: expected a qwit.Step or qwit.Flow class, got {target!r}"
             )
-        where = f"flow {parent.name!r}, step {index + 1} ({target.name!r})"
+        where = f"flow {parent.name!r}, {position} ({target.name!r})"
         if is_abstract(target):
             raise FlowDefinitionError(
                 f"{where}: {target.__qualname__} is abstract (abstract=True), a base for "
@@ -238,6 +384,21 @@ class _Compiler:
             back_fields=back_fields,
             backend=_backend_name(cls.backend, where),
         )
+
+
+def _output_fields(cls: type | None) -> set[str]:
+    """The keys a step's typed output always has (its return annotation is a
+    pydantic model); none if untyped."""
+    if cls is None or not (isinstance(cls, type) and issubclass(cls, Step)):
+        return set()
+    try:
+        hints = typing.get_type_hints(cls.step_forward)
+    except Exception:  # an annotation that does not resolve: nothing is known
+        return set()
+    returned = hints.get("return")
+    if isinstance(returned, type) and issubclass(returned, BaseModel):
+        return set(returned.model_fields)
+    return set()
 
 
 def _retry(value: Any, option: str) -> Retry:

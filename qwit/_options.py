@@ -121,6 +121,8 @@ DEFAULT_TIMEOUT = 300.0
 #: (an ``async`` step cancelled, a plain one seeing ``context().cancelled``),
 #: gets to stop before the next attempt or the undo starts anyway.
 DEFAULT_TIMEOUT_GRACE = 30.0
+#: How many elements of a map run (or are undone) at once unless it says.
+DEFAULT_MAX_CONCURRENCY = 10
 
 
 class FailureRule(BaseModel):

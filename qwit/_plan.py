@@ -82,16 +82,26 @@ PINNED_DEFAULTS: dict[int, dict[str, dict[str, Any]]] = {
 }
 
 
+#: Where each kind of node holds the nodes inside it: a list, or one node.
+_CHILDREN = {"flow": "steps", "parallel": "branches", "map": "node"}
+
+
 def _compact_node(node: dict[str, Any], pinned: dict[str, dict[str, Any]]) -> dict[str, Any]:
     kind = node.get("kind", "step")
-    defaults = pinned[kind]
+    defaults = pinned.get(kind, {})
     out = {k: v for k, v in node.items() if k not in defaults or defaults[k] != v}
     if kind == "step":
         del out["kind"]  # a node without a kind is a step
         if node.get("back_fields") == node.get("fields"):
             out.pop("back_fields", None)  # missing: the same as fields
     else:
-        out["steps"] = [_compact_node(child, pinned) for child in node["steps"]]
+        key = _CHILDREN[kind]
+        inner = node[key]
+        out[key] = (
+            _compact_node(inner, pinned)
+            if isinstance(inner, dict)
+            else [_compact_node(child, pinned) for child in inner]
+        )
     return out
 
 
@@ -99,13 +109,16 @@ def _expand_node(node: Any, pinned: dict[str, dict[str, Any]]) -> Any:
     if not isinstance(node, dict):
         return node  # a node object, or bad input pydantic reports
     kind = node.get("kind", "step")
-    if kind not in pinned:
-        return node
-    out = {**pinned[kind], **node, "kind": kind}
+    if kind != "step" and kind not in _CHILDREN:
+        return node  # not a kind of node: pydantic says so
+    out = {**pinned.get(kind, {}), **node, "kind": kind}
     if kind == "step" and "back_fields" not in node:
         out["back_fields"] = out.get("fields")
-    if kind == "flow" and isinstance(out.get("steps"), list | tuple):
-        out["steps"] = [_expand_node(child, pinned) for child in out["steps"]]
+    inner = out.get(_CHILDREN.get(kind, ""))
+    if isinstance(inner, dict):
+        out[_CHILDREN[kind]] = _expand_node(inner, pinned)
+    elif isinstance(inner, list | tuple):
+        out[_CHILDREN[kind]] = [_expand_node(child, pinned) for child in inner]
     return out
 
 
@@ -154,8 +167,48 @@ class FlowNode(BaseModel):
         return [node.name for _, node, _ in walk(self) if isinstance(node, StepNode)]
 
 
-Node = Annotated[StepNode | FlowNode, Field(discriminator="kind")]
+#: What a branch or a map's element runs: a step or a sub-flow.
+UnitNode = Annotated[StepNode | FlowNode, Field(discriminator="kind")]
+
+
+class ParallelNode(BaseModel):
+    """A parallel block: its branches (steps or sub-flows) run side by side."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["parallel"] = "parallel"
+    name: str = "parallel"
+    branches: tuple[UnitNode, ...]
+    """Each a step or a sub-flow; their outputs are merged in this order."""
+
+
+class MapNode(BaseModel):
+    """A map: one step (or sub-flow) run once per element of a list arg."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["map"] = "map"
+    name: str
+    """The name of the step or sub-flow each element runs."""
+    over: str
+    """The arg holding the list."""
+    item: str
+    """The arg each element gets its element as."""
+    into: str
+    """The arg the outputs are collected into, as a list in element order."""
+    max_concurrency: int = Field(ge=1)
+    """At most this many elements run (or are undone) at once."""
+    node: UnitNode
+    """What each element runs: a step or a sub-flow."""
+
+
+Node = Annotated[StepNode | FlowNode | ParallelNode | MapNode, Field(discriminator="kind")]
 FlowNode.model_rebuild()
+ParallelNode.model_rebuild()
+MapNode.model_rebuild()
+
+#: The nodes a flow runs as one step of its own: their own step, or a sub-flow.
+Unit = StepNode | FlowNode
 
 
 class FlowInput(BaseModel):
@@ -373,14 +426,31 @@ def child_flow_id(input: FlowInput, path: str, attempt: int) -> str:
     return f"{input.root_id}{SUBFLOW_MARK}{scope + '/' if scope else ''}{path}"
 
 
-def walk(flow: FlowNode, path: str = "", depth: int = 0) -> Iterator[tuple[str, Node, int]]:
-    """Every node under ``flow``, depth first in plan order, with its path and
-    depth (0 for ``flow``'s own steps): the one way to walk a plan."""
-    for i, node in enumerate(flow.steps):
-        node_path = child_path(path, i)
+#: The path segment of a map's element in a plan (its elements are known
+#: only at run time: element i has the segment i + 1).
+ELEMENT = "*"
+
+
+def walk(flow: Node, path: str = "", depth: int = 0) -> Iterator[tuple[str, Node, int]]:
+    """Every node under ``flow`` (a flow, a parallel block or a map), depth
+    first in plan order, with its path and depth (0 for ``flow``'s own
+    nodes): the one way to walk a plan. A map's element node has the path
+    ``<map's path>.*``."""
+    for i, node in enumerate(inner_nodes(flow)):
+        node_path = f"{path}.{ELEMENT}" if isinstance(flow, MapNode) else child_path(path, i)
         yield node_path, node, depth
-        if isinstance(node, FlowNode):
-            yield from walk(node, node_path, depth + 1)
+        yield from walk(node, node_path, depth + 1)
+
+
+def inner_nodes(node: Node) -> tuple[Node, ...]:
+    """The nodes directly inside ``node`` (none inside a step)."""
+    if isinstance(node, FlowNode):
+        return node.steps
+    if isinstance(node, ParallelNode):
+        return node.branches
+    if isinstance(node, MapNode):
+        return (node.node,)
+    return ()
 
 
 def child_path(parent: str, index: int) -> str:

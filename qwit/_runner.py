@@ -145,6 +145,8 @@ class _Deadline:
         self.grace = grace
         self.attempt = attempt
         self.fired = False
+        self.outside = False
+        """A cancel from outside reached a plain step's attempt."""
 
     def error(self) -> StepFailure:
         message = f"step timed out after {self.timeout:g}s"
@@ -200,6 +202,9 @@ class _Deadline:
                 raise self.error()
             return future.result()
         except asyncio.CancelledError:
+            # Cancelled from outside (the flow, or this step alone: a sibling
+            # branch stopped the block): the step sees ``cancelled`` now.
+            self.outside = True
             with contextlib.suppress(BaseException):
                 await future
             raise
@@ -275,7 +280,7 @@ async def run_step_method(
         heartbeat_details=heartbeat_details,
         engine=engine,
         _heartbeat=_thread_safe(heartbeat) if heartbeat else (lambda details: None),
-        _is_cancelled=lambda: deadline.fired or outer_cancelled(),
+        _is_cancelled=lambda: deadline.fired or deadline.outside or outer_cancelled(),
     )
     token = set_context(ctx)
     try:

@@ -38,6 +38,8 @@ class Decision(BaseModel):
 
     reaction: Reaction
     args: dict[str, Any] = Field(default_factory=dict)
+    path: str | None = None
+    """The waiting step it decides (None: the only one that waits)."""
 
 
 class SubflowRun(ABC):

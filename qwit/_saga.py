@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ._errors import (
+    ArgumentsError,
     Compensation,
     ErrorInfo,
     FailureInfo,
@@ -42,7 +43,9 @@ from ._plan import (
     PAYLOAD_MARGIN,
     FlowInput,
     FlowNode,
+    MapNode,
     Node,
+    ParallelNode,
     StepCall,
     StepNode,
     child_execution,
@@ -87,6 +90,17 @@ class StepRun:
     failed_step: str | None = None
     """For a sub-flow that failed: the name of its step that failed."""
     sub: SubflowRun | None = None
+    members: list[StepRun] = field(default_factory=list)
+    """A parallel block's branches, or a map's elements (made when it starts)."""
+    index: int | None = None
+    """A map element's 0-based index."""
+    base: dict[str, Any] | None = None
+    """A branch's or element's own view of the flow's args (None: the flow's)."""
+    stopping: bool = False
+    """A branch or element whose sibling stopped the block: cancelled."""
+    undo_failed: bool = True
+    """Whether a failed branch or element that may have done something is
+    undone with its block (not when its reaction was SKIPBACK)."""
 
     @property
     def name(self) -> str:
@@ -97,10 +111,26 @@ class StepRun:
         return isinstance(self.node, FlowNode)
 
     @property
+    def is_group(self) -> bool:
+        """A parallel block or a map: its members run, and are undone, side by side."""
+        return isinstance(self.node, ParallelNode | MapNode)
+
+    @property
+    def kind(self) -> Literal["step", "flow", "parallel", "map"]:
+        return self.node.kind
+
+    def needs_undo(self) -> bool:
+        """Whether a rollback must undo this member of a block."""
+        if self.status == "done":
+            return True
+        return self.status == "failed" and self.undo_failed and self.has_effect
+
+    @property
     def has_effect(self) -> bool:
         """Whether a failed forward may have done something to undo."""
-        if self.is_flow:
-            return False  # a sub-flow that failed has undone itself
+        if self.is_flow or self.is_group:
+            return False  # a sub-flow that failed has undone itself; a block is
+            # undone as the group it is (on the done stack)
         return self.args is not None and (self.error is None or self.error.started)
 
 
@@ -116,16 +146,22 @@ class SagaState:
     runs: list[StepRun]
     """Every step of the plan, in plan order."""
     status: FlowStatus = "running"
+    phase: Literal["running", "compensating"] = "running"
+    """What the flow does when nothing waits (its status is then this)."""
     outputs: dict[str, Any] = field(default_factory=dict)
     done: list[StepRun] = field(default_factory=list)
+    """Completed steps, oldest first; a parallel block or map is one entry,
+    its members undone side by side."""
     current: StepRun | None = None
     """The step going forward (or waiting for an operator) right now."""
     compensations: list[Compensation] = field(default_factory=list)
     compensated: list[str] = field(default_factory=list)
     failed_compensations: list[str] = field(default_factory=list)
     failure: FailureInfo | None = None
-    waiting: WaitInfo | None = None
-    decision: Decision | None = None
+    waits: dict[str, WaitInfo] = field(default_factory=dict)
+    """What waits for an operator, by path (several branches may wait)."""
+    decisions: dict[str, Decision] = field(default_factory=dict)
+    """Decisions taken and not yet read, by the path they decide."""
     settle: bool | None = None
     events: list[FlowEvent] = field(default_factory=list)
 
@@ -144,11 +180,17 @@ _Outcome = _Completed | _Failed
 
 
 class _Stop(Exception):
-    """The forward run stops at ``run`` with ``reaction`` (ROLLBACK, SKIPBACK, ABORT)."""
+    """The forward run stops at ``run`` with ``reaction`` (ROLLBACK, SKIPBACK, ABORT).
 
-    def __init__(self, reaction: Reaction, run: StepRun) -> None:
+    ``undo_failed``: whether the rollback must still undo ``run`` itself (a
+    step that failed with ROLLBACK and may have done something); a block's
+    members are undone with the block, which is on the done stack.
+    """
+
+    def __init__(self, reaction: Reaction, run: StepRun, undo_failed: bool) -> None:
         self.reaction = reaction
         self.run = run
+        self.undo_failed = undo_failed
 
 
 def _select(args: dict[str, Any], fields: tuple[str, ...] | None) -> dict[str, Any]:
@@ -171,12 +213,14 @@ class Interpreter:
         self.input = input
         self.runtime = runtime
         self.flow_id = flow_id
-        self.saga = SagaState(
-            args=dict(input.args),
-            runs=[
-                StepRun(node, child_path(input.path, i)) for i, node in enumerate(input.flow.steps)
-            ],
-        )
+        runs = [StepRun(node, child_path(input.path, i)) for i, node in enumerate(input.flow.steps)]
+        for run in runs:
+            if isinstance(run.node, ParallelNode):
+                run.members = [
+                    StepRun(branch, child_path(run.path, i))
+                    for i, branch in enumerate(run.node.branches)
+                ]
+        self.saga = SagaState(args=dict(input.args), runs=runs)
 
     @property
     def status(self) -> FlowStatus:
@@ -185,8 +229,13 @@ class Interpreter:
 
     @property
     def waiting(self) -> WaitInfo | None:
-        """What the flow waits for, while an operator must decide."""
-        return self.saga.waiting
+        """What the flow waits for, while an operator must decide (the first
+        in plan order, when several branches wait)."""
+        waits = self._waits()
+        return waits[0] if waits else None
+
+    def _waits(self) -> list[WaitInfo]:
+        return sorted(self.saga.waits.values(), key=lambda w: _path_key(w.path))
 
     @property
     def is_subflow(self) -> bool:
@@ -195,7 +244,15 @@ class Interpreter:
     # -- transitions: the only places state changes, each recorded ---------------
 
     def _flow_to(self, status: FlowStatus) -> None:
-        """Change the flow's status, record it, and have the engine publish it."""
+        """Change the flow's status, record it, and have the engine publish it.
+
+        ``running`` and ``compensating`` are the flow's phase: while some step
+        waits for an operator, its status is ``waiting`` whatever the phase.
+        """
+        if status in ("running", "compensating"):
+            self.saga.phase = "running" if status == "running" else "compensating"
+        if status in ("running", "compensating", "waiting"):
+            status = "waiting" if self.saga.waits else self.saga.phase
         if status == self.saga.status:
             return
         self.saga.status = status
@@ -260,11 +317,16 @@ class Interpreter:
             if self.runtime.cancel_requested():
                 raise asyncio.CancelledError
             self.saga.current = run
-            await self._forward(run)
+            if await self._forward(run):
+                self.saga.done.append(run)
+                assert run.output is not None
+                self.saga.args.update(run.output)
+                self.saga.outputs.update(run.output)
             self.saga.current = None
 
-    async def _forward(self, run: StepRun) -> None:
-        """Run a step forward until it is done or skipped; raise _Stop otherwise.
+    async def _forward(self, run: StepRun) -> bool:
+        """Run a step (a sub-flow, a block, a map) forward until it is done
+        (True) or skipped (False); raise _Stop otherwise.
 
         The one place a step's outcome is decided.
         """
@@ -273,25 +335,25 @@ class Interpreter:
             if isinstance(outcome, _Completed):
                 run.output = outcome.output
                 self._step_to(run, "done")
-                self.saga.done.append(run)
-                self.saga.args.update(outcome.output)
-                self.saga.outputs.update(outcome.output)
-                return
+                return True
             self._step_to(run, "failed")
-            if self.runtime.cancel_requested():
+            if self.runtime.cancel_requested() or run.stopping:
                 raise asyncio.CancelledError
             reaction = outcome.reaction
             if reaction == WAIT:
                 decision = await self._wait(run, "step_forward", FORWARD_DECISIONS)
                 if decision.reaction == RETRY:
                     await self._undo_before_retry(run)
-                    self.saga.args.update(decision.args)
+                    (self.saga.args if run.base is None else run.base).update(decision.args)
                     continue
                 reaction = decision.reaction
             if reaction == SKIP:
                 self._step_to(run, "skipped")
-                return
-            raise _Stop(reaction, run)
+                return False
+            if run.base is not None:  # a member: undone with its block, if at all
+                run.undo_failed = reaction == ROLLBACK
+                raise _Stop(reaction, run, undo_failed=False)
+            raise _Stop(reaction, run, undo_failed=reaction == ROLLBACK and run.has_effect)
 
     async def _undo_before_retry(self, run: StepRun) -> None:
         """Undo the failed execution of a step an operator retries, if it may
@@ -306,7 +368,9 @@ class Interpreter:
     async def _attempt(self, run: StepRun) -> _Outcome:
         """One execution of a step's forward (retries included), as an outcome."""
         node = run.node
-        args = {**self.saga.args, **node.static_args}
+        if isinstance(node, ParallelNode | MapNode):
+            return await self._forward_group(run, node)
+        args = {**(self.saga.args if run.base is None else run.base), **node.static_args}
         run.error = None
         run.runs += 1
         self._step_to(run, "running")
@@ -323,6 +387,125 @@ class Interpreter:
             run.failed_step = failed.info.step
             self._absorb(failed.info)
             return _Failed(self._subflow_reaction(run, failed.info))
+
+    # -- parallel blocks and maps ---------------------------------------------
+
+    async def _forward_group(self, run: StepRun, node: ParallelNode | MapNode) -> _Outcome:
+        """Run a block's branches (a map's elements) side by side.
+
+        Completed, the block's output is its members' outputs merged in plan
+        order (a map's: their list, in element order). Stopped by a member
+        (or by a cancel), the block goes on the done stack as it is, so that
+        a rollback undoes its members side by side; the member's stop is
+        passed on.
+        """
+        args = self.saga.args
+        run.error = None
+        run.runs += 1
+        if isinstance(node, MapNode):
+            items = args.get(node.over)
+            if not isinstance(items, list):
+                found = "missing" if node.over not in args else f"a {type(items).__name__}"
+                run.error = error_info(
+                    ArgumentsError(
+                        f"map {node.name!r} at {run.path}: args[{node.over!r}] must be a "
+                        f"list, and is {found}"
+                    ),
+                    started=False,
+                    with_traceback=False,
+                )
+                return _Failed(node.node.on_failure.choose(run.error.types))
+            base = {key: value for key, value in args.items() if key != node.over}
+            run.members = [
+                StepRun(
+                    node.node, child_path(run.path, i), index=i, base={**base, node.item: element}
+                )
+                for i, element in enumerate(items)
+            ]
+        else:
+            base = dict(args)
+            run.members = [StepRun(m.node, m.path, base=dict(base)) for m in run.members]
+        self._step_to(run, "running")
+        limit = node.max_concurrency if isinstance(node, MapNode) else None
+        try:
+            await self._side_by_side(run, limit)
+        except (_Stop, asyncio.CancelledError):
+            self._step_to(run, "failed")
+            self.saga.done.append(run)
+            raise
+        if isinstance(node, MapNode):
+            output = {node.into: [m.output if m.status == "done" else None for m in run.members]}
+        else:
+            clash = _clash(run.members)
+            if clash is not None:
+                run.error = clash
+                self._step_to(run, "failed")
+                self.saga.done.append(run)  # what completed is undone
+                raise _Stop(ROLLBACK, run, undo_failed=False)
+            output = {}
+            for member in run.members:
+                output.update(member.output if member.status == "done" and member.output else {})
+        outgrown = self._outgrown(run, output)
+        if outgrown is not None:
+            run.error = outgrown
+            self._step_to(run, "failed")
+            self.saga.done.append(run)
+            raise _Stop(ROLLBACK, run, undo_failed=False)
+        return _Completed(output)
+
+    async def _side_by_side(self, group: StepRun, limit: int | None) -> None:
+        """Run ``group``'s members, at most ``limit`` at once, until all have
+        ended; the first that stops the flow cancels the others (and is
+        raised once they have stopped)."""
+        members = group.members
+        gate = asyncio.Semaphore(limit) if limit is not None and limit < len(members) else None
+        stops: list[_Stop] = []
+        tasks: list[asyncio.Future[None]] = []
+
+        async def forward(member: StepRun) -> None:
+            try:
+                await self._forward(member)
+            except _Stop as stop:
+                stops.append(stop)
+                if len(stops) == 1:
+                    for other, task in zip(members, tasks, strict=True):
+                        if other is not member and not task.done():
+                            other.stopping = True
+                            task.cancel()
+
+        async def one(member: StepRun) -> None:
+            if gate is None:
+                await forward(member)
+                return
+            async with gate:
+                if not stops:
+                    await forward(member)
+
+        tasks.extend(asyncio.ensure_future(one(member)) for member in members)
+        try:
+            ended = await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            await self.runtime.shield(self._after_side_by_side(group))
+        for end in ended:  # a fault of QWIT's own is not swallowed
+            if isinstance(end, BaseException) and not isinstance(end, asyncio.CancelledError):
+                raise end
+        if stops:
+            raise stops[0]
+
+    async def _after_side_by_side(self, group: StepRun) -> None:
+        """Once every member has ended: those stopped mid-run have failed, and
+        a sub-flow stopped mid-run is cancelled (it undoes itself)."""
+        for member in group.members:
+            self.saga.waits.pop(member.path, None)
+            if member.status == "running":
+                self._step_to(member, "failed")
+            stopped = member.status == "failed" and member.error is None
+            if member.is_flow and member.sub is not None and stopped:  # cancel it
+                info = await member.sub.cancel()
+                self._absorb(info)
+                failed = bool(info.failed_compensations)
+                self._step_to(member, "compensation_failed" if failed else "compensated")
+        self._flow_to(self.saga.phase)
 
     async def _forward_step(
         self, run: StepRun, node: StepNode, args: dict[str, Any]
@@ -379,7 +562,9 @@ class Interpreter:
             return ABORT
         if info.kind == "cancelled" and self.runtime.cancel_requested():
             return ROLLBACK
-        return run.node.on_failure.choose(info.error.types if info.error else [])
+        node = run.node
+        assert isinstance(node, FlowNode)
+        return node.on_failure.choose(info.error.types if info.error else [])
 
     def _call(
         self, run: StepRun, direction: Literal["step_forward", "step_back"], args: dict[str, Any]
@@ -441,13 +626,12 @@ class Interpreter:
             await self._settle_children(commit=True)
             return self._info("aborted", stop.run)
         self._flow_to("compensating")
-        undo_failed = stop.reaction == ROLLBACK and stop.run.has_effect
-        await self._rollback(stop.run if undo_failed else None)
+        await self._rollback(stop.run if stop.undo_failed else None)
         return self._info("rolled_back", stop.run)
 
     async def _on_cancel(self) -> FailureInfo:
+        self.saga.waits.clear()
         self._flow_to("compensating")
-        self.saga.waiting = None
         in_flight = self.saga.current
         undo: StepRun | None = None
         if in_flight is not None:
@@ -490,16 +674,47 @@ class Interpreter:
 
     def _undo_order(self, failed: StepRun | None) -> list[StepRun]:
         """What a rollback undoes, in order: ``failed`` (if given), then the
-        done stack, newest first."""
-        return ([failed] if failed is not None else []) + self.saga.done[::-1]
+        done stack, newest first (a block's members side by side: listed
+        newest branch first)."""
+        order: list[StepRun] = []
+        for run in ([failed] if failed is not None else []) + self.saga.done[::-1]:
+            if run.is_group:
+                order.extend(m for m in run.members[::-1] if m.needs_undo())
+            else:
+                order.append(run)
+        return order
 
     async def _rollback(self, failed: StepRun | None) -> None:
-        """Undo ``failed`` (if given) and every completed step, newest first."""
-        for run in self._undo_order(failed):
+        """Undo ``failed`` (if given) and every completed step, newest first:
+        the reverse of the order they depend on each other."""
+        for run in ([failed] if failed is not None else []) + self.saga.done[::-1]:
             await self._undo(run)
+
+    async def _undo_group(self, group: StepRun) -> None:
+        """Undo a block's members side by side (a map's: at most its
+        ``max_concurrency`` at once), each as a step is undone."""
+        todo = [member for member in group.members[::-1] if member.needs_undo()]
+        self._step_to(group, "compensating")
+        node = group.node
+        limit = node.max_concurrency if isinstance(node, MapNode) else None
+        gate = asyncio.Semaphore(limit) if limit is not None and limit < len(todo) else None
+
+        async def undo(member: StepRun) -> None:
+            if gate is None:
+                await self._undo(member)
+                return
+            async with gate:
+                await self._undo(member)
+
+        await asyncio.gather(*(undo(member) for member in todo))
+        failed = any(m.status == "compensation_failed" for m in todo)
+        self._step_to(group, "compensation_failed" if failed else "compensated")
 
     async def _undo(self, run: StepRun) -> None:
         node = run.node
+        if isinstance(node, ParallelNode | MapNode):
+            await self._undo_group(run)
+            return
         self._step_to(run, "compensating")
         if isinstance(node, FlowNode):
             assert run.sub is not None
@@ -551,7 +766,12 @@ class Interpreter:
         self.saga.compensations.extend(info.compensations)
 
     async def _settle_children(self, commit: bool) -> None:
-        subs = [run.sub for run in self.saga.done if run.sub is not None]
+        subs = [
+            run.sub
+            for top in self.saga.done
+            for run in ([top] if not top.is_group else top.members)
+            if run.sub is not None and run.status == "done"
+        ]
         if subs:
             await asyncio.gather(*(sub.settle(commit=commit) for sub in subs))
 
@@ -562,8 +782,7 @@ class Interpreter:
     ) -> Decision:
         error = run.back_error if direction == "step_back" else run.error
         assert error is not None
-        previous = self.saga.status
-        self.saga.waiting = WaitInfo(
+        self.saga.waits[run.path] = WaitInfo(
             step=run.failed_step or run.name,
             path=run.path,
             flow_id=self.flow_id,
@@ -572,19 +791,16 @@ class Interpreter:
             allowed=[r.value for r in allowed],
             rollback_preview=self._preview(run) if direction == "step_forward" else [],
         )
+        self.saga.decisions.pop(run.path, None)
         self._flow_to("waiting")
-        self.saga.decision = None
         # No try/finally: a wait that ends in an exception (a cancel, or the
         # engine dropping this flow) must not change the status, because that
         # may publish it, and a dropped flow's coroutine can be closed later,
         # in another flow's context. The cancel path sets the status itself.
-        await self.runtime.wait_until(lambda: self.saga.decision is not None)
-        self.saga.waiting = None
-        self._flow_to(previous)
-        decision = self.saga.decision
-        assert decision is not None
-        self.saga.decision = None
-        return decision
+        await self.runtime.wait_until(lambda: run.path in self.saga.decisions)
+        del self.saga.waits[run.path]
+        self._flow_to(self.saga.phase)
+        return self.saga.decisions.pop(run.path)
 
     def _preview(self, failed: StepRun) -> list[PreviewItem]:
         return [
@@ -596,16 +812,35 @@ class Interpreter:
             for run in self._undo_order(failed if failed.has_effect else None)
         ]
 
-    def check_decision(self, reaction: Any, args: Any = None) -> Decision:
+    def check_decision(self, reaction: Any, args: Any = None, path: str | None = None) -> Decision:
         """Validate an operator's decision without applying it.
 
+        Args:
+            path: The waiting step it decides; needed only when several wait.
+
         Raises:
-            ReactionError: the flow is not waiting, or the reaction or args
+            ReactionError: the flow is not waiting (or not at ``path``, or at
+                several paths and none was named), or the reaction or args
                 are not valid for what it waits on.
         """
-        waiting = self.saga.waiting
-        if waiting is None:
+        waits = self._waits()
+        if not waits:
             raise ReactionError(f"flow {self.flow_id!r} is not waiting (it is {self.status})")
+        paths = ", ".join(w.path for w in waits)
+        if path is None:
+            if len(waits) > 1:
+                raise ReactionError(
+                    f"flow {self.flow_id!r}: {len(waits)} steps wait (paths {paths}): "
+                    "name the one this decides (path=...)"
+                )
+            waiting = waits[0]
+        else:
+            found = self.saga.waits.get(path)
+            if found is None:
+                raise ReactionError(
+                    f"flow {self.flow_id!r}: no step waits at path {path!r} (waiting: {paths})"
+                )
+            waiting = found
         allowed = frozenset(Reaction(r) for r in waiting.allowed)
         try:
             chosen = parse_reaction(reaction, allowed=allowed)
@@ -623,12 +858,13 @@ class Interpreter:
                 f"flow {self.flow_id!r}: with these args the flow's args would take {size} "
                 f"bytes, over the {self.input.payload_limit}-byte payload limit"
             )
-        return Decision(reaction=chosen, args=extra)
+        return Decision(reaction=chosen, args=extra, path=waiting.path)
 
     def decide(self, decision: Decision) -> None:
         """Apply a decision checked by ``check_decision``."""
-        self.check_decision(decision.reaction, decision.args)
-        self.saga.decision = decision
+        checked = self.check_decision(decision.reaction, decision.args, decision.path)
+        assert checked.path is not None
+        self.saga.decisions[checked.path] = checked
 
     def settle(self, commit: bool) -> None:
         """A sub-flow's parent decided: keep (True) or undo (False) its effects."""
@@ -639,30 +875,61 @@ class Interpreter:
 
     def state(self) -> FlowState:
         """The flow's progress, as ``handle.state()`` reports it."""
+        waits = self._waits()
         return FlowState(
             flow=self.input.flow.name,
             flow_id=self.flow_id,
             status=self.saga.status,
-            steps=[
-                StepState(
-                    name=run.name,
-                    path=run.path,
-                    status=run.status,
-                    attempts=run.attempts,
-                    back_attempts=run.back_attempts,
-                    back_error=run.back_error,
-                    kind="flow" if run.is_flow else "step",
-                    has_back=not isinstance(run.node, StepNode) or run.node.has_back,
-                    error=run.error,
-                    flow_id=run.sub.flow_id if run.sub else None,
-                )
-                for run in self.saga.runs
-            ],
-            waiting=self.saga.waiting,
+            steps=[_step_state(run) for run in self.saga.runs],
+            waiting=waits[0] if waits else None,
+            waits=waits,
             failure=self.saga.failure,
             args=self.saga.args,
             events=list(self.saga.events),
         )
+
+
+def _step_state(run: StepRun) -> StepState:
+    return StepState(
+        name=run.name,
+        path=run.path,
+        status=run.status,
+        attempts=run.attempts,
+        back_attempts=run.back_attempts,
+        back_error=run.back_error,
+        kind=run.kind,
+        has_back=not isinstance(run.node, StepNode) or run.node.has_back,
+        error=run.error,
+        flow_id=run.sub.flow_id if run.sub else None,
+        index=run.index,
+        steps=[_step_state(member) for member in run.members],
+    )
+
+
+def _path_key(path: str) -> tuple[int, ...]:
+    """A path as numbers, so that '10' sorts after '9'."""
+    return tuple(int(part) for part in path.split(".") if part.isdigit())
+
+
+def _clash(members: list[StepRun]) -> ErrorInfo | None:
+    """The error of a block two of whose branches returned the same key."""
+    owner: dict[str, StepRun] = {}
+    for member in members:
+        if member.status != "done" or not member.output:
+            continue
+        for key in member.output:
+            first = owner.setdefault(key, member)
+            if first is not member:
+                return error_info(
+                    ArgumentsError(
+                        f"branches {first.name!r} ({first.path}) and {member.name!r} "
+                        f"({member.path}) both returned {key!r}: the parallel block can't "
+                        "merge their outputs"
+                    ),
+                    started=False,
+                    with_traceback=False,
+                )
+    return None
 
 
 __all__ = [

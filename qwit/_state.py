@@ -69,7 +69,10 @@ class FlowEvent(BaseModel):
 class StepState(BaseModel):
     """One step of a flow, in plan order.
 
-    A sub-flow appears as one entry whose ``steps`` lists its own steps.
+    A sub-flow appears as one entry whose ``steps`` lists its own steps; a
+    parallel block, as one whose ``steps`` are its branches (paths ``n.1``,
+    ``n.2``...); a map, as one whose ``steps`` are its elements, once it
+    has started (element i has the path ``n.(i+1)`` and ``index`` i).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -78,7 +81,8 @@ class StepState(BaseModel):
     path: str
     status: StepStatus = "pending"
     attempts: int = 0
-    kind: Literal["step", "flow"] = "step"
+    kind: Literal["step", "flow", "parallel", "map"] = "step"
+    """A step, a sub-flow, a parallel block or a map."""
     has_back: bool = True
     """False for a step without ``step_back``: its undo does nothing."""
     error: ErrorInfo | None = None
@@ -90,7 +94,10 @@ class StepState(BaseModel):
     in ``error``)."""
     flow_id: str | None = None
     """For a sub-flow: the id of the engine's execution that runs it."""
+    index: int | None = None
+    """For an element of a map: its 0-based index in the list."""
     steps: list[StepState] = Field(default_factory=list)
+    """A sub-flow's steps, a parallel block's branches or a map's elements."""
 
 
 class PreviewItem(BaseModel):
@@ -130,6 +137,11 @@ class FlowState(BaseModel):
     status: FlowStatus
     steps: list[StepState]
     waiting: WaitInfo | None = None
+    """What waits for an operator (the first in plan order, if several do)."""
+    waits: list[WaitInfo] = Field(default_factory=list)
+    """Every step that waits for an operator, in plan order: branches of a
+    parallel block (or elements of a map) may wait at once; ``react`` names
+    the one it decides with ``path=``."""
     failure: FailureInfo | None = None
     args: dict[str, Any] = Field(default_factory=dict)
     """The flow's current args (its result, once completed)."""

@@ -49,7 +49,8 @@ class _Job:
     def cancel(self) -> None:
         self.started.wait()
         assert self.loop is not None and self.task is not None
-        self.loop.call_soon_threadsafe(self.task.cancel)
+        with contextlib.suppress(RuntimeError):  # it has ended: its loop is closed
+            self.loop.call_soon_threadsafe(self.task.cancel)
 
 
 class _Runtime(InMemoryRuntime):

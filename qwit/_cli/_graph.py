@@ -17,7 +17,7 @@ import click
 from .._errors import FlowDefinitionError
 from .._flow import compile_flow
 from .._options import FailurePolicy, Reaction
-from .._plan import FlowNode, StepNode, walk
+from .._plan import FlowNode, MapNode, Node, ParallelNode, StepNode, walk
 from ._common import resolve_flow
 
 #: Fill colours of steps by failure reaction, for both formats.
@@ -41,7 +41,7 @@ class Box:
 
 
 def _node_id(path: str) -> str:
-    return "s" + path.replace(".", "_")
+    return "s" + path.replace(".", "_").replace("*", "each")
 
 
 def policy_lines(policy: FailurePolicy) -> list[str]:
@@ -74,22 +74,31 @@ def _indent(depth: int) -> str:
     return "    " * (depth + 1)
 
 
-def _outline(flow: FlowNode) -> Iterator[tuple[str, StepNode | FlowNode | None, int]]:
-    """The plan's nodes as ``walk`` gives them, each sub-flow followed, after
-    its last node, by ``(its path, None, its depth)``: where it closes."""
+def _outline(flow: FlowNode) -> Iterator[tuple[str, Node | None, int]]:
+    """The plan's nodes as ``walk`` gives them, each sub-flow (parallel block,
+    map) followed, after its last node, by ``(its path, None, its depth)``:
+    where it closes."""
     opened: list[tuple[str, int]] = []
     for path, node, depth in walk(flow):
         while opened and opened[-1][1] >= depth:
             sub_path, sub_depth = opened.pop()
             yield sub_path, None, sub_depth
         yield path, node, depth
-        if isinstance(node, FlowNode):
+        if not isinstance(node, StepNode):
             opened.append((path, depth))
     for sub_path, sub_depth in reversed(opened):
         yield sub_path, None, sub_depth
 
 
-def _subflow_title(node: FlowNode, path: str) -> str:
+def _subflow_title(node: Node, path: str) -> str:
+    if isinstance(node, ParallelNode):
+        return f"{path} parallel: {len(node.branches)} branches side by side"
+    if isinstance(node, MapNode):
+        return (
+            f"{path} map {node.name} over {node.over} (as {node.item}, into {node.into}; "
+            f"{node.max_concurrency} at once)"
+        )
+    assert isinstance(node, FlowNode)
     return " · ".join([f"{path} {node.name} (sub-flow)", *policy_lines(node.on_failure)])
 
 
@@ -113,7 +122,7 @@ def mermaid(flow: FlowNode) -> str:
         indent = _indent(depth)
         if step is None:
             out.append(f"{indent}end")
-        elif isinstance(step, FlowNode):
+        elif not isinstance(step, StepNode):
             title = _mermaid_text(_subflow_title(step, path))
             out.append(f'{indent}subgraph f{_node_id(path)[1:]}["{title}"]')
         else:
@@ -149,7 +158,7 @@ def dot(flow: FlowNode) -> str:
         indent = _indent(depth)
         if step is None:
             out.append(f"{indent}}}")
-        elif isinstance(step, FlowNode):
+        elif not isinstance(step, StepNode):
             out.append(f"{indent}subgraph cluster_{_node_id(path)[1:]} {{")
             out.append(f"{indent}    label={_dot_text(_subflow_title(step, path))};")
             out.append(f"{indent}    style=rounded;")

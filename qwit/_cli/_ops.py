@@ -206,12 +206,20 @@ def status(
 @click.argument("flow_id")
 @click.argument("reaction", type=click.Choice(REACTIONS, case_sensitive=False))
 @args_option("With retry: args merged in before the step runs again (a JSON object).")
+@click.option(
+    "--path",
+    default=None,
+    metavar="PATH",
+    help="The path of the waiting step this decides (qwit status lists them); "
+    "needed when several wait, e.g. branches of a parallel block.",
+)
 @WAIT_OPTION
 @connection_options
 def react(
     flow_id: str,
     reaction: str,
     args: dict[str, Any],
+    path: str | None,
     wait: bool,
     address: str | None,
     namespace: str | None,
@@ -236,7 +244,7 @@ def react(
             # Caught up before the decision: what it leads to is all shown.
             following = await caught_up(err, temporal, handle) if wait else None
             try:
-                await handle.react(reaction, args)
+                await handle.react(reaction, args, path=path)
             except (ReactionError, FlowNotFound, EngineUnavailable) as exc:
                 raise Failed(str(exc)) from None
             except RPCError as exc:

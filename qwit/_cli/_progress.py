@@ -30,7 +30,7 @@ from rich.spinner import Spinner
 from rich.text import Text
 
 from .._engine import FlowHandle
-from .._plan import FlowNode, walk
+from .._plan import FlowNode, StepNode, walk
 from .._state import FlowEvent, FlowState, StepState
 from ._common import symbols_ok
 from ._render import Row, attempts_note, error_text, event_line, rows, wait_lines
@@ -152,7 +152,7 @@ class Follower:
             suffix = " (sub-flow)" if isinstance(node, FlowNode) else ""
             self.width = max(self.width, 2 * depth + len(node.name + suffix))
             self.path_width = max(self.path_width, len(path))
-            if not isinstance(node, FlowNode) and not node.has_back:
+            if isinstance(node, StepNode) and not node.has_back:
                 no_back.add(path)
         self.no_back = frozenset(no_back)
 

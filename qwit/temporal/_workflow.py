@@ -496,7 +496,8 @@ class QwitWorkflow:
     @workflow.update(
         name=UPDATE_REACT,
         description="Decide for a flow waiting for an operator: "
-        '{"reaction": "retry|skip|skipback|rollback|abort", "args": {...}} (args only with retry).',
+        '{"reaction": "retry|skip|skipback|rollback|abort", "args": {...}, "path": "..."} (args '
+        "only with retry; path, the waiting step's, needed only when several wait).",
     )
     async def react(self, decision: Decision) -> None:
         """An operator's decision for a waiting flow."""
@@ -506,7 +507,7 @@ class QwitWorkflow:
     def validate_react(self, decision: Decision) -> None:
         """Refuse a decision the flow can't take, before it is recorded."""
         try:
-            self.interpreter.check_decision(decision.reaction, decision.args)
+            self.interpreter.check_decision(decision.reaction, decision.args, decision.path)
         except Exception as exc:
             raise ApplicationError(
                 str(exc), type="qwit.ReactionError", non_retryable=True

@@ -1,0 +1,376 @@
+"""Parallel blocks and maps, the same on every engine (Temporal, qwit.local
+and the thread engine of the tests): args, outputs, failures, undo in
+dependency order (checked by tests/parallel_ledger.py), decisions, cancels."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+import qwit
+from qwit._flow import compile_flow
+from qwit.testing import wait_for_status
+from tests import parallel_ledger as pl
+from tests.parallel_ledger import Work
+from tests.test_conformance import Env, env, outcome
+
+__all__ = ["env"]
+
+
+class Ship(qwit.Flow, name="par.ship"):
+    def build_flow(self) -> None:
+        self.step(Work, {"eid": "pack"})
+        self.step(Work, {"eid": "ship"})
+
+
+class Checkout(qwit.Flow, name="par.checkout"):
+    def build_flow(self) -> None:
+        self.step(Work, {"eid": "reserve"})
+        with self.parallel():
+            self.step(Work, {"eid": "charge"})
+            self.step(Ship)
+            self.step(Work, {"eid": "points"})
+        self.step(Work, {"eid": "confirm"})
+
+
+#: The paths of Checkout's parallel block.
+CHECKOUT_GROUPS = {"2"}
+
+
+class Notify(qwit.Flow, name="par.notify"):
+    def build_flow(self) -> None:
+        self.step(Work, {"eid": "first"})
+        self.map(Work, over="users", item="user", into="notified", max_concurrency=3)
+        self.step(Work, {"eid": "last"})
+
+
+class WaitingBranches(qwit.Flow, name="par.waiting"):
+    def build_flow(self) -> None:
+        with self.parallel():
+            self.step(Work, {"eid": "a"}, on_failure="wait")
+            self.step(Work, {"eid": "b"}, on_failure="wait")
+            self.step(Work, {"eid": "c"})
+
+
+class SkippingBranch(qwit.Flow, name="par.skipping"):
+    def build_flow(self) -> None:
+        with self.parallel():
+            self.step(Work, {"eid": "a"}, on_failure="skip")
+            self.step(Work, {"eid": "b"})
+        self.step(Work, {"eid": "after"})
+
+
+class AbortingBranch(qwit.Flow, name="par.aborting"):
+    def build_flow(self) -> None:
+        self.step(Work, {"eid": "before"})
+        with self.parallel():
+            self.step(Work, {"eid": "a"}, on_failure="abort")
+            self.step(Work, {"eid": "b"})
+
+
+class SkipbackBranch(qwit.Flow, name="par.skipback"):
+    def build_flow(self) -> None:
+        self.step(Work, {"eid": "before"})
+        with self.parallel():
+            self.step(Work, {"eid": "a"}, on_failure="skipback")
+            self.step(Work, {"eid": "b"})
+
+
+FLOWS = (Checkout, Notify, WaitingBranches, SkippingBranch, AbortingBranch, SkipbackBranch)
+
+
+def new_ledger() -> str:
+    return uuid.uuid4().hex
+
+
+async def test_branches_see_the_args_of_the_start_and_merge_in_plan_order(env: Env):
+    run = new_ledger()
+    # the last branch ends first: the merge still follows the plan
+    delay = {"charge": 0.3, "pack": 0.2, "points": 0.01}
+    async with env.serve(*FLOWS):
+        result = await env.client.run(Checkout, {"ledger": run, "delay": delay})
+    assert result["out_reserve"] == []
+    # each branch saw what ran before the block, nothing of its siblings
+    assert result["out_charge"] == ["out_reserve"]
+    assert result["out_pack"] == ["out_reserve"]
+    assert result["out_ship"] == ["out_pack", "out_reserve"]
+    assert result["out_points"] == ["out_reserve"]
+    assert result["out_confirm"] == [
+        "out_charge",
+        "out_pack",
+        "out_points",
+        "out_reserve",
+        "out_ship",
+    ]
+    assert list(result)[-5:] == ["out_charge", "out_pack", "out_ship", "out_points", "out_confirm"]
+    # they ran side by side
+    assert pl.peak(run, "do") >= 2
+
+
+async def test_state_shows_the_block_and_its_branches(env: Env):
+    run = new_ledger()
+    async with env.serve(*FLOWS):
+        handle = await env.client.start(Checkout, {"ledger": run})
+        await handle.result()
+        state = await handle.state()
+    block = state.steps[1]
+    assert (block.kind, block.path, block.status) == ("parallel", "2", "done")
+    assert [(s.path, s.kind, s.status) for s in block.steps] == [
+        ("2.1", "step", "done"),
+        ("2.2", "flow", "done"),
+        ("2.3", "step", "done"),
+    ]
+    assert [s.path for s in block.steps[1].steps] == ["2.2.1", "2.2.2"]
+
+
+@pytest.mark.parametrize("fail", ["charge", "ship", "confirm", "points"])
+async def test_a_failure_undoes_in_reverse_dependency_order(env: Env, fail: str):
+    run = new_ledger()
+    # charge is slow: a failure elsewhere in the block cancels it mid-run
+    delay = {"charge": 0.5 if fail in ("ship", "points") else 0.05}
+    async with env.serve(*FLOWS):
+        handle = await env.client.start(Checkout, {"ledger": run, "fail": fail, "delay": delay})
+        kind, err = await outcome(handle)
+        state = await handle.state()
+    assert kind == "rolled_back"
+    assert err.step == "par.work"
+    assert pl.check(run, CHECKOUT_GROUPS) == []
+    assert sorted(pl.undone(run)) == sorted(pl.applied(run))
+    assert pl.undone(run)[-1] == "reserve"
+    if fail == "confirm":
+        assert pl.undone(run)[0] == "confirm"
+        assert pl.peak(run, "undo") >= 2  # the branches are undone side by side
+    assert set(err.compensated) == {"par.work"}
+    assert state.steps[1].status in ("compensated", "compensation_failed")
+    assert state.status == "rolled_back"
+
+
+async def test_two_branches_returning_the_same_key_fail_the_block(env: Env):
+    run = new_ledger()
+    out = {"charge": "out_same", "points": "out_same"}
+    async with env.serve(*FLOWS):
+        handle = await env.client.start(Checkout, {"ledger": run, "out": out})
+        kind, err = await outcome(handle)
+    assert kind == "rolled_back"
+    assert "'out_same'" in err.reason
+    assert err.step == "parallel"
+    assert pl.check(run, CHECKOUT_GROUPS) == []
+    assert "confirm" not in pl.applied(run)
+
+
+class Same(BaseModel):
+    total: int = 0
+
+
+class TypedA(qwit.Step, name="par.typed_a"):
+    async def step_forward(self, args: dict[str, Any]) -> Same:
+        return Same()
+
+
+class TypedB(qwit.Step, name="par.typed_b"):
+    async def step_forward(self, args: dict[str, Any]) -> Same:
+        return Same()
+
+
+def test_typed_outputs_that_clash_are_refused_at_definition():
+    class Clash(qwit.Flow, name="par.clash"):
+        def build_flow(self) -> None:
+            with self.parallel():
+                self.step(TypedA)
+                self.step(TypedB)
+
+    with pytest.raises(qwit.FlowDefinitionError, match="both return 'total'"):
+        compile_flow(Clash)
+
+
+def test_blocks_and_maps_are_checked_at_definition():
+    class Empty(qwit.Flow, name="par.empty"):
+        def build_flow(self) -> None:
+            with self.parallel():
+                pass
+
+    class Nested(qwit.Flow, name="par.nested"):
+        def build_flow(self) -> None:
+            with self.parallel(), self.parallel():
+                self.step(Work)
+
+    class BadMap(qwit.Flow, name="par.bad_map"):
+        def build_flow(self) -> None:
+            self.map(Work, over="users", item="user", into="out", max_concurrency=0)
+
+    class NoOver(qwit.Flow, name="par.no_over"):
+        def build_flow(self) -> None:
+            self.map(Work, over="", item="user", into="out")
+
+    for flow, message in [
+        (Empty, "has no branches"),
+        (Nested, "can't hold another"),
+        (BadMap, "max_concurrency must be a whole number >= 1"),
+        (NoOver, "over= must be the name of an arg"),
+    ]:
+        with pytest.raises(qwit.FlowDefinitionError, match=message):
+            compile_flow(flow)
+
+
+async def test_a_map_collects_outputs_in_element_order(env: Env):
+    run = new_ledger()
+    users = [5, 3, 9, 1, 7, 2, 8]
+    # the first elements are the slowest: they end last
+    delay = {f"user-{u}": 0.3 - 0.04 * i for i, u in enumerate(users)}
+    async with env.serve(*FLOWS):
+        result = await env.client.run(Notify, {"ledger": run, "users": users, "delay": delay})
+    assert [list(o) for o in result["notified"]] == [[f"out_user-{u}"] for u in users]
+    # an element saw the map's starting args without the list, plus its item
+    assert result["notified"][0] == {"out_user-5": ["out_first"]}
+    assert "out_last" in result
+    assert pl.peak(run, "do") == 3
+
+
+async def test_an_empty_map_is_fine(env: Env):
+    run = new_ledger()
+    async with env.serve(*FLOWS):
+        result = await env.client.run(Notify, {"ledger": run, "users": []})
+    assert result["notified"] == []
+    assert pl.applied(run) == ["first", "last"]
+
+
+@pytest.mark.parametrize("users", [None, "not a list"])
+async def test_a_map_without_its_list_fails_naming_it(env: Env, users: Any):
+    run = new_ledger()
+    args: dict[str, Any] = {"ledger": run}
+    if users is not None:
+        args["users"] = users
+    async with env.serve(*FLOWS):
+        handle = await env.client.start(Notify, args)
+        kind, err = await outcome(handle)
+    assert kind == "rolled_back"
+    assert "args['users'] must be a list" in err.reason
+    assert pl.undone(run) == ["first"]
+
+
+async def test_a_failed_element_undoes_the_map_at_most_max_concurrency_at_once(env: Env):
+    run = new_ledger()
+    users = list(range(10))
+    delay = {"user-9": 0.4}
+    async with env.serve(*FLOWS):
+        handle = await env.client.start(
+            Notify, {"ledger": run, "users": users, "fail": "user-9", "delay": delay}
+        )
+        kind, _ = await outcome(handle)
+        state = await handle.state()
+    assert kind == "rolled_back"
+    assert pl.check(run, {"2"}) == []
+    assert sorted(pl.undone(run)) == sorted(pl.applied(run))
+    assert pl.undone(run)[-1] == "first"
+    assert pl.peak(run, "undo") <= 3
+    assert pl.peak(run, "do") <= 3
+    elements = state.steps[1].steps
+    assert [e.index for e in elements] == users
+    assert [e.path for e in elements][:2] == ["2.1", "2.2"]
+
+
+async def test_a_skipped_branch_lets_the_others_go_on(env: Env):
+    run = new_ledger()
+    async with env.serve(*FLOWS):
+        result = await env.client.run(
+            SkippingBranch, {"ledger": run, "fail": "a", "fail_before": True}
+        )
+    assert "out_a" not in result
+    assert result["out_after"] == ["out_b"]
+
+
+async def test_abort_in_a_branch_stops_its_siblings_and_undoes_nothing(env: Env):
+    run = new_ledger()
+    async with env.serve(*FLOWS):
+        handle = await env.client.start(
+            # b runs long enough for the cancel to reach it (on Temporal, in
+            # the response to its heartbeat, every second)
+            AbortingBranch,
+            {"ledger": run, "fail": "a", "delay": {"b": 3.0}},
+        )
+        kind, _ = await outcome(handle)
+        state = await handle.state()
+    assert kind == "aborted"
+    assert pl.undone(run) == []
+    assert [s.status for s in state.steps[1].steps] == ["failed", "failed"]
+
+
+async def test_skipback_in_a_branch_undoes_all_but_the_failed_step(env: Env):
+    run = new_ledger()
+    async with env.serve(*FLOWS):
+        handle = await env.client.start(
+            SkipbackBranch, {"ledger": run, "fail": "a", "delay": {"b": 0.01}}
+        )
+        kind, _ = await outcome(handle)
+    assert kind == "rolled_back"
+    assert sorted(pl.undone(run)) == ["b", "before"]
+    assert pl.undone(run)[-1] == "before"
+    assert pl.check(run, {"2"}, all_undone=False) == []
+
+
+async def test_waiting_branches_are_decided_by_path(env: Env):
+    run = new_ledger()
+    async with env.serve(*FLOWS):
+        handle = await env.client.start(
+            WaitingBranches, {"ledger": run, "fail": ["a", "b"], "fail_before": True}
+        )
+        for _ in range(400):
+            state = await handle.state()
+            if len(state.waits) == 2 and "c" in pl.applied(run):
+                break
+            await asyncio.sleep(0.05)
+        assert [w.path for w in state.waits] == ["1.1", "1.2"]
+        assert state.status == "waiting"
+        # c ran on beside them
+        assert "c" in pl.applied(run)
+        with pytest.raises(qwit.ReactionError, match="name the one"):
+            await handle.react(qwit.SKIP)
+        with pytest.raises(qwit.ReactionError, match=r"no step waits at path '1\.3'"):
+            await handle.react(qwit.SKIP, path="1.3")
+        await handle.react(qwit.RETRY, args={"fail": []}, path="1.2")
+        await handle.react(qwit.SKIP, path="1.1")
+        result = await asyncio.wait_for(handle.result(), 60)
+    assert "out_a" not in result
+    assert result["out_b"] == []
+    assert result["out_c"] == []
+
+
+async def test_a_cancel_during_a_block_undoes_what_started(env: Env):
+    run = new_ledger()
+    async with env.serve(*FLOWS):
+        handle = await env.client.start(
+            Checkout, {"ledger": run, "delay": {"charge": 5.0, "pack": 0.01, "points": 0.01}}
+        )
+        for _ in range(400):
+            if "points" in pl.applied(run) and "ship" in pl.applied(run):
+                break
+            await asyncio.sleep(0.02)
+        await handle.cancel()
+        kind, _ = await outcome(handle)
+    assert kind == "cancelled"
+    assert pl.check(run, CHECKOUT_GROUPS) == []
+    assert "reserve" in pl.undone(run)
+    assert "confirm" not in pl.applied(run)
+
+
+async def test_a_waiting_branch_is_shown_and_others_complete(env: Env):
+    run = new_ledger()
+    async with env.serve(*FLOWS):
+        handle = await env.client.start(
+            WaitingBranches, {"ledger": run, "fail": "a", "fail_before": True}
+        )
+        await wait_for_status(handle, "waiting", timeout=30)
+        for _ in range(400):  # the others run on, and complete
+            if {"b", "c"} <= set(pl.applied(run)):
+                break
+            await asyncio.sleep(0.02)
+        state = await handle.state()
+        assert [w.path for w in state.waits] == ["1.1"]
+        await handle.react(qwit.ROLLBACK)
+        kind, _ = await outcome(handle)
+    assert kind == "rolled_back"
+    assert sorted(pl.undone(run)) == ["b", "c"]
