@@ -26,6 +26,8 @@ class StepContext:
         heartbeat_details: What the previous attempt last passed to
             ``qwit.heartbeat()``, or None: where to resume.
         engine: Name of the engine running the step.
+        index: For an element of a map, its 0-based index in the list; else
+            None.
     """
 
     flow_id: str
@@ -36,12 +38,15 @@ class StepContext:
     idempotency_key: str
     heartbeat_details: Any = None
     engine: str = ""
+    index: int | None = None
     _heartbeat: Callable[[Any], None] = field(default=lambda details: None, repr=False)
     _is_cancelled: Callable[[], bool] = field(default=lambda: False, repr=False)
 
     @property
     def cancelled(self) -> bool:
-        """True once the flow was cancelled (learned through a heartbeat)."""
+        """True once the step was cancelled: the flow was, a sibling branch
+        stopped its block, or the attempt's deadline passed (on Temporal,
+        learned through a heartbeat)."""
         return self._is_cancelled()
 
 

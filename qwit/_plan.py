@@ -281,6 +281,17 @@ class StepCall(BaseModel):
     timeout: float | None = None
     """The attempt's deadline, which the worker enforces itself (the engine's
     limit is this plus the step's ``timeout_grace``); None in older plans."""
+    index: int | None = None
+    """For an element of a map: its 0-based index."""
+
+    # Left out when None: workers of older QWIT, which serve the flows of
+    # older plans, are sent whole StepCalls and know no ``index``.
+    @model_serializer(mode="wrap")
+    def _without_index(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("index") is None:
+            data.pop("index", None)
+        return data
 
     @property
     def idempotency_key(self) -> str:
@@ -306,6 +317,7 @@ class WireCall(BaseModel):
     key: str | None = None
     timeout: float | None = None
     path: str | None = None
+    index: int | None = None
     flow_id: str | None = None
     step: str | None = None
     direction: Literal["step_forward", "step_back"] | None = None
@@ -322,7 +334,7 @@ class WireCall(BaseModel):
         if call.key is None or path_of(call.key) != call.path:
             raise ValueError(f"call {call.key!r} of {call.path!r} has no key that ends in it")
         timeout = None if grace == WIRE_GRACE else call.timeout
-        return cls(args=call.args, key=call.key, timeout=timeout)
+        return cls(args=call.args, key=call.key, timeout=timeout, index=call.index)
 
     def call(self, *, flow_id: str, step: str, direction: str, limit: float | None) -> StepCall:
         """The ``StepCall`` this stands for, given what the worker learnt from
@@ -342,6 +354,7 @@ class WireCall(BaseModel):
             args=self.args,
             key=self.key,
             timeout=timeout,
+            index=self.index,
         )
 
 

@@ -277,6 +277,7 @@ async def run_step_method(
         direction=call.direction,
         attempt=attempt,
         idempotency_key=call.idempotency_key,
+        index=call.index,
         heartbeat_details=heartbeat_details,
         engine=engine,
         _heartbeat=_thread_safe(heartbeat) if heartbeat else (lambda details: None),

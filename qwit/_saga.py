@@ -584,6 +584,7 @@ class Interpreter:
             args=args,
             key=key,
             timeout=None if node.timeout_grace is None else node.timeout,
+            index=run.index,
         )
 
     def _too_big(self, args: dict[str, Any]) -> int | None:

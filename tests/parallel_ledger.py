@@ -110,7 +110,10 @@ class Work(qwit.Step, name="par.work"):
         if failing:
             raise qwit.StepError(f"{eid} failed after its effect", retry=False)
         key = args.get("out", {}).get(eid, f"out_{eid}")
-        return {key: sorted(k for k in args if k.startswith("out_"))}
+        output: dict[str, Any] = {key: sorted(k for k in args if k.startswith("out_"))}
+        if qwit.context().index is not None:  # an element of a map
+            output["index"] = qwit.context().index
+        return output
 
     async def step_back(self, args: dict[str, Any]) -> None:
         eid = self.eid(args)

@@ -223,9 +223,10 @@ async def test_a_map_collects_outputs_in_element_order(env: Env):
     delay = {f"user-{u}": 0.3 - 0.04 * i for i, u in enumerate(users)}
     async with env.serve(*FLOWS):
         result = await env.client.run(Notify, {"ledger": run, "users": users, "delay": delay})
-    assert [list(o) for o in result["notified"]] == [[f"out_user-{u}"] for u in users]
+    assert [next(iter(o)) for o in result["notified"]] == [f"out_user-{u}" for u in users]
+    assert [o["index"] for o in result["notified"]] == list(range(len(users)))
     # an element saw the map's starting args without the list, plus its item
-    assert result["notified"][0] == {"out_user-5": ["out_first"]}
+    assert result["notified"][0] == {"out_user-5": ["out_first"], "index": 0}
     assert "out_last" in result
     assert pl.peak(run, "do") == 3
 
