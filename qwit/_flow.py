@@ -20,6 +20,7 @@ from ._options import (
     DEFAULT_RETRY,
     DEFAULT_TIMEOUT,
     DEFAULT_TIMEOUT_GRACE,
+    MAX_CONCURRENCY,
     STEP_OPTIONS,
     FailurePolicy,
     OnFailure,
@@ -283,6 +284,11 @@ class _Compiler:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise FlowDefinitionError(
                 f"{where}: max_concurrency must be a whole number >= 1, not {limit!r}"
+            )
+        if limit > MAX_CONCURRENCY:
+            raise FlowDefinitionError(
+                f"{where}: max_concurrency is at most {MAX_CONCURRENCY} (Temporal holds at most "
+                f"2,000 activities or sub-flows in flight per workflow), not {limit}"
             )
         node = self.entry(
             parent, f"step {index + 1} (map)", entry.target, entry.static_args, entry.options

@@ -123,6 +123,9 @@ DEFAULT_TIMEOUT = 300.0
 DEFAULT_TIMEOUT_GRACE = 30.0
 #: How many elements of a map run (or are undone) at once unless it says.
 DEFAULT_MAX_CONCURRENCY = 10
+#: The most a map may run at once: Temporal holds at most 2,000 activities or
+#: sub-flows in flight per workflow, and a rollback's undos run beside them.
+MAX_CONCURRENCY = 1000
 
 
 class FailureRule(BaseModel):

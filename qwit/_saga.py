@@ -515,7 +515,7 @@ class Interpreter:
         run.args = args
         call = self._call(run, "step_forward", _select(args, node.fields))
         run.key = call.key
-        refused = self.runtime.refuse_forward(call, len(self.saga.done))
+        refused = self.runtime.refuse_forward(call, self._pending_undos())
         if refused is not None:
             raise StepFailure(refused)
         result = await self.runtime.run_step(node, call)
@@ -541,7 +541,7 @@ class Interpreter:
             unserved_step_timeout=self.input.unserved_step_timeout,
             execution=None if execution is None else child_execution(execution, run.path, run.runs),
         )
-        refused = self.runtime.refuse_forward(child, len(self.saga.done))
+        refused = self.runtime.refuse_forward(child, self._pending_undos())
         if refused is not None:
             raise StepFailure(refused)
         run.sub = await self.runtime.start_subflow(node, child, run.runs)
@@ -556,6 +556,20 @@ class Interpreter:
                 self._absorb(info)
             raise StepFailure(outgrown)
         return outputs
+
+    def _pending_undos(self) -> int:
+        """How many undos a rollback would run now: every completed step, and
+        every member of the block in flight that has run or is running."""
+        runs = list(self.saga.done)
+        current = self.saga.current
+        if current is not None and current.is_group and current not in runs:
+            runs.append(current)
+        return sum(
+            sum(1 for m in run.members if m.status == "running" or m.needs_undo())
+            if run.is_group
+            else 1
+            for run in runs
+        )
 
     def _subflow_reaction(self, run: StepRun, info: FailureInfo) -> Reaction:
         if info.kind == "aborted":

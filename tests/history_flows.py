@@ -137,3 +137,34 @@ class RefundOrder(qwit.Flow):
     def build_flow(self) -> None:
         self.step(Refund)
         self.step(Notify)
+
+
+class Pack(qwit.Step):
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        if args.get("fail_pack"):
+            raise qwit.StepError("no box", retry=False)
+        return {"packed": True}
+
+    async def step_back(self, args: dict[str, Any]) -> None:
+        return None
+
+
+class Greet(qwit.Step):
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"greeted": args["user"]}
+
+    async def step_back(self, args: dict[str, Any]) -> None:
+        return None
+
+
+class ParallelOrder(qwit.Flow):
+    """A parallel block (a step and a sub-flow as branches) and a map."""
+
+    def build_flow(self) -> None:
+        self.step(Reserve)
+        with self.parallel():
+            self.step(Charge)
+            self.step(Shipping)
+            self.step(Pack, on_failure=qwit.WAIT)
+        self.map(Greet, over="users", item="user", into="greetings", max_concurrency=2)
+        self.step(Notify)

@@ -28,6 +28,7 @@ from tests.history_flows import (
     ApprovedOrder,
     Cancellable,
     OrderFlow,
+    ParallelOrder,
     RefundOrder,
     ShippedOrder,
 )
@@ -110,7 +111,39 @@ async def waited_compensation(client: qwit.Client) -> str:
     return await ended_with(handle, qwit.CompensationFailed)
 
 
+async def parallel_completed(client: qwit.Client) -> str:
+    handle = await client.start(
+        ParallelOrder, {"order_id": 9, "users": ["ann", "bo", "cy"]}, id="history-parallel"
+    )
+    await handle.result()
+    return handle.id
+
+
+async def parallel_rolled_back(client: qwit.Client) -> str:
+    handle = await client.start(
+        ParallelOrder,
+        {"order_id": 10, "users": ["ann", "bo", "cy"], "fail_notify": True},
+        id="history-parallel-rolled-back",
+    )
+    return await ended_with(handle, qwit.FlowRolledBack)
+
+
+async def parallel_waited(client: qwit.Client) -> str:
+    handle = await client.start(
+        ParallelOrder,
+        {"order_id": 11, "users": ["ann"], "fail_pack": True},
+        id="history-parallel-waited",
+    )
+    await until_waiting(handle)
+    await handle.react(qwit.RETRY, args={"fail_pack": False}, path="2.3")
+    await handle.result()
+    return handle.id
+
+
 SCENARIOS: dict[str, Scenario] = {
+    "parallel_completed": parallel_completed,
+    "parallel_rolled_back": parallel_rolled_back,
+    "parallel_waited": parallel_waited,
     "waited_retry": waited_retry,
     "waited_rollback": waited_rollback,
     "waited_compensation": waited_compensation,
@@ -143,6 +176,7 @@ async def record(names: list[str]) -> None:
             Cancellable,
             ApprovedOrder,
             RefundOrder,
+            ParallelOrder,
             task_queue=queue,
         ):
             for name in names:

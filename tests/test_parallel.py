@@ -375,3 +375,20 @@ async def test_a_waiting_branch_is_shown_and_others_complete(env: Env):
         kind, _ = await outcome(handle)
     assert kind == "rolled_back"
     assert sorted(pl.undone(run)) == ["b", "c"]
+
+
+def test_the_graph_forks_and_joins_around_a_block_and_draws_a_map_once():
+    from qwit._cli._graph import dot, mermaid
+
+    text = mermaid(compile_flow(Checkout))
+    for edge in ("s1 --> s2_1", "s1 --> s2_2_1", "s1 --> s2_3", "s2_2_1 --> s2_2_2"):
+        assert edge in text
+    for edge in ("s2_1 --> s3", "s2_2_2 --> s3", "s2_3 --> s3"):
+        assert edge in text
+    assert "s2_1 --> s2_2_1" not in text  # branches are not a sequence
+    # an undo after the join leads to every branch's undo
+    assert "s3 -. undo .-> s2_1" in text and "s3 -. undo .-> s2_3" in text
+    mapped = mermaid(compile_flow(Notify))
+    assert "map par.work over users (as user, into notified; 3 at once)" in mapped
+    assert mapped.count('["2.* par.work"]') == 1
+    assert "subgraph cluster_2 {" in dot(compile_flow(Checkout))

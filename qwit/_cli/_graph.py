@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import pairwise
 
 import click
 
 from .._errors import FlowDefinitionError
 from .._flow import compile_flow
 from .._options import FailurePolicy, Reaction
-from .._plan import FlowNode, MapNode, Node, ParallelNode, StepNode, walk
+from .._plan import FlowNode, MapNode, Node, ParallelNode, StepNode, child_path, walk
 from ._common import resolve_flow
 
 #: Fill colours of steps by failure reaction, for both formats.
@@ -102,11 +101,44 @@ def _subflow_title(node: Node, path: str) -> str:
     return " · ".join([f"{path} {node.name} (sub-flow)", *policy_lines(node.on_failure)])
 
 
+def _wire(node: Node, path: str, edges: list[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    """Add ``node``'s inner edges; return the boxes it starts at and ends at.
+
+    A sequence chains its nodes; a parallel block forks to its branches and
+    joins after them; a map is its element's node, drawn once.
+    """
+    if isinstance(node, StepNode):
+        return [_node_id(path)], [_node_id(path)]
+    if isinstance(node, MapNode):
+        return _wire(node.node, f"{path}.*", edges)
+    if isinstance(node, ParallelNode):
+        starts: list[str] = []
+        ends: list[str] = []
+        for i, branch in enumerate(node.branches):
+            first, last = _wire(branch, child_path(path, i), edges)
+            starts += first
+            ends += last
+        return starts, ends
+    starts, ends = [], []
+    for i, step in enumerate(node.steps):
+        inner: list[tuple[str, str]] = []
+        first, last = _wire(step, child_path(path, i), inner)
+        if not starts:
+            starts = first
+        edges.extend((a, b) for a in ends for b in first)  # into it, then through it
+        edges.extend(inner)
+        ends = last
+    return starts, ends
+
+
 def _edges(flow: FlowNode) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """Forward edges, start to end, and compensation edges, each step to the one before."""
-    ids = ["start", *(box.id for box in _boxes(flow)), "done"]
-    forward = list(pairwise(ids))
-    back = [(b, a) for (a, b), box in zip(forward, _boxes(flow), strict=False) if box.has_back]
+    """Forward edges, start to end, and compensation edges: each undo leads to
+    the undos of what the step came after (a join's, to each branch's)."""
+    inner: list[tuple[str, str]] = []
+    first, last = _wire(flow, "", inner)
+    forward = [("start", b) for b in first] + inner + [(a, "done") for a in last]
+    has_back = {box.id for box in _boxes(flow) if box.has_back}
+    back = [(b, a) for a, b in forward if b in has_back]
     return forward, back
 
 

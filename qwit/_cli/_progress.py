@@ -344,8 +344,12 @@ class Follower:
             return
         last = next((e for e in reversed(state.events) if e.kind == "flow"), None)
         if last is event:
-            for line in wait_lines(state.waiting, self._root.flow_id, self.react):
-                self.out.print(line)
+            waits = state.waits or [state.waiting]
+            for waiting in waits:
+                for line in wait_lines(
+                    waiting, self._root.flow_id, self.react, by_path=len(waits) > 1
+                ):
+                    self.out.print(line)
 
     def _retried(self, state: FlowState) -> list[Event]:
         """A line for each step whose attempt in flight is a retry not told yet."""

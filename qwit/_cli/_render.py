@@ -106,7 +106,12 @@ def status_text(status: str) -> Text:
 
 
 def wait_lines(
-    waiting: WaitInfo, flow_id: str, react: str = "qwit react", *, preview: bool = False
+    waiting: WaitInfo,
+    flow_id: str,
+    react: str = "qwit react",
+    *,
+    preview: bool = False,
+    by_path: bool = False,
 ) -> list[Text]:
     """What a waiting flow waits for, and the commands that decide it.
 
@@ -116,6 +121,7 @@ def wait_lines(
         react: How to call ``qwit react`` from another terminal.
         preview: List what a rollback would undo with each step's args
             (else one line of names).
+        by_path: Several steps wait: the commands name this one's path.
     """
     head = Text()
     head.append("flow waits for an operator", style=STATUS_STYLE["waiting"])
@@ -124,6 +130,8 @@ def wait_lines(
     lines = [head]
     for reaction in waiting.allowed:
         extra = " [--args JSON]" if reaction == "retry" else ""
+        if by_path:
+            extra = f" --path {waiting.path}{extra}"
         lines.append(Text(f"    {react} {flow_id} {reaction}{extra}", style="bold"))
     if waiting.rollback_preview and preview:
         lines.append(Text("  a rollback would undo, newest first, with these args:"))
@@ -245,9 +253,11 @@ def state_view(state: FlowState, *, verbose: bool = False) -> Group:
                 if found:
                     parts.append(Text())
                     parts.extend(found)
-    if state.waiting is not None and not state.done:
-        parts.append(Text())
-        parts.extend(wait_lines(state.waiting, state.flow_id, preview=True))
+    waits = state.waits or ([state.waiting] if state.waiting is not None else [])
+    if waits and not state.done:
+        for waiting in waits:
+            parts.append(Text())
+            parts.extend(wait_lines(waiting, state.flow_id, preview=True, by_path=len(waits) > 1))
     if state.failure is not None:
         parts.append(Text())
         # The steps' tracebacks are above, with the table.
