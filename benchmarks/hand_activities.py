@@ -29,4 +29,16 @@ async def fail_forward(args: dict[str, Any]) -> None:
         raise ApplicationError(str(exc), type="Declined", non_retryable=True) from exc
 
 
-ACTIVITIES = (work_forward, work_back, fail_forward)
+@activity.defn(name="item.step_forward")
+async def item_forward(args: dict[str, Any]) -> dict[str, str]:
+    if args.get("fail"):
+        raise ApplicationError(f"item {args['i']} failed on purpose", non_retryable=True)
+    return work.forward(args["i"])
+
+
+@activity.defn(name="item.step_back")
+async def item_back(args: dict[str, Any]) -> None:
+    work.back(0)
+
+
+ACTIVITIES = (work_forward, work_back, fail_forward, item_forward, item_back)

@@ -7,6 +7,7 @@ size), and it uses the same timeouts and retry policies as QWIT's defaults.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -86,3 +87,63 @@ class Saga:
                 retry_policy=retry,
             )
         return result or {}
+
+
+PARALLEL_WORKFLOW = "bench.Parallel"
+
+
+@dataclass
+class ParallelInput:
+    count: int
+    concurrency: int | None
+    fail: int | None
+
+
+@workflow.defn(name=PARALLEL_WORKFLOW)
+class Parallel:
+    """``count`` activities side by side (at most ``concurrency`` at once);
+    on a failure, the others cancelled and awaited, then the completed ones
+    undone side by side."""
+
+    @workflow.run
+    async def run(self, input: ParallelInput) -> dict[str, Any]:
+        gate = asyncio.Semaphore(input.concurrency or input.count)
+        completed: list[int] = []
+
+        async def forward(i: int) -> dict[str, Any]:
+            async with gate:
+                result: dict[str, Any] = await workflow.execute_activity(
+                    "item.step_forward",
+                    {"i": i, "fail": i == input.fail},
+                    result_type=dict,
+                    start_to_close_timeout=TIMEOUT,
+                    retry_policy=FORWARD_RETRY,
+                    cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+                )
+                completed.append(i)
+                return result
+
+        async def back(i: int) -> None:
+            async with gate:
+                await workflow.execute_activity(
+                    "item.step_back",
+                    {"i": i},
+                    start_to_close_timeout=TIMEOUT,
+                    retry_policy=BACK_RETRY,
+                )
+
+        tasks = [asyncio.ensure_future(forward(i)) for i in range(input.count)]
+        try:
+            results = await asyncio.gather(*tasks)
+        except ActivityError as err:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            # As QWIT's ROLLBACK does, the failed item is undone too: it may
+            # have done something before it failed.
+            failed = [input.fail] if input.fail is not None else []
+            await asyncio.gather(*(back(i) for i in completed + failed))
+            raise ApplicationError(
+                f"rolled back: {err}", type="SagaRolledBack", non_retryable=True
+            ) from err
+        return {"out": results}

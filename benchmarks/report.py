@@ -89,8 +89,36 @@ def build(results: dict[str, Any]) -> Figures:
         if store in results["throughput"]:
             _throughput(figures, results["throughput"][store], suffix, store)
     _history(figures, results["history"])
+    if "parallel" in results:
+        _parallel(figures, results["parallel"])
     _workers(figures, results["workers"])
     return figures
+
+
+def _parallel(figures: Figures, found: dict[str, dict[str, dict[str, float]]]) -> None:
+    section = (
+        "Parallel blocks and maps (maps: 50 at once; fail: the last item fails, the rest undone)"
+    )
+    for key, sides in found.items():
+        label = key.replace("_", " ")
+        for metric, unit, title in (
+            ("latency_p50", "ms", "latency p50 (ms)"),
+            ("worker_cpu", "ms_per_flow", "worker CPU per flow (ms)"),
+            ("history_events", "", "history events"),
+            ("history_bytes", "", "history bytes"),
+        ):
+            source = {"history_events": "events", "history_bytes": "bytes"}.get(
+                metric, f"{metric}_{unit}"
+            )
+            figures.add(
+                section,
+                f"{label}: {title}",
+                metric,
+                unit,
+                f"_{key}",
+                sides["qwit"][source],
+                sides["hand"][source],
+            )
 
 
 def _latency(

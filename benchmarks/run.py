@@ -21,7 +21,7 @@ from typing import Any
 import temporalio.client
 
 import qwit
-from benchmarks import report
+from benchmarks import parallel, report
 from benchmarks.measure import (
     history,
     latency,
@@ -51,11 +51,15 @@ class Settings:
     throughput_rounds: int
     sqlite_flows: int
     sqlite_rounds: int
+    parallel_reps: int
+    """Runs of each parallel block and map of up to 100 items, and side."""
+    big_map_reps: int
+    """Runs of each map of 1,000 items, and side."""
 
 
-FULL = Settings("full", 3, 60, 20, 200, 5, 200, 3)
-QUICK = Settings("quick", 2, 10, 4, 200, 1, 100, 1)
-SMOKE = Settings("smoke", 0, 1, 1, 10, 1, 10, 1)
+FULL = Settings("full", 3, 60, 20, 200, 5, 200, 3, 10, 3)
+QUICK = Settings("quick", 2, 10, 4, 200, 1, 100, 1, 4, 1)
+SMOKE = Settings("smoke", 0, 1, 1, 10, 1, 10, 1, 1, 1)
 
 
 #: Flows (20 steps each, per side) whose histories show where a step's time goes.
@@ -165,6 +169,13 @@ async def measure(settings: Settings) -> dict[str, Any]:
             env.server_pid,
         )
         results["workers"]["end"] = {side: memory_mb(w.pid) for side, w in workers.items()}
+        progress(
+            f"  parallel blocks and maps, {settings.parallel_reps} runs "
+            f"({settings.big_map_reps} of 1,000 items) of each and side"
+        )
+        results["parallel"] = await parallel.measure(
+            env, settings.parallel_reps, settings.big_map_reps
+        )
 
     progress("tuned dev server, in memory, workers without the workflow sandbox")
     async with environment(fast=True, unsandboxed=True, together=True) as env:

@@ -34,24 +34,26 @@ async def build(args: argparse.Namespace) -> Worker:
         options["workflow_runner"] = UnsandboxedWorkflowRunner()
     if args.side == "qwit":
         from benchmarks.flows import STEPS
+        from benchmarks.parallel import Item
         from qwit.temporal import connect_temporal, create_worker
 
         client = await connect_temporal(target_host=args.address)
         return create_worker(
             client,
             *STEPS,
+            Item,
             task_queue=args.task_queue,
             graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
             **options,
         )
     from benchmarks.hand_activities import ACTIVITIES
-    from benchmarks.hand_workflow import Saga
+    from benchmarks.hand_workflow import Parallel, Saga
 
     plain = await temporalio.client.Client.connect(args.address)
     return Worker(
         plain,
         task_queue=args.task_queue,
-        workflows=[Saga],
+        workflows=[Saga, Parallel],
         activities=list(ACTIVITIES),
         graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
         **options,

@@ -101,6 +101,8 @@ class StepRun:
     undo_failed: bool = True
     """Whether a failed branch or element that may have done something is
     undone with its block (not when its reaction was SKIPBACK)."""
+    started: int = 0
+    """A block's (a map's) members started so far."""
 
     @property
     def name(self) -> str:
@@ -463,6 +465,7 @@ class Interpreter:
         tasks: list[asyncio.Future[None]] = []
 
         async def forward(member: StepRun) -> None:
+            group.started += 1
             try:
                 await self._forward(member)
             except _Stop as stop:
@@ -558,18 +561,13 @@ class Interpreter:
         return outputs
 
     def _pending_undos(self) -> int:
-        """How many undos a rollback would run now: every completed step, and
-        every member of the block in flight that has run or is running."""
+        """How many undos a rollback would run at most now: one for every
+        completed step, and for every member of a block that has started."""
         runs = list(self.saga.done)
         current = self.saga.current
         if current is not None and current.is_group and current not in runs:
             runs.append(current)
-        return sum(
-            sum(1 for m in run.members if m.status == "running" or m.needs_undo())
-            if run.is_group
-            else 1
-            for run in runs
-        )
+        return sum(run.started if run.is_group else 1 for run in runs)
 
     def _subflow_reaction(self, run: StepRun, info: FailureInfo) -> Reaction:
         if info.kind == "aborted":

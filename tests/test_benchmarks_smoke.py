@@ -21,6 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 LATENCY_SHAPES = ["1_steps", "5_steps", "20_steps", "5_steps_fail", "5_local_steps"]
 BIG = [f"{n}_steps_1kb{typing}" for n in (25, 50) for typing in ("", "_typed_forward", "_typed")]
 TYPED = ["5_steps_typed", "20_steps_typed"]
+PARALLEL = [
+    f"{kind}{fail}" for kind in ("parallel_5", "map_100", "map_1000") for fail in ("", "_fail")
+]
 #: The history of a QWIT flow is at most this many times the hand-written
 #: saga's for the same flow. Sizes, not timings: the same on every run but for
 #: the lengths of random ids.
@@ -55,6 +58,11 @@ def expected_keys() -> list[tuple[str, str]]:
         figure("history_bytes", "", f"_{shape}")
     for typing in ("", "_typed_forward", "_typed"):
         figure("history_growth_exponent", "", f"_1kb{typing}")
+    for shape in PARALLEL:
+        figure("latency_p50", "ms", f"_{shape}")
+        figure("worker_cpu", "ms_per_flow", f"_{shape}")
+        figure("history_events", "", f"_{shape}")
+        figure("history_bytes", "", f"_{shape}")
     figure("worker_rss_idle", "mb", "")
     figure("worker_rss_peak", "mb", "")
     figure("worker_ready", "s", "")
@@ -118,6 +126,11 @@ def test_both_sides_did_the_same_work(report: dict[str, Any]) -> None:
         assert history["5_steps_fail"][side]["activities_back"] == 4
         assert history["5_local_steps"][side]["markers"] == 5
         assert history["5_local_steps"][side]["activities_forward"] == 0
+        # each map element ran once
+        parallel = report["details"]["parallel"]
+        assert parallel["map_100"][side]["activities_forward"] == 100
+        assert parallel["map_1000"][side]["activities_forward"] == 1000
+        assert 0 < parallel["map_100_fail"][side]["activities_back"] <= 100
     assert report["meta"]["mode"] == "smoke"
 
 
