@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import typing
 import weakref
 from collections.abc import Iterator
@@ -18,9 +19,11 @@ from ._options import (
     DEFAULT_BACK_RETRY,
     DEFAULT_MAX_CONCURRENCY,
     DEFAULT_RETRY,
+    DEFAULT_SHARD_SIZE,
     DEFAULT_TIMEOUT,
     DEFAULT_TIMEOUT_GRACE,
     MAX_CONCURRENCY,
+    SHARD_SIZE_ENV,
     STEP_OPTIONS,
     FailurePolicy,
     OnFailure,
@@ -294,6 +297,7 @@ class _Compiler:
             parent, f"step {index + 1} (map)", entry.target, entry.static_args, entry.options
         )
         return MapNode(
+            shard_size=_shard_size(where),
             name=node.name,
             over=entry.over,
             item=entry.item,
@@ -390,6 +394,21 @@ class _Compiler:
             back_fields=back_fields,
             backend=_backend_name(cls.backend, where),
         )
+
+
+def _shard_size(where: str) -> int:
+    raw = os.environ.get(SHARD_SIZE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_SHARD_SIZE
+    try:
+        size = int(raw)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise FlowDefinitionError(
+            f"{where}: {SHARD_SIZE_ENV} must be a whole number >= 1, not {raw!r}"
+        )
+    return size
 
 
 def _output_fields(cls: type | None) -> set[str]:

@@ -126,6 +126,12 @@ DEFAULT_MAX_CONCURRENCY = 10
 #: The most a map may run at once: Temporal holds at most 2,000 activities or
 #: sub-flows in flight per workflow, and a rollback's undos run beside them.
 MAX_CONCURRENCY = 1000
+#: Elements of a map per shard (a sub-flow of its own) when its list is longer:
+#: a shard's forward and undo histories fit Temporal's 51,200 events with room
+#: to spare. ``QWIT_MAP_SHARD_SIZE`` overrides it where flows are compiled (the
+#: plan keeps the size a flow started with).
+DEFAULT_SHARD_SIZE = 1000
+SHARD_SIZE_ENV = "QWIT_MAP_SHARD_SIZE"
 
 
 class FailureRule(BaseModel):

@@ -48,12 +48,15 @@ PINNED_DEFAULTS: dict[int, dict[str, dict[str, Any]]] = {
             "parent_id": None,
             "payload_limit": 2 * 1024 * 1024,
             "unserved_step_timeout": 60.0,
+            "shard_of": None,
         },
         "flow": {
             "static_args": {},
             "on_failure": {"rules": [], "default": "rollback"},
             "backend": None,
         },
+        "parallel": {"name": "parallel"},
+        "map": {"shard_size": 1000, "offset": 0},
         "step": {
             "static_args": {},
             "retry": {
@@ -200,6 +203,12 @@ class MapNode(BaseModel):
     """At most this many elements run (or are undone) at once."""
     node: UnitNode
     """What each element runs: a step or a sub-flow."""
+    shard_size: int = Field(default=1000, ge=1)
+    """A list longer than this runs as shards of this many elements, each a
+    sub-flow of its own, one at a time: an engine's limits (Temporal's 51,200
+    events per workflow) then bound a shard, not the map."""
+    offset: int = Field(default=0, ge=0)
+    """In a shard: the index of its first element in the whole list."""
 
 
 Node = Annotated[StepNode | FlowNode | ParallelNode | MapNode, Field(discriminator="kind")]
@@ -233,6 +242,9 @@ class FlowInput(BaseModel):
     to the task queue again (another worker may serve it: a rolling deploy,
     workers of different modules) before it fails. None in plans of older
     QWIT: it fails at once."""
+    shard_of: str | None = None
+    """Set for a shard of a large map: the path of the map, which the shard's
+    plan (a map over its part of the list) runs at."""
     execution: str | None = None
     """What makes this execution's idempotency keys its own: the root's
     execution id (fixed when the flow starts), extended by each sub-flow

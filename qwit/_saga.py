@@ -103,6 +103,10 @@ class StepRun:
     undone with its block (not when its reaction was SKIPBACK)."""
     started: int = 0
     """A block's (a map's) members started so far."""
+    sharded: bool = False
+    """A map run as shards: its members are sub-flows of its elements."""
+    shard_of: str | None = None
+    """A shard of a map: the map's path (the shard's own is ``<map>@<k>``)."""
 
     @property
     def name(self) -> str:
@@ -215,7 +219,12 @@ class Interpreter:
         self.input = input
         self.runtime = runtime
         self.flow_id = flow_id
-        runs = [StepRun(node, child_path(input.path, i)) for i, node in enumerate(input.flow.steps)]
+        if input.shard_of is not None:  # a shard of a map: the map, at its own path
+            runs = [StepRun(input.flow.steps[0], input.shard_of)]
+        else:
+            runs = [
+                StepRun(node, child_path(input.path, i)) for i, node in enumerate(input.flow.steps)
+            ]
         for run in runs:
             if isinstance(run.node, ParallelNode):
                 run.members = [
@@ -418,24 +427,44 @@ class Interpreter:
                 )
                 return _Failed(node.node.on_failure.choose(run.error.types))
             base = {key: value for key, value in args.items() if key != node.over}
-            run.members = [
-                StepRun(
-                    node.node, child_path(run.path, i), index=i, base={**base, node.item: element}
-                )
-                for i, element in enumerate(items)
-            ]
+            size = node.shard_size
+            run.sharded = len(items) > size and self.input.shard_of is None
+            if run.sharded:
+                # Shards, one at a time: each a sub-flow that maps its part
+                # (its own history), its elements keeping their paths.
+                run.members = [
+                    StepRun(
+                        _shard(node, start, len(items)),
+                        f"{run.path}@{start // size + 1}",
+                        base={**base, node.over: items[start : start + size]},
+                        shard_of=run.path,
+                    )
+                    for start in range(0, len(items), size)
+                ]
+            else:
+                run.members = [
+                    StepRun(
+                        node.node,
+                        child_path(run.path, node.offset + i),
+                        index=node.offset + i,
+                        base={**base, node.item: element},
+                    )
+                    for i, element in enumerate(items)
+                ]
         else:
             base = dict(args)
             run.members = [StepRun(m.node, m.path, base=dict(base)) for m in run.members]
         self._step_to(run, "running")
-        limit = node.max_concurrency if isinstance(node, MapNode) else None
+        limit = _limit(run)
         try:
             await self._side_by_side(run, limit)
         except (_Stop, asyncio.CancelledError):
             self._step_to(run, "failed")
             self.saga.done.append(run)
             raise
-        if isinstance(node, MapNode):
+        if isinstance(node, MapNode) and run.sharded:
+            output = {node.into: [out for m in run.members for out in (m.output or {})[node.into]]}
+        elif isinstance(node, MapNode):
             output = {node.into: [m.output if m.status == "done" else None for m in run.members]}
         else:
             clash = _clash(run.members)
@@ -523,7 +552,9 @@ class Interpreter:
             raise StepFailure(refused)
         result = await self.runtime.run_step(node, call)
         run.attempts += result.attempt
-        outgrown = self._outgrown(run, result.output)
+        # A branch's or element's output joins the args with its block's,
+        # which is checked as a whole when the block ends.
+        outgrown = None if run.base is not None else self._outgrown(run, result.output)
         if outgrown is not None:
             run.output = result.output  # its undo gets it, as a completed step's does
             raise StepFailure(outgrown)
@@ -543,6 +574,7 @@ class Interpreter:
             payload_limit=self.input.payload_limit,
             unserved_step_timeout=self.input.unserved_step_timeout,
             execution=None if execution is None else child_execution(execution, run.path, run.runs),
+            shard_of=run.shard_of,
         )
         refused = self.runtime.refuse_forward(child, self._pending_undos())
         if refused is not None:
@@ -550,7 +582,7 @@ class Interpreter:
         run.sub = await self.runtime.start_subflow(node, child, run.runs)
         run.attempts += 1
         outputs = await run.sub.forward()
-        outgrown = self._outgrown(run, outputs)
+        outgrown = None if run.base is not None else self._outgrown(run, outputs)
         if outgrown is not None:
             # Its steps ran but their outputs can't join the args: undo it now,
             # as a sub-flow that failed would have undone itself.
@@ -708,8 +740,7 @@ class Interpreter:
         ``max_concurrency`` at once), each as a step is undone."""
         todo = [member for member in group.members[::-1] if member.needs_undo()]
         self._step_to(group, "compensating")
-        node = group.node
-        limit = node.max_concurrency if isinstance(node, MapNode) else None
+        limit = _limit(group)
         gate = asyncio.Semaphore(limit) if limit is not None and limit < len(todo) else None
 
         async def undo(member: StepRun) -> None:
@@ -916,6 +947,24 @@ def _step_state(run: StepRun) -> StepState:
         flow_id=run.sub.flow_id if run.sub else None,
         index=run.index,
         steps=[_step_state(member) for member in run.members],
+    )
+
+
+def _limit(group: StepRun) -> int | None:
+    """How many of a block's members run (or are undone) at once: all of a
+    parallel block's, a map's ``max_concurrency``, one shard at a time."""
+    node = group.node
+    if not isinstance(node, MapNode):
+        return None
+    return 1 if group.sharded else node.max_concurrency
+
+
+def _shard(node: MapNode, start: int, total: int) -> FlowNode:
+    """The plan of the shard of ``node`` whose first element is ``start``."""
+    end = min(start + node.shard_size, total)
+    return FlowNode(
+        name=f"{node.name} [{start}:{end}]",
+        steps=(node.model_copy(update={"offset": start}),),
     )
 
 

@@ -392,3 +392,55 @@ def test_the_graph_forks_and_joins_around_a_block_and_draws_a_map_once():
     assert "map par.work over users (as user, into notified; 3 at once)" in mapped
     assert mapped.count('["2.* par.work"]') == 1
     assert "subgraph cluster_2 {" in dot(compile_flow(Checkout))
+
+
+class ShardedNotify(qwit.Flow, name="par.sharded_notify"):
+    """Compiled with QWIT_MAP_SHARD_SIZE=3: its map runs as shards of 3."""
+
+    def build_flow(self) -> None:
+        self.step(Work, {"eid": "first"})
+        self.map(Work, over="users", item="user", into="notified", max_concurrency=2)
+        self.step(Work, {"eid": "last"})
+
+
+@pytest.fixture
+def shards_of_3(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QWIT_MAP_SHARD_SIZE", "3")
+    assert compile_flow(ShardedNotify).steps[1].shard_size == 3  # type: ignore[union-attr]
+
+
+async def test_a_long_map_runs_as_shards_and_reads_as_one(env: Env, shards_of_3: None):
+    run = new_ledger()
+    users = list(range(10))
+    async with env.serve(ShardedNotify):
+        handle = await env.client.start(ShardedNotify, {"ledger": run, "users": users})
+        result = await asyncio.wait_for(handle.result(), 60)
+        state = await handle.state()
+    assert [o["index"] for o in result["notified"]] == users
+    assert [next(iter(o)) for o in result["notified"]] == [f"out_user-{u}" for u in users]
+    # each element ran once, at its own path, at most 2 at once
+    records = [e for e in pl.entries(run) if e.action == "do" and e.eid.startswith("user-")]
+    assert sorted(e.path for e in records) == sorted(f"2.{u + 1}" for u in users)
+    assert pl.peak(run, "do") <= 2
+    shards = state.steps[1].steps
+    assert [s.path for s in shards] == ["2@1", "2@2", "2@3", "2@4"]
+    assert [s.kind for s in shards] == ["flow"] * 4
+    assert [len(s.steps[0].steps) for s in shards] == [3, 3, 3, 1]
+    assert shards[3].steps[0].steps[0].path == "2.10"
+
+
+async def test_a_failed_element_of_a_shard_undoes_every_shard_once(env: Env, shards_of_3: None):
+    run = new_ledger()
+    users = list(range(10))
+    async with env.serve(ShardedNotify):
+        handle = await env.client.start(
+            ShardedNotify, {"ledger": run, "users": users, "fail": "user-8"}
+        )
+        kind, err = await outcome(handle)
+    assert kind == "rolled_back"
+    assert pl.check(run, {"2"}) == []
+    assert sorted(pl.undone(run)) == sorted(pl.applied(run))
+    assert pl.undone(run)[-1] == "first"
+    assert "last" not in pl.applied(run)
+    assert pl.peak(run, "undo") <= 2
+    assert err.step == "par.work"
