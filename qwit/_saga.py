@@ -305,7 +305,15 @@ class Interpreter:
             await self._forward_all()
             if self.is_subflow:
                 await self.runtime.report_forward_done(self.saga.outputs)
-                await self.runtime.wait_until(lambda: self.saga.settle is not None)
+                # A cancel that arrived as the last step completed may have
+                # been spent on that step (Temporal turns a workflow's cancel
+                # into a cancel of what it awaits, and an operation that
+                # completes anyway swallows it): look at the request itself.
+                await self.runtime.wait_until(
+                    lambda: self.saga.settle is not None or self.runtime.cancel_requested()
+                )
+                if self.saga.settle is None:
+                    raise asyncio.CancelledError
                 if not self.saga.settle:
                     raise self._failed(await self.runtime.shield(self._parent_rollback()))
         except _Stop as stop:

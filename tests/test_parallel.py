@@ -444,3 +444,40 @@ async def test_a_failed_element_of_a_shard_undoes_every_shard_once(env: Env, sha
     assert "last" not in pl.applied(run)
     assert pl.peak(run, "undo") <= 2
     assert err.step == "par.work"
+
+
+class QuickSub(qwit.Flow, name="par.quick_sub"):
+    def build_flow(self) -> None:
+        self.step(Work, {"eid": "q1"})
+        self.step(Work, {"eid": "q2"})
+        self.step(Work, {"eid": "q3"})
+
+
+class FailingSub(qwit.Flow, name="par.failing_sub"):
+    def build_flow(self) -> None:
+        self.step(Work, {"eid": "f1"})
+        self.step(Work, {"eid": "f2"})
+
+
+class SubflowSiblings(qwit.Flow, name="par.subflow_siblings"):
+    def build_flow(self) -> None:
+        with self.parallel():
+            self.step(FailingSub)
+            self.step(QuickSub)
+
+
+async def test_a_sub_flow_sibling_stopped_as_it_completes_still_rolls_back(env: Env):
+    # The failing branch stops its sibling about when the sibling's last step
+    # completes: on Temporal that step's completion could swallow the cancel,
+    # and the sibling waited for its parent's word forever (hit now and then
+    # here; tests/test_saga_unit.py reproduces it every time).
+    async with env.serve(SubflowSiblings):
+        for _ in range(15):
+            run = new_ledger()
+            delay = {"f1": 0.01, "q1": 0.01, "q2": 0.01, "q3": 0.01}
+            handle = await env.client.start(
+                SubflowSiblings, {"ledger": run, "fail": "f1", "fail_before": True, "delay": delay}
+            )
+            kind, _ = await asyncio.wait_for(outcome(handle), 30)
+            assert kind == "rolled_back"
+            assert sorted(pl.undone(run)) == sorted(pl.applied(run))

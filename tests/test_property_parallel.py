@@ -232,7 +232,15 @@ async def test_random_parallel_flows_keep_the_rules(env: Env, request: pytest.Fi
                 args["fail"] = case.fail
                 args["fail_before"] = not case.after
             handle = await env.client.start(flow, args)
-            kind, _ = await outcome(handle)
+            try:
+                kind, _ = await outcome(handle)
+            except TimeoutError:
+                state = await handle.state()
+                failures.append(
+                    f"seed {seed}, case {i} {case}: did not end in 60 s; its state: "
+                    f"{state.model_dump_json(exclude={'events'})}"
+                )
+                return
             for problem in check(case, run, kind):
                 failures.append(f"seed {seed}, case {i} {case}: {problem}")
 

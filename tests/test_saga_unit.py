@@ -7,6 +7,8 @@ import gc
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 import qwit
 from qwit._flow import compile_flow
 from qwit.engine import (
@@ -104,3 +106,57 @@ def test_every_sub_flow_execution_has_an_id_of_its_own():
     # flows of older QWIT keep the ids they had
     old = FlowInput(flow=plan, root_id="order-7", path="2")
     assert child_flow_id(old, "2", 1) == "order-7/2"
+
+
+class Quick(qwit.Step, name="unit.quick"):
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"quick": True}
+
+    async def step_back(self, args: dict[str, Any]) -> None:
+        return None
+
+
+class QuickFlow(qwit.Flow):
+    def build_flow(self) -> None:
+        self.step(Quick)
+
+
+class SwallowedCancel(FlowRuntime):
+    """A sub-flow whose cancel arrives as its last step completes, and is
+    spent on that step (as Temporal does): the step returns, no
+    ``CancelledError`` comes, only the request stays."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.changed = asyncio.Event()
+        self.calls: list[str] = []
+
+    async def run_step(self, node: StepNode, call: StepCall) -> StepReturn:
+        self.calls.append(call.direction)
+        if call.direction == "step_forward":
+            self.requested = True  # the cancel came while the step ran
+        return StepReturn(output={"quick": True})
+
+    async def start_subflow(self, node: FlowNode, input: FlowInput, attempt: int) -> SubflowRun:
+        raise NotImplementedError
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        while not predicate():
+            self.changed.clear()
+            await self.changed.wait()
+
+    def cancel_requested(self) -> bool:
+        return self.requested
+
+
+async def test_a_sub_flow_whose_cancel_was_spent_on_its_last_step_still_rolls_back():
+    runtime = SwallowedCancel()
+    child = FlowInput(flow=compile_flow(QuickFlow), root_id="r", path="2", parent_id="r")
+    interp = Interpreter(child, runtime, "r/~2")
+    task = asyncio.ensure_future(interp.run())
+    await asyncio.wait({task}, timeout=5)
+    assert task.done(), "the sub-flow waits for its parent though it was cancelled"
+    with pytest.raises(qwit.engine.FlowFailure) as failed:
+        task.result()
+    assert failed.value.info.kind == "cancelled"
+    assert runtime.calls == ["step_forward", "step_back"]
