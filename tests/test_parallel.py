@@ -481,3 +481,53 @@ async def test_a_sub_flow_sibling_stopped_as_it_completes_still_rolls_back(env: 
             kind, _ = await asyncio.wait_for(outcome(handle), 30)
             assert kind == "rolled_back"
             assert sorted(pl.undone(run)) == sorted(pl.applied(run))
+
+
+def test_qwit_status_summarises_a_large_map_and_lists_its_failed_elements():
+    from rich.console import Console
+
+    from qwit._cli._render import state_view
+    from qwit.engine import FlowState
+
+    def element(i: int, status: str) -> dict[str, Any]:
+        return {"name": "par.work", "path": f"2.{i + 1}", "status": status, "index": i}
+
+    statuses = ["compensated"] * 28 + ["failed", "compensated"]
+    shard = {
+        "name": "par.work [0:30]",
+        "path": "2@1",
+        "kind": "flow",
+        "status": "compensated",
+        "steps": [
+            {
+                "name": "par.work",
+                "path": "2",
+                "kind": "map",
+                "status": "compensated",
+                "steps": [element(i, s) for i, s in enumerate(statuses)],
+            }
+        ],
+    }
+    state = FlowState.model_validate(
+        {
+            "flow": "par.notify",
+            "flow_id": "n-1",
+            "status": "rolled_back",
+            "steps": [
+                {"name": "par.work", "path": "1", "status": "compensated"},
+                {
+                    "name": "par.work",
+                    "path": "2",
+                    "kind": "map",
+                    "status": "compensated",
+                    "steps": [shard],
+                },
+            ],
+        }
+    )
+    console = Console(width=200, record=True)
+    console.print(state_view(state))
+    text = console.export_text()
+    assert "30 elements: 29 compensated, 1 failed" in text
+    assert "2.29" in text  # the failed element, listed
+    assert "2.5 " not in text  # the others, summarised

@@ -71,6 +71,52 @@ def rows(steps: list[StepState], depth: int = 0) -> Iterator[Row]:
         yield from rows(step.steps, depth + 1)
 
 
+#: A map with more elements than this is summarised by ``qwit status``.
+MAP_ROWS = 20
+
+
+def map_elements(step: StepState) -> list[StepState]:
+    """A map's elements, through its shards (each a sub-flow mapping a part)."""
+    found: list[StepState] = []
+    for inner in step.steps:
+        if inner.kind == "flow" and inner.steps and inner.steps[0].kind == "map":
+            found.extend(map_elements(inner.steps[0]))
+        else:
+            found.append(inner)
+    return found
+
+
+def display_rows(steps: list[StepState], depth: int = 0) -> Iterator[Row]:
+    """``rows``, with each map of more than ``MAP_ROWS`` elements summarised:
+    a line of counts by status, then only its elements that failed."""
+    for step in steps:
+        yield Row(step, depth)
+        elements = map_elements(step) if step.kind == "map" else []
+        if len(elements) <= MAP_ROWS:
+            yield from display_rows(step.steps, depth + 1)
+            continue
+        counts: dict[str, int] = {}
+        for element in elements:
+            counts[element.status] = counts.get(element.status, 0) + 1
+        summary = ", ".join(f"{n:,} {status.replace('_', ' ')}" for status, n in counts.items())
+        yield Row(
+            StepState(
+                name=f"{len(elements):,} elements: {summary}",
+                path=f"{step.path}.*",
+                status=step.status,
+            ),
+            depth + 1,
+        )
+        failed = [e for e in elements if e.status in ("failed", "compensation_failed")]
+        for element in failed[:MAP_ROWS]:
+            yield Row(element, depth + 1)
+        if len(failed) > MAP_ROWS:
+            yield Row(
+                StepState(name=f"... and {len(failed) - MAP_ROWS:,} more failed", path=""),
+                depth + 1,
+            )
+
+
 def event_line(
     kind: str, row: Row, detail: str, *, width: int, symbols: bool, path_width: int = 4
 ) -> Text:
@@ -231,7 +277,7 @@ def state_view(state: FlowState, *, verbose: bool = False) -> Group:
     table = Table(box=None, pad_edge=False, header_style="bold")
     for column in ("path", "step", "status", "attempts", "error"):
         table.add_column(column, justify="right" if column == "attempts" else "left")
-    for row in rows(state.steps):
+    for row in display_rows(state.steps):
         step = row.step
         attempts = str(step.attempts)
         error = error_text(step.error) if step.error else ""
