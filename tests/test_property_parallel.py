@@ -23,6 +23,7 @@ runs a third of them).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import uuid
@@ -60,6 +61,19 @@ class Case:
     reaction: qwit.Reaction
     delays: dict[str, float]
     users: list[int]
+    decision: qwit.Reaction | None = None
+    """With reaction WAIT: the operator's answer, sent to the waiting step's
+    path (RETRY comes with args that let the step pass)."""
+    cancel_after: float | None = None
+    """Cancel the flow this many seconds after it started."""
+
+    @property
+    def effective(self) -> qwit.Reaction:
+        """The reaction that decides the outcome (a WAIT's decision)."""
+        if self.reaction == qwit.WAIT:
+            assert self.decision is not None
+            return self.decision
+        return self.reaction
 
     def position(self, eid: str) -> int:
         for i, node in enumerate(self.nodes):
@@ -166,6 +180,27 @@ def flow_of(case: Case, name: str) -> type[qwit.Flow]:
     return Random
 
 
+async def operate(case: Case, handle: qwit.FlowHandle) -> None:
+    """What the operator does: cancel the flow at its time, and decide the
+    waiting step (by its path) once it waits."""
+    if case.cancel_after is not None:
+        await asyncio.sleep(case.cancel_after)
+        with contextlib.suppress(qwit.QwitError):
+            await handle.cancel()
+        return
+    if case.decision is None:
+        return
+    while True:
+        state = await handle.state()
+        if state.done:
+            return
+        if state.waits:
+            args = {"fail": "nothing"} if case.decision == qwit.RETRY else None
+            await handle.react(case.decision, args=args, path=state.waits[0].path)
+            return
+        await asyncio.sleep(0.05)
+
+
 def check(case: Case, run: str, kind: str) -> list[str]:
     problems = []
     applied, undone = pl.applied(run), pl.undone(run)
@@ -173,16 +208,23 @@ def check(case: Case, run: str, kind: str) -> list[str]:
     if case.fail is not None:
         expected_kind = {
             qwit.SKIP: "completed",
+            qwit.RETRY: "completed",
             qwit.ABORT: "aborted",
             qwit.ROLLBACK: "rolled_back",
             qwit.SKIPBACK: "rolled_back",
-        }[case.reaction]
+        }[case.effective]
+    if kind == "cancelled" and case.cancel_after is not None:
+        # Cancelled in flight: whatever it had applied is undone, once, in order.
+        if sorted(undone) != sorted(applied):
+            problems.append(f"cancelled: applied {sorted(applied)}, undid {sorted(undone)}")
+        return problems + pl.check(run, case.groups, all_undone=False)
     if kind != expected_kind:
         return [f"ended {kind}, not {expected_kind}"]
     if len(set(applied)) != len(applied):
         problems.append(f"an effect applied twice: {applied}")
     if kind == "completed":
-        expected = [e for e in case.all_eids if e != case.fail or case.after]
+        retried = case.effective == qwit.RETRY
+        expected = [e for e in case.all_eids if e != case.fail or case.after or retried]
         if sorted(applied) != sorted(expected):
             problems.append(f"applied {sorted(applied)}, not {sorted(expected)}")
         if undone:
@@ -200,7 +242,7 @@ def check(case: Case, run: str, kind: str) -> list[str]:
         if [e for e in undone if e not in own]:
             problems.append(f"undid {undone} in an aborted flow")
     else:
-        kept = {case.fail} if case.reaction == qwit.SKIPBACK else set()
+        kept = {case.fail} if case.effective == qwit.SKIPBACK else set()
         if sorted(undone) != sorted(e for e in applied if e not in kept):
             problems.append(f"applied {sorted(applied)}, undid {sorted(undone)}")
     if kind != "completed" and case.fail is not None:
@@ -232,8 +274,10 @@ async def test_random_parallel_flows_keep_the_rules(env: Env, request: pytest.Fi
                 args["fail"] = case.fail
                 args["fail_before"] = not case.after
             handle = await env.client.start(flow, args)
+            steer = asyncio.ensure_future(operate(case, handle))
             try:
                 kind, _ = await outcome(handle)
+                steer.cancel()
             except TimeoutError:
                 state = await handle.state()
                 failures.append(
