@@ -685,6 +685,11 @@ class Interpreter:
     async def _on_cancel(self) -> FailureInfo:
         self.saga.waits.clear()
         self._flow_to("compensating")
+        # A cancel rolls back everything that may have done something: a
+        # failed branch too, whatever reaction it was stopping its block with.
+        for run in self.saga.done:
+            for member in run.members:
+                member.undo_failed = True
         in_flight = self.saga.current
         undo: StepRun | None = None
         if in_flight is not None:
