@@ -23,6 +23,15 @@ and ``InMemoryRuntime``, which hold the run table, sub-flows, waiting, the
 handles and the retry rule (``run_with_retries``): it writes only how one
 attempt of a step runs (``run_attempt``). ``qwit.local`` is such an engine, in
 a few lines; read it first.
+
+Parallel blocks and maps need nothing more of an engine: the interpreter runs
+their branches and elements side by side as concurrent ``run_step`` (or
+``start_subflow``) calls, and stops one alone by cancelling its task; a
+runtime must let such a cancel reach that call only, and raise
+``asyncio.CancelledError`` once the step has stopped. ``walk`` visits every
+node of a plan (``FlowNode``, ``StepNode``, ``ParallelNode``, ``MapNode``);
+``WireCall`` is the compact form of a ``StepCall`` for a durable engine's
+task queue.
 """
 
 from __future__ import annotations
@@ -37,7 +46,17 @@ from ._memory import (
     InMemoryRuntime,
     run_with_retries,
 )
-from ._plan import FlowInput, FlowNode, StepCall, StepNode, StepReturn
+from ._plan import (
+    FlowInput,
+    FlowNode,
+    MapNode,
+    ParallelNode,
+    StepCall,
+    StepNode,
+    StepReturn,
+    WireCall,
+    walk,
+)
 from ._runner import Registry, run_step_method
 from ._saga import Decision, FlowFailure, FlowRuntime, Interpreter, SubflowRun
 from ._state import FlowState, StepState, WaitInfo
@@ -60,6 +79,8 @@ __all__ = [
     "InMemoryRun",
     "InMemoryRuntime",
     "Interpreter",
+    "MapNode",
+    "ParallelNode",
     "Registry",
     "StepCall",
     "StepFailure",
@@ -68,6 +89,8 @@ __all__ = [
     "StepState",
     "SubflowRun",
     "WaitInfo",
+    "WireCall",
     "run_step_method",
     "run_with_retries",
+    "walk",
 ]
