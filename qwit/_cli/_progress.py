@@ -149,7 +149,7 @@ class Follower:
         """Size the columns for every step of the plan, and learn which have no undo."""
         no_back = set()
         for path, node, depth in walk(plan):
-            suffix = " (sub-flow)" if isinstance(node, FlowNode) else ""
+            suffix = {"flow": " (sub-flow)", "map": " (map)"}.get(node.kind, "")
             self.width = max(self.width, 2 * depth + len(node.name + suffix))
             self.path_width = max(self.path_width, len(path))
             if isinstance(node, StepNode) and not node.has_back:

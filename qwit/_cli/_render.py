@@ -60,7 +60,7 @@ class Row:
 
     @property
     def label(self) -> str:
-        suffix = " (sub-flow)" if self.step.kind == "flow" else ""
+        suffix = {"flow": " (sub-flow)", "map": " (map)"}.get(self.step.kind, "")
         return "  " * self.depth + self.step.name + suffix
 
 
