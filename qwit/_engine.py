@@ -21,7 +21,7 @@ from ._jsonargs import NotJSON, as_args
 from ._options import Reaction, parse_reaction
 from ._plan import FlowInput
 from ._saga import Decision
-from ._state import FlowState, StepState
+from ._state import FlowState, StepState, choose_wait, path_key
 
 if TYPE_CHECKING:
     from ._client import Client
@@ -111,7 +111,7 @@ class FlowHandle(ABC):
             return filled
 
         steps = await fill(list(state.steps))
-        waits.sort(key=lambda w: tuple(int(p) for p in w.path.split(".") if p.isdigit()))
+        waits.sort(key=lambda w: path_key(w.path))
         waiting = waits[0] if waits else None
         status = "waiting" if waiting is not None and not state.done else state.status
         return state.model_copy(
@@ -152,21 +152,7 @@ class FlowHandle(ABC):
         state = await self.state()
         if not state.waits:
             raise ReactionError(f"flow {self.id!r} is not waiting (it is {state.status})")
-        paths = ", ".join(w.path for w in state.waits)
-        if path is None:
-            if len(state.waits) > 1:
-                raise ReactionError(
-                    f"flow {self.id!r}: {len(state.waits)} steps wait (paths {paths}): "
-                    "name the one this decides (path=...)"
-                )
-            waiting = state.waits[0]
-        else:
-            found = [w for w in state.waits if w.path == path]
-            if not found:
-                raise ReactionError(
-                    f"flow {self.id!r}: no step waits at path {path!r} (waiting: {paths})"
-                )
-            waiting = found[0]
+        waiting = choose_wait(self.id, state.waits, path)
         await self.send_decision(
             waiting.flow_id, decision.model_copy(update={"path": waiting.path})
         )

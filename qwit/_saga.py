@@ -63,6 +63,8 @@ from ._state import (
     StepState,
     StepStatus,
     WaitInfo,
+    choose_wait,
+    path_key,
 )
 
 FORWARD_DECISIONS = [RETRY, SKIP, SKIPBACK, ROLLBACK, ABORT]
@@ -246,7 +248,7 @@ class Interpreter:
         return waits[0] if waits else None
 
     def _waits(self) -> list[WaitInfo]:
-        return sorted(self.saga.waits.values(), key=lambda w: _path_key(w.path))
+        return sorted(self.saga.waits.values(), key=lambda w: path_key(w.path))
 
     @property
     def is_subflow(self) -> bool:
@@ -540,11 +542,8 @@ class Interpreter:
             if member.status == "running":
                 self._step_to(member, "failed")
             stopped = member.status == "failed" and member.error is None
-            if member.is_flow and member.sub is not None and stopped:  # cancel it
-                info = await member.sub.cancel()
-                self._absorb(info)
-                failed = bool(info.failed_compensations)
-                self._step_to(member, "compensation_failed" if failed else "compensated")
+            if member.is_flow and member.sub is not None and stopped:
+                await self._cancel_subflow(member, member.sub)
         self._flow_to(self.saga.phase)
 
     async def _forward_step(
@@ -695,15 +694,17 @@ class Interpreter:
         if in_flight is not None:
             self._step_to(in_flight, "failed")
             if in_flight.is_flow and in_flight.sub is not None and in_flight.error is None:
-                info = await in_flight.sub.cancel()
-                self._absorb(info)
-                self._step_to(
-                    in_flight, "compensation_failed" if info.failed_compensations else "compensated"
-                )
+                await self._cancel_subflow(in_flight, in_flight.sub)
             elif in_flight.has_effect:
                 undo = in_flight
         await self._rollback(undo)
         return self._info("cancelled", in_flight, reason="the flow was cancelled")
+
+    async def _cancel_subflow(self, run: StepRun, sub: SubflowRun) -> None:
+        """Cancel a sub-flow stopped mid-run; it undoes itself, and says how."""
+        info = await sub.cancel()
+        self._absorb(info)
+        self._step_to(run, "compensation_failed" if info.failed_compensations else "compensated")
 
     async def _parent_rollback(self) -> FailureInfo:
         self._flow_to("compensating")
@@ -883,21 +884,7 @@ class Interpreter:
         waits = self._waits()
         if not waits:
             raise ReactionError(f"flow {self.flow_id!r} is not waiting (it is {self.status})")
-        paths = ", ".join(w.path for w in waits)
-        if path is None:
-            if len(waits) > 1:
-                raise ReactionError(
-                    f"flow {self.flow_id!r}: {len(waits)} steps wait (paths {paths}): "
-                    "name the one this decides (path=...)"
-                )
-            waiting = waits[0]
-        else:
-            found = self.saga.waits.get(path)
-            if found is None:
-                raise ReactionError(
-                    f"flow {self.flow_id!r}: no step waits at path {path!r} (waiting: {paths})"
-                )
-            waiting = found
+        waiting = choose_wait(self.flow_id, waits, path)
         allowed = frozenset(Reaction(r) for r in waiting.allowed)
         try:
             chosen = parse_reaction(reaction, allowed=allowed)
@@ -979,11 +966,6 @@ def _shard(node: MapNode, start: int, total: int) -> FlowNode:
         name=f"{node.name} [{start}:{end}]",
         steps=(node.model_copy(update={"offset": start}),),
     )
-
-
-def _path_key(path: str) -> tuple[int, ...]:
-    """A path as numbers, so that '10' sorts after '9'."""
-    return tuple(int(part) for part in path.split(".") if part.isdigit())
 
 
 def _clash(members: list[StepRun]) -> ErrorInfo | None:

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ._errors import ErrorInfo, FailureInfo
+from ._errors import ErrorInfo, FailureInfo, ReactionError
 
 FlowStatus = Literal[
     "running",
@@ -125,6 +125,35 @@ class WaitInfo(BaseModel):
     """Reactions ``handle.react`` accepts here."""
     rollback_preview: list[PreviewItem] = Field(default_factory=list)
     """What ROLLBACK would undo, in the order it would undo it."""
+
+
+def path_key(path: str) -> tuple[int, ...]:
+    """A step's path as numbers, for plan order ('10' after '9'; a shard's
+    ``n@k`` sorts with its map)."""
+    return tuple(int(part) for part in path.split(".") if part.isdigit())
+
+
+def choose_wait(flow_id: str, waits: list[WaitInfo], path: str | None) -> WaitInfo:
+    """The wait a decision for ``path`` is for (``path`` None: the only one).
+
+    Raises:
+        ReactionError: nothing waits, nothing waits at ``path``, or several
+            wait and ``path`` is None.
+    """
+    if not waits:
+        raise ReactionError(f"flow {flow_id!r} is not waiting")
+    paths = ", ".join(w.path for w in waits)
+    if path is None:
+        if len(waits) > 1:
+            raise ReactionError(
+                f"flow {flow_id!r}: {len(waits)} steps wait (paths {paths}): "
+                "name the one this decides (path=...)"
+            )
+        return waits[0]
+    for waiting in waits:
+        if waiting.path == path:
+            return waiting
+    raise ReactionError(f"flow {flow_id!r}: no step waits at path {path!r} (waiting: {paths})")
 
 
 class FlowState(BaseModel):
