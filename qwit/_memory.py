@@ -67,7 +67,9 @@ class InMemoryRun:
         self.flow_id = flow_id
         self.changed = asyncio.Event()
         self.cancelling = False
-        self.forward_done: asyncio.Future[dict[str, Any]] = (
+        # Its steps' outputs once all have run, or how it aborted (keeping
+        # its effects): either way it then waits for its parent's word.
+        self.forward_done: asyncio.Future[dict[str, Any] | FailureInfo] = (
             asyncio.get_running_loop().create_future()
         )
         self.interpreter = Interpreter(input, engine.runtime(self), flow_id)
@@ -83,6 +85,7 @@ class InMemoryRun:
         if not self.cancelling and not self.task.done():
             self.cancelling = True
             self.task.cancel()
+            self.poke()  # what waits shielded (an aborted sub-flow) sees it
 
 
 class _Subflow(SubflowRun):
@@ -91,11 +94,14 @@ class _Subflow(SubflowRun):
         self.flow_id = run.flow_id
 
     async def forward(self) -> dict[str, Any]:
-        await asyncio.wait(
-            {self.run.forward_done, self.run.task}, return_when=asyncio.FIRST_COMPLETED
-        )
+        ends: set[asyncio.Future[Any]] = {self.run.forward_done, self.run.task}
+        await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
         if self.run.forward_done.done():
-            return self.run.forward_done.result()
+            done = self.run.forward_done.result()
+            if isinstance(done, FailureInfo):
+                self.held = True
+                raise FlowFailure(done)
+            return done
         await self.run.task  # it ended without running all its steps: raises FlowFailure
         raise AssertionError("a sub-flow ended without reporting its steps")  # pragma: no cover
 
@@ -174,6 +180,9 @@ class InMemoryRuntime(FlowRuntime):
 
     async def report_forward_done(self, outputs: dict[str, Any]) -> None:
         self.run.forward_done.set_result(outputs)
+
+    async def report_aborted(self, info: FailureInfo) -> None:
+        self.run.forward_done.set_result(info)
 
 
 class InMemoryHandle(FlowHandle):

@@ -49,6 +49,7 @@ PINNED_DEFAULTS: dict[int, dict[str, dict[str, Any]]] = {
             "payload_limit": 2 * 1024 * 1024,
             "unserved_step_timeout": 60.0,
             "shard_of": None,
+            "abort_held": False,
         },
         "flow": {
             "static_args": {},
@@ -245,6 +246,11 @@ class FlowInput(BaseModel):
     shard_of: str | None = None
     """Set for a shard of a large map: the path of the map, which the shard's
     plan (a map over its part of the list) runs at."""
+    abort_held: bool = False
+    """Set for a sub-flow whose parent holds it when it aborts: it keeps its
+    effects and waits for the parent's word (keep them, or undo them), as a
+    sub-flow whose steps have all run does. False in plans of older QWIT: an
+    aborted sub-flow ended at once, and its parent could not undo it."""
     execution: str | None = None
     """What makes this execution's idempotency keys its own: the root's
     execution id (fixed when the flow starts), extended by each sub-flow
@@ -261,6 +267,8 @@ class FlowInput(BaseModel):
         data: dict[str, Any] = handler(self)
         pinned = PINNED_DEFAULTS.get(self.version)
         if pinned is None:
+            if not data["abort_held"]:  # as older QWIT wrote it
+                del data["abort_held"]
             return data
         top = pinned["input"]
         out = {k: v for k, v in data.items() if k not in top or top[k] != v}

@@ -46,13 +46,18 @@ class SubflowRun(ABC):
     """A sub-flow started by an engine, seen from its parent."""
 
     flow_id: str
+    held: bool = False
+    """The sub-flow aborted, kept its effects, and waits for ``settle``:
+    keep them (commit) or undo them (as its parent's rollback or cancel must)."""
 
     @abstractmethod
     async def forward(self) -> dict[str, Any]:
         """Wait until the sub-flow's steps have all run; return their outputs.
 
         Raises:
-            FlowFailure: the sub-flow failed (and undid itself).
+            FlowFailure: the sub-flow failed (and undid itself), or aborted
+                (then, if it was started with ``abort_held``, ``held`` is set
+                and it waits for ``settle``).
         """
 
     @abstractmethod
@@ -100,6 +105,18 @@ class FlowRuntime(ABC):
 
     async def report_forward_done(self, outputs: dict[str, Any]) -> None:  # noqa: B027
         """A sub-flow's steps have all run: tell the parent (sub-flows only)."""
+
+    async def report_aborted(self, info: FailureInfo) -> None:
+        """A sub-flow started with ``abort_held`` aborted: tell the parent,
+        whose ``SubflowRun.forward`` raises ``FlowFailure(info)`` with
+        ``held`` set (sub-flows only)."""
+        raise NotImplementedError
+
+    def patched(self, change: str) -> bool:
+        """Whether this flow runs with ``change`` to what its engine records
+        (Temporal: ``workflow.patched``, so that older histories replay as
+        they ran); engines without recorded histories always do."""
+        return True
 
     def status_changed(self, status: FlowStatus) -> None:  # noqa: B027
         """The flow's status changed (to publish it, e.g. for search)."""

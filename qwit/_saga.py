@@ -68,6 +68,9 @@ from ._state import (
 )
 
 FORWARD_DECISIONS = [RETRY, SKIP, SKIPBACK, ROLLBACK, ABORT]
+#: A sub-flow that aborts keeps its effects until its parent says whether to
+#: undo them (``FlowInput.abort_held``): what the parent records changes.
+ABORT_HELD = "qwit-abort-held"
 BACK_DECISIONS = [RETRY, SKIP]
 
 
@@ -136,9 +139,10 @@ class StepRun:
     @property
     def has_effect(self) -> bool:
         """Whether a failed forward may have done something to undo."""
-        if self.is_flow or self.is_group:
-            return False  # a sub-flow that failed has undone itself; a block is
-            # undone as the group it is (on the done stack)
+        if self.is_group:
+            return False  # undone as the group it is (on the done stack)
+        if self.is_flow:  # one that failed has undone itself, unless it aborted
+            return self.sub is not None and self.sub.held  # and its parent holds it
         return self.args is not None and (self.error is None or self.error.started)
 
 
@@ -319,6 +323,8 @@ class Interpreter:
                 if not self.saga.settle:
                     raise self._failed(await self.runtime.shield(self._parent_rollback()))
         except _Stop as stop:
+            if stop.reaction == ABORT and self.input.abort_held:
+                raise self._failed(await self.runtime.shield(self._held_abort(stop))) from None
             raise self._failed(await self.runtime.shield(self._on_stop(stop))) from None
         except asyncio.CancelledError:
             if not self.runtime.cancel_requested():
@@ -526,6 +532,14 @@ class Interpreter:
         tasks.extend(asyncio.ensure_future(one(member)) for member in members)
         try:
             ended = await asyncio.gather(*tasks, return_exceptions=True)
+        except asyncio.CancelledError:
+            # The flow was cancelled. Once a member has stopped the block, its
+            # reaction stands, as it does when a cancel comes during the
+            # rollback (or the abort) of a sequence: the outcome was decided
+            # before the cancel came, and the siblings are stopping anyway.
+            if not stops:
+                raise
+            ended = []
         finally:
             await self.runtime.shield(self._after_side_by_side(group))
         for end in ended:  # a fault of QWIT's own is not swallowed
@@ -542,7 +556,7 @@ class Interpreter:
             if member.status == "running":
                 self._step_to(member, "failed")
             stopped = member.status == "failed" and member.error is None
-            if member.is_flow and member.sub is not None and stopped:
+            if member.is_flow and member.sub is not None and stopped and not member.sub.held:
                 await self._cancel_subflow(member, member.sub)
         self._flow_to(self.saga.phase)
 
@@ -582,6 +596,7 @@ class Interpreter:
             unserved_step_timeout=self.input.unserved_step_timeout,
             execution=None if execution is None else child_execution(execution, run.path, run.runs),
             shard_of=run.shard_of,
+            abort_held=execution is not None and self.runtime.patched(ABORT_HELD),
         )
         refused = self.runtime.refuse_forward(child, self._pending_undos())
         if refused is not None:
@@ -681,6 +696,28 @@ class Interpreter:
         await self._rollback(stop.run if stop.undo_failed else None)
         return self._info("rolled_back", stop.run)
 
+    async def _held_abort(self, stop: _Stop) -> FailureInfo:
+        """A sub-flow aborts, keeping its effects, and waits for its parent's
+        word: keep them (the parent aborts too), or undo them (the parent was
+        cancelled, or another branch rolls it back, meanwhile)."""
+        info = self._info("aborted", stop.run)
+        await self.runtime.report_aborted(info)
+        await self.runtime.wait_until(
+            lambda: self.saga.settle is not None or self.runtime.cancel_requested()
+        )
+        if self.saga.settle:
+            await self._settle_children(commit=True)
+            return info
+        self._flow_to("compensating")
+        for run in self.saga.done:  # everything that may have done something
+            for member in run.members:
+                member.undo_failed = True
+        failed = stop.run if stop.run.base is None and stop.run.has_effect else None
+        await self._rollback(failed)
+        if self.saga.settle is None:
+            return self._info("cancelled", stop.run, reason="the flow was cancelled")
+        return self._info("rolled_back", stop.run, reason="the parent flow rolled back")
+
     async def _on_cancel(self) -> FailureInfo:
         self.saga.waits.clear()
         self._flow_to("compensating")
@@ -693,8 +730,9 @@ class Interpreter:
         undo: StepRun | None = None
         if in_flight is not None:
             self._step_to(in_flight, "failed")
-            if in_flight.is_flow and in_flight.sub is not None and in_flight.error is None:
-                await self._cancel_subflow(in_flight, in_flight.sub)
+            sub = in_flight.sub
+            if in_flight.is_flow and sub is not None and in_flight.error is None and not sub.held:
+                await self._cancel_subflow(in_flight, sub)
             elif in_flight.has_effect:
                 undo = in_flight
         await self._rollback(undo)
@@ -824,11 +862,17 @@ class Interpreter:
         self.saga.compensations.extend(info.compensations)
 
     async def _settle_children(self, commit: bool) -> None:
+        """Tell every sub-flow that waits for this flow's word (its steps all
+        ran, or it aborted) to keep its effects, or to undo them."""
+        runs = [run for top in self.saga.done for run in (top.members if top.is_group else [top])]
+        current = self.saga.current
+        if current is not None and current not in self.saga.done:
+            runs.append(current)  # a sub-flow that aborted the flow
         subs = [
             run.sub
-            for top in self.saga.done
-            for run in ([top] if not top.is_group else top.members)
-            if run.sub is not None and run.status == "done"
+            for run in runs
+            if run.sub is not None
+            and (run.status == "done" or (run.status == "failed" and run.sub.held))
         ]
         if subs:
             await asyncio.gather(*(sub.settle(commit=commit) for sub in subs))

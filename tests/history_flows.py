@@ -168,3 +168,25 @@ class ParallelOrder(qwit.Flow):
             self.step(Pack, on_failure=qwit.WAIT)
         self.map(Greet, over="users", item="user", into="greetings", max_concurrency=2)
         self.step(Notify)
+
+
+class JammedLabel(qwit.Step):
+    on_failure = qwit.ABORT
+    retry = qwit.Retry(max_attempts=1)
+
+    async def step_forward(self, args: dict[str, Any]) -> None:
+        raise RuntimeError("printer jammed")
+
+
+class JammedShipping(qwit.Flow):
+    def build_flow(self) -> None:
+        self.step(BookCarrier)
+        self.step(JammedLabel)
+
+
+class AbortedOrder(qwit.Flow):
+    """Its sub-flow aborts (keeping its booking) and waits for its word."""
+
+    def build_flow(self) -> None:
+        self.step(Reserve)
+        self.step(JammedShipping)

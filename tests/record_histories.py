@@ -25,6 +25,7 @@ from qwit._plan import PLAN_VERSION
 from qwit.temporal import DevServer, connect_temporal, create_worker
 from qwit.testing import wait_for_status
 from tests.history_flows import (
+    AbortedOrder,
     ApprovedOrder,
     Cancellable,
     OrderFlow,
@@ -140,7 +141,13 @@ async def parallel_waited(client: qwit.Client) -> str:
     return handle.id
 
 
+async def subflow_aborted(client: qwit.Client) -> str:
+    handle = await client.start(AbortedOrder, {"order_id": 12}, id="history-subflow-aborted")
+    return await ended_with(handle, qwit.FlowAborted)
+
+
 SCENARIOS: dict[str, Scenario] = {
+    "subflow_aborted": subflow_aborted,
     "parallel_completed": parallel_completed,
     "parallel_rolled_back": parallel_rolled_back,
     "parallel_waited": parallel_waited,
@@ -177,6 +184,7 @@ async def record(names: list[str]) -> None:
             ApprovedOrder,
             RefundOrder,
             ParallelOrder,
+            AbortedOrder,
             task_queue=queue,
         ):
             for name in names:

@@ -160,3 +160,200 @@ async def test_a_sub_flow_whose_cancel_was_spent_on_its_last_step_still_rolls_ba
         task.result()
     assert failed.value.info.kind == "cancelled"
     assert runtime.calls == ["step_forward", "step_back"]
+
+
+class Aborts(qwit.Step, name="unit.aborts"):
+    on_failure = qwit.ABORT
+
+    async def step_forward(self, args: dict[str, Any]) -> None:
+        return None
+
+
+class Slow(qwit.Step, name="unit.slow"):
+    async def step_forward(self, args: dict[str, Any]) -> None:
+        return None
+
+    async def step_back(self, args: dict[str, Any]) -> None:
+        return None
+
+
+class AbortingBlock(qwit.Flow):
+    def build_flow(self) -> None:
+        with self.parallel():
+            self.step(Aborts)
+            self.step(Slow)
+
+
+class LateCancel(FlowRuntime):
+    """``unit.aborts`` fails at once; ``unit.slow`` takes a while to stop
+    when cancelled (as a Temporal activity does), and the flow's own cancel
+    comes meanwhile."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.stopping = asyncio.Event()
+        self.calls: list[str] = []
+
+    async def run_step(self, node: StepNode, call: StepCall) -> StepReturn:
+        self.calls.append(f"{node.name}.{call.direction}")
+        if node.name == "unit.aborts":
+            await asyncio.sleep(0.01)  # its sibling has started
+            raise StepFailure(ErrorInfo(type="builtins.ValueError", message="no"))
+        if call.direction == "step_back":
+            return StepReturn(output={})
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.stopping.set()
+            await asyncio.shield(asyncio.sleep(0.05))
+            raise
+        raise AssertionError("unreachable")
+
+    async def start_subflow(self, node: FlowNode, input: FlowInput, attempt: int) -> SubflowRun:
+        raise NotImplementedError
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        raise NotImplementedError
+
+    def cancel_requested(self) -> bool:
+        return self.requested
+
+
+async def test_a_cancel_that_comes_while_an_abort_stops_a_block_leaves_the_abort():
+    """A branch ABORTs; while its sibling is being stopped, the flow is
+    cancelled. The abort was decided first: the flow ends aborted and undoes
+    nothing (as a cancel during a sequence's abort or rollback changes
+    nothing), rather than "cancelled" with only part of its work undone."""
+    runtime = LateCancel()
+    input = FlowInput(flow=compile_flow(AbortingBlock), args={}, root_id="unit-2")
+    task = asyncio.ensure_future(Interpreter(input, runtime, "unit-2").run())
+    await asyncio.wait_for(runtime.stopping.wait(), 5)
+    runtime.requested = True
+    task.cancel()
+    await asyncio.wait({task}, timeout=5)
+    with pytest.raises(qwit.engine.FlowFailure) as failed:
+        task.result()
+    assert failed.value.info.kind == "aborted"
+    assert sorted(runtime.calls) == ["unit.aborts.step_forward", "unit.slow.step_forward"]
+
+
+class AbortsAfterQuick(qwit.Flow):
+    def build_flow(self) -> None:
+        self.step(Quick)
+        self.step(Aborts)
+
+
+class HeldChild(FlowRuntime):
+    """A sub-flow's runtime: ``unit.aborts`` fails, the rest completes; the
+    abort is reported to a parent the test plays."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.reported = asyncio.Event()
+        self.changed = asyncio.Event()
+        self.calls: list[str] = []
+
+    async def run_step(self, node: StepNode, call: StepCall) -> StepReturn:
+        self.calls.append(f"{node.name}.{call.direction}")
+        if node.name == "unit.aborts":
+            raise StepFailure(ErrorInfo(type="builtins.ValueError", message="no"))
+        return StepReturn(output={"quick": True})
+
+    async def start_subflow(self, node: FlowNode, input: FlowInput, attempt: int) -> SubflowRun:
+        raise NotImplementedError
+
+    async def report_aborted(self, info: Any) -> None:
+        self.reported.set()
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        while not predicate():
+            self.changed.clear()
+            await self.changed.wait()
+
+    def cancel_requested(self) -> bool:
+        return self.requested
+
+
+@pytest.mark.parametrize("word", ["keep", "undo", "cancel"])
+async def test_an_aborted_sub_flow_keeps_its_effects_until_its_parent_decides(word: str):
+    """A sub-flow that aborts reports it and waits: its parent keeps its
+    effects (the parent aborts too) or has them undone (the parent rolls back
+    or is cancelled meanwhile; without this, a parent cancelled as its
+    sub-flow aborted ended cancelled with the sub-flow's work still applied)."""
+    runtime = HeldChild()
+    child = FlowInput(
+        flow=compile_flow(AbortsAfterQuick), root_id="r", path="2", parent_id="r", abort_held=True
+    )
+    interp = Interpreter(child, runtime, "r/~2")
+    task = asyncio.ensure_future(interp.run())
+    await asyncio.wait_for(runtime.reported.wait(), 5)
+    assert not task.done(), "an aborted sub-flow ended before its parent's word"
+    if word == "cancel":
+        runtime.requested = True
+        task.cancel()
+    else:
+        interp.settle(word == "keep")
+    runtime.changed.set()
+    await asyncio.wait({task}, timeout=5)
+    with pytest.raises(qwit.engine.FlowFailure) as failed:
+        task.result()
+    kind = {"keep": "aborted", "undo": "rolled_back", "cancel": "cancelled"}[word]
+    assert failed.value.info.kind == kind
+    undone = ["unit.quick.step_back"] if word != "keep" else []
+    assert runtime.calls == ["unit.quick.step_forward", "unit.aborts.step_forward", *undone]
+
+
+class SubFlowStep(qwit.Flow):
+    def build_flow(self) -> None:
+        self.step(Quick)
+        self.step(AbortsAfterQuick)
+
+
+class HeldSub(SubflowRun):
+    def __init__(self, parent: HeldParent) -> None:
+        self.parent = parent
+        self.flow_id = "r/~2"
+
+    async def forward(self) -> dict[str, Any]:
+        self.held = True
+        if self.parent.cancel_as_it_aborts:
+            self.parent.requested = True  # the parent's cancel came meanwhile
+        from qwit._errors import FailureInfo
+
+        raise qwit.engine.FlowFailure(FailureInfo(kind="aborted", flow_id="r", reason="no"))
+
+    async def settle(self, commit: bool) -> Any:
+        self.parent.calls.append(f"settle({commit})")
+        return None
+
+    async def cancel(self) -> Any:
+        raise AssertionError("an aborted sub-flow is settled, not cancelled")
+
+
+class HeldParent(HeldChild):
+    def __init__(self, cancel_as_it_aborts: bool) -> None:
+        super().__init__()
+        self.cancel_as_it_aborts = cancel_as_it_aborts
+
+    async def start_subflow(self, node: FlowNode, input: FlowInput, attempt: int) -> SubflowRun:
+        assert input.abort_held
+        return HeldSub(self)
+
+
+@pytest.mark.parametrize("cancel", [False, True])
+async def test_a_parent_settles_the_sub_flow_that_aborted_it(cancel: bool):
+    """The parent aborts in turn, and tells its held sub-flow to keep its
+    effects (or it would wait for ever); cancelled as the sub-flow aborted, it
+    tells it to undo them, and undoes its own."""
+    runtime = HeldParent(cancel_as_it_aborts=cancel)
+    root = FlowInput(flow=compile_flow(SubFlowStep), root_id="r", execution="e" * 22)
+    task = asyncio.ensure_future(Interpreter(root, runtime, "r").run())
+    await asyncio.wait({task}, timeout=5)
+    with pytest.raises(qwit.engine.FlowFailure) as failed:
+        task.result()
+    if cancel:
+        assert failed.value.info.kind == "cancelled"
+        assert runtime.calls == ["unit.quick.step_forward", "settle(False)", "unit.quick.step_back"]
+    else:
+        assert failed.value.info.kind == "aborted"
+        assert runtime.calls == ["unit.quick.step_forward", "settle(True)"]

@@ -92,6 +92,7 @@ QUERY_STATE = "qwit.state"
 UPDATE_REACT = "qwit.react"
 SIGNAL_SETTLE = "qwit.settle"
 SIGNAL_SUBFLOW_DONE = "qwit.subflow_done"
+SIGNAL_SUBFLOW_ABORTED = "qwit.subflow_aborted"
 
 
 class SubflowDone(BaseModel):
@@ -101,6 +102,16 @@ class SubflowDone(BaseModel):
 
     flow_id: str
     outputs: dict[str, Any]
+
+
+class SubflowAborted(BaseModel):
+    """A sub-flow's message to its parent: I aborted, keeping my effects, and
+    wait for your word (``qwit.settle``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    flow_id: str
+    info: FailureInfo
 
 
 def search_attributes(flow: str) -> TypedSearchAttributes:
@@ -220,10 +231,15 @@ class _Subflow(SubflowRun):
         self.flow_id = handle.id
 
     async def forward(self) -> dict[str, Any]:
-        done = self.owner.subflows_done
-        await workflow.wait_condition(lambda: self.flow_id in done or self.handle.done())
+        done, aborted = self.owner.subflows_done, self.owner.subflows_aborted
+        await workflow.wait_condition(
+            lambda: self.flow_id in done or self.flow_id in aborted or self.handle.done()
+        )
         if self.flow_id in done:
             return done.pop(self.flow_id)
+        if self.flow_id in aborted:
+            self.held = True
+            raise FlowFailure(aborted.pop(self.flow_id))
         await self._end()
         raise AssertionError("a sub-flow ended without reporting its steps")  # pragma: no cover
 
@@ -429,6 +445,17 @@ class _Runtime(FlowRuntime):
             SIGNAL_SUBFLOW_DONE, SubflowDone(flow_id=workflow.info().workflow_id, outputs=outputs)
         )
 
+    async def report_aborted(self, info: FailureInfo) -> None:
+        parent = self.owner.input.parent_id
+        assert parent is not None
+        info = fit_failure(info, self.owner.input.payload_limit)
+        await workflow.get_external_workflow_handle(parent).signal(
+            SIGNAL_SUBFLOW_ABORTED, SubflowAborted(flow_id=workflow.info().workflow_id, info=info)
+        )
+
+    def patched(self, change: str) -> bool:
+        return workflow.patched(change)
+
 
 @workflow.defn(name=WORKFLOW_NAME)
 class QwitWorkflow:
@@ -439,6 +466,7 @@ class QwitWorkflow:
         self.input = input
         self.interpreter = Interpreter(input, _Runtime(self), workflow.info().workflow_id)
         self.subflows_done: dict[str, dict[str, Any]] = {}
+        self.subflows_aborted: dict[str, FailureInfo] = {}
         self.run_id = workflow.info().run_id
         # The client sets QwitFlow at start only where the attributes exist.
         self.can_publish = workflow.info().typed_search_attributes.get(QWIT_FLOW) is not None
@@ -528,6 +556,15 @@ class QwitWorkflow:
     def subflow_done(self, done: SubflowDone) -> None:
         """A sub-flow's steps have all run."""
         self.subflows_done[done.flow_id] = done.outputs
+
+    @workflow.signal(
+        name=SIGNAL_SUBFLOW_ABORTED,
+        description="QWIT internal: a sub-flow tells its parent that it aborted and "
+        "waits for its word.",
+    )
+    def subflow_aborted(self, aborted: SubflowAborted) -> None:
+        """A sub-flow aborted, keeping its effects."""
+        self.subflows_aborted[aborted.flow_id] = aborted.info
 
 
 class _NoEagerOutbound(WorkflowOutboundInterceptor):
