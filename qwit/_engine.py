@@ -62,9 +62,16 @@ class FlowHandle(ABC):
         """
 
     @abstractmethod
-    async def cancel(self) -> None:
+    async def cancel(self, rollback: bool = True) -> None:
         """Ask the flow to stop; it rolls back the step in flight and every
-        completed step, then ends with FlowCancelled.
+        completed step, then ends with FlowCancelled. A waiting flow is
+        cancelled too.
+
+        Args:
+            rollback: False to stop the flow where it is, undoing nothing
+                (the step in flight is cancelled and its effect, if any,
+                stays); it ends with FlowCancelled whose ``rolled_back`` is
+                False. The first cancel of a flow decides.
 
         Raises:
             FlowNotFound: no flow has this id.

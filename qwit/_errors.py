@@ -261,6 +261,12 @@ class FailureInfo(BaseModel):
     failed_compensations: list[str] = Field(default_factory=list)
     compensations: list[Compensation] = Field(default_factory=list)
     """Every undo, in the order they ended, with its path and error."""
+    not_compensated: list[str] = Field(default_factory=list)
+    """Steps a rollback left as they were: it stopped at an undo that failed
+    with ``back_on_failure=ABORT``."""
+    rolled_back: bool = True
+    """False for a flow cancelled with ``cancel(rollback=False)``: it stopped
+    where it was and undid nothing."""
 
     @field_validator("reason")
     @classmethod
@@ -329,9 +335,20 @@ class FlowRolledBack(FlowFailed):
 
 
 class FlowCancelled(FlowRolledBack):
-    """The flow was cancelled; the step in flight and every completed step were undone."""
+    """The flow was cancelled; the step in flight and every completed step
+    were undone, unless it was cancelled with ``rollback=False``.
+
+    Attributes:
+        rolled_back: False when the flow was cancelled with
+            ``cancel(rollback=False)``: it stopped where it was, undoing
+            nothing (``compensated`` is empty).
+    """
 
     kind: FailureKind = "cancelled"
+
+    def __init__(self, info: FailureInfo) -> None:
+        self.rolled_back = info.rolled_back
+        super().__init__(info)
 
 
 class CompensationFailed(FlowFailed):

@@ -81,8 +81,9 @@ class InMemoryRun:
         """Something a waiting predicate reads has changed."""
         self.changed.set()
 
-    def cancel(self) -> None:
+    def cancel(self, rollback: bool = True) -> None:
         if not self.cancelling and not self.task.done():
+            self.interpreter.request_cancel(rollback)
             self.cancelling = True
             self.task.cancel()
             self.poke()  # what waits shielded (an aborted sub-flow) sees it
@@ -117,8 +118,8 @@ class _Subflow(SubflowRun):
         self.run.poke()
         return await self._outcome()
 
-    async def cancel(self) -> FailureInfo:
-        self.run.cancel()
+    async def cancel(self, rollback: bool = True) -> FailureInfo:
+        self.run.cancel(rollback)
         info = await self._outcome()
         return info or FailureInfo(kind="cancelled", flow_id=self.flow_id, reason="cancelled")
 
@@ -199,8 +200,8 @@ class InMemoryHandle(FlowHandle):
         except FlowFailure as failed:
             raise FlowFailed.from_info(failed.info) from None
 
-    async def cancel(self) -> None:
-        self._engine.find(self.id).cancel()
+    async def cancel(self, rollback: bool = True) -> None:
+        self._engine.find(self.id).cancel(rollback)
 
     async def flow_state(self, flow_id: str) -> FlowState:
         return self._engine.find(flow_id).interpreter.state().model_copy(deep=True)

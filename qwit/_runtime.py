@@ -66,8 +66,9 @@ class SubflowRun(ABC):
         or undo them and return how that went."""
 
     @abstractmethod
-    async def cancel(self) -> FailureInfo:
-        """Cancel a sub-flow in flight and wait until it has undone itself."""
+    async def cancel(self, rollback: bool = True) -> FailureInfo:
+        """Cancel a sub-flow in flight and wait until it has undone itself
+        (with ``rollback=False``: until it has stopped where it was)."""
 
 
 class FlowRuntime(ABC):

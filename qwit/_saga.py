@@ -175,6 +175,9 @@ class SagaState:
     decisions: dict[str, Decision] = field(default_factory=dict)
     """Decisions taken and not yet read, by the path they decide."""
     settle: bool | None = None
+    cancel_rollback: bool | None = None
+    """How a cancel asked through QWIT goes: roll back (True), or stop where
+    it is (False); None when none was (an engine's own cancel rolls back)."""
     events: list[FlowEvent] = field(default_factory=list)
 
 
@@ -705,8 +708,10 @@ class Interpreter:
         await self.runtime.wait_until(
             lambda: self.saga.settle is not None or self.runtime.cancel_requested()
         )
-        if self.saga.settle:
+        if self.saga.settle or (self.saga.settle is None and not self._cancel_rolls_back):
             await self._settle_children(commit=True)
+            if self.saga.settle is None:
+                return self._cancelled_in_place(stop.run)
             return info
         self._flow_to("compensating")
         for run in self.saga.done:  # everything that may have done something
@@ -718,8 +723,19 @@ class Interpreter:
             return self._info("cancelled", stop.run, reason="the flow was cancelled")
         return self._info("rolled_back", stop.run, reason="the parent flow rolled back")
 
+    @property
+    def _cancel_rolls_back(self) -> bool:
+        """Whether the cancel this flow is under (if any) rolls it back."""
+        return self.saga.cancel_rollback is not False
+
+    def _cancelled_in_place(self, run: StepRun | None) -> FailureInfo:
+        info = self._info("cancelled", run, reason="the flow was cancelled without rollback")
+        return info.model_copy(update={"rolled_back": False})
+
     async def _on_cancel(self) -> FailureInfo:
         self.saga.waits.clear()
+        if not self._cancel_rolls_back:
+            return await self._stop_in_place()
         self._flow_to("compensating")
         # A cancel rolls back everything that may have done something: a
         # failed branch too, whatever reaction it was stopping its block with.
@@ -738,10 +754,27 @@ class Interpreter:
         await self._rollback(undo)
         return self._info("cancelled", in_flight, reason="the flow was cancelled")
 
+    async def _stop_in_place(self) -> FailureInfo:
+        """A cancel without rollback: the flow stops where it is. The step in
+        flight has been cancelled (its effect, if any, stays); a sub-flow in
+        flight stops likewise; sub-flows that ran keep their effects."""
+        in_flight = self.saga.current
+        if in_flight is not None:
+            self._step_to(in_flight, "failed")
+            sub = in_flight.sub
+            if in_flight.is_flow and sub is not None and in_flight.error is None and not sub.held:
+                await self._cancel_subflow(in_flight, sub)
+        await self._settle_children(commit=True)
+        return self._cancelled_in_place(in_flight)
+
     async def _cancel_subflow(self, run: StepRun, sub: SubflowRun) -> None:
-        """Cancel a sub-flow stopped mid-run; it undoes itself, and says how."""
-        info = await sub.cancel()
+        """Cancel a sub-flow stopped mid-run; it undoes itself (unless this
+        flow is cancelled without rollback), and says how."""
+        rollback = self._cancel_rolls_back
+        info = await sub.cancel(rollback)
         self._absorb(info)
+        if not rollback:
+            return  # it stopped where it was: the step stays failed
         self._step_to(run, "compensation_failed" if info.failed_compensations else "compensated")
 
     async def _parent_rollback(self) -> FailureInfo:
@@ -953,6 +986,13 @@ class Interpreter:
         checked = self.check_decision(decision.reaction, decision.args, decision.path)
         assert checked.path is not None
         self.saga.decisions[checked.path] = checked
+
+    def request_cancel(self, rollback: bool) -> None:
+        """Someone asked through QWIT to cancel the flow, rolling it back or
+        not; the engine then cancels the flow's task. The first request
+        decides."""
+        if self.saga.cancel_rollback is None and not self.runtime.cancel_requested():
+            self.saga.cancel_rollback = rollback
 
     def settle(self, commit: bool) -> None:
         """A sub-flow's parent decided: keep (True) or undo (False) its effects."""

@@ -70,6 +70,7 @@ from ._workflow import (
     QUERY_STATE,
     QWIT_FLOW,
     QWIT_STATUS,
+    SIGNAL_CANCEL,
     UPDATE_REACT,
     WORKFLOW_NAME,
     failure_info,
@@ -399,11 +400,14 @@ class TemporalFlowHandle(FlowHandle):
                     continue
             return result
 
-    async def cancel(self) -> None:
+    async def cancel(self, rollback: bool = True) -> None:
         client = await self._engine.temporal_client()
         handle = client.get_workflow_handle(self.id, run_id=self.run_id)
         with _rpc_errors(client, self.id, f"to cancel flow {self.id!r}"):
-            await handle.cancel()
+            if rollback:
+                await handle.cancel()  # Temporal's own cancel rolls back
+            else:
+                await handle.signal(SIGNAL_CANCEL, False)
 
     async def flow_state(self, flow_id: str) -> FlowState:
         client = await self._engine.temporal_client()

@@ -7,6 +7,7 @@ sub-flow a child workflow of this same type. It imports no user code.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 from collections.abc import Callable
 from datetime import timedelta
@@ -93,6 +94,7 @@ UPDATE_REACT = "qwit.react"
 SIGNAL_SETTLE = "qwit.settle"
 SIGNAL_SUBFLOW_DONE = "qwit.subflow_done"
 SIGNAL_SUBFLOW_ABORTED = "qwit.subflow_aborted"
+SIGNAL_CANCEL = "qwit.cancel"
 
 
 class SubflowDone(BaseModel):
@@ -265,8 +267,11 @@ class _Subflow(SubflowRun):
         except FlowFailure as failed:
             return failed.info
 
-    async def cancel(self) -> FailureInfo:
-        self.handle.cancel()
+    async def cancel(self, rollback: bool = True) -> FailureInfo:
+        if rollback:
+            self.handle.cancel()
+        else:
+            await self.handle.signal(SIGNAL_CANCEL, False)
         try:
             await self._end()
         except FlowFailure as failed:
@@ -387,7 +392,9 @@ class _Runtime(FlowRuntime):
         await workflow.wait_condition(predicate)
 
     def cancel_requested(self) -> bool:
-        return workflow.cancellation_reason() is not None
+        if workflow.cancellation_reason() is not None:
+            return True
+        return self.owner.interpreter.saga.cancel_rollback is not None
 
     def refuse_forward(self, call: StepCall | FlowInput, pending_undos: int) -> ErrorInfo | None:
         what = (
@@ -467,6 +474,7 @@ class QwitWorkflow:
         self.interpreter = Interpreter(input, _Runtime(self), workflow.info().workflow_id)
         self.subflows_done: dict[str, dict[str, Any]] = {}
         self.subflows_aborted: dict[str, FailureInfo] = {}
+        self.main: asyncio.Task[Any] | None = None
         self.run_id = workflow.info().run_id
         # The client sets QwitFlow at start only where the attributes exist.
         self.can_publish = workflow.info().typed_search_attributes.get(QWIT_FLOW) is not None
@@ -503,6 +511,7 @@ class QwitWorkflow:
                 type="qwit.PlanVersionError",
                 non_retryable=True,
             )
+        self.main = asyncio.current_task()
         try:
             return await self.interpreter.run()
         except FlowFailure as failed:
@@ -548,6 +557,19 @@ class QwitWorkflow:
     def settle(self, commit: bool) -> None:
         """The parent's word on a sub-flow whose steps have run."""
         self.interpreter.settle(commit)
+
+    @workflow.signal(
+        name=SIGNAL_CANCEL,
+        description="Cancel the flow: true rolls it back (as Temporal's own cancel "
+        "does), false stops it where it is, undoing nothing.",
+    )
+    def cancel(self, rollback: bool) -> None:
+        """A cancel asked through QWIT, with its mode."""
+        if self.interpreter.runtime.cancel_requested():
+            return  # the first cancel decides
+        self.interpreter.request_cancel(rollback)
+        if self.main is not None:
+            self.main.cancel()
 
     @workflow.signal(
         name=SIGNAL_SUBFLOW_DONE,
