@@ -264,6 +264,9 @@ class FailureInfo(BaseModel):
     not_compensated: list[str] = Field(default_factory=list)
     """Steps a rollback left as they were: it stopped at an undo that failed
     with ``back_on_failure=ABORT``."""
+    rollback_stopped: bool = False
+    """The rollback stopped at an undo that failed with
+    ``back_on_failure=ABORT`` (a parent stops its own rollback there too)."""
     rolled_back: bool = True
     """False for a flow cancelled with ``cancel(rollback=False)``: it stopped
     where it was and undid nothing."""
@@ -359,6 +362,9 @@ class CompensationFailed(FlowFailed):
     Attributes:
         compensated: Names of the steps undone, in order.
         failed_compensations: Names of the steps that could not be undone.
+        not_compensated: Names of the steps the rollback did not get to: it
+            stopped at an undo that failed with ``back_on_failure=ABORT``,
+            leaving them as they were (empty otherwise).
     """
 
     kind: FailureKind = "compensation_failed"
@@ -366,11 +372,14 @@ class CompensationFailed(FlowFailed):
     def __init__(self, info: FailureInfo) -> None:
         self.compensated = list(info.compensated)
         self.failed_compensations = list(info.failed_compensations)
+        self.not_compensated = list(info.not_compensated)
         super().__init__(info)
 
     def _message(self) -> str:
         failed = ", ".join(self.failed_compensations)
-        return f"{super()._message()} (could not undo: {failed})"
+        left = ", ".join(self.not_compensated)
+        more = f"; left as they were: {left}" if left else ""
+        return f"{super()._message()} (could not undo: {failed}{more})"
 
 
 class FlowAborted(FlowFailed):

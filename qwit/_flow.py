@@ -90,7 +90,8 @@ class Flow:
             static_args: Args for this step only (a sub-flow's are seen by all
                 its steps); they override the flow's args of the same name.
             **options: Step options for this use: ``retry``, ``back_retry``,
-                ``timeout``, ``timeout_grace``, ``heartbeat_timeout``, ``on_failure``,
+                ``timeout``, ``back_timeout``, ``timeout_grace``, ``heartbeat_timeout``,
+                ``on_failure``,
                 ``back_on_failure``, ``local``. A sub-flow takes only
                 ``on_failure``.
         """
@@ -366,6 +367,8 @@ class _Compiler:
             retry = _retry(get("retry", DEFAULT_RETRY), "retry")
             back_retry = _retry(get("back_retry", DEFAULT_BACK_RETRY), "back_retry")
             timeout = parse_seconds(get("timeout", DEFAULT_TIMEOUT), "timeout")
+            bt = _option(cls, options, "back_timeout")
+            back_timeout = None if bt is None else parse_seconds(bt, "back_timeout")
             grace = parse_seconds(get("timeout_grace", DEFAULT_TIMEOUT_GRACE), "timeout_grace")
             hb = _option(cls, options, "heartbeat_timeout")
             heartbeat_timeout = None if hb is None else parse_seconds(hb, "heartbeat_timeout")
@@ -384,6 +387,7 @@ class _Compiler:
             retry=retry,
             back_retry=back_retry,
             timeout=timeout,
+            back_timeout=back_timeout,
             timeout_grace=grace,
             heartbeat_timeout=heartbeat_timeout,
             on_failure=on_failure,

@@ -47,8 +47,9 @@ RETRY = Reaction.RETRY
 #: Reactions a step's ``on_failure`` may name.
 FAILURE_REACTIONS = frozenset({ROLLBACK, SKIPBACK, SKIP, ABORT, WAIT})
 #: Reactions a step's ``back_on_failure`` may name: go on undoing the other
-#: steps (the flow ends CompensationFailed), or wait for an operator.
-BACK_FAILURE_REACTIONS = frozenset({ROLLBACK, WAIT})
+#: steps (the flow ends CompensationFailed), wait for an operator, or stop
+#: the rollback there (ABORT: what is left stays as it is).
+BACK_FAILURE_REACTIONS = frozenset({ROLLBACK, WAIT, ABORT})
 
 
 def parse_reaction(value: object, *, allowed: frozenset[Reaction] | None = None) -> Reaction:
@@ -223,6 +224,7 @@ STEP_OPTIONS = (
     "retry",
     "back_retry",
     "timeout",
+    "back_timeout",
     "timeout_grace",
     "heartbeat_timeout",
     "on_failure",

@@ -73,6 +73,7 @@ PINNED_DEFAULTS: dict[int, dict[str, dict[str, Any]]] = {
                 "max_interval": 120.0,
             },
             "timeout": 300.0,
+            "back_timeout": None,
             "timeout_grace": 30.0,
             "heartbeat_timeout": None,
             "on_failure": {"rules": [], "default": "rollback"},
@@ -137,6 +138,8 @@ class StepNode(BaseModel):
     retry: Retry = DEFAULT_RETRY
     back_retry: Retry = DEFAULT_BACK_RETRY
     timeout: float = DEFAULT_TIMEOUT
+    back_timeout: float | None = None
+    """One ``step_back`` attempt's limit (None: ``timeout``)."""
     timeout_grace: float | None = None
     """How long past ``timeout`` QWIT waits for a timed-out attempt to stop
     before the next attempt or the undo starts. None (plans of older QWIT):
@@ -152,6 +155,12 @@ class StepNode(BaseModel):
     back_fields: tuple[str, ...] | None = None
     """Arg names ``step_back`` reads (typed); None means all of them."""
     backend: str | None = None
+
+    def limit(self, direction: str) -> float:
+        """One attempt's time limit in seconds, for ``step_forward`` or ``step_back``."""
+        if direction == "step_back" and self.back_timeout is not None:
+            return self.back_timeout
+        return self.timeout
 
 
 class FlowNode(BaseModel):

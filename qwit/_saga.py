@@ -51,6 +51,7 @@ from ._plan import (
     child_execution,
     child_path,
     forward_key,
+    walk,
 )
 from ._runtime import Decision, FlowFailure, FlowRuntime, SubflowRun
 from ._state import (
@@ -169,6 +170,9 @@ class SagaState:
     compensations: list[Compensation] = field(default_factory=list)
     compensated: list[str] = field(default_factory=list)
     failed_compensations: list[str] = field(default_factory=list)
+    not_compensated: list[str] = field(default_factory=list)
+    """What a rollback stopped by ``back_on_failure=ABORT`` did not undo."""
+    rollback_stopped: bool = False
     failure: FailureInfo | None = None
     waits: dict[str, WaitInfo] = field(default_factory=dict)
     """What waits for an operator, by path (several branches may wait)."""
@@ -652,7 +656,7 @@ class Interpreter:
             direction=direction,
             args=args,
             key=key,
-            timeout=None if node.timeout_grace is None else node.timeout,
+            timeout=None if node.timeout_grace is None else node.limit(direction),
             index=run.index,
         )
 
@@ -800,6 +804,8 @@ class Interpreter:
             compensated=list(self.saga.compensated),
             failed_compensations=list(self.saga.failed_compensations),
             compensations=list(self.saga.compensations),
+            not_compensated=list(self.saga.not_compensated),
+            rollback_stopped=self.saga.rollback_stopped,
         )
 
     def _undo_order(self, failed: StepRun | None) -> list[StepRun]:
@@ -820,6 +826,17 @@ class Interpreter:
         for run in ([failed] if failed is not None else []) + self.saga.done[::-1]:
             await self._undo(run)
 
+    def _left(self, run: StepRun) -> list[str]:
+        """The names of what undoing ``run`` would have undone: a stopped
+        rollback leaves them as they were."""
+        node = run.node
+        if run.is_group:
+            return [name for m in run.members if m.needs_undo() for name in self._left(m)]
+        if isinstance(node, FlowNode):
+            return [n.name for _, n, _ in walk(node) if isinstance(n, StepNode) and n.has_back]
+        assert isinstance(node, StepNode)
+        return [run.name] if node.has_back else []
+
     async def _undo_group(self, group: StepRun) -> None:
         """Undo a block's members side by side (a map's: at most its
         ``max_concurrency`` at once), each as a step is undone."""
@@ -833,7 +850,7 @@ class Interpreter:
                 await self._undo(member)
                 return
             async with gate:
-                await self._undo(member)
+                await self._undo(member)  # (left alone once the rollback stopped)
 
         await asyncio.gather(*(undo(member) for member in todo))
         failed = any(m.status == "compensation_failed" for m in todo)
@@ -841,6 +858,9 @@ class Interpreter:
 
     async def _undo(self, run: StepRun) -> None:
         node = run.node
+        if self.saga.rollback_stopped:
+            self.saga.not_compensated.extend(self._left(run))
+            return
         if isinstance(node, ParallelNode | MapNode):
             await self._undo_group(run)
             return
@@ -870,6 +890,8 @@ class Interpreter:
                         self._step_to(run, "compensating")
                         continue
                 self._undone(run, failure.info)
+                if node.back_on_failure == ABORT:
+                    self.saga.rollback_stopped = True  # what is left stays as it is
                 return
             run.back_attempts += result.attempt
             self._undone(run, None)
@@ -893,6 +915,8 @@ class Interpreter:
         self.saga.compensated.extend(info.compensated)
         self.saga.failed_compensations.extend(info.failed_compensations)
         self.saga.compensations.extend(info.compensations)
+        self.saga.not_compensated.extend(info.not_compensated)
+        self.saga.rollback_stopped |= info.rollback_stopped
 
     async def _settle_children(self, commit: bool) -> None:
         """Tell every sub-flow that waits for this flow's word (its steps all

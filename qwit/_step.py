@@ -42,12 +42,19 @@ class Step:
         timeout: Seconds (or a timedelta) one attempt may take (default 300).
             At the deadline an ``async`` step is cancelled at its next
             ``await``; a plain one sees ``qwit.context().cancelled``.
+        back_timeout: The same for one ``step_back`` attempt (default:
+            ``timeout``): an undo often takes much less (or more) time.
         timeout_grace: Seconds a timed-out attempt gets to stop before the
             next attempt or the undo starts anyway (default 30).
         heartbeat_timeout: For long steps that call ``qwit.heartbeat()``.
         on_failure: A reaction, or a mapping from exception class (or class
             name) to reaction, applied once the retries are spent.
-        back_on_failure: ``qwit.WAIT`` parks the flow when ``step_back`` fails.
+        back_on_failure: What a ``step_back`` that fails for good does:
+            ``qwit.ROLLBACK`` (default) goes on undoing the other steps;
+            ``qwit.WAIT`` parks the flow for an operator; ``qwit.ABORT`` stops
+            the rollback there, leaving what is left as it is (for flows whose
+            earlier undos depend on later ones). Either way but WAIT's RETRY,
+            the flow ends ``CompensationFailed``.
         local: True runs the step as a Temporal local activity (short steps).
 
     Example:
@@ -64,6 +71,7 @@ class Step:
     retry: ClassVar[Retry | None] = None
     back_retry: ClassVar[Retry | None] = None
     timeout: ClassVar[float | timedelta | None] = None
+    back_timeout: ClassVar[float | timedelta | None] = None
     timeout_grace: ClassVar[float | timedelta | None] = None
     heartbeat_timeout: ClassVar[float | timedelta | None] = None
     on_failure: ClassVar[OnFailure | None] = None

@@ -53,7 +53,7 @@ class LocalRuntime(InMemoryRuntime):
             heartbeat=beats.beat,
             heartbeat_details=copy.deepcopy(beats.last),
             is_cancelled=self.cancel_requested,
-            timeout=node.timeout,
+            timeout=node.limit(call.direction),
             grace=DEFAULT_TIMEOUT_GRACE if node.timeout_grace is None else node.timeout_grace,
         )
 

@@ -357,3 +357,35 @@ async def test_a_parent_settles_the_sub_flow_that_aborted_it(cancel: bool):
     else:
         assert failed.value.info.kind == "aborted"
         assert runtime.calls == ["unit.quick.step_forward", "settle(True)"]
+
+
+class Timed(qwit.Step, name="unit.timed"):
+    timeout = 9
+    back_timeout = 2
+
+    async def step_forward(self, args: dict[str, Any]) -> None:
+        return None
+
+    async def step_back(self, args: dict[str, Any]) -> None:
+        return None
+
+
+class TimedThenAborts(qwit.Flow):
+    def build_flow(self) -> None:
+        self.step(Timed)
+        self.step(Aborts, on_failure=qwit.ROLLBACK)
+
+
+async def test_each_direction_is_sent_its_own_time_limit():
+    calls: list[tuple[str, float | None]] = []
+
+    class Limits(HeldChild):
+        async def run_step(self, node: StepNode, call: StepCall) -> StepReturn:
+            calls.append((f"{node.name}.{call.direction}", call.timeout))
+            return await super().run_step(node, call)
+
+    input = FlowInput(flow=compile_flow(TimedThenAborts), root_id="r", execution="e" * 22)
+    with pytest.raises(qwit.engine.FlowFailure):
+        await Interpreter(input, Limits(), "r").run()
+    assert calls[0] == ("unit.timed.step_forward", 9)
+    assert calls[-1] == ("unit.timed.step_back", 2)

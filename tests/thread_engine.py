@@ -64,7 +64,7 @@ class _Runtime(InMemoryRuntime):
                 attempt=attempt,
                 engine=name,
                 is_cancelled=self.cancel_requested,
-                timeout=node.timeout,
+                timeout=node.limit(call.direction),
             )
         )
         assert isinstance(self.run.engine, ThreadEngine)

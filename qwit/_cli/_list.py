@@ -92,6 +92,15 @@ def _quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def roots_query(*clauses: str) -> str:
+    """A visibility query for root flows (``qwit.Flow`` workflows without a
+    parent: a sub-flow is a child workflow of its flow) that match every
+    clause too."""
+    return " AND ".join(
+        [f"WorkflowType = {_quote(WORKFLOW_NAME)}", "ParentWorkflowId IS NULL", *clauses]
+    )
+
+
 def build_query(status: str | None, flow: str | None, searchable: bool) -> str:
     """The visibility query for ``qwit list``'s filters.
 
@@ -100,7 +109,7 @@ def build_query(status: str | None, flow: str | None, searchable: bool) -> str:
         flow: ``--flow``.
         searchable: Whether the namespace has QwitFlow and QwitStatus.
     """
-    parts = [f"WorkflowType = {_quote(WORKFLOW_NAME)}", "ParentWorkflowId IS NULL"]
+    parts = []
     if flow and searchable:
         parts.append(f"QwitFlow = {_quote(flow)}")
     if status:
@@ -112,7 +121,7 @@ def build_query(status: str | None, flow: str | None, searchable: bool) -> str:
             # A flow cancelled before it ran ends cancelled in Temporal's own terms.
             clause = f"(({clause}) OR ExecutionStatus = 'Canceled')"
         parts.append(clause)
-    return " AND ".join(parts)
+    return roots_query(*parts)
 
 
 def row_status(execution: WorkflowExecutionStatus | None, published: str | None) -> str:

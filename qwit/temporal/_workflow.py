@@ -329,7 +329,7 @@ class _Runtime(FlowRuntime):
         # The worker enforces the step's timeout itself (call.timeout); the
         # server's limit adds the grace, so the next attempt or the undo never
         # starts beside an attempt that is still stopping.
-        timeout = timedelta(seconds=node.timeout + (node.timeout_grace or 0.0))
+        timeout = timedelta(seconds=node.limit(call.direction) + (node.timeout_grace or 0.0))
         # What Temporal's UI shows for the activity: the step's path and name
         # (flows of this version; older ones keep the commands they had).
         summary = f"{call.path} {node.name}" if call.key is not None else None
