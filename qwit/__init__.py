@@ -30,7 +30,7 @@ from ._errors import (
     StepError,
     StepNotRegistered,
 )
-from ._options import ABORT, RETRY, ROLLBACK, SKIP, SKIPBACK, WAIT, Reaction, Retry
+from ._options import ABORT, FALLBACK, RETRY, ROLLBACK, SKIP, SKIPBACK, WAIT, Reaction, Retry
 from ._state import FlowState, StepState, WaitInfo
 from ._step import Step
 
@@ -81,6 +81,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "ABORT",
+    "FALLBACK",
     "RETRY",
     "ROLLBACK",
     "SKIP",

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
+
+from ._options import Direction
 
 
 @dataclass(frozen=True)
@@ -17,11 +19,11 @@ class StepContext:
         step: The step's name.
         path: Its position in the flow, 1-based, dotted through sub-flows
             (``"3.1"`` is the first step of the sub-flow at position 3).
-        direction: ``"step_forward"`` or ``"step_back"``.
+        direction: ``"step_forward"``, ``"step_back"`` or ``"step_fallback"``.
         attempt: 1 on the first try, then 2, 3...
         idempotency_key: Stable for this step of this flow and direction
             across retries and worker restarts, and different between
-            ``step_forward`` and ``step_back``. Pass it to the systems you call
+            ``step_forward``, ``step_back`` and ``step_fallback``. Pass it to the systems you call
             so that a retried step does not apply its effect twice.
         heartbeat_details: What the previous attempt last passed to
             ``qwit.heartbeat()``, or None: where to resume.
@@ -33,7 +35,7 @@ class StepContext:
     flow_id: str
     step: str
     path: str
-    direction: Literal["step_forward", "step_back"]
+    direction: Direction
     attempt: int
     idempotency_key: str
     heartbeat_details: Any = None

@@ -22,6 +22,7 @@ from ._options import (
     DEFAULT_SHARD_SIZE,
     DEFAULT_TIMEOUT,
     DEFAULT_TIMEOUT_GRACE,
+    FALLBACK,
     MAX_CONCURRENCY,
     SHARD_SIZE_ENV,
     STEP_OPTIONS,
@@ -241,6 +242,11 @@ class _Compiler:
             policy = parse_on_failure(on_failure) if on_failure is not None else FailurePolicy()
         except ValueError as exc:
             raise FlowDefinitionError(f"flow {cls.name!r}, option on_failure: {exc}") from None
+        if FALLBACK in policy.reactions():
+            raise FlowDefinitionError(
+                f"flow {cls.name!r}, option on_failure: a sub-flow has no step_fallback to "
+                "fall back on (FALLBACK is for steps)"
+            )
         return FlowNode(
             name=cls.name,
             static_args=static_args,
@@ -381,6 +387,11 @@ class _Compiler:
                 raise ValueError(f"local must be True or False, not {local!r}")
         except ValueError as exc:
             raise FlowDefinitionError(f"{where}: {exc}") from None
+        if FALLBACK in on_failure.reactions() and not defines(cls, "step_fallback"):
+            raise FlowDefinitionError(
+                f"{where}: step {cls.name!r} reacts with FALLBACK but does not define "
+                "step_fallback(self, args, error)"
+            )
         return StepNode(
             name=cls.name,
             static_args=static_args,

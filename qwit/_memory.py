@@ -149,7 +149,7 @@ class InMemoryRuntime(FlowRuntime):
         cls = self.run.registry.get(call.step)
         if cls is None:  # pragma: no cover - the registry is built from the flow itself
             raise StepFailure(error_info(ArgumentsError(f"step {call.step!r} is not registered")))
-        retry = node.retry if call.direction == "step_forward" else node.back_retry
+        retry = node.back_retry if call.direction == "step_back" else node.retry
         beats = Heartbeats()
 
         async def attempt(number: int) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -32,6 +32,9 @@ class Reaction(str, enum.Enum):
     """Pause until an operator decides with ``handle.react(...)``."""
     RETRY = "retry"
     """Only as an operator's decision: run the step again."""
+    FALLBACK = "fallback"
+    """Undo the failed attempt (if it started), then let the step's
+    ``step_fallback`` stand in for its output, and go on."""
 
     def __str__(self) -> str:
         return self.value
@@ -43,9 +46,14 @@ SKIP = Reaction.SKIP
 ABORT = Reaction.ABORT
 WAIT = Reaction.WAIT
 RETRY = Reaction.RETRY
+FALLBACK = Reaction.FALLBACK
+
+#: What a step's method is run for: its work, its undo, or what stands in
+#: for its work once that failed (``FALLBACK``).
+Direction = Literal["step_forward", "step_back", "step_fallback"]
 
 #: Reactions a step's ``on_failure`` may name.
-FAILURE_REACTIONS = frozenset({ROLLBACK, SKIPBACK, SKIP, ABORT, WAIT})
+FAILURE_REACTIONS = frozenset({ROLLBACK, SKIPBACK, SKIP, ABORT, WAIT, FALLBACK})
 #: Reactions a step's ``back_on_failure`` may name: go on undoing the other
 #: steps (the flow ends CompensationFailed), wait for an operator, or stop
 #: the rollback there (ABORT: what is left stays as it is).
@@ -165,6 +173,10 @@ class FailurePolicy(BaseModel):
             if rule.match in error_types or rule.match in bare:
                 return rule.reaction
         return self.default
+
+    def reactions(self) -> set[Reaction]:
+        """Every reaction this policy may choose."""
+        return {self.default, *(rule.reaction for rule in self.rules)}
 
 
 OnFailure = Reaction | str | Mapping[Any, Any] | FailurePolicy

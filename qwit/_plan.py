@@ -20,10 +20,12 @@ from pydantic import (
     model_validator,
 )
 
+from ._errors import ErrorInfo
 from ._options import (
     DEFAULT_BACK_RETRY,
     DEFAULT_RETRY,
     DEFAULT_TIMEOUT,
+    Direction,
     FailurePolicy,
     Reaction,
     Retry,
@@ -303,7 +305,7 @@ class StepCall(BaseModel):
     flow_id: str
     path: str
     step: str
-    direction: Literal["step_forward", "step_back"]
+    direction: Direction
     args: dict[str, Any]
     key: str | None = None
     """The forward execution's key (``forward_key``); None in older plans."""
@@ -312,14 +314,17 @@ class StepCall(BaseModel):
     limit is this plus the step's ``timeout_grace``); None in older plans."""
     index: int | None = None
     """For an element of a map: its 0-based index."""
+    error: ErrorInfo | None = None
+    """For ``step_fallback``: how the step failed."""
 
     # Left out when None: workers of older QWIT, which serve the flows of
     # older plans, are sent whole StepCalls and know no ``index``.
     @model_serializer(mode="wrap")
     def _without_index(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data: dict[str, Any] = handler(self)
-        if data.get("index") is None:
-            data.pop("index", None)
+        for optional in ("index", "error"):
+            if data.get(optional) is None:
+                data.pop(optional, None)
         return data
 
     @property
@@ -349,7 +354,8 @@ class WireCall(BaseModel):
     index: int | None = None
     flow_id: str | None = None
     step: str | None = None
-    direction: Literal["step_forward", "step_back"] | None = None
+    direction: Direction | None = None
+    error: ErrorInfo | None = None
 
     @model_serializer(mode="wrap")
     def _compact(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -363,7 +369,9 @@ class WireCall(BaseModel):
         if call.key is None or path_of(call.key) != call.path:
             raise ValueError(f"call {call.key!r} of {call.path!r} has no key that ends in it")
         timeout = None if grace == WIRE_GRACE else call.timeout
-        return cls(args=call.args, key=call.key, timeout=timeout, index=call.index)
+        return cls(
+            args=call.args, key=call.key, timeout=timeout, index=call.index, error=call.error
+        )
 
     def call(self, *, flow_id: str, step: str, direction: str, limit: float | None) -> StepCall:
         """The ``StepCall`` this stands for, given what the worker learnt from
@@ -384,6 +392,7 @@ class WireCall(BaseModel):
             key=self.key,
             timeout=timeout,
             index=self.index,
+            error=self.error,
         )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import inspect
 import threading
 from collections.abc import Callable, Iterable
@@ -286,7 +287,9 @@ async def run_step_method(
     token = set_context(ctx)
     try:
         method = getattr(cls(), method_name)
-        if inspect.iscoroutinefunction(method):
+        if method_name == "step_fallback":  # (args, error): how the step failed
+            method = functools.partial(method, error=call.error)
+        if inspect.iscoroutinefunction(method) or _is_async_partial(method):
             result = await deadline.run_async(method(arg))
         else:
             result = await deadline.run_thread(method, arg)
@@ -303,6 +306,10 @@ async def run_step_method(
     if method_name == "step_back":
         return {}
     return normalise_output(call.step, result, attempt)
+
+
+def _is_async_partial(method: Any) -> bool:
+    return isinstance(method, functools.partial) and inspect.iscoroutinefunction(method.func)
 
 
 def normalise_output(step: str, result: Any, attempt: int = 1) -> dict[str, Any]:

@@ -31,11 +31,13 @@ from ._errors import (
 from ._jsonargs import NotJSON, as_args, json_size
 from ._options import (
     ABORT,
+    FALLBACK,
     RETRY,
     ROLLBACK,
     SKIP,
     SKIPBACK,
     WAIT,
+    Direction,
     Reaction,
     parse_reaction,
 )
@@ -113,6 +115,8 @@ class StepRun:
     """A map run as shards: its members are sub-flows of its elements."""
     shard_of: str | None = None
     """A shard of a map: the map's path (the shard's own is ``<map>@<k>``)."""
+    fell_back: bool = False
+    """Its output is its ``step_fallback``'s."""
 
     @property
     def name(self) -> str:
@@ -384,10 +388,47 @@ class Interpreter:
             if reaction == SKIP:
                 self._step_to(run, "skipped")
                 return False
+            if reaction == FALLBACK:
+                run.output = await self._fall_back(run)
+                self._step_to(run, "done")
+                return True
             if run.base is not None:  # a member: undone with its block, if at all
                 run.undo_failed = reaction == ROLLBACK
                 raise _Stop(reaction, run, undo_failed=False)
             raise _Stop(reaction, run, undo_failed=reaction == ROLLBACK and run.has_effect)
+
+    async def _fall_back(self, run: StepRun) -> dict[str, Any]:
+        """Undo the failed attempt (if it may have done something), then run
+        the step's ``step_fallback``: its output stands in for the step's.
+        A fallback that fails for good rolls the flow back (the failed
+        attempt, undone already, is not undone again)."""
+        node = run.node
+        assert isinstance(node, StepNode)
+        assert run.error is not None
+        error = run.error.model_copy(update={"traceback": ""})
+        if run.has_effect:
+            await self._undo(run)
+        args = run.args
+        if args is None:  # the forward never ran (refused before it started)
+            args = {**(self.saga.args if run.base is None else run.base), **node.static_args}
+            run.args = args
+        self._step_to(run, "running")
+        call = self._call(
+            run, "step_fallback", args, error=error.model_copy(update={"traceback": ""})
+        )
+        if run.key is None:
+            run.key = call.key  # the undo of what the fallback did is keyed on it
+        try:
+            result = await self.runtime.run_step(node, call)
+        except StepFailure as failure:
+            run.attempts += failure.info.attempt
+            run.error = failure.info
+            self._step_to(run, "failed")
+            run.undo_failed = False
+            raise _Stop(ROLLBACK, run, undo_failed=False) from None
+        run.attempts += result.attempt
+        run.fell_back = True
+        return result.output
 
     async def _undo_before_retry(self, run: StepRun) -> None:
         """Undo the failed execution of a step an operator retries, if it may
@@ -640,7 +681,11 @@ class Interpreter:
         return node.on_failure.choose(info.error.types if info.error else [])
 
     def _call(
-        self, run: StepRun, direction: Literal["step_forward", "step_back"], args: dict[str, Any]
+        self,
+        run: StepRun,
+        direction: Direction,
+        args: dict[str, Any],
+        error: ErrorInfo | None = None,
     ) -> StepCall:
         execution = self.input.execution
         node = run.node
@@ -658,6 +703,7 @@ class Interpreter:
             key=key,
             timeout=None if node.timeout_grace is None else node.limit(direction),
             index=run.index,
+            error=error,
         )
 
     def _too_big(self, args: dict[str, Any]) -> int | None:

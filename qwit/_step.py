@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
+from ._errors import ErrorInfo
 from ._options import OnFailure, Reaction, Retry
 
 
@@ -114,6 +115,23 @@ class Step:
                 it completed.
         """
         return None
+
+    def step_fallback(self, args: Any, error: ErrorInfo) -> Any:
+        """What stands in for ``step_forward``'s output once it failed, for a
+        step whose ``on_failure`` chooses ``qwit.FALLBACK`` (define it to use
+        FALLBACK; the default is never called).
+
+        The failed attempt has been undone (if it started) by then; the
+        returned dict (a model, or None) is merged into the args as the
+        output would have been, and ``step_back`` later receives it. Retried
+        per the step's ``retry``; if it still fails, the flow rolls back.
+
+        Args:
+            args: What ``step_forward`` received.
+            error: How ``step_forward`` failed: ``error.type`` (the qualified
+                class name), ``error.types``, ``error.message``.
+        """
+        raise NotImplementedError(f"{type(self).__qualname__} does not define step_fallback")
 
 
 def mark_abstract(cls: type, abstract: bool) -> None:

@@ -8,6 +8,7 @@ import qwit
 def test_exported_members():
     assert qwit.__all__ == [
         "ABORT",
+        "FALLBACK",
         "RETRY",
         "ROLLBACK",
         "SKIP",
@@ -87,5 +88,6 @@ def test_reactions_and_their_names():
         "abort",
         "wait",
         "retry",
+        "fallback",
     ]
     assert qwit.ROLLBACK == "rollback"

@@ -210,3 +210,147 @@ def test_back_timeout_is_a_step_option_and_is_planned():
 
     with pytest.raises(qwit.FlowDefinitionError, match="back_timeout"):
         compile_flow(Bad)
+
+
+# -- fallbacks -------------------------------------------------------------------
+
+
+class Quote(qwit.Step, name="recovery.quote"):
+    """A carrier's quote; when the carrier fails, a flat rate stands in.
+
+    Flow args: ``carrier`` = "down" (fails before booking anything) or
+    "flaky" (books a hold, then fails); ``flat`` = "down" (the fallback
+    fails too) or "once" (fails on its first attempt)."""
+
+    on_failure = qwit.FALLBACK
+    retry = qwit.Retry(max_attempts=2, initial_interval=0.05)
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        run = args["ledger"]
+        ledger.record(run, "key-forward", qwit.context().idempotency_key)
+        if args.get("carrier") == "down":
+            raise qwit.StepError("carrier down", retry=False)
+        ledger.record(run, "do", "hold")
+        if args.get("carrier") == "flaky":
+            raise qwit.StepError("carrier lost the quote", retry=False)
+        return {"quote": "carrier"}
+
+    async def step_fallback(self, args: dict[str, Any], error: Any) -> dict[str, Any]:
+        run = args["ledger"]
+        ledger.record(run, "fallback", f"{error.type}: {error.message}")
+        ledger.record(run, "key-fallback", qwit.context().idempotency_key)
+        flat = args.get("flat")
+        if flat == "down" or (flat == "once" and qwit.context().attempt == 1):
+            raise RuntimeError("no flat rate either")
+        ledger.record(run, "do", "flat")
+        return {"quote": "flat"}
+
+    async def step_back(self, args: dict[str, Any]) -> None:
+        run = args["ledger"]
+        ledger.record(run, "key-back", qwit.context().idempotency_key)
+        undo = "flat" if args.get("quote") == "flat" else "hold"
+        if undo in ledger.applied(run) and undo not in ledger.undone(run):
+            ledger.record(run, "undo", undo)
+
+
+class Shipment(qwit.Flow, name="recovery.shipment"):
+    def build_flow(self) -> None:
+        self.step(A)
+        self.step(Quote)
+        self.step(C)
+
+
+@pytest.mark.parametrize("carrier", ["down", "flaky"])
+async def test_a_fallback_stands_in_for_a_failed_step(env: Env, carrier: str):
+    """The failed attempt is undone if it had done something (the hold),
+    then the fallback's output is the step's, and the flow goes on."""
+    run = new_ledger()
+    async with env.serve(Shipment):
+        handle = await env.client.start(Shipment, {"ledger": run, "carrier": carrier})
+        kind, result = await outcome(handle)
+        state = await handle.state()
+    assert kind == "completed"
+    assert result["quote"] == "flat"
+    assert ledger.marks(run, "fallback") == [
+        f"qwit.StepError: carrier {'down' if carrier == 'down' else 'lost the quote'}"
+    ]
+    if carrier == "flaky":
+        assert ledger.entries(run).index(("undo", "hold")) < ledger.entries(run).index(
+            ("do", "flat")
+        )
+    assert ledger.applied(run) == ["A"] + (["hold"] if carrier == "flaky" else []) + ["flat", "C"]
+    assert ledger.undone(run) == (["hold"] if carrier == "flaky" else [])
+    assert [s.status for s in state.steps] == ["done", "done", "done"]
+    keys = {m: ledger.marks(run, f"key-{m}") for m in ("forward", "fallback")}
+    assert len(set(keys["fallback"])) == 1
+    assert keys["fallback"][0] not in keys["forward"]
+
+
+async def test_the_undo_of_a_step_that_fell_back_gets_the_fallbacks_output(env: Env):
+    run = new_ledger()
+    async with env.serve(Shipment):
+        handle = await env.client.start(
+            Shipment, {"ledger": run, "carrier": "flaky", "fail": "C", "fail_after": True}
+        )
+        kind, err = await outcome(handle)
+    assert kind == "rolled_back"
+    # the hold undone before the fallback ran; the flat rate undone by the
+    # rollback, with the fallback's output in its args; each once
+    assert ledger.undone(run) == ["hold", "C", "flat", "A"]
+    assert err.compensated == ["recovery.quote", "C", "recovery.quote", "A"]
+
+
+async def test_a_fallback_is_retried_per_the_steps_retry(env: Env):
+    run = new_ledger()
+    async with env.serve(Shipment):
+        handle = await env.client.start(
+            Shipment, {"ledger": run, "carrier": "down", "flat": "once"}
+        )
+        kind, result = await outcome(handle)
+    assert kind == "completed"
+    assert result["quote"] == "flat"
+    assert len(ledger.marks(run, "fallback")) == 2
+    assert len(set(ledger.marks(run, "key-fallback"))) == 1  # one execution, retried
+
+
+async def test_a_fallback_that_fails_for_good_rolls_the_flow_back(env: Env):
+    """The failed attempt, undone before the fallback ran, is not undone again."""
+    run = new_ledger()
+    async with env.serve(Shipment):
+        handle = await env.client.start(
+            Shipment, {"ledger": run, "carrier": "flaky", "flat": "down"}
+        )
+        kind, err = await outcome(handle)
+    assert kind == "rolled_back"
+    assert err.step == "recovery.quote"
+    assert "no flat rate either" in err.reason
+    assert ledger.undone(run) == ["hold", "A"]
+    assert len(ledger.marks(run, "key-back")) == 1
+    assert ledger.applied(run) == ["A", "hold"]
+
+
+def test_fallback_needs_a_step_fallback():
+    from qwit._flow import compile_flow
+
+    class NoFallback(Effect, name="recovery.no_fallback"):
+        on_failure = {ValueError: qwit.FALLBACK}
+
+    class UsesIt(qwit.Flow, name="recovery.uses_no_fallback"):
+        def build_flow(self) -> None:
+            self.step(NoFallback)
+
+    with pytest.raises(qwit.FlowDefinitionError, match="does not define step_fallback"):
+        compile_flow(UsesIt)
+
+    class SubFallsBack(qwit.Flow, name="recovery.sub_falls_back"):
+        def build_flow(self) -> None:
+            self.step(Shipment, on_failure=qwit.FALLBACK)
+
+    with pytest.raises(qwit.FlowDefinitionError, match="sub-flow has no step_fallback"):
+        compile_flow(SubFallsBack)
+
+    class Mapped(qwit.Flow, name="recovery.mapped_fallback"):
+        def build_flow(self) -> None:
+            self.step(Quote, on_failure={"StepError": "fallback", "default": "rollback"})
+
+    compile_flow(Mapped)

@@ -18,7 +18,7 @@ from .._plan import PAYLOAD_MARGIN, StepCall, StepReturn, WireCall
 from .._runner import Registry, run_step_method
 from .._step import Step, defines
 
-DIRECTIONS = ("step_forward", "step_back")
+DIRECTIONS = ("step_forward", "step_back", "step_fallback")
 #: Temporal's default ``limit.blobSize.error``, for servers that don't say.
 DEFAULT_PAYLOAD_LIMIT = 2 * 1024 * 1024
 #: A step that has run this long heartbeats for itself, and again as often, so
@@ -232,7 +232,8 @@ def step_activity(cls: type[Step], direction: str) -> Callable[[WireCall], Any]:
         finally:
             beats.stop()
         if output:
-            await _check_output_fits(call, output, undone=has_back and direction == DIRECTIONS[0])
+            # (the output of step_forward or step_fallback is what step_back gets)
+            await _check_output_fits(call, output, undone=has_back and direction != "step_back")
         return StepReturn(output=output, attempt=info.attempt)
 
     run.__name__ = run.__qualname__ = f"{cls.__name__}_{direction}"
@@ -267,5 +268,8 @@ async def unregistered_step(args: Sequence[RawValue]) -> NoReturn:
 def step_activities(registry: Registry) -> list[Callable[..., Any]]:
     """Activities for every registered step, both directions."""
     return [
-        step_activity(cls, direction) for cls in registry.steps.values() for direction in DIRECTIONS
+        step_activity(cls, direction)
+        for cls in registry.steps.values()
+        for direction in DIRECTIONS
+        if direction != "step_fallback" or defines(cls, "step_fallback")
     ]

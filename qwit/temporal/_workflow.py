@@ -323,8 +323,7 @@ class _Runtime(FlowRuntime):
             # once (see NoEagerInterceptor): another worker may serve it.
             sent = sent.model_copy()
             self.owner.not_eager.add(id(sent))
-        forward = call.direction == "step_forward"
-        retry = node.retry if forward else node.back_retry
+        retry = node.back_retry if call.direction == "step_back" else node.retry
         activity = f"{node.name}.{call.direction}"
         # The worker enforces the step's timeout itself (call.timeout); the
         # server's limit adds the grace, so the next attempt or the undo never
