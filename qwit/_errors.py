@@ -233,15 +233,16 @@ class StepFailure(Exception):
 
 
 class Compensation(BaseModel):
-    """One undo a flow ran (or tried), as the failure's ``.compensations`` list it."""
+    """One undo a flow ran (or tried), as the failure's ``.compensations`` list
+    it; also a final step that failed (``.final_failures``, status ``failed``)."""
 
     model_config = ConfigDict(frozen=True)
 
     name: str
     path: str
-    status: Literal["compensated", "compensation_failed"]
+    status: Literal["compensated", "compensation_failed", "failed"]
     error: ErrorInfo | None = None
-    """The undo's own error, when it failed."""
+    """The undo's (or final step's) own error, when it failed."""
 
 
 FailureKind = Literal["rolled_back", "cancelled", "compensation_failed", "aborted"]
@@ -264,6 +265,9 @@ class FailureInfo(BaseModel):
     not_compensated: list[str] = Field(default_factory=list)
     """Steps a rollback left as they were: it stopped at an undo that failed
     with ``back_on_failure=ABORT``."""
+    final_failures: list[Compensation] = Field(default_factory=list)
+    """Final steps (``finally_step``) that failed, with their errors (their
+    ``status`` is ``failed``); they do not change the outcome."""
     rollback_stopped: bool = False
     """The rollback stopped at an undo that failed with
     ``back_on_failure=ABORT`` (a parent stops its own rollback there too)."""
@@ -289,6 +293,9 @@ class FlowFailed(QwitError):
         error_type: Qualified class name of the step's error, if any.
         compensations: Each undo that ran, in the order they ended, with its
             ``name``, ``path``, ``status`` and ``error``.
+        final_failures: The flow's final steps (``finally_step``) that
+            failed, with ``name``, ``path`` and ``error``; they do not change
+            the outcome.
         info: The whole outcome as the engine reported it.
     """
 
@@ -301,6 +308,7 @@ class FlowFailed(QwitError):
         self.reason = info.reason
         self.error_type = info.error.type if info.error else None
         self.compensations = list(info.compensations)
+        self.final_failures = list(info.final_failures)
         super().__init__(self._message())
 
     def _message(self) -> str:

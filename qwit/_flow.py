@@ -76,6 +76,7 @@ class Flow:
     def __init__(self) -> None:
         self._entries: list[_Entry] = []
         self._block: _ParallelEntry | None = None
+        self._finals: list[tuple[Any, Any, dict[str, Any]]] = []
 
     def build_flow(self) -> None:
         """Declare the steps, in order, with ``self.step(...)``."""
@@ -96,8 +97,39 @@ class Flow:
                 ``back_on_failure``, ``local``. A sub-flow takes only
                 ``on_failure``.
         """
+        if getattr(self, "_finals", None):
+            raise FlowDefinitionError(
+                f"flow {self.name!r}: final steps come last; {_label(step)} is added after "
+                "finally_step(...)"
+            )
         block = getattr(self, "_block", None)
         (self._entries if block is None else block.entries).append((step, static_args, options))
+
+    def finally_step(self, step: type[Step], static_args: Any = None, /, **options: Any) -> None:
+        """Add a final step: it runs once the flow has ended, whatever the
+        outcome (after any rollback), and is never undone.
+
+        Its args are the flow's final args (its static args on top), plus
+        ``qwit_outcome`` (``completed``, ``rolled_back``, ``aborted``,
+        ``cancelled`` or ``compensation_failed``) and, when the flow failed,
+        ``qwit_failure`` (``step``, ``reason``, ``compensated``,
+        ``failed_compensations``). Its failure, once its retries are spent,
+        is reported in ``state()`` and on the flow's error
+        (``FlowFailed.final_failures``), and does not change the outcome;
+        its ``on_failure`` is not used. Final steps run in the order added,
+        after every ``self.step(...)``.
+
+        Args:
+            step: A Step class (not a Flow).
+            static_args: Args for this step only.
+            **options: Step options: ``retry``, ``timeout``,
+                ``timeout_grace``, ``heartbeat_timeout``, ``local``.
+        """
+        if getattr(self, "_block", None) is not None:
+            raise FlowDefinitionError(
+                f"flow {self.name!r}: a final step can't be inside a parallel block"
+            )
+        self._finals.append((step, static_args, options))
 
     @contextlib.contextmanager
     def parallel(self) -> Iterator[None]:
@@ -236,6 +268,10 @@ class _Compiler:
                     f"flow {cls.name!r} has no steps: build_flow() must call self.step(...)"
                 )
             nodes = [self.any_entry(cls, i, entry) for i, entry in enumerate(entries)]
+            finals = [
+                self.final(cls, len(entries) + i, entry)
+                for i, entry in enumerate(getattr(instance, "_finals", []))
+            ]
         finally:
             self.stack.pop()
         try:
@@ -251,9 +287,30 @@ class _Compiler:
             name=cls.name,
             static_args=static_args,
             steps=tuple(nodes),
+            finally_steps=tuple(finals),
             on_failure=policy,
             backend=_backend_name(cls.backend, f"flow {cls.name!r}"),
         )
+
+    def final(
+        self, parent: type[Flow], index: int, entry: tuple[Any, Any, dict[str, Any]]
+    ) -> StepNode:
+        target, raw_args, options = entry
+        position = f"step {index + 1} (final)"
+        if isinstance(target, type) and issubclass(target, Flow):
+            raise FlowDefinitionError(
+                f"flow {parent.name!r}, {position}: a final step is a Step, not a Flow "
+                f"({target.name!r})"
+            )
+        misplaced = sorted(set(options) & {"on_failure", "back_on_failure", "back_retry"})
+        if misplaced:
+            raise FlowDefinitionError(
+                f"flow {parent.name!r}, {position}: option(s) {', '.join(misplaced)} do not "
+                "apply to a final step (it is never undone, and its failure changes nothing)"
+            )
+        node = self.entry(parent, position, target, raw_args, options)
+        assert isinstance(node, StepNode)
+        return node
 
     def any_entry(self, parent: type[Flow], index: int, entry: _Entry) -> Node:
         if isinstance(entry, _ParallelEntry):
@@ -490,6 +547,11 @@ def compile_flow(flow: type[Flow]) -> FlowNode:
             defined wrongly; the message names the flow, the step and the field.
     """
     return _compile(flow).plan
+
+
+def _label(step: Any) -> str:
+    name = getattr(step, "name", None)
+    return repr(name) if isinstance(name, str) else repr(step)
 
 
 def step_classes(flow: type[Flow]) -> Iterator[type[Step]]:

@@ -55,6 +55,7 @@ PINNED_DEFAULTS: dict[int, dict[str, dict[str, Any]]] = {
         },
         "flow": {
             "static_args": {},
+            "finally_steps": [],
             "on_failure": {"rules": [], "default": "rollback"},
             "backend": None,
         },
@@ -109,6 +110,8 @@ def _compact_node(node: dict[str, Any], pinned: dict[str, dict[str, Any]]) -> di
             if isinstance(inner, dict)
             else [_compact_node(child, pinned) for child in inner]
         )
+        if out.get("finally_steps"):
+            out["finally_steps"] = [_compact_node(s, pinned) for s in out["finally_steps"]]
     return out
 
 
@@ -126,6 +129,8 @@ def _expand_node(node: Any, pinned: dict[str, dict[str, Any]]) -> Any:
         out[_CHILDREN[kind]] = _expand_node(inner, pinned)
     elif isinstance(inner, list | tuple):
         out[_CHILDREN[kind]] = [_expand_node(child, pinned) for child in inner]
+    if kind == "flow" and isinstance(out.get("finally_steps"), list | tuple):
+        out["finally_steps"] = [_expand_node(s, pinned) for s in out["finally_steps"]]
     return out
 
 
@@ -174,6 +179,8 @@ class FlowNode(BaseModel):
     name: str
     static_args: dict[str, Any] = Field(default_factory=dict)
     steps: tuple[Node, ...]
+    finally_steps: tuple[StepNode, ...] = ()
+    """Steps run once the flow has ended, whatever the outcome; never undone."""
     on_failure: FailurePolicy = FailurePolicy()
     backend: str | None = None
 
@@ -496,7 +503,7 @@ def walk(flow: Node, path: str = "", depth: int = 0) -> Iterator[tuple[str, Node
 def inner_nodes(node: Node) -> tuple[Node, ...]:
     """The nodes directly inside ``node`` (none inside a step)."""
     if isinstance(node, FlowNode):
-        return node.steps
+        return (*node.steps, *node.finally_steps)
     if isinstance(node, ParallelNode):
         return node.branches
     if isinstance(node, MapNode):

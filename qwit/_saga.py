@@ -187,6 +187,9 @@ class SagaState:
     """How a cancel asked through QWIT goes: roll back (True), or stop where
     it is (False); None when none was (an engine's own cancel rolls back)."""
     events: list[FlowEvent] = field(default_factory=list)
+    finals: list[StepRun] = field(default_factory=list)
+    """The flow's final steps (``finally_step``), run once it has ended."""
+    final_failures: list[Compensation] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -249,6 +252,11 @@ class Interpreter:
                     for i, branch in enumerate(run.node.branches)
                 ]
         self.saga = SagaState(args=dict(input.args), runs=runs)
+        first = len(input.flow.steps)
+        self.saga.finals = [
+            StepRun(node, child_path(input.path, first + i))
+            for i, node in enumerate(input.flow.finally_steps)
+        ]
 
     @property
     def status(self) -> FlowStatus:
@@ -313,11 +321,63 @@ class Interpreter:
     # -- the run ----------------------------------------------------------
 
     async def run(self) -> dict[str, Any]:
-        """Run the flow. Returns its final args (a sub-flow: its steps' outputs).
+        """Run the flow, then its final steps. Returns its final args (a
+        sub-flow: its steps' outputs).
 
         Raises:
             FlowFailure: the flow did not complete; its ``info`` says how.
         """
+        if not self.saga.finals:
+            return await self._run()
+        try:
+            result = await self._run()
+        except FlowFailure as failed:
+            await self.runtime.shield(self._finally(failed.info))
+            info = failed.info.model_copy(update={"final_failures": self.saga.final_failures})
+            self.saga.failure = info
+            raise FlowFailure(info) from None
+        await self.runtime.shield(self._finally(None))
+        return result
+
+    async def _finally(self, failure: FailureInfo | None) -> None:
+        """Run the final steps, in order, whatever the outcome; a failure is
+        recorded, and changes nothing else."""
+        args: dict[str, Any] = {
+            **self.saga.args,
+            "qwit_outcome": "completed" if failure is None else failure.kind,
+        }
+        if failure is not None:
+            args["qwit_failure"] = {
+                "step": failure.step,
+                "reason": failure.reason,
+                "compensated": list(failure.compensated),
+                "failed_compensations": list(failure.failed_compensations),
+            }
+        for run in self.saga.finals:
+            node = run.node
+            assert isinstance(node, StepNode)
+            run.runs += 1
+            run.args = {**args, **node.static_args}
+            call = self._call(run, "step_forward", _select(run.args, node.fields))
+            run.key = call.key
+            self._step_to(run, "running")
+            try:
+                refused = self.runtime.refuse_forward(call, 0)
+                if refused is not None:
+                    raise StepFailure(refused)
+                result = await self.runtime.run_step(node, call)
+            except StepFailure as failure_of_final:
+                run.attempts += failure_of_final.info.attempt
+                run.error = failure_of_final.info
+                self._step_to(run, "failed")
+                self.saga.final_failures.append(
+                    Compensation(name=run.name, path=run.path, status="failed", error=run.error)
+                )
+                continue
+            run.attempts += result.attempt
+            self._step_to(run, "done")
+
+    async def _run(self) -> dict[str, Any]:
         try:
             await self._forward_all()
             if self.is_subflow:
@@ -1078,7 +1138,7 @@ class Interpreter:
             flow=self.input.flow.name,
             flow_id=self.flow_id,
             status=self.saga.status,
-            steps=[_step_state(run) for run in self.saga.runs],
+            steps=[_step_state(run) for run in self.saga.runs + self.saga.finals],
             waiting=waits[0] if waits else None,
             waits=waits,
             failure=self.saga.failure,

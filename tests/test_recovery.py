@@ -354,3 +354,148 @@ def test_fallback_needs_a_step_fallback():
             self.step(Quote, on_failure={"StepError": "fallback", "default": "rollback"})
 
     compile_flow(Mapped)
+
+
+# -- final steps -----------------------------------------------------------------
+
+
+class Report(qwit.Step, name="recovery.report"):
+    """A final step: records what it was told (and fails when asked)."""
+
+    retry = qwit.Retry(max_attempts=2, initial_interval=0.05)
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        run = args["ledger"]
+        failure = args.get("qwit_failure")
+        told = args["qwit_outcome"] + (f" at {failure['step']}" if failure else "")
+        ledger.record(run, "final", told)
+        if failure:
+            ledger.record(run, "final-compensated", ",".join(failure["compensated"]))
+        if args.get("report_fails"):
+            raise RuntimeError("the report service is down")
+        return {"reported": True}
+
+    async def step_back(self, args: dict[str, Any]) -> None:
+        ledger.record(args["ledger"], "undo", "report")
+
+
+class Reported(qwit.Flow, name="recovery.reported"):
+    def build_flow(self) -> None:
+        self.step(A)
+        self.step(B, on_failure=qwit.WAIT)
+        self.step(C)
+        self.finally_step(Report)
+
+
+@pytest.mark.parametrize(
+    ("fail", "kind", "told"),
+    [
+        (None, "completed", "completed"),
+        ("C", "rolled_back", "rolled_back at C"),
+    ],
+)
+async def test_a_final_step_runs_once_the_flow_has_ended(env: Env, fail, kind, told):
+    run = new_ledger()
+    args: dict[str, Any] = {"ledger": run}
+    if fail:
+        args.update(fail=fail, fail_after=True)
+    async with env.serve(Reported):
+        handle = await env.client.start(Reported, args)
+        got, result = await outcome(handle)
+        state = await handle.state()
+    assert got == kind
+    assert ledger.marks(run, "final") == [told]
+    assert "undo" not in [a for a, e in ledger.entries(run) if e == "report"]
+    entries = ledger.entries(run)
+    assert entries.index(("final", told)) > max(  # after any rollback
+        (i for i, (action, _) in enumerate(entries) if action == "undo"), default=-1
+    )
+    if fail:
+        assert ledger.marks(run, "final-compensated") == ["C,B,A"]
+        assert result.final_failures == []
+    else:
+        assert "reported" not in result  # a final step's output is not merged
+    assert [s.name for s in state.steps][-1] == "recovery.report"
+    assert state.steps[-1].path == "4"
+    assert state.steps[-1].status == "done"
+
+
+@pytest.mark.parametrize("fail", [None, "C"])
+async def test_a_final_step_that_fails_changes_no_outcome(env: Env, fail):
+    run = new_ledger()
+    args: dict[str, Any] = {"ledger": run, "report_fails": True}
+    if fail:
+        args.update(fail=fail)
+    async with env.serve(Reported):
+        handle = await env.client.start(Reported, args)
+        got, result = await outcome(handle)
+        state = await handle.state()
+    assert got == ("rolled_back" if fail else "completed")
+    assert len(ledger.marks(run, "final")) == 2  # retried per its retry
+    assert state.steps[-1].status == "failed"
+    assert state.steps[-1].error is not None
+    assert "report service is down" in state.steps[-1].error.message
+    if fail:
+        [final] = result.final_failures
+        assert (final.name, final.path, final.status) == ("recovery.report", "4", "failed")
+        assert "report service is down" in final.error.message
+
+
+async def test_final_steps_run_for_aborted_and_cancelled_flows_and_after_a_wait(env: Env):
+    runs = {}
+    async with env.serve(Reported, CancelMeReported):
+        run = runs["abort"] = new_ledger()
+        handle = await env.client.start(Reported, {"ledger": run, "fail": "B"})
+        await wait_for_status(handle, "waiting", timeout=30)
+        assert ledger.marks(run, "final") == []  # a waiting flow has not ended
+        await handle.react(qwit.ABORT)
+        assert (await outcome(handle))[0] == "aborted"
+        run = runs["cancel"] = new_ledger()
+        handle = await env.client.start(CancelMeReported, {"ledger": run})
+        await ledger.wait_for_mark(run, "started", "Slow")
+        await handle.cancel()
+        assert (await outcome(handle))[0] == "cancelled"
+    assert ledger.marks(runs["abort"], "final") == ["aborted at B"]
+    assert ledger.marks(runs["cancel"], "final") == ["cancelled at Slow"]
+
+
+class CancelMeReported(qwit.Flow, name="recovery.cancel_me_reported"):
+    def build_flow(self) -> None:
+        self.step(A)
+        self.step(Slow)
+        self.finally_step(Report)
+
+
+def test_final_steps_are_steps_and_come_last():
+    from qwit._flow import compile_flow
+
+    class FlowFinal(qwit.Flow, name="recovery.flow_final"):
+        def build_flow(self) -> None:
+            self.step(A)
+            self.finally_step(SlowSub)  # type: ignore[arg-type]
+
+    with pytest.raises(qwit.FlowDefinitionError, match="a final step is a Step, not a Flow"):
+        compile_flow(FlowFinal)
+
+    class StepAfter(qwit.Flow, name="recovery.step_after_final"):
+        def build_flow(self) -> None:
+            self.finally_step(Report)
+            self.step(A)
+
+    with pytest.raises(qwit.FlowDefinitionError, match="final steps come last"):
+        compile_flow(StepAfter)
+
+    class Reacting(qwit.Flow, name="recovery.reacting_final"):
+        def build_flow(self) -> None:
+            self.step(A)
+            self.finally_step(Report, on_failure=qwit.WAIT)
+
+    with pytest.raises(qwit.FlowDefinitionError, match="do not apply to a final step"):
+        compile_flow(Reacting)
+
+    plan = compile_flow(Reported)
+    assert [s.name for s in plan.finally_steps] == ["recovery.report"]
+    from qwit._plan import FlowInput
+
+    wire = FlowInput(flow=plan, root_id="x").model_dump(mode="json")
+    assert FlowInput.model_validate(wire).flow == plan
