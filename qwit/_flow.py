@@ -95,7 +95,10 @@ class Flow:
                 ``timeout``, ``back_timeout``, ``timeout_grace``, ``heartbeat_timeout``,
                 ``on_failure``,
                 ``back_on_failure``, ``local``. A sub-flow takes only
-                ``on_failure``.
+                ``on_failure`` and ``retry``: a ``qwit.Retry`` under which a
+                sub-flow that failed (and undid itself) runs again from its
+                start, with fresh idempotency keys, before its ``on_failure``
+                applies (a retried segment; default: one attempt).
         """
         if getattr(self, "_finals", None):
             raise FlowDefinitionError(
@@ -396,12 +399,18 @@ class _Compiler:
                 f"(expected: {', '.join(STEP_OPTIONS)})"
             )
         if issubclass(target, Flow):
-            misplaced = sorted(set(options) - {"on_failure"})
+            misplaced = sorted(set(options) - {"on_failure", "retry"})
             if misplaced:
                 raise FlowDefinitionError(
                     f"{where}: option(s) {', '.join(misplaced)} apply to steps, not to a sub-flow"
                 )
-            return self.flow(target, static_args, _option(target, options, "on_failure"))
+            retry = _option(target, options, "retry")
+            try:
+                retry = None if retry is None else _retry(retry, "retry")
+            except ValueError as exc:
+                raise FlowDefinitionError(f"{where}: {exc}") from None
+            node = self.flow(target, static_args, _option(target, options, "on_failure"))
+            return node if retry is None else node.model_copy(update={"retry": retry})
         return self.step(target, static_args, options, where)
 
     def step(

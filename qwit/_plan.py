@@ -56,6 +56,7 @@ PINNED_DEFAULTS: dict[int, dict[str, dict[str, Any]]] = {
         "flow": {
             "static_args": {},
             "finally_steps": [],
+            "retry": None,
             "on_failure": {"rules": [], "default": "rollback"},
             "backend": None,
         },
@@ -181,6 +182,10 @@ class FlowNode(BaseModel):
     steps: tuple[Node, ...]
     finally_steps: tuple[StepNode, ...] = ()
     """Steps run once the flow has ended, whatever the outcome; never undone."""
+    retry: Retry | None = None
+    """For a sub-flow: run it again from its start when it fails (having
+    undone itself), per this policy, before its ``on_failure`` applies (a
+    retried segment). None: one attempt."""
     on_failure: FailurePolicy = FailurePolicy()
     backend: str | None = None
 

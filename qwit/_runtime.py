@@ -113,6 +113,11 @@ class FlowRuntime(ABC):
         ``held`` set (sub-flows only)."""
         raise NotImplementedError
 
+    async def sleep(self, seconds: float) -> None:
+        """Wait ``seconds`` (a durable timer where the engine has them: on
+        Temporal, ``asyncio.sleep`` in a workflow is one)."""
+        await asyncio.sleep(seconds)
+
     def patched(self, change: str) -> bool:
         """Whether this flow runs with ``change`` to what its engine records
         (Temporal: ``workflow.patched``, so that older histories replay as

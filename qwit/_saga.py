@@ -39,6 +39,7 @@ from ._options import (
     WAIT,
     Direction,
     Reaction,
+    Retry,
     parse_reaction,
 )
 from ._plan import (
@@ -117,6 +118,8 @@ class StepRun:
     """A shard of a map: the map's path (the shard's own is ``<map>@<k>``)."""
     fell_back: bool = False
     """Its output is its ``step_fallback``'s."""
+    ended: FailureKind | None = None
+    """For a sub-flow that failed: how it ended (it rolled back, aborted...)."""
 
     @property
     def name(self) -> str:
@@ -437,6 +440,10 @@ class Interpreter:
             self._step_to(run, "failed")
             if self.runtime.cancel_requested() or run.stopping:
                 raise asyncio.CancelledError
+            retry = self._segment_retry(run)
+            if retry is not None:
+                await self.runtime.sleep(retry.delay(run.runs))
+                continue
             reaction = outcome.reaction
             if reaction == WAIT:
                 decision = await self._wait(run, "step_forward", FORWARD_DECISIONS)
@@ -490,6 +497,15 @@ class Interpreter:
         run.fell_back = True
         return result.output
 
+    def _segment_retry(self, run: StepRun) -> Retry | None:
+        """The policy under which a failed sub-flow runs again from its start
+        (it rolled back cleanly, and has attempts left), or None."""
+        node = run.node
+        if not isinstance(node, FlowNode) or node.retry is None or run.ended != "rolled_back":
+            return None
+        limit = node.retry.max_attempts
+        return node.retry if limit is None or run.runs < limit else None
+
     async def _undo_before_retry(self, run: StepRun) -> None:
         """Undo the failed execution of a step an operator retries, if it may
         have done something: the retry is a new execution, under a new key, so
@@ -520,6 +536,7 @@ class Interpreter:
         except FlowFailure as failed:
             run.error = failed.info.error
             run.failed_step = failed.info.step
+            run.ended = failed.info.kind
             self._absorb(failed.info)
             return _Failed(self._subflow_reaction(run, failed.info))
 

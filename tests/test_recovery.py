@@ -499,3 +499,86 @@ def test_final_steps_are_steps_and_come_last():
 
     wire = FlowInput(flow=plan, root_id="x").model_dump(mode="json")
     assert FlowInput.model_validate(wire).flow == plan
+
+
+# -- retried segments --------------------------------------------------------------
+
+
+class Hold(Effect, name="recovery.hold"):
+    """Holds stock; records the idempotency key of each execution."""
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any] | None:
+        ledger.record(args["ledger"], "key", qwit.context().idempotency_key)
+        return await super().step_forward({**args, "eid": "hold"})
+
+    async def step_back(self, args: dict[str, Any]) -> None:
+        run = args["ledger"]
+        if ledger.applied(run).count("hold") > ledger.undone(run).count("hold"):
+            ledger.record(run, "undo", "hold")
+
+
+class Book(qwit.Step, name="recovery.book"):
+    """Fails until it has been tried ``succeed_on`` times."""
+
+    retry = qwit.Retry(max_attempts=1)
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        run = args["ledger"]
+        ledger.record(run, "try", "book")
+        if len(ledger.marks(run, "try")) < args["succeed_on"]:
+            raise RuntimeError("no slot")
+        return {"booked": True}
+
+
+class Segment(qwit.Flow, name="recovery.segment"):
+    def build_flow(self) -> None:
+        self.step(Hold)
+        self.step(Book)
+
+
+class WithSegment(qwit.Flow, name="recovery.with_segment"):
+    def build_flow(self) -> None:
+        self.step(A)
+        self.step(Segment, retry=qwit.Retry(max_attempts=3, initial_interval=0.05))
+        self.step(C)
+
+
+@pytest.mark.parametrize("succeed_on", [3, 4])
+async def test_a_retried_segment_undoes_itself_and_runs_again_from_its_start(
+    env: Env, succeed_on: int
+):
+    """What ran before the segment (A) is kept; each attempt of the segment
+    has fresh keys; once its attempts are spent, its on_failure applies."""
+    run = new_ledger()
+    async with env.serve(WithSegment):
+        handle = await env.client.start(WithSegment, {"ledger": run, "succeed_on": succeed_on})
+        kind, result = await outcome(handle)
+        state = await handle.state()
+    tries = min(succeed_on, 3)
+    assert len(ledger.marks(run, "try")) == tries
+    assert ledger.applied(run).count("A") == 1
+    assert ledger.applied(run).count("hold") == tries
+    assert len(set(ledger.marks(run, "key"))) == tries
+    assert state.steps[1].attempts == tries
+    if succeed_on == 3:
+        assert kind == "completed"
+        assert result["booked"] is True
+        assert ledger.undone(run) == ["hold", "hold"]
+        assert state.steps[1].flow_id.endswith("#3")
+    else:
+        assert kind == "rolled_back"
+        assert ledger.undone(run) == ["hold", "hold", "hold", "A"]
+        assert result.compensated == ["recovery.book", "recovery.hold"] * 3 + ["A"]
+
+
+def test_retry_of_a_sub_flow_must_be_a_retry_policy():
+    from qwit._flow import compile_flow
+
+    class Bad(qwit.Flow, name="recovery.bad_segment"):
+        def build_flow(self) -> None:
+            self.step(Segment, retry=3)
+
+    with pytest.raises(qwit.FlowDefinitionError, match=r"retry must be a qwit\.Retry"):
+        compile_flow(Bad)
+    plan = compile_flow(WithSegment)
+    assert plan.steps[1].retry == qwit.Retry(max_attempts=3, initial_interval=0.05)  # type: ignore[union-attr]

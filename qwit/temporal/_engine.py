@@ -404,10 +404,13 @@ class TemporalFlowHandle(FlowHandle):
         client = await self._engine.temporal_client()
         handle = client.get_workflow_handle(self.id, run_id=self.run_id)
         with _rpc_errors(client, self.id, f"to cancel flow {self.id!r}"):
+            # The signal says how; a workflow takes the signals of one task
+            # before a cancel that comes with them, so a rollback=False that
+            # came first is not overtaken. Temporal's own cancel (which rolls
+            # back) also reaches workers that know no such signal.
+            await handle.signal(SIGNAL_CANCEL, rollback)
             if rollback:
-                await handle.cancel()  # Temporal's own cancel rolls back
-            else:
-                await handle.signal(SIGNAL_CANCEL, False)
+                await handle.cancel()
 
     async def flow_state(self, flow_id: str) -> FlowState:
         client = await self._engine.temporal_client()
