@@ -109,7 +109,7 @@ def build_query(status: str | None, flow: str | None, searchable: bool) -> str:
         flow: ``--flow``.
         searchable: Whether the namespace has QwitFlow and QwitStatus.
     """
-    parts = []
+    parts: list[str] = []
     if flow and searchable:
         parts.append(f"QwitFlow = {_quote(flow)}")
     if status:

@@ -20,6 +20,7 @@ from .._errors import EngineUnavailable, FlowFailed, FlowNotFound, ReactionError
 from .._options import FAILURE_REACTIONS, RETRY
 from .._state import FlowState
 from ..temporal import QWIT_STATUS, is_unavailable, unreachable
+from ._bulk import FlowAction, bulk_from, bulk_options, run_bulk
 from ._common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -43,7 +44,7 @@ STATE_TIMEOUT = 10.0
 
 #: Reactions an operator may send, by their command-line names.
 REACTIONS = sorted(
-    {r.value for r in FAILURE_REACTIONS if r.value != "wait"} | {RETRY.value},
+    {r.value for r in FAILURE_REACTIONS if r.value not in ("wait", "fallback")} | {RETRY.value},
     key=["retry", "skip", "skipback", "rollback", "abort"].index,
 )
 
@@ -203,8 +204,8 @@ def status(
 
 
 @click.command("react")
-@click.argument("flow_id")
-@click.argument("reaction", type=click.Choice(REACTIONS, case_sensitive=False))
+@click.argument("flow_ids", nargs=-1, metavar="[FLOW_ID]")
+@click.argument("reaction", metavar="REACTION", type=click.Choice(REACTIONS, case_sensitive=False))
 @args_option("With retry: args merged in before the step runs again (a JSON object).")
 @click.option(
     "--path",
@@ -214,27 +215,63 @@ def status(
     "needed when several wait, e.g. branches of a parallel block.",
 )
 @WAIT_OPTION
+@bulk_options
 @connection_options
 def react(
-    flow_id: str,
+    flow_ids: tuple[str, ...],
     reaction: str,
     args: dict[str, Any],
     path: str | None,
     wait: bool,
+    query: str | None,
+    dry_run: bool,
+    yes: bool,
+    rate: float | None,
     address: str | None,
     namespace: str | None,
 ) -> None:
-    """Decide flow FLOW_ID, which waits for an operator, with REACTION.
+    """Decide flow FLOW_ID, which waits for an operator, with REACTION
+    (retry, skip, skipback, rollback or abort).
 
     retry runs the failed step again (--args merged in); skip goes on without
     it; rollback undoes the failed step and the completed ones; skipback
     undoes the completed ones only; abort stops and undoes nothing.
+
+    With --query QUERY in place of FLOW_ID, every root flow that the Temporal
+    visibility query finds is decided alike, e.g.
+
+    \b
+        qwit react --query "QwitStatus = 'waiting' AND QwitFlow = 'orders.place'" rollback
+
+    It lists the flows and asks first (--yes: don't ask; off a terminal it
+    acts only with --yes), decides at most --rate flows a second, and ends
+    with a summary: how many were decided, and each flow that refused (one
+    not waiting, say) with why. Exit 1 if any refused. --dry-run prints the
+    ids of the flows it would decide, and decides none.
     """
+    if len(flow_ids) > 1:
+        raise click.UsageError(f"Got unexpected extra argument ({flow_ids[1]})")
+    flow_id = flow_ids[0] if flow_ids else None
+    bulk = bulk_from(query, dry_run, yes, rate, flow_id=flow_id is not None, wait=wait)
     if args and reaction != RETRY.value:
         raise click.UsageError(f"--args goes only with retry, not with {reaction}")
 
     err = console()
     say = sayer(err)
+
+    if bulk is not None:
+
+        def make_action(temporal: temporalio.client.Client) -> FlowAction:
+            client = Client(temporal_client=temporal)
+
+            async def decide(flow_id: str) -> str:
+                await client.get_handle(flow_id).react(reaction, args, path=path)
+                return f"{reaction} accepted"
+
+            return decide
+
+        sys.exit(run_async(run_bulk(address, namespace, bulk, f"react {reaction}", make_action)))
+    assert flow_id is not None
 
     async def go() -> int:
         async with _handle(address, namespace, flow_id, say, may_start=False) as (
@@ -257,36 +294,102 @@ def react(
     sys.exit(run_async(go()))
 
 
-@click.command("cancel")
-@click.argument("flow_id")
-@WAIT_OPTION
-@connection_options
-def cancel(flow_id: str, wait: bool, address: str | None, namespace: str | None) -> None:
-    """Cancel flow FLOW_ID: the step in flight and the completed ones are undone."""
+async def _still_running(temporal: temporalio.client.Client, flow_id: str) -> None:
+    """Return if the flow runs; else raise Failed, saying how it ended.
 
+    Raises:
+        Failed: The flow has ended.
+        RPCError: Temporal could not describe it (an unknown id, say).
+    """
+    desc = await temporal.get_workflow_handle(flow_id).describe()
+    if desc.status != WorkflowExecutionStatus.RUNNING:
+        ended = row_status(desc.status, desc.typed_search_attributes.get(QWIT_STATUS))
+        raise Failed(f"flow {flow_id!r} has already ended ({ended.replace('_', ' ')})")
+
+
+def _cancel_requested(rollback: bool) -> str:
+    if rollback:
+        return "cancel requested, it rolls back"
+    return "cancel requested without rollback: it stops where it is, nothing is undone"
+
+
+@click.command("cancel")
+@click.argument("flow_id", required=False)
+@click.option(
+    "--no-rollback",
+    is_flag=True,
+    help="Stop the flow where it is and undo nothing; it ends cancelled all the same.",
+)
+@WAIT_OPTION
+@bulk_options
+@connection_options
+def cancel(
+    flow_id: str | None,
+    no_rollback: bool,
+    wait: bool,
+    query: str | None,
+    dry_run: bool,
+    yes: bool,
+    rate: float | None,
+    address: str | None,
+    namespace: str | None,
+) -> None:
+    """Cancel flow FLOW_ID: the step in flight and the completed ones are undone.
+
+    With --no-rollback the flow stops where it is instead, undoing nothing
+    (the step in flight is cancelled, and what it did stays).
+
+    With --query QUERY in place of FLOW_ID, every root flow that the Temporal
+    visibility query finds is cancelled alike, e.g.
+
+    \b
+        qwit cancel --query "QwitStatus = 'waiting' AND QwitFlow = 'orders.place'"
+
+    It lists the flows and asks first (--yes: don't ask; off a terminal it
+    acts only with --yes), cancels at most --rate flows a second, and ends
+    with a summary: how many were cancelled, and each flow that refused (one
+    that has already ended, say) with why. Exit 1 if any refused. --dry-run
+    prints the ids of the flows it would cancel, and cancels none.
+    """
+    bulk = bulk_from(query, dry_run, yes, rate, flow_id=flow_id is not None, wait=wait)
+    rollback = not no_rollback
     err = console()
     say = sayer(err)
 
+    if bulk is not None:
+
+        def make_action(temporal: temporalio.client.Client) -> FlowAction:
+            client = Client(temporal_client=temporal)
+
+            async def stop(flow_id: str) -> str:
+                await _still_running(temporal, flow_id)
+                await client.get_handle(flow_id).cancel(rollback=rollback)
+                return _cancel_requested(rollback)
+
+            return stop
+
+        what = "cancel" if rollback else "cancel --no-rollback"
+        sys.exit(run_async(run_bulk(address, namespace, bulk, what, make_action)))
+    assert flow_id is not None
+    one_flow: str = flow_id
+
     async def go() -> int:
-        async with _handle(address, namespace, flow_id, say, may_start=False) as (
+        async with _handle(address, namespace, one_flow, say, may_start=False) as (
             temporal,
             handle,
         ):
             try:
-                desc = await temporal.get_workflow_handle(flow_id).describe()
+                await _still_running(temporal, one_flow)
             except RPCError as exc:
-                raise _rpc_failure(temporal, exc, flow_id) from None
-            if desc.status != WorkflowExecutionStatus.RUNNING:
-                ended = row_status(desc.status, desc.typed_search_attributes.get(QWIT_STATUS))
-                raise Failed(f"flow {flow_id!r} has already ended ({ended.replace('_', ' ')})")
+                raise _rpc_failure(temporal, exc, one_flow) from None
             following = await caught_up(err, temporal, handle) if wait else None
             try:
-                await handle.cancel()
+                await handle.cancel(rollback=rollback)
             except (FlowNotFound, EngineUnavailable) as exc:
                 raise Failed(str(exc)) from None
             except RPCError as exc:
-                raise _rpc_failure(temporal, exc, flow_id) from None
-            say(f"flow {flow_id}: cancel requested, it rolls back")
+                raise _rpc_failure(temporal, exc, one_flow) from None
+            say(f"flow {one_flow}: {_cancel_requested(rollback)}")
             if following is None:
                 return 0
             return await follow_to_end(err, handle, *following)

@@ -223,7 +223,9 @@ def failure_lines(failed: FlowFailed, flow: str, *, verbose: bool = False) -> li
     lines.append(Text(f"  reason: {failed.reason}"))
     if verbose:
         lines += traceback_lines(f"traceback of step {failed.step!r}", failed.info.error)
-    if isinstance(failed, (FlowRolledBack, CompensationFailed)):
+    if isinstance(failed, FlowCancelled) and not failed.rolled_back:
+        lines.append(Text("  cancelled without rollback: nothing was undone"))
+    elif isinstance(failed, (FlowRolledBack, CompensationFailed)):
         undone = ", ".join(failed.compensated) or "nothing (no step had completed)"
         lines.append(Text(f"  undone, newest first: {undone}"))
     if isinstance(failed, CompensationFailed):
