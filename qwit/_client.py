@@ -14,6 +14,7 @@ from ._errors import ArgumentsError, FlowDefinitionError
 from ._flow import Flow, compile_flow
 from ._jsonargs import NotJSON, as_args
 from ._plan import SUBFLOW_MARK, FlowInput, FlowNode, StepNode, walk
+from ._redrive import redrive_input
 from .temporal._config import (
     DEFAULT_TASK_QUEUE,
     TASK_QUEUE_ENV,
@@ -179,6 +180,50 @@ class Client:
         """Start a flow and wait for its result (see ``FlowHandle.result``)."""
         handle = await self.start(flow, args, id=id)
         return await handle.result()
+
+    async def redrive(
+        self,
+        flow_id: str,
+        from_step: str | None = None,
+        args: Any = None,
+        *,
+        backend: Backend | None = None,
+    ) -> FlowHandle:
+        """Run an ended flow again, as a new run of the same flow id linked to
+        the one it redrives (whose history stays as it is).
+
+        - An aborted flow (or one cancelled with ``rollback=False``) resumes
+          from the step it stopped at, or from ``from_step``, reusing the
+          outputs of the steps before it (they don't run again); what the
+          earlier run did at and after that step is undone first, newest
+          first, so nothing is applied twice. A later rollback undoes the
+          earlier run's steps too, each once.
+        - A flow whose rollback failed (``compensation_failed``) finishes it:
+          the undos that failed, then what was left; it ends
+          ``FlowRolledBack`` once all are undone.
+        - A rolled-back (or cancelled) flow starts again from its start.
+
+        Every new execution gets fresh idempotency keys; an undo keeps the key
+        of the forward it undoes.
+
+        Args:
+            flow_id: The flow's id.
+            from_step: The path (``state()``'s ``steps[i].path``) to resume
+                from, at or before the step the flow stopped at; a step of a
+                parallel block or a map resumes the block as a whole.
+            args: Merged into the flow's args (over the reused outputs).
+
+        Returns:
+            The handle of the new run.
+
+        Raises:
+            ReactionError: the flow is running or waiting (or completed),
+                ``from_step`` does not exist, was undone or lies after the
+                step the flow stopped at, or the engine can't redrive.
+            FlowNotFound: no flow has this id.
+        """
+        engine = self.engine(backend or self.backend)
+        return await engine.restart(await redrive_input(engine, flow_id, from_step, args))
 
     def get_handle(self, flow_id: str, *, backend: Backend | None = None) -> FlowHandle:
         """A handle for a flow started earlier (default: the client's backend,

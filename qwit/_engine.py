@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ._errors import ReactionError
 from ._jsonargs import NotJSON, as_args
 from ._options import Reaction, parse_reaction
-from ._plan import FlowInput
+from ._plan import FlowInput, FlowRecords
 from ._saga import Decision
 from ._state import FlowState, StepState, choose_wait, path_key
 
@@ -184,6 +184,24 @@ class Engine(ABC):
     @abstractmethod
     def get_handle(self, flow_id: str) -> FlowHandle:
         """A handle for a flow started earlier."""
+
+    async def flow_records(self, flow_id: str) -> FlowRecords:
+        """What the last run of ``flow_id`` did, step by step (for a redrive).
+
+        Raises:
+            FlowNotFound: no flow has this id.
+            ReactionError: the engine can't redrive flows.
+        """
+        raise ReactionError(f"the {self.name} engine can't redrive flows")
+
+    async def restart(self, input: FlowInput) -> FlowHandle:
+        """Start a new run of the flow ``input.root_id`` (whose earlier run
+        has ended) from ``input``: a redrive.
+
+        Raises:
+            ReactionError: the engine can't redrive flows, or the flow runs.
+        """
+        raise ReactionError(f"the {self.name} engine can't redrive flows")
 
     async def close(self) -> None:  # noqa: B027
         """Release what the engine holds (connections, tasks)."""

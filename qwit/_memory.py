@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ._engine import Engine, FlowHandle
 from ._errors import ArgumentsError, FailureInfo, FlowFailed, FlowNotFound, StepFailure, error_info
 from ._options import Retry
-from ._plan import FlowInput, FlowNode, StepCall, StepNode, StepReturn, child_flow_id
+from ._plan import FlowInput, FlowNode, FlowRecords, StepCall, StepNode, StepReturn, child_flow_id
 from ._runner import Registry
 from ._saga import Decision, FlowFailure, FlowRuntime, Interpreter, SubflowRun
 from ._state import FlowState
@@ -65,6 +65,8 @@ class InMemoryRun:
         self.engine = engine
         self.registry = registry
         self.flow_id = flow_id
+        engine.started += 1
+        self.run_id = f"{flow_id}@{engine.started}"
         self.changed = asyncio.Event()
         self.cancelling = False
         # Its steps' outputs once all have run, or how it aborted (keeping
@@ -223,6 +225,7 @@ class InMemoryEngine(Engine):
 
     def __init__(self) -> None:
         self.runs: dict[str, InMemoryRun] = {}
+        self.started = 0
 
     def runtime(self, run: InMemoryRun) -> InMemoryRuntime:
         """The runtime of one flow of this engine."""
@@ -261,6 +264,23 @@ class InMemoryEngine(Engine):
 
     def get_handle(self, flow_id: str) -> FlowHandle:
         return InMemoryHandle(self, flow_id)
+
+    async def flow_records(self, flow_id: str) -> FlowRecords:
+        run = self.find(flow_id)
+        interpreter = run.interpreter
+        return FlowRecords(
+            flow_id=flow_id,
+            run_id=run.run_id,
+            input=interpreter.input,
+            status=interpreter.status,
+            failure=interpreter.saga.failure,
+            steps=copy.deepcopy(interpreter.records()),
+        )
+
+    async def restart(self, input: FlowInput) -> FlowHandle:
+        earlier = self.find(input.root_id)
+        self.launch(earlier.registry, input, input.root_id)
+        return InMemoryHandle(self, input.root_id)
 
     async def close(self) -> None:
         """Cancel the flows still running (they roll back) and wait for them."""

@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from ._errors import ErrorInfo
+from ._errors import ErrorInfo, FailureInfo
 from ._options import (
     DEFAULT_BACK_RETRY,
     DEFAULT_RETRY,
@@ -30,6 +30,7 @@ from ._options import (
     Reaction,
     Retry,
 )
+from ._state import FlowStatus, StepStatus
 
 #: Version of the plan format. An engine refuses plans newer than it knows.
 #: 1: every field of every node written out. 2: fields equal to their value
@@ -52,6 +53,7 @@ PINNED_DEFAULTS: dict[int, dict[str, dict[str, Any]]] = {
             "unserved_step_timeout": 60.0,
             "shard_of": None,
             "abort_held": False,
+            "redrive": None,
         },
         "flow": {
             "static_args": {},
@@ -244,6 +246,51 @@ MapNode.model_rebuild()
 Unit = StepNode | FlowNode
 
 
+class StepRecord(BaseModel):
+    """What one step (a sub-flow, a block, a map) of a flow had done when
+    the flow ended: what a redrive reuses, or undoes."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str
+    status: StepStatus
+    """Its status when the flow ended."""
+    args: dict[str, Any] | None = None
+    """The args its ``step_forward`` received (None: it never ran)."""
+    output: dict[str, Any] | None = None
+    key: str | None = None
+    """Its forward's idempotency key; its undo's derives from it."""
+    effect: bool = False
+    """A step that failed may have done something (its forward started)."""
+    held: bool = False
+    """A sub-flow that aborted, keeping its effects."""
+    members: list[StepRecord] = Field(default_factory=list)
+    """A block's branches, a map's elements."""
+    sub_id: str | None = None
+    """A sub-flow's execution id (whose own records hold its steps')."""
+    sub: list[StepRecord] | None = None
+    """A sub-flow's own steps' records, once read."""
+    sharded: bool = False
+
+
+class Redrive(BaseModel):
+    """How a redriven flow starts from what an earlier run of it did."""
+
+    model_config = ConfigDict(frozen=True)
+
+    of_run: str | None = None
+    """The run this one redrives (its engine's run id)."""
+    mode: Literal["resume", "rollback"] = "resume"
+    """Resume from ``resume`` (the steps before it reused, those at and after
+    it undone first), or finish the rollback the earlier run left."""
+    records: list[StepRecord] = Field(default_factory=list)
+    resume: str | None = None
+    corrections: dict[str, Any] = Field(default_factory=dict)
+    """Args merged in over the reused outputs."""
+    failure: FailureInfo | None = None
+    """How the earlier run failed (a finished rollback reports it)."""
+
+
 class FlowInput(BaseModel):
     """What an engine runs: a plan, its args, and where it sits."""
 
@@ -266,6 +313,8 @@ class FlowInput(BaseModel):
     to the task queue again (another worker may serve it: a rolling deploy,
     workers of different modules) before it fails. None in plans of older
     QWIT: it fails at once."""
+    redrive: Redrive | None = None
+    """Set for a flow redriven from an earlier run (see ``Redrive``)."""
     shard_of: str | None = None
     """Set for a shard of a large map: the path of the map, which the shard's
     plan (a map over its part of the list) runs at."""
@@ -290,8 +339,9 @@ class FlowInput(BaseModel):
         data: dict[str, Any] = handler(self)
         pinned = PINNED_DEFAULTS.get(self.version)
         if pinned is None:
-            if not data["abort_held"]:  # as older QWIT wrote it
-                del data["abort_held"]
+            for newer in ("abort_held", "redrive"):  # as older QWIT wrote it
+                if not data[newer]:
+                    del data[newer]
             return data
         top = pinned["input"]
         out = {k: v for k, v in data.items() if k not in top or top[k] != v}
@@ -307,6 +357,19 @@ class FlowInput(BaseModel):
         if pinned is None:
             return data
         return {**pinned["input"], **data, "flow": _expand_node(data.get("flow"), pinned)}
+
+
+class FlowRecords(BaseModel):
+    """What an ended flow's run did, step by step: what a redrive starts from."""
+
+    model_config = ConfigDict(frozen=True)
+
+    flow_id: str
+    run_id: str | None = None
+    input: FlowInput
+    status: FlowStatus
+    failure: FailureInfo | None = None
+    steps: list[StepRecord]
 
 
 class StepCall(BaseModel):
@@ -514,6 +577,18 @@ def inner_nodes(node: Node) -> tuple[Node, ...]:
     if isinstance(node, MapNode):
         return (node.node,)
     return ()
+
+
+def relative_place(path: str, other: str) -> Literal["before", "inside", "at", "after"]:
+    """Where the step at ``path`` lies from the step at ``other``, in plan
+    order (``inside``: ``other`` is inside it)."""
+    mine, theirs = path.split("."), other.split(".")
+    if theirs[: len(mine)] == mine:
+        return "inside" if len(theirs) > len(mine) else "at"
+    for a, b in zip(mine, theirs, strict=False):
+        if a != b:
+            return "before" if int(a) < int(b) else "after"
+    return "after"  # pragma: no cover - a prefix is handled above
 
 
 def child_path(parent: str, index: int) -> str:

@@ -49,11 +49,14 @@ from ._plan import (
     MapNode,
     Node,
     ParallelNode,
+    Redrive,
     StepCall,
     StepNode,
+    StepRecord,
     child_execution,
     child_path,
     forward_key,
+    relative_place,
     walk,
 )
 from ._runtime import Decision, FlowFailure, FlowRuntime, SubflowRun
@@ -120,6 +123,13 @@ class StepRun:
     """Its output is its ``step_fallback``'s."""
     ended: FailureKind | None = None
     """For a sub-flow that failed: how it ended (it rolled back, aborted...)."""
+    recorded: list[StepRun] | None = None
+    """For a sub-flow an earlier run of a redriven flow ran: its steps as
+    they ended there (this run undoes them, if it must, itself)."""
+    held: bool = False
+    """A recorded sub-flow that aborted, keeping its effects."""
+    redrive: list[StepRecord] | None = None
+    """For a sub-flow a redrive resumes inside: its earlier run's records."""
 
     @property
     def name(self) -> str:
@@ -140,7 +150,7 @@ class StepRun:
 
     def needs_undo(self) -> bool:
         """Whether a rollback must undo this member of a block."""
-        if self.status == "done":
+        if self.status in ("done", "compensation_failed"):
             return True
         return self.status == "failed" and self.undo_failed and self.has_effect
 
@@ -150,6 +160,8 @@ class StepRun:
         if self.is_group:
             return False  # undone as the group it is (on the done stack)
         if self.is_flow:  # one that failed has undone itself, unless it aborted
+            if self.recorded is not None:  # (in an earlier run, of a redriven flow)
+                return self.held
             return self.sub is not None and self.sub.held  # and its parent holds it
         return self.args is not None and (self.error is None or self.error.started)
 
@@ -193,6 +205,9 @@ class SagaState:
     finals: list[StepRun] = field(default_factory=list)
     """The flow's final steps (``finally_step``), run once it has ended."""
     final_failures: list[Compensation] = field(default_factory=list)
+    undo_first: list[StepRun] = field(default_factory=list)
+    """What a redrive undoes before it resumes (newest first): what the
+    earlier run did at and after the step it resumes from."""
 
 
 @dataclass(frozen=True)
@@ -255,11 +270,110 @@ class Interpreter:
                     for i, branch in enumerate(run.node.branches)
                 ]
         self.saga = SagaState(args=dict(input.args), runs=runs)
+        if input.redrive is not None:
+            self._restore_all(input.redrive)
         first = len(input.flow.steps)
         self.saga.finals = [
             StepRun(node, child_path(input.path, first + i))
             for i, node in enumerate(input.flow.finally_steps)
         ]
+
+    # -- redrive -----------------------------------------------------------------
+
+    def _restore_all(self, redrive: Redrive) -> None:
+        """Start from what an earlier run did: resume (the steps before
+        ``resume`` as they ended, those at and after it to undo first), or
+        finish its rollback (what it left to undo, on the done stack)."""
+        records = {record.path: record for record in redrive.records}
+        for run in self.saga.runs:
+            record = records.get(run.path)
+            if record is None:
+                continue
+            if redrive.mode == "rollback":
+                self._restore(run, record)
+                if _to_undo(run):
+                    self.saga.done.append(run)
+                continue
+            assert redrive.resume is not None
+            place = relative_place(run.path, redrive.resume)
+            if place == "before":
+                self._restore(run, record)
+                if run.status == "done":
+                    self.saga.done.append(run)
+                    self.saga.args.update(run.output or {})
+                    self.saga.outputs.update(run.output or {})
+            elif place == "inside":  # a sub-flow: it resumes inside, from its records
+                run.redrive = record.sub or []
+            else:  # at or after it: what the earlier run did is undone, then it runs again
+                earlier = StepRun(run.node, run.path, index=run.index)
+                self._restore(earlier, record)
+                if _to_undo(earlier):
+                    self.saga.undo_first.insert(0, earlier)
+        self.saga.args.update(redrive.corrections)
+
+    def _restore(self, run: StepRun, record: StepRecord) -> None:
+        """``run`` as ``record`` says it ended (its members, a sub-flow's steps)."""
+        if record.sharded:
+            raise ReactionError(
+                f"the map at {run.path} ran in shards; a redrive can't reuse or undo it yet"
+            )
+        run.status = record.status
+        run.output, run.key = record.output, record.key
+        run.args = record.args if record.effect or run.status != "failed" else None
+        node = run.node
+        if isinstance(node, FlowNode):
+            run.recorded = self._restored_steps(node, run.path, record.sub or [])
+            run.held = record.held
+        elif isinstance(node, ParallelNode):
+            run.members = [
+                StepRun(branch, child_path(run.path, i)) for i, branch in enumerate(node.branches)
+            ]
+        elif isinstance(node, MapNode):
+            run.members = [
+                StepRun(node.node, m.path, index=int(m.path.rpartition(".")[2]) - 1)
+                for m in record.members
+            ]
+        by_path = {m.path: m for m in record.members}
+        for member in run.members:
+            if member.path in by_path:
+                self._restore(member, by_path[member.path])
+
+    def _restored_steps(
+        self, flow: FlowNode, path: str, records: list[StepRecord]
+    ) -> list[StepRun]:
+        by_path = {record.path: record for record in records}
+        runs = [StepRun(node, child_path(path, i)) for i, node in enumerate(flow.steps)]
+        for run in runs:
+            if run.path in by_path:
+                self._restore(run, by_path[run.path])
+        return runs
+
+    async def _undo_first(self) -> None:
+        """Undo, newest first, what the earlier run did at and after the step
+        a redrive resumes from, so that nothing is applied twice. An undo
+        that fails stops the redrive: the flow rolls back."""
+        for run in self.saga.undo_first:
+            await self._undo(run)
+            if run.status == "compensation_failed" or any(
+                r.status == "compensation_failed" for r in _all_runs(run.members)
+            ):
+                raise _Stop(ROLLBACK, run, undo_failed=False)
+
+    async def _finish_rollback(self) -> FailureInfo:
+        """A redrive of a flow whose rollback failed: undo what it left,
+        newest first (the undos that failed, then what an ABORT left)."""
+        self._flow_to("compensating")
+        await self._rollback(None)
+        redrive = self.input.redrive
+        failure = redrive.failure if redrive is not None else None
+        info = self._info("rolled_back", None, reason=failure.reason if failure else "failed")
+        if failure is not None:
+            info = info.model_copy(update={"step": failure.step, "error": failure.error})
+        return info
+
+    def records(self) -> list[StepRecord]:
+        """What each step did, as the flow stands: what a redrive starts from."""
+        return [_record_of(run) for run in self.saga.runs]
 
     @property
     def status(self) -> FlowStatus:
@@ -382,6 +496,10 @@ class Interpreter:
 
     async def _run(self) -> dict[str, Any]:
         try:
+            if self.input.redrive is not None and self.input.redrive.mode == "rollback":
+                raise self._failed(await self.runtime.shield(self._finish_rollback()))
+            if self.saga.undo_first:
+                await self.runtime.shield(self._undo_first())
             await self._forward_all()
             if self.is_subflow:
                 await self.runtime.report_forward_done(self.saga.outputs)
@@ -415,6 +533,8 @@ class Interpreter:
 
     async def _forward_all(self) -> None:
         for run in self.saga.runs:
+            if run.status != "pending":
+                continue  # done in an earlier run of a redriven flow
             if self.runtime.cancel_requested():
                 raise asyncio.CancelledError
             self.saga.current = run
@@ -723,6 +843,15 @@ class Interpreter:
             shard_of=run.shard_of,
             abort_held=execution is not None and self.runtime.patched(ABORT_HELD),
         )
+        if run.redrive is not None:  # the redrive resumes inside it
+            child = child.model_copy(
+                update={
+                    "redrive": Redrive(records=run.redrive, resume=self.input.redrive.resume)
+                    if self.input.redrive is not None
+                    else None
+                }
+            )
+            run.redrive = None
         refused = self.runtime.refuse_forward(child, self._pending_undos())
         if refused is not None:
             raise StepFailure(refused)
@@ -988,6 +1117,13 @@ class Interpreter:
             await self._undo_group(run)
             return
         self._step_to(run, "compensating")
+        if isinstance(node, FlowNode) and run.recorded is not None:
+            for inner in run.recorded[::-1]:
+                if _to_undo(inner):
+                    await self._undo(inner)
+            failed = any(r.status == "compensation_failed" for r in _all_runs(run.recorded))
+            self._step_to(run, "compensation_failed" if failed else "compensated")
+            return
         if isinstance(node, FlowNode):
             assert run.sub is not None
             info = await run.sub.settle(commit=False)
@@ -1161,6 +1297,7 @@ class Interpreter:
             failure=self.saga.failure,
             args=self.saga.args,
             events=list(self.saga.events),
+            redrive_of=self.input.redrive.of_run if self.input.redrive else None,
         )
 
 
@@ -1178,6 +1315,42 @@ def _step_state(run: StepRun) -> StepState:
         flow_id=run.sub.flow_id if run.sub else None,
         index=run.index,
         steps=[_step_state(member) for member in run.members],
+    )
+
+
+def _all_runs(runs: list[StepRun]) -> list[StepRun]:
+    """``runs`` and everything inside them (members, recorded sub-flow steps)."""
+    found = []
+    for run in runs:
+        found.append(run)
+        found += _all_runs(run.members) + _all_runs(run.recorded or [])
+    return found
+
+
+def _to_undo(run: StepRun) -> bool:
+    """Whether a step an earlier run ended with has something left to undo."""
+    if run.is_group:
+        return any(_to_undo(member) for member in run.members)
+    if run.recorded is not None:
+        return any(_to_undo(inner) for inner in run.recorded)
+    if run.status in ("done", "compensation_failed"):
+        return True
+    return run.status == "failed" and run.has_effect
+
+
+def _record_of(run: StepRun) -> StepRecord:
+    return StepRecord(
+        path=run.path,
+        status=run.status,
+        args=run.args,
+        output=run.output,
+        key=run.key,
+        effect=run.status == "failed" and run.has_effect,
+        held=run.held or (run.sub is not None and run.sub.held),
+        members=[_record_of(member) for member in run.members],
+        sub_id=run.sub.flow_id if run.sub is not None else None,
+        sub=None if run.recorded is None else [_record_of(r) for r in run.recorded],
+        sharded=run.sharded,
     )
 
 

@@ -177,6 +177,8 @@ class FlowState(BaseModel):
     events: list[FlowEvent] = Field(default_factory=list)
     """The flow's own transitions and its steps', in order (a sub-flow's
     steps' are in its own state)."""
+    redrive_of: str | None = None
+    """For a redriven flow: the run it redrives (on Temporal, its run id)."""
 
     @property
     def done(self) -> bool:

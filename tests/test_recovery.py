@@ -582,3 +582,252 @@ def test_retry_of_a_sub_flow_must_be_a_retry_policy():
         compile_flow(Bad)
     plan = compile_flow(WithSegment)
     assert plan.steps[1].retry == qwit.Retry(max_attempts=3, initial_interval=0.05)  # type: ignore[union-attr]
+
+
+# -- redrive -----------------------------------------------------------------------
+
+
+class RA(Effect, name="rd.A"):
+    pass
+
+
+class RB(Effect, name="rd.B"):
+    on_failure = qwit.ABORT
+
+
+class RC(Effect, name="rd.C"):
+    pass
+
+
+BROKEN_BACKS: set[str] = set()
+
+
+class RBack(Effect, name="rd.Back"):
+    """Its undo fails while its ledger is in BROKEN_BACKS."""
+
+    back_retry = qwit.Retry(max_attempts=1)
+
+    async def step_back(self, args: dict[str, Any]) -> None:
+        if args["ledger"] in BROKEN_BACKS:
+            raise RuntimeError("the refund service is down")
+        await super().step_back(args)
+
+
+class RInner(qwit.Flow, name="rd.inner"):
+    def build_flow(self) -> None:
+        self.step(RA, {"eid": "I1"})
+        self.step(RB, {"eid": "I2"})
+
+
+class Redrivable(qwit.Flow, name="rd.flow"):
+    def build_flow(self) -> None:
+        self.step(RA)
+        self.step(RB)
+        self.step(RInner)
+        self.step(RC)
+
+
+class RedrivableBack(qwit.Flow, name="rd.flow_back"):
+    def build_flow(self) -> None:
+        self.step(RA)
+        self.step(RBack)
+        self.step(RC)
+
+
+async def redriven(env: Env, flow: type[qwit.Flow], start: dict[str, Any], **redrive: Any):
+    """Run ``flow`` to its end, redrive it; the two outcomes and handles."""
+    handle = await env.client.start(flow, start)
+    first = await outcome(handle)
+    again = await env.client.redrive(handle.id, **redrive)
+    assert again.id == handle.id
+    return first, await outcome(again), again
+
+
+@pytest.mark.parametrize("after", [False, True])
+async def test_an_aborted_flow_resumes_from_its_failed_step(env: Env, after: bool):
+    """The steps before it are reused (not run again); the failed step's own
+    attempt, if it did something, is undone first; each effect stays once."""
+    run = new_ledger()
+    async with env.serve(Redrivable):
+        (kind, _), (again, result), handle = await redriven(
+            env,
+            Redrivable,
+            {"ledger": run, "fail": "rd.B", "fail_after": after},
+            args={"fail": None},
+        )
+        state = await handle.state()
+    assert (kind, again) == ("aborted", "completed")
+    assert result["out_rd.C"] == "-"
+    applied, undone = ledger.applied(run), ledger.undone(run)
+    assert applied.count("rd.A") == 1
+    assert applied.count("rd.B") == (2 if after else 1)
+    assert undone == (["rd.B"] if after else [])
+    assert [a for a in applied if a != "rd.B"] == ["rd.A", "I1", "I2", "rd.C"]
+    assert state.redrive_of is not None
+    assert [s.status for s in state.steps] == ["done"] * 4
+
+
+async def test_a_redrive_resumes_inside_the_sub_flow_that_aborted(env: Env):
+    run = new_ledger()
+    async with env.serve(Redrivable):
+        (kind, err), (again, _), _ = await redriven(
+            env, Redrivable, {"ledger": run, "fail": "I2"}, args={"fail": None}
+        )
+    assert (kind, again) == ("aborted", "completed")
+    assert err.step == "rd.B"
+    assert ledger.applied(run) == ["rd.A", "rd.B", "I1", "I2", "rd.C"]
+    assert ledger.undone(run) == []
+
+
+async def test_a_redrive_from_an_earlier_step_undoes_from_there_first(env: Env):
+    run = new_ledger()
+    async with env.serve(Redrivable):
+        (kind, _), (again, _), _ = await redriven(
+            env, Redrivable, {"ledger": run, "fail": "I2"}, from_step="2", args={"fail": None}
+        )
+    assert (kind, again) == ("aborted", "completed")
+    # I1 then rd.B undone (newest first), then run again from rd.B
+    assert ledger.undone(run) == ["I1", "rd.B"]
+    assert ledger.applied(run) == ["rd.A", "rd.B", "I1", "rd.B", "I1", "I2", "rd.C"]
+
+
+async def test_a_redriven_flow_that_rolls_back_undoes_the_earlier_runs_steps_once(env: Env):
+    run = new_ledger()
+    async with env.serve(Redrivable):
+        (kind, _), (again, err), _ = await redriven(
+            env, Redrivable, {"ledger": run, "fail": "I2"}, args={"fail": "rd.C"}
+        )
+    assert (kind, again) == ("aborted", "rolled_back")
+    ledger.assert_fully_undone(run)
+    # the failed attempt of I2 (it had started) was undone before the redrive
+    # ran it again; then the rollback: C, the sub-flow's I2 and I1, B and A
+    assert err.compensated == ["rd.C", "rd.B", "rd.B", "rd.A", "rd.B", "rd.A"]
+
+
+async def test_a_flow_whose_rollback_failed_finishes_it(env: Env):
+    run = new_ledger()
+    BROKEN_BACKS.add(run)
+    async with env.serve(RedrivableBack):
+        handle = await env.client.start(RedrivableBack, {"ledger": run, "fail": "rd.C"})
+        kind, err = await outcome(handle)
+        assert kind == "compensation_failed"
+        assert err.failed_compensations == ["rd.Back"]
+        with pytest.raises(qwit.ReactionError, match="no from_step"):
+            await env.client.redrive(handle.id, from_step="1")
+        BROKEN_BACKS.discard(run)
+        again = await env.client.redrive(handle.id)
+        kind, err = await outcome(again)
+    assert kind == "rolled_back"
+    assert err.step == "rd.C"
+    assert err.compensated == ["rd.Back"]
+    # each effect undone once (rd.Back's late, as its undo failed at first)
+    assert sorted(ledger.undone(run)) == sorted(ledger.applied(run)) == ["rd.A", "rd.Back"]
+
+
+async def test_a_rolled_back_flow_starts_again_with_fresh_keys(env: Env):
+    run = new_ledger()
+    async with env.serve(Redrivable):
+        (kind, _), (again, _), _ = await redriven(
+            env, Redrivable, {"ledger": run, "fail": "rd.C"}, args={"fail": None}
+        )
+        handle = await env.client.start(Redrivable, {"ledger": new_ledger(), "fail": "rd.C"})
+        await outcome(handle)
+        with pytest.raises(qwit.ReactionError, match="starts again from its start"):
+            await env.client.redrive(handle.id, from_step="2")
+    assert (kind, again) == ("rolled_back", "completed")
+    assert ledger.applied(run) == ["rd.A", "rd.B", "I1", "I2", "rd.A", "rd.B", "I1", "I2", "rd.C"]
+
+
+class Lingers(Effect, name="rd.Lingers"):
+    """Applies its effect, then works until cancelled (unless ``quick``)."""
+
+    heartbeat_timeout = 2
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any] | None:
+        ledger.record(args["ledger"], "do", "rd.Lingers")
+        ledger.record(args["ledger"], "started", "rd.Lingers")
+        while not args.get("quick"):
+            qwit.heartbeat()
+            await asyncio.sleep(0.05)
+        return None
+
+
+class Lingering(qwit.Flow, name="rd.lingering"):
+    def build_flow(self) -> None:
+        self.step(RA)
+        self.step(Lingers)
+        self.step(RC)
+
+
+async def test_a_flow_cancelled_without_rollback_resumes_like_an_aborted_one(env: Env):
+    run = new_ledger()
+    async with env.serve(Lingering):
+        handle = await env.client.start(Lingering, {"ledger": run})
+        await ledger.wait_for_mark(run, "started", "rd.Lingers")
+        await handle.cancel(rollback=False)
+        assert (await outcome(handle))[0] == "cancelled"
+        again = await env.client.redrive(handle.id, args={"quick": True})
+        kind, _ = await outcome(again)
+    assert kind == "completed"
+    # the attempt the cancel stopped had applied its effect: undone first
+    assert ledger.applied(run) == ["rd.A", "rd.Lingers", "rd.Lingers", "rd.C"]
+    assert ledger.undone(run) == ["rd.Lingers"]
+
+
+async def test_what_a_redrive_refuses(env: Env):
+    run = new_ledger()
+    flow = failing_flow(qwit.WAIT)
+    async with env.serve(Redrivable, flow):
+        waiting = await env.client.start(flow, {"ledger": run, "fail": "react.F"})
+        await wait_for_status(waiting, "waiting", timeout=30)
+        with pytest.raises(qwit.ReactionError, match="only a flow that has ended"):
+            await env.client.redrive(waiting.id)
+        await waiting.cancel()
+        done = await env.client.start(Redrivable, {"ledger": run})
+        assert (await outcome(done))[0] == "completed"
+        with pytest.raises(qwit.ReactionError, match="nothing to redrive"):
+            await env.client.redrive(done.id)
+        aborted = await env.client.start(Redrivable, {"ledger": new_ledger(), "fail": "rd.B"})
+        assert (await outcome(aborted))[0] == "aborted"
+        with pytest.raises(qwit.ReactionError, match="no step at path"):
+            await env.client.redrive(aborted.id, from_step="9")
+        with pytest.raises(qwit.ReactionError, match="after the step it stopped at"):
+            await env.client.redrive(aborted.id, from_step="3")
+        with pytest.raises(qwit.FlowNotFound):
+            await env.client.redrive("no-such-flow")
+
+
+class RStop(Effect, name="rd.Stop"):
+    """Its undo fails (while its ledger is in BROKEN_BACKS), stopping the rollback."""
+
+    back_on_failure = qwit.ABORT
+    back_retry = qwit.Retry(max_attempts=1)
+
+    async def step_back(self, args: dict[str, Any]) -> None:
+        if args["ledger"] in BROKEN_BACKS:
+            raise RuntimeError("the refund service is down")
+        await super().step_back(args)
+
+
+class RedrivableStop(qwit.Flow, name="rd.flow_stop"):
+    def build_flow(self) -> None:
+        self.step(RA)
+        with self.parallel():
+            self.step(RStop)
+            self.step(RB, {"eid": "B1"})
+        self.step(RC)
+
+
+async def test_a_rollback_stopped_by_abort_is_finished_by_a_redrive(env: Env):
+    run = new_ledger()
+    BROKEN_BACKS.add(run)
+    async with env.serve(RedrivableStop):
+        handle = await env.client.start(RedrivableStop, {"ledger": run, "fail": "rd.C"})
+        kind, err = await outcome(handle)
+        assert kind == "compensation_failed"
+        assert err.not_compensated == ["rd.A"]
+        BROKEN_BACKS.discard(run)
+        kind, err = await outcome(await env.client.redrive(handle.id))
+    assert kind == "rolled_back"
+    assert err.compensated == ["rd.Stop", "rd.A"]
+    assert sorted(ledger.undone(run)) == sorted(ledger.applied(run)) == ["B1", "rd.A", "rd.Stop"]

@@ -51,7 +51,7 @@ from .._errors import (
     named_error_info,
 )
 from .._jsonargs import json_size
-from .._plan import PAYLOAD_MARGIN, FlowInput, FlowNode, walk
+from .._plan import PAYLOAD_MARGIN, FlowInput, FlowNode, FlowRecords, walk
 from .._saga import Decision
 from .._state import FlowState
 from ._activities import DEFAULT_PAYLOAD_LIMIT
@@ -65,7 +65,7 @@ from ._connection import (
     unavailable_error,
 )
 from ._plugin import QwitPlugin
-from ._replay import replay_state
+from ._replay import replay_records, replay_state
 from ._workflow import (
     QUERY_STATE,
     QWIT_FLOW,
@@ -615,6 +615,57 @@ class TemporalEngine(Engine):
 
     def get_handle(self, flow_id: str) -> FlowHandle:
         return TemporalFlowHandle(self, flow_id)
+
+    async def flow_records(self, flow_id: str) -> FlowRecords:
+        client = await self.temporal_client()
+        handle = client.get_workflow_handle(flow_id)
+        with _rpc_errors(client, flow_id, f"to read flow {flow_id!r}"):
+            description = await handle.describe()
+            if description.status == WorkflowExecutionStatus.RUNNING:
+                state = await _query_state(client, flow_id)
+                raise ReactionError(
+                    f"flow {flow_id!r} is {state.status}: only a flow that has ended can be "
+                    "redriven"
+                )
+            records = await replay_records(await handle.fetch_history())
+        if records is None:
+            raise ReactionError(
+                f"flow {flow_id!r} did not end as a QWIT flow (Temporal status: "
+                f"{description.status.name.lower() if description.status else 'unknown'}); "
+                "it can't be redriven"
+            )
+        return records
+
+    async def restart(self, input: FlowInput) -> FlowHandle:
+        client = await self.temporal_client()
+        namespace = await self.namespace()
+        input = input.model_copy(update={"payload_limit": namespace.payload_limit})
+        size = json_size(input.model_dump(mode="json"))
+        if size > namespace.payload_limit - PAYLOAD_MARGIN:
+            raise ReactionError(
+                f"flow {input.root_id!r}: what its redrive reuses takes {size} bytes, over the "
+                f"{namespace.payload_limit}-byte payload limit of the namespace"
+            )
+        of_run = input.redrive.of_run if input.redrive is not None else None
+        try:
+            handle = await client.start_workflow(
+                WORKFLOW_NAME,
+                input,
+                id=input.root_id,
+                task_queue=self.settings.task_queue,
+                static_summary=input.flow.name,
+                static_details=f"Redrive of run {of_run}." if of_run else None,
+                search_attributes=(
+                    search_attributes(input.flow.name) if namespace.search_attributes else None
+                ),
+            )
+        except WorkflowAlreadyStartedError:
+            raise ReactionError(f"flow {input.root_id!r} is running again already") from None
+        except RPCError as err:
+            if is_unavailable(err):
+                raise unreachable(client, err, f"to redrive flow {input.root_id!r}") from err
+            raise
+        return TemporalFlowHandle(self, handle.id, handle.result_run_id)
 
 
 __all__ = [
