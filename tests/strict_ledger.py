@@ -353,15 +353,18 @@ class Ledger:
             return True
 
     @contextlib.contextmanager
-    def attempt(self, args: Any) -> Iterator[Attempt]:
+    def attempt(self, args: Any, key: str | None = None) -> Iterator[Attempt]:
         """Record an attempt of the running step (``qwit.context()``) from start
-        to end. ``args`` must carry ``run`` and ``eid`` (``epoch`` optional)."""
+        to end. ``args`` must carry ``run`` and ``eid`` (``epoch`` optional);
+        ``key`` stands for the context's idempotency key (the undo of what a
+        ``step_fallback`` did is keyed on the fallback's key). A fallback is a
+        forward execution of an effect of its own."""
         ctx = qwit.context()
         get = args.get if isinstance(args, dict) else (lambda k, d=None: getattr(args, k, d))
         base = {
             "run": str(get("run")),
-            "key": ctx.idempotency_key,
-            "direction": "forward" if ctx.direction == "step_forward" else "back",
+            "key": key or ctx.idempotency_key,
+            "direction": "back" if ctx.direction == "step_back" else "forward",
             "eid": str(get("eid")),
             "path": ctx.path,
             "epoch": int(get("epoch", 0) or 0),
