@@ -38,3 +38,17 @@ def test_order_sample_on_its_own_dev_server():
     # the declined card is an expected outcome (StepError(retry=False)): no
     # "Completing activity as failed ... Traceback" between the output lines
     assert "Traceback" not in proc.stderr + out
+
+
+def test_quote_sample_retries_a_segment_falls_back_and_notifies():
+    proc = run_sample("samples.quote")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "carrier rate, 1250 cents (carrier segment: done after 2 attempt(s))" in out
+    assert "flat rate, 1900 cents (carrier segment: skipped after 3 attempt(s))" in out
+    # every slot a failed attempt held was released; only the quoted one stays
+    assert out.count("held pickup slot") == 5
+    assert out.count("released pickup slot") == 4
+    assert "pickup slots still held: 1" in out
+    assert "notified: order 3001: carrier rate, 1250 cents" in out
+    assert "notified: order 3002: flat rate, 1900 cents" in out

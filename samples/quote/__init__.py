@@ -1,0 +1,1 @@
+"""A shipping quote: a retried segment, a fallback and a final step."""
