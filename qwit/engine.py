@@ -32,6 +32,17 @@ runtime must let such a cancel reach that call only, and raise
 node of a plan (``FlowNode``, ``StepNode``, ``ParallelNode``, ``MapNode``);
 ``WireCall`` is the compact form of a ``StepCall`` for a durable engine's
 task queue.
+
+Recovery asks a little more. A runtime's ``report_aborted`` tells a parent
+that its sub-flow (started with ``FlowInput.abort_held``) aborted and waits
+for ``settle``, as ``report_forward_done`` does for one whose steps all ran;
+``sleep`` waits between a retried segment's attempts (durably, where the
+engine can); ``patched`` gates what a change records (always true without
+recorded histories); a ``SubflowRun.cancel(rollback=False)`` stops a sub-flow
+where it is. An engine that redrives implements ``Engine.flow_records`` (an
+ended flow's ``FlowRecords``: ``Interpreter.records()`` with its input and
+outcome) and ``Engine.restart`` (start a new run of the same id from an
+input whose ``redrive`` the client filled in); ``InMemoryEngine`` does both.
 """
 
 from __future__ import annotations
@@ -49,10 +60,13 @@ from ._memory import (
 from ._plan import (
     FlowInput,
     FlowNode,
+    FlowRecords,
     MapNode,
     ParallelNode,
+    Redrive,
     StepCall,
     StepNode,
+    StepRecord,
     StepReturn,
     WireCall,
     walk,
@@ -71,6 +85,7 @@ __all__ = [
     "FlowHandle",
     "FlowInput",
     "FlowNode",
+    "FlowRecords",
     "FlowRuntime",
     "FlowState",
     "Heartbeats",
@@ -81,10 +96,12 @@ __all__ = [
     "Interpreter",
     "MapNode",
     "ParallelNode",
+    "Redrive",
     "Registry",
     "StepCall",
     "StepFailure",
     "StepNode",
+    "StepRecord",
     "StepReturn",
     "StepState",
     "SubflowRun",
