@@ -831,3 +831,16 @@ async def test_a_rollback_stopped_by_abort_is_finished_by_a_redrive(env: Env):
     assert kind == "rolled_back"
     assert err.compensated == ["rd.Stop", "rd.A"]
     assert sorted(ledger.undone(run)) == sorted(ledger.applied(run)) == ["B1", "rd.A", "rd.Stop"]
+
+
+async def test_a_cancel_from_temporal_itself_rolls_back(client, worker, temporal_client):
+    """Temporal's own cancel (its CLI, its UI) says nothing of a mode: it rolls back."""
+    run = new_ledger()
+    async with worker(CancelMe):
+        handle = await client.start(CancelMe, {"ledger": run})
+        await ledger.wait_for_mark(run, "started", "Slow")
+        await temporal_client.get_workflow_handle(handle.id).cancel()
+        kind, err = await outcome(handle)
+    assert kind == "cancelled"
+    assert err.rolled_back is True
+    ledger.assert_fully_undone(run)
