@@ -201,12 +201,13 @@ def test_bad_options():
     refused(flow_of((A, None, {"local": "yes"})), "local must be True or False")
 
 
-def test_sub_flow_takes_only_on_failure():
+def test_sub_flow_takes_only_on_failure_and_retry():
     class Inner(qwit.Flow):
         def build_flow(self) -> None:
             self.step(A)
 
-    refused(flow_of((Inner, None, {"retry": qwit.Retry()})), "apply to steps, not to a sub-flow")
+    refused(flow_of((Inner, None, {"timeout": 5})), "apply to steps, not to a sub-flow")
+    refused(flow_of((Inner, None, {"retry": 3})), "retry must be a qwit.Retry")
 
 
 def test_a_step_without_step_forward():
