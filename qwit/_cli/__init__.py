@@ -23,7 +23,7 @@ from temporalio.runtime import (
 from ._common import import_modules, worker_registry
 from ._dev import dev
 from ._graph import graph
-from ._ops import cancel, list_flows, react, status
+from ._ops import cancel, list_flows, react, redrive, status
 from ._run import run
 from ._worker import worker
 
@@ -39,7 +39,7 @@ def cli() -> None:
     """
 
 
-for _command in (run, dev, status, list_flows, react, cancel, graph, worker):
+for _command in (run, dev, status, list_flows, react, cancel, redrive, graph, worker):
     cli.add_command(_command)
 del _command
 

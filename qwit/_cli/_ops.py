@@ -1,4 +1,4 @@
-"""Operating flows: ``qwit status``, ``qwit react``, ``qwit cancel``."""
+"""Operating flows: ``qwit status``, ``qwit react``, ``qwit cancel``, ``qwit redrive``."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from .._engine import FlowHandle
 from .._errors import EngineUnavailable, FlowFailed, FlowNotFound, ReactionError
 from .._options import FAILURE_REACTIONS, RETRY
 from .._state import FlowState
-from ..temporal import QWIT_STATUS, is_unavailable, unreachable
+from ..temporal import QWIT_STATUS, TemporalFlowHandle, is_unavailable, unreachable
 from ._bulk import FlowAction, bulk_from, bulk_options, run_bulk
 from ._common import (
     EXIT_FAILED,
@@ -151,12 +151,13 @@ async def caught_up(
 
 
 async def follow_to_end(
-    err: Console, handle: FlowHandle, follower: Follower, state: FlowState
+    err: Console, handle: FlowHandle, follower: Follower, state: FlowState | None = None
 ) -> int:
     """Follow a flow to its end with ``follower``; print its result or its story.
 
     Only what happens after ``state``, which the follower caught up with, is
-    shown: the operator saw the rest.
+    shown: the operator saw the rest (without it, everything the follower
+    reads is).
     """
 
     async def on_interrupt(count: int) -> None:
@@ -165,7 +166,10 @@ async def follow_to_end(
     try:
         result = await follower.follow(handle, on_interrupt=on_interrupt)
     except FlowFailed as failed:
-        for line in failure_lines(failed, state.flow):
+        seen = follower.state or state
+        flow = seen.flow if seen is not None else ""
+        redrive_of = seen.redrive_of if seen is not None else None
+        for line in failure_lines(failed, flow, redrive_of=redrive_of):
             err.print(line)
         return EXIT_FAILED
     except Interrupted:
@@ -397,4 +401,138 @@ def cancel(
     sys.exit(run_async(go()))
 
 
-__all__ = ["cancel", "list_flows", "react", "status"]
+async def _redrive(
+    temporal: temporalio.client.Client,
+    flow_id: str,
+    from_step: str | None,
+    args: dict[str, Any],
+    clients: dict[str, Client] | None = None,
+) -> tuple[FlowHandle, str]:
+    """Redrive ``flow_id`` on the task queue its last run ran on, where its
+    workers are.
+
+    Args:
+        temporal: The Temporal client.
+        flow_id: The flow to redrive.
+        from_step: ``--from``.
+        args: ``--args``.
+        clients: QWIT clients by task queue, made as needed and kept there
+            for the next flow (when acting on many).
+
+    Returns:
+        The new run's handle, and the id of the run it redrives.
+
+    Raises:
+        ReactionError: The flow can't be redriven (see ``Client.redrive``).
+        FlowNotFound: No flow has this id.
+        RPCError: Temporal could not describe it (an unknown id, say).
+    """
+    desc = await temporal.get_workflow_handle(flow_id).describe()
+    clients = {} if clients is None else clients
+    client = clients.get(desc.task_queue)
+    if client is None:
+        client = Client(temporal_client=temporal, task_queue=desc.task_queue)
+        clients[desc.task_queue] = client
+    handle = await client.redrive(flow_id, from_step, args or None)
+    return handle, desc.run_id
+
+
+def _redriven(handle: FlowHandle, of_run: str) -> str:
+    """What to say of a flow just redriven: its new run, and the one it redrives."""
+    run_id = handle.run_id if isinstance(handle, TemporalFlowHandle) else None
+    new_run = f" as run {run_id}" if run_id else ""
+    return f"redriven{new_run} (redrive of run {of_run})"
+
+
+@click.command("redrive")
+@click.argument("flow_id", required=False)
+@click.option(
+    "--from",
+    "from_step",
+    default=None,
+    metavar="PATH",
+    help="Resume from the step at PATH (qwit status lists the paths), at or before the "
+    "step the flow stopped at [default: that step].",
+)
+@args_option("Args merged into the flow's args before it runs again (a JSON object).")
+@WAIT_OPTION
+@bulk_options
+@connection_options
+def redrive(
+    flow_id: str | None,
+    from_step: str | None,
+    args: dict[str, Any],
+    wait: bool,
+    query: str | None,
+    dry_run: bool,
+    yes: bool,
+    rate: float | None,
+    address: str | None,
+    namespace: str | None,
+) -> None:
+    """Run flow FLOW_ID, which ended without completing, again: a new run of
+    the same flow id, linked to the run it redrives.
+
+    An aborted flow (or one cancelled with --no-rollback) resumes from the
+    step it stopped at, or from --from PATH, reusing the outputs of the steps
+    before it; what the earlier run did from there on is undone first. A flow
+    whose rollback failed finishes its rollback. A rolled-back (or cancelled)
+    flow starts again from its start. --args are merged into the flow's args.
+    The new run goes to the task queue the flow ran on.
+
+    It returns once the new run has started; --wait follows it to its end
+    (exit 0 completed, 1 failed). A flow that is running, waiting or
+    completed is refused (exit 1), as is a PATH that does not exist.
+
+    With --query QUERY in place of FLOW_ID, every root flow that the Temporal
+    visibility query finds is redriven alike, e.g.
+
+    \b
+        qwit redrive --query "QwitStatus = 'aborted' AND QwitFlow = 'orders.place'"
+
+    It lists the flows and asks first (--yes: don't ask; off a terminal it
+    acts only with --yes), redrives at most --rate flows a second, and ends
+    with a summary: how many were redriven, and each flow that refused (one
+    still running, say) with why. Exit 1 if any refused. --dry-run prints the
+    ids of the flows it would redrive, and redrives none.
+    """
+    bulk = bulk_from(query, dry_run, yes, rate, flow_id=flow_id is not None, wait=wait)
+    err = console()
+    say = sayer(err)
+
+    if bulk is not None:
+
+        def make_action(temporal: temporalio.client.Client) -> FlowAction:
+            clients: dict[str, Client] = {}
+
+            async def again(flow_id: str) -> str:
+                handle, of_run = await _redrive(temporal, flow_id, from_step, args, clients)
+                return _redriven(handle, of_run)
+
+            return again
+
+        what = "redrive" if from_step is None else f"redrive --from {from_step}"
+        sys.exit(run_async(run_bulk(address, namespace, bulk, what, make_action)))
+    assert flow_id is not None
+    one_flow: str = flow_id
+
+    async def go() -> int:
+        async with temporal_for(address, namespace, say, may_start=False) as temporal:
+            try:
+                handle, of_run = await _redrive(temporal, one_flow, from_step, args)
+            except (ReactionError, FlowNotFound, EngineUnavailable) as exc:
+                raise Failed(str(exc)) from None
+            except RPCError as exc:
+                raise _rpc_failure(temporal, exc, one_flow) from None
+            say(f"flow {one_flow}: {_redriven(handle, of_run)}")
+            if not wait:
+                return 0
+            code = await follow_to_end(err, handle, Follower(err))
+            if code == 0:
+                say(f"flow {one_flow}: completed")
+            return code
+
+    sys.exit(run_async(go()))
+
+
+__all__ = ["cancel", "list_flows", "react", "redrive", "status"]

@@ -33,7 +33,17 @@ from .._engine import FlowHandle
 from .._plan import FlowNode, StepNode, walk
 from .._state import FlowEvent, FlowState, StepState
 from ._common import symbols_ok
-from ._render import Row, attempts_note, error_text, event_line, rows, wait_lines
+from ._render import (
+    FINAL_LABEL,
+    Row,
+    attempts_note,
+    error_text,
+    event_line,
+    final_paths,
+    plan_final_paths,
+    rows,
+    wait_lines,
+)
 
 #: Seconds between two polls of a flow's state.
 POLL_INTERVAL = 0.2
@@ -126,6 +136,8 @@ class Follower:
         width: Width of the step column (the widest label seen or expected).
         path_width: Width of the path column.
         no_back: Paths of steps without a ``step_back``, whose undo is a no-op.
+        finals: Paths of final steps (``finally_step``) the plan names;
+            others are told from the flow's state as they run.
     """
 
     out: Console
@@ -134,6 +146,7 @@ class Follower:
     width: int = 0
     path_width: int = 1
     no_back: frozenset[str] = frozenset()
+    finals: frozenset[str] = frozenset()
     symbols: bool = field(init=False)
     _root: _Execution = field(default_factory=lambda: _Execution(""))
     _owner: dict[str, _Execution] = field(default_factory=dict)
@@ -148,13 +161,20 @@ class Follower:
     def expect(self, plan: FlowNode) -> None:
         """Size the columns for every step of the plan, and learn which have no undo."""
         no_back = set()
+        self.finals = plan_final_paths(plan)
         for path, node, depth in walk(plan):
             suffix = {"flow": " (sub-flow)", "map": " (map)"}.get(node.kind, "")
+            suffix += FINAL_LABEL if path in self.finals else ""
             self.width = max(self.width, 2 * depth + len(node.name + suffix))
             self.path_width = max(self.path_width, len(path))
             if isinstance(node, StepNode) and not node.has_back:
                 no_back.add(path)
         self.no_back = frozenset(no_back)
+
+    @property
+    def state(self) -> FlowState | None:
+        """The flow's own state as last read (None before any)."""
+        return self._root.state
 
     async def catch_up(self, handle: FlowHandle, state: FlowState) -> None:
         """Take the flow as it is now as seen, without printing it: show only what comes next.
@@ -180,30 +200,46 @@ class Follower:
         """
         if self._root.flow_id != handle.id:
             self._root = _Execution(handle.id)
-        await self._fetch(handle, self._root)
+        # The flow's own state is read until its result has come: its final
+        # steps run after it has ended.
+        await self._fetch(handle, self._root, awaited=True)
         return self._merged(self._root)
 
     async def _fetch(
-        self, handle: FlowHandle, execution: _Execution, state: FlowState | None = None
+        self,
+        handle: FlowHandle,
+        execution: _Execution,
+        state: FlowState | None = None,
+        *,
+        awaited: bool = False,
     ) -> None:
+        """Read ``execution``'s state (unless given, or it has finished and
+        nothing awaits it), then its sub-flows'.
+
+        A sub-flow whose entry still runs (or is undone) is awaited by its
+        parent: it may have ended and still run its final steps.
+        """
         # A parent before its sub-flows: what a sub-flow did because of its
         # parent (its undo) is then never read before the parent's cause.
         if state is not None:
             execution.state = state
-        elif not execution.finished:
+        elif awaited or not execution.finished:
             execution.state = await asyncio.wait_for(
                 handle.flow_state(execution.flow_id), QUERY_TIMEOUT
             )
         assert execution.state is not None
+        entries = {step.path: step for step in execution.state.steps}
         for step in execution.state.steps:
             self._owner[step.path] = execution
             if step.kind == "flow" and step.flow_id:
                 runs = execution.subflows.setdefault(step.path, [])
                 if not runs or runs[-1].flow_id != step.flow_id:
                     runs.append(_Execution(step.flow_id))
-        for runs in execution.subflows.values():
+        for path, runs in execution.subflows.items():
+            entry = entries.get(path)
+            busy = entry is not None and entry.status in ("running", "compensating")
             for child in runs:
-                await self._fetch(handle, child)
+                await self._fetch(handle, child, awaited=busy and child is runs[-1])
 
     def _merged(self, execution: _Execution) -> FlowState:
         """An execution's state with its sub-flows' steps (and waits) in."""
@@ -295,9 +331,15 @@ class Follower:
 
     def _widen(self, state: FlowState) -> None:
         # A sub-flow's steps appear once it starts: widen the columns for them.
-        every = list(rows(state.steps))
+        every = list(rows(state.steps, finals=self._finals(state)))
         self.width = max([len(r.label) for r in every] + [self.width])
         self.path_width = max([len(r.step.path) for r in every] + [self.path_width])
+
+    def _finals(self, state: FlowState) -> frozenset[str]:
+        """Paths of the final steps known so far: the plan's, and those the
+        flow's and its sub-flows' states tell (see ``final_paths``)."""
+        told = [final_paths(e.state) for e in _tree(self._root) if e.state is not None]
+        return self.finals.union(final_paths(state), *told)
 
     def _print(self, event: Event) -> None:
         self.out.print(
@@ -318,7 +360,7 @@ class Follower:
             state: The flow's state, as ``poll`` returned it.
         """
         self._widen(state)
-        by_path = {r.step.path: r for r in rows(state.steps)}
+        by_path = {r.step.path: r for r in rows(state.steps, finals=self._finals(state))}
         no_back = self.no_back | {p for p, r in by_path.items() if not r.step.has_back}
         for event, execution in self._read(self._root):
             if event.kind == "flow":

@@ -18,7 +18,8 @@ from .._errors import (
     FlowFailed,
     FlowRolledBack,
 )
-from .._state import FlowState, StepState, WaitInfo
+from .._plan import FlowNode, child_path, walk
+from .._state import FINAL_STATUSES, FlowState, StepState, WaitInfo
 
 #: Style of each flow and step status.
 STATUS_STYLE = {
@@ -51,24 +52,79 @@ EVENT_LOOK = {
 }
 
 
+#: The label of a final step (``finally_step``), after its name.
+FINAL_LABEL = " (final)"
+
+
 @dataclass(frozen=True)
 class Row:
-    """One step of a flow, flattened: sub-flows' steps follow their entry."""
+    """One step of a flow, flattened: sub-flows' steps follow their entry.
+
+    Attributes:
+        step: The step.
+        depth: How deep it is: 0 for the flow's own steps.
+        final: It is one of the flow's final steps (``finally_step``).
+    """
 
     step: StepState
     depth: int
+    final: bool = False
 
     @property
     def label(self) -> str:
         suffix = {"flow": " (sub-flow)", "map": " (map)"}.get(self.step.kind, "")
-        return "  " * self.depth + self.step.name + suffix
+        return "  " * self.depth + self.step.name + suffix + (FINAL_LABEL if self.final else "")
 
 
-def rows(steps: list[StepState], depth: int = 0) -> Iterator[Row]:
-    """Every step in plan order, sub-flows' steps after their entry, indented."""
+def rows(
+    steps: list[StepState], depth: int = 0, finals: frozenset[str] = frozenset()
+) -> Iterator[Row]:
+    """Every step in plan order, sub-flows' steps after their entry, indented.
+
+    Args:
+        steps: The steps (``FlowState.steps``).
+        depth: The depth of ``steps``.
+        finals: Paths of final steps, labelled so (see ``final_paths``).
+    """
     for step in steps:
-        yield Row(step, depth)
-        yield from rows(step.steps, depth + 1)
+        yield Row(step, depth, step.path in finals)
+        yield from rows(step.steps, depth + 1, finals)
+
+
+def final_paths(state: FlowState) -> frozenset[str]:
+    """Paths of the flow's final steps (``finally_step``) that its state tells.
+
+    The state does not mark them: they come last in ``steps``, numbered on
+    from the others. A final step is told by what it did: it started after
+    the flow had ended (its events say), or it failed (the flow's failure
+    lists it). One that has not run yet is not told from a step not reached.
+    """
+    found: set[str] = set()
+    if state.failure is not None:
+        found.update(final.path for final in state.failure.final_failures)
+    ended = next(
+        (e.seq for e in state.events if e.kind == "flow" and e.status in FINAL_STATUSES), None
+    )
+    if ended is not None:
+        found.update(
+            e.path
+            for e in state.events
+            if e.seq > ended and e.kind == "step" and e.status == "running"
+        )
+    return frozenset(found)
+
+
+def plan_final_paths(plan: FlowNode) -> frozenset[str]:
+    """Paths of the final steps of ``plan`` and of its sub-flows (not those
+    of a map's elements, whose paths the plan does not number)."""
+    flows: list[tuple[str, FlowNode]] = [("", plan)]
+    flows += [(path, node) for path, node, _ in walk(plan) if isinstance(node, FlowNode)]
+    return frozenset(
+        child_path(path, len(node.steps) + i)
+        for path, node in flows
+        if "*" not in path
+        for i in range(len(node.finally_steps))
+    )
 
 
 #: A map with more elements than this is summarised by ``qwit status``.
@@ -86,14 +142,16 @@ def map_elements(step: StepState) -> list[StepState]:
     return found
 
 
-def display_rows(steps: list[StepState], depth: int = 0) -> Iterator[Row]:
+def display_rows(
+    steps: list[StepState], depth: int = 0, finals: frozenset[str] = frozenset()
+) -> Iterator[Row]:
     """``rows``, with each map of more than ``MAP_ROWS`` elements summarised:
     a line of counts by status, then only its elements that failed."""
     for step in steps:
-        yield Row(step, depth)
+        yield Row(step, depth, step.path in finals)
         elements = map_elements(step) if step.kind == "map" else []
         if len(elements) <= MAP_ROWS:
-            yield from display_rows(step.steps, depth + 1)
+            yield from display_rows(step.steps, depth + 1, finals)
             continue
         counts: dict[str, int] = {}
         for element in elements:
@@ -204,20 +262,38 @@ def traceback_lines(title: str, error: ErrorInfo | None, indent: str = "    ") -
     return lines
 
 
-def failure_lines(failed: FlowFailed, flow: str, *, verbose: bool = False) -> list[Text]:
-    """The story of a failed flow: which step, why, what was undone (or not).
+def redrive_line(run_id: str) -> Text:
+    """``redrive of run RUN_ID``: the run a redriven flow runs again."""
+    return Text(f"redrive of run {run_id}", style="dim")
+
+
+def final_failure_line(path: str, name: str, error: ErrorInfo | None) -> Text:
+    """A final step that failed (the flow's outcome stands)."""
+    why = f": {error_text(error)}" if error is not None else ""
+    return Text(f"  final step {path} {name!r} failed{why}", style="red")
+
+
+def failure_lines(
+    failed: FlowFailed, flow: str, *, verbose: bool = False, redrive_of: str | None = None
+) -> list[Text]:
+    """The story of a failed flow: which step, why, what was undone (or
+    not), and its final steps that failed.
 
     Args:
         failed: How the flow ended.
-        flow: The flow's name.
+        flow: The flow's name ("" when not known).
         verbose: Show where the failing step raised its error (its
             traceback), and where each undo that failed raised its own.
+        redrive_of: For a redriven flow, the run it redrives.
     """
     kind = failed.kind.replace("_", " ")
     head = Text()
-    head.append(f"flow {flow!r} {kind}", style=STATUS_STYLE.get(failed.kind, "red"))
+    named = f"flow {flow!r}" if flow else "flow"
+    head.append(f"{named} {kind}", style=STATUS_STYLE.get(failed.kind, "red"))
     head.append(f" (id {failed.flow_id})")
     lines = [head]
+    if redrive_of:
+        lines.append(Text(f"  redrive of run {redrive_of}", style="dim"))
     if failed.step:
         lines.append(Text(f"  failed step: {failed.step!r}"))
     lines.append(Text(f"  reason: {failed.reason}"))
@@ -237,6 +313,14 @@ def failure_lines(failed: FlowFailed, flow: str, *, verbose: bool = False) -> li
                 style="red bold",
             )
         )
+        if failed.not_compensated:
+            left = ", ".join(failed.not_compensated)
+            lines.append(
+                Text(
+                    f"  left as they were: {left} (the rollback stopped at the undo that failed)",
+                    style="red",
+                )
+            )
         if verbose:
             for undo in failed.compensations:
                 if undo.status == "compensation_failed":
@@ -246,6 +330,11 @@ def failure_lines(failed: FlowFailed, flow: str, *, verbose: bool = False) -> li
         lines.append(Text("  aborted: nothing was undone"))
     if isinstance(failed, FlowCancelled) and not failed.step:
         lines.append(Text("  it was cancelled between steps"))
+    for final in failed.final_failures:
+        lines.append(final_failure_line(final.path, final.name, final.error))
+        if verbose:
+            title = f"traceback of final step {final.path} {final.name!r}"
+            lines += traceback_lines(title, final.error)
     return lines
 
 
@@ -276,10 +365,14 @@ def state_view(state: FlowState, *, verbose: bool = False) -> Group:
     head.append(state.flow_id)
     head.append("  status ", style="dim")
     head.append_text(status_text(state.status))
+    parts: list[RenderableType] = [head]
+    if state.redrive_of:
+        parts.append(redrive_line(state.redrive_of))
+    finals = final_paths(state)
     table = Table(box=None, pad_edge=False, header_style="bold")
     for column in ("path", "step", "status", "attempts", "error"):
         table.add_column(column, justify="right" if column == "attempts" else "left")
-    for row in display_rows(state.steps):
+    for row in display_rows(state.steps, finals=finals):
         step = row.step
         attempts = str(step.attempts)
         error = error_text(step.error) if step.error else ""
@@ -289,7 +382,7 @@ def state_view(state: FlowState, *, verbose: bool = False) -> Group:
             attempts = f"{attempt} (retrying)"
             error = error or error_text(last)
         table.add_row(step.path, row.label, status_text(step.status), attempts, error)
-    parts: list[RenderableType] = [head, table]
+    parts.append(table)
     if verbose:
         for row in rows(state.steps):
             step = row.step
@@ -310,4 +403,15 @@ def state_view(state: FlowState, *, verbose: bool = False) -> Group:
         parts.append(Text())
         # The steps' tracebacks are above, with the table.
         parts.extend(failure_lines(FlowFailed.from_info(state.failure), state.flow))
+    elif state.status == "completed":
+        every = rows(state.steps, finals=finals)
+        failed_finals = [r.step for r in every if r.final and r.step.status == "failed"]
+        if failed_finals:
+            parts.append(Text())
+            head = Text()
+            head.append(f"flow {state.flow!r} completed", style=STATUS_STYLE["completed"])
+            head.append(f" (id {state.flow_id}); final steps change no outcome")
+            parts.append(head)
+            for step in failed_finals:
+                parts.append(final_failure_line(step.path, step.name, step.error))
     return Group(*parts)
