@@ -15,6 +15,7 @@ from ._flow import Flow, compile_flow
 from ._jsonargs import NotJSON, as_args
 from ._plan import SUBFLOW_MARK, FlowInput, FlowNode, StepNode, walk
 from ._redrive import redrive_input
+from ._tracing import require_opentelemetry, tracing_from_env
 from .temporal._config import (
     DEFAULT_TASK_QUEUE,
     TASK_QUEUE_ENV,
@@ -89,8 +90,14 @@ class Client:
         task_queue: str | None = None,
         temporal_client: temporalio.client.Client | None = None,
         temporal_options: dict[str, Any] | None = None,
+        tracing: bool | None = None,
     ) -> None:
         self.unserved_step_timeout = _unserved_step_timeout(unserved_step_timeout)
+        self.tracing = tracing_from_env() if tracing is None else tracing
+        """Whether flows this client starts are traced (and, on Temporal, the
+        caller's span continues into them); see ``connect``."""
+        if self.tracing:
+            require_opentelemetry()
         self.backend = backend
         self._settings: dict[str, Any] = {
             "temporal": TemporalSettings(
@@ -251,6 +258,7 @@ async def connect(
     unserved_step_timeout: float | None = None,
     result_polls: int | None = None,
     unavailable_timeout: float | None = None,
+    tracing: bool | None = None,
     **temporal_options: Any,
 ) -> Client:
     """A client for starting and steering flows.
@@ -274,6 +282,10 @@ async def connect(
             on Temporal (default ``$QWIT_RESULT_POLLS`` or 100).
         unavailable_timeout: Seconds ``result()`` waits for a Temporal that
             does not answer (default ``$QWIT_UNAVAILABLE_TIMEOUT`` or 300).
+        tracing: OpenTelemetry tracing (default ``$QWIT_TRACING``): on
+            Temporal, a flow started inside a span continues its trace (the
+            workers trace with ``QwitPlugin(tracing=True)``); on ``qwit.local``,
+            its flows emit their spans. Needs ``qwit[tracing]``.
         **temporal_options: Overrides for ``temporalio.client.Client.connect``,
             e.g. ``target_host="temporal:7233"``, ``namespace="orders"``.
     """
@@ -288,6 +300,7 @@ async def connect(
         backend=backend,
         unserved_step_timeout=unserved_step_timeout,
         settings=[temporal_settings],
+        tracing=tracing,
     )
 
 

@@ -132,6 +132,7 @@ class InMemoryRuntime(FlowRuntime):
     def __init__(self, run: InMemoryRun) -> None:
         self.run = run
         self.engine = run.engine.name
+        self.tracing = run.engine.tracing
 
     async def run_attempt(
         self, cls: type[Any], node: StepNode, call: StepCall, attempt: int, beats: Heartbeats
@@ -226,6 +227,8 @@ class InMemoryEngine(Engine):
     def __init__(self) -> None:
         self.runs: dict[str, InMemoryRun] = {}
         self.started = 0
+        self.tracing = False
+        """Whether its flows emit OpenTelemetry spans."""
 
     def runtime(self, run: InMemoryRun) -> InMemoryRuntime:
         """The runtime of one flow of this engine."""

@@ -260,6 +260,7 @@ class StepRecord(BaseModel):
     output: dict[str, Any] | None = None
     key: str | None = None
     """Its forward's idempotency key; its undo's derives from it."""
+    attempts: int = 0
     effect: bool = False
     """A step that failed may have done something (its forward started)."""
     held: bool = False

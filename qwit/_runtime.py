@@ -75,6 +75,8 @@ class FlowRuntime(ABC):
     """What an engine supplies to run one flow with the saga rules."""
 
     engine: str = ""
+    tracing: bool = False
+    """Whether the flow's spans are emitted (see ``qwit._tracing``)."""
 
     @abstractmethod
     async def run_step(self, node: StepNode, call: StepCall) -> StepReturn:

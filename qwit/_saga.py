@@ -14,6 +14,7 @@ sandbox, so it reads no clock, no randomness and no I/O of its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -53,6 +54,7 @@ from ._plan import (
     StepCall,
     StepNode,
     StepRecord,
+    StepReturn,
     child_execution,
     child_path,
     forward_key,
@@ -73,6 +75,7 @@ from ._state import (
     choose_wait,
     path_key,
 )
+from ._tracing import Span, span
 
 FORWARD_DECISIONS = [RETRY, SKIP, SKIPBACK, ROLLBACK, ABORT]
 #: A sub-flow that aborts keeps its effects until its parent says whether to
@@ -318,7 +321,7 @@ class Interpreter:
                 f"the map at {run.path} ran in shards; a redrive can't reuse or undo it yet"
             )
         run.status = record.status
-        run.output, run.key = record.output, record.key
+        run.output, run.key, run.attempts = record.output, record.key, record.attempts
         run.args = record.args if record.effect or run.status != "failed" else None
         node = run.node
         if isinstance(node, FlowNode):
@@ -444,6 +447,48 @@ class Interpreter:
         Raises:
             FlowFailure: the flow did not complete; its ``info`` says how.
         """
+        with self._span(f"flow {self.input.flow.name}", path=self.input.path or None) as span:
+            try:
+                result = await self._run_and_finally()
+            except FlowFailure as failed:
+                span.fail(failed.info.error, outcome=failed.info.kind)
+                raise
+            span.set(outcome="completed")
+            return result
+
+    def _span(self, name: str, **attributes: Any) -> contextlib.AbstractContextManager[Span]:
+        """A span of this flow (when its runtime traces)."""
+        return span(
+            self.runtime.tracing,
+            name,
+            flow=self.input.flow.name,
+            flow_id=self.input.root_id,
+            **attributes,
+        )
+
+    async def _step_call(
+        self, run: StepRun, node: StepNode, call: StepCall, direction: str | None = None
+    ) -> StepReturn:
+        """Run one direction of a step through the runtime, in a span."""
+        with self._span(
+            f"{direction or call.direction} {node.name}",
+            step=node.name,
+            path=run.path,
+            direction=direction or call.direction,
+        ) as span:
+            try:
+                result = await self.runtime.run_step(node, call)
+            except StepFailure as failure:
+                span.set(attempt=failure.info.attempt)
+                span.fail(failure.info)
+                raise
+            except asyncio.CancelledError:
+                span.set(outcome="cancelled")
+                raise
+            span.set(attempt=result.attempt, outcome="done")
+            return result
+
+    async def _run_and_finally(self) -> dict[str, Any]:
         if not self.saga.finals:
             return await self._run()
         try:
@@ -482,7 +527,7 @@ class Interpreter:
                 refused = self.runtime.refuse_forward(call, 0)
                 if refused is not None:
                     raise StepFailure(refused)
-                result = await self.runtime.run_step(node, call)
+                result = await self._step_call(run, node, call, "final")
             except StepFailure as failure_of_final:
                 run.attempts += failure_of_final.info.attempt
                 run.error = failure_of_final.info
@@ -606,7 +651,7 @@ class Interpreter:
         if run.key is None:
             run.key = call.key  # the undo of what the fallback did is keyed on it
         try:
-            result = await self.runtime.run_step(node, call)
+            result = await self._step_call(run, node, call)
         except StepFailure as failure:
             run.attempts += failure.info.attempt
             run.error = failure.info
@@ -718,7 +763,8 @@ class Interpreter:
         self._step_to(run, "running")
         limit = _limit(run)
         try:
-            await self._side_by_side(run, limit)
+            with self._span(f"{node.kind} {node.name}", step=node.name, path=run.path):
+                await self._side_by_side(run, limit)
         except (_Stop, asyncio.CancelledError):
             self._step_to(run, "failed")
             self.saga.done.append(run)
@@ -816,7 +862,7 @@ class Interpreter:
         refused = self.runtime.refuse_forward(call, self._pending_undos())
         if refused is not None:
             raise StepFailure(refused)
-        result = await self.runtime.run_step(node, call)
+        result = await self._step_call(run, node, call)
         run.attempts += result.attempt
         # A branch's or element's output joins the args with its block's,
         # which is checked as a whole when the block ends.
@@ -1075,8 +1121,9 @@ class Interpreter:
     async def _rollback(self, failed: StepRun | None) -> None:
         """Undo ``failed`` (if given) and every completed step, newest first:
         the reverse of the order they depend on each other."""
-        for run in ([failed] if failed is not None else []) + self.saga.done[::-1]:
-            await self._undo(run)
+        with self._span("rollback", path=self.input.path or None):
+            for run in ([failed] if failed is not None else []) + self.saga.done[::-1]:
+                await self._undo(run)
 
     def _left(self, run: StepRun) -> list[str]:
         """The names of what undoing ``run`` would have undone: a stopped
@@ -1138,7 +1185,7 @@ class Interpreter:
         while True:
             call = self._call(run, "step_back", _back_args(run))
             try:
-                result = await self.runtime.run_step(node, call)
+                result = await self._step_call(run, node, call)
             except StepFailure as failure:
                 run.back_attempts += failure.info.attempt
                 run.back_error = failure.info
@@ -1345,6 +1392,7 @@ def _record_of(run: StepRun) -> StepRecord:
         args=run.args,
         output=run.output,
         key=run.key,
+        attempts=run.attempts,
         effect=run.status == "failed" and run.has_effect,
         held=run.held or (run.sub is not None and run.sub.held),
         members=[_record_of(member) for member in run.members],

@@ -36,7 +36,9 @@ name = "local"
 
 def create_engine(client: Client | None = None) -> LocalEngine:
     """A new in-process engine (the backend protocol)."""
-    return LocalEngine()
+    engine = LocalEngine()
+    engine.tracing = bool(client is not None and client.tracing)
+    return engine
 
 
 class LocalRuntime(InMemoryRuntime):

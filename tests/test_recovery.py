@@ -844,3 +844,20 @@ async def test_a_cancel_from_temporal_itself_rolls_back(client, worker, temporal
     assert kind == "cancelled"
     assert err.rolled_back is True
     ledger.assert_fully_undone(run)
+
+
+async def test_a_redrive_runs_on_the_task_queue_the_flow_ran_on(
+    temporal_client, task_queue, worker
+):
+    """A client set up for another task queue redrives a flow onto the queue
+    whose workers serve it."""
+    run = new_ledger()
+    async with worker(Redrivable):
+        ours = await qwit.connect(temporal_client=temporal_client, task_queue=task_queue)
+        handle = await ours.start(Redrivable, {"ledger": run, "fail": "rd.B"})
+        assert (await outcome(handle))[0] == "aborted"
+        elsewhere = await qwit.connect(temporal_client=temporal_client, task_queue="elsewhere")
+        again = await elsewhere.redrive(handle.id, args={"fail": None})
+        assert (await outcome(again))[0] == "completed"
+        state = await again.state()
+    assert [s.attempts for s in state.steps] == [1, 1, 1, 1]

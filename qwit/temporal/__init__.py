@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .._tracing import TRACING_ENV, tracer_provider
 from ._activities import activity_name
 from ._config import TASK_QUEUE_ENV, TemporalSettings, default_task_queue
 from ._connection import TemporalConnectionError, is_transient, is_unavailable
@@ -56,6 +57,7 @@ __all__ = [
     "QWIT_STATUS",
     "RESULT_POLLS_ENV",
     "TASK_QUEUE_ENV",
+    "TRACING_ENV",
     "UNAVAILABLE_TIMEOUT_ENV",
     "WORKFLOW_NAME",
     "DevServer",
@@ -79,5 +81,6 @@ __all__ = [
     "name",
     "new_encryption_key",
     "serve",
+    "tracer_provider",
     "unreachable",
 ]

@@ -551,7 +551,10 @@ class TemporalEngine(Engine):
         if self._temporal is None:
             async with self._lock:
                 if self._temporal is None:
-                    self._temporal = await connect_temporal(**self.settings.connect_options)
+                    options = dict(self.settings.connect_options)
+                    if self.client.tracing:
+                        options.setdefault("plugins", [QwitPlugin(tracing=True)])
+                    self._temporal = await connect_temporal(**options)
         return self._temporal
 
     async def namespace(self) -> _Namespace:
@@ -647,12 +650,15 @@ class TemporalEngine(Engine):
                 f"{namespace.payload_limit}-byte payload limit of the namespace"
             )
         of_run = input.redrive.of_run if input.redrive is not None else None
+        # On the task queue the flow ran on, whose workers serve its steps.
+        with _rpc_errors(client, input.root_id, f"to redrive flow {input.root_id!r}"):
+            earlier = await client.get_workflow_handle(input.root_id).describe()
         try:
             handle = await client.start_workflow(
                 WORKFLOW_NAME,
                 input,
                 id=input.root_id,
-                task_queue=self.settings.task_queue,
+                task_queue=earlier.task_queue or self.settings.task_queue,
                 static_summary=input.flow.name,
                 static_details=f"Redrive of run {of_run}." if of_run else None,
                 search_attributes=(

@@ -17,10 +17,11 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 from .._flow import Flow
 from .._runner import Registry
 from .._step import Step
+from .._tracing import tracer_provider, tracing_from_env
 from ._activities import step_activities, unregistered_step
 from ._converter import QwitPayloadConverter
 from ._encryption import EncryptionCodec, encrypted_converter
-from ._workflow import NoEagerInterceptor, QwitWorkflow
+from ._workflow import NoEagerInterceptor, QwitWorkflow, TracedInterceptor
 
 #: Modules the workflow sandbox shares with the worker instead of re-importing
 #: them for every run: QWIT's own (pure, deterministic) and pydantic's.
@@ -45,17 +46,32 @@ def _data_converter(
     return convert
 
 
-def _workflow_runner(existing: WorkflowRunner | None) -> WorkflowRunner:
-    if existing is None:
-        return SandboxedWorkflowRunner(
-            restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH_MODULES)
-        )
-    if isinstance(existing, SandboxedWorkflowRunner):
-        return dataclasses.replace(
-            existing,
-            restrictions=existing.restrictions.with_passthrough_modules(*PASSTHROUGH_MODULES),
-        )
-    return existing
+def _workflow_runner(tracing: bool) -> Callable[[WorkflowRunner | None], WorkflowRunner]:
+    modules = (*PASSTHROUGH_MODULES, "opentelemetry") if tracing else PASSTHROUGH_MODULES
+
+    def runner(existing: WorkflowRunner | None) -> WorkflowRunner:
+        if existing is None:
+            return SandboxedWorkflowRunner(
+                restrictions=SandboxRestrictions.default.with_passthrough_modules(*modules)
+            )
+        if isinstance(existing, SandboxedWorkflowRunner):
+            return dataclasses.replace(
+                existing, restrictions=existing.restrictions.with_passthrough_modules(*modules)
+            )
+        return existing
+
+    return runner
+
+
+def _tracing_interceptors() -> list[Any]:
+    """temporalio's OpenTelemetry interceptor (spans of client calls and
+    activities, the caller's context carried into flows, replay-safe spans in
+    workflows), and the mark that makes flows open QWIT's own spans. A
+    replay-safe global tracer provider is installed if none is."""
+    tracer_provider()
+    from temporalio.contrib.opentelemetry import OpenTelemetryInterceptor
+
+    return [OpenTelemetryInterceptor(), TracedInterceptor()]
 
 
 def _add_workflow(existing: Sequence[type] | None) -> Sequence[type]:
@@ -105,6 +121,14 @@ class QwitPlugin(SimplePlugin):
         encryption: The payload encryption codec. By default it comes from the
             environment (none if neither variable is set); ``False`` turns it
             off whatever the environment says.
+        tracing: OpenTelemetry tracing (default: ``QWIT_TRACING``): a span
+            per flow, per step direction, per parallel block or map and per
+            rollback, with ``qwit.*`` attributes, built on temporalio's own
+            OpenTelemetry integration (replays emit nothing twice); on a
+            client, a flow started inside a span continues its trace. A
+            worker's global tracer provider must be replay-safe
+            (``qwit.temporal.tracer_provider()`` or temporalio's
+            ``create_tracer_provider``). Needs ``qwit[tracing]``.
 
     Raises:
         EncryptionError: The environment's keys are bad, or encryption is
@@ -120,8 +144,10 @@ class QwitPlugin(SimplePlugin):
         self,
         *members: type[Step] | type[Flow] | ModuleType,
         encryption: EncryptionCodec | Literal[False] | None = None,
+        tracing: bool | None = None,
     ) -> None:
         self.registry = Registry(*members)
+        self.tracing = tracing_from_env() if tracing is None else tracing
         # Read once, here, so bad keys fail when a client or worker is set up.
         self.encryption = EncryptionCodec.from_env() if encryption is None else encryption or None
         super().__init__(
@@ -129,8 +155,8 @@ class QwitPlugin(SimplePlugin):
             data_converter=_data_converter(self.encryption),
             activities=_add_activities(self.registry),
             workflows=_add_workflow,
-            workflow_runner=_workflow_runner,
-            interceptors=[NoEagerInterceptor()],
+            workflow_runner=_workflow_runner(self.tracing),
+            interceptors=[NoEagerInterceptor(), *(_tracing_interceptors() if self.tracing else [])],
         )
 
     def configure_worker(self, config: WorkerConfig) -> WorkerConfig:

@@ -55,7 +55,7 @@ class _Capture(Interceptor):
 
 async def _replay(history: WorkflowHistory) -> _Capture | None:
     capture = _Capture()
-    replayer = Replayer(workflows=[], plugins=[QwitPlugin()], interceptors=[capture])
+    replayer = Replayer(workflows=[], plugins=[QwitPlugin(tracing=False)], interceptors=[capture])
     try:
         await replayer.replay_workflow(history, raise_on_replay_failure=False)
     except Exception:

@@ -29,6 +29,7 @@ from temporalio.exceptions import (
     is_cancelled_exception,
 )
 from temporalio.worker import (
+    ExecuteWorkflowInput,
     Interceptor,
     StartActivityInput,
     WorkflowInboundInterceptor,
@@ -390,6 +391,10 @@ class _Runtime(FlowRuntime):
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         await workflow.wait_condition(predicate)
 
+    @property
+    def tracing(self) -> bool:  # type: ignore[override]
+        return self.owner.tracing
+
     def cancel_requested(self) -> bool:
         if workflow.cancellation_reason() is not None:
             return True
@@ -474,6 +479,8 @@ class QwitWorkflow:
         self.subflows_done: dict[str, dict[str, Any]] = {}
         self.subflows_aborted: dict[str, FailureInfo] = {}
         self.main: asyncio.Task[Any] | None = None
+        self.tracing = False
+        """Set by ``TracedInterceptor`` on a worker that traces."""
         self.run_id = workflow.info().run_id
         # The client sets QwitFlow at start only where the attributes exist.
         self.can_publish = workflow.info().typed_search_attributes.get(QWIT_FLOW) is not None
@@ -600,6 +607,25 @@ class _NoEagerOutbound(WorkflowOutboundInterceptor):
 class _NoEagerInbound(WorkflowInboundInterceptor):
     def init(self, outbound: WorkflowOutboundInterceptor) -> None:
         super().init(_NoEagerOutbound(outbound))
+
+
+class _TracedInbound(WorkflowInboundInterceptor):
+    async def execute_workflow(self, input: ExecuteWorkflowInput) -> Any:
+        owner = workflow.instance()
+        if isinstance(owner, QwitWorkflow):
+            owner.tracing = True
+        return await super().execute_workflow(input)
+
+
+class TracedInterceptor(Interceptor):
+    """Marks the flows of a worker that traces (``QwitPlugin(tracing=True)``):
+    their interpreter opens its spans (``qwit._tracing``), which temporalio's
+    OpenTelemetry interceptor, installed beside it, keeps replay-safe."""
+
+    def workflow_interceptor_class(
+        self, input: WorkflowInterceptorClassInput
+    ) -> type[WorkflowInboundInterceptor] | None:
+        return _TracedInbound
 
 
 class NoEagerInterceptor(Interceptor):
