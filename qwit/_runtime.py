@@ -9,6 +9,7 @@ not complete ends. The rules themselves are in ``qwit._saga``.
 from __future__ import annotations
 
 import asyncio
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -114,6 +115,15 @@ class FlowRuntime(ABC):
         whose ``SubflowRun.forward`` raises ``FlowFailure(info)`` with
         ``held`` set (sub-flows only)."""
         raise NotImplementedError
+
+    def record(self, metric: str, value: float, **labels: str) -> None:  # noqa: B027
+        """Record ``value`` in ``metric`` (one of ``qwit._metrics.METRICS``),
+        with its labels; engines without metrics ignore it."""
+
+    def now(self) -> float:
+        """Seconds on the flow's clock (deterministic where the engine
+        replays): what durations are measured with."""
+        return time.monotonic()
 
     async def sleep(self, seconds: float) -> None:
         """Wait ``seconds`` (a durable timer where the engine has them: on

@@ -447,13 +447,17 @@ class Interpreter:
         Raises:
             FlowFailure: the flow did not complete; its ``info`` says how.
         """
-        with self._span(f"flow {self.input.flow.name}", path=self.input.path or None) as span:
+        flow = self.input.flow.name
+        self.runtime.record("qwit_flows_started", 1, flow=flow)
+        with self._span(f"flow {flow}", path=self.input.path or None) as span:
             try:
                 result = await self._run_and_finally()
             except FlowFailure as failed:
                 span.fail(failed.info.error, outcome=failed.info.kind)
+                self.runtime.record("qwit_flows_ended", 1, flow=flow, outcome=failed.info.kind)
                 raise
             span.set(outcome="completed")
+            self.runtime.record("qwit_flows_ended", 1, flow=flow, outcome="completed")
             return result
 
     def _span(self, name: str, **attributes: Any) -> contextlib.AbstractContextManager[Span]:
@@ -469,22 +473,33 @@ class Interpreter:
     async def _step_call(
         self, run: StepRun, node: StepNode, call: StepCall, direction: str | None = None
     ) -> StepReturn:
-        """Run one direction of a step through the runtime, in a span."""
+        """Run one direction of a step through the runtime, in a span, and
+        record it in the metrics."""
+        direction = direction or call.direction
+        began = self.runtime.now()
+
+        def measured(outcome: str) -> None:
+            labels = {"step": node.name, "direction": direction}
+            self.runtime.record("qwit_steps", 1, outcome=outcome, **labels)
+            self.runtime.record("qwit_step_seconds", self.runtime.now() - began, **labels)
+
         with self._span(
-            f"{direction or call.direction} {node.name}",
-            step=node.name,
-            path=run.path,
-            direction=direction or call.direction,
+            f"{direction} {node.name}", step=node.name, path=run.path, direction=direction
         ) as span:
             try:
                 result = await self.runtime.run_step(node, call)
             except StepFailure as failure:
+                measured("failed")
                 span.set(attempt=failure.info.attempt)
                 span.fail(failure.info)
                 raise
             except asyncio.CancelledError:
-                span.set(outcome="cancelled")
+                # (not when the engine drops the flow, e.g. from its cache)
+                if self.runtime.cancel_requested() or run.stopping:
+                    measured("cancelled")
+                    span.set(outcome="cancelled")
                 raise
+            measured("done")
             span.set(attempt=result.attempt, outcome="done")
             return result
 
@@ -1209,6 +1224,7 @@ class Interpreter:
             "compensated" if error is None else "compensation_failed"
         )
         self._step_to(run, status)
+        self.runtime.record("qwit_compensations", 1, step=run.name, outcome=status)
         (self.saga.compensated if error is None else self.saga.failed_compensations).append(
             run.name
         )
@@ -1258,11 +1274,15 @@ class Interpreter:
         )
         self.saga.decisions.pop(run.path, None)
         self._flow_to("waiting")
+        step = run.failed_step or run.name
+        self.runtime.record("qwit_waits", 1, step=step)
+        began = self.runtime.now()
         # No try/finally: a wait that ends in an exception (a cancel, or the
         # engine dropping this flow) must not change the status, because that
         # may publish it, and a dropped flow's coroutine can be closed later,
         # in another flow's context. The cancel path sets the status itself.
         await self.runtime.wait_until(lambda: run.path in self.saga.decisions)
+        self.runtime.record("qwit_wait_seconds", self.runtime.now() - began, step=step)
         del self.saga.waits[run.path]
         self._flow_to(self.saga.phase)
         return self.saga.decisions.pop(run.path)

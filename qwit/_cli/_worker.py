@@ -5,10 +5,17 @@ from __future__ import annotations
 import logging
 import sys
 from types import ModuleType
+from typing import Any
 
 import click
 
 from ..temporal import connect_temporal, serve
+from ..temporal._worker import (
+    METRICS_ADDRESS_ENV,
+    WAITING_EVERY,
+    check_metrics_address,
+    metrics_runtime,
+)
 from ._common import (
     Failed,
     connection_options,
@@ -24,11 +31,25 @@ log = logging.getLogger("qwit.worker")
 
 
 async def _serve(
-    modules: list[ModuleType], task_queue: str, address: str | None, namespace: str | None
+    modules: list[ModuleType],
+    task_queue: str,
+    address: str | None,
+    namespace: str | None,
+    metrics_address: str | None = None,
 ) -> None:
-    client = await connect_temporal(**overrides(address, namespace))
+    extra: dict[str, Any] = {}
+    if metrics_address:
+        extra["runtime"] = metrics_runtime(metrics_address)
+    client = await connect_temporal(**overrides(address, namespace), **extra)
     log.info("serving %s on task queue %r", ", ".join(m.__name__ for m in modules), task_queue)
-    await serve(client, *modules, task_queue=task_queue)
+    if metrics_address:
+        log.info("metrics (Prometheus text) at http://%s/metrics", metrics_address)
+    await serve(
+        client,
+        *modules,
+        task_queue=task_queue,
+        waiting_every=WAITING_EVERY if metrics_address else None,
+    )
     log.info("worker stopped")
 
 
@@ -36,8 +57,19 @@ async def _serve(
 @click.argument("modules", nargs=-1, required=True)
 @task_queue_option
 @connection_options
+@click.option(
+    "--metrics-address",
+    envvar=METRICS_ADDRESS_ENV,
+    metavar="HOST:PORT",
+    help="Serve Prometheus text at http://HOST:PORT/metrics: QWIT's metrics (flows, steps, "
+    "compensations, waits) beside the Temporal SDK's own [env: QWIT_METRICS_ADDRESS].",
+)
 def worker(
-    modules: tuple[str, ...], task_queue: str | None, address: str | None, namespace: str | None
+    modules: tuple[str, ...],
+    task_queue: str | None,
+    address: str | None,
+    namespace: str | None,
+    metrics_address: str | None,
 ) -> None:
     """Serve the Steps and Flows that MODULES define, until SIGINT or SIGTERM.
 
@@ -52,7 +84,12 @@ def worker(
     env_config()  # a broken config is a usage error
     log.info("steps: %s", ", ".join(sorted(registry.steps)))
     try:
-        run_async(_serve(imported, queue, address, namespace))
+        if metrics_address:
+            check_metrics_address(metrics_address)  # a bad address is a usage error
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--metrics-address") from None
+    try:
+        run_async(_serve(imported, queue, address, namespace, metrics_address))
     except (RuntimeError, Failed) as exc:  # TemporalConnectionError too: it says what to check
         text = exc.format_message() if isinstance(exc, Failed) else str(exc)
         click.echo(f"{click.get_current_context().command_path}: {text}", err=True)

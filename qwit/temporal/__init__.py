@@ -33,7 +33,7 @@ from ._engine import (
     unreachable,
 )
 from ._plugin import QwitPlugin
-from ._worker import create_worker, serve
+from ._worker import METRICS_ADDRESS_ENV, create_worker, metrics_runtime, serve
 from ._workflow import QWIT_FLOW, QWIT_STATUS, WORKFLOW_NAME, QwitWorkflow
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ __all__ = [
     "ENCRYPTION_KEYS_ENV",
     "ENCRYPTION_KEY_FILE_ENV",
     "KEY_ID_METADATA",
+    "METRICS_ADDRESS_ENV",
     "QWIT_FLOW",
     "QWIT_STATUS",
     "RESULT_POLLS_ENV",
@@ -78,6 +79,7 @@ __all__ = [
     "find_temporal_cli",
     "is_transient",
     "is_unavailable",
+    "metrics_runtime",
     "name",
     "new_encryption_key",
     "serve",

@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 from datetime import timedelta
 from types import ModuleType
 from typing import Any
 
 import temporalio.client
+from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
+from temporalio.service import RPCError
 from temporalio.worker import Worker
 
 from .._flow import Flow
+from .._metrics import METRICS
 from .._step import Step
 from ._activities import step_activities
 from ._config import default_task_queue
 from ._plugin import QwitPlugin
+
+log = logging.getLogger("qwit.worker")
 
 #: How long a stopping worker lets steps in flight finish before cancelling them.
 DEFAULT_GRACEFUL_SHUTDOWN = timedelta(seconds=30)
@@ -53,15 +59,79 @@ def create_worker(
     )
 
 
+#: The visibility query of the flows (and sub-flows) that wait for an operator.
+WAITING_QUERY = (
+    'WorkflowType = "qwit.Flow" AND ExecutionStatus = "Running" AND QwitStatus = "waiting"'
+)
+#: Seconds between two counts of the waiting flows (``qwit_flows_waiting``).
+WAITING_EVERY = 15.0
+
+
+#: Histogram buckets, in seconds, of QWIT's durations (Temporal's defaults are
+#: for milliseconds).
+BUCKETS: dict[str, list[float]] = {
+    "qwit_step_seconds": [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900],
+    "qwit_wait_seconds": [1, 10, 60, 300, 900, 3600, 4 * 3600, 24 * 3600, 7 * 24 * 3600],
+}
+
+#: Environment variable: ``qwit-worker --metrics-address``.
+METRICS_ADDRESS_ENV = "QWIT_METRICS_ADDRESS"
+
+
+def check_metrics_address(address: str) -> str:
+    """``address`` if it is ``HOST:PORT``.
+
+    Raises:
+        ValueError: it is not.
+    """
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"a metrics address is HOST:PORT, not {address!r}")
+    return address
+
+
+def metrics_runtime(address: str) -> Runtime:
+    """A temporalio ``Runtime`` serving Prometheus text at ``http://ADDRESS/metrics``:
+    the SDK's own metrics and QWIT's (``qwit._metrics.METRICS``). Connect the
+    worker's client with it (``connect_temporal(runtime=...)``).
+
+    Raises:
+        ValueError: ``address`` is not ``HOST:PORT``.
+    """
+    check_metrics_address(address)
+    prometheus = PrometheusConfig(bind_address=address, histogram_bucket_overrides=BUCKETS)
+    return Runtime(telemetry=TelemetryConfig(metrics=prometheus))
+
+
+async def count_waiting(client: temporalio.client.Client, every: float = WAITING_EVERY) -> None:
+    """Set the gauge ``qwit_flows_waiting`` of the client's runtime to the
+    number of flows waiting for an operator, every ``every`` seconds, until
+    cancelled."""
+    runtime = client.service_client.config.runtime or Runtime.default()
+    _, unit, description, _ = METRICS["qwit_flows_waiting"]
+    gauge = runtime.metric_meter.create_gauge("qwit_flows_waiting", description, unit or None)
+    warned = False
+    while True:
+        try:
+            gauge.set((await client.count_workflows(WAITING_QUERY)).count)
+        except RPCError as err:
+            if not warned:  # e.g. a namespace without QWIT's search attributes
+                log.warning("can't count the waiting flows: %s", err.message)
+                warned = True
+        await asyncio.sleep(every)
+
+
 async def serve(
     client: temporalio.client.Client,
     *members: type[Step] | type[Flow] | ModuleType,
     task_queue: str | None = None,
     stop: asyncio.Event | None = None,
+    waiting_every: float | None = None,
     **worker_options: Any,
 ) -> None:
     """Run a worker until SIGINT or SIGTERM (or ``stop`` is set), then shut
-    it down gracefully."""
+    it down gracefully. With ``waiting_every``, it also keeps the gauge
+    ``qwit_flows_waiting`` (see ``count_waiting``)."""
     worker = create_worker(client, *members, task_queue=task_queue, **worker_options)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -72,9 +142,14 @@ async def serve(
             installed.append(sig)
         except (NotImplementedError, RuntimeError):  # pragma: no cover - not on the main thread
             pass
+    counting = (
+        asyncio.ensure_future(count_waiting(client, waiting_every)) if waiting_every else None
+    )
     try:
         async with worker:
             await stop.wait()
     finally:
+        if counting is not None:
+            counting.cancel()
         for sig in installed:
             loop.remove_signal_handler(sig)

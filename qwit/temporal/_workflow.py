@@ -15,6 +15,8 @@ from typing import Any
 
 from temporalio import workflow
 from temporalio.common import (
+    MetricCounter,
+    MetricHistogramFloat,
     RetryPolicy,
     SearchAttributeKey,
     SearchAttributePair,
@@ -54,6 +56,7 @@ with workflow.unsafe.imports_passed_through():
         named_error_info,
     )
     from .._jsonargs import json_size
+    from .._metrics import METRICS
     from .._options import Retry
     from .._plan import (
         PAYLOAD_MARGIN,
@@ -395,6 +398,24 @@ class _Runtime(FlowRuntime):
     def tracing(self) -> bool:  # type: ignore[override]
         return self.owner.tracing
 
+    def record(self, metric: str, value: float, **labels: str) -> None:
+        # Temporal's own meter: the worker's runtime exports it (Prometheus,
+        # OpenTelemetry), and nothing is recorded while a flow replays.
+        instruments = self.owner.instruments
+        instrument = instruments.get(metric)
+        if instrument is None:
+            kind, unit, description, _ = METRICS[metric]
+            meter = workflow.metric_meter()
+            create = meter.create_counter if kind == "counter" else meter.create_histogram_float
+            instrument = instruments[metric] = create(metric, description, unit or None)
+        if isinstance(instrument, MetricCounter):
+            instrument.add(int(value), labels)
+        else:
+            instrument.record(value, labels)
+
+    def now(self) -> float:
+        return workflow.time()
+
     def cancel_requested(self) -> bool:
         if workflow.cancellation_reason() is not None:
             return True
@@ -481,6 +502,7 @@ class QwitWorkflow:
         self.main: asyncio.Task[Any] | None = None
         self.tracing = False
         """Set by ``TracedInterceptor`` on a worker that traces."""
+        self.instruments: dict[str, MetricCounter | MetricHistogramFloat] = {}
         self.run_id = workflow.info().run_id
         # The client sets QwitFlow at start only where the attributes exist.
         self.can_publish = workflow.info().typed_search_attributes.get(QWIT_FLOW) is not None

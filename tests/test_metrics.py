@@ -1,0 +1,122 @@
+"""QWIT's metrics on a real Temporal worker: scraped from its Prometheus
+endpoint (``qwit-worker --metrics-address``) after a rolled-back flow, a
+completed one and one waiting for an operator."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import urllib.request
+import uuid
+from collections.abc import Callable
+
+import pytest
+from click.testing import CliRunner
+
+import qwit
+from qwit.temporal import DevServer, connect_temporal, create_worker, metrics_runtime
+from qwit.temporal._worker import count_waiting
+from qwit.testing import wait_for_status
+from tests.test_conformance import new_ledger
+from tests.test_temporal_reactions import failing_flow
+from tests.test_temporal_subflows import Outer
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def scrape(address: str) -> str:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as response:
+        text: str = response.read().decode()
+        return text
+
+
+LINE = re.compile(r"^(?P<name>[a-z_]+)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$")
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        match = LINE.match(line)
+        if match is None or match["name"] != name:
+            continue
+        have = dict(re.findall(r'(\w+)="([^"]*)"', match["labels"] or ""))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += float(match["value"])
+    return total
+
+
+async def until(check: Callable[[], bool], timeout: float = 30) -> None:
+    async def poll() -> None:
+        while not check():
+            await asyncio.sleep(0.2)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+async def test_the_metrics_of_flows_on_a_worker(dev_server: DevServer):
+    address = f"127.0.0.1:{free_port()}"
+    temporal = await connect_temporal(
+        target_host=dev_server.address, runtime=metrics_runtime(address)
+    )
+    queue = f"metrics-{uuid.uuid4().hex[:8]}"
+    client = await qwit.connect(temporal_client=temporal, task_queue=queue)
+    waits = failing_flow(qwit.WAIT)
+    async with create_worker(temporal, Outer, waits, task_queue=queue):
+        counting = asyncio.ensure_future(count_waiting(temporal, every=0.3))
+        try:
+            handle = await client.start(
+                Outer, {"ledger": new_ledger(), "fail": "I2", "fail_after": True}
+            )
+            with pytest.raises(qwit.FlowRolledBack):
+                await handle.result()
+            await client.run(Outer, {"ledger": new_ledger()})
+            waiting = await client.start(
+                waits, {"ledger": new_ledger(), "fail": "react.F", "fail_after": True}
+            )
+            await wait_for_status(waiting, "waiting", timeout=30)
+            await until(lambda: value(scrape(address), "qwit_flows_waiting") >= 1)
+            text = scrape(address)
+        finally:
+            counting.cancel()
+        await waiting.cancel()
+    print("\n" + "\n".join(line for line in text.splitlines() if line.startswith("qwit_")))
+    assert value(text, "qwit_flows_started", flow="Outer") == 2
+    assert value(text, "qwit_flows_ended", flow="Outer", outcome="rolled_back") == 1
+    assert value(text, "qwit_flows_ended", flow="Outer", outcome="completed") == 1
+    assert value(text, "qwit_flows_ended", flow="Inner", outcome="rolled_back") == 1
+    # the rolled-back one: O1, I1 done, I2 failed; then I2, I1, O1 undone
+    assert value(text, "qwit_steps", step="I2", direction="step_forward", outcome="failed") == 1
+    assert value(text, "qwit_steps", step="O1", direction="step_forward", outcome="done") == 2
+    assert value(text, "qwit_steps", direction="step_back", outcome="done") == 3
+    assert value(text, "qwit_compensations", outcome="compensated") == 3
+    assert value(text, "qwit_compensations", step="O1", outcome="compensated") == 1
+    assert value(text, "qwit_step_seconds_count", step="O1", direction="step_forward") == 2
+    # buckets in seconds: a step of this test takes well under 10 s
+    count = value(text, "qwit_step_seconds_count", step="O1", direction="step_forward")
+    assert (
+        value(text, "qwit_step_seconds_bucket", step="O1", direction="step_forward", le="10")
+        == count
+    )
+    assert value(text, "qwit_waits", step="react.F") == 1
+    assert value(text, "qwit_flows_waiting") == 1
+    # Temporal's own metrics are still there, with QWIT's
+    assert value(text, "temporal_workflow_completed") >= 1
+    # every sample carries the namespace and task queue (Temporal adds them)
+    assert value(text, "qwit_flows_started", task_queue=queue, namespace="default") >= 2
+
+
+def test_the_worker_refuses_a_bad_metrics_address():
+    from qwit._cli import cli
+
+    result = CliRunner().invoke(
+        cli, ["worker", "samples.order.flows", "--metrics-address", "nowhere"]
+    )
+    assert result.exit_code == 2, result.output
+    assert "a metrics address is HOST:PORT" in result.output
