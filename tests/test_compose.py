@@ -109,3 +109,22 @@ def test_temporal_versions_are_those_the_tests_run():
     for service in ("temporal", "temporal-schema", "temporal-setup"):
         assert _minor(tag[service]) == _minor(tested["server"]), (service, tag[service], tested)
     assert _minor(tag["temporal-ui"]) == _minor(tested["ui"]), (tag["temporal-ui"], tested)
+
+
+def test_the_trace_viewer_is_an_optional_profile_the_worker_exports_to():
+    jaeger = SERVICES["jaeger"]
+    assert jaeger["profiles"] == ["tracing"]
+    image, _, tag = jaeger["image"].rpartition(":")
+    assert image == "jaegertracing/all-in-one"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", tag), "pinned, not latest"
+    worker = SERVICES["qwit-worker"]["environment"]
+    assert worker["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4318"
+    assert interpolate(str(worker["QWIT_TRACING"]), {}) == "0"
+    assert interpolate(str(worker["QWIT_TRACING"]), {"QWIT_TRACING": "1"}) == "1"
+    assert "--profile tracing" in COMPOSE_TEXT and "--profile tracing" in README
+
+
+def test_every_image_is_pinned():
+    for name, service in SERVICES.items():
+        if "image" in service and "build" not in service:
+            assert re.search(r":\d[\w.-]*$", service["image"]), (name, service["image"])

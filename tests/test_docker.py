@@ -55,7 +55,10 @@ def image_environment(extra: str = "") -> dict[str, str]:
 
 
 def runtime_requirements() -> list[Requirement]:
-    return [Requirement(r) for r in PYPROJECT["project"]["dependencies"]]
+    """What the image installs: QWIT's dependencies and its tracing extra's."""
+    project = PYPROJECT["project"]
+    extra = project["optional-dependencies"]["tracing"]
+    return [Requirement(r) for r in [*project["dependencies"], *extra]]
 
 
 def test_every_runtime_dependency_is_pinned_at_a_version_pyproject_allows():
