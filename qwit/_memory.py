@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -26,14 +27,51 @@ if TYPE_CHECKING:
     from ._flow import Flow
 
 
+class Clock:
+    """Time as an in-memory engine sees it: the real one."""
+
+    def now(self) -> float:
+        """Seconds, from some fixed point."""
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait ``seconds``."""
+        await asyncio.sleep(seconds)
+
+
+class SkippingClock(Clock):
+    """Virtual time, for tests of flows that wait: every wait of the engine
+    (a retry's backoff, a retried segment's) returns at once and moves this
+    clock on by its length. A step's own timeout still runs in real time.
+
+    Attributes:
+        skipped: Seconds skipped so far.
+        waits: Each wait skipped, in seconds, in order.
+    """
+
+    def __init__(self) -> None:
+        self.skipped = 0.0
+        self.waits: list[float] = []
+
+    def now(self) -> float:
+        return time.monotonic() + self.skipped
+
+    async def sleep(self, seconds: float) -> None:
+        self.skipped += seconds
+        self.waits.append(seconds)
+        await asyncio.sleep(0)
+
+
 async def run_with_retries(
-    attempt: Callable[[int], Awaitable[dict[str, Any]]], retry: Retry
+    attempt: Callable[[int], Awaitable[dict[str, Any]]],
+    retry: Retry,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> StepReturn:
     """Run ``attempt(1)``, ``attempt(2)``... until one returns a step's output,
     or ``retry`` is spent or the error is not retryable (then StepFailure).
 
     The retry rule, written once for every in-memory engine: back off by
-    ``retry.delay(n)`` between attempts.
+    ``retry.delay(n)`` between attempts (waiting with ``sleep``).
     """
     number = 0
     while True:
@@ -45,7 +83,7 @@ async def run_with_retries(
         spent = retry.max_attempts is not None and number >= retry.max_attempts
         if spent or not info.retryable:
             raise StepFailure(info.model_copy(update={"attempt": number}))
-        await asyncio.sleep(retry.delay(number))
+        await sleep(retry.delay(number))
 
 
 class Heartbeats:
@@ -134,6 +172,12 @@ class InMemoryRuntime(FlowRuntime):
         self.engine = run.engine.name
         self.tracing = run.engine.tracing
 
+    def now(self) -> float:
+        return self.run.engine.clock.now()
+
+    async def sleep(self, seconds: float) -> None:
+        await self.run.engine.clock.sleep(seconds)
+
     async def run_attempt(
         self, cls: type[Any], node: StepNode, call: StepCall, attempt: int, beats: Heartbeats
     ) -> Any:
@@ -163,7 +207,7 @@ class InMemoryRuntime(FlowRuntime):
             output: dict[str, Any] = await self.run_attempt(cls, node, own, number, beats)
             return copy.deepcopy(output)
 
-        return await run_with_retries(attempt, retry)
+        return await run_with_retries(attempt, retry, self.sleep)
 
     async def start_subflow(self, node: FlowNode, input: FlowInput, attempt: int) -> SubflowRun:
         flow_id = child_flow_id(input, input.path, attempt)
@@ -229,6 +273,8 @@ class InMemoryEngine(Engine):
         self.started = 0
         self.tracing = False
         """Whether its flows emit OpenTelemetry spans."""
+        self.clock: Clock = Clock()
+        """How its flows wait (a ``SkippingClock`` makes tests of waits quick)."""
 
     def runtime(self, run: InMemoryRun) -> InMemoryRuntime:
         """The runtime of one flow of this engine."""
