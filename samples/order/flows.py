@@ -22,6 +22,12 @@ class OrderLine(BaseModel):
     quantity: int = 1
 
 
+def forward_key() -> str:
+    """In a step_back: the idempotency key of the step_forward it undoes (an
+    undo's key is its forward's key plus the direction)."""
+    return qwit.context().idempotency_key.removesuffix("/step_back")
+
+
 class ReserveInventory(qwit.Step, name="inventory.reserve"):
     """Typed: receives only the fields of OrderLine."""
 
@@ -30,8 +36,10 @@ class ReserveInventory(qwit.Step, name="inventory.reserve"):
         return {"reservation": SHOP.reserve(key, args.sku, args.quantity)}
 
     async def step_back(self, args: dict[str, Any]) -> None:
-        # step_back sees its own step's output: the reservation to release.
-        SHOP.release(args["reservation"])
+        # step_back sees its own step's output: the reservation to release. A
+        # step_forward that failed after reserving has no output: its key
+        # finds the reservation (releasing one never made does nothing).
+        SHOP.release(args.get("reservation") or SHOP.reservation_id(forward_key()))
 
 
 class ChargePayment(qwit.Step, name="payments.charge"):
@@ -46,9 +54,10 @@ class ChargePayment(qwit.Step, name="payments.charge"):
         return {"charge": charge}
 
     async def step_back(self, args: dict[str, Any]) -> None:
-        # Undo of a charge that failed has no "charge" in its args: nothing to refund.
-        if "charge" in args:
-            SHOP.refund(args["charge"])
+        # The undo of a charge that failed has no "charge" in its args, but it
+        # may have charged (and timed out, or failed, after): its key finds the
+        # charge. A declined card charged nothing, and there is nothing to refund.
+        SHOP.refund(args.get("charge") or SHOP.charge_id(forward_key()))
 
 
 class CreateShipment(qwit.Step, name="shipping.create"):

@@ -27,8 +27,12 @@ class Shop:
     log: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def reservation_id(self, key: str) -> str:
+        """The id of the reservation made under ``key`` (if any was)."""
+        return _id("res", key)
+
     def reserve(self, key: str, sku: str, quantity: int) -> str:
-        reservation_id = _id("res", key)
+        reservation_id = self.reservation_id(key)
         with self.lock:
             if reservation_id not in self.reservations:
                 if self.stock.get(sku, 0) < quantity:
@@ -46,8 +50,12 @@ class Shop:
                 self.stock[sku] += quantity
                 self.log.append(f"released {quantity} x {sku}")
 
+    def charge_id(self, key: str) -> str:
+        """The id of the charge made under ``key`` (if any was)."""
+        return _id("ch", key)
+
     def charge(self, key: str, card: str, cents: int) -> str:
-        charge_id = _id("ch", key)
+        charge_id = self.charge_id(key)
         with self.lock:
             if card.endswith("0002"):
                 raise CardDeclined(f"card ending {card[-4:]} was declined")

@@ -19,9 +19,13 @@ class Desk:
     log: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def hold_id(self, key: str) -> str:
+        """The id of the slot held under ``key`` (if any was)."""
+        return f"h-{hashlib.sha256(key.encode()).hexdigest()[:6]}"
+
     def hold(self, key: str, order_id: str) -> str:
         """Hold a pickup slot for an order (once per key)."""
-        hold = f"h-{hashlib.sha256(key.encode()).hexdigest()[:6]}"
+        hold = self.hold_id(key)
         with self.lock:
             if hold not in self.holds:
                 self.holds[hold] = order_id

@@ -17,8 +17,12 @@ class Carrier:
     log: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def booking_id(self, key: str) -> str:
+        """The id of the booking made under ``key`` (if any was)."""
+        return f"bk-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
     def book(self, key: str, order_id: str, carrier: str) -> str:
-        booking = f"bk-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+        booking = self.booking_id(key)
         with self.lock:
             if booking not in self.bookings:
                 self.bookings[booking] = order_id

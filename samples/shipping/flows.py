@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import qwit
-from samples.order.flows import ChargePayment, ReserveInventory
+from samples.order.flows import ChargePayment, ReserveInventory, forward_key
 from samples.shipping.carrier import CARRIER, NoRoute
 
 
@@ -23,7 +23,8 @@ class BookCarrier(qwit.Step, name="shipping.book_carrier"):
         return {"booking": CARRIER.book(key, args["order_id"], args["carrier"])}
 
     def step_back(self, args: dict[str, Any]) -> None:
-        CARRIER.cancel(args["booking"])
+        # A booking that failed after it was made has no output: its key finds it.
+        CARRIER.cancel(args.get("booking") or CARRIER.booking_id(forward_key()))
 
 
 class PrintLabel(qwit.Step, name="shipping.print_label"):
