@@ -172,7 +172,7 @@ async def test_redrive_an_aborted_flow_with_args_and_follow_it(
         table = words(done.out)
         assert f"flow cli_rd.order id {handle.id} status completed" in table
         assert f"redrive of run {first_run}" in table
-        assert "1 cli_rd.hold done 0" in table  # reused: no attempt in this run
+        assert "1 cli_rd.hold done 1" in table  # reused, with the attempts of the run that did it
         assert "2 cli_rd.charge done 1" in table
         assert "3 cli_rd.receipt (final) done 1" in table
 
