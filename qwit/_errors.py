@@ -243,6 +243,9 @@ class Compensation(BaseModel):
     status: Literal["compensated", "compensation_failed", "failed"]
     error: ErrorInfo | None = None
     """The undo's (or final step's) own error, when it failed."""
+    ended_at: float | None = None
+    """When the undo ended, on its engine's clock (seconds): how undos that
+    ran side by side in different sub-flows are put in order."""
 
 
 FailureKind = Literal["rolled_back", "cancelled", "compensation_failed", "aborted"]

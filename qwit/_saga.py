@@ -1166,9 +1166,37 @@ class Interpreter:
             async with gate:
                 await self._undo(member)  # (left alone once the rollback stopped)
 
+        marks = self._compensation_marks()
         await asyncio.gather(*(undo(member) for member in todo))
+        self._in_the_order_they_ended(marks)
         failed = any(m.status == "compensation_failed" for m in todo)
         self._step_to(group, "compensation_failed" if failed else "compensated")
+
+    def _compensation_marks(self) -> tuple[int, int, int]:
+        saga = self.saga
+        return len(saga.compensations), len(saga.compensated), len(saga.failed_compensations)
+
+    def _in_the_order_they_ended(self, marks: tuple[int, int, int]) -> None:
+        """Put the undos listed since ``marks`` in the order they ended: a
+        sub-flow's are listed when its whole rollback ends, though they ran
+        beside its siblings' (whose own may have ended in between)."""
+        saga = self.saga
+        at, names, failed = marks
+        tail = saga.compensations[at:]
+        done = [c.name for c in tail if c.status == "compensated"]
+        not_done = [c.name for c in tail if c.status == "compensation_failed"]
+        if (
+            any(c.ended_at is None for c in tail)  # a sub-flow of an older QWIT
+            or done != saga.compensated[names:]
+            or not_done != saga.failed_compensations[failed:]  # a shortened list
+        ):
+            return  # left as they came
+        tail.sort(key=lambda c: c.ended_at or 0.0)  # stable: ties keep their order
+        saga.compensations[at:] = tail
+        saga.compensated[names:] = [c.name for c in tail if c.status == "compensated"]
+        saga.failed_compensations[failed:] = [
+            c.name for c in tail if c.status == "compensation_failed"
+        ]
 
     async def _undo(self, run: StepRun) -> None:
         node = run.node
@@ -1229,7 +1257,13 @@ class Interpreter:
             run.name
         )
         self.saga.compensations.append(
-            Compensation(name=run.name, path=run.path, status=status, error=error)
+            Compensation(
+                name=run.name,
+                path=run.path,
+                status=status,
+                error=error,
+                ended_at=self.runtime.now() if self.input.execution is not None else None,
+            )
         )
 
     def _absorb(self, info: FailureInfo) -> None:

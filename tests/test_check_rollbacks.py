@@ -531,13 +531,8 @@ async def test_sub_flows_undone_side_by_side_are_undone_once_in_dependency_order
     assert all(v.startswith("compensated lists ") for v in case.violations)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RollbackCheckFailed,
-    reason="the interpreter adds a sub-flow's undos to compensated (and compensations) "
-    "once its whole rollback has ended, so the undos of sub-flows undone side by side "
-    "are not listed in the order they ended: cr.b2's undo ends at 10 ms, before "
-    "cr.a1's starts at 50 ms, and is listed after it",
-)
 async def test_sub_flows_undone_side_by_side_are_listed_in_the_order_their_undos_ended():
+    """A sub-flow's undos reach its parent when its whole rollback has ended;
+    those of sub-flows undone side by side are put in the order they ended
+    (cr.b2's undo ends at 10 ms, before cr.a1's starts at 50 ms)."""
     await check_rollbacks(TwoSubflows, {}, cases=ONE_CASE)
