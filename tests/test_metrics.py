@@ -15,8 +15,13 @@ import pytest
 from click.testing import CliRunner
 
 import qwit
-from qwit.temporal import DevServer, connect_temporal, create_worker, metrics_runtime
-from qwit.temporal._worker import count_waiting
+from qwit.temporal import (
+    DevServer,
+    connect_temporal,
+    count_waiting,
+    create_worker,
+    metrics_runtime,
+)
 from qwit.testing import wait_for_status
 from tests.test_conformance import new_ledger
 from tests.test_temporal_reactions import failing_flow

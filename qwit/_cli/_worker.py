@@ -9,12 +9,13 @@ from typing import Any
 
 import click
 
-from ..temporal import connect_temporal, serve
-from ..temporal._worker import (
+from ..temporal import (
     METRICS_ADDRESS_ENV,
     WAITING_EVERY,
     check_metrics_address,
+    connect_temporal,
     metrics_runtime,
+    serve,
 )
 from ._common import (
     Failed,

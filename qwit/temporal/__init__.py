@@ -33,7 +33,15 @@ from ._engine import (
     unreachable,
 )
 from ._plugin import QwitPlugin
-from ._worker import METRICS_ADDRESS_ENV, create_worker, metrics_runtime, serve
+from ._worker import (
+    METRICS_ADDRESS_ENV,
+    WAITING_EVERY,
+    check_metrics_address,
+    count_waiting,
+    create_worker,
+    metrics_runtime,
+    serve,
+)
 from ._workflow import QWIT_FLOW, QWIT_STATUS, WORKFLOW_NAME, QwitWorkflow
 
 if TYPE_CHECKING:
@@ -60,6 +68,7 @@ __all__ = [
     "TASK_QUEUE_ENV",
     "TRACING_ENV",
     "UNAVAILABLE_TIMEOUT_ENV",
+    "WAITING_EVERY",
     "WORKFLOW_NAME",
     "DevServer",
     "EncryptionCodec",
@@ -71,8 +80,10 @@ __all__ = [
     "TemporalFlowHandle",
     "TemporalSettings",
     "activity_name",
+    "check_metrics_address",
     "connect_config",
     "connect_temporal",
+    "count_waiting",
     "create_engine",
     "create_worker",
     "default_task_queue",
