@@ -442,11 +442,19 @@ class WireCall(BaseModel):
     def of(cls, call: StepCall, grace: float | None) -> WireCall:
         """What to send for ``call`` (of a plan of version 2 or later), run
         with a time limit of ``call.timeout`` plus ``grace``."""
-        if call.key is None or path_of(call.key) != call.path:
-            raise ValueError(f"call {call.key!r} of {call.path!r} has no key that ends in it")
+        if call.key is None:
+            raise ValueError(f"call of {call.path!r} has no key")
         timeout = None if grace == WIRE_GRACE else call.timeout
+        # The path is the key's last part, but for the undo of what a
+        # fallback did (keyed ``<forward key>/step_fallback``): then it is sent.
+        path = None if path_of(call.key) == call.path else call.path
         return cls(
-            args=call.args, key=call.key, timeout=timeout, index=call.index, error=call.error
+            args=call.args,
+            key=call.key,
+            timeout=timeout,
+            index=call.index,
+            error=call.error,
+            path=path,
         )
 
     def call(self, *, flow_id: str, step: str, direction: str, limit: float | None) -> StepCall:
@@ -461,7 +469,7 @@ class WireCall(BaseModel):
             timeout = limit - WIRE_GRACE
         return StepCall(
             flow_id=root_of(flow_id),
-            path=path_of(self.key),
+            path=self.path if self.path is not None else path_of(self.key),
             step=step,
             direction=direction,  # type: ignore[arg-type]
             args=self.args,

@@ -124,6 +124,8 @@ class StepRun:
     """A shard of a map: the map's path (the shard's own is ``<map>@<k>``)."""
     fell_back: bool = False
     """Its output is its ``step_fallback``'s."""
+    skipped_back: bool = False
+    """It failed with SKIPBACK: what it may have done is never undone."""
     ended: FailureKind | None = None
     """For a sub-flow that failed: how it ended (it rolled back, aborted...)."""
     recorded: list[StepRun] | None = None
@@ -164,7 +166,7 @@ class StepRun:
             return False  # undone as the group it is (on the done stack)
         if self.is_flow:  # one that failed has undone itself, unless it aborted
             if self.recorded is not None:  # (in an earlier run, of a redriven flow)
-                return self.held
+                return any(_to_undo(inner) for inner in self.recorded)  # aborted, or stopped
             return self.sub is not None and self.sub.held  # and its parent holds it
         return self.args is not None and (self.error is None or self.error.started)
 
@@ -635,6 +637,7 @@ class Interpreter:
             if reaction == SKIP:
                 self._step_to(run, "skipped")
                 return False
+            run.skipped_back = reaction == SKIPBACK
             if reaction == FALLBACK:
                 run.output = await self._fall_back(run)
                 self._step_to(run, "done")
@@ -646,9 +649,12 @@ class Interpreter:
 
     async def _fall_back(self, run: StepRun) -> dict[str, Any]:
         """Undo the failed attempt (if it may have done something), then run
-        the step's ``step_fallback``: its output stands in for the step's.
-        A fallback that fails for good rolls the flow back (the failed
-        attempt, undone already, is not undone again)."""
+        the step's ``step_fallback``: its output stands in for the step's,
+        and a later undo of the step, keyed on the fallback's key, gets it.
+        A fallback that fails for good rolls the flow back: the failed
+        attempt, undone already, is not undone again, and what the failed
+        fallback may have done is its own to clean up (its step has one
+        ``step_back``, for what stands in for its work)."""
         node = run.node
         assert isinstance(node, StepNode)
         assert run.error is not None
@@ -660,11 +666,13 @@ class Interpreter:
             args = {**(self.saga.args if run.base is None else run.base), **node.static_args}
             run.args = args
         self._step_to(run, "running")
-        call = self._call(
-            run, "step_fallback", args, error=error.model_copy(update={"traceback": ""})
-        )
-        if run.key is None:
-            run.key = call.key  # the undo of what the fallback did is keyed on it
+        call = self._call(run, "step_fallback", args, error=error)
+        # From here, what an undo of this step undoes is what the fallback
+        # did: its undo is keyed on the fallback's key (never again on the
+        # failed attempt's, whose undo ran already).
+        if call.key is not None:
+            run.key = call.idempotency_key
+        run.output = None
         try:
             result = await self._step_call(run, node, call)
         except StepFailure as failure:
@@ -1139,6 +1147,10 @@ class Interpreter:
         with self._span("rollback", path=self.input.path or None):
             for run in ([failed] if failed is not None else []) + self.saga.done[::-1]:
                 await self._undo(run)
+        if self.saga.rollback_stopped:
+            # The sub-flows it did not get to keep their effects, and end (a
+            # redrive finishes the rollback from what they report).
+            await self._settle_children(commit=True)
 
     def _left(self, run: StepRun) -> list[str]:
         """The names of what undoing ``run`` would have undone: a stopped
@@ -1447,7 +1459,7 @@ def _record_of(run: StepRun) -> StepRecord:
         output=run.output,
         key=run.key,
         attempts=run.attempts,
-        effect=run.status == "failed" and run.has_effect,
+        effect=run.status == "failed" and run.has_effect and not run.skipped_back,
         held=run.held or (run.sub is not None and run.sub.held),
         members=[_record_of(member) for member in run.members],
         sub_id=run.sub.flow_id if run.sub is not None else None,

@@ -209,10 +209,20 @@ def test_a_key_ends_in_its_steps_path(key: str, path: str) -> None:
     assert path_of(key) == path
 
 
-def test_a_call_whose_key_does_not_end_in_its_path_is_refused() -> None:
-    call = StepCall(flow_id="f", path="2", step="s", direction="step_forward", args={}, key="e/3")
+def test_a_call_whose_key_does_not_end_in_its_path_sends_its_path() -> None:
+    """The undo of what a fallback did is keyed ``<forward key>/step_fallback``:
+    its path travels with it; a call without a key is refused."""
+    call = StepCall(
+        flow_id="f", path="2", step="s", direction="step_back", args={}, key="e/2/step_fallback"
+    )
+    wire = WireCall.of(call, WIRE_GRACE)
+    assert wire.model_dump() == {"key": "e/2/step_fallback", "path": "2"}
+    back = wire.call(flow_id="f", step="s", direction="step_back", limit=330.0)
+    assert (back.path, back.idempotency_key) == ("2", "e/2/step_fallback/step_back")
+    plain = call.model_copy(update={"key": "e/2"})
+    assert "path" not in WireCall.of(plain, WIRE_GRACE).model_dump()
     with pytest.raises(ValueError, match="has no key"):
-        WireCall.of(call, WIRE_GRACE)
+        WireCall.of(call.model_copy(update={"key": None}), WIRE_GRACE)
 
 
 @pytest.mark.parametrize(

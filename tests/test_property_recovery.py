@@ -104,11 +104,11 @@ class Unit(qwit.Step, name="prec.unit"):
         eid, run = args["eid"], args["run"]
         key = qwit.context().idempotency_key
         forward = key.removesuffix(strict_ledger.BACK)
-        if f"fell_back_{eid}" in args:  # what stands in for the step is the fallback's
-            fallback = f"{forward}/step_fallback"
+        if f"fell_back_{eid}" in args:  # what stands in for the step is the fallback's:
+            # its undo is keyed on the fallback's key (``.../step_fallback``)
+            assert forward.endswith("/step_fallback"), key
             with LEDGER.attempt(
-                {**args, "eid": f"{eid}.fb", "epoch": _epoch_of(run, fallback)},
-                key=f"{fallback}{strict_ledger.BACK}",
+                {**args, "eid": f"{eid}.fb", "epoch": _epoch_of(run, forward)}
             ) as effect:
                 effect.undo()
             return

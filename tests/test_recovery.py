@@ -4,6 +4,7 @@ retried segments, fallbacks, final steps, stopping a rollback, redrive)."""
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from datetime import timedelta
 from typing import Any
 
@@ -861,3 +862,183 @@ async def test_a_redrive_runs_on_the_task_queue_the_flow_ran_on(
         assert (await outcome(again))[0] == "completed"
         state = await again.state()
     assert [s.attempts for s in state.steps] == [1, 1, 1, 1]
+
+
+# -- what an adversarial review found ---------------------------------------------
+#
+# A provider that dedups on the idempotency key, as a payment API does: a
+# second undo under a key it has seen is dropped. Each effect is named; its
+# count must end at 0 when the flow rolled back.
+
+APPLIED: dict[str, Counter[str]] = {}
+SEEN_UNDOS: set[str] = set()
+
+
+def apply(run: str, effect: str) -> None:
+    APPLIED.setdefault(run, Counter())[effect] += 1
+
+
+def unapply(run: str, effect: str) -> None:
+    key = qwit.context().idempotency_key
+    if key in SEEN_UNDOS:
+        return  # the key was used already: a real provider drops it
+    SEEN_UNDOS.add(key)
+    APPLIED.setdefault(run, Counter())[effect] -= 1
+
+
+def left(run: str) -> dict[str, int]:
+    return {k: v for k, v in APPLIED.get(run, Counter()).items() if v}
+
+
+class Keyed(qwit.Step, abstract=True):
+    retry = qwit.Retry(max_attempts=1)
+    back_retry = qwit.Retry(max_attempts=1)
+    heartbeat_timeout = 2
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        effect = args.get("eid", type(self).name)
+        apply(args["run"], effect)
+        if effect in args.get("fail", []):
+            raise qwit.StepError(f"{effect} failed after its effect", retry=False)
+        while effect in args.get("hold", []):
+            await asyncio.sleep(0.05)
+        return {}
+
+    async def step_back(self, args: dict[str, Any]) -> None:
+        if args["run"] in BROKEN_BACKS and type(self).name in args.get("broken", []):
+            raise RuntimeError("the refund service is down")
+        unapply(args["run"], args.get("eid", type(self).name))
+
+
+class KA(Keyed, name="rv.A"):
+    pass
+
+
+class KB(Keyed, name="rv.B"):
+    pass
+
+
+class KC(Keyed, name="rv.C"):
+    pass
+
+
+class KRate(Keyed, name="rv.Rate"):
+    on_failure = qwit.FALLBACK
+
+    async def step_fallback(self, args: dict[str, Any], error: Any) -> dict[str, Any]:
+        apply(args["run"], "rv.Rate.fb")
+        if "rv.Rate.fb" in args.get("fail", []):
+            raise qwit.StepError("the fallback failed after its effect", retry=False)
+        return {"rate": "flat"}
+
+    async def step_back(self, args: dict[str, Any]) -> None:
+        unapply(args["run"], "rv.Rate.fb" if args.get("rate") == "flat" else "rv.Rate")
+
+
+class KSkipback(Keyed, name="rv.Skipback"):
+    on_failure = qwit.SKIPBACK
+
+
+class FellBack(qwit.Flow, name="rv.fell_back"):
+    def build_flow(self) -> None:
+        self.step(KA)
+        self.step(KRate)
+        self.step(KC)
+
+
+@pytest.mark.parametrize("fallback_fails", [False, True])
+async def test_what_a_fallback_did_is_undone_under_a_key_of_its_own(env: Env, fallback_fails):
+    """The failed attempt's undo used ``<key>/step_back``; the fallback's output
+    is undone under the fallback's key, and not dropped as a repeat. A
+    fallback that fails after its effect leaves that effect (its own to
+    clean up, as documented); the failed attempt is undone once."""
+    run = new_ledger()
+    fail = ["rv.Rate", "rv.Rate.fb"] if fallback_fails else ["rv.Rate", "rv.C"]
+    async with env.serve(FellBack):
+        handle = await env.client.start(FellBack, {"run": run, "fail": fail})
+        kind, _ = await outcome(handle)
+    assert kind == "rolled_back"
+    assert left(run) == ({"rv.Rate.fb": 1} if fallback_fails else {})
+
+
+class SubXY(qwit.Flow, name="rv.sub_xy"):
+    def build_flow(self) -> None:
+        self.step(KA, {"eid": "X"})
+        self.step(KB, {"eid": "Y"})
+
+
+class BranchSub(qwit.Flow, name="rv.branch_sub"):
+    def build_flow(self) -> None:
+        self.step(KA)
+        with self.parallel():
+            self.step(KB)
+            self.step(SubXY)
+        self.step(KC)
+
+
+async def test_a_redrive_undoes_a_sub_flow_branch_stopped_without_rollback(env: Env):
+    run = new_ledger()
+    async with env.serve(BranchSub):
+        handle = await env.client.start(BranchSub, {"run": run, "hold": ["Y"]})
+        for _ in range(400):
+            if left(run).get("Y"):
+                break
+            await asyncio.sleep(0.02)
+        await handle.cancel(rollback=False)
+        assert (await outcome(handle))[0] == "cancelled"
+        again = await env.client.redrive(handle.id, args={"hold": [], "fail": ["rv.C"]})
+        kind, _ = await outcome(again)
+    assert kind == "rolled_back"
+    assert left(run) == {}
+
+
+class Skipped(qwit.Flow, name="rv.skipped"):
+    def build_flow(self) -> None:
+        self.step(KA)
+        self.step(KSkipback)
+
+
+async def test_finishing_a_rollback_leaves_a_skipback_step_as_it_is(env: Env):
+    run = new_ledger()
+    BROKEN_BACKS.add(run)
+    async with env.serve(Skipped):
+        handle = await env.client.start(
+            Skipped, {"run": run, "fail": ["rv.Skipback"], "broken": ["rv.A"]}
+        )
+        assert (await outcome(handle))[0] == "compensation_failed"
+        BROKEN_BACKS.discard(run)
+        kind, err = await outcome(await env.client.redrive(handle.id))
+    assert kind == "rolled_back"
+    assert err.compensated == ["rv.A"]
+    assert left(run) == {"rv.Skipback": 1}  # SKIPBACK: never undone
+
+
+class StopKeyed(Keyed, name="rv.Stop"):
+    back_on_failure = qwit.ABORT
+
+
+class StoppedBeforeSub(qwit.Flow, name="rv.stopped_before_sub"):
+    def build_flow(self) -> None:
+        self.step(KA)
+        self.step(SubXY)
+        self.step(StopKeyed)
+        self.step(KC)
+
+
+async def test_a_rollback_stopped_before_a_sub_flow_is_finished_by_a_redrive(env: Env):
+    """The sub-flow the stopped rollback did not get to keeps its effects and
+    ends (on Temporal it is not left waiting, then terminated); the redrive
+    undoes it."""
+    run = new_ledger()
+    BROKEN_BACKS.add(run)
+    async with env.serve(StoppedBeforeSub):
+        handle = await env.client.start(
+            StoppedBeforeSub, {"run": run, "fail": ["rv.C"], "broken": ["rv.Stop"]}
+        )
+        kind, err = await outcome(handle)
+        assert kind == "compensation_failed"
+        assert sorted(err.not_compensated) == ["rv.A", "rv.A", "rv.B"]
+        BROKEN_BACKS.discard(run)
+        kind, _ = await outcome(await env.client.redrive(handle.id))
+    assert kind == "rolled_back"
+    assert left(run) == {}
