@@ -190,3 +190,56 @@ class AbortedOrder(qwit.Flow):
     def build_flow(self) -> None:
         self.step(Reserve)
         self.step(JammedShipping)
+
+
+class Rate(qwit.Step):
+    """Falls back to a flat rate when told the carrier is down."""
+
+    on_failure = qwit.FALLBACK
+    retry = qwit.Retry(max_attempts=1)
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        if args.get("carrier_down"):
+            raise qwit.StepError("carrier down", retry=False)
+        return {"rate": "carrier"}
+
+    async def step_fallback(self, args: dict[str, Any], error: Any) -> dict[str, Any]:
+        return {"rate": "flat"}
+
+    async def step_back(self, args: dict[str, Any]) -> None:
+        return None
+
+
+class Receipt(qwit.Step):
+    async def step_forward(self, args: dict[str, Any]) -> None:
+        return None
+
+
+class Quote(qwit.Flow):
+    """A retried segment, a fallback, a final step: recovery in one flow."""
+
+    def build_flow(self) -> None:
+        self.step(Shipping, retry=qwit.Retry(max_attempts=2, initial_interval=0.1))
+        self.step(Rate)
+        self.step(Charge)
+        self.finally_step(Receipt)
+
+
+class Held(qwit.Step):
+    """Holds until its flow is cancelled."""
+
+    heartbeat_timeout = 2
+
+    async def step_forward(self, args: dict[str, Any]) -> None:
+        import asyncio
+
+        while True:
+            qwit.heartbeat()
+            await asyncio.sleep(0.05)
+
+
+class HeldOrder(qwit.Flow):
+    def build_flow(self) -> None:
+        self.step(Reserve)
+        self.step(Held)
+        self.step(Ship)

@@ -28,8 +28,10 @@ from tests.history_flows import (
     AbortedOrder,
     ApprovedOrder,
     Cancellable,
+    HeldOrder,
     OrderFlow,
     ParallelOrder,
+    Quote,
     RefundOrder,
     ShippedOrder,
 )
@@ -146,7 +148,46 @@ async def subflow_aborted(client: qwit.Client) -> str:
     return await ended_with(handle, qwit.FlowAborted)
 
 
+async def recovered(client: qwit.Client) -> str:
+    handle = await client.start(Quote, {"order_id": 13, "carrier_down": True}, id="history-quote")
+    await handle.result()
+    return handle.id
+
+
+async def recovery_rolled_back(client: qwit.Client) -> str:
+    handle = await client.start(
+        Quote,
+        {"order_id": 14, "carrier_down": True, "fail_payment": True},
+        id="history-quote-rolled-back",
+    )
+    return await ended_with(handle, qwit.FlowRolledBack)
+
+
+async def cancelled_in_place(client: qwit.Client) -> str:
+    handle = await client.start(HeldOrder, {"order_id": 15}, id="history-cancelled-in-place")
+    for _ in range(200):
+        state = await handle.state()
+        if state.steps[1].status == "running":
+            break
+        await asyncio.sleep(0.05)
+    await handle.cancel(rollback=False)
+    return await ended_with(handle, qwit.FlowCancelled)
+
+
+async def redriven(client: qwit.Client) -> str:
+    first = await client.start(AbortedOrder, {"order_id": 16}, id="history-redriven")
+    await ended_with(first, qwit.FlowAborted)
+    again = await client.redrive(first.id)
+    # the jammed label still jams: the redriven run aborts again, after undoing
+    # and re-running what it resumes from
+    return await ended_with(again, qwit.FlowAborted)
+
+
 SCENARIOS: dict[str, Scenario] = {
+    "recovered": recovered,
+    "recovery_rolled_back": recovery_rolled_back,
+    "cancelled_in_place": cancelled_in_place,
+    "redriven": redriven,
     "subflow_aborted": subflow_aborted,
     "parallel_completed": parallel_completed,
     "parallel_rolled_back": parallel_rolled_back,
@@ -185,6 +226,8 @@ async def record(names: list[str]) -> None:
             RefundOrder,
             ParallelOrder,
             AbortedOrder,
+            Quote,
+            HeldOrder,
             task_queue=queue,
         ):
             for name in names:
