@@ -869,9 +869,9 @@ class Interpreter:
             self.saga.waits.pop(member.path, None)
             if member.status == "running":
                 self._step_to(member, "failed")
-            stopped = member.status == "failed" and member.error is None
-            if member.is_flow and member.sub is not None and stopped and not member.sub.held:
-                await self._cancel_subflow(member, member.sub)
+            stopped = _stopped_subflow(member)
+            if stopped is not None:
+                await self._cancel_subflow(member, stopped)
         self._flow_to(self.saga.phase)
 
     async def _forward_step(
@@ -1039,9 +1039,7 @@ class Interpreter:
                 return self._cancelled_in_place(stop.run)
             return info
         self._flow_to("compensating")
-        for run in self.saga.done:  # everything that may have done something
-            for member in run.members:
-                member.undo_failed = True
+        self._undo_every_member()
         failed = stop.run if stop.run.base is None and stop.run.has_effect else None
         await self._rollback(failed)
         if self.saga.settle is None:
@@ -1062,18 +1060,14 @@ class Interpreter:
         if not self._cancel_rolls_back:
             return await self._stop_in_place()
         self._flow_to("compensating")
-        # A cancel rolls back everything that may have done something: a
-        # failed branch too, whatever reaction it was stopping its block with.
-        for run in self.saga.done:
-            for member in run.members:
-                member.undo_failed = True
+        self._undo_every_member()
         in_flight = self.saga.current
         undo: StepRun | None = None
         if in_flight is not None:
             self._step_to(in_flight, "failed")
-            sub = in_flight.sub
-            if in_flight.is_flow and sub is not None and in_flight.error is None and not sub.held:
-                await self._cancel_subflow(in_flight, sub)
+            stopped = _stopped_subflow(in_flight)
+            if stopped is not None:
+                await self._cancel_subflow(in_flight, stopped)
             elif in_flight.has_effect:
                 undo = in_flight
         await self._rollback(undo)
@@ -1086,11 +1080,19 @@ class Interpreter:
         in_flight = self.saga.current
         if in_flight is not None:
             self._step_to(in_flight, "failed")
-            sub = in_flight.sub
-            if in_flight.is_flow and sub is not None and in_flight.error is None and not sub.held:
-                await self._cancel_subflow(in_flight, sub)
+            stopped = _stopped_subflow(in_flight)
+            if stopped is not None:
+                await self._cancel_subflow(in_flight, stopped)
         await self._settle_children(commit=True)
         return self._cancelled_in_place(in_flight)
+
+    def _undo_every_member(self) -> None:
+        """Have a rollback undo everything a block's members may have done (a
+        failed branch too, whatever reaction stopped its block): what a
+        cancel, or a parent's word to undo, asks."""
+        for run in self.saga.done:
+            for member in run.members:
+                member.undo_failed = True
 
     async def _cancel_subflow(self, run: StepRun, sub: SubflowRun) -> None:
         """Cancel a sub-flow stopped mid-run; it undoes itself (unless this
@@ -1429,6 +1431,15 @@ def _step_state(run: StepRun) -> StepState:
         index=run.index,
         steps=[_step_state(member) for member in run.members],
     )
+
+
+def _stopped_subflow(run: StepRun) -> SubflowRun | None:
+    """The sub-flow ``run`` started, if it was stopped mid-run (it had not
+    ended, failed or aborted, on its own): cancelled, it undoes itself."""
+    sub = run.sub
+    if not run.is_flow or sub is None or sub.held:
+        return None
+    return sub if run.status == "failed" and run.error is None else None
 
 
 def _all_runs(runs: list[StepRun]) -> list[StepRun]:

@@ -587,32 +587,55 @@ class TemporalEngine(Engine):
 
     async def start(self, flow: type[Flow], input: FlowInput) -> FlowHandle:
         del flow  # the workflow runs the plan alone; workers have the steps
-        client = await self.temporal_client()
-        namespace = await self.namespace()
         _check_plan_length(input.flow)
-        input = input.model_copy(update={"payload_limit": namespace.payload_limit})
-        size = json_size(input.model_dump(mode="json"))
-        if size > namespace.payload_limit - PAYLOAD_MARGIN:
+        input, size, limit = await self._sized(input)
+        if size > limit - PAYLOAD_MARGIN:
             raise ArgumentsError(
                 f"flow {input.flow.name!r}: its args and plan take {size} bytes, over the "
-                f"{namespace.payload_limit}-byte payload limit of the namespace; pass "
+                f"{limit}-byte payload limit of the namespace; pass "
                 "references (ids, URLs) instead of large values"
             )
-        publish = namespace.search_attributes
+        return await self._start_workflow(
+            input,
+            task_queue=self.settings.task_queue,
+            details=None,
+            running=ArgumentsError(f"a flow with id {input.root_id!r} is already running"),
+            doing=f"to start flow {input.root_id!r}",
+        )
+
+    async def _sized(self, input: FlowInput) -> tuple[FlowInput, int, int]:
+        """``input`` with the namespace's payload limit, its size, and that limit."""
+        limit = (await self.namespace()).payload_limit
+        input = input.model_copy(update={"payload_limit": limit})
+        return input, json_size(input.model_dump(mode="json")), limit
+
+    async def _start_workflow(
+        self,
+        input: FlowInput,
+        *,
+        task_queue: str,
+        details: str | None,
+        running: QwitError,
+        doing: str,
+    ) -> FlowHandle:
+        """Start the workflow of ``input`` (``running``: raised if its id runs)."""
+        client = await self.temporal_client()
+        publish = (await self.namespace()).search_attributes
         try:
             handle = await client.start_workflow(
                 WORKFLOW_NAME,
                 input,
                 id=input.root_id,
-                task_queue=self.settings.task_queue,
+                task_queue=task_queue,
                 static_summary=input.flow.name,
+                static_details=details,
                 search_attributes=search_attributes(input.flow.name) if publish else None,
             )
         except WorkflowAlreadyStartedError:
-            raise ArgumentsError(f"a flow with id {input.root_id!r} is already running") from None
+            raise running from None
         except RPCError as err:
             if is_unavailable(err):
-                raise unreachable(client, err, f"to start flow {input.root_id!r}") from err
+                raise unreachable(client, err, doing) from err
             raise
         return TemporalFlowHandle(self, handle.id, handle.result_run_id)
 
@@ -641,37 +664,24 @@ class TemporalEngine(Engine):
 
     async def restart(self, input: FlowInput) -> FlowHandle:
         client = await self.temporal_client()
-        namespace = await self.namespace()
-        input = input.model_copy(update={"payload_limit": namespace.payload_limit})
-        size = json_size(input.model_dump(mode="json"))
-        if size > namespace.payload_limit - PAYLOAD_MARGIN:
+        input, size, limit = await self._sized(input)
+        if size > limit - PAYLOAD_MARGIN:
             raise ReactionError(
                 f"flow {input.root_id!r}: what its redrive reuses takes {size} bytes, over the "
-                f"{namespace.payload_limit}-byte payload limit of the namespace"
+                f"{limit}-byte payload limit of the namespace"
             )
         of_run = input.redrive.of_run if input.redrive is not None else None
+        doing = f"to redrive flow {input.root_id!r}"
         # On the task queue the flow ran on, whose workers serve its steps.
-        with _rpc_errors(client, input.root_id, f"to redrive flow {input.root_id!r}"):
+        with _rpc_errors(client, input.root_id, doing):
             earlier = await client.get_workflow_handle(input.root_id).describe()
-        try:
-            handle = await client.start_workflow(
-                WORKFLOW_NAME,
-                input,
-                id=input.root_id,
-                task_queue=earlier.task_queue or self.settings.task_queue,
-                static_summary=input.flow.name,
-                static_details=f"Redrive of run {of_run}." if of_run else None,
-                search_attributes=(
-                    search_attributes(input.flow.name) if namespace.search_attributes else None
-                ),
-            )
-        except WorkflowAlreadyStartedError:
-            raise ReactionError(f"flow {input.root_id!r} is running again already") from None
-        except RPCError as err:
-            if is_unavailable(err):
-                raise unreachable(client, err, f"to redrive flow {input.root_id!r}") from err
-            raise
-        return TemporalFlowHandle(self, handle.id, handle.result_run_id)
+        return await self._start_workflow(
+            input,
+            task_queue=earlier.task_queue or self.settings.task_queue,
+            details=f"Redrive of run {of_run}." if of_run else None,
+            running=ReactionError(f"flow {input.root_id!r} is running again already"),
+            doing=doing,
+        )
 
 
 __all__ = [
