@@ -18,11 +18,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 SAGA = ROOT / "qwit" / "_saga.py"
 
-UNDO_NEWEST_FIRST = "        for run in ([failed] if failed is not None else []) + self.saga.done"
+UNDO_NEWEST_FIRST = "            for run in ([failed] if failed is not None else []) + self.saga.done"
 MUTATIONS = {
     "undo in plan order, not reverse dependency order": (
-        f"{UNDO_NEWEST_FIRST}[::-1]:\n            await self._undo(run)",
-        f"{UNDO_NEWEST_FIRST}:\n            await self._undo(run)",
+        f"{UNDO_NEWEST_FIRST}[::-1]:\n                await self._undo(run)",
+        f"{UNDO_NEWEST_FIRST}:\n                await self._undo(run)",
     ),
     "a failed member undone before its siblings stopped": (
         "                raise _Stop(reaction, run, undo_failed=False)",
