@@ -18,7 +18,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 SAGA = ROOT / "qwit" / "_saga.py"
 
-UNDO_NEWEST_FIRST = "            for run in ([failed] if failed is not None else []) + self.saga.done"
+UNDO_NEWEST_FIRST = (
+    "            for run in ([failed] if failed is not None else []) + self.saga.done"
+)
 MUTATIONS = {
     "undo in plan order, not reverse dependency order": (
         f"{UNDO_NEWEST_FIRST}[::-1]:\n                await self._undo(run)",
