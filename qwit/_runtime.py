@@ -32,6 +32,16 @@ class FlowFailure(Exception):
         self.info = info
 
 
+class SubflowStartCancelled(asyncio.CancelledError):
+    """The flow, or the branch starting a sub-flow, was cancelled while the
+    sub-flow started. ``sub`` is the sub-flow if it did start: it runs, and
+    is stopped (and undoes itself) like any other sub-flow in flight."""
+
+    def __init__(self, sub: SubflowRun | None) -> None:
+        super().__init__()
+        self.sub = sub
+
+
 class Decision(BaseModel):
     """An operator's answer to a waiting flow."""
 
@@ -97,6 +107,9 @@ class FlowRuntime(ABC):
         Raises:
             StepFailure: the sub-flow could not start (e.g. its id is taken);
                 the parent treats it as the failure of that step.
+            SubflowStartCancelled: the flow was cancelled while the sub-flow
+                started; raised once the start is decided, with the sub-flow
+                if it started.
         """
 
     @abstractmethod
@@ -161,4 +174,4 @@ class FlowRuntime(ABC):
                     return task.result()
 
 
-__all__ = ["Decision", "FlowFailure", "FlowRuntime", "SubflowRun"]
+__all__ = ["Decision", "FlowFailure", "FlowRuntime", "SubflowRun", "SubflowStartCancelled"]

@@ -61,7 +61,7 @@ from ._plan import (
     relative_place,
     walk,
 )
-from ._runtime import Decision, FlowFailure, FlowRuntime, SubflowRun
+from ._runtime import Decision, FlowFailure, FlowRuntime, SubflowRun, SubflowStartCancelled
 from ._state import (
     ERROR_STATUSES,
     UNDO_STATUSES,
@@ -924,7 +924,13 @@ class Interpreter:
         refused = self.runtime.refuse_forward(child, self._pending_undos())
         if refused is not None:
             raise StepFailure(refused)
-        run.sub = await self.runtime.start_subflow(node, child, run.runs)
+        try:
+            run.sub = await self.runtime.start_subflow(node, child, run.runs)
+        except SubflowStartCancelled as cancelled:
+            run.sub = cancelled.sub  # if it started, it is stopped like any in flight
+            if run.sub is not None:
+                run.attempts += 1
+            raise
         run.attempts += 1
         outputs = await run.sub.forward()
         outgrown = None if run.base is not None else self._outgrown(run, outputs)

@@ -7,7 +7,14 @@ in flight were recorded with them).
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+from collections.abc import Sequence
 from typing import Any
+
+import temporalio.client
+from temporalio.api.common.v1 import Payload
+from temporalio.converter import PayloadCodec
 
 import qwit
 
@@ -243,3 +250,30 @@ class HeldOrder(qwit.Flow):
         self.step(Reserve)
         self.step(Held)
         self.step(Ship)
+
+
+class HoldChildStart(PayloadCodec):
+    """Leaves payloads as they are, but holds the encoding of the first
+    sub-flow's input (what the parent's start command carries) until
+    ``release``: the workflow task that starts the child can't complete, and
+    what arrives meanwhile (a cancel) reaches the parent before the news that
+    its child started."""
+
+    def __init__(self) -> None:
+        self.holding = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def encode(self, payloads: Sequence[Payload]) -> list[Payload]:
+        if not self.holding.is_set() and any(b'"parent_id":"' in p.data for p in payloads):
+            self.holding.set()
+            await self.release.wait()
+        return list(payloads)
+
+    async def decode(self, payloads: Sequence[Payload]) -> list[Payload]:
+        return list(payloads)
+
+    def client(self, temporal: temporalio.client.Client) -> temporalio.client.Client:
+        """``temporal``'s connection, with this codec: for the worker to hold."""
+        config = temporal.config()
+        config["data_converter"] = dataclasses.replace(temporal.data_converter, payload_codec=self)
+        return temporalio.client.Client(**config)

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import temporalio.client
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowHistory
 
@@ -29,6 +30,7 @@ from tests.history_flows import (
     ApprovedOrder,
     Cancellable,
     HeldOrder,
+    HoldChildStart,
     OrderFlow,
     ParallelOrder,
     Quote,
@@ -183,6 +185,20 @@ async def redriven(client: qwit.Client) -> str:
     return await ended_with(again, qwit.FlowAborted)
 
 
+async def subflow_start_cancelled(client: qwit.Client, codec: HoldChildStart) -> str:
+    # served by a worker whose codec holds the command that starts the child
+    handle = await client.start(ShippedOrder, {"order_id": 12}, id="history-start-cancelled")
+    await codec.holding.wait()
+    await handle.cancel()
+    codec.release.set()
+    return await ended_with(handle, qwit.FlowCancelled)
+
+
+HELD: dict[str, Callable[[qwit.Client, HoldChildStart], Awaitable[str]]] = {
+    "subflow_start_cancelled": subflow_start_cancelled,
+}
+"""Scenarios run on a worker of their own, whose codec is a ``HoldChildStart``."""
+
 SCENARIOS: dict[str, Scenario] = {
     "recovered": recovered,
     "recovery_rolled_back": recovery_rolled_back,
@@ -231,7 +247,11 @@ async def record(names: list[str]) -> None:
             task_queue=queue,
         ):
             for name in names:
-                todo = [(f"plan{PLAN_VERSION}.{name}", await SCENARIOS[name](client))]
+                if name in HELD:
+                    flow_id = await held(temporal, name)
+                else:
+                    flow_id = await SCENARIOS[name](client)
+                todo = [(f"plan{PLAN_VERSION}.{name}", flow_id)]
                 while todo:
                     file, flow_id = todo.pop(0)
                     history = await temporal.get_workflow_handle(flow_id).fetch_history()
@@ -240,5 +260,15 @@ async def record(names: list[str]) -> None:
                     todo += [(f"{file}.child{i + 1}", c) for i, c in enumerate(child_ids(history))]
 
 
+async def held(temporal: temporalio.client.Client, name: str) -> str:
+    """Run ``HELD[name]`` on a queue served by a worker holding child starts."""
+    codec = HoldChildStart()
+    holding = codec.client(temporal)
+    queue = f"record-held-{uuid.uuid4().hex[:8]}"
+    client = await qwit.connect(temporal_client=temporal, task_queue=queue)
+    async with create_worker(holding, ShippedOrder, task_queue=queue):
+        return await HELD[name](client, codec)
+
+
 if __name__ == "__main__":
-    asyncio.run(record(sys.argv[1:] or list(SCENARIOS)))
+    asyncio.run(record(sys.argv[1:] or [*SCENARIOS, *HELD]))

@@ -33,6 +33,7 @@ from qwit.temporal import (
     create_worker,
     new_encryption_key,
 )
+from qwit.temporal._workflow import START_FINISHED
 from tests import secure_flows
 from tests.secure_flows import Complete, RollBack, WaitThenFinish
 
@@ -330,7 +331,7 @@ def _history_exposure(history: WorkflowHistory, secret: str) -> tuple[list[str],
 
 
 #: The ids of QWIT's ``workflow.patched`` gates (plain in every history).
-KNOWN_PATCHES = {ABORT_HELD}
+KNOWN_PATCHES = {ABORT_HELD, START_FINISHED}
 
 
 async def histories(

@@ -9,9 +9,12 @@ from typing import Any
 
 import pytest
 from temporalio.api.enums.v1 import EventType
+from temporalio.client import WorkflowExecutionStatus
 
 import qwit
+from qwit.temporal import create_worker
 from tests import ledger
+from tests.history_flows import HoldChildStart
 from tests.ledger import Effect
 
 
@@ -330,6 +333,40 @@ async def test_cancel_during_a_step_of_a_sub_flow(client, worker):
         ("undo", "A"),
         ("undo", "A"),
     ]
+
+
+class StartRaced(qwit.Flow):
+    def build_flow(self) -> None:
+        self.step(CancelMe)
+
+
+async def test_a_cancel_while_a_sub_flow_starts_stops_the_sub_flow(
+    client, temporal_client, task_queue
+):
+    """The cancel lands while the parent's task that starts the child is in
+    flight: the parent learns of it before it learns the child started. The
+    started child must still be cancelled and awaited (it undoes itself),
+    not left to be terminated when its parent closes."""
+    codec = HoldChildStart()
+    holding = codec.client(temporal_client)
+    run = new_ledger()
+    async with create_worker(holding, StartRaced, task_queue=task_queue):
+        handle = await client.start(StartRaced, {"ledger": run})
+        await asyncio.wait_for(codec.holding.wait(), 30)
+        await handle.cancel()
+        codec.release.set()
+        with pytest.raises(qwit.FlowCancelled):
+            await asyncio.wait_for(handle.result(), 30)
+        events = await history_events(temporal_client, handle.id)
+        [child] = [
+            e.start_child_workflow_execution_initiated_event_attributes.workflow_id
+            for e in events
+            if e.event_type == EventType.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED
+        ]
+        described = await temporal_client.get_workflow_handle(child).describe()
+    assert described.status != WorkflowExecutionStatus.TERMINATED
+    assert described.status != WorkflowExecutionStatus.RUNNING
+    ledger.assert_fully_undone(run)
 
 
 class Parked(qwit.Flow):

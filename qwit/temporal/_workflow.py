@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -69,6 +70,7 @@ with workflow.unsafe.imports_passed_through():
         WireCall,
         child_flow_id,
     )
+    from .._runtime import SubflowStartCancelled
     from .._saga import Decision, FlowFailure, FlowRuntime, Interpreter, SubflowRun
     from .._state import FAILED_STATUSES, FlowState, FlowStatus, WaitInfo
 
@@ -99,6 +101,9 @@ SIGNAL_SETTLE = "qwit.settle"
 SIGNAL_SUBFLOW_DONE = "qwit.subflow_done"
 SIGNAL_SUBFLOW_ABORTED = "qwit.subflow_aborted"
 SIGNAL_CANCEL = "qwit.cancel"
+START_FINISHED = "qwit-start-finished"
+"""Patch: a cancel that comes while a sub-flow starts waits for the start,
+and stops the sub-flow if it started (flows before it lost it)."""
 
 
 class SubflowDone(BaseModel):
@@ -366,6 +371,24 @@ class _Runtime(FlowRuntime):
             raise StepFailure(_error_info(err, retry)) from None
 
     async def start_subflow(self, node: FlowNode, input: FlowInput, attempt: int) -> SubflowRun:
+        if input.execution is None or not workflow.patched(START_FINISHED):
+            return await self._start_subflow(node, input, attempt)
+        # A cancel that comes while the child starts must not lose it: the
+        # start goes on (the child may already run, and apply effects), and
+        # the parent stops it once it is known to have started.
+        start = asyncio.ensure_future(self._start_subflow(node, input, attempt))
+        try:
+            return await asyncio.shield(start)
+        except asyncio.CancelledError:
+            while not start.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(start)
+            error = start.exception()
+            if error is not None and not isinstance(error, StepFailure):
+                raise error from None
+            raise SubflowStartCancelled(None if error else start.result()) from None
+
+    async def _start_subflow(self, node: FlowNode, input: FlowInput, attempt: int) -> SubflowRun:
         child_id = child_flow_id(input, input.path, attempt)
         try:
             handle = await workflow.start_child_workflow(
