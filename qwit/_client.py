@@ -259,6 +259,7 @@ async def connect(
     result_polls: int | None = None,
     unavailable_timeout: float | None = None,
     tracing: bool | None = None,
+    settings: Iterable[Any] = (),
     **temporal_options: Any,
 ) -> Client:
     """A client for starting and steering flows.
@@ -286,6 +287,9 @@ async def connect(
             Temporal, a flow started inside a span continues its trace (the
             workers trace with ``QwitPlugin(tracing=True)``); on ``qwit.local``,
             its flows emit their spans. Needs ``qwit[tracing]``.
+        settings: Other engines' settings, each handed to its engine alone
+            (e.g. ``qwit.postgres.PostgresSettings(dsn)``; without it that
+            engine reads ``$QWIT_POSTGRES_DSN``).
         **temporal_options: Overrides for ``temporalio.client.Client.connect``,
             e.g. ``target_host="temporal:7233"``, ``namespace="orders"``.
     """
@@ -299,7 +303,7 @@ async def connect(
     return Client(
         backend=backend,
         unserved_step_timeout=unserved_step_timeout,
-        settings=[temporal_settings],
+        settings=[temporal_settings, *settings],
         tracing=tracing,
     )
 

@@ -1,0 +1,549 @@
+"""How a flow runs on PostgreSQL: the saga interpreter, replayed from the
+flow's journal, on a loop of its own.
+
+A driver holds one run of one flow (root or sub-flow) on a worker. It runs
+the shared ``Interpreter`` on a ``FlowLoop`` and feeds it, one at a time, the
+rows of the run's inbox (``qwit.events``): a step's result, a timer, an
+operator's decision, a cancel, a sub-flow's report. Before it hands a row
+over it numbers it (``delivered``) and commits; after the interpreter has
+run as far as it can, it writes what the interpreter asked for (step jobs,
+sub-flows, timers, words to other flows) as ``qwit.commands``, each once,
+with its job or event in the same transaction, and the flow's ``state()``.
+
+A driver that dies (its worker killed, PostgreSQL restarted) is run again by
+another worker: it replays the numbered rows in their order (the interpreter
+is deterministic: same rows, same decisions, same commands; commands already
+written are not written again), and goes on from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from .._errors import ErrorInfo, FailureInfo, ReactionError, StepFailure
+from .._plan import FlowInput, FlowNode, StepCall, StepNode, StepReturn, child_flow_id
+from .._runtime import Decision, FlowFailure, FlowRuntime, SubflowRun, SubflowStartCancelled
+from .._saga import Interpreter
+from ._loop import FlowLoop
+from ._store import CHANNEL
+
+if TYPE_CHECKING:
+    from ._worker import PostgresWorker
+
+logger = logging.getLogger("qwit.postgres")
+
+Conn = psycopg.AsyncConnection[Any]
+Action = Callable[[Conn], Awaitable[None]]
+
+#: procrastinate task names (and queues) of QWIT's jobs.
+FLOW_TASK = "qwit.flow"
+STEP_TASK = "qwit.step"
+
+
+async def add_event(
+    conn: Conn,
+    run_id: str,
+    key: str,
+    kind: str,
+    payload: Any,
+    *,
+    delay: float | None = None,
+) -> None:
+    """Put a row in ``run_id``'s inbox (once per key) and announce it."""
+    await conn.execute(
+        "INSERT INTO qwit.events (run_id, key, kind, payload, due_at) VALUES "
+        "(%s, %s, %s, %s, CASE WHEN %s::float8 IS NULL THEN NULL "
+        "ELSE clock_timestamp() + make_interval(secs => %s::float8) END) "
+        "ON CONFLICT (run_id, key) DO NOTHING",
+        [run_id, key, kind, json.dumps(payload), delay, delay],
+    )
+    await conn.execute("SELECT pg_notify(%s, %s)", [CHANNEL, run_id])
+
+
+async def defer(
+    conn: Conn,
+    task: str,
+    args: dict[str, Any],
+    *,
+    queue: str,
+    lock: str | None = None,
+) -> int:
+    """Enqueue a procrastinate job in ``conn``'s transaction; its id."""
+    cur = await conn.execute(
+        "SELECT unnest(procrastinate_defer_jobs_v1(ARRAY[ROW(%s, %s, %s, NULL, %s, %s, "
+        "NULL)::procrastinate_job_to_defer_v1]))",
+        [queue, task, 0, lock, json.dumps(args)],
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+class _Child:
+    """A sub-flow as its parent's driver knows it, from its reports."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.done: dict[str, Any] | None = None
+        self.aborted: FailureInfo | None = None
+        self.ended = False
+        self.failure: FailureInfo | None = None
+
+
+class _Subflow(SubflowRun):
+    def __init__(self, driver: Driver, flow_id: str, child: _Child) -> None:
+        self.driver = driver
+        self.flow_id = flow_id
+        self.child = child
+
+    async def forward(self) -> dict[str, Any]:
+        child = self.child
+        await self.driver.wait_until(
+            lambda: child.done is not None or child.aborted is not None or child.ended
+        )
+        if child.done is not None:
+            return child.done
+        if child.aborted is not None:
+            self.held = True
+            raise FlowFailure(child.aborted)
+        if child.failure is not None:
+            raise FlowFailure(child.failure)
+        raise AssertionError("a sub-flow ended without reporting its steps")  # pragma: no cover
+
+    async def _end(self) -> FailureInfo | None:
+        await self.driver.wait_until(lambda: self.child.ended)
+        return self.child.failure
+
+    async def settle(self, commit: bool) -> FailureInfo | None:
+        self.driver.tell(self.child.run_id, "settle", {"commit": commit})
+        return await self._end()
+
+    async def cancel(self, rollback: bool = True) -> FailureInfo:
+        self.driver.tell(self.child.run_id, "cancel", {"rollback": rollback})
+        info = await self._end()
+        return info or FailureInfo(kind="cancelled", flow_id=self.flow_id, reason="cancelled")
+
+
+class _Runtime(FlowRuntime):
+    engine = "postgres"
+
+    def __init__(self, driver: Driver) -> None:
+        self.driver = driver
+
+    def now(self) -> float:
+        return self.driver.loop.clock
+
+    async def sleep(self, seconds: float) -> None:
+        driver = self.driver
+        key = driver.next_key("timer")
+        future = driver.expect(key)
+        run_id = driver.run_id
+
+        async def action(conn: Conn) -> None:
+            await add_event(conn, run_id, key, "timer", {}, delay=max(seconds, 0.0))
+
+        driver.command(key, action)
+        try:
+            await future
+        finally:
+            driver.expected.pop(key, None)
+
+    async def run_step(self, node: StepNode, call: StepCall) -> StepReturn:
+        driver = self.driver
+        key = driver.next_key(f"step:{call.path}/{call.direction}")
+        future = driver.expect(key)
+        args = {
+            "run_id": driver.run_id,
+            "key": key,
+            "node": node.model_dump(mode="json"),
+            "call": call.model_dump(mode="json"),
+        }
+
+        async def action(conn: Conn) -> None:
+            job = await defer(conn, STEP_TASK, args, queue=driver.worker.step_queue)
+            await conn.execute(
+                "UPDATE qwit.commands SET job_id = %s WHERE run_id = %s AND key = %s",
+                [job, driver.run_id, key],
+            )
+
+        driver.command(key, action)
+        cancelled = False
+        try:
+            payload = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # Stop the job, and wait until the step has ended: an undo never
+            # runs beside its own forward.
+            cancelled = True
+            driver.command(f"abort:{key}", driver.abort_action(key))
+            payload = await driver.settled(future)
+        finally:
+            driver.expected.pop(key, None)
+        if "ok" in payload:
+            return StepReturn.model_validate(payload["ok"])
+        if "cancelled" in payload or cancelled:
+            raise asyncio.CancelledError
+        raise StepFailure(ErrorInfo.model_validate(payload["error"]))
+
+    async def start_subflow(self, node: FlowNode, input: FlowInput, attempt: int) -> SubflowRun:
+        driver = self.driver
+        child_id = child_flow_id(input, input.path, attempt)
+        key = f"start:{child_id}"
+        future = driver.expect(key)
+        driver.command(key, driver.start_action(key, child_id, node, input))
+        try:
+            payload = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            payload = await driver.settled(future)
+            raise SubflowStartCancelled(driver.subflow(child_id, payload)) from None
+        finally:
+            driver.expected.pop(key, None)
+        sub = driver.subflow(child_id, payload)
+        if sub is None:
+            raise StepFailure(ErrorInfo.model_validate(payload["error"]))
+        return sub
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        await self.driver.wait_until(predicate)
+
+    def cancel_requested(self) -> bool:
+        return self.driver.cancelling
+
+    async def report_forward_done(self, outputs: dict[str, Any]) -> None:
+        self.driver.tell_parent("child_done", outputs)
+
+    async def report_aborted(self, info: FailureInfo) -> None:
+        self.driver.tell_parent("child_aborted", info.model_dump(mode="json"))
+
+    async def shield(self, coro: Any) -> Any:
+        return await FlowRuntime.shield(self, coro)
+
+
+class Driver:
+    """One run of one flow, on a worker (see the module's docstring)."""
+
+    def __init__(self, worker: PostgresWorker, row: dict[str, Any]) -> None:
+        self.worker = worker
+        self.flow_id: str = row["id"]
+        self.run_id: str = row["run_id"]
+        self.parent_run_id: str | None = row["parent_run_id"]
+        self.input = FlowInput.model_validate(row["input"])
+        self.started_at: float = row["created_at"].timestamp()
+        self.loop = FlowLoop()  # type: ignore[abstract]
+        self.loop.clock = self.started_at
+        self.expected: dict[str, asyncio.Future[Any]] = {}
+        self.counters: dict[str, int] = defaultdict(int)
+        self.commands: list[tuple[str, Action]] = []
+        self.waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
+        self.children: dict[str, _Child] = {}
+        self.cancelling = False
+        self.delivered = 0
+        self.words = 0
+        self.interpreter = Interpreter(self.input, _Runtime(self), self.flow_id)
+        self.task: asyncio.Task[dict[str, Any]] | None = None
+
+    # -- what the runtime asks of the driver --------------------------------
+
+    def next_key(self, prefix: str) -> str:
+        """``prefix`` numbered by how often this run asked for it (the same
+        on every replay: the interpreter asks in the same order)."""
+        self.counters[prefix] += 1
+        return f"{prefix}#{self.counters[prefix]}"
+
+    def expect(self, key: str) -> asyncio.Future[Any]:
+        future = self.loop.create_future()
+        self.expected[key] = future
+        return future
+
+    def command(self, key: str, action: Action) -> None:
+        self.commands.append((key, action))
+
+    async def settled(self, future: asyncio.Future[Any]) -> Any:
+        """``future``'s result, waited for through cancels."""
+        while True:
+            try:
+                return await asyncio.shield(future)
+            except asyncio.CancelledError:
+                if future.done():
+                    return future.result()
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        if predicate():
+            return
+        future: asyncio.Future[None] = self.loop.create_future()
+        self.waiters.append((predicate, future))
+        await future
+
+    def tell(self, run_id: str, kind: str, payload: Any) -> None:
+        """Put a row in another run's inbox (once, even on replay)."""
+        self.words += 1
+        key = f"{kind}:{self.run_id}#{self.words}"
+
+        async def action(conn: Conn) -> None:
+            await add_event(conn, run_id, key, kind, payload)
+
+        self.command(f"tell:{key}", action)
+
+    def tell_parent(self, kind: str, payload: Any) -> None:
+        parent = self.parent_run_id
+        if parent is None:  # pragma: no cover - only sub-flows report
+            return
+        key = f"{kind}:{self.flow_id}"
+
+        async def action(conn: Conn) -> None:
+            await add_event(conn, parent, key, kind, payload)
+
+        self.command(f"tell:{key}", action)
+
+    def abort_action(self, key: str) -> Action:
+        run_id = self.run_id
+
+        async def action(conn: Conn) -> None:
+            cur = await conn.execute(
+                "SELECT job_id FROM qwit.commands WHERE run_id = %s AND key = %s", [run_id, key]
+            )
+            row = await cur.fetchone()
+            if row is None or row[0] is None:
+                return
+            # procrastinate's own cancel: a job still waiting is cancelled, a
+            # running one is asked to abort (its task is cancelled, it reports)
+            await conn.execute("SELECT procrastinate_cancel_job_v1(%s, true, false)", [row[0]])
+            # a job cancelled before it ran reports nothing itself
+            await conn.execute(
+                "INSERT INTO qwit.events (run_id, key, kind, payload) "
+                "SELECT %s, %s, 'step', %s FROM procrastinate_jobs "
+                "WHERE id = %s AND status = 'cancelled' ON CONFLICT (run_id, key) DO NOTHING",
+                [run_id, key, json.dumps({"cancelled": True}), row[0]],
+            )
+            await conn.execute("SELECT pg_notify(%s, %s)", [CHANNEL, run_id])
+
+        return action
+
+    def start_action(self, key: str, child_id: str, node: FlowNode, input: FlowInput) -> Action:
+        run_id, flow_id = self.run_id, self.flow_id
+        worker = self.worker
+
+        async def action(conn: Conn) -> None:
+            child_run = f"{child_id}@{uuid.uuid4().hex[:12]}"
+            cur = await conn.execute(
+                "INSERT INTO qwit.flows (id, run_id, root_id, parent_id, parent_run_id, name, "
+                "input, status) VALUES (%s, %s, %s, %s, %s, %s, %s, 'running') "
+                "ON CONFLICT (id) DO NOTHING RETURNING id",
+                [
+                    child_id,
+                    child_run,
+                    input.root_id,
+                    flow_id,
+                    run_id,
+                    node.name,
+                    json.dumps(input.model_dump(mode="json")),
+                ],
+            )
+            if await cur.fetchone() is None:
+                payload: dict[str, Any] = {
+                    "error": {
+                        "type": "qwit.ArgumentsError",
+                        "message": f"sub-flow {node.name!r} could not start: a flow with its "
+                        f"id {child_id!r} exists",
+                        "retryable": False,
+                        "started": False,
+                    }
+                }
+            else:
+                await defer(
+                    conn,
+                    FLOW_TASK,
+                    {"flow_id": child_id, "run_id": child_run},
+                    queue=worker.flow_queue,
+                    lock=child_run,
+                )
+                payload = {"ok": True, "run_id": child_run}
+            await add_event(conn, run_id, key, "started", payload)
+
+        return action
+
+    def subflow(self, child_id: str, payload: dict[str, Any]) -> _Subflow | None:
+        if "ok" not in payload:
+            return None
+        child = self.children.setdefault(child_id, _Child(payload["run_id"]))
+        return _Subflow(self, child_id, child)
+
+    # -- running ---------------------------------------------------------------
+
+    def _activate(self) -> None:
+        """Run the interpreter until it waits, waking what waits on a
+        predicate that has become true."""
+        while True:
+            self.loop.activate()
+            woke = False
+            for entry in list(self.waiters):
+                predicate, future = entry
+                if future.done():
+                    self.waiters.remove(entry)
+                elif predicate():
+                    self.waiters.remove(entry)
+                    future.set_result(None)
+                    woke = True
+            if not woke:
+                return
+
+    def _deliver(self, kind: str, key: str, payload: Any) -> None:
+        interpreter = self.interpreter
+        if kind in ("step", "timer", "started"):
+            future = self.expected.get(key)
+            if future is not None and not future.done():
+                future.set_result(payload)
+        elif kind == "decision":
+            try:
+                interpreter.decide(Decision.model_validate(payload))
+            except ReactionError as exc:  # checked by the client, stale since
+                logger.warning("flow %s: a decision was refused: %s", self.flow_id, exc)
+        elif kind == "cancel":
+            if not self.cancelling and self.task is not None and not self.task.done():
+                interpreter.request_cancel(bool(payload.get("rollback", True)))
+                self.cancelling = True
+                self.task.cancel()
+        elif kind == "settle":
+            interpreter.settle(bool(payload["commit"]))
+        elif kind.startswith("child_"):
+            child_id = key.partition(":")[2]
+            child = self.children.get(child_id)
+            if child is None:
+                return
+            if kind == "child_done":
+                child.done = payload
+            elif kind == "child_aborted":
+                child.aborted = FailureInfo.model_validate(payload)
+            elif kind == "child_ended":
+                child.ended = True
+                failure = payload.get("failure")
+                child.failure = None if failure is None else FailureInfo.model_validate(failure)
+        else:  # pragma: no cover - a row of a newer QWIT
+            logger.warning("flow %s: ignored an event of kind %r", self.flow_id, kind)
+
+    async def run(self) -> None:
+        """Replay the run's numbered rows, then go on until the flow ends."""
+        self.task = self.loop.create_task(self.interpreter.run(), name=f"qwit {self.flow_id}")
+        async with await self.worker.connect() as conn:
+            async with conn.cursor(row_factory=dict_row) as cur:
+                await cur.execute(
+                    "SELECT key, kind, payload, delivered, delivered_at FROM qwit.events "
+                    "WHERE run_id = %s AND delivered IS NOT NULL ORDER BY delivered",
+                    [self.run_id],
+                )
+                journal = await cur.fetchall()
+            self._activate()
+            for row in journal:
+                self.loop.clock = row["delivered_at"]
+                self.delivered = row["delivered"]
+                self._deliver(row["kind"], row["key"], row["payload"])
+                self._activate()
+            await self._flush(conn)
+            while not self.task.done():
+                row = await self._next(conn)
+                self._deliver(row["kind"], row["key"], row["payload"])
+                self._activate()
+                await self._flush(conn)
+            await self._finish(conn)
+
+    async def _next(self, conn: Conn) -> dict[str, Any]:
+        """The next row of the inbox, numbered and committed before it is
+        delivered (waits for one)."""
+        wake = self.worker.wakeup(self.run_id)
+        while True:
+            wake.clear()
+            async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+                await cur.execute(
+                    "SELECT id, key, kind, payload FROM qwit.events WHERE run_id = %s "
+                    "AND delivered IS NULL AND (due_at IS NULL OR due_at <= clock_timestamp()) "
+                    "ORDER BY id LIMIT 1 FOR UPDATE",
+                    [self.run_id],
+                )
+                row = await cur.fetchone()
+                if row is not None:
+                    self.delivered += 1
+                    await cur.execute(
+                        "UPDATE qwit.events SET delivered = %s, "
+                        "delivered_at = extract(epoch FROM clock_timestamp()) WHERE id = %s "
+                        "RETURNING delivered_at",
+                        [self.delivered, row["id"]],
+                    )
+                    stamp = await cur.fetchone()
+                    assert stamp is not None
+                    self.loop.clock = stamp["delivered_at"]
+                    return row
+                await cur.execute(
+                    "SELECT extract(epoch FROM min(due_at) - clock_timestamp()) AS due "
+                    "FROM qwit.events WHERE run_id = %s AND delivered IS NULL",
+                    [self.run_id],
+                )
+                due = await cur.fetchone()
+            timeout = self.worker.poll_interval
+            if due is not None and due["due"] is not None:
+                timeout = max(0.0, min(timeout, float(due["due"])))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), timeout)
+
+    async def _flush(self, conn: Conn, outcome: dict[str, Any] | None = None) -> None:
+        """Write what the interpreter asked for (each command once) and the
+        flow's state (and, once it has ended, its ``outcome``), in one
+        transaction."""
+        commands, self.commands = self.commands, []
+        state = self.interpreter.state()
+        async with conn.transaction():
+            for key, action in commands:
+                cur = await conn.execute(
+                    "INSERT INTO qwit.commands (run_id, key) VALUES (%s, %s) "
+                    "ON CONFLICT DO NOTHING RETURNING key",
+                    [self.run_id, key],
+                )
+                if await cur.fetchone() is not None:
+                    await action(conn)
+            await conn.execute(
+                "UPDATE qwit.flows SET status = %s, state = %s, updated_at = now(), "
+                "outcome = coalesce(%s::jsonb, outcome), ended = ended OR %s "
+                "WHERE id = %s AND run_id = %s",
+                [
+                    state.status,
+                    state.model_dump_json(),
+                    None if outcome is None else json.dumps(outcome),
+                    outcome is not None,
+                    self.flow_id,
+                    self.run_id,
+                ],
+            )
+            if outcome is not None:
+                await conn.execute("SELECT pg_notify(%s, %s)", [CHANNEL, "ended:" + self.flow_id])
+
+    async def _finish(self, conn: Conn) -> None:
+        """Record the outcome, and tell the parent (once)."""
+        assert self.task is not None
+        failure: FailureInfo | None = None
+        outcome: dict[str, Any]
+        try:
+            outcome = {"result": self.task.result()}
+        except FlowFailure as failed:
+            failure = failed.info
+            outcome = {"failure": failed.info.model_dump(mode="json")}
+        except asyncio.CancelledError:  # pragma: no cover - the interpreter absorbs cancels
+            failure = FailureInfo(kind="cancelled", flow_id=self.flow_id, reason="cancelled")
+            outcome = {"failure": failure.model_dump(mode="json")}
+        if self.parent_run_id is not None:
+            self.tell_parent(
+                "child_ended",
+                {"failure": None if failure is None else failure.model_dump(mode="json")},
+            )
+        await self._flush(conn, outcome)
+        self.loop.close()
+
+
+__all__ = ["FLOW_TASK", "STEP_TASK", "Driver", "add_event", "defer"]

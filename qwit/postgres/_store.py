@@ -1,0 +1,137 @@
+"""QWIT's tables in PostgreSQL, and the migrations that make them.
+
+- ``qwit.schema_version``: the versions applied. A worker or client refuses
+  a database whose schema is newer than it understands.
+- ``qwit.flows``: one row per flow (root or sub-flow): its input (the plan,
+  pinned at start), its current run, status, last ``state()`` and outcome.
+- ``qwit.events``: each flow run's inbox and journal. Whatever reaches a flow
+  (a step's result, a timer, an operator's decision, a cancel, a sub-flow's
+  report) is a row, unique per ``(run_id, key)``, so a result recorded twice
+  (a step job retried after a crash) is recorded once. The driver numbers a
+  row (``delivered``) before it hands it to the interpreter: on recovery it
+  replays the rows in that order.
+- ``qwit.commands``: what a run has asked for (a step job, a sub-flow, a
+  timer, a word to another flow), unique per ``(run_id, key)``: a replay asks
+  again, and what was done is not done twice. A command and its job or event
+  are written in one transaction.
+
+Procrastinate's own schema (its jobs, locks, workers) is applied beside it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+#: The schema version this QWIT writes and understands.
+SCHEMA_VERSION = 1
+
+MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE IF NOT EXISTS qwit.flows (
+        id text PRIMARY KEY,
+        run_id text NOT NULL,
+        root_id text NOT NULL,
+        parent_id text,
+        parent_run_id text,
+        name text NOT NULL,
+        input jsonb NOT NULL,
+        status text NOT NULL,
+        state jsonb,
+        outcome jsonb,
+        ended boolean NOT NULL DEFAULT false,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        updated_at timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE INDEX IF NOT EXISTS flows_parent ON qwit.flows (parent_id);
+    CREATE TABLE IF NOT EXISTS qwit.events (
+        id bigserial PRIMARY KEY,
+        run_id text NOT NULL,
+        key text NOT NULL,
+        kind text NOT NULL,
+        payload jsonb NOT NULL,
+        due_at timestamptz,
+        delivered integer,
+        delivered_at double precision,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        UNIQUE (run_id, key)
+    );
+    CREATE INDEX IF NOT EXISTS events_waiting ON qwit.events (run_id, id)
+        WHERE delivered IS NULL;
+    CREATE TABLE IF NOT EXISTS qwit.commands (
+        run_id text NOT NULL,
+        key text NOT NULL,
+        job_id bigint,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (run_id, key)
+    );
+    """,
+}
+
+#: The channel a new event is announced on (payload: its run id).
+CHANNEL = "qwit_events"
+
+
+class SchemaTooNew(RuntimeError):
+    """The database's QWIT schema is newer than this QWIT understands."""
+
+
+async def migrate(conn: psycopg.AsyncConnection[Any]) -> int:
+    """Create or upgrade QWIT's tables (idempotent; safe from many processes
+    at once: an advisory lock serialises them). Returns the version.
+
+    Raises:
+        SchemaTooNew: the database was migrated by a newer QWIT.
+    """
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('qwit.migrate'))")
+        await conn.execute("CREATE SCHEMA IF NOT EXISTS qwit")
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS qwit.schema_version ("
+            "version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        cur = await conn.execute("SELECT coalesce(max(version), 0) FROM qwit.schema_version")
+        row = await cur.fetchone()
+        current = int(row[0]) if row else 0
+        if current > SCHEMA_VERSION:
+            raise SchemaTooNew(
+                f"the database's QWIT schema is version {current}; this QWIT understands "
+                f"up to {SCHEMA_VERSION}: upgrade QWIT on this worker"
+            )
+        for version in range(current + 1, SCHEMA_VERSION + 1):
+            await conn.execute(MIGRATIONS[version])
+            await conn.execute("INSERT INTO qwit.schema_version (version) VALUES (%s)", [version])
+    return SCHEMA_VERSION
+
+
+async def check_schema(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Refuse a database QWIT has not migrated, or one migrated by a newer QWIT.
+
+    Raises:
+        SchemaTooNew: as ``migrate``.
+        RuntimeError: QWIT's tables are missing.
+    """
+    cur = await conn.execute("SELECT to_regclass('qwit.schema_version') IS NOT NULL")
+    row = await cur.fetchone()
+    if not row or not row[0]:
+        raise RuntimeError("QWIT's tables are missing: run a worker (it migrates) first")
+    cur = await conn.execute("SELECT max(version) FROM qwit.schema_version")
+    row = await cur.fetchone()
+    version = int(row[0] or 0) if row else 0
+    if version > SCHEMA_VERSION:
+        raise SchemaTooNew(
+            f"the database's QWIT schema is version {version}; this QWIT understands up "
+            f"to {SCHEMA_VERSION}"
+        )
+
+
+async def fetch_flow(conn: psycopg.AsyncConnection[Any], flow_id: str) -> dict[str, Any] | None:
+    """The row of ``flow_id`` (None: no such flow)."""
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute("SELECT * FROM qwit.flows WHERE id = %s", [flow_id])
+        return await cur.fetchone()
+
+
+__all__ = ["CHANNEL", "SCHEMA_VERSION", "SchemaTooNew", "check_schema", "fetch_flow", "migrate"]

@@ -1,0 +1,275 @@
+"""A worker of the PostgreSQL engine: procrastinate workers that drive flows
+and run steps, with what keeps them going.
+
+Two procrastinate queues: ``qwit.flows`` (a job per flow run: its driver,
+long-lived, locked on the run so that two drivers never hold one run) and
+``qwit.steps`` (a job per step call). Besides procrastinate's workers, a
+worker listens on ``qwit_events`` to wake the drivers whose inbox got a row,
+and sweeps for jobs of dead workers (procrastinate's stalled jobs: a worker
+that stopped heartbeating) and runs them again: a flow's driver replays its
+journal; a step's job runs the step again unless its result is recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import logging
+from types import ModuleType, TracebackType
+from typing import TYPE_CHECKING, Any
+
+import procrastinate
+import psycopg
+from procrastinate.job_context import AbortReason
+from psycopg.rows import dict_row
+
+from .._errors import StepFailure, StepNotRegistered, error_info
+from .._memory import Heartbeats, run_with_retries
+from .._options import DEFAULT_TIMEOUT_GRACE
+from .._plan import StepCall, StepNode
+from .._runner import Registry, run_step_method
+from ._driver import FLOW_TASK, STEP_TASK, Driver, add_event
+from ._store import CHANNEL, migrate
+
+if TYPE_CHECKING:
+    from .._flow import Flow
+    from .._step import Step
+
+logger = logging.getLogger("qwit.postgres")
+
+FLOW_QUEUE = "qwit.flows"
+STEP_QUEUE = "qwit.steps"
+
+
+async def prepare(dsn: str) -> None:
+    """Create or upgrade QWIT's tables and procrastinate's (idempotent)."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('qwit.procrastinate'))")
+            cur = await conn.execute("SELECT to_regclass('procrastinate_jobs') IS NOT NULL")
+            row = await cur.fetchone()
+            if not (row and row[0]):
+                await conn.execute(procrastinate.schema.SchemaManager.get_schema())
+        await migrate(conn)
+
+
+class PostgresWorker:
+    """Drives flows and runs the steps of ``members`` (Flows, Steps, modules).
+
+    Use it as an async context manager (it runs until the block ends) or
+    ``await worker.run()``. It creates QWIT's tables (and procrastinate's) if
+    they are missing, and refuses a database migrated by a newer QWIT.
+
+    Args:
+        dsn: The PostgreSQL connection string.
+        *members: What it serves: a step job of a step it did not register
+            fails with ``StepNotRegistered``.
+        concurrency: Steps run at once.
+        flows: Flows driven at once (a driver is light: a flow that waits
+            holds one).
+        heartbeat: Seconds between the worker's heartbeats.
+        stalled_after: Seconds without a heartbeat after which a worker is
+            taken for dead, and its jobs run again elsewhere.
+        poll_interval: Seconds a driver waits for its inbox before it looks
+            again without being woken.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *members: type[Step] | type[Flow] | ModuleType,
+        concurrency: int = 20,
+        flows: int = 500,
+        heartbeat: float = 2.0,
+        stalled_after: float = 10.0,
+        poll_interval: float = 1.0,
+    ) -> None:
+        self.dsn = dsn
+        self.registry = Registry(*members)
+        self.concurrency = concurrency
+        self.flows = flows
+        self.heartbeat = heartbeat
+        self.stalled_after = stalled_after
+        self.poll_interval = poll_interval
+        self.flow_queue = FLOW_QUEUE
+        self.step_queue = STEP_QUEUE
+        self._wakeups: dict[str, asyncio.Event] = {}
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=dsn))
+        self.app.task(name=FLOW_TASK, pass_context=True, retry=procrastinate.RetryStrategy())(
+            self._flow_job
+        )
+        self.app.task(name=STEP_TASK, pass_context=True)(self._step_job)
+
+    async def connect(self) -> psycopg.AsyncConnection[Any]:
+        return await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+
+    def wakeup(self, run_id: str) -> asyncio.Event:
+        event = self._wakeups.get(run_id)
+        if event is None:
+            event = self._wakeups[run_id] = asyncio.Event()
+        return event
+
+    # -- jobs ------------------------------------------------------------------
+
+    async def _flow_job(self, context: procrastinate.JobContext, flow_id: str, run_id: str) -> None:
+        async with await self.connect() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(
+                "SELECT * FROM qwit.flows WHERE id = %s AND run_id = %s", [flow_id, run_id]
+            )
+            row = await cur.fetchone()
+        if row is None or row["ended"]:
+            return  # a later run replaced it, or it ended before a crash
+        driver = Driver(self, row)
+        try:
+            await driver.run()
+        finally:
+            self._wakeups.pop(run_id, None)
+
+    async def _step_job(
+        self,
+        context: procrastinate.JobContext,
+        run_id: str,
+        key: str,
+        node: dict[str, Any],
+        call: dict[str, Any],
+    ) -> None:
+        async with await self.connect() as conn:
+            cur = await conn.execute(
+                "SELECT 1 FROM qwit.events WHERE run_id = %s AND key = %s", [run_id, key]
+            )
+            if await cur.fetchone() is not None:
+                return  # run again after a crash, but its result was recorded
+        step = StepNode.model_validate(node)
+        sent = StepCall.model_validate(call)
+        payload: dict[str, Any]
+        try:
+            payload = {"ok": (await self._run(step, sent)).model_dump(mode="json")}
+        except StepFailure as failure:
+            payload = {"error": failure.info.model_dump(mode="json")}
+        except asyncio.CancelledError:
+            if context.abort_reason() != AbortReason.USER_REQUEST:
+                raise  # the worker stops: the job runs again elsewhere
+            payload = {"cancelled": True}
+            await self._record(run_id, key, payload)
+            raise
+        await self._record(run_id, key, payload)
+
+    async def _run(self, node: StepNode, call: StepCall) -> Any:
+        cls = self.registry.get(call.step)
+        if cls is None:
+            raise StepFailure(
+                error_info(
+                    StepNotRegistered(
+                        f"step {call.step!r} is not registered with this worker",
+                    ),
+                    started=False,
+                    retryable=False,
+                )
+            )
+        retry = node.back_retry if call.direction == "step_back" else node.retry
+        beats = Heartbeats()
+
+        async def attempt(number: int) -> dict[str, Any]:
+            return await run_step_method(
+                cls,
+                call,
+                attempt=number,
+                engine="postgres",
+                heartbeat=beats.beat,
+                heartbeat_details=copy.deepcopy(beats.last),
+                timeout=node.limit(call.direction),
+                grace=DEFAULT_TIMEOUT_GRACE if node.timeout_grace is None else node.timeout_grace,
+            )
+
+        return await run_with_retries(attempt, retry)
+
+    async def _record(self, run_id: str, key: str, payload: dict[str, Any]) -> None:
+        async with await self.connect() as conn, conn.transaction():
+            await add_event(conn, run_id, key, "step", payload)
+
+    # -- running -----------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                async with await self.connect() as conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    for event in self._wakeups.values():
+                        event.set()  # rows may have come while nobody listened
+                    async for note in conn.notifies():
+                        woken = self._wakeups.get(note.payload)
+                        if woken is not None:
+                            woken.set()
+            except (psycopg.Error, OSError) as exc:
+                logger.warning("qwit.postgres: listening stopped (%s); again in 1 s", exc)
+                await asyncio.sleep(1.0)
+
+    async def _sweep(self) -> None:
+        """Run again the jobs of workers that stopped heartbeating."""
+        while True:
+            await asyncio.sleep(max(self.heartbeat, 0.2))
+            try:
+                manager = self.app.job_manager
+                await manager.prune_stalled_workers(self.stalled_after)
+                for queue in (self.flow_queue, self.step_queue):
+                    for job in await manager.get_stalled_jobs(
+                        queue=queue, seconds_since_heartbeat=self.stalled_after
+                    ):
+                        await manager.retry_job(job)
+            except Exception as exc:
+                logger.warning("qwit.postgres: sweep failed (%s)", exc)
+
+    async def run(self) -> None:
+        """Serve until cancelled."""
+        await prepare(self.dsn)
+        async with self.app.open_async():
+            common: dict[str, Any] = {
+                "install_signal_handlers": False,
+                "update_heartbeat_interval": self.heartbeat,
+                "stalled_worker_timeout": self.stalled_after,
+                "fetch_job_polling_interval": self.poll_interval,
+                "abort_job_polling_interval": self.poll_interval,
+                "shutdown_graceful_timeout": 0,
+                "delete_jobs": "successful",
+            }
+            tasks = [
+                asyncio.ensure_future(self._listen()),
+                asyncio.ensure_future(self._sweep()),
+                asyncio.ensure_future(
+                    self.app.run_worker_async(
+                        queues=[self.flow_queue], concurrency=self.flows, **common
+                    )
+                ),
+                asyncio.ensure_future(
+                    self.app.run_worker_async(
+                        queues=[self.step_queue], concurrency=self.concurrency, **common
+                    )
+                ),
+            ]
+            try:
+                await asyncio.gather(*tasks)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                for task in tasks:
+                    with contextlib.suppress(BaseException):
+                        await task
+
+    async def __aenter__(self) -> PostgresWorker:
+        await prepare(self.dsn)
+        self._tasks = [asyncio.ensure_future(self.run())]
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+
+
+__all__ = ["FLOW_QUEUE", "STEP_QUEUE", "PostgresWorker", "prepare"]
