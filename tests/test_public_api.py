@@ -47,6 +47,7 @@ def test_exported_members():
         "engine",
         "heartbeat",
         "local",
+        "postgres",
         "temporal",
     ]
     assert qwit.__all__ == sorted(qwit.__all__, key=lambda n: (not n.isupper(), n[0].islower(), n))

@@ -31,8 +31,15 @@ import psycopg
 from psycopg.rows import dict_row
 
 from .._engine import Engine, FlowHandle
-from .._errors import ArgumentsError, EngineUnavailable, FailureInfo, FlowFailed, FlowNotFound
-from .._plan import FlowInput, FlowRecords
+from .._errors import (
+    ArgumentsError,
+    EngineUnavailable,
+    FailureInfo,
+    FlowFailed,
+    FlowNotFound,
+    ReactionError,
+)
+from .._plan import FlowInput, FlowRecords, StepRecord
 from .._runtime import Decision
 from .._state import FlowState
 from ._driver import FLOW_TASK, add_event, defer
@@ -214,10 +221,45 @@ class PostgresEngine(Engine):
         return PostgresFlowHandle(self, flow_id)
 
     async def flow_records(self, flow_id: str) -> FlowRecords:
-        raise NotImplementedError("redrive is not yet supported on the postgres engine")
+        row = await self.fetch(
+            "SELECT run_id, input, status, outcome, records, ended FROM qwit.flows WHERE id = %s",
+            flow_id,
+        )
+        if row is None:
+            raise FlowNotFound(f"no flow {flow_id!r} on the postgres engine")
+        if not row["ended"]:
+            raise ReactionError(
+                f"flow {flow_id!r} is {row['status']}: only a flow that has ended can be redriven"
+            )
+        failure = row["outcome"].get("failure")
+        return FlowRecords(
+            flow_id=flow_id,
+            run_id=row["run_id"],
+            input=FlowInput.model_validate(row["input"]),
+            status=row["status"],
+            failure=None if failure is None else FailureInfo.model_validate(failure),
+            steps=[StepRecord.model_validate(r) for r in row["records"] or []],
+        )
 
     async def restart(self, input: FlowInput) -> FlowHandle:
-        raise NotImplementedError("redrive is not yet supported on the postgres engine")
+        run_id = f"{input.root_id}@{uuid.uuid4().hex[:12]}"
+        async with await self._connect() as conn, conn.transaction():
+            cur = await conn.execute(
+                "UPDATE qwit.flows SET run_id = %s, input = %s, status = 'running', state = NULL, "
+                "outcome = NULL, records = NULL, ended = false, updated_at = now() "
+                "WHERE id = %s AND ended RETURNING id",
+                [run_id, json.dumps(input.model_dump(mode="json")), input.root_id],
+            )
+            if await cur.fetchone() is None:
+                raise ReactionError(f"flow {input.root_id!r} is running again already")
+            await defer(
+                conn,
+                FLOW_TASK,
+                {"flow_id": input.root_id, "run_id": run_id},
+                queue=FLOW_QUEUE,
+                lock=run_id,
+            )
+        return PostgresFlowHandle(self, input.root_id)
 
 
 __all__ = [

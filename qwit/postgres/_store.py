@@ -2,6 +2,8 @@
 
 - ``qwit.schema_version``: the versions applied. A worker or client refuses
   a database whose schema is newer than it understands.
+Documents are ``json``, not ``jsonb``: a flow's args keep their keys' order.
+
 - ``qwit.flows``: one row per flow (root or sub-flow): its input (the plan,
   pinned at start), its current run, status, last ``state()`` and outcome.
 - ``qwit.events``: each flow run's inbox and journal. Whatever reaches a flow
@@ -37,10 +39,11 @@ MIGRATIONS: dict[int, str] = {
         parent_id text,
         parent_run_id text,
         name text NOT NULL,
-        input jsonb NOT NULL,
+        input json NOT NULL,
         status text NOT NULL,
-        state jsonb,
-        outcome jsonb,
+        state json,
+        outcome json,
+        records json,
         ended boolean NOT NULL DEFAULT false,
         created_at timestamptz NOT NULL DEFAULT now(),
         updated_at timestamptz NOT NULL DEFAULT now()
@@ -51,7 +54,7 @@ MIGRATIONS: dict[int, str] = {
         run_id text NOT NULL,
         key text NOT NULL,
         kind text NOT NULL,
-        payload jsonb NOT NULL,
+        payload json NOT NULL,
         due_at timestamptz,
         delivered integer,
         delivered_at double precision,

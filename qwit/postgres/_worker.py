@@ -135,24 +135,24 @@ class PostgresWorker:
         node: dict[str, Any],
         call: dict[str, Any],
     ) -> None:
-        async with await self.connect() as conn:
-            cur = await conn.execute(
-                "SELECT 1 FROM qwit.events WHERE run_id = %s AND key = %s", [run_id, key]
-            )
-            if await cur.fetchone() is not None:
-                return  # run again after a crash, but its result was recorded
-        step = StepNode.model_validate(node)
-        sent = StepCall.model_validate(call)
         payload: dict[str, Any]
         try:
-            payload = {"ok": (await self._run(step, sent)).model_dump(mode="json")}
-        except StepFailure as failure:
-            payload = {"error": failure.info.model_dump(mode="json")}
+            async with await self.connect() as conn:
+                cur = await conn.execute(
+                    "SELECT 1 FROM qwit.events WHERE run_id = %s AND key = %s", [run_id, key]
+                )
+                if await cur.fetchone() is not None:
+                    return  # run again after a crash, but its result was recorded
+            step, sent = StepNode.model_validate(node), StepCall.model_validate(call)
+            try:
+                payload = {"ok": (await self._run(step, sent)).model_dump(mode="json")}
+            except StepFailure as failure:
+                payload = {"error": failure.info.model_dump(mode="json")}
         except asyncio.CancelledError:
             if context.abort_reason() != AbortReason.USER_REQUEST:
                 raise  # the worker stops: the job runs again elsewhere
-            payload = {"cancelled": True}
-            await self._record(run_id, key, payload)
+            # the flow stopped the step: it has ended, and says so
+            await self._record(run_id, key, {"cancelled": True})
             raise
         await self._record(run_id, key, payload)
 
@@ -186,8 +186,22 @@ class PostgresWorker:
         return await run_with_retries(attempt, retry)
 
     async def _record(self, run_id: str, key: str, payload: dict[str, Any]) -> None:
-        async with await self.connect() as conn, conn.transaction():
-            await add_event(conn, run_id, key, "step", payload)
+        """Record a step's end in its flow's inbox (once: a retried job's
+        second record is dropped), whatever cancel comes meanwhile."""
+
+        async def record() -> None:
+            async with await self.connect() as conn, conn.transaction():
+                await add_event(conn, run_id, key, "step", payload)
+
+        task = asyncio.ensure_future(record())
+        while True:
+            try:
+                await asyncio.shield(task)
+                return
+            except asyncio.CancelledError:
+                if task.done():
+                    task.result()
+                    return
 
     # -- running -----------------------------------------------------------------
 
