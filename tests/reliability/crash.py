@@ -1,6 +1,7 @@
 """The crash suite: flows in flight while their worker is killed, again and again.
 
     python -m tests.reliability.crash --flows 200 --kills 25 [--seed N]
+    python -m tests.reliability.crash --engine postgres --flows 200 --kills 25 --pg-restarts 3
 
 Random flows (sub-flows, a failing step, random reactions) run on `qwit-worker`
 subprocesses while the suite kills the worker with SIGKILL at random moments
@@ -15,6 +16,10 @@ execution is never forgiven), each undo started after every attempt of its
 forward had ended (an attempt of a killed worker ends when it was killed),
 newest first, and nothing recorded after the flow reported its end. The seed
 is printed first; a failing seed reproduces the run.
+
+On ``--engine postgres`` the workers are ``qwit-worker --backend postgres``
+processes on an embedded PostgreSQL, and the suite also restarts PostgreSQL
+itself ``--pg-restarts`` times (SIGTERM and SIGKILL in turn) at kill moments.
 """
 
 from __future__ import annotations
@@ -57,18 +62,29 @@ class Worker:
     """A `qwit-worker` subprocess (by default for the crash steps)."""
 
     def __init__(
-        self, address: str, queue: str, log: Path, module: str = "tests.reliability.crash_flows"
+        self,
+        address: str,
+        queue: str,
+        log: Path,
+        module: str = "tests.reliability.crash_flows",
+        env: dict[str, str] | None = None,
     ) -> None:
         self.address = address
         self.queue = queue
         self.log = log
         self.module = module
+        self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.died: dict[int, float] = {}
         """pid -> when it was killed (time.monotonic())."""
 
     async def start(self) -> None:
-        env = {**os.environ, "TEMPORAL_ADDRESS": self.address, "QWIT_TASK_QUEUE": self.queue}
+        env = {
+            **os.environ,
+            "TEMPORAL_ADDRESS": self.address,
+            "QWIT_TASK_QUEUE": self.queue,
+            **self.env,
+        }
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [
@@ -113,6 +129,8 @@ class Report:
     seed: int
     flows: int
     kills: int
+    engine: str = "temporal"
+    pg_restarts: int = 0
     kills_during_compensation: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
     effects_applied: int = 0
@@ -168,13 +186,64 @@ async def outcome_of(handle: qwit.FlowHandle, timeout: float, ended: dict[str, f
         ended.setdefault(handle.id, time.monotonic())
 
 
+async def start_surely(
+    client: qwit.Client, flow: type[qwit.Flow], args: dict[str, Any], flow_id: str
+) -> qwit.FlowHandle:
+    """Start a flow, as a caller that must not lose it would: while the engine
+    can't be reached (PostgreSQL restarting), again; a start that landed
+    before the answer was lost is found by its id."""
+    tried = False
+    while True:
+        try:
+            return await client.start(flow, args, id=flow_id)
+        except qwit.EngineUnavailable:
+            tried = True
+            await asyncio.sleep(0.2)
+        except qwit.ArgumentsError:
+            if not tried:
+                raise
+            return client.get_handle(flow_id, backend=qwit.postgres)
+
+
+@contextlib.asynccontextmanager
+async def _engine(engine: str, workdir: Path, queue: str) -> Any:
+    """The engine's server, a client, and the worker (not started yet)."""
+    if engine == "postgres":
+        from qwit.postgres import EmbeddedPostgres, PostgresSettings, prepare
+
+        async with EmbeddedPostgres(data_dir=workdir / "pg") as server:
+            await prepare(server.dsn)
+            client = await qwit.connect(
+                backend=qwit.postgres, settings=[PostgresSettings(server.dsn)]
+            )
+            env = {
+                "QWIT_BACKEND": "postgres",
+                "QWIT_POSTGRES_DSN": server.dsn,
+                "QWIT_POSTGRES_HEARTBEAT": "0.5",
+                "QWIT_POSTGRES_STALLED_AFTER": "3",
+            }
+            yield server, client, Worker("", queue, workdir / "worker.log", env=env), None
+        return
+    async with DevServer() as server:
+        temporal = await connect_temporal(target_host=server.address)
+        client = await qwit.connect(temporal_client=temporal, task_queue=queue)
+        yield server, client, Worker(server.address, queue, workdir / "worker.log"), temporal
+
+
 async def run_crash(
-    flows: int, kills: int, seed: int, workdir: Path, *, say: Any = print
+    flows: int,
+    kills: int,
+    seed: int,
+    workdir: Path,
+    *,
+    say: Any = print,
+    engine: str = "temporal",
+    pg_restarts: int = 0,
 ) -> Report:
     """Run the crash suite; return its report (check ``report.ok``)."""
-    say(f"crash suite: seed={seed} flows={flows} kills={kills}")
+    say(f"crash suite: engine={engine} seed={seed} flows={flows} kills={kills}")
     rng = random.Random(seed)
-    report = Report(seed=seed, flows=flows, kills=kills)
+    report = Report(seed=seed, flows=flows, kills=kills, engine=engine, pg_restarts=pg_restarts)
     began = time.monotonic()
     db_path = str(workdir / "ledger.sqlite")
     connect(db_path).close()
@@ -190,10 +259,9 @@ async def run_crash(
         }
         specs.append((spec, args))
     queue = f"crash-{uuid.uuid4().hex[:8]}"
-    async with DevServer() as server:
-        temporal = await connect_temporal(target_host=server.address)
-        client = await qwit.connect(temporal_client=temporal, task_queue=queue)
-        worker = Worker(server.address, queue, workdir / "worker.log")
+    # the kills at which PostgreSQL restarts too (SIGTERM, SIGKILL, in turn)
+    restarts = set(rng.sample(range(kills), min(pg_restarts, kills))) if pg_restarts else set()
+    async with _engine(engine, workdir, queue) as (server, client, worker, temporal):
         worker.mark()
         await worker.start()
         handles: list[qwit.FlowHandle] = []
@@ -206,7 +274,7 @@ async def run_crash(
         async def start_all() -> None:
             for i, (spec, args) in enumerate(specs):
                 flow = flow_class(spec, CrashStep)
-                handles.append(await client.start(flow, args, id=f"crash-{seed}-{i}"))
+                handles.append(await start_surely(client, flow, args, f"crash-{seed}-{i}"))
                 await asyncio.sleep(spread)
 
         try:
@@ -215,6 +283,13 @@ async def run_crash(
                 await asyncio.sleep(kill_gaps[k])
                 worker.kill()
                 say(f"  kill {k + 1}/{kills}: {len(handles)} flows started")
+                if k in restarts:
+                    sig = signal.SIGKILL if len(restarts) % 2 else signal.SIGTERM
+                    restarts.discard(k)
+                    await asyncio.to_thread(server.stop, sig)
+                    say(f"  PostgreSQL stopped ({sig.name}), started again")
+                    await asyncio.sleep(pauses[k])
+                    await asyncio.to_thread(server.start)
                 await asyncio.sleep(pauses[k])
                 worker.mark()
                 await worker.start()
@@ -256,12 +331,13 @@ async def run_crash(
                         + "; ".join(found[:5])
                         + f"; spec={json.dumps(asdict(spec))}"
                     )
-                status = (await temporal.get_workflow_handle(handle.id).describe()).status
-                if status in (
-                    temporalio.client.WorkflowExecutionStatus.TERMINATED,
-                    temporalio.client.WorkflowExecutionStatus.TIMED_OUT,
-                ):
-                    report.terminated += 1
+                if temporal is not None:
+                    status = (await temporal.get_workflow_handle(handle.id).describe()).status
+                    if status in (
+                        temporalio.client.WorkflowExecutionStatus.TERMINATED,
+                        temporalio.client.WorkflowExecutionStatus.TIMED_OUT,
+                    ):
+                        report.terminated += 1
                 backs.extend(e.at for e in starts if e.direction == "back")
         finally:
             db.close()
@@ -278,11 +354,22 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=25)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--engine", choices=["temporal", "postgres"], default="temporal")
+    parser.add_argument("--pg-restarts", type=int, default=0)
     options = parser.parse_args()
     seed = options.seed if options.seed is not None else random.randrange(1 << 30)
     workdir = options.workdir or Path(f"/tmp/qwit-crash-{seed}")
     workdir.mkdir(parents=True, exist_ok=True)
-    report = asyncio.run(run_crash(options.flows, options.kills, seed, workdir))
+    report = asyncio.run(
+        run_crash(
+            options.flows,
+            options.kills,
+            seed,
+            workdir,
+            engine=options.engine,
+            pg_restarts=options.pg_restarts,
+        )
+    )
     summary = {k: v for k, v in asdict(report).items() if k != "mismatches"}
     print(json.dumps(summary, indent=2))
     for line in report.mismatches:
