@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg.rows import dict_row
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .._engine import Engine, FlowHandle
 from .._errors import (
@@ -47,6 +46,7 @@ from .._plan import FlowInput, FlowRecords, StepRecord
 from .._runtime import Decision
 from .._state import FlowState
 from ._driver import FLOW_TASK, add_event, defer
+from ._pool import Connections
 from ._server import EmbeddedPostgres
 from ._store import CHANNEL, SCHEMA_VERSION, SchemaTooNew, check_schema
 from ._worker import FLOW_QUEUE, PostgresWorker, prepare, worker_options_from_env
@@ -171,7 +171,7 @@ class PostgresEngine(Engine):
         self.poll_interval = poll_interval
         self.unavailable_timeout = unavailable_timeout
         self._checked = False
-        self._pool: AsyncConnectionPool[Any] | None = None
+        self._pool: Connections | None = None
         self._listener: asyncio.Task[None] | None = None
         self._ended: dict[str, asyncio.Event] = {}
 
@@ -183,25 +183,15 @@ class PostgresEngine(Engine):
             EngineUnavailable: PostgreSQL can't be reached.
             SchemaTooNew: its QWIT schema is newer than this QWIT's.
         """
-        if self._pool is None:
-            self._pool = AsyncConnectionPool(
-                self.dsn,
-                min_size=0,
-                max_size=5,
-                kwargs={"autocommit": True},
-                check=AsyncConnectionPool.check_connection,
-                open=False,
-                timeout=10,
-            )
+        if self._pool is None or self._pool.closed:
+            self._pool = Connections(self.dsn, 5)
         try:
-            if self._pool.closed:
-                await self._pool.open()
             async with self._pool.connection() as conn:
                 if not self._checked:
                     await check_schema(conn)
                     self._checked = True
                 yield conn
-        except (psycopg.OperationalError, PoolTimeout) as exc:
+        except psycopg.OperationalError as exc:
             raise EngineUnavailable(f"PostgreSQL can't be reached: {exc}") from None
 
     async def fetch(self, query: str, *params: Any) -> dict[str, Any] | None:

@@ -49,9 +49,10 @@ class EmbeddedPostgres:
     """A PostgreSQL server of this process's own, on ``127.0.0.1:port``.
 
     Use it as a context manager (sync or async); ``dsn`` is what
-    ``qwit.postgres`` connects with. ``stop(sig)`` ends the server (SIGTERM: a
-    clean shutdown; SIGKILL: a crash) and ``start()`` starts it again on the
-    same data directory and port.
+    ``qwit.postgres`` connects with. ``stop(sig)`` ends the server (SIGINT: a
+    fast, clean shutdown; SIGTERM: a smart one, made fast after a while;
+    SIGKILL: a crash) and ``start()`` starts it again on the same data
+    directory and port.
 
     Attributes:
         data_dir: Where the cluster lives (removed on exit if this made it).
@@ -154,12 +155,25 @@ class EmbeddedPostgres:
         except Exception:
             return False
 
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        """End the server with ``sig`` and wait until it has exited."""
+    def stop(self, sig: int = signal.SIGINT, smart_timeout: float = 5.0) -> None:
+        """End the server with ``sig`` and wait until it has exited.
+
+        SIGINT is PostgreSQL's fast shutdown (sessions are ended, the data
+        written; what ``pg_ctl stop`` does); SIGKILL a crash (recovery at the
+        next start). SIGTERM is the smart shutdown, which waits for every
+        session to end: after ``smart_timeout`` seconds it is made fast, as
+        ``pg_ctl`` and service managers do (workers and clients hold
+        sessions open).
+        """
         process = self._process
         if process is None or process.poll() is not None:
             return
         process.send_signal(sig)
+        if sig == signal.SIGTERM:
+            try:
+                process.wait(timeout=smart_timeout)
+            except subprocess.TimeoutExpired:
+                process.send_signal(signal.SIGINT)
         try:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import copy
 import logging
-from collections.abc import AsyncIterator
 from types import ModuleType, TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +23,6 @@ import procrastinate
 import psycopg
 from procrastinate.job_context import AbortReason
 from psycopg.rows import dict_row
-from psycopg_pool import AsyncConnectionPool
 
 from .._errors import StepFailure, StepNotRegistered, error_info
 from .._memory import Heartbeats
@@ -32,6 +30,7 @@ from .._options import DEFAULT_TIMEOUT_GRACE
 from .._plan import StepCall, StepNode, StepReturn
 from .._runner import Registry, run_step_method
 from ._driver import FLOW_TASK, STEP_TASK, Driver, Superseded, add_event
+from ._pool import Connections
 from ._store import CHANNEL, migrate
 
 if TYPE_CHECKING:
@@ -118,7 +117,7 @@ class PostgresWorker:
         self.flow_queue = FLOW_QUEUE
         self.step_queue = STEP_QUEUE
         self.pool_size = pool_size
-        self._pool: AsyncConnectionPool[Any] | None = None
+        self._pool: Connections | None = None
         self._wakeups: dict[str, asyncio.Event] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self.app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=dsn))
@@ -132,25 +131,9 @@ class PostgresWorker:
 
     def connection(self) -> contextlib.AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
         """A connection of the worker's pool, for one transaction or query."""
-        if self._pool is None:
-            self._pool = AsyncConnectionPool(
-                self.dsn,
-                min_size=1,
-                max_size=self.pool_size,
-                kwargs={"autocommit": True},
-                check=AsyncConnectionPool.check_connection,
-                open=False,
-            )
-        return self._pool_connection(self._pool)
-
-    @contextlib.asynccontextmanager
-    async def _pool_connection(
-        self, pool: AsyncConnectionPool[Any]
-    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        if pool.closed:
-            await pool.open()
-        async with pool.connection() as conn:
-            yield conn
+        if self._pool is None or self._pool.closed:
+            self._pool = Connections(self.dsn, self.pool_size)
+        return self._pool.connection()
 
     def wakeup(self, run_id: str) -> asyncio.Event:
         event = self._wakeups.get(run_id)

@@ -19,7 +19,8 @@ is printed first; a failing seed reproduces the run.
 
 On ``--engine postgres`` the workers are ``qwit-worker --backend postgres``
 processes on an embedded PostgreSQL, and the suite also restarts PostgreSQL
-itself ``--pg-restarts`` times (SIGTERM and SIGKILL in turn) at kill moments.
+itself ``--pg-restarts`` times at kill moments: SIGKILL (a crash) and SIGTERM
+(a smart shutdown, made fast after 5 s as ``pg_ctl`` would) in turn.
 """
 
 from __future__ import annotations

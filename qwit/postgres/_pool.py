@@ -1,0 +1,71 @@
+"""A small pool of PostgreSQL connections that recovers at once.
+
+psycopg_pool backs off (exponentially, for minutes) once connecting fails,
+so after a PostgreSQL restart its users wait long after the server is back.
+QWIT's clients and workers want the opposite: a connection for a moment (a
+transaction), a fresh one when the last broke, and the error at once when
+PostgreSQL is down, so that the caller's own retry decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+
+
+class Connections:
+    """At most ``size`` connections to ``dsn`` (autocommit), reused while healthy."""
+
+    def __init__(self, dsn: str, size: int = 10) -> None:
+        self.dsn = dsn
+        self.size = size
+        self._idle: list[psycopg.AsyncConnection[Any]] = []
+        self._gate = asyncio.Semaphore(size)
+        self.closed = False
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A connection for one transaction or query.
+
+        Raises:
+            psycopg.OperationalError: PostgreSQL can't be reached.
+        """
+        async with self._gate:
+            conn = None
+            while self._idle and conn is None:
+                candidate = self._idle.pop()
+                if candidate.closed or candidate.broken:
+                    continue
+                conn = candidate
+            if conn is None:
+                conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+            try:
+                yield conn
+            except BaseException:
+                await _discard(conn)
+                raise
+            if conn.closed or conn.broken or self.closed:
+                await _discard(conn)
+            elif conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                await _discard(conn)  # left inside a transaction: not reusable
+            else:
+                self._idle.append(conn)
+
+    async def close(self) -> None:
+        """Close the idle connections (those in use close when given back)."""
+        self.closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await _discard(conn)
+
+
+async def _discard(conn: psycopg.AsyncConnection[Any]) -> None:
+    with contextlib.suppress(Exception):
+        await conn.close()
+
+
+__all__ = ["Connections"]
