@@ -124,7 +124,11 @@ class PostgresWorker:
         self.app.task(name=FLOW_TASK, pass_context=True, retry=procrastinate.RetryStrategy())(
             self._flow_job
         )
-        self.app.task(name=STEP_TASK, pass_context=True)(self._step_job)
+        # A job cut off by its worker's shutdown runs again (elsewhere); one
+        # of a worker that died is run again by the sweep.
+        self.app.task(name=STEP_TASK, pass_context=True, retry=procrastinate.RetryStrategy())(
+            self._step_job
+        )
 
     async def connect(self) -> psycopg.AsyncConnection[Any]:
         return await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
@@ -186,7 +190,7 @@ class PostgresWorker:
                 raise  # the worker stops: the job runs again elsewhere
             # the flow stopped the step: it has ended, and says so
             await self._record(run_id, key, {"cancelled": True})
-            raise
+            return
         await self._record(run_id, key, payload)
 
     async def _next_attempt(self, run_id: str, key: str) -> int:

@@ -1,0 +1,237 @@
+"""What is the PostgreSQL engine's own: its schema and migrations, its
+fenced drivers, a worker or a database that stops mid-flow, and one client
+running flows of two engines. (The shared suites run on it as well: see the
+``postgres`` cases of tests/test_conformance.py and the tests using its ``env``.)"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+
+import qwit
+from qwit.postgres import (
+    SCHEMA_VERSION,
+    PostgresSettings,
+    PostgresWorker,
+    SchemaTooNew,
+    prepare,
+)
+from qwit.postgres._driver import Driver, Superseded
+from tests import ledger
+from tests.ledger import Effect
+
+
+def new_ledger() -> str:
+    return uuid.uuid4().hex
+
+
+class PgA(Effect, name="pg.A"):
+    pass
+
+
+class PgB(Effect, name="pg.B"):
+    pass
+
+
+#: Ledgers whose PgGate waits for the test to open its gate.
+GATES: dict[str, asyncio.Event] = {}
+
+
+class PgGate(Effect, name="pg.Gate"):
+    """Applies its effect once the test opens the gate of its ledger."""
+
+    retry = qwit.Retry(max_attempts=3, initial_interval=0.1, max_interval=0.1)
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any] | None:
+        ledger.record(args["ledger"], "started", "pg.Gate")
+        await GATES[args["ledger"]].wait()
+        return await super().step_forward(args)
+
+
+class PgOrder(qwit.Flow, name="pg.order", backend=qwit.postgres):
+    def build_flow(self) -> None:
+        self.step(PgA)
+        self.step(PgGate)
+        self.step(PgB)
+
+
+class PgInner(qwit.Flow, name="pg.inner", backend=qwit.postgres):
+    def build_flow(self) -> None:
+        self.step(PgA, {"eid": "inner"})
+
+
+class PgOuter(qwit.Flow, name="pg.outer", backend=qwit.postgres):
+    def build_flow(self) -> None:
+        self.step(PgInner)
+        self.step(PgB)
+
+
+class TemporalOrder(qwit.Flow, name="pg.on_temporal"):
+    def build_flow(self) -> None:
+        self.step(PgA, {"eid": "temporal"})
+
+
+def worker(dsn: str, *members: Any) -> PostgresWorker:
+    return PostgresWorker(dsn, *members, heartbeat=0.5, stalled_after=2, poll_interval=0.2)
+
+
+async def client_for(dsn: str) -> qwit.Client:
+    return await qwit.connect(backend=qwit.postgres, settings=[PostgresSettings(dsn)])
+
+
+# -- schema ----------------------------------------------------------------------
+
+
+async def test_migrations_are_idempotent_and_recorded(postgres_dsn: str):
+    await asyncio.gather(prepare(postgres_dsn), prepare(postgres_dsn))
+    await prepare(postgres_dsn)
+    async with await psycopg.AsyncConnection.connect(postgres_dsn) as conn:
+        cur = await conn.execute("SELECT version FROM qwit.schema_version ORDER BY version")
+        assert [row[0] for row in await cur.fetchall()] == list(range(1, SCHEMA_VERSION + 1))
+        cur = await conn.execute("SELECT to_regclass('procrastinate_jobs') IS NOT NULL")
+        assert (await cur.fetchone()) == (True,)
+
+
+async def test_a_schema_newer_than_this_qwit_is_refused(postgres_dsn: str):
+    await prepare(postgres_dsn)
+    async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as conn:
+        await conn.execute("INSERT INTO qwit.schema_version (version) VALUES (%s)", [99])
+    with pytest.raises(SchemaTooNew, match="version 99"):
+        await prepare(postgres_dsn)
+    client = await client_for(postgres_dsn)
+    with pytest.raises(SchemaTooNew, match="version 99"):
+        await client.start(PgOuter, {"ledger": new_ledger()})
+    await client.close()
+
+
+async def test_a_client_needs_a_dsn(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("QWIT_POSTGRES_DSN", raising=False)
+    client = await qwit.connect(backend=qwit.postgres)
+    with pytest.raises(qwit.ArgumentsError, match="QWIT_POSTGRES_DSN"):
+        await client.start(PgOuter, {"ledger": new_ledger()})
+
+
+# -- two engines, one client --------------------------------------------------------
+
+
+async def test_one_client_runs_flows_of_two_engines(
+    postgres_dsn: str, temporal_client: Any, task_queue: str
+):
+    from qwit.temporal import create_worker
+
+    await prepare(postgres_dsn)
+    client = await qwit.connect(
+        temporal_client=temporal_client,
+        task_queue=task_queue,
+        settings=[PostgresSettings(postgres_dsn)],
+    )
+    run = new_ledger()
+    async with (
+        worker(postgres_dsn, PgOuter),
+        create_worker(temporal_client, TemporalOrder, task_queue=task_queue),
+    ):
+        on_postgres = await client.start(PgOuter, {"ledger": run})
+        on_temporal = await client.start(TemporalOrder, {"ledger": run})
+        assert (on_postgres.engine, on_temporal.engine) == ("postgres", "temporal")
+        results = await asyncio.wait_for(
+            asyncio.gather(on_postgres.result(), on_temporal.result()), 60
+        )
+    assert results[0]["out_inner"] == "-"
+    assert results[1]["out_temporal"] == "-"
+    assert sorted(ledger.applied(run)) == ["inner", "pg.B", "temporal"]
+    await client.close()
+
+
+# -- crashes -------------------------------------------------------------------------
+
+
+async def test_a_flow_goes_on_after_its_worker_stops_and_postgres_restarts(
+    postgres_server: Any, postgres_dsn: str
+):
+    """The worker stops while a step runs; PostgreSQL is killed and started
+    again; a new worker replays the flow from its journal and finishes it:
+    each effect once."""
+    await prepare(postgres_dsn)
+    client = await client_for(postgres_dsn)
+    run = new_ledger()
+    GATES[run] = asyncio.Event()
+    first = worker(postgres_dsn, PgOrder)
+    async with first:
+        handle = await client.start(PgOrder, {"ledger": run})
+        await ledger.wait_for_mark(run, "started", "pg.Gate")
+    # the worker is gone; its step was cut off before its effect
+    await asyncio.to_thread(postgres_server.stop, signal.SIGKILL)
+    await asyncio.to_thread(postgres_server.start)
+    GATES[run].set()
+    async with worker(postgres_dsn, PgOrder):
+        result = await asyncio.wait_for(handle.result(), 60)
+        state = await handle.state()
+    assert result["out_pg.B"] == "-"
+    assert ledger.applied(run) == ["pg.A", "pg.Gate", "pg.B"]
+    assert ledger.undone(run) == []
+    assert [s.status for s in state.steps] == ["done"] * 3
+    # the cut attempt counts: the step ran twice, as attempts 1 and 2
+    assert state.steps[1].attempts == 2
+    await client.close()
+
+
+async def test_a_driver_taken_for_dead_writes_nothing(postgres_dsn: str):
+    """Two drivers on one run (the first was taken for dead, but runs): the
+    second fences the first off; the flow ends once, each effect once."""
+    await prepare(postgres_dsn)
+    client = await client_for(postgres_dsn)
+    run = new_ledger()
+    GATES[run] = asyncio.Event()
+    async with worker(postgres_dsn, PgOrder) as serving:
+        handle = await client.start(PgOrder, {"ledger": run})
+        await ledger.wait_for_mark(run, "started", "pg.Gate")
+        async with await psycopg.AsyncConnection.connect(postgres_dsn) as conn:
+            cur = await conn.execute(
+                "SELECT * FROM qwit.flows WHERE id = %s", [handle.id], prepare=False
+            )
+            names = [c.name for c in cur.description or []]
+            row = dict(zip(names, await cur.fetchone() or (), strict=True))
+        second = Driver(serving, row)
+        taking_over = asyncio.ensure_future(second.run())
+        await asyncio.sleep(0.5)  # it has replayed, and holds the run
+        GATES[run].set()
+        result = await asyncio.wait_for(handle.result(), 60)
+        await asyncio.wait_for(taking_over, 10)
+        async with await psycopg.AsyncConnection.connect(postgres_dsn) as conn:
+            cur = await conn.execute(
+                "SELECT count(*), count(DISTINCT delivered), max(delivered) FROM qwit.events "
+                "WHERE run_id = %s",
+                [row["run_id"]],
+            )
+            counts = await cur.fetchone()
+    assert result["out_pg.B"] == "-"
+    assert ledger.applied(run) == ["pg.A", "pg.Gate", "pg.B"]
+    # every row of the journal numbered once, by one driver, without gaps
+    assert counts is not None and counts[0] == counts[1] == counts[2]
+    await client.close()
+
+
+async def test_a_superseded_driver_refuses_to_write(postgres_dsn: str):
+    await prepare(postgres_dsn)
+    client = await client_for(postgres_dsn)
+    run = new_ledger()
+    GATES[run] = asyncio.Event()
+    async with worker(postgres_dsn, PgOrder) as serving:
+        handle = await client.start(PgOrder, {"ledger": run})
+        await ledger.wait_for_mark(run, "started", "pg.Gate")
+        async with await psycopg.AsyncConnection.connect(postgres_dsn) as conn:
+            cur = await conn.execute("SELECT * FROM qwit.flows WHERE id = %s", [handle.id])
+            names = [c.name for c in cur.description or []]
+            row = dict(zip(names, await cur.fetchone() or (), strict=True))
+        stale = Driver(serving, row)
+        stale.epoch = 0  # a number an older driver held
+        with pytest.raises(Superseded):
+            await stale._flush()
+        GATES[run].set()
+        await asyncio.wait_for(handle.result(), 60)
+    await client.close()
