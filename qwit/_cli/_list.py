@@ -267,6 +267,15 @@ def _matches(row_status: str, wanted: str) -> bool:
 @click.option("--flow", "flow_name", metavar="NAME", help="Only flows of this name.")
 @click.option("--json", "as_json", is_flag=True, help="Print the flows as JSON.")
 @connection_options
+@click.option(
+    "--backend",
+    type=click.Choice(["temporal", "postgres", "local"]),
+    envvar="QWIT_BACKEND",
+    default="temporal",
+    show_default=True,
+    help="The engine: temporal, or postgres ($QWIT_POSTGRES_DSN, else an embedded "
+    "PostgreSQL in $QWIT_DATA_DIR/postgres) [env: QWIT_BACKEND].",
+)
 def list_flows(
     limit: int,
     status_filter: str | None,
@@ -274,6 +283,7 @@ def list_flows(
     as_json: bool,
     address: str | None,
     namespace: str | None,
+    backend: str,
 ) -> None:
     """List recent flows, newest first.
 
@@ -282,6 +292,11 @@ def list_flows(
     a key it lacks) is listed with a note that says which key; its status is
     then Temporal's.
     """
+
+    if backend == "local":
+        raise click.UsageError(
+            "qwit list: flows of --backend local live in the process that ran them"
+        )
 
     async def go() -> list[Row]:
         async with temporal_for(address, namespace, sayer(console())) as client:
@@ -292,7 +307,21 @@ def list_flows(
                     raise Failed(str(unreachable(client, exc, "to list flows"))) from None
                 raise Failed(f"listing flows failed: {exc.message}") from None
 
-    found = run_async(go())
+    if backend == "postgres":
+        from . import _postgres
+
+        found = [
+            Row(
+                flow_id=row["id"],
+                flow=row["name"],
+                status=row["status"],
+                started=_time(row["created_at"]),
+                ended=_time(row["updated_at"]) if row["ended"] else "",
+            )
+            for row in _postgres.list_flows(limit, status_filter, flow_name)
+        ]
+    else:
+        found = run_async(go())
     if as_json:
         click.echo(json.dumps([asdict(row) for row in found], indent=None))
         return

@@ -20,6 +20,7 @@ from .._errors import EngineUnavailable, FlowFailed, FlowNotFound, ReactionError
 from .._options import FAILURE_REACTIONS, RETRY
 from .._state import FlowState
 from ..temporal import QWIT_STATUS, TemporalFlowHandle, is_unavailable, unreachable
+from . import _postgres as pg
 from ._bulk import FlowAction, bulk_from, bulk_options, run_bulk
 from ._common import (
     EXIT_FAILED,
@@ -36,6 +37,7 @@ from ._common import (
 from ._connect import temporal_for
 from ._keys import key_ids, missing_keys, missing_keys_text, own_key_ids
 from ._list import list_flows, row_status
+from ._postgres import backend_option
 from ._progress import Follower
 from ._render import failure_lines, state_view
 
@@ -185,8 +187,14 @@ async def follow_to_end(
     "-v", "--verbose", is_flag=True, help="Show where each step's error was raised (tracebacks)."
 )
 @connection_options
+@backend_option
 def status(
-    flow_id: str, as_json: bool, verbose: bool, address: str | None, namespace: str | None
+    flow_id: str,
+    as_json: bool,
+    verbose: bool,
+    address: str | None,
+    namespace: str | None,
+    backend: str,
 ) -> None:
     """Show the steps of flow FLOW_ID: status, attempts, errors.
 
@@ -195,6 +203,11 @@ def status(
     rollback would undo. With no Temporal address configured, the flows are
     those of qwit run ($QWIT_DATA_DIR/run.db).
     """
+    if backend != "temporal":
+        if backend == "local":
+            pg.refuse_local("status")
+        pg.status(flow_id, as_json, verbose)
+        return
 
     async def go() -> None:
         async with _handle(address, namespace, flow_id, sayer(console())) as (temporal, handle):
@@ -221,6 +234,7 @@ def status(
 @WAIT_OPTION
 @bulk_options
 @connection_options
+@backend_option
 def react(
     flow_ids: tuple[str, ...],
     reaction: str,
@@ -233,6 +247,7 @@ def react(
     rate: float | None,
     address: str | None,
     namespace: str | None,
+    backend: str,
 ) -> None:
     """Decide flow FLOW_ID, which waits for an operator, with REACTION
     (retry, skip, skipback, rollback or abort).
@@ -259,6 +274,14 @@ def react(
     bulk = bulk_from(query, dry_run, yes, rate, flow_id=flow_id is not None, wait=wait)
     if args and reaction != RETRY.value:
         raise click.UsageError(f"--args goes only with retry, not with {reaction}")
+    if backend != "temporal":
+        if backend == "local":
+            pg.refuse_local("react")
+        if bulk is not None or flow_id is None:
+            pg.refuse_query()
+        assert flow_id is not None
+        pg.react(flow_id, reaction, args or None, path)
+        return
 
     err = console()
     say = sayer(err)
@@ -327,6 +350,7 @@ def _cancel_requested(rollback: bool) -> str:
 @WAIT_OPTION
 @bulk_options
 @connection_options
+@backend_option
 def cancel(
     flow_id: str | None,
     no_rollback: bool,
@@ -337,6 +361,7 @@ def cancel(
     rate: float | None,
     address: str | None,
     namespace: str | None,
+    backend: str,
 ) -> None:
     """Cancel flow FLOW_ID: the step in flight and the completed ones are undone.
 
@@ -357,6 +382,14 @@ def cancel(
     """
     bulk = bulk_from(query, dry_run, yes, rate, flow_id=flow_id is not None, wait=wait)
     rollback = not no_rollback
+    if backend != "temporal":
+        if backend == "local":
+            pg.refuse_local("cancel")
+        if bulk is not None or flow_id is None:
+            pg.refuse_query()
+        assert flow_id is not None
+        pg.cancel(flow_id, rollback)
+        return
     err = console()
     say = sayer(err)
 
@@ -458,6 +491,7 @@ def _redriven(handle: FlowHandle, of_run: str) -> str:
 @WAIT_OPTION
 @bulk_options
 @connection_options
+@backend_option
 def redrive(
     flow_id: str | None,
     from_step: str | None,
@@ -469,6 +503,7 @@ def redrive(
     rate: float | None,
     address: str | None,
     namespace: str | None,
+    backend: str,
 ) -> None:
     """Run flow FLOW_ID, which ended without completing, again: a new run of
     the same flow id, linked to the run it redrives.
@@ -499,6 +534,14 @@ def redrive(
     bulk = bulk_from(query, dry_run, yes, rate, flow_id=flow_id is not None, wait=wait)
     err = console()
     say = sayer(err)
+    if backend != "temporal":
+        if backend == "local":
+            pg.refuse_local("redrive")
+        if bulk is not None or flow_id is None:
+            pg.refuse_query()
+        assert flow_id is not None
+        pg.redrive(flow_id, from_step, args or None)
+        return
 
     if bulk is not None:
 

@@ -46,6 +46,7 @@ from ._connect import (
     embedded_server,
     local_namespace,
 )
+from ._postgres import backend_option
 from ._progress import Follower
 from ._render import failure_lines
 
@@ -70,6 +71,7 @@ EXIT_TERMINATED = 143
 )
 @task_queue_option
 @connection_options
+@backend_option
 def run(
     flow_spec: str,
     args: dict[str, Any],
@@ -79,6 +81,7 @@ def run(
     task_queue: str | None,
     address: str | None,
     namespace: str | None,
+    backend: str,
 ) -> None:
     """Run the flow MODULE:FLOW and wait for it to end.
 
@@ -103,6 +106,18 @@ def run(
         Registry(flow)
     except (FlowDefinitionError, ArgumentsError) as exc:
         raise click.UsageError(str(exc)) from None
+    # a Flow's own backend= wins over --backend
+    engine = flow.backend.name if flow.backend is not None else backend
+    if engine == "postgres":
+        from . import _postgres
+
+        _postgres.run(flow, args, flow_id, no_worker)
+        return
+    if engine == "local":
+        from . import _postgres
+
+        _postgres.run_local(flow, args, flow_id)
+        return
     embedded = not address_configured(address)
     if embedded and no_worker:
         raise click.UsageError(

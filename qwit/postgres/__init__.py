@@ -239,6 +239,21 @@ class PostgresEngine(Engine):
             await self._pool.close()
             self._pool = None
 
+    async def roots(
+        self, limit: int, status: str | None = None, flow: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Root flows, newest first (``qwit list``): at most ``limit``, of a
+        status and a flow name if given."""
+        async with self._connect() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(
+                "SELECT id, name, status, ended, created_at, updated_at FROM qwit.flows "
+                "WHERE parent_id IS NULL AND (%(status)s::text IS NULL OR status = %(status)s) "
+                "AND (%(flow)s::text IS NULL OR name = %(flow)s) "
+                "ORDER BY created_at DESC LIMIT %(limit)s",
+                {"status": status, "flow": flow, "limit": limit},
+            )
+            return await cur.fetchall()
+
     async def start(self, flow: type[Flow], input: FlowInput) -> FlowHandle:
         run_id = f"{input.root_id}@{uuid.uuid4().hex[:12]}"
         async with self._connect() as conn, conn.transaction():

@@ -1,0 +1,36 @@
+"""Flows the command-line tests of the PostgreSQL engine run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import qwit
+
+
+class PgCliReserve(qwit.Step, name="pgcli.reserve"):
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"reserved": args["n"]}
+
+    async def step_back(self, args: dict[str, Any]) -> None:
+        return None
+
+
+class PgCliCharge(qwit.Step, name="pgcli.charge"):
+    retry = qwit.Retry(max_attempts=1)
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        if args.get("fail"):
+            raise qwit.StepError("card declined", retry=False)
+        return {"charged": True}
+
+
+class PgCliOrder(qwit.Flow, name="pgcli.order"):
+    def build_flow(self) -> None:
+        self.step(PgCliReserve)
+        self.step(PgCliCharge)
+
+
+class PgCliAborting(qwit.Flow, name="pgcli.aborting"):
+    def build_flow(self) -> None:
+        self.step(PgCliReserve)
+        self.step(PgCliCharge, on_failure=qwit.ABORT)
