@@ -128,3 +128,14 @@ def test_every_image_is_pinned():
     for name, service in SERVICES.items():
         if "image" in service and "build" not in service:
             assert re.search(r":\d[\w.-]*$", service["image"]), (name, service["image"])
+
+
+def test_the_postgres_engine_is_an_optional_profile_on_the_same_postgresql():
+    worker = SERVICES["qwit-postgres-worker"]
+    assert worker["profiles"] == ["postgres"]
+    assert worker["image"] == SERVICES["qwit-worker"]["image"]
+    assert worker["command"][:3] == ["qwit-worker", "--backend", "postgres"]
+    dsn = worker["environment"]["QWIT_POSTGRES_DSN"]
+    assert "@postgresql:5432/" in dsn and not dsn.endswith("/temporal")  # not Temporal's own
+    assert "postgresql" in worker["depends_on"]
+    assert "--profile postgres" in COMPOSE_TEXT

