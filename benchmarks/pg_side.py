@@ -78,9 +78,13 @@ async def qwit_side(settings: dict[str, Any], engine: str) -> dict[str, Any]:
         handle = await client.start(flows[steps], args)
         try:
             result = await handle.result()
-            assert len(result) == steps, result
         except qwit.FlowRolledBack as failed:
-            assert fail_at is not None and len(failed.compensated) == fail_at, failed
+            undone = len(failed.compensated)
+            if fail_at is None or undone != fail_at:
+                raise RuntimeError(f"{shape}: rolled back, undid {undone}") from None
+            return
+        if len(result) != steps:
+            raise RuntimeError(f"{shape}: {len(result)} outputs, not {steps}")
 
     async with serving:
         return await measure(settings, one)

@@ -1,7 +1,7 @@
 """``python -m benchmarks.postgres``: QWIT on PostgreSQL against a hand-written
 DBOS saga on the same PostgreSQL, and QWIT on Temporal, in one run.
 
-    python -m benchmarks.postgres            # 30 latency runs a shape, 200 flows in flight, 2 rounds
+    python -m benchmarks.postgres            # 30 runs a shape, 200 flows in flight, 2 rounds
     python -m benchmarks.postgres --quick    # 10 runs, 1 round
     python -m benchmarks.postgres --smoke    # every comparison once
     python -m benchmarks.postgres --json out.json
@@ -137,13 +137,15 @@ async def main_async(mode: str, sides: list[str], json_path: Path) -> int:
                         "dsn": f"{base}/{side.replace('-', '_')}",
                         "address": server.address if server else None,
                     }
-                    results[side].append(await asyncio.to_thread(run_side, side, side_settings, pg.pid))
+                    done = await asyncio.to_thread(run_side, side, side_settings, pg.pid)
+                    results[side].append(done)
         finally:
             if server is not None:
                 await server.__aexit__(None, None, None)
     summary = summarise(results)
     print(table(summary))
-    json_path.write_text(json.dumps({"mode": mode, "summary": summary, "raw": results}, indent=1))
+    text = json.dumps({"mode": mode, "summary": summary, "raw": results}, indent=1)
+    await asyncio.to_thread(json_path.write_text, text)
     return 0
 
 

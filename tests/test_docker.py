@@ -59,8 +59,7 @@ def runtime_requirements() -> list[Requirement]:
     project = PYPROJECT["project"]
     extras = project["optional-dependencies"]
     return [
-        Requirement(r)
-        for r in [*project["dependencies"], *extras["tracing"], *extras["postgres"]]
+        Requirement(r) for r in [*project["dependencies"], *extras["tracing"], *extras["postgres"]]
     ]
 
 
