@@ -141,3 +141,36 @@ def test_history_bytes_are_within_the_goal(report: dict[str, Any], shape: str) -
     # activity only what it reads, as typed steps are sent.
     ratio = report["figures"][f"history_bytes_ratio_{shape}"]
     assert ratio <= HISTORY_BYTES_GOAL, f"{shape}: {ratio:.3f}"
+
+
+@pytest.mark.timeout(600)
+def test_the_postgres_benchmark_runs_and_reports_every_figure(tmp_path: Path):
+    """``python -m benchmarks.postgres --smoke``: QWIT on PostgreSQL and the
+    hand-written DBOS saga, every figure of both sides reported."""
+    out = tmp_path / "pg.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.postgres",
+            "--smoke",
+            "--sides",
+            "qwit-postgres,dbos",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={k: v for k, v in os.environ.items() if not k.startswith("QWIT_")},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(out.read_text())["summary"]
+    assert set(summary) == {"qwit-postgres", "dbos"}
+    for side, figures in summary.items():
+        assert set(figures) == set(summary["dbos"]), side
+        for name, value in figures.items():
+            assert math.isfinite(value) and value >= 0, (side, name, value)
+        assert figures["throughput (flows/s)"] > 0
+    assert "pg/dbos" in proc.stdout
