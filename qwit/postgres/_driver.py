@@ -253,6 +253,7 @@ class Driver:
         self.counters: dict[str, int] = defaultdict(int)
         self.commands: list[tuple[str, Action]] = []
         self.after_commit: list[Callable[[], None]] = []
+        self.handed: list[tuple[str, dict[str, Any]]] = []
         self.waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         self.children: dict[str, _Child] = {}
         self.cancelling = False
@@ -329,11 +330,19 @@ class Driver:
         serving it takes."""
         worker = self.worker
         if worker.inline and worker.registry.get(args["call"]["step"]) is not None:
-            await conn.execute(
-                "UPDATE qwit.commands SET inline = %s WHERE run_id = %s AND key = %s",
-                [json.dumps(args), self.run_id, key],
+            # its call kept, and its attempt counted, with the command
+            cur = await conn.execute(
+                "WITH kept AS (UPDATE qwit.commands SET inline = %s "
+                "WHERE run_id = %s AND key = %s) "
+                "INSERT INTO qwit.attempts (run_id, key, attempt) VALUES (%s, %s, 1) "
+                "ON CONFLICT (run_id, key) DO UPDATE SET attempt = qwit.attempts.attempt + 1 "
+                "RETURNING attempt",
+                [json.dumps(args), self.run_id, key, self.run_id, key],
             )
-            self.after_commit.append(lambda: worker.run_inline(args))
+            counted = await cur.fetchone()
+            assert counted is not None
+            attempt = int(counted[0])
+            self.after_commit.append(lambda: worker.run_inline(args, attempt))
             return
         job = await defer(conn, STEP_TASK, args, queue=worker.step_queue)
         await conn.execute(
@@ -561,99 +570,111 @@ class Driver:
             self._deliver(row["kind"], row["key"], row["payload"])
             self._activate()
         await self._resume_steps()
-        await self._flush()
+        async with self.worker.connection() as conn, conn.transaction():
+            await self._write(conn, self._outcome())
+        self._after_commit()
         while not self.task.done():
-            row = await self._next()
-            self._deliver(row["kind"], row["key"], row["payload"])
-            self._activate()
-            await self._flush()
-        await self._finish()
+            await self._advance()
+        self.loop.close()
 
-    async def _next(self) -> dict[str, Any]:
-        """The next row of the inbox, numbered and committed before it is
-        delivered (waits for one, holding no connection)."""
+    def hand_over(self, key: str, payload: dict[str, Any]) -> None:
+        """A step this worker ran for this driver ended: its result, handed
+        over here rather than written by the step. The driver records it with
+        its number, delivers it and writes what follows, in one transaction
+        (lost with the driver, the step runs again: its call is recorded)."""
+        self.handed.append((key, payload))
+        self.worker.wakeup(self.run_id).set()
+
+    async def _advance(self) -> None:
+        """Take the next row of the inbox (or a result handed over), number
+        it, deliver it, and write what the interpreter then asked for, in one
+        transaction; wait for one if there is none (holding no connection)."""
         wake = self.worker.wakeup(self.run_id)
         while True:
             wake.clear()
-            async with (
-                self.worker.connection() as conn,
-                conn.transaction(),
-                conn.cursor(row_factory=dict_row) as cur,
-            ):
-                await self._fence(conn)
-                await cur.execute(
-                    "SELECT id, key, kind, payload FROM qwit.events WHERE run_id = %s "
-                    "AND delivered IS NULL AND (due_at IS NULL OR due_at <= clock_timestamp()) "
-                    "ORDER BY id LIMIT 1 FOR UPDATE",
-                    [self.run_id],
-                )
-                row = await cur.fetchone()
-                if row is not None:
-                    self.delivered += 1
-                    await cur.execute(
-                        "UPDATE qwit.events SET delivered = %s, "
-                        "delivered_at = extract(epoch FROM clock_timestamp()) WHERE id = %s "
-                        "RETURNING delivered_at",
-                        [self.delivered, row["id"]],
-                    )
-                    stamp = await cur.fetchone()
-                    assert stamp is not None
-                    self.loop.clock = stamp["delivered_at"]
-                    return row
-                await cur.execute(
-                    "SELECT extract(epoch FROM min(due_at) - clock_timestamp()) AS due "
-                    "FROM qwit.events WHERE run_id = %s AND delivered IS NULL",
-                    [self.run_id],
-                )
-                due = await cur.fetchone()
+            handed = list(self.handed)
+            try:
+                row, due = await self._advance_once()
+            except BaseException:
+                # what was handed over stays to be recorded (by this driver's
+                # worker, if this driver goes)
+                self.handed = handed + [h for h in self.handed if h not in handed]
+                raise
+            if row is not None:
+                self._after_commit()
+                return
             timeout = self.worker.poll_interval
             if due is not None and due["due"] is not None:
                 timeout = max(0.0, min(timeout, float(due["due"])))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout)
 
-    async def _flush(self, outcome: dict[str, Any] | None = None) -> None:
-        """Write what the interpreter asked for (each command once) and the
-        flow's state (and, once it has ended, its ``outcome``), in one
-        transaction."""
-        commands, self.commands = self.commands, []
-        state = self.interpreter.state()
-        async with self.worker.connection() as conn, conn.transaction():
-            await self._fence(conn)
-            for key, action in commands:
-                cur = await conn.execute(
-                    "INSERT INTO qwit.commands (run_id, key) VALUES (%s, %s) "
-                    "ON CONFLICT DO NOTHING RETURNING key",
-                    [self.run_id, key],
+    async def _advance_once(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """One transaction: the row delivered (None: none was due) and, when
+        none was, how long until the next timer is due."""
+        due = None
+        async with (
+            self.worker.connection() as conn,
+            conn.transaction(),
+            conn.cursor(row_factory=dict_row) as cur,
+        ):
+            # fenced by _write, at the end: a driver taken for dead rolls
+            # back whatever it did in the transaction
+            row = await self._claim(cur)
+            if row is not None:
+                self._deliver(row["kind"], row["key"], row["payload"])
+                self._activate()
+                await self._write(conn, self._outcome())
+            else:
+                await cur.execute(
+                    "SELECT extract(epoch FROM min(due_at) - clock_timestamp()) AS due "
+                    "FROM qwit.events WHERE run_id = %s AND delivered IS NULL",
+                    [self.run_id],
                 )
-                if await cur.fetchone() is not None:
-                    await action(conn)
-            records = None
-            if outcome is not None:  # what a redrive starts from
-                records = json.dumps(
-                    [r.model_dump(mode="json") for r in self.interpreter.records()]
-                )
-            await conn.execute(
-                "UPDATE qwit.flows SET status = %s, state = %s, updated_at = now(), "
-                "outcome = coalesce(%s::json, outcome), records = coalesce(%s::json, records), "
-                "ended = ended OR %s WHERE id = %s AND run_id = %s",
-                [
-                    state.status,
-                    state.model_dump_json(),
-                    None if outcome is None else json.dumps(outcome),
-                    records,
-                    outcome is not None,
-                    self.flow_id,
-                    self.run_id,
-                ],
-            )
-            if outcome is not None:
-                await conn.execute("SELECT pg_notify(%s, %s)", [CHANNEL, "ended:" + self.flow_id])
-        self._after_commit()
+                due = await cur.fetchone()
+        return row, due
 
-    async def _finish(self) -> None:
-        """Record the outcome, and tell the parent (once)."""
+    async def _claim(self, cur: Any) -> dict[str, Any] | None:
+        """The next row to deliver, numbered (None: nothing is due)."""
+        number = self.delivered + 1
+        stamp = "extract(epoch FROM clock_timestamp())"
+        row = None
+        while self.handed and row is None:
+            key, payload = self.handed.pop(0)
+            await cur.execute(
+                "INSERT INTO qwit.events (run_id, key, kind, payload, delivered, delivered_at) "
+                f"VALUES (%s, %s, 'step', %s, %s, {stamp}) ON CONFLICT (run_id, key) DO NOTHING "
+                "RETURNING key, kind, payload, delivered_at",
+                [self.run_id, key, json.dumps(payload), number],
+            )
+            row = await cur.fetchone()  # None: recorded already, it comes from the table
+        if row is None:
+            await cur.execute(
+                "SELECT id, key, kind, payload FROM qwit.events WHERE run_id = %s "
+                "AND delivered IS NULL AND (due_at IS NULL OR due_at <= clock_timestamp()) "
+                "ORDER BY id LIMIT 1 FOR UPDATE",
+                [self.run_id],
+            )
+            row = await cur.fetchone()
+            if row is None:
+                return None
+            await cur.execute(
+                f"UPDATE qwit.events SET delivered = %s, delivered_at = {stamp} WHERE id = %s "
+                "RETURNING delivered_at",
+                [number, row["id"]],
+            )
+            stamped = await cur.fetchone()
+            assert stamped is not None
+            row["delivered_at"] = stamped["delivered_at"]
+        self.delivered = number
+        self.loop.clock = row["delivered_at"]
+        return dict(row)
+
+    def _outcome(self) -> dict[str, Any] | None:
+        """How the flow ended (None: it runs); on its end, tell the parent."""
         assert self.task is not None
+        if not self.task.done():
+            return None
         failure: FailureInfo | None = None
         outcome: dict[str, Any]
         try:
@@ -669,8 +690,52 @@ class Driver:
                 "child_ended",
                 {"failure": None if failure is None else failure.model_dump(mode="json")},
             )
-        await self._flush(outcome)
-        self.loop.close()
+        return outcome
+
+    async def _flush(self) -> None:
+        """``_write`` in a transaction of its own."""
+        async with self.worker.connection() as conn, conn.transaction():
+            await self._write(conn, None)
+        self._after_commit()
+
+    async def _write(self, conn: Conn, outcome: dict[str, Any] | None) -> None:
+        """Write what the interpreter asked for (each command once) and the
+        flow's state (and, once it has ended, its ``outcome``), in the
+        caller's transaction."""
+        commands, self.commands = self.commands, []
+        state = self.interpreter.state()
+        for key, action in commands:
+            cur = await conn.execute(
+                "INSERT INTO qwit.commands (run_id, key) VALUES (%s, %s) "
+                "ON CONFLICT DO NOTHING RETURNING key",
+                [self.run_id, key],
+            )
+            if await cur.fetchone() is not None:
+                await action(conn)
+        records = None
+        if outcome is not None:  # what a redrive starts from
+            records = json.dumps([r.model_dump(mode="json") for r in self.interpreter.records()])
+        # The fence: only while the row carries this driver's number (else
+        # the caller's transaction is rolled back, with all it wrote).
+        cur = await conn.execute(
+            "UPDATE qwit.flows SET status = %s, state = %s, updated_at = now(), "
+            "outcome = coalesce(%s::json, outcome), records = coalesce(%s::json, records), "
+            "ended = ended OR %s WHERE id = %s AND run_id = %s AND driver = %s",
+            [
+                state.status,
+                state.model_dump_json(),
+                None if outcome is None else json.dumps(outcome),
+                records,
+                outcome is not None,
+                self.flow_id,
+                self.run_id,
+                self.epoch,
+            ],
+        )
+        if cur.rowcount != 1:
+            raise _Superseded
+        if outcome is not None:
+            await conn.execute("SELECT pg_notify(%s, %s)", [CHANNEL, "ended:" + self.flow_id])
 
 
 __all__ = ["FLOW_TASK", "STEP_TASK", "Driver", "Superseded", "add_event", "defer"]

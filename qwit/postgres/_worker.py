@@ -127,6 +127,7 @@ class PostgresWorker:
         self.inline = inline
         self._inline: dict[tuple[str, str], tuple[asyncio.Task[None], list[bool]]] = {}
         self._wakeups: dict[str, asyncio.Event] = {}
+        self._drivers: dict[str, Driver] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self.app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=dsn))
         self.app.task(name=FLOW_TASK, pass_context=True, retry=procrastinate.RetryStrategy())(
@@ -164,12 +165,20 @@ class PostgresWorker:
         if row is None or row["ended"]:
             return  # a later run replaced it, or it ended before a crash
         driver = Driver(self, row)
+        self._drivers[run_id] = driver
         try:
             await driver.run()
         except Superseded:
             logger.info("flow %s: another driver took run %s", flow_id, run_id)
         finally:
+            # results of steps it ran, handed over but not yet journaled: for
+            # the driver that replays the run
+            for key, payload in driver.handed:
+                with contextlib.suppress(psycopg.Error, OSError):
+                    await self._record(run_id, key, payload)
             self._wakeups.pop(run_id, None)
+            if self._drivers.get(run_id) is driver:
+                del self._drivers[run_id]
 
     async def _step_job(
         self,
@@ -190,20 +199,23 @@ class PostgresWorker:
         node: dict[str, Any],
         call: dict[str, Any],
         stopped_by_flow: Callable[[], bool],
+        first_attempt: int | None = None,
     ) -> None:
         """Run a step call and record how it ended, once (a job, or a step
         this worker runs for its own driver)."""
         payload: dict[str, Any]
         try:
-            async with self.connection() as conn:
-                cur = await conn.execute(
-                    "SELECT 1 FROM qwit.events WHERE run_id = %s AND key = %s", [run_id, key]
-                )
-                if await cur.fetchone() is not None:
-                    return  # run again after a crash, but its result was recorded
+            inline = first_attempt is not None
+            if not inline:  # (a driver starts a step of its own only without a result)
+                async with self.connection() as conn:
+                    cur = await conn.execute(
+                        "SELECT 1 FROM qwit.events WHERE run_id = %s AND key = %s", [run_id, key]
+                    )
+                    if await cur.fetchone() is not None:
+                        return  # run again after a crash, but its result was recorded
             step, sent = StepNode.model_validate(node), StepCall.model_validate(call)
             try:
-                done = await self._run(run_id, key, step, sent)
+                done = await self._run(run_id, key, step, sent, first_attempt)
                 payload = {"ok": done.model_dump(mode="json")}
             except StepFailure as failure:
                 payload = {"error": failure.info.model_dump(mode="json")}
@@ -211,11 +223,14 @@ class PostgresWorker:
             if not stopped_by_flow():
                 raise  # the worker stops: the step runs again elsewhere
             # the flow stopped the step: it has ended, and says so
-            await self._record(run_id, key, {"cancelled": True})
+            payload = {"cancelled": True}
+        driver = self._drivers.get(run_id) if first_attempt is not None else None
+        if driver is not None and not driver.evicted:
+            driver.hand_over(key, payload)
             return
         await self._record(run_id, key, payload)
 
-    def run_inline(self, args: dict[str, Any]) -> None:
+    def run_inline(self, args: dict[str, Any], attempt: int) -> None:
         """Run a step call for a driver of this worker, here (no job: its
         command, recorded, is what a later driver runs again if needed)."""
         ident = (args["run_id"], args["key"])
@@ -224,7 +239,12 @@ class PostgresWorker:
         stopped: list[bool] = []
         task = asyncio.ensure_future(
             self._step(
-                args["run_id"], args["key"], args["node"], args["call"], lambda: bool(stopped)
+                args["run_id"],
+                args["key"],
+                args["node"],
+                args["call"],
+                lambda: bool(stopped),
+                first_attempt=attempt,
             )
         )
         self._inline[ident] = (task, stopped)
@@ -252,7 +272,14 @@ class PostgresWorker:
             assert row is not None
             return int(row[0])
 
-    async def _run(self, run_id: str, key: str, node: StepNode, call: StepCall) -> StepReturn:
+    async def _run(
+        self,
+        run_id: str,
+        key: str,
+        node: StepNode,
+        call: StepCall,
+        first_attempt: int | None = None,
+    ) -> StepReturn:
         """Run a step's call, its retries included (``run_with_retries``'s
         rule, with attempts counted across crashed jobs)."""
         cls = self.registry.get(call.step)
@@ -269,7 +296,10 @@ class PostgresWorker:
         retry = node.back_retry if call.direction == "step_back" else node.retry
         beats = Heartbeats()
         while True:
-            number = await self._next_attempt(run_id, key)
+            if first_attempt is not None:  # counted by the driver, with the call
+                number, first_attempt = first_attempt, None
+            else:
+                number = await self._next_attempt(run_id, key)
             if retry.max_attempts is not None and number > retry.max_attempts:
                 raise StepFailure(
                     error_info(
