@@ -84,3 +84,36 @@ async def test_without_a_dsn_an_embedded_postgres_keeps_the_flows(tmp_path: Path
     assert status.code == 0, status.err
     assert json.loads(status.out)["status"] == "completed"
     assert (tmp_path / "postgres" / "PG_VERSION").exists()
+
+
+async def test_dev_serves_a_module_on_an_embedded_postgres(tmp_path: Path):
+    """``qwit dev --backend postgres MODULE``: an embedded PostgreSQL and a
+    worker; it prints the DSN; a flow run against it with --no-worker ends;
+    SIGTERM stops it."""
+    import signal
+
+    from tests.clirun import read_until, start
+
+    proc = await start(
+        "dev", "--backend", "postgres", "tests.test_cli_postgres_flows", QWIT_DATA_DIR=str(tmp_path)
+    )
+    try:
+        assert proc.stdout is not None
+        seen = await read_until(proc.stdout, "QWIT_POSTGRES_DSN=", timeout=120)
+        dsn = seen.split("QWIT_POSTGRES_DSN=", 1)[1].split()[0]
+        done = await qwit(
+            "run",
+            FLOW,
+            "--args",
+            '{"n": 6}',
+            "--no-worker",
+            QWIT_BACKEND="postgres",
+            QWIT_POSTGRES_DSN=dsn,
+        )
+        assert done.code == 0, done.err
+        assert json.loads(done.out)["reserved"] == 6
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = await proc.communicate()
+    assert proc.returncode == 0
+    assert "stopped" in out.decode()

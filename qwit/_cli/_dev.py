@@ -21,7 +21,8 @@ from ._common import (
     task_queue_option,
     worker_registry,
 )
-from ._connect import DEV_DB, exclusive, port_free, private_db, start_server
+from ._connect import DEV_DB, data_dir, exclusive, port_free, private_db, start_server
+from ._postgres import backend_option
 
 DEFAULT_PORT = 7233
 DEFAULT_UI_PORT = 8233
@@ -59,8 +60,14 @@ def _say(text: str = "") -> None:
 )
 @click.option("--headless", is_flag=True, help="No web UI.")
 @task_queue_option
+@backend_option
 def dev(
-    modules: tuple[str, ...], port: int, ui_port: int, headless: bool, task_queue: str | None
+    modules: tuple[str, ...],
+    port: int,
+    ui_port: int,
+    headless: bool,
+    task_queue: str | None,
+    backend: str,
 ) -> None:
     """Run a local Temporal (server and web UI) and a worker for MODULES.
 
@@ -69,11 +76,19 @@ def dev(
     restart. With MODULES, a worker serves their steps on the task queue.
     Ctrl-C (or SIGTERM) stops the worker, letting steps in flight finish,
     then the server.
+
+    With --backend postgres: an embedded PostgreSQL (its data in
+    $QWIT_DATA_DIR/postgres) and a worker of the PostgreSQL engine for
+    MODULES; it prints the QWIT_POSTGRES_DSN clients and workers use.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     imported = import_modules(modules) if modules else []
     if imported:
         worker_registry(imported)
+    if backend == "local":
+        raise click.UsageError("qwit dev: --backend local has no server; use qwit run")
+    if backend == "postgres":
+        sys.exit(run_async(_dev_postgres(imported)))
     _check_port(port, "--port")
     if not headless:
         if ui_port == port:
@@ -114,6 +129,41 @@ async def _dev(server: DevServer, modules: list[ModuleType], queue: str) -> int:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+
+async def _dev_postgres(modules: list[ModuleType]) -> int:
+    """``qwit dev --backend postgres``: an embedded PostgreSQL and a worker."""
+    from .. import postgres
+
+    data = data_dir() / "postgres"
+    _say(f"starting PostgreSQL (data in {data})...")
+    async with postgres.EmbeddedPostgres(data_dir=data) as server:
+        await postgres.prepare(server.dsn)
+        async with AsyncExitStack() as stack:
+            if modules:
+                await stack.enter_async_context(postgres.PostgresWorker(server.dsn, *modules))
+            _say()
+            _say(f"  PostgreSQL    {server.dsn}")
+            if modules:
+                _say(f"  Worker        {', '.join(m.__name__ for m in modules)}")
+            _say(f"  Data          {data}")
+            _say()
+            _say("Point clients and workers at it (qwit run, qwit worker, qwit.connect()):")
+            _say(f"  export QWIT_BACKEND=postgres QWIT_POSTGRES_DSN={server.dsn}")
+            _say()
+            _say("Ctrl-C stops.")
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            try:
+                await stop.wait()
+            finally:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
+            _say("stopping...")
+    _say("stopped")
+    return 0
 
 
 def _banner(server: DevServer, modules: list[ModuleType], queue: str) -> None:
