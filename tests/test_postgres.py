@@ -235,3 +235,41 @@ async def test_a_superseded_driver_refuses_to_write(postgres_dsn: str):
         GATES[run].set()
         await asyncio.wait_for(handle.result(), 60)
     await client.close()
+
+
+class PgSilent(Effect, name="pg.Silent"):
+    """Its first attempt goes quiet (no heartbeat); the next one heartbeats."""
+
+    heartbeat_timeout = 0.5
+    retry = qwit.Retry(max_attempts=2, initial_interval=0.1, max_interval=0.1)
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any] | None:
+        ledger.record(args["ledger"], "attempt", str(qwit.context().attempt))
+        if qwit.context().attempt == 1:
+            await asyncio.sleep(30)  # hangs without a heartbeat
+        for _ in range(4):
+            qwit.heartbeat({"done": _})
+            await asyncio.sleep(0.2)  # 0.8 s in all: over the limit, but heartbeating
+        return await super().step_forward(args)
+
+
+class PgSilentFlow(qwit.Flow, name="pg.silent", backend=qwit.postgres):
+    def build_flow(self) -> None:
+        self.step(PgSilent)
+
+
+async def test_a_step_without_heartbeats_past_its_heartbeat_timeout_is_retried(
+    postgres_dsn: str,
+):
+    await prepare(postgres_dsn)
+    client = await client_for(postgres_dsn)
+    run = new_ledger()
+    async with worker(postgres_dsn, PgSilentFlow):
+        handle = await client.start(PgSilentFlow, {"ledger": run})
+        result = await asyncio.wait_for(handle.result(), 30)
+        state = await handle.state()
+    assert result["out_pg.Silent"] == "-"
+    assert ledger.marks(run, "attempt") == ["1", "2"]
+    assert ledger.applied(run) == ["pg.Silent"]
+    assert state.steps[0].attempts == 2
+    await client.close()

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import copy
 import logging
+import time
 from collections.abc import Callable
 from types import ModuleType, TracebackType
 from typing import TYPE_CHECKING, Any
@@ -312,18 +313,7 @@ class PostgresWorker:
                     )
                 )
             try:
-                output = await run_step_method(
-                    cls,
-                    call,
-                    attempt=number,
-                    engine="postgres",
-                    heartbeat=beats.beat,
-                    heartbeat_details=copy.deepcopy(beats.last),
-                    timeout=node.limit(call.direction),
-                    grace=DEFAULT_TIMEOUT_GRACE
-                    if node.timeout_grace is None
-                    else node.timeout_grace,
-                )
+                output = await self._attempt(cls, node, call, number, beats)
                 return StepReturn(output=output, attempt=number)
             except StepFailure as failure:
                 info = failure.info
@@ -331,6 +321,68 @@ class PostgresWorker:
             if spent or not info.retryable:
                 raise StepFailure(info.model_copy(update={"attempt": number}))
             await asyncio.sleep(retry.delay(number))
+
+    async def _attempt(
+        self, cls: Any, node: StepNode, call: StepCall, number: int, beats: Heartbeats
+    ) -> dict[str, Any]:
+        """One attempt; with a ``heartbeat_timeout``, one that goes that long
+        without ``qwit.heartbeat()`` is stopped (an ``async`` step cancelled,
+        a plain one told through ``context().cancelled``) and fails, to be
+        retried, as on Temporal."""
+        limit = node.heartbeat_timeout
+        starved: list[bool] = []
+        last = [time.monotonic()]
+
+        def beat(details: Any) -> None:
+            last[0] = time.monotonic()
+            beats.beat(details)
+
+        attempt = asyncio.ensure_future(
+            run_step_method(
+                cls,
+                call,
+                attempt=number,
+                engine="postgres",
+                heartbeat=beat,
+                heartbeat_details=copy.deepcopy(beats.last),
+                is_cancelled=lambda: bool(starved),
+                timeout=node.limit(call.direction),
+                grace=DEFAULT_TIMEOUT_GRACE if node.timeout_grace is None else node.timeout_grace,
+            )
+        )
+
+        async def watch() -> None:
+            assert limit is not None
+            while not attempt.done():
+                left = last[0] + limit - time.monotonic()
+                if left <= 0:
+                    starved.append(True)
+                    attempt.cancel()
+                    return
+                await asyncio.sleep(min(left, 1.0))
+
+        watchdog = asyncio.ensure_future(watch()) if limit else None
+        try:
+            return await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            if not starved:  # stopped from outside: the attempt stops too
+                attempt.cancel()
+                with contextlib.suppress(BaseException):
+                    await attempt
+                raise
+            with contextlib.suppress(BaseException):
+                await attempt
+            raise StepFailure(
+                error_info(
+                    TimeoutError(f"step {call.step!r} sent no heartbeat for {limit:g}s"),
+                    attempt=number,
+                    retryable=True,
+                    with_traceback=False,
+                )
+            ) from None
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
 
     async def _record(self, run_id: str, key: str, payload: dict[str, Any]) -> None:
         """Record a step's end in its flow's inbox (once: a retried job's
