@@ -34,6 +34,8 @@ class Connections:
         Raises:
             psycopg.OperationalError: PostgreSQL can't be reached.
         """
+        if self.closed:
+            raise psycopg.OperationalError("the pool is closed: its worker or client stopped")
         async with self._gate:
             conn = None
             while self._idle and conn is None:

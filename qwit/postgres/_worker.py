@@ -145,7 +145,7 @@ class PostgresWorker:
 
     def connection(self) -> contextlib.AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
         """A connection of the worker's pool, for one transaction or query."""
-        if self._pool is None or self._pool.closed:
+        if self._pool is None:
             self._pool = Connections(self.dsn, self.pool_size)
         return self._pool.connection()
 
@@ -447,6 +447,7 @@ class PostgresWorker:
 
     async def run(self) -> None:
         """Serve until cancelled."""
+        self._pool = Connections(self.dsn, self.pool_size)
         await self._prepared()
         async with self.app.open_async():
             common: dict[str, Any] = {
@@ -482,8 +483,7 @@ class PostgresWorker:
                     with contextlib.suppress(BaseException):
                         await task
                 if self._pool is not None:
-                    await self._pool.close()
-                    self._pool = None
+                    await self._pool.close()  # (kept: a late caller gets an error)
 
     async def serve(self) -> None:
         """Run until SIGINT or SIGTERM, then stop (the drivers it held are

@@ -223,7 +223,10 @@ async def _engine(engine: str, workdir: Path, queue: str) -> Any:
                 "QWIT_POSTGRES_HEARTBEAT": "0.5",
                 "QWIT_POSTGRES_STALLED_AFTER": "3",
             }
-            yield server, client, Worker("", queue, workdir / "worker.log", env=env), None
+            try:
+                yield server, client, Worker("", queue, workdir / "worker.log", env=env), None
+            finally:
+                await client.close()
         return
     async with DevServer() as server:
         temporal = await connect_temporal(target_host=server.address)
