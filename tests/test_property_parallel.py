@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import os
 import random
+import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -189,11 +190,16 @@ def flow_of(case: Case, name: str) -> type[qwit.Flow]:
     return Random
 
 
+#: When the test asked to cancel each flow (time.monotonic(), by flow id).
+CANCELLED_AT: dict[str, float] = {}
+
+
 async def operate(case: Case, handle: qwit.FlowHandle) -> None:
     """What the operator does: cancel the flow at its time, and decide the
     waiting step (by its path) once it waits."""
     if case.cancel_after is not None:
         await asyncio.sleep(case.cancel_after)
+        CANCELLED_AT[handle.id] = time.monotonic()
         with contextlib.suppress(qwit.QwitError):
             await handle.cancel()
         return
@@ -210,8 +216,8 @@ async def operate(case: Case, handle: qwit.FlowHandle) -> None:
         await asyncio.sleep(0.05)
 
 
-def skipped_eids(run: str, state: qwit.engine.FlowState) -> set[str]:
-    """The effects (by eid) of steps that ended skipped."""
+def skipped_eids(run: str, state: qwit.engine.FlowState, kept: str = "skipped") -> set[str]:
+    """The effects (by eid) of steps that ended skipped (or in status ``kept``)."""
     statuses: dict[str, str] = {}
 
     def walk(steps: list[Any]) -> None:
@@ -220,12 +226,17 @@ def skipped_eids(run: str, state: qwit.engine.FlowState) -> set[str]:
             walk(step.steps)
 
     walk(state.steps)
-    return {
-        e.eid for e in pl.entries(run) if e.action == "do" and statuses.get(e.path) == "skipped"
-    }
+    return {e.eid for e in pl.entries(run) if e.action == "do" and statuses.get(e.path) == kept}
 
 
-def check(case: Case, run: str, kind: str, skipped: set[str]) -> list[str]:
+def check(
+    case: Case,
+    run: str,
+    kind: str,
+    skipped: set[str],
+    kept_by_skipback: frozenset[str] = frozenset(),
+    cancelled_at: float | None = None,
+) -> list[str]:
     problems = []
     applied, undone = pl.applied(run), pl.undone(run)
     expected_kind = "completed"
@@ -241,9 +252,20 @@ def check(case: Case, run: str, kind: str, skipped: set[str]) -> list[str]:
         # Cancelled in flight: whatever it had applied is undone, once, in
         # order; but a step skipped after its effect (its SKIP taken before
         # the cancel came), which did not complete, keeps it, as in any
-        # rollback. A failed step still in flight when the cancel came is the
-        # cancel's to undo.
+        # rollback, and so does a failed step whose SKIPBACK was taken before
+        # the cancel came (a sub-flow that rolled back around it, keeping it,
+        # has ended: its reaction stands). A failed step still in flight when
+        # the cancel came is the cancel's to undo (it ends compensated).
         kept = {case.fail} if case.fail in skipped else set()
+        failed_at = [e.end for e in pl.entries(run) if e.action == "do" and e.eid == case.fail]
+        if (
+            case.effective == qwit.SKIPBACK
+            and case.fail in kept_by_skipback
+            and failed_at
+            and cancelled_at is not None
+            and failed_at[0] < cancelled_at  # it failed before the cancel was asked for
+        ):
+            kept = {case.fail}
         if sorted(undone) != sorted(e for e in applied if e not in kept):
             problems.append(f"cancelled: applied {sorted(applied)}, undid {sorted(undone)}")
         return problems + pl.check(run, case.groups, all_undone=False)
@@ -318,8 +340,10 @@ async def test_random_parallel_flows_keep_the_rules(env: Env, request: pytest.Fi
             seen[kind] += 1
             seen[f"decision.{case.decision.value}" if case.decision else "no decision"] += 1
             seen["cancel" if case.cancel_after is not None else "no cancel"] += 1
-            skipped = skipped_eids(run, await handle.state())
-            for problem in check(case, run, kind, skipped):
+            state = await handle.state()
+            skipped = skipped_eids(run, state)
+            failed = frozenset(skipped_eids(run, state, kept="failed"))
+            for problem in check(case, run, kind, skipped, failed, CANCELLED_AT.get(handle.id)):
                 failures.append(f"seed {seed}, case {i} {case}: {problem}")
 
         await asyncio.gather(*(one(i) for i in range(examples)))
