@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -163,9 +163,10 @@ class FlowRuntime(ABC):
         """
         return None
 
-    async def shield(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` to its end even if the flow is cancelled meanwhile."""
-        task = asyncio.ensure_future(coro)
+    async def shield(self, work: Awaitable[T]) -> T:
+        """Run ``work`` (a coroutine, or a future already running) to its end
+        even if the flow is cancelled meanwhile."""
+        task = asyncio.ensure_future(work)
         while True:
             try:
                 return await asyncio.shield(task)

@@ -193,7 +193,7 @@ class _Runtime(FlowRuntime):
             # runs beside its own forward.
             cancelled = True
             driver.command(f"abort:{key}", driver.abort_action(key))
-            payload = await driver.settled(future)
+            payload = await self.shield(future)
         finally:
             driver.expected.pop(key, None)
         if "ok" in payload:
@@ -212,7 +212,7 @@ class _Runtime(FlowRuntime):
         try:
             payload = await asyncio.shield(future)
         except asyncio.CancelledError:
-            payload = await driver.settled(future)
+            payload = await self.shield(future)
             raise SubflowStartCancelled(driver.subflow(child_id, payload)) from None
         finally:
             driver.expected.pop(key, None)
@@ -232,9 +232,6 @@ class _Runtime(FlowRuntime):
 
     async def report_aborted(self, info: FailureInfo) -> None:
         self.driver.tell_parent("child_aborted", info.model_dump(mode="json"))
-
-    async def shield(self, coro: Any) -> Any:
-        return await FlowRuntime.shield(self, coro)
 
 
 class Driver:
@@ -280,15 +277,6 @@ class Driver:
 
     def command(self, key: str, action: Action) -> None:
         self.commands.append((key, action))
-
-    async def settled(self, future: asyncio.Future[Any]) -> Any:
-        """``future``'s result, waited for through cancels."""
-        while True:
-            try:
-                return await asyncio.shield(future)
-            except asyncio.CancelledError:
-                if future.done():
-                    return future.result()
 
     def check(self) -> None:
         """Raise ``_Evicted`` once the driver has let go of the flow."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import contextlib
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -380,13 +379,11 @@ class _Runtime(FlowRuntime):
         try:
             return await asyncio.shield(start)
         except asyncio.CancelledError:
-            while not start.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.shield(start)
-            error = start.exception()
-            if error is not None and not isinstance(error, StepFailure):
-                raise error from None
-            raise SubflowStartCancelled(None if error else start.result()) from None
+            try:
+                sub: SubflowRun | None = await self.shield(start)
+            except StepFailure:
+                sub = None  # it did not start
+            raise SubflowStartCancelled(sub) from None
 
     async def _start_subflow(self, node: FlowNode, input: FlowInput, attempt: int) -> SubflowRun:
         child_id = child_flow_id(input, input.path, attempt)
