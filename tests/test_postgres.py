@@ -22,6 +22,7 @@ from qwit.postgres import (
     prepare,
 )
 from qwit.postgres._driver import Driver, Superseded
+from qwit.postgres._store import fetch_flow
 from tests import ledger
 from tests.ledger import Effect
 
@@ -74,6 +75,14 @@ class PgOuter(qwit.Flow, name="pg.outer", backend=qwit.postgres):
 class TemporalOrder(qwit.Flow, name="pg.on_temporal"):
     def build_flow(self) -> None:
         self.step(PgA, {"eid": "temporal"})
+
+
+async def flow_row(dsn: str, flow_id: str) -> dict[str, Any]:
+    """The flow's row in ``qwit.flows``."""
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        row = await fetch_flow(conn, flow_id)
+    assert row is not None
+    return row
 
 
 def worker(dsn: str, *members: Any) -> PostgresWorker:
@@ -190,12 +199,7 @@ async def test_a_driver_taken_for_dead_writes_nothing(postgres_dsn: str):
     async with worker(postgres_dsn, PgOrder) as serving:
         handle = await client.start(PgOrder, {"ledger": run})
         await ledger.wait_for_mark(run, "started", "pg.Gate")
-        async with await psycopg.AsyncConnection.connect(postgres_dsn) as conn:
-            cur = await conn.execute(
-                "SELECT * FROM qwit.flows WHERE id = %s", [handle.id], prepare=False
-            )
-            names = [c.name for c in cur.description or []]
-            row = dict(zip(names, await cur.fetchone() or (), strict=True))
+        row = await flow_row(postgres_dsn, handle.id)
         second = Driver(serving, row)
         taking_over = asyncio.ensure_future(second.run())
         await asyncio.sleep(0.5)  # it has replayed, and holds the run
@@ -224,10 +228,7 @@ async def test_a_superseded_driver_refuses_to_write(postgres_dsn: str):
     async with worker(postgres_dsn, PgOrder) as serving:
         handle = await client.start(PgOrder, {"ledger": run})
         await ledger.wait_for_mark(run, "started", "pg.Gate")
-        async with await psycopg.AsyncConnection.connect(postgres_dsn) as conn:
-            cur = await conn.execute("SELECT * FROM qwit.flows WHERE id = %s", [handle.id])
-            names = [c.name for c in cur.description or []]
-            row = dict(zip(names, await cur.fetchone() or (), strict=True))
+        row = await flow_row(postgres_dsn, handle.id)
         stale = Driver(serving, row)
         stale.epoch = 0  # a number an older driver held
         with pytest.raises(Superseded):

@@ -275,12 +275,7 @@ def react(
     if args and reaction != RETRY.value:
         raise click.UsageError(f"--args goes only with retry, not with {reaction}")
     if backend != "temporal":
-        if backend == "local":
-            pg.refuse_local("react")
-        if bulk is not None or flow_id is None:
-            pg.refuse_query()
-        assert flow_id is not None
-        pg.react(flow_id, reaction, args or None, path)
+        pg.react(pg.one_flow("react", backend, flow_id, bulk), reaction, args or None, path)
         return
 
     err = console()
@@ -383,12 +378,7 @@ def cancel(
     bulk = bulk_from(query, dry_run, yes, rate, flow_id=flow_id is not None, wait=wait)
     rollback = not no_rollback
     if backend != "temporal":
-        if backend == "local":
-            pg.refuse_local("cancel")
-        if bulk is not None or flow_id is None:
-            pg.refuse_query()
-        assert flow_id is not None
-        pg.cancel(flow_id, rollback)
+        pg.cancel(pg.one_flow("cancel", backend, flow_id, bulk), rollback)
         return
     err = console()
     say = sayer(err)
@@ -535,12 +525,7 @@ def redrive(
     err = console()
     say = sayer(err)
     if backend != "temporal":
-        if backend == "local":
-            pg.refuse_local("redrive")
-        if bulk is not None or flow_id is None:
-            pg.refuse_query()
-        assert flow_id is not None
-        pg.redrive(flow_id, from_step, args or None)
+        pg.redrive(pg.one_flow("redrive", backend, flow_id, bulk), from_step, args or None)
         return
 
     if bulk is not None:

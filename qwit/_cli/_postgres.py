@@ -77,6 +77,17 @@ def refuse_query() -> None:
     )
 
 
+def one_flow(command: str, backend: str, flow_id: str | None, bulk: object) -> str:
+    """The flow a command acts on off Temporal: refused on qwit.local, and
+    with --query (one flow id it is)."""
+    if backend == "local":
+        refuse_local(command)
+    if bulk is not None or flow_id is None:
+        refuse_query()
+    assert flow_id is not None
+    return flow_id
+
+
 @contextlib.asynccontextmanager
 async def database() -> AsyncIterator[str]:
     """The DSN: ``$QWIT_POSTGRES_DSN``, or an embedded server's for the
@@ -183,8 +194,6 @@ def list_flows(
 def run(flow: type[Flow], args: dict[str, Any], flow_id: str | None, no_worker: bool) -> None:
     """``qwit run --backend postgres``: a worker here (unless --no-worker),
     the flow's progress on stderr, its result on stdout."""
-    err = console()
-    say = sayer(err)
     postgres = _postgres()
 
     async def go() -> int:
@@ -194,16 +203,7 @@ def run(flow: type[Flow], args: dict[str, Any], flow_id: str | None, no_worker: 
             async with contextlib.AsyncExitStack() as stack:
                 if worker is not None:
                     await stack.enter_async_context(worker)
-                handle = await made.start(flow, args, id=flow_id)
-                say(f"flow {handle.id} started on PostgreSQL")
-                try:
-                    result = await handle.result()
-                except FlowFailed as failed:
-                    for line in failure_lines(failed, flow.name):
-                        err.print(line)
-                    return 1
-        click.echo(json.dumps(result))
-        return 0
+                return await _follow(made, flow, args, flow_id, "on PostgreSQL")
 
     sys.exit(run_async(go()))
 
@@ -212,24 +212,37 @@ def run_local(flow: type[Flow], args: dict[str, Any], flow_id: str | None) -> No
     """``qwit run --backend local``: the flow in this process (not durable)."""
     from .. import local
 
-    err = console()
-
     async def go() -> int:
         made = Client(backend=local)
         try:
-            handle = await made.start(flow, args, id=flow_id)
-            try:
-                result = await handle.result()
-            except FlowFailed as failed:
-                for line in failure_lines(failed, flow.name):
-                    err.print(line)
-                return 1
+            return await _follow(made, flow, args, flow_id)
         finally:
             await made.close()
-        click.echo(json.dumps(result))
-        return 0
 
     sys.exit(run_async(go()))
+
+
+async def _follow(
+    made: Client,
+    flow: type[Flow],
+    args: dict[str, Any],
+    flow_id: str | None,
+    where: str | None = None,
+) -> int:
+    """Start the flow and wait for it: its result on stdout (0), or the
+    story of its failure on stderr (1); with ``where``, say where it started."""
+    err = console()
+    handle = await made.start(flow, args, id=flow_id)
+    if where is not None:
+        sayer(err)(f"flow {handle.id} started {where}")
+    try:
+        result = await handle.result()
+    except FlowFailed as failed:
+        for line in failure_lines(failed, flow.name):
+            err.print(line)
+        return 1
+    click.echo(json.dumps(result))
+    return 0
 
 
 __all__ = [
@@ -237,6 +250,7 @@ __all__ = [
     "backend_option",
     "cancel",
     "list_flows",
+    "one_flow",
     "react",
     "redrive",
     "refuse_local",

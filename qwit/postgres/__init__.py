@@ -45,7 +45,7 @@ from .._errors import (
 from .._plan import FlowInput, FlowRecords, StepRecord
 from .._runtime import Decision
 from .._state import FlowState
-from ._driver import FLOW_TASK, add_event, defer
+from ._driver import add_event, drive, new_run
 from ._pool import Connections
 from ._server import EmbeddedPostgres
 from ._store import CHANNEL, SCHEMA_VERSION, SchemaTooNew, check_schema
@@ -255,7 +255,7 @@ class PostgresEngine(Engine):
             return await cur.fetchall()
 
     async def start(self, flow: type[Flow], input: FlowInput) -> FlowHandle:
-        run_id = f"{input.root_id}@{uuid.uuid4().hex[:12]}"
+        run_id = new_run(input.root_id)
         async with self._connect() as conn, conn.transaction():
             cur = await conn.execute(
                 "INSERT INTO qwit.flows (id, run_id, root_id, name, input, status) "
@@ -270,13 +270,7 @@ class PostgresEngine(Engine):
             )
             if await cur.fetchone() is None:
                 raise ArgumentsError(f"a flow with id {input.root_id!r} exists")
-            await defer(
-                conn,
-                FLOW_TASK,
-                {"flow_id": input.root_id, "run_id": run_id},
-                queue=FLOW_QUEUE,
-                lock=run_id,
-            )
+            await drive(conn, input.root_id, run_id, FLOW_QUEUE)
         return PostgresFlowHandle(self, input.root_id)
 
     def get_handle(self, flow_id: str) -> FlowHandle:
@@ -304,7 +298,7 @@ class PostgresEngine(Engine):
         )
 
     async def restart(self, input: FlowInput) -> FlowHandle:
-        run_id = f"{input.root_id}@{uuid.uuid4().hex[:12]}"
+        run_id = new_run(input.root_id)
         async with self._connect() as conn, conn.transaction():
             cur = await conn.execute(
                 "UPDATE qwit.flows SET run_id = %s, input = %s, status = 'running', state = NULL, "
@@ -314,13 +308,7 @@ class PostgresEngine(Engine):
             )
             if await cur.fetchone() is None:
                 raise ReactionError(f"flow {input.root_id!r} is running again already")
-            await defer(
-                conn,
-                FLOW_TASK,
-                {"flow_id": input.root_id, "run_id": run_id},
-                queue=FLOW_QUEUE,
-                lock=run_id,
-            )
+            await drive(conn, input.root_id, run_id, FLOW_QUEUE)
         return PostgresFlowHandle(self, input.root_id)
 
 

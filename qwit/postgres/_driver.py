@@ -89,6 +89,17 @@ async def defer(
     return int(row[0])
 
 
+def new_run(flow_id: str) -> str:
+    """A fresh run id of ``flow_id`` (its start, a sub-flow's, a redrive's)."""
+    return f"{flow_id}@{uuid.uuid4().hex[:12]}"
+
+
+async def drive(conn: Conn, flow_id: str, run_id: str, queue: str) -> None:
+    """Enqueue the driver job of a flow's run, in ``conn``'s transaction
+    (locked on the run: no two drivers hold it at once)."""
+    await defer(conn, FLOW_TASK, {"flow_id": flow_id, "run_id": run_id}, queue=queue, lock=run_id)
+
+
 class _Evicted(BaseException):
     """The driver lets go of a flow it had not finished (its worker stops):
     every call of the interpreter raises it, so that its tasks end without
@@ -394,7 +405,7 @@ class Driver:
         worker = self.worker
 
         async def action(conn: Conn) -> None:
-            child_run = f"{child_id}@{uuid.uuid4().hex[:12]}"
+            child_run = new_run(child_id)
             cur = await conn.execute(
                 "INSERT INTO qwit.flows (id, run_id, root_id, parent_id, parent_run_id, name, "
                 "input, status) VALUES (%s, %s, %s, %s, %s, %s, %s, 'running') "
@@ -425,13 +436,7 @@ class Driver:
                     }
                 }
             else:
-                await defer(
-                    conn,
-                    FLOW_TASK,
-                    {"flow_id": child_id, "run_id": child_run},
-                    queue=worker.flow_queue,
-                    lock=child_run,
-                )
+                await drive(conn, child_id, child_run, worker.flow_queue)
                 payload = {"ok": True, "run_id": child_run}
             await add_event(conn, run_id, key, "started", payload)
 
@@ -726,6 +731,15 @@ class Driver:
             await conn.execute("SELECT pg_notify(%s, %s)", [CHANNEL, "ended:" + self.flow_id])
 
 
-__all__ = ["FLOW_TASK", "STEP_TASK", "Driver", "Superseded", "add_event", "defer"]
+__all__ = [
+    "FLOW_TASK",
+    "STEP_TASK",
+    "Driver",
+    "Superseded",
+    "add_event",
+    "defer",
+    "drive",
+    "new_run",
+]
 
 Superseded = _Superseded

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 import procrastinate
 import psycopg
 from procrastinate.job_context import AbortReason
-from psycopg.rows import dict_row
 
 from .._errors import StepFailure, StepNotRegistered, error_info
 from .._memory import Heartbeats
@@ -33,7 +32,7 @@ from .._plan import StepCall, StepNode, StepReturn
 from .._runner import Registry, run_step_method
 from ._driver import FLOW_TASK, STEP_TASK, Driver, Superseded, add_event
 from ._pool import Connections
-from ._store import CHANNEL, migrate
+from ._store import CHANNEL, fetch_flow, migrate
 
 if TYPE_CHECKING:
     from .._flow import Flow
@@ -158,12 +157,9 @@ class PostgresWorker:
     # -- jobs ------------------------------------------------------------------
 
     async def _flow_job(self, context: procrastinate.JobContext, flow_id: str, run_id: str) -> None:
-        async with await self.connect() as conn, conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(
-                "SELECT * FROM qwit.flows WHERE id = %s AND run_id = %s", [flow_id, run_id]
-            )
-            row = await cur.fetchone()
-        if row is None or row["ended"]:
+        async with self.connection() as conn:
+            row = await fetch_flow(conn, flow_id)
+        if row is None or row["run_id"] != run_id or row["ended"]:
             return  # a later run replaced it, or it ended before a crash
         driver = Driver(self, row)
         self._drivers[run_id] = driver
