@@ -73,8 +73,18 @@ async def test_the_metrics_of_flows_on_a_worker(dev_server: DevServer):
     queue = f"metrics-{uuid.uuid4().hex[:8]}"
     client = await qwit.connect(temporal_client=temporal, task_queue=queue)
     waits = failing_flow(qwit.WAIT)
-    async with create_worker(temporal, Outer, waits, task_queue=queue):
-        counting = asyncio.ensure_future(count_waiting(temporal, every=0.3))
+    # a flow waiting on another task queue of the namespace is not this worker's
+    elsewhere = f"{queue}-elsewhere"
+    other = await qwit.connect(temporal_client=temporal, task_queue=elsewhere)
+    async with (
+        create_worker(temporal, Outer, waits, task_queue=queue),
+        create_worker(temporal, waits, task_queue=elsewhere),
+    ):
+        not_ours = await other.start(
+            waits, {"ledger": new_ledger(), "fail": "react.F", "fail_after": True}
+        )
+        await wait_for_status(not_ours, "waiting", timeout=30)
+        counting = asyncio.ensure_future(count_waiting(temporal, every=0.3, task_queue=queue))
         try:
             handle = await client.start(
                 Outer, {"ledger": new_ledger(), "fail": "I2", "fail_after": True}
@@ -91,6 +101,7 @@ async def test_the_metrics_of_flows_on_a_worker(dev_server: DevServer):
         finally:
             counting.cancel()
         await waiting.cancel()
+        await not_ours.cancel()
     print("\n" + "\n".join(line for line in text.splitlines() if line.startswith("qwit_")))
     assert value(text, "qwit_flows_started", flow="Outer") == 2
     assert value(text, "qwit_flows_ended", flow="Outer", outcome="rolled_back") == 1
@@ -109,8 +120,9 @@ async def test_the_metrics_of_flows_on_a_worker(dev_server: DevServer):
         value(text, "qwit_step_seconds_bucket", step="O1", direction="step_forward", le="10")
         == count
     )
-    assert value(text, "qwit_waits", step="react.F") == 1
-    assert value(text, "qwit_flows_waiting") == 1
+    assert value(text, "qwit_waits", step="react.F", task_queue=queue) == 1
+    assert value(text, "qwit_flows_waiting", task_queue=queue) == 1
+    assert value(text, "qwit_flows_waiting") == 1  # the other queue's flow is not counted
     # Temporal's own metrics are still there, with QWIT's
     assert value(text, "temporal_workflow_completed") >= 1
     # every sample carries the namespace and task queue (Temporal adds them)

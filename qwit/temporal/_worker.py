@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 from datetime import timedelta
@@ -103,17 +104,27 @@ def metrics_runtime(address: str) -> Runtime:
     return Runtime(telemetry=TelemetryConfig(metrics=prometheus))
 
 
-async def count_waiting(client: temporalio.client.Client, every: float = WAITING_EVERY) -> None:
+async def count_waiting(
+    client: temporalio.client.Client,
+    every: float = WAITING_EVERY,
+    task_queue: str | None = None,
+) -> None:
     """Set the gauge ``qwit_flows_waiting`` of the client's runtime to the
-    number of flows waiting for an operator, every ``every`` seconds, until
-    cancelled."""
+    number of flows on ``task_queue`` (default: the default task queue) that
+    wait for an operator, every ``every`` seconds, until cancelled. The gauge
+    carries the label ``task_queue``: workers of other queues in the same
+    namespace count their own flows."""
+    task_queue = task_queue or default_task_queue()
     runtime = client.service_client.config.runtime or Runtime.default()
     _, unit, description, _ = METRICS["qwit_flows_waiting"]
-    gauge = runtime.metric_meter.create_gauge("qwit_flows_waiting", description, unit or None)
+    gauge = runtime.metric_meter.create_gauge(
+        "qwit_flows_waiting", description, unit or None
+    ).with_additional_attributes({"task_queue": task_queue})
+    query = f"{WAITING_QUERY} AND TaskQueue = {json.dumps(task_queue)}"
     warned = False
     while True:
         try:
-            gauge.set((await client.count_workflows(WAITING_QUERY)).count)
+            gauge.set((await client.count_workflows(query)).count)
         except RPCError as err:
             if not warned:  # e.g. a namespace without QWIT's search attributes
                 log.warning("can't count the waiting flows: %s", err.message)
@@ -143,7 +154,9 @@ async def serve(
         except (NotImplementedError, RuntimeError):  # pragma: no cover - not on the main thread
             pass
     counting = (
-        asyncio.ensure_future(count_waiting(client, waiting_every)) if waiting_every else None
+        asyncio.ensure_future(count_waiting(client, waiting_every, task_queue))
+        if waiting_every
+        else None
     )
     try:
         async with worker:
