@@ -274,3 +274,167 @@ async def test_a_step_without_heartbeats_past_its_heartbeat_timeout_is_retried(
     assert ledger.applied(run) == ["pg.Silent"]
     assert state.steps[0].attempts == 2
     await client.close()
+
+
+# -- step jobs: a step's record and its job's end are one ---------------------
+
+
+async def gate_job(dsn: str, run_id: str) -> tuple[int, str]:
+    """The id of the job of ``pg.Gate``'s call in ``run_id`` (once written),
+    and the call's key."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        for _ in range(200):
+            cur = await conn.execute(
+                "SELECT c.job_id, c.key FROM qwit.commands c JOIN procrastinate_jobs j "
+                "ON j.id = c.job_id WHERE c.run_id = %s AND j.args->'call'->>'step' = 'pg.Gate'",
+                [run_id],
+            )
+            row = await cur.fetchone()
+            if row is not None:
+                return int(row[0]), str(row[1])
+            await asyncio.sleep(0.05)
+    raise AssertionError("no job for pg.Gate")
+
+
+async def sql(dsn: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute(query, list(params))
+        return await cur.fetchall() if cur.description else []
+
+
+async def recorded(dsn: str, run_id: str, key: str) -> list[Any]:
+    """The recorded ends of the call ``key`` in ``run_id``."""
+    rows = await sql(
+        dsn, "SELECT payload FROM qwit.events WHERE run_id = %s AND key = %s", run_id, key
+    )
+    return [row[0] for row in rows]
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["taken", "queued"])
+async def test_every_step_is_a_job_finished_with_its_record(postgres_dsn: str, inline: bool):
+    """Each step call is a procrastinate job; once its end is recorded, its
+    job is finished (deleted, as procrastinate does with succeeded jobs)."""
+    await prepare(postgres_dsn)
+    client = await client_for(postgres_dsn)
+    run = new_ledger()
+    async with PostgresWorker(postgres_dsn, PgOuter, inline=inline, poll_interval=0.2):
+        handle = await client.start(PgOuter, {"ledger": run})
+        await asyncio.wait_for(handle.result(), 30)
+    rows = await sql(
+        postgres_dsn,
+        "SELECT c.job_id, e.kind, j.id FROM qwit.commands c "
+        "JOIN qwit.flows f ON f.run_id = c.run_id "
+        "LEFT JOIN qwit.events e ON e.run_id = c.run_id AND e.key = c.key "
+        "LEFT JOIN procrastinate_jobs j ON j.id = c.job_id "
+        "WHERE f.root_id = %s AND c.key LIKE 'step:%%'",
+        handle.id,
+    )
+    assert len(rows) == 2, rows  # pg.A in the sub-flow, pg.B in the outer flow
+    for job, kind, left in rows:
+        assert job is not None  # a job
+        assert kind == "step"  # its end recorded
+        assert left is None  # and the job finished
+    await client.close()
+
+
+async def test_a_step_job_taken_from_its_worker_records_nothing_from_it(postgres_dsn: str):
+    """A worker whose step job was given to another (it was taken for dead)
+    records nothing when its run of the step ends: whoever holds the job
+    records it, once."""
+    await prepare(postgres_dsn)
+    client = await client_for(postgres_dsn)
+    run = new_ledger()
+    GATES[run] = asyncio.Event()
+    async with worker(postgres_dsn, PgOrder):
+        handle = await client.start(PgOrder, {"ledger": run})
+        await ledger.wait_for_mark(run, "started", "pg.Gate")
+        row = await flow_row(postgres_dsn, handle.id)
+        job, key = await gate_job(postgres_dsn, row["run_id"])
+        [(other,)] = await sql(postgres_dsn, "SELECT * FROM procrastinate_register_worker_v1()")
+        await sql(
+            postgres_dsn, "UPDATE procrastinate_jobs SET worker_id = %s WHERE id = %s", other, job
+        )
+        GATES[run].set()  # this worker's run of the step ends
+        await ledger.wait_for_mark(run, "do", "pg.Gate")
+        await asyncio.sleep(1.0)
+        assert await recorded(postgres_dsn, row["run_id"], key) == []
+        assert await sql(
+            postgres_dsn, "SELECT status FROM procrastinate_jobs WHERE id = %s", job
+        ) == [("doing",)]
+        # the other worker is gone: the job goes back to the queue, and runs again
+        await sql(
+            postgres_dsn,
+            "UPDATE procrastinate_workers SET last_heartbeat = now() - interval '1 hour' "
+            "WHERE id = %s",
+            other,
+        )
+        result = await asyncio.wait_for(handle.result(), 30)
+        state = await handle.state()
+    assert result["out_pg.B"] == "-"
+    assert len(await recorded(postgres_dsn, row["run_id"], key)) == 1
+    assert state.steps[1].attempts == 2
+    await client.close()
+
+
+async def test_a_step_job_whose_finish_fails_records_nothing(postgres_dsn: str):
+    """A job of the queue: its end is recorded in the transaction that
+    finishes it; a finish that fails (the job is gone) records nothing."""
+    await prepare(postgres_dsn)
+    client = await client_for(postgres_dsn)
+    run = new_ledger()
+    GATES[run] = asyncio.Event()
+    serving = PostgresWorker(postgres_dsn, PgOrder, inline=False, poll_interval=0.2)
+    async with serving:
+        handle = await client.start(PgOrder, {"ledger": run})
+        await ledger.wait_for_mark(run, "started", "pg.Gate")
+        row = await flow_row(postgres_dsn, handle.id)
+        job, key = await gate_job(postgres_dsn, row["run_id"])
+        await sql(postgres_dsn, "DELETE FROM procrastinate_jobs WHERE id = %s", job)
+        GATES[run].set()
+        await ledger.wait_for_mark(run, "do", "pg.Gate")
+        await asyncio.sleep(1.0)
+        assert await recorded(postgres_dsn, row["run_id"], key) == []
+    await client.close()
+
+
+async def test_a_stopped_step_job_of_a_dead_worker_ends_as_stopped(postgres_dsn: str):
+    """The flow is cancelled while its step's job is held by a worker that
+    then dies: the sweep ends the job as stopped (procrastinate alone would
+    fail it, and the flow would wait for its end forever), and the flow
+    rolls back."""
+    await prepare(postgres_dsn)
+    client = await client_for(postgres_dsn)
+    run = new_ledger()
+    GATES[run] = asyncio.Event()
+    async with worker(postgres_dsn, PgOrder):
+        handle = await client.start(PgOrder, {"ledger": run})
+        await ledger.wait_for_mark(run, "started", "pg.Gate")
+        row = await flow_row(postgres_dsn, handle.id)
+        job, key = await gate_job(postgres_dsn, row["run_id"])
+        [(other,)] = await sql(postgres_dsn, "SELECT * FROM procrastinate_register_worker_v1()")
+        await sql(
+            postgres_dsn, "UPDATE procrastinate_jobs SET worker_id = %s WHERE id = %s", other, job
+        )
+        await handle.cancel()
+        for _ in range(100):  # the cancel reached the job's holder
+            if await sql(
+                postgres_dsn,
+                "SELECT 1 FROM procrastinate_jobs WHERE id = %s AND abort_requested",
+                job,
+            ):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the job was never asked to stop")
+        await sql(
+            postgres_dsn,
+            "UPDATE procrastinate_workers SET last_heartbeat = now() - interval '1 hour' "
+            "WHERE id = %s",
+            other,
+        )
+        with pytest.raises(qwit.FlowCancelled):
+            await asyncio.wait_for(handle.result(), 20)
+    assert await recorded(postgres_dsn, row["run_id"], key) == [{"cancelled": True}]
+    assert ledger.applied(run) == ["pg.A"]
+    assert ledger.undone(run) == ["pg.A"]
+    await client.close()

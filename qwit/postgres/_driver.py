@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import uuid
@@ -44,6 +45,41 @@ logger = logging.getLogger("qwit.postgres")
 
 Conn = psycopg.AsyncConnection[Any]
 Action = Callable[[Conn], Awaitable[None]]
+#: A step's end handed to its driver: (key, payload, job id).
+Handed = tuple[str, dict[str, Any], int]
+
+#: Insert a step job taken by worker ``%(worker)s`` at once (``doing``: no
+#: other worker fetches it; if that worker dies, procrastinate's stalled-job
+#: sweep puts it back in the queue), keep its id with its command and count
+#: its first attempt, in one statement.
+TAKE_STEP_JOB = """
+WITH job AS (
+    INSERT INTO procrastinate_jobs (queue_name, task_name, args, status, worker_id)
+    VALUES (%(queue)s, %(task)s, %(args)s, 'doing', %(worker)s) RETURNING id
+), kept AS (
+    UPDATE qwit.commands SET job_id = (SELECT id FROM job), inline = NULL
+    WHERE run_id = %(run_id)s AND key = %(key)s
+)
+INSERT INTO qwit.attempts (run_id, key, attempt) VALUES (%(run_id)s, %(key)s, 1)
+ON CONFLICT (run_id, key) DO UPDATE SET attempt = qwit.attempts.attempt + 1
+RETURNING attempt, (SELECT id FROM job)
+"""
+
+#: Finish a step job that worker ``%(worker)s`` took (procrastinate's finish
+#: of a succeeded job: it is deleted) and record the step's end in its run's
+#: inbox, in one statement: the record and the job's end are one, and a job
+#: the worker no longer holds (taken for dead, its job swept back into the
+#: queue) records nothing: whoever runs it now will.
+FINISH_STEP_JOB = """
+WITH finished AS (
+    DELETE FROM procrastinate_jobs
+    WHERE id = %(job)s AND status = 'doing' AND worker_id = %(worker)s RETURNING id
+)
+INSERT INTO qwit.events (run_id, key, kind, payload{columns})
+SELECT %(run_id)s, %(key)s, 'step', %(payload)s{values} FROM finished
+ON CONFLICT (run_id, key) DO NOTHING
+RETURNING key, kind, payload, delivered_at
+"""
 
 #: procrastinate task names (and queues) of QWIT's jobs.
 FLOW_TASK = "qwit.flow"
@@ -261,7 +297,7 @@ class Driver:
         self.counters: dict[str, int] = defaultdict(int)
         self.commands: list[tuple[str, Action]] = []
         self.after_commit: list[Callable[[], None]] = []
-        self.handed: list[tuple[str, dict[str, Any]]] = []
+        self.handed: list[Handed] = []
         self.waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         self.children: dict[str, _Child] = {}
         self.cancelling = False
@@ -324,44 +360,59 @@ class Driver:
         self.command(f"tell:{key}", action)
 
     async def issue_step(self, conn: Conn, key: str, args: dict[str, Any]) -> None:
-        """A step call: run by this worker when it serves the step (recorded,
-        then started once the transaction commits), else a job any worker
-        serving it takes."""
+        """A step call is a job of the step queue. When this worker serves
+        the step, the job is taken by it in the same transaction and run
+        here once the transaction commits (``inline``: no trip through the
+        queue); else any worker serving the step takes it."""
         worker = self.worker
-        if worker.inline and worker.registry.get(args["call"]["step"]) is not None:
-            # its call kept, and its attempt counted, with the command
+        if worker.takes(args["call"]["step"]):
             cur = await conn.execute(
-                "WITH kept AS (UPDATE qwit.commands SET inline = %s "
-                "WHERE run_id = %s AND key = %s) "
-                "INSERT INTO qwit.attempts (run_id, key, attempt) VALUES (%s, %s, 1) "
-                "ON CONFLICT (run_id, key) DO UPDATE SET attempt = qwit.attempts.attempt + 1 "
-                "RETURNING attempt",
-                [json.dumps(args), self.run_id, key, self.run_id, key],
+                TAKE_STEP_JOB,
+                {
+                    "queue": worker.step_queue,
+                    "task": STEP_TASK,
+                    "args": json.dumps(args),
+                    "worker": worker.worker_id,
+                    "run_id": self.run_id,
+                    "key": key,
+                },
             )
-            counted = await cur.fetchone()
-            assert counted is not None
-            attempt = int(counted[0])
-            self.after_commit.append(lambda: worker.run_inline(args, attempt))
+            taken = await cur.fetchone()
+            assert taken is not None
+            attempt, job = int(taken[0]), int(taken[1])
+            self.after_commit.append(lambda: worker.run_inline(args, attempt, job))
             return
         job = await defer(conn, STEP_TASK, args, queue=worker.step_queue)
         await conn.execute(
-            "UPDATE qwit.commands SET job_id = %s WHERE run_id = %s AND key = %s",
+            "UPDATE qwit.commands SET job_id = %s, inline = NULL WHERE run_id = %s AND key = %s",
             [job, self.run_id, key],
         )
 
     async def _resume_steps(self) -> None:
-        """Start again the steps this run ran itself whose results are not
-        recorded (its earlier driver died with them)."""
-        async with self.worker.connection() as conn, conn.transaction():
+        """Start again the steps of this run that this worker holds but no
+        longer runs or keeps a result of (and those a QWIT before step jobs
+        ran without a job), when their results are not recorded."""
+        worker = self.worker
+        async with worker.connection() as conn, conn.transaction():
             await self._fence(conn)
             cur = await conn.execute(
-                "SELECT c.key, c.inline FROM qwit.commands c WHERE c.run_id = %s "
-                "AND c.inline IS NOT NULL AND NOT EXISTS (SELECT 1 FROM qwit.events e "
-                "WHERE e.run_id = c.run_id AND e.key = c.key)",
-                [self.run_id],
+                "SELECT c.key, coalesce(c.inline, j.args::json), j.id FROM qwit.commands c "
+                "LEFT JOIN procrastinate_jobs j ON j.id = c.job_id "
+                "WHERE c.run_id = %s AND (c.inline IS NOT NULL OR "
+                "(j.status = 'doing' AND j.worker_id = %s)) AND NOT EXISTS "
+                "(SELECT 1 FROM qwit.events e WHERE e.run_id = c.run_id AND e.key = c.key)",
+                [self.run_id, worker.worker_id],
             )
-            for key, args in await cur.fetchall():
-                await self.issue_step(conn, key, args)
+            for key, args, job in await cur.fetchall():
+                if job is None:
+                    await self.issue_step(conn, key, args)
+                elif worker.holds(self.run_id, key, job):
+                    continue
+                else:
+                    attempt = await worker.count_attempt(conn, self.run_id, key)
+                    self.after_commit.append(
+                        functools.partial(worker.run_inline, args, attempt, job)
+                    )
         self._after_commit()
 
     def _after_commit(self) -> None:
@@ -375,26 +426,30 @@ class Driver:
 
         async def action(conn: Conn) -> None:
             cur = await conn.execute(
-                "SELECT job_id, inline IS NOT NULL FROM qwit.commands "
-                "WHERE run_id = %s AND key = %s",
-                [run_id, key],
+                "SELECT c.job_id, c.inline IS NOT NULL, j.status = 'doing' AND j.worker_id = %s "
+                "FROM qwit.commands c LEFT JOIN procrastinate_jobs j ON j.id = c.job_id "
+                "WHERE c.run_id = %s AND c.key = %s",
+                [worker.worker_id, run_id, key],
             )
             row = await cur.fetchone()
             if row is None:
                 return
-            if row[0] is None:
-                if row[1]:  # run by this worker: stopped here, and it says so
-                    self.after_commit.append(lambda: worker.cancel_inline(run_id, key))
+            job, legacy, ours = row
+            if legacy or worker.holds(run_id, key, job):
+                # run here: stopped here, and it says so (if the job is still
+                # this worker's; else whoever holds it now is stopped below)
+                self.after_commit.append(lambda: worker.cancel_inline(run_id, key))
+            if job is None or ours:
                 return
             # procrastinate's own cancel: a job still waiting is cancelled, a
             # running one is asked to abort (its task is cancelled, it reports)
-            await conn.execute("SELECT procrastinate_cancel_job_v1(%s, true, false)", [row[0]])
+            await conn.execute("SELECT procrastinate_cancel_job_v1(%s, true, false)", [job])
             # a job cancelled before it ran reports nothing itself
             await conn.execute(
                 "INSERT INTO qwit.events (run_id, key, kind, payload) "
                 "SELECT %s, %s, 'step', %s FROM procrastinate_jobs "
                 "WHERE id = %s AND status = 'cancelled' ON CONFLICT (run_id, key) DO NOTHING",
-                [run_id, key, json.dumps({"cancelled": True}), row[0]],
+                [run_id, key, json.dumps({"cancelled": True}), job],
             )
             await conn.execute("SELECT pg_notify(%s, %s)", [CHANNEL, run_id])
 
@@ -570,12 +625,13 @@ class Driver:
             await self._advance()
         self.loop.close()
 
-    def hand_over(self, key: str, payload: dict[str, Any]) -> None:
+    def hand_over(self, key: str, payload: dict[str, Any], job: int) -> None:
         """A step this worker ran for this driver ended: its result, handed
-        over here rather than written by the step. The driver records it with
-        its number, delivers it and writes what follows, in one transaction
-        (lost with the driver, the step runs again: its call is recorded)."""
-        self.handed.append((key, payload))
+        over here rather than written by the step. The driver finishes the
+        step's job, records its end with its number, delivers it and writes
+        what follows, in one transaction (if the driver goes first, its
+        worker records it)."""
+        self.handed.append((key, payload, job))
         self.worker.wakeup(self.run_id).set()
 
     async def _advance(self) -> None:
@@ -633,14 +689,23 @@ class Driver:
         stamp = "extract(epoch FROM clock_timestamp())"
         row = None
         while self.handed and row is None:
-            key, payload = self.handed.pop(0)
+            key, payload, job = self.handed.pop(0)
             await cur.execute(
-                "INSERT INTO qwit.events (run_id, key, kind, payload, delivered, delivered_at) "
-                f"VALUES (%s, %s, 'step', %s, %s, {stamp}) ON CONFLICT (run_id, key) DO NOTHING "
-                "RETURNING key, kind, payload, delivered_at",
-                [self.run_id, key, json.dumps(payload), number],
+                FINISH_STEP_JOB.format(
+                    columns=", delivered, delivered_at", values=f", %(number)s, {stamp}"
+                ),
+                {
+                    "job": job,
+                    "worker": self.worker.worker_id,
+                    "run_id": self.run_id,
+                    "key": key,
+                    "payload": json.dumps(payload),
+                    "number": number,
+                },
             )
-            row = await cur.fetchone()  # None: recorded already, it comes from the table
+            # None: the job is no longer this worker's (whoever runs it now
+            # records it), or its end was recorded (it comes from the table)
+            row = await cur.fetchone()
         if row is None:
             await cur.execute(
                 "SELECT id, key, kind, payload FROM qwit.events WHERE run_id = %s "

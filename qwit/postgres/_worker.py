@@ -3,11 +3,23 @@ and run steps, with what keeps them going.
 
 Two procrastinate queues: ``qwit.flows`` (a job per flow run: its driver,
 long-lived, locked on the run so that two drivers never hold one run) and
-``qwit.steps`` (a job per step call). Besides procrastinate's workers, a
-worker listens on ``qwit_events`` to wake the drivers whose inbox got a row,
-and sweeps for jobs of dead workers (procrastinate's stalled jobs: a worker
-that stopped heartbeating) and runs them again: a flow's driver replays its
-journal; a step's job runs the step again unless its result is recorded.
+``qwit.steps`` (a job per step call). A step job ends in one transaction
+with its result's record: procrastinate's finish of the job and the row in
+the flow's inbox are written together, so a crash between the two can
+neither lose the record of an effect nor record it twice.
+
+A step job of a step this worker serves, called by a flow it drives, is
+taken by the worker as it is written (in the driver's transaction: status
+``doing``, under the worker's own procrastinate worker id) and run here at
+once, without a trip through the queue; the driver finishes it when it
+delivers its result. If the worker dies, procrastinate's stalled-job sweep
+puts the job back in the queue, for any worker serving the step.
+
+Besides procrastinate's workers, a worker listens on ``qwit_events`` to wake
+the drivers whose inbox got a row, and sweeps for jobs of dead workers
+(procrastinate's stalled jobs: a worker that stopped heartbeating) and runs
+them again: a flow's driver replays its journal; a step's job runs the step
+again (its attempts counted on).
 """
 
 from __future__ import annotations
@@ -15,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -30,7 +43,7 @@ from .._memory import Heartbeats
 from .._options import DEFAULT_TIMEOUT_GRACE
 from .._plan import StepCall, StepNode, StepReturn
 from .._runner import Registry, run_step_method
-from ._driver import FLOW_TASK, STEP_TASK, Driver, Superseded, add_event
+from ._driver import FINISH_STEP_JOB, FLOW_TASK, STEP_TASK, Driver, Superseded, add_event
 from ._pool import Connections
 from ._store import CHANNEL, fetch_flow, migrate
 
@@ -95,10 +108,11 @@ class PostgresWorker:
             again without being woken.
         pool_size: Connections its drivers and steps share (procrastinate
             and the listener have their own).
-        inline: Run the steps it serves itself, for the flows it drives,
-            without a job (as DBOS does; its drivers record each call first,
-            so a driver replayed elsewhere runs again what had not ended);
-            False: every step is a job of the queue.
+        inline: Take the step jobs of the steps it serves, for the flows it
+            drives, as they are written, and run them here (as DBOS runs a
+            workflow's steps in its process); they go back to the queue if it
+            dies. False: every step job goes through the queue, to whichever
+            worker serving the step takes it first.
     """
 
     def __init__(
@@ -125,11 +139,19 @@ class PostgresWorker:
         self.pool_size = pool_size
         self._pool: Connections | None = None
         self.inline = inline
-        self._inline: dict[tuple[str, str], tuple[asyncio.Task[None], list[bool]]] = {}
+        #: The procrastinate worker id under which it takes step jobs itself.
+        self.worker_id: int | None = None
+        self._inline: dict[tuple[str, str], tuple[asyncio.Task[None], list[bool], int]] = {}
+        #: Ends of step jobs, kept until procrastinate's worker finishes the
+        #: job (``_Jobs.finish_job`` records them in that transaction).
+        self._ended: dict[int, tuple[str, str, dict[str, Any]]] = {}
+        #: Ends of the steps it took, not recorded yet (PostgreSQL was away).
+        self._unrecorded: dict[int, tuple[str, str, dict[str, Any]]] = {}
         self._wakeups: dict[str, asyncio.Event] = {}
         self._drivers: dict[str, Driver] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self.app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=dsn))
+        self.app.job_manager = _Jobs(self, self.app.connector)
         self.app.task(name=FLOW_TASK, pass_context=True, retry=procrastinate.RetryStrategy())(
             self._flow_job
         )
@@ -170,9 +192,8 @@ class PostgresWorker:
         finally:
             # results of steps it ran, handed over but not yet journaled: for
             # the driver that replays the run
-            for key, payload in driver.handed:
-                with contextlib.suppress(psycopg.Error, OSError):
-                    await self._record(run_id, key, payload)
+            for key, payload, job in driver.handed:
+                await self._record(run_id, key, payload, job)
             self._wakeups.pop(run_id, None)
             if self._drivers.get(run_id) is driver:
                 del self._drivers[run_id]
@@ -185,8 +206,25 @@ class PostgresWorker:
         node: dict[str, Any],
         call: dict[str, Any],
     ) -> None:
+        assert context.job.id is not None
         await self._step(
-            run_id, key, node, call, lambda: context.abort_reason() == AbortReason.USER_REQUEST
+            run_id,
+            key,
+            node,
+            call,
+            context.job.id,
+            lambda: context.abort_reason() == AbortReason.USER_REQUEST,
+        )
+
+    def takes(self, step: str) -> bool:
+        """Whether it takes the jobs of ``step`` itself, for its drivers."""
+        return self.inline and self.worker_id is not None and self.registry.get(step) is not None
+
+    def holds(self, run_id: str, key: str, job: int | None) -> bool:
+        """Whether it runs the step job ``job`` (or keeps its end)."""
+        running = self._inline.get((run_id, key))
+        return (running is not None and running[2] == job) or (
+            job is not None and job in self._unrecorded
         )
 
     async def _step(
@@ -195,21 +233,15 @@ class PostgresWorker:
         key: str,
         node: dict[str, Any],
         call: dict[str, Any],
+        job: int,
         stopped_by_flow: Callable[[], bool],
         first_attempt: int | None = None,
     ) -> None:
-        """Run a step call and record how it ended, once (a job, or a step
-        this worker runs for its own driver)."""
+        """Run a step job and record how it ended, with the job's end (a
+        job of the queue, or one this worker took for its own driver)."""
         payload: dict[str, Any]
+        taken = first_attempt is not None
         try:
-            inline = first_attempt is not None
-            if not inline:  # (a driver starts a step of its own only without a result)
-                async with self.connection() as conn:
-                    cur = await conn.execute(
-                        "SELECT 1 FROM qwit.events WHERE run_id = %s AND key = %s", [run_id, key]
-                    )
-                    if await cur.fetchone() is not None:
-                        return  # run again after a crash, but its result was recorded
             step, sent = StepNode.model_validate(node), StepCall.model_validate(call)
             try:
                 done = await self._run(run_id, key, step, sent, first_attempt)
@@ -221,15 +253,17 @@ class PostgresWorker:
                 raise  # the worker stops: the step runs again elsewhere
             # the flow stopped the step: it has ended, and says so
             payload = {"cancelled": True}
-        driver = self._drivers.get(run_id) if first_attempt is not None else None
-        if driver is not None and not driver.evicted:
-            driver.hand_over(key, payload)
+        if not taken:  # finished, and recorded, by procrastinate's worker
+            self._ended[job] = (run_id, key, payload)
             return
-        await self._record(run_id, key, payload)
+        driver = self._drivers.get(run_id)
+        if driver is not None and not driver.evicted:
+            driver.hand_over(key, payload, job)
+            return
+        await self._record(run_id, key, payload, job)
 
-    def run_inline(self, args: dict[str, Any], attempt: int) -> None:
-        """Run a step call for a driver of this worker, here (no job: its
-        command, recorded, is what a later driver runs again if needed)."""
+    def run_inline(self, args: dict[str, Any], attempt: int, job: int) -> None:
+        """Run a step job this worker took for one of its drivers, here."""
         ident = (args["run_id"], args["key"])
         if ident in self._inline:
             return
@@ -240,11 +274,12 @@ class PostgresWorker:
                 args["key"],
                 args["node"],
                 args["call"],
+                job,
                 lambda: bool(stopped),
                 first_attempt=attempt,
             )
         )
-        self._inline[ident] = (task, stopped)
+        self._inline[ident] = (task, stopped, job)
         task.add_done_callback(lambda _: self._inline.pop(ident, None))
 
     def cancel_inline(self, run_id: str, key: str) -> None:
@@ -252,22 +287,27 @@ class PostgresWorker:
         that it was cancelled, once it has stopped)."""
         running = self._inline.get((run_id, key))
         if running is not None:
-            task, stopped = running
+            task, stopped, _ = running
             stopped.append(True)
             task.cancel()
 
+    async def count_attempt(self, conn: psycopg.AsyncConnection[Any], run_id: str, key: str) -> int:
+        """The number of the attempt about to start, counted in PostgreSQL
+        (in ``conn``'s transaction)."""
+        cur = await conn.execute(
+            "INSERT INTO qwit.attempts (run_id, key, attempt) VALUES (%s, %s, 1) "
+            "ON CONFLICT (run_id, key) DO UPDATE SET attempt = qwit.attempts.attempt + 1 "
+            "RETURNING attempt",
+            [run_id, key],
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        return int(row[0])
+
     async def _next_attempt(self, run_id: str, key: str) -> int:
-        """The number of the attempt about to start (counted in PostgreSQL)."""
+        """The number of the attempt about to start."""
         async with self.connection() as conn:
-            cur = await conn.execute(
-                "INSERT INTO qwit.attempts (run_id, key, attempt) VALUES (%s, %s, 1) "
-                "ON CONFLICT (run_id, key) DO UPDATE SET attempt = qwit.attempts.attempt + 1 "
-                "RETURNING attempt",
-                [run_id, key],
-            )
-            row = await cur.fetchone()
-            assert row is not None
-            return int(row[0])
+            return await self.count_attempt(conn, run_id, key)
 
     async def _run(
         self,
@@ -380,13 +420,32 @@ class PostgresWorker:
             if watchdog is not None:
                 watchdog.cancel()
 
-    async def _record(self, run_id: str, key: str, payload: dict[str, Any]) -> None:
-        """Record a step's end in its flow's inbox (once: a retried job's
-        second record is dropped), whatever cancel comes meanwhile."""
+    async def _record(self, run_id: str, key: str, payload: dict[str, Any], job: int) -> None:
+        """Finish a step job this worker took and record its end in its
+        flow's inbox, in one transaction, whatever cancel comes meanwhile;
+        kept to be recorded later if PostgreSQL can't be reached."""
 
         async def record() -> None:
-            async with self.connection() as conn, conn.transaction():
-                await add_event(conn, run_id, key, "step", payload)
+            try:
+                async with self.connection() as conn, conn.transaction():
+                    await conn.execute(
+                        FINISH_STEP_JOB.format(columns="", values=""),
+                        {
+                            "job": job,
+                            "worker": self.worker_id,
+                            "run_id": run_id,
+                            "key": key,
+                            "payload": json.dumps(payload),
+                        },
+                    )
+                    await conn.execute("SELECT pg_notify(%s, %s)", [CHANNEL, run_id])
+            except (psycopg.Error, OSError) as exc:
+                logger.warning(
+                    "qwit.postgres: step %s of %s not recorded yet (%s)", key, run_id, exc
+                )
+                self._unrecorded[job] = (run_id, key, payload)
+            else:
+                self._unrecorded.pop(job, None)
 
         task = asyncio.ensure_future(record())
         while True:
@@ -397,6 +456,16 @@ class PostgresWorker:
                 if task.done():
                     task.result()
                     return
+
+    async def finish_job(self, job: int, status: str, delete: bool) -> None:
+        """Finish a job of the queue as procrastinate's worker does; for a
+        step job, record its end in the same transaction."""
+        run_id, key, payload = self._ended.pop(job)
+        async with self.connection() as conn, conn.transaction():
+            await conn.execute(
+                "SELECT procrastinate_finish_job_v1(%s, %s, %s)", [job, status, delete]
+            )
+            await add_event(conn, run_id, key, "step", payload)
 
     # -- running -----------------------------------------------------------------
 
@@ -415,20 +484,64 @@ class PostgresWorker:
                 logger.warning("qwit.postgres: listening stopped (%s); again in 1 s", exc)
                 await asyncio.sleep(1.0)
 
+    async def _register(self) -> None:
+        """Take a procrastinate worker id for the step jobs it takes itself."""
+        async with self.connection() as conn:
+            cur = await conn.execute("SELECT worker_id FROM procrastinate_register_worker_v1()")
+            row = await cur.fetchone()
+            assert row is not None
+            self.worker_id = int(row[0])
+
+    async def _beat(self) -> None:
+        """Heartbeat its worker id; take a new one if it was taken for dead
+        (its step jobs went back to the queue; whoever runs them records
+        them); record the ends it kept while PostgreSQL was away."""
+        async with self.connection() as conn:
+            cur = await conn.execute(
+                "UPDATE procrastinate_workers SET last_heartbeat = now() WHERE id = %s",
+                [self.worker_id],
+            )
+        if cur.rowcount != 1:
+            logger.warning("qwit.postgres: worker %s was taken for dead", self.worker_id)
+            await self._register()
+        for job, (run_id, key, payload) in list(self._unrecorded.items()):
+            await self._record(run_id, key, payload, job)
+
     async def _sweep(self) -> None:
-        """Run again the jobs of workers that stopped heartbeating."""
+        """Run again the jobs of workers that stopped heartbeating (a step
+        job that its flow asked to stop ends as stopped: its worker is
+        gone, and the step with it)."""
         while True:
             await asyncio.sleep(max(self.heartbeat, 0.2))
             try:
+                await self._beat()
                 manager = self.app.job_manager
                 await manager.prune_stalled_workers(self.stalled_after)
                 for queue in (self.flow_queue, self.step_queue):
                     for job in await manager.get_stalled_jobs(
                         queue=queue, seconds_since_heartbeat=self.stalled_after
                     ):
-                        await manager.retry_job(job)
+                        if job.task_name != STEP_TASK or not await self._stop_stalled(job):
+                            await manager.retry_job(job)
             except Exception as exc:
                 logger.warning("qwit.postgres: sweep failed (%s)", exc)
+
+    async def _stop_stalled(self, job: procrastinate.jobs.Job) -> bool:
+        """End a stalled step job whose flow asked it to stop, recording
+        that it stopped (True); False: it is to run again."""
+        async with self.connection() as conn, conn.transaction():
+            cur = await conn.execute(
+                "SELECT abort_requested FROM procrastinate_jobs WHERE id = %s AND status = 'doing' "
+                "FOR UPDATE",
+                [job.id],
+            )
+            row = await cur.fetchone()
+            if row is None or not row[0]:
+                return False
+            await conn.execute("SELECT procrastinate_finish_job_v1(%s, 'aborted', false)", [job.id])
+            run_id, key = job.task_kwargs["run_id"], job.task_kwargs["key"]
+            await add_event(conn, str(run_id), str(key), "step", {"cancelled": True})
+            return True
 
     async def _keep(self, **options: Any) -> None:
         """Run a procrastinate worker; start a new one if it stops (PostgreSQL
@@ -445,6 +558,7 @@ class PostgresWorker:
         """Serve until cancelled."""
         self._pool = Connections(self.dsn, self.pool_size)
         await self._prepared()
+        await self._register()
         async with self.app.open_async():
             common: dict[str, Any] = {
                 "install_signal_handlers": False,
@@ -473,11 +587,17 @@ class PostgresWorker:
                 for task in tasks:
                     with contextlib.suppress(BaseException):
                         await task
-                for task, _ in list(self._inline.values()):
+                for task, _, _ in list(self._inline.values()):
                     task.cancel()  # not stopped by its flow: nothing recorded
-                for task, _ in list(self._inline.values()):
+                for task, _, _ in list(self._inline.values()):
                     with contextlib.suppress(BaseException):
                         await task
+                # its step jobs go back to the queue at once, for other workers
+                with contextlib.suppress(psycopg.Error, OSError):
+                    async with self.connection() as conn:
+                        await conn.execute(
+                            "SELECT procrastinate_unregister_worker_v1(%s)", [self.worker_id]
+                        )
                 if self._pool is not None:
                     await self._pool.close()  # (kept: a late caller gets an error)
 
@@ -531,6 +651,23 @@ class PostgresWorker:
         for task in self._tasks:
             with contextlib.suppress(BaseException):
                 await task
+
+
+class _Jobs(procrastinate.manager.JobManager):
+    """procrastinate's job manager, whose finish of a step job records the
+    step's end in the same transaction (``PostgresWorker.finish_job``)."""
+
+    def __init__(self, worker: PostgresWorker, connector: Any) -> None:
+        super().__init__(connector)
+        self.worker = worker
+
+    async def finish_job(
+        self, job: procrastinate.jobs.Job, status: procrastinate.jobs.Status, delete_job: bool
+    ) -> None:
+        if job.id is None or job.id not in self.worker._ended:
+            await super().finish_job(job, status, delete_job)
+            return
+        await self.worker.finish_job(job.id, status.value, delete_job)
 
 
 __all__ = [

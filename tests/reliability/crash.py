@@ -31,6 +31,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -363,6 +364,9 @@ def main() -> int:
     options = parser.parse_args()
     seed = options.seed if options.seed is not None else random.randrange(1 << 30)
     workdir = options.workdir or Path(f"/tmp/qwit-crash-{seed}")
+    # a run starts from nothing: an earlier run's database and ledger go
+    shutil.rmtree(workdir / "pg", ignore_errors=True)
+    (workdir / "ledger.sqlite").unlink(missing_ok=True)
     workdir.mkdir(parents=True, exist_ok=True)
     report = asyncio.run(
         run_crash(
