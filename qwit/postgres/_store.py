@@ -20,12 +20,12 @@ Documents are ``json``, not ``jsonb``: a flow's args keep their keys' order.
   the jobs that ran it: a job run again after its worker died goes on
   counting (attempt 2, not 1 again), and the step's retry policy counts the
   attempt the crash cut off.
-- ``qwit.commands``: what a run has asked for (a step run by the driver's
-  own worker keeps its call in ``inline``, to run it again if the driver is
-  replayed before its result was recorded) (a step job, a sub-flow, a
-  timer, a word to another flow), unique per ``(run_id, key)``: a replay asks
-  again, and what was done is not done twice. A command and its job or event
-  are written in one transaction.
+- ``qwit.commands``: what a run has asked for (a step job, whose id is in
+  ``job_id``; a sub-flow, a timer, a word to another flow), unique per
+  ``(run_id, key)``: a replay asks again, and what was done is not done
+  twice. A command and its job or event are written in one transaction.
+  (``inline`` holds the call of a step that an earlier QWIT ran without a
+  job; a driver that finds one runs it again as a job.)
 
 Procrastinate's own schema (its jobs, locks, workers) is applied beside it.
 """
