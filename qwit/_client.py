@@ -285,8 +285,10 @@ async def connect(
             does not answer (default ``$QWIT_UNAVAILABLE_TIMEOUT`` or 300).
         tracing: OpenTelemetry tracing (default ``$QWIT_TRACING``): on
             Temporal, a flow started inside a span continues its trace (the
-            workers trace with ``QwitPlugin(tracing=True)``); on ``qwit.local``,
-            its flows emit their spans. Needs ``qwit[tracing]``.
+            workers trace with ``QwitPlugin(tracing=True)``), and so on
+            ``qwit.postgres`` (its workers trace with
+            ``PostgresWorker(tracing=True)``); on ``qwit.local``, its flows
+            emit their spans. Needs ``qwit[tracing]``.
         settings: Other engines' settings, each handed to its engine alone
             (e.g. ``qwit.postgres.PostgresSettings(dsn)``; without it that
             engine reads ``$QWIT_POSTGRES_DSN``).

@@ -146,3 +146,31 @@ def tracer_provider(*processors: Any) -> Any:
     for processor in processors:
         provider.add_span_processor(processor)
     return provider
+
+
+def current_context() -> dict[str, str] | None:
+    """The current span's context as W3C trace-context headers (None: no
+    span is current), for a flow started elsewhere to continue."""
+    from opentelemetry import propagate, trace
+
+    if not trace.get_current_span().get_span_context().is_valid:
+        return None
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier or None
+
+
+@contextlib.contextmanager
+def continued(carrier: dict[str, str] | None) -> Iterator[None]:
+    """Make the context of ``carrier`` (``current_context``) current in the
+    block: the spans opened there are its children."""
+    if not carrier:
+        yield
+        return
+    from opentelemetry import context, propagate
+
+    token = context.attach(propagate.extract(carrier))
+    try:
+        yield
+    finally:
+        context.detach(token)

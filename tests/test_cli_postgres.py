@@ -117,3 +117,38 @@ async def test_dev_serves_a_module_on_an_embedded_postgres(tmp_path: Path):
         out, _ = await proc.communicate()
     assert proc.returncode == 0
     assert "stopped" in out.decode()
+
+
+async def test_a_postgres_worker_serves_its_metrics(postgres_dsn: str):
+    """``qwit worker --backend postgres --metrics-address``: Prometheus text
+    of a flow it ran."""
+    import asyncio
+    import signal
+    import urllib.request
+
+    from tests.clirun import read_until, start
+    from tests.test_metrics import free_port, value
+
+    address = f"127.0.0.1:{free_port()}"
+    env = {"QWIT_POSTGRES_DSN": postgres_dsn, "QWIT_BACKEND": "postgres"}
+    proc = await start(
+        "worker", "tests.test_cli_postgres_flows", "--metrics-address", address, **env
+    )
+    try:
+        assert proc.stderr is not None
+        await read_until(proc.stderr, "serving", timeout=60)
+        done = await qwit("run", FLOW, "--args", '{"n": 2}', "--no-worker", **env)
+        assert done.code == 0, done.err
+
+        def scrape() -> str:
+            with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as answer:
+                assert answer.headers["Content-Type"].startswith("text/plain")
+                text: str = answer.read().decode()
+                return text
+
+        text = await asyncio.to_thread(scrape)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await proc.communicate()
+    assert value(text, "qwit_flows_ended", flow="pgcli.order", outcome="completed") == 1
+    assert "# TYPE qwit_flows_waiting gauge" in text

@@ -137,3 +137,93 @@ def test_the_worker_refuses_a_bad_metrics_address():
     )
     assert result.exit_code == 2, result.output
     assert "a metrics address is HOST:PORT" in result.output
+
+
+async def test_the_metrics_of_flows_on_a_postgres_worker(postgres_dsn: str):
+    """The same flows on ``qwit.postgres``, scraped from the worker's own
+    endpoint (``qwit._metrics.serve_metrics``, as ``qwit-worker --backend
+    postgres --metrics-address`` serves it): the same figures."""
+    from qwit.postgres import Metrics, PostgresSettings, PostgresWorker, prepare, serve_metrics
+
+    await prepare(postgres_dsn)
+    address = f"127.0.0.1:{free_port()}"
+    metrics = Metrics()
+    server = await serve_metrics(address, metrics)
+    client = await qwit.connect(backend=qwit.postgres, settings=[PostgresSettings(postgres_dsn)])
+    waits = failing_flow(qwit.WAIT)
+    worker = PostgresWorker(
+        postgres_dsn, Outer, waits, metrics=metrics, waiting_every=0.3, poll_interval=0.2
+    )
+    try:
+        async with worker:
+            handle = await client.start(
+                Outer, {"ledger": new_ledger(), "fail": "I2", "fail_after": True}
+            )
+            with pytest.raises(qwit.FlowRolledBack):
+                await handle.result()
+            await client.run(Outer, {"ledger": new_ledger()})
+            waiting = await client.start(
+                waits, {"ledger": new_ledger(), "fail": "react.F", "fail_after": True}
+            )
+            await wait_for_status(waiting, "waiting", timeout=30)
+            # (scraped from a thread: the endpoint is served by this loop)
+            for _ in range(100):
+                text = await asyncio.to_thread(scrape, address)
+                if value(text, "qwit_flows_waiting") >= 1:
+                    break
+                await asyncio.sleep(0.2)
+            await waiting.cancel()
+            with pytest.raises(qwit.FlowCancelled):
+                await waiting.result()
+    finally:
+        server.close()
+        await client.close()
+    print("\n" + text)
+    assert value(text, "qwit_flows_started", flow="Outer") == 2
+    assert value(text, "qwit_flows_ended", flow="Outer", outcome="rolled_back") == 1
+    assert value(text, "qwit_flows_ended", flow="Outer", outcome="completed") == 1
+    assert value(text, "qwit_flows_ended", flow="Inner", outcome="rolled_back") == 1
+    assert value(text, "qwit_steps", step="I2", direction="step_forward", outcome="failed") == 1
+    assert value(text, "qwit_steps", step="O1", direction="step_forward", outcome="done") == 2
+    assert value(text, "qwit_steps", direction="step_back", outcome="done") == 3
+    assert value(text, "qwit_compensations", outcome="compensated") == 3
+    assert value(text, "qwit_compensations", step="O1", outcome="compensated") == 1
+    assert value(text, "qwit_step_seconds_count", step="O1", direction="step_forward") == 2
+    assert (
+        value(text, "qwit_step_seconds_bucket", step="O1", direction="step_forward", le="10") == 2
+    )
+    assert value(text, "qwit_waits", step="react.F") == 1
+    assert value(text, "qwit_flows_waiting") == 1
+    # the same in the table itself
+    assert metrics.value("qwit_flows_started", flow="Outer") == 2
+
+
+async def test_a_postgres_flow_replayed_by_a_new_worker_is_counted_once(postgres_dsn: str):
+    """The worker driving a flow stops mid-flow; the next one replays its
+    journal and finishes it: across the two workers' metrics, the flow and
+    each step are counted once."""
+    from qwit.postgres import Metrics, PostgresSettings, PostgresWorker, prepare
+    from tests import ledger
+    from tests.test_postgres import GATES, PgOrder
+
+    await prepare(postgres_dsn)
+    client = await qwit.connect(backend=qwit.postgres, settings=[PostgresSettings(postgres_dsn)])
+    run = new_ledger()
+    GATES[run] = asyncio.Event()
+    first, second = Metrics(), Metrics()
+    handle = await client.start(PgOrder, {"ledger": run})
+    async with PostgresWorker(postgres_dsn, PgOrder, metrics=first, poll_interval=0.2):
+        await ledger.wait_for_mark(run, "started", "pg.Gate")
+    GATES[run].set()
+    async with PostgresWorker(postgres_dsn, PgOrder, metrics=second, poll_interval=0.2):
+        await asyncio.wait_for(handle.result(), 60)
+    await client.close()
+
+    def both(metric: str, **labels: str) -> float:
+        return first.value(metric, **labels) + second.value(metric, **labels)
+
+    assert first.value("qwit_steps", step="pg.A", outcome="done") == 1
+    assert both("qwit_flows_started", flow="pg.order") == 1
+    assert both("qwit_flows_ended", flow="pg.order", outcome="completed") == 1
+    for step in ("pg.A", "pg.Gate", "pg.B"):
+        assert both("qwit_steps", step=step, direction="step_forward", outcome="done") == 1, step

@@ -6,6 +6,7 @@ caller's own span; on Temporal with a worker that replays every workflow task
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import pytest
 from opentelemetry import trace
@@ -145,3 +146,90 @@ def test_a_provider_that_is_not_replay_safe_is_refused(monkeypatch: pytest.Monke
     monkeypatch.setattr(trace, "get_tracer_provider", lambda: TracerProvider())
     with pytest.raises(qwit.QwitError, match="not replay-safe"):
         tracer_provider()
+
+
+async def test_postgres_spans_are_the_same(spans: InMemorySpanExporter, postgres_dsn: str):
+    from qwit.postgres import PostgresSettings, PostgresWorker, prepare
+
+    await prepare(postgres_dsn)
+    client = await qwit.connect(
+        backend=qwit.postgres, settings=[PostgresSettings(postgres_dsn)], tracing=True
+    )
+    async with PostgresWorker(postgres_dsn, Outer, tracing=True, poll_interval=0.2):
+        request = await run_rolled_back(client)
+    await client.close()
+    root, got = of_trace(spans, request)
+    print("\n" + tree(got, root))
+    assert tree(got, root) == ROLLED_BACK
+
+
+async def test_a_postgres_flow_replayed_by_a_new_worker_emits_no_span_again(
+    spans: InMemorySpanExporter, postgres_dsn: str
+):
+    """The worker driving a flow stops mid-flow; the next one replays its
+    journal: the spans of what ran before are not emitted again."""
+    import asyncio
+
+    from qwit.postgres import PostgresSettings, PostgresWorker, prepare
+    from tests import ledger
+    from tests.test_postgres import GATES, PgOrder
+
+    await prepare(postgres_dsn)
+    client = await qwit.connect(
+        backend=qwit.postgres, settings=[PostgresSettings(postgres_dsn)], tracing=True
+    )
+    run = new_ledger()
+    GATES[run] = asyncio.Event()
+    tracer = trace.get_tracer("tests")
+    options: dict[str, Any] = {"tracing": True, "poll_interval": 0.2}
+    with tracer.start_as_current_span("request") as request:
+        handle = await client.start(PgOrder, {"ledger": run})
+    async with PostgresWorker(postgres_dsn, PgOrder, **options):
+        await ledger.wait_for_mark(run, "started", "pg.Gate")
+    GATES[run].set()
+    async with PostgresWorker(postgres_dsn, PgOrder, **options):
+        await asyncio.wait_for(handle.result(), 60)
+    await client.close()
+    _, got = of_trace(spans, request.get_span_context().span_id)
+    names = sorted(s.name for s in got)
+    print(names)
+    assert names.count("step_forward pg.A") == 1
+    assert names.count("flow pg.order") == 1
+    assert names.count("step_forward pg.B") == 1
+
+
+class Traced(qwit.Step, name="traced.inside"):
+    """Opens a span of its own, as an instrumented HTTP client would."""
+
+    def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        with trace.get_tracer("tests").start_as_current_span("inside"):
+            return {"traced": True}
+
+
+class TracedFlow(qwit.Flow, name="traced.flow"):
+    def build_flow(self) -> None:
+        self.step(Traced)
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["taken", "queued"])
+async def test_a_postgres_steps_own_spans_nest_in_its_span(
+    spans: InMemorySpanExporter, postgres_dsn: str, inline: bool
+):
+    from qwit.postgres import PostgresSettings, PostgresWorker, prepare
+
+    await prepare(postgres_dsn)
+    client = await qwit.connect(
+        backend=qwit.postgres, settings=[PostgresSettings(postgres_dsn)], tracing=True
+    )
+    tracer = trace.get_tracer("tests")
+    async with PostgresWorker(
+        postgres_dsn, TracedFlow, tracing=True, inline=inline, poll_interval=0.2
+    ):
+        with tracer.start_as_current_span("request") as request:
+            handle = await client.start(TracedFlow, {})
+        await handle.result()
+    await client.close()
+    _, got = of_trace(spans, request.get_span_context().span_id)
+    by_name = {s.name: s for s in got}
+    inside, step = by_name["inside"], by_name["step_forward traced.inside"]
+    assert inside.parent is not None and inside.parent.span_id == step.context.span_id

@@ -55,20 +55,31 @@ async def _serve(
     log.info("worker stopped")
 
 
-async def _serve_postgres(modules: list[ModuleType]) -> None:
+async def _serve_postgres(modules: list[ModuleType], metrics_address: str | None) -> None:
     from .. import postgres
+    from .._metrics import Metrics, serve_metrics
 
     dsn = postgres.default_dsn()
     options = postgres.worker_options_from_env()
+    metrics = Metrics() if metrics_address else None
     worker = postgres.PostgresWorker(
         dsn,
         *modules,
         heartbeat=options.get("heartbeat", 2.0),
         stalled_after=options.get("stalled_after", 10.0),
+        metrics=metrics,
     )
     await postgres.prepare(dsn)
+    server = None
+    if metrics_address and metrics is not None:
+        server = await serve_metrics(metrics_address, metrics)
+        log.info("metrics (Prometheus text) at http://%s/metrics", metrics_address)
     log.info("serving %s on PostgreSQL", ", ".join(m.__name__ for m in modules))
-    await worker.serve()
+    try:
+        await worker.serve()
+    finally:
+        if server is not None:
+            server.close()
     log.info("worker stopped")
 
 
@@ -90,7 +101,7 @@ async def _serve_postgres(modules: list[ModuleType]) -> None:
     envvar=METRICS_ADDRESS_ENV,
     metavar="HOST:PORT",
     help="Serve Prometheus text at http://HOST:PORT/metrics: QWIT's metrics (flows, steps, "
-    "compensations, waits) beside the Temporal SDK's own [env: QWIT_METRICS_ADDRESS].",
+    "compensations, waits), on Temporal beside the SDK's own [env: QWIT_METRICS_ADDRESS].",
 )
 def worker(
     modules: tuple[str, ...],
@@ -109,11 +120,16 @@ def worker(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     imported = import_modules(modules)
     registry = worker_registry(imported)
+    try:
+        if metrics_address:
+            check_metrics_address(metrics_address)  # a bad address is a usage error
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--metrics-address") from None
     if backend == "postgres":
         log.info("steps: %s", ", ".join(sorted(registry.steps)))
         try:
-            run_async(_serve_postgres(imported))
-        except (RuntimeError, Failed, QwitError) as exc:
+            run_async(_serve_postgres(imported, metrics_address))
+        except (RuntimeError, Failed, QwitError, OSError) as exc:
             text = exc.format_message() if isinstance(exc, Failed) else str(exc)
             click.echo(f"{click.get_current_context().command_path}: {text}", err=True)
             sys.exit(1)
@@ -121,11 +137,6 @@ def worker(
     queue = queue_name(task_queue)
     env_config()  # a broken config is a usage error
     log.info("steps: %s", ", ".join(sorted(registry.steps)))
-    try:
-        if metrics_address:
-            check_metrics_address(metrics_address)  # a bad address is a usage error
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--metrics-address") from None
     try:
         run_async(_serve(imported, queue, address, namespace, metrics_address))
     except (RuntimeError, Failed) as exc:  # TemporalConnectionError too: it says what to check

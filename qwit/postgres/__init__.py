@@ -42,6 +42,7 @@ from .._errors import (
     FlowNotFound,
     ReactionError,
 )
+from .._metrics import Metrics, serve_metrics
 from .._plan import FlowInput, FlowRecords, StepRecord
 from .._runtime import Decision
 from .._state import FlowState
@@ -97,9 +98,11 @@ def default_dsn() -> str:
 def create_engine(client: Client) -> PostgresEngine:
     """The engine for ``client`` (the backend protocol)."""
     settings = client.settings(name) or PostgresSettings()
-    return PostgresEngine(
+    engine = PostgresEngine(
         settings.dsn or default_dsn(), settings.poll_interval, settings.unavailable_timeout
     )
+    engine.tracing = client.tracing
+    return engine
 
 
 class PostgresFlowHandle(FlowHandle):
@@ -170,6 +173,9 @@ class PostgresEngine(Engine):
         self.dsn = dsn
         self.poll_interval = poll_interval
         self.unavailable_timeout = unavailable_timeout
+        #: Whether a flow started here continues the caller's span (its
+        #: workers emit the spans: ``PostgresWorker(tracing=True)``).
+        self.tracing = False
         self._checked = False
         self._pool: Connections | None = None
         self._listener: asyncio.Task[None] | None = None
@@ -193,6 +199,14 @@ class PostgresEngine(Engine):
                 yield conn
         except psycopg.OperationalError as exc:
             raise EngineUnavailable(f"PostgreSQL can't be reached: {exc}") from None
+
+    def _trace(self) -> dict[str, str] | None:
+        """The caller's span context, for the flow's span to continue."""
+        if not self.tracing:
+            return None
+        from .._tracing import current_context
+
+        return current_context()
 
     async def fetch(self, query: str, *params: Any) -> dict[str, Any] | None:
         async with self._connect() as conn, conn.cursor(row_factory=dict_row) as cur:
@@ -258,14 +272,16 @@ class PostgresEngine(Engine):
         run_id = new_run(input.root_id)
         async with self._connect() as conn, conn.transaction():
             cur = await conn.execute(
-                "INSERT INTO qwit.flows (id, run_id, root_id, name, input, status) "
-                "VALUES (%s, %s, %s, %s, %s, 'running') ON CONFLICT (id) DO NOTHING RETURNING id",
+                "INSERT INTO qwit.flows (id, run_id, root_id, name, input, trace, status) "
+                "VALUES (%s, %s, %s, %s, %s, %s, 'running') ON CONFLICT (id) DO NOTHING "
+                "RETURNING id",
                 [
                     input.root_id,
                     run_id,
                     input.root_id,
                     input.flow.name,
                     json.dumps(input.model_dump(mode="json")),
+                    json.dumps(trace) if (trace := self._trace()) else None,
                 ],
             )
             if await cur.fetchone() is None:
@@ -302,9 +318,14 @@ class PostgresEngine(Engine):
         async with self._connect() as conn, conn.transaction():
             cur = await conn.execute(
                 "UPDATE qwit.flows SET run_id = %s, input = %s, status = 'running', state = NULL, "
-                "outcome = NULL, records = NULL, ended = false, updated_at = now() "
+                "outcome = NULL, records = NULL, ended = false, updated_at = now(), trace = %s "
                 "WHERE id = %s AND ended RETURNING id",
-                [run_id, json.dumps(input.model_dump(mode="json")), input.root_id],
+                [
+                    run_id,
+                    json.dumps(input.model_dump(mode="json")),
+                    json.dumps(trace) if (trace := self._trace()) else None,
+                    input.root_id,
+                ],
             )
             if await cur.fetchone() is None:
                 raise ReactionError(f"flow {input.root_id!r} is running again already")
@@ -316,6 +337,7 @@ __all__ = [
     "DSN_ENV",
     "SCHEMA_VERSION",
     "EmbeddedPostgres",
+    "Metrics",
     "PostgresEngine",
     "PostgresFlowHandle",
     "PostgresSettings",
@@ -325,5 +347,6 @@ __all__ = [
     "default_dsn",
     "name",
     "prepare",
+    "serve_metrics",
     "worker_options_from_env",
 ]

@@ -35,6 +35,7 @@ from .._errors import ErrorInfo, FailureInfo, ReactionError, StepFailure
 from .._plan import FlowInput, FlowNode, StepCall, StepNode, StepReturn, child_flow_id
 from .._runtime import Decision, FlowFailure, FlowRuntime, SubflowRun, SubflowStartCancelled
 from .._saga import Interpreter
+from .._tracing import continued, current_context
 from ._loop import FlowLoop
 from ._store import CHANNEL
 
@@ -221,12 +222,14 @@ class _Runtime(FlowRuntime):
         driver.check()
         key = driver.next_key(f"step:{call.path}/{call.direction}")
         future = driver.expect(key)
-        args = {
+        args: dict[str, Any] = {
             "run_id": driver.run_id,
             "key": key,
             "node": node.model_dump(mode="json"),
             "call": call.model_dump(mode="json"),
         }
+        if self.tracing:  # the spans of the step's own code nest in its span
+            args["trace"] = current_context()
 
         async def action(conn: Conn) -> None:
             await driver.issue_step(conn, key, args)
@@ -255,7 +258,8 @@ class _Runtime(FlowRuntime):
         child_id = child_flow_id(input, input.path, attempt)
         key = f"start:{child_id}"
         future = driver.expect(key)
-        driver.command(key, driver.start_action(key, child_id, node, input))
+        trace = current_context() if self.tracing else None  # the sub-flow's span nests here
+        driver.command(key, driver.start_action(key, child_id, node, input, trace))
         try:
             payload = await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -274,6 +278,17 @@ class _Runtime(FlowRuntime):
     def cancel_requested(self) -> bool:
         return self.driver.cancelling
 
+    @property
+    def tracing(self) -> bool:  # type: ignore[override]
+        # a replay emits no span again (nor one opened while it replays)
+        return self.driver.worker.tracing and not self.driver.replaying
+
+    def record(self, metric: str, value: float, **labels: str) -> None:
+        # recorded once: not while replaying, and only once the transaction
+        # that delivered what it measures has committed
+        if self.driver.worker.metrics is not None and not self.driver.replaying:
+            self.driver.measured.append((metric, value, labels))
+
     async def report_forward_done(self, outputs: dict[str, Any]) -> None:
         self.driver.tell_parent("child_done", outputs)
 
@@ -291,12 +306,20 @@ class Driver:
         self.parent_run_id: str | None = row["parent_run_id"]
         self.input = FlowInput.model_validate(row["input"])
         self.started_at: float = row["created_at"].timestamp()
+        #: The trace context its flow's span continues (``qwit._tracing``).
+        self.trace: dict[str, str] | None = row.get("trace")
+        #: Whether it replays its journal (no span, no metric: they were
+        #: emitted when the rows were first delivered).
+        self.replaying = False
         self.loop = FlowLoop()  # type: ignore[abstract]
         self.loop.clock = self.started_at
         self.expected: dict[str, asyncio.Future[Any]] = {}
         self.counters: dict[str, int] = defaultdict(int)
         self.commands: list[tuple[str, Action]] = []
         self.after_commit: list[Callable[[], None]] = []
+        #: Metrics recorded by the interpreter, kept until the transaction
+        #: that delivered what they measure has committed.
+        self.measured: list[tuple[str, float, dict[str, str]]] = []
         self.handed: list[Handed] = []
         self.waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         self.children: dict[str, _Child] = {}
@@ -416,6 +439,11 @@ class Driver:
         self._after_commit()
 
     def _after_commit(self) -> None:
+        metrics = self.worker.metrics
+        measured, self.measured = self.measured, []
+        if metrics is not None:
+            for metric, value, labels in measured:
+                metrics.record(metric, value, **labels)
         hooks, self.after_commit = self.after_commit, []
         for hook in hooks:
             hook()
@@ -455,7 +483,14 @@ class Driver:
 
         return action
 
-    def start_action(self, key: str, child_id: str, node: FlowNode, input: FlowInput) -> Action:
+    def start_action(
+        self,
+        key: str,
+        child_id: str,
+        node: FlowNode,
+        input: FlowInput,
+        trace: dict[str, str] | None = None,
+    ) -> Action:
         run_id, flow_id = self.run_id, self.flow_id
         worker = self.worker
 
@@ -463,11 +498,12 @@ class Driver:
             child_run = new_run(child_id)
             cur = await conn.execute(
                 "INSERT INTO qwit.flows (id, run_id, root_id, parent_id, parent_run_id, name, "
-                "input, status) VALUES (%s, %s, %s, %s, %s, %s, %s, 'running') "
+                "input, trace, status) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, 'running') "
                 # an ended flow's id is taken again (a redrive's sub-flows), a
                 # running one's is not
                 "ON CONFLICT (id) DO UPDATE SET run_id = EXCLUDED.run_id, "
                 "parent_run_id = EXCLUDED.parent_run_id, input = EXCLUDED.input, "
+                "trace = EXCLUDED.trace, "
                 "status = 'running', state = NULL, outcome = NULL, records = NULL, "
                 "ended = false, updated_at = now() WHERE qwit.flows.ended RETURNING id",
                 [
@@ -478,6 +514,7 @@ class Driver:
                     run_id,
                     node.name,
                     json.dumps(input.model_dump(mode="json")),
+                    None if trace is None else json.dumps(trace),
                 ],
             )
             if await cur.fetchone() is None:
@@ -558,12 +595,17 @@ class Driver:
 
     async def run(self) -> None:
         """Replay the run's numbered rows, then go on until the flow ends."""
-        self.task = self.loop.create_task(self.interpreter.run(), name=f"qwit {self.flow_id}")
+        self.task = self.loop.create_task(self._interpret(), name=f"qwit {self.flow_id}")
         try:
             await self._run()
         finally:
             if not self.task.done():
                 self._evict()
+
+    async def _interpret(self) -> dict[str, Any]:
+        """The interpreter's run, under the span context its flow continues."""
+        with continued(self.trace if self.worker.tracing else None):
+            return await self.interpreter.run()
 
     def _evict(self) -> None:
         """End the interpreter's tasks without effect (nothing is written)."""
@@ -611,12 +653,14 @@ class Driver:
                     [self.run_id],
                 )
                 journal = await dcur.fetchall()
+        self.replaying = bool(journal)
         self._activate()
         for row in journal:
             self.loop.clock = row["delivered_at"]
             self.delivered = row["delivered"]
             self._deliver(row["kind"], row["key"], row["payload"])
             self._activate()
+        self.replaying = False
         await self._resume_steps()
         async with self.worker.connection() as conn, conn.transaction():
             await self._write(conn, self._outcome())

@@ -10,6 +10,8 @@ Documents are ``json``, not ``jsonb``: a flow's args keep their keys' order.
   itself one higher, and writes only while the row still carries its
   number, so a driver taken for dead (and replaced) that still runs writes
   nothing.
+  ``trace`` keeps the span context its flow's span continues (the caller's,
+  or its parent flow's), when tracing is on.
 - ``qwit.events``: each flow run's inbox and journal. Whatever reaches a flow
   (a step's result, a timer, an operator's decision, a cancel, a sub-flow's
   report) is a row, unique per ``(run_id, key)``, so a result recorded twice
@@ -38,7 +40,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 #: The schema version this QWIT writes and understands.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -88,6 +90,11 @@ MIGRATIONS: dict[int, str] = {
         created_at timestamptz NOT NULL DEFAULT now(),
         PRIMARY KEY (run_id, key)
     );
+    """,
+    # the trace context (W3C ``traceparent``) a flow's span continues: the
+    # caller's span for a root flow, its parent's for a sub-flow
+    2: """
+    ALTER TABLE qwit.flows ADD COLUMN IF NOT EXISTS trace json;
     """,
 }
 

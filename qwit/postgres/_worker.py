@@ -40,9 +40,11 @@ from procrastinate.job_context import AbortReason
 
 from .._errors import StepFailure, StepNotRegistered, error_info
 from .._memory import Heartbeats
+from .._metrics import Metrics
 from .._options import DEFAULT_TIMEOUT_GRACE
 from .._plan import StepCall, StepNode, StepReturn
 from .._runner import Registry, run_step_method
+from .._tracing import continued, require_opentelemetry, tracer_provider, tracing_from_env
 from ._driver import FINISH_STEP_JOB, FLOW_TASK, STEP_TASK, Driver, Superseded, add_event
 from ._pool import Connections
 from ._store import CHANNEL, fetch_flow, migrate
@@ -54,6 +56,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("qwit.postgres")
 
 FLOW_QUEUE = "qwit.flows"
+#: Seconds between two counts of the waiting flows (``qwit_flows_waiting``).
+WAITING_EVERY = 15.0
 STEP_QUEUE = "qwit.steps"
 
 
@@ -113,6 +117,17 @@ class PostgresWorker:
             workflow's steps in its process); they go back to the queue if it
             dies. False: every step job goes through the queue, to whichever
             worker serving the step takes it first.
+        metrics: Where its drivers record QWIT's metrics (serve them with
+            ``qwit.postgres.serve_metrics``, as ``qwit-worker
+            --metrics-address`` does); it also keeps ``qwit_flows_waiting``
+            there, counted every ``waiting_every`` seconds.
+        tracing: Emit the spans of the flows it drives (default
+            ``$QWIT_TRACING``; needs ``qwit[tracing]``); a flow's span
+            continues its caller's, when the client traces too.
+        waiting_every: Seconds between two counts of the waiting flows.
+
+    Raises:
+        QwitError: tracing is asked for and OpenTelemetry is not installed.
     """
 
     def __init__(
@@ -126,8 +141,16 @@ class PostgresWorker:
         poll_interval: float = 1.0,
         pool_size: int = 10,
         inline: bool = True,
+        metrics: Metrics | None = None,
+        tracing: bool | None = None,
+        waiting_every: float = WAITING_EVERY,
     ) -> None:
         self.dsn = dsn
+        self.metrics = metrics
+        self.waiting_every = waiting_every
+        self.tracing = tracing_from_env() if tracing is None else tracing
+        if self.tracing:
+            _install_tracing()
         self.registry = Registry(*members)
         self.concurrency = concurrency
         self.flows = flows
@@ -205,6 +228,7 @@ class PostgresWorker:
         key: str,
         node: dict[str, Any],
         call: dict[str, Any],
+        trace: dict[str, str] | None = None,
     ) -> None:
         assert context.job.id is not None
         await self._step(
@@ -214,6 +238,7 @@ class PostgresWorker:
             call,
             context.job.id,
             lambda: context.abort_reason() == AbortReason.USER_REQUEST,
+            trace=trace,
         )
 
     def takes(self, step: str) -> bool:
@@ -236,6 +261,7 @@ class PostgresWorker:
         job: int,
         stopped_by_flow: Callable[[], bool],
         first_attempt: int | None = None,
+        trace: dict[str, str] | None = None,
     ) -> None:
         """Run a step job and record how it ended, with the job's end (a
         job of the queue, or one this worker took for its own driver)."""
@@ -244,7 +270,8 @@ class PostgresWorker:
         try:
             step, sent = StepNode.model_validate(node), StepCall.model_validate(call)
             try:
-                done = await self._run(run_id, key, step, sent, first_attempt)
+                with continued(trace if self.tracing else None):
+                    done = await self._run(run_id, key, step, sent, first_attempt)
                 payload = {"ok": done.model_dump(mode="json")}
             except StepFailure as failure:
                 payload = {"error": failure.info.model_dump(mode="json")}
@@ -277,6 +304,7 @@ class PostgresWorker:
                 job,
                 lambda: bool(stopped),
                 first_attempt=attempt,
+                trace=args.get("trace"),
             )
         )
         self._inline[ident] = (task, stopped, job)
@@ -484,6 +512,22 @@ class PostgresWorker:
                 logger.warning("qwit.postgres: listening stopped (%s); again in 1 s", exc)
                 await asyncio.sleep(1.0)
 
+    async def _count_waiting(self) -> None:
+        """Keep ``qwit_flows_waiting`` (flows and sub-flows waiting for an
+        operator) in its metrics."""
+        assert self.metrics is not None
+        while True:
+            try:
+                async with self.connection() as conn:
+                    cur = await conn.execute(
+                        "SELECT count(*) FROM qwit.flows WHERE status = 'waiting' AND NOT ended"
+                    )
+                    row = await cur.fetchone()
+                self.metrics.record("qwit_flows_waiting", row[0] if row else 0)
+            except (psycopg.Error, OSError) as exc:
+                logger.warning("qwit.postgres: can't count the waiting flows (%s)", exc)
+            await asyncio.sleep(self.waiting_every)
+
     async def _register(self) -> None:
         """Take a procrastinate worker id for the step jobs it takes itself."""
         async with self.connection() as conn:
@@ -572,6 +616,7 @@ class PostgresWorker:
             tasks = [
                 asyncio.ensure_future(self._listen()),
                 asyncio.ensure_future(self._sweep()),
+                *([asyncio.ensure_future(self._count_waiting())] if self.metrics else []),
                 asyncio.ensure_future(
                     self._keep(queues=[self.flow_queue], concurrency=self.flows, **common)
                 ),
@@ -651,6 +696,18 @@ class PostgresWorker:
         for task in self._tasks:
             with contextlib.suppress(BaseException):
                 await task
+
+
+def _install_tracing() -> None:
+    """Install a tracer provider (``qwit._tracing.tracer_provider``) unless
+    the process has one: any provider does, a driver emits no span while it
+    replays."""
+    require_opentelemetry()
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+        tracer_provider()
 
 
 class _Jobs(procrastinate.manager.JobManager):

@@ -16,7 +16,7 @@ from temporalio.service import RPCError
 from temporalio.worker import Worker
 
 from .._flow import Flow
-from .._metrics import METRICS
+from .._metrics import BUCKETS, METRICS
 from .._step import Step
 from ._activities import step_activities
 from ._config import default_task_queue
@@ -67,13 +67,6 @@ WAITING_QUERY = (
 #: Seconds between two counts of the waiting flows (``qwit_flows_waiting``).
 WAITING_EVERY = 15.0
 
-
-#: Histogram buckets, in seconds, of QWIT's durations (Temporal's defaults are
-#: for milliseconds).
-BUCKETS: dict[str, list[float]] = {
-    "qwit_step_seconds": [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900],
-    "qwit_wait_seconds": [1, 10, 60, 300, 900, 3600, 4 * 3600, 24 * 3600, 7 * 24 * 3600],
-}
 
 #: Environment variable: ``qwit-worker --metrics-address``.
 METRICS_ADDRESS_ENV = "QWIT_METRICS_ADDRESS"
