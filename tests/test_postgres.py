@@ -106,6 +106,24 @@ async def test_migrations_are_idempotent_and_recorded(postgres_dsn: str):
         assert (await cur.fetchone()) == (True,)
 
 
+async def test_a_database_of_an_earlier_schema_is_upgraded(
+    postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+):
+    from qwit.postgres import _store
+
+    monkeypatch.setattr(_store, "SCHEMA_VERSION", 1)
+    await prepare(postgres_dsn)
+    monkeypatch.undo()
+    await prepare(postgres_dsn)
+    rows = await sql(postgres_dsn, "SELECT version FROM qwit.schema_version ORDER BY version")
+    assert [row[0] for row in rows] == [1, 2]
+    assert await sql(
+        postgres_dsn,
+        "SELECT 1 FROM information_schema.columns WHERE table_schema = 'qwit' "
+        "AND table_name = 'flows' AND column_name = 'trace'",
+    ) == [(1,)]
+
+
 async def test_a_schema_newer_than_this_qwit_is_refused(postgres_dsn: str):
     await prepare(postgres_dsn)
     async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as conn:
