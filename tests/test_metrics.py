@@ -9,7 +9,7 @@ import re
 import socket
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 from click.testing import CliRunner
@@ -57,12 +57,46 @@ def value(text: str, name: str, **labels: str) -> float:
     return total
 
 
-async def until(check: Callable[[], bool], timeout: float = 30) -> None:
-    async def poll() -> None:
-        while not check():
-            await asyncio.sleep(0.2)
+async def three_flows(
+    client: qwit.Client, waits: type[qwit.Flow], scrape_text: Callable[[], Awaitable[str]]
+) -> tuple[str, qwit.FlowHandle]:
+    """Run a rolled-back Outer and a completed one, start a flow that waits
+    for an operator, and scrape once the waiting gauge counts it: the text,
+    and the waiting flow (to cancel)."""
+    handle = await client.start(Outer, {"ledger": new_ledger(), "fail": "I2", "fail_after": True})
+    with pytest.raises(qwit.FlowRolledBack):
+        await handle.result()
+    await client.run(Outer, {"ledger": new_ledger()})
+    waiting = await client.start(
+        waits, {"ledger": new_ledger(), "fail": "react.F", "fail_after": True}
+    )
+    await wait_for_status(waiting, "waiting", timeout=30)
+    for _ in range(150):
+        text = await scrape_text()
+        if value(text, "qwit_flows_waiting") >= 1:
+            return text, waiting
+        await asyncio.sleep(0.2)
+    raise AssertionError("the waiting flow was never counted")
 
-    await asyncio.wait_for(poll(), timeout)
+
+def check_three_flows(text: str) -> None:
+    """What ``three_flows`` shows, on every engine that records metrics."""
+    assert value(text, "qwit_flows_started", flow="Outer") == 2
+    assert value(text, "qwit_flows_ended", flow="Outer", outcome="rolled_back") == 1
+    assert value(text, "qwit_flows_ended", flow="Outer", outcome="completed") == 1
+    assert value(text, "qwit_flows_ended", flow="Inner", outcome="rolled_back") == 1
+    # the rolled-back one: O1, I1 done, I2 failed; then I2, I1, O1 undone
+    assert value(text, "qwit_steps", step="I2", direction="step_forward", outcome="failed") == 1
+    assert value(text, "qwit_steps", step="O1", direction="step_forward", outcome="done") == 2
+    assert value(text, "qwit_steps", direction="step_back", outcome="done") == 3
+    assert value(text, "qwit_compensations", outcome="compensated") == 3
+    assert value(text, "qwit_compensations", step="O1", outcome="compensated") == 1
+    assert value(text, "qwit_step_seconds_count", step="O1", direction="step_forward") == 2
+    # buckets in seconds: a step of this test takes well under 10 s
+    assert (
+        value(text, "qwit_step_seconds_bucket", step="O1", direction="step_forward", le="10") == 2
+    )
+    assert value(text, "qwit_flows_waiting") == 1
 
 
 async def test_the_metrics_of_flows_on_a_worker(dev_server: DevServer):
@@ -86,43 +120,17 @@ async def test_the_metrics_of_flows_on_a_worker(dev_server: DevServer):
         await wait_for_status(not_ours, "waiting", timeout=30)
         counting = asyncio.ensure_future(count_waiting(temporal, every=0.3, task_queue=queue))
         try:
-            handle = await client.start(
-                Outer, {"ledger": new_ledger(), "fail": "I2", "fail_after": True}
+            text, waiting = await three_flows(
+                client, waits, lambda: asyncio.to_thread(scrape, address)
             )
-            with pytest.raises(qwit.FlowRolledBack):
-                await handle.result()
-            await client.run(Outer, {"ledger": new_ledger()})
-            waiting = await client.start(
-                waits, {"ledger": new_ledger(), "fail": "react.F", "fail_after": True}
-            )
-            await wait_for_status(waiting, "waiting", timeout=30)
-            await until(lambda: value(scrape(address), "qwit_flows_waiting") >= 1)
-            text = scrape(address)
         finally:
             counting.cancel()
         await waiting.cancel()
         await not_ours.cancel()
     print("\n" + "\n".join(line for line in text.splitlines() if line.startswith("qwit_")))
-    assert value(text, "qwit_flows_started", flow="Outer") == 2
-    assert value(text, "qwit_flows_ended", flow="Outer", outcome="rolled_back") == 1
-    assert value(text, "qwit_flows_ended", flow="Outer", outcome="completed") == 1
-    assert value(text, "qwit_flows_ended", flow="Inner", outcome="rolled_back") == 1
-    # the rolled-back one: O1, I1 done, I2 failed; then I2, I1, O1 undone
-    assert value(text, "qwit_steps", step="I2", direction="step_forward", outcome="failed") == 1
-    assert value(text, "qwit_steps", step="O1", direction="step_forward", outcome="done") == 2
-    assert value(text, "qwit_steps", direction="step_back", outcome="done") == 3
-    assert value(text, "qwit_compensations", outcome="compensated") == 3
-    assert value(text, "qwit_compensations", step="O1", outcome="compensated") == 1
-    assert value(text, "qwit_step_seconds_count", step="O1", direction="step_forward") == 2
-    # buckets in seconds: a step of this test takes well under 10 s
-    count = value(text, "qwit_step_seconds_count", step="O1", direction="step_forward")
-    assert (
-        value(text, "qwit_step_seconds_bucket", step="O1", direction="step_forward", le="10")
-        == count
-    )
+    check_three_flows(text)  # the other queue's waiting flow is not counted
     assert value(text, "qwit_waits", step="react.F", task_queue=queue) == 1
     assert value(text, "qwit_flows_waiting", task_queue=queue) == 1
-    assert value(text, "qwit_flows_waiting") == 1  # the other queue's flow is not counted
     # Temporal's own metrics are still there, with QWIT's
     assert value(text, "temporal_workflow_completed") >= 1
     # every sample carries the namespace and task queue (Temporal adds them)
@@ -156,22 +164,9 @@ async def test_the_metrics_of_flows_on_a_postgres_worker(postgres_dsn: str):
     )
     try:
         async with worker:
-            handle = await client.start(
-                Outer, {"ledger": new_ledger(), "fail": "I2", "fail_after": True}
+            text, waiting = await three_flows(
+                client, waits, lambda: asyncio.to_thread(scrape, address)
             )
-            with pytest.raises(qwit.FlowRolledBack):
-                await handle.result()
-            await client.run(Outer, {"ledger": new_ledger()})
-            waiting = await client.start(
-                waits, {"ledger": new_ledger(), "fail": "react.F", "fail_after": True}
-            )
-            await wait_for_status(waiting, "waiting", timeout=30)
-            # (scraped from a thread: the endpoint is served by this loop)
-            for _ in range(100):
-                text = await asyncio.to_thread(scrape, address)
-                if value(text, "qwit_flows_waiting") >= 1:
-                    break
-                await asyncio.sleep(0.2)
             await waiting.cancel()
             with pytest.raises(qwit.FlowCancelled):
                 await waiting.result()
@@ -179,21 +174,8 @@ async def test_the_metrics_of_flows_on_a_postgres_worker(postgres_dsn: str):
         server.close()
         await client.close()
     print("\n" + text)
-    assert value(text, "qwit_flows_started", flow="Outer") == 2
-    assert value(text, "qwit_flows_ended", flow="Outer", outcome="rolled_back") == 1
-    assert value(text, "qwit_flows_ended", flow="Outer", outcome="completed") == 1
-    assert value(text, "qwit_flows_ended", flow="Inner", outcome="rolled_back") == 1
-    assert value(text, "qwit_steps", step="I2", direction="step_forward", outcome="failed") == 1
-    assert value(text, "qwit_steps", step="O1", direction="step_forward", outcome="done") == 2
-    assert value(text, "qwit_steps", direction="step_back", outcome="done") == 3
-    assert value(text, "qwit_compensations", outcome="compensated") == 3
-    assert value(text, "qwit_compensations", step="O1", outcome="compensated") == 1
-    assert value(text, "qwit_step_seconds_count", step="O1", direction="step_forward") == 2
-    assert (
-        value(text, "qwit_step_seconds_bucket", step="O1", direction="step_forward", le="10") == 2
-    )
+    check_three_flows(text)
     assert value(text, "qwit_waits", step="react.F") == 1
-    assert value(text, "qwit_flows_waiting") == 1
     # the same in the table itself
     assert metrics.value("qwit_flows_started", flow="Outer") == 2
 

@@ -6,8 +6,11 @@ running flows of two engines. (The shared suites run on it as well: see the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -355,43 +358,65 @@ async def test_every_step_is_a_job_finished_with_its_record(postgres_dsn: str, i
     await client.close()
 
 
+@dataclass
+class HeldElsewhere:
+    """A PgOrder whose pg.Gate started on this test's worker, and whose job
+    was then given to another worker (``other``, registered for it)."""
+
+    client: qwit.Client
+    run: str
+    handle: qwit.FlowHandle
+    run_id: str
+    job: int
+    key: str
+    other: int
+
+
+@contextlib.asynccontextmanager
+async def gate_held_elsewhere(dsn: str) -> AsyncIterator[HeldElsewhere]:
+    await prepare(dsn)
+    client = await client_for(dsn)
+    run = new_ledger()
+    GATES[run] = asyncio.Event()
+    async with worker(dsn, PgOrder):
+        handle = await client.start(PgOrder, {"ledger": run})
+        await ledger.wait_for_mark(run, "started", "pg.Gate")
+        row = await flow_row(dsn, handle.id)
+        job, key = await gate_job(dsn, row["run_id"])
+        [(other,)] = await sql(dsn, "SELECT * FROM procrastinate_register_worker_v1()")
+        await sql(dsn, "UPDATE procrastinate_jobs SET worker_id = %s WHERE id = %s", other, job)
+        yield HeldElsewhere(client, run, handle, row["run_id"], job, key, other)
+    await client.close()
+
+
+async def take_for_dead(dsn: str, worker_id: int) -> None:
+    """Age a worker's heartbeat: sweeps take it for dead."""
+    await sql(
+        dsn,
+        "UPDATE procrastinate_workers SET last_heartbeat = now() - interval '1 hour' WHERE id = %s",
+        worker_id,
+    )
+
+
 async def test_a_step_job_taken_from_its_worker_records_nothing_from_it(postgres_dsn: str):
     """A worker whose step job was given to another (it was taken for dead)
     records nothing when its run of the step ends: whoever holds the job
     records it, once."""
-    await prepare(postgres_dsn)
-    client = await client_for(postgres_dsn)
-    run = new_ledger()
-    GATES[run] = asyncio.Event()
-    async with worker(postgres_dsn, PgOrder):
-        handle = await client.start(PgOrder, {"ledger": run})
-        await ledger.wait_for_mark(run, "started", "pg.Gate")
-        row = await flow_row(postgres_dsn, handle.id)
-        job, key = await gate_job(postgres_dsn, row["run_id"])
-        [(other,)] = await sql(postgres_dsn, "SELECT * FROM procrastinate_register_worker_v1()")
-        await sql(
-            postgres_dsn, "UPDATE procrastinate_jobs SET worker_id = %s WHERE id = %s", other, job
-        )
-        GATES[run].set()  # this worker's run of the step ends
-        await ledger.wait_for_mark(run, "do", "pg.Gate")
+    async with gate_held_elsewhere(postgres_dsn) as held:
+        GATES[held.run].set()  # this worker's run of the step ends
+        await ledger.wait_for_mark(held.run, "do", "pg.Gate")
         await asyncio.sleep(1.0)
-        assert await recorded(postgres_dsn, row["run_id"], key) == []
+        assert await recorded(postgres_dsn, held.run_id, held.key) == []
         assert await sql(
-            postgres_dsn, "SELECT status FROM procrastinate_jobs WHERE id = %s", job
+            postgres_dsn, "SELECT status FROM procrastinate_jobs WHERE id = %s", held.job
         ) == [("doing",)]
         # the other worker is gone: the job goes back to the queue, and runs again
-        await sql(
-            postgres_dsn,
-            "UPDATE procrastinate_workers SET last_heartbeat = now() - interval '1 hour' "
-            "WHERE id = %s",
-            other,
-        )
-        result = await asyncio.wait_for(handle.result(), 30)
-        state = await handle.state()
+        await take_for_dead(postgres_dsn, held.other)
+        result = await asyncio.wait_for(held.handle.result(), 30)
+        state = await held.handle.state()
     assert result["out_pg.B"] == "-"
-    assert len(await recorded(postgres_dsn, row["run_id"], key)) == 1
+    assert len(await recorded(postgres_dsn, held.run_id, held.key)) == 1
     assert state.steps[1].attempts == 2
-    await client.close()
 
 
 async def test_a_step_job_whose_finish_fails_records_nothing(postgres_dsn: str):
@@ -420,39 +445,21 @@ async def test_a_stopped_step_job_of_a_dead_worker_ends_as_stopped(postgres_dsn:
     then dies: the sweep ends the job as stopped (procrastinate alone would
     fail it, and the flow would wait for its end forever), and the flow
     rolls back."""
-    await prepare(postgres_dsn)
-    client = await client_for(postgres_dsn)
-    run = new_ledger()
-    GATES[run] = asyncio.Event()
-    async with worker(postgres_dsn, PgOrder):
-        handle = await client.start(PgOrder, {"ledger": run})
-        await ledger.wait_for_mark(run, "started", "pg.Gate")
-        row = await flow_row(postgres_dsn, handle.id)
-        job, key = await gate_job(postgres_dsn, row["run_id"])
-        [(other,)] = await sql(postgres_dsn, "SELECT * FROM procrastinate_register_worker_v1()")
-        await sql(
-            postgres_dsn, "UPDATE procrastinate_jobs SET worker_id = %s WHERE id = %s", other, job
-        )
-        await handle.cancel()
+    async with gate_held_elsewhere(postgres_dsn) as held:
+        await held.handle.cancel()
         for _ in range(100):  # the cancel reached the job's holder
             if await sql(
                 postgres_dsn,
                 "SELECT 1 FROM procrastinate_jobs WHERE id = %s AND abort_requested",
-                job,
+                held.job,
             ):
                 break
             await asyncio.sleep(0.1)
         else:
             raise AssertionError("the job was never asked to stop")
-        await sql(
-            postgres_dsn,
-            "UPDATE procrastinate_workers SET last_heartbeat = now() - interval '1 hour' "
-            "WHERE id = %s",
-            other,
-        )
+        await take_for_dead(postgres_dsn, held.other)
         with pytest.raises(qwit.FlowCancelled):
-            await asyncio.wait_for(handle.result(), 20)
-    assert await recorded(postgres_dsn, row["run_id"], key) == [{"cancelled": True}]
-    assert ledger.applied(run) == ["pg.A"]
-    assert ledger.undone(run) == ["pg.A"]
-    await client.close()
+            await asyncio.wait_for(held.handle.result(), 20)
+    assert await recorded(postgres_dsn, held.run_id, held.key) == [{"cancelled": True}]
+    assert ledger.applied(held.run) == ["pg.A"]
+    assert ledger.undone(held.run) == ["pg.A"]
