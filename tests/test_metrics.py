@@ -209,3 +209,33 @@ async def test_a_postgres_flow_replayed_by_a_new_worker_is_counted_once(postgres
     assert both("qwit_flows_ended", flow="pg.order", outcome="completed") == 1
     for step in ("pg.A", "pg.Gate", "pg.B"):
         assert both("qwit_steps", step=step, direction="step_forward", outcome="done") == 1, step
+
+
+async def test_a_postgres_flow_resumed_before_its_first_result_is_counted_once(
+    postgres_dsn: str,
+):
+    """The worker driving a flow stops while its first step runs (nothing is
+    journaled yet, but the flow had begun): the next worker does not count
+    its start again."""
+    from qwit.postgres import Metrics, PostgresSettings, PostgresWorker, prepare
+    from tests import ledger
+    from tests.test_postgres import GATES, PgGate
+
+    class GateOnly(qwit.Flow, name="metrics.gate_only", backend=qwit.postgres):
+        def build_flow(self) -> None:
+            self.step(PgGate)
+
+    await prepare(postgres_dsn)
+    client = await qwit.connect(backend=qwit.postgres, settings=[PostgresSettings(postgres_dsn)])
+    run = new_ledger()
+    GATES[run] = asyncio.Event()
+    metrics = Metrics()
+    handle = await client.start(GateOnly, {"ledger": run})
+    async with PostgresWorker(postgres_dsn, GateOnly, metrics=metrics, poll_interval=0.2):
+        await ledger.wait_for_mark(run, "started", "pg.Gate")
+    GATES[run].set()
+    async with PostgresWorker(postgres_dsn, GateOnly, metrics=metrics, poll_interval=0.2):
+        await asyncio.wait_for(handle.result(), 60)
+    await client.close()
+    assert metrics.value("qwit_flows_ended", flow="metrics.gate_only") == 1
+    assert metrics.value("qwit_flows_started", flow="metrics.gate_only") == 1

@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import procrastinate.worker
 import psycopg
 import pytest
 
@@ -88,8 +90,10 @@ async def flow_row(dsn: str, flow_id: str) -> dict[str, Any]:
     return row
 
 
-def worker(dsn: str, *members: Any) -> PostgresWorker:
-    return PostgresWorker(dsn, *members, heartbeat=0.5, stalled_after=2, poll_interval=0.2)
+def worker(dsn: str, *members: Any, **options: Any) -> PostgresWorker:
+    return PostgresWorker(
+        dsn, *members, heartbeat=0.5, stalled_after=2, poll_interval=0.2, **options
+    )
 
 
 async def client_for(dsn: str) -> qwit.Client:
@@ -373,12 +377,14 @@ class HeldElsewhere:
 
 
 @contextlib.asynccontextmanager
-async def gate_held_elsewhere(dsn: str) -> AsyncIterator[HeldElsewhere]:
+async def gate_held_elsewhere(
+    dsn: str, serving: PostgresWorker | None = None
+) -> AsyncIterator[HeldElsewhere]:
     await prepare(dsn)
     client = await client_for(dsn)
     run = new_ledger()
     GATES[run] = asyncio.Event()
-    async with worker(dsn, PgOrder):
+    async with serving or worker(dsn, PgOrder):
         handle = await client.start(PgOrder, {"ledger": run})
         await ledger.wait_for_mark(run, "started", "pg.Gate")
         row = await flow_row(dsn, handle.id)
@@ -463,3 +469,201 @@ async def test_a_stopped_step_job_of_a_dead_worker_ends_as_stopped(postgres_dsn:
     assert await recorded(postgres_dsn, held.run_id, held.key) == [{"cancelled": True}]
     assert ledger.applied(held.run) == ["pg.A"]
     assert ledger.undone(held.run) == ["pg.A"]
+
+
+# -- step jobs that stop without an end ------------------------------------------
+
+
+async def job_status(dsn: str, job: int) -> list[tuple[Any, ...]]:
+    return await sql(
+        dsn, "SELECT status, abort_requested FROM procrastinate_jobs WHERE id = %s", job
+    )
+
+
+async def asked_to_stop(dsn: str, job: int) -> None:
+    for _ in range(100):
+        if (await job_status(dsn, job))[0][1]:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"job {job} was never asked to stop")
+
+
+async def test_a_step_job_asked_to_stop_whose_worker_stops_first_ends_as_stopped(
+    postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+):
+    """The flow is cancelled while a job of the queue runs its step, and the
+    job's worker stops before it has seen the request: the job, cut off,
+    ends as stopped (procrastinate, retrying a job asked to stop, would
+    fail it, and the flow would wait for its end forever)."""
+    # the window: the request does not reach the job's worker
+    monkeypatch.setattr(
+        procrastinate.worker.Worker, "_handle_abort_jobs_requested", lambda self, ids: None
+    )
+    await prepare(postgres_dsn)
+    client = await client_for(postgres_dsn)
+    run = new_ledger()
+    GATES[run] = asyncio.Event()
+    async with worker(postgres_dsn, PgOrder, inline=False):
+        handle = await client.start(PgOrder, {"ledger": run})
+        await ledger.wait_for_mark(run, "started", "pg.Gate")
+        row = await flow_row(postgres_dsn, handle.id)
+        job, key = await gate_job(postgres_dsn, row["run_id"])
+        await handle.cancel()
+        await asked_to_stop(postgres_dsn, job)
+    monkeypatch.undo()
+    assert await recorded(postgres_dsn, row["run_id"], key) == [{"cancelled": True}]
+    async with worker(postgres_dsn, PgOrder):
+        with pytest.raises(qwit.FlowCancelled):
+            await asyncio.wait_for(handle.result(), 15)
+    assert ledger.undone(run) == ["pg.A"]
+    await client.close()
+
+
+async def test_a_stalled_step_job_asked_to_stop_as_it_is_swept_ends_as_stopped(
+    postgres_dsn: str,
+):
+    """The sweep takes a step job of a dead worker; the flow's cancel lands
+    just before the sweep puts it back in the queue: it ends as stopped."""
+    serving = worker(postgres_dsn, PgOrder)
+    original = serving.release
+    cancelled: list[int] = []
+
+    async def release(job: int, run_id: str, key: str) -> None:
+        if not cancelled:
+            cancelled.append(job)
+            await held.handle.cancel()  # the cancel lands here
+            await asked_to_stop(postgres_dsn, job)
+        await original(job, run_id, key)
+
+    serving.release = release  # type: ignore[method-assign]
+    async with gate_held_elsewhere(postgres_dsn, serving) as held:
+        await take_for_dead(postgres_dsn, held.other)
+        with pytest.raises(qwit.FlowCancelled):
+            await asyncio.wait_for(held.handle.result(), 20)
+    assert cancelled == [held.job]
+    assert await recorded(postgres_dsn, held.run_id, held.key) == [{"cancelled": True}]
+    assert ledger.undone(held.run) == ["pg.A"]
+
+
+async def test_a_queued_step_job_whose_finish_fails_is_finished_later(postgres_dsn: str):
+    """The transaction that finishes a job of the queue and records its
+    step's end fails (PostgreSQL closed the connection): the worker keeps the
+    end, and finishes the job and records it at its next heartbeat."""
+    await prepare(postgres_dsn)
+    client = await client_for(postgres_dsn)
+    run = new_ledger()
+    GATES[run] = asyncio.Event()
+    serving = worker(postgres_dsn, PgOrder, inline=False)
+    original = serving.connection
+    armed = [False]
+
+    def connection() -> Any:
+        if armed[0] and sys._getframe(1).f_code.co_name == "finish_job":
+            armed[0] = False
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return original()
+
+    serving.connection = connection  # type: ignore[method-assign]
+    async with serving:
+        handle = await client.start(PgOrder, {"ledger": run})
+        await ledger.wait_for_mark(run, "started", "pg.Gate")
+        row = await flow_row(postgres_dsn, handle.id)
+        _, key = await gate_job(postgres_dsn, row["run_id"])
+        armed[0] = True  # the next finish of a step job fails: pg.Gate's
+        GATES[run].set()
+        result = await asyncio.wait_for(handle.result(), 20)
+    assert armed == [False]
+    assert result["out_pg.B"] == "-"
+    assert len(await recorded(postgres_dsn, row["run_id"], key)) == 1
+    assert ledger.applied(run) == ["pg.A", "pg.Gate", "pg.B"]
+    await client.close()
+
+
+class PgFlaky(Effect, name="pg.Flaky"):
+    """Fails its first attempt (retryably), succeeds on the next."""
+
+    retry = qwit.Retry(max_attempts=3, initial_interval=0.1, max_interval=0.1)
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any] | None:
+        ledger.record(args["ledger"], "attempt", str(qwit.context().attempt))
+        if qwit.context().attempt == 1:
+            raise qwit.StepError("flaky", retry=True)
+        return await super().step_forward(args)
+
+
+class PgFlakyFlow(qwit.Flow, name="pg.flaky", backend=qwit.postgres):
+    def build_flow(self) -> None:
+        self.step(PgFlaky)
+
+
+async def test_a_taken_step_whose_run_fails_under_it_goes_back_to_the_queue(
+    postgres_dsn: str,
+):
+    """A step the worker took for its own driver stops on a PostgreSQL error
+    (counting its next attempt): its job goes back to the queue, and runs
+    again there, its attempts counted on."""
+    await prepare(postgres_dsn)
+    client = await client_for(postgres_dsn)
+    run = new_ledger()
+    serving = worker(postgres_dsn, PgFlakyFlow)
+    original = serving._next_attempt
+    armed = [True]
+
+    async def next_attempt(run_id: str, key: str) -> int:
+        if armed[0]:
+            armed[0] = False
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return await original(run_id, key)
+
+    serving._next_attempt = next_attempt  # type: ignore[method-assign]
+    async with serving:
+        handle = await client.start(PgFlakyFlow, {"ledger": run})
+        result = await asyncio.wait_for(handle.result(), 20)
+        state = await handle.state()
+    assert armed == [False]
+    assert result["out_pg.Flaky"] == "-"
+    assert ledger.marks(run, "attempt") == ["1", "2"]
+    assert ledger.applied(run) == ["pg.Flaky"]
+    # the count of attempt 2 failed (it never ran): the job's run is attempt 2
+    assert state.steps[0].attempts == 2
+    await client.close()
+
+
+class PgRetried(Effect, name="pg.Retried"):
+    retry = qwit.Retry(max_attempts=3, initial_interval=0.1, max_interval=0.1)
+
+
+class PgRetriedFlow(qwit.Flow, name="pg.retried", backend=qwit.postgres):
+    def build_flow(self) -> None:
+        self.step(PgRetried)
+
+
+async def test_a_taken_step_job_whose_run_never_started_is_released(postgres_dsn: str):
+    """The driver's transaction that took a step job committed, but its run
+    never started here (the commit's answer was lost): the worker finds the
+    job held under its id with nothing running it, at two heartbeats in a
+    row, and puts it back in the queue. The lost run counts as an attempt
+    (as a crashed worker's does)."""
+    await prepare(postgres_dsn)
+    client = await client_for(postgres_dsn)
+    run = new_ledger()
+    serving = worker(postgres_dsn, PgRetriedFlow)
+    original = serving.run_inline
+    lost: list[int] = []
+
+    def run_inline(args: dict[str, Any], attempt: int, job: int) -> None:
+        if not lost:
+            lost.append(job)  # as if the hook had never run
+            return
+        original(args, attempt, job)
+
+    serving.run_inline = run_inline  # type: ignore[method-assign]
+    async with serving:
+        handle = await client.start(PgRetriedFlow, {"ledger": run})
+        result = await asyncio.wait_for(handle.result(), 20)
+        state = await handle.state()
+    assert len(lost) == 1
+    assert result["out_pg.Retried"] == "-"
+    assert ledger.applied(run) == ["pg.Retried"]
+    assert state.steps[0].attempts == 2
+    await client.close()

@@ -463,12 +463,15 @@ class Driver:
             if row is None:
                 return
             job, legacy, ours = row
-            if legacy or worker.holds(run_id, key, job):
+            held = legacy or worker.holds(run_id, key, job)
+            if held:
                 # run here: stopped here, and it says so (if the job is still
                 # this worker's; else whoever holds it now is stopped below)
                 self.after_commit.append(lambda: worker.cancel_inline(run_id, key))
-            if job is None or ours:
+            if job is None or (ours and held):
                 return
+            # (one this worker holds but no longer runs is asked to stop too:
+            # when it is released, it ends as stopped)
             # procrastinate's own cancel: a job still waiting is cancelled, a
             # running one is asked to abort (its task is cancelled, it reports)
             await conn.execute("SELECT procrastinate_cancel_job_v1(%s, true, false)", [job])
@@ -639,13 +642,16 @@ class Driver:
         async with self.worker.connection() as conn:
             cur = await conn.execute(
                 "UPDATE qwit.flows SET driver = driver + 1 WHERE id = %s AND run_id = %s "
-                "RETURNING driver",
+                "RETURNING driver, state IS NOT NULL",
                 [self.flow_id, self.run_id],
             )
             taken = await cur.fetchone()
             if taken is None:
                 raise _Superseded
             self.epoch = int(taken[0])
+            # an earlier driver wrote the run's state: it began the flow (and
+            # emitted what its start emits) before this one
+            begun = bool(taken[1])
             async with conn.cursor(row_factory=dict_row) as dcur:
                 await dcur.execute(
                     "SELECT key, kind, payload, delivered, delivered_at FROM qwit.events "
@@ -653,7 +659,7 @@ class Driver:
                     [self.run_id],
                 )
                 journal = await dcur.fetchall()
-        self.replaying = bool(journal)
+        self.replaying = begun or bool(journal)
         self._activate()
         for row in journal:
             self.loop.clock = row["delivered_at"]

@@ -170,6 +170,10 @@ class PostgresWorker:
         self._ended: dict[int, tuple[str, str, dict[str, Any]]] = {}
         #: Ends of the steps it took, not recorded yet (PostgreSQL was away).
         self._unrecorded: dict[int, tuple[str, str, dict[str, Any]]] = {}
+        #: Jobs of the queue whose finish (in ``_ended``) failed: (status, delete).
+        self._unfinished: dict[int, tuple[str, bool]] = {}
+        #: Jobs held under its id that it no longer ran at the last heartbeat.
+        self._orphans: set[int] = set()
         self._wakeups: dict[str, asyncio.Event] = {}
         self._drivers: dict[str, Driver] = {}
         self._tasks: list[asyncio.Task[Any]] = []
@@ -217,9 +221,9 @@ class PostgresWorker:
             # the driver that replays the run
             for key, payload, job in driver.handed:
                 await self._record(run_id, key, payload, job)
-            self._wakeups.pop(run_id, None)
-            if self._drivers.get(run_id) is driver:
+            if self._drivers.get(run_id) is driver:  # (not a driver that took over here)
                 del self._drivers[run_id]
+                self._wakeups.pop(run_id, None)
 
     async def _step_job(
         self,
@@ -280,6 +284,15 @@ class PostgresWorker:
                 raise  # the worker stops: the step runs again elsewhere
             # the flow stopped the step: it has ended, and says so
             payload = {"cancelled": True}
+        except Exception as exc:
+            if not taken:
+                raise  # procrastinate retries the job
+            # (PostgreSQL failed under it): back to the queue, or, if PostgreSQL
+            # can't be reached, to the heartbeat, which finds it held by nobody
+            logger.warning("qwit.postgres: step %s of %s stopped (%s)", key, run_id, exc)
+            with contextlib.suppress(psycopg.Error, OSError):
+                await self.release(job, run_id, key)
+            return
         if not taken:  # finished, and recorded, by procrastinate's worker
             self._ended[job] = (run_id, key, payload)
             return
@@ -487,13 +500,52 @@ class PostgresWorker:
 
     async def finish_job(self, job: int, status: str, delete: bool) -> None:
         """Finish a job of the queue as procrastinate's worker does; for a
-        step job, record its end in the same transaction."""
-        run_id, key, payload = self._ended.pop(job)
+        step job, record its end in the same transaction. If that fails
+        (PostgreSQL away), the end is kept, and the heartbeat finishes the
+        job and records it later."""
+        run_id, key, payload = self._ended[job]
+        try:
+            async with self.connection() as conn, conn.transaction():
+                cur = await conn.execute(
+                    "SELECT 1 FROM procrastinate_jobs WHERE id = %s "
+                    "AND status IN ('todo', 'doing') FOR UPDATE",
+                    [job],
+                )
+                if await cur.fetchone() is not None:  # (else: ended by others; nothing to do)
+                    await conn.execute(
+                        "SELECT procrastinate_finish_job_v1(%s, %s, %s)", [job, status, delete]
+                    )
+                    await add_event(conn, run_id, key, "step", payload)
+        except (psycopg.Error, OSError) as exc:
+            logger.warning("qwit.postgres: step job %s not finished yet (%s)", job, exc)
+            self._unfinished[job] = (status, delete)
+            return
+        self._ended.pop(job, None)
+        self._unfinished.pop(job, None)
+
+    async def release(self, job: int, run_id: str, key: str) -> None:
+        """Put a step job back in the queue (its run here stopped without
+        an end), or, if its flow asked it to stop, end it as stopped: one
+        transaction, so that a stop asked meanwhile is never lost (for
+        procrastinate, a job asked to stop and retried has failed)."""
         async with self.connection() as conn, conn.transaction():
-            await conn.execute(
-                "SELECT procrastinate_finish_job_v1(%s, %s, %s)", [job, status, delete]
+            cur = await conn.execute(
+                "SELECT abort_requested FROM procrastinate_jobs WHERE id = %s AND status = 'doing' "
+                "FOR UPDATE",
+                [job],
             )
-            await add_event(conn, run_id, key, "step", payload)
+            row = await cur.fetchone()
+            if row is None:
+                return  # not running any more: ended, or put back already
+            if row[0]:
+                await conn.execute(
+                    "SELECT procrastinate_finish_job_v1(%s, 'aborted', false)", [job]
+                )
+                await add_event(conn, run_id, key, "step", {"cancelled": True})
+            else:
+                await conn.execute(
+                    "SELECT procrastinate_retry_job_v2(%s, now(), NULL, NULL, NULL)", [job]
+                )
 
     # -- running -----------------------------------------------------------------
 
@@ -546,15 +598,42 @@ class PostgresWorker:
                 [self.worker_id],
             )
         if cur.rowcount != 1:
+            # its step jobs went back to the queue: their runs here stop
+            # (unrecorded: whoever runs them now records them)
             logger.warning("qwit.postgres: worker %s was taken for dead", self.worker_id)
+            for task, _, _ in list(self._inline.values()):
+                task.cancel()
             await self._register()
         for job, (run_id, key, payload) in list(self._unrecorded.items()):
             await self._record(run_id, key, payload, job)
+        for job, (status, delete) in list(self._unfinished.items()):
+            if job in self._ended:
+                await self.finish_job(job, status, delete)
+        await self._release_orphans()
+
+    async def _release_orphans(self) -> None:
+        """Release the step jobs held under its id that it has run nothing
+        of, and kept no end of, at two heartbeats in a row (one whose
+        start was lost with an unknown commit, or whose run stopped with
+        PostgreSQL away)."""
+        async with self.connection() as conn:
+            cur = await conn.execute(
+                "SELECT id, args->>'run_id', args->>'key' FROM procrastinate_jobs "
+                "WHERE worker_id = %s AND status = 'doing' AND task_name = %s",
+                [self.worker_id, STEP_TASK],
+            )
+            held = {int(job): (run_id, key) for job, run_id, key in await cur.fetchall()}
+        running = {job for _, _, job in self._inline.values()} | set(self._unrecorded)
+        orphans = set(held) - running
+        for job in orphans & self._orphans:
+            logger.warning("qwit.postgres: step job %s held by nobody here; released", job)
+            await self.release(job, *held[job])
+        self._orphans = orphans - self._orphans
 
     async def _sweep(self) -> None:
         """Run again the jobs of workers that stopped heartbeating (a step
         job that its flow asked to stop ends as stopped: its worker is
-        gone, and the step with it)."""
+        gone, and the step with it; see ``release``)."""
         while True:
             await asyncio.sleep(max(self.heartbeat, 0.2))
             try:
@@ -565,27 +644,9 @@ class PostgresWorker:
                     for job in await manager.get_stalled_jobs(
                         queue=queue, seconds_since_heartbeat=self.stalled_after
                     ):
-                        if job.task_name != STEP_TASK or not await self._stop_stalled(job):
-                            await manager.retry_job(job)
+                        await manager.retry_job(job)  # (a step job: ``release``)
             except Exception as exc:
                 logger.warning("qwit.postgres: sweep failed (%s)", exc)
-
-    async def _stop_stalled(self, job: procrastinate.jobs.Job) -> bool:
-        """End a stalled step job whose flow asked it to stop, recording
-        that it stopped (True); False: it is to run again."""
-        async with self.connection() as conn, conn.transaction():
-            cur = await conn.execute(
-                "SELECT abort_requested FROM procrastinate_jobs WHERE id = %s AND status = 'doing' "
-                "FOR UPDATE",
-                [job.id],
-            )
-            row = await cur.fetchone()
-            if row is None or not row[0]:
-                return False
-            await conn.execute("SELECT procrastinate_finish_job_v1(%s, 'aborted', false)", [job.id])
-            run_id, key = job.task_kwargs["run_id"], job.task_kwargs["key"]
-            await add_event(conn, str(run_id), str(key), "step", {"cancelled": True})
-            return True
 
     async def _keep(self, **options: Any) -> None:
         """Run a procrastinate worker; start a new one if it stops (PostgreSQL
@@ -725,6 +786,24 @@ class _Jobs(procrastinate.manager.JobManager):
             await super().finish_job(job, status, delete_job)
             return
         await self.worker.finish_job(job.id, status.value, delete_job)
+
+    async def retry_job(
+        self,
+        job: procrastinate.jobs.Job,
+        retry_at: Any = None,
+        priority: int | None = None,
+        queue: str | None = None,
+        lock: str | None = None,
+    ) -> None:
+        # A step job cut off (its worker stopped, or died: the sweep) goes
+        # back to the queue, unless its flow had asked it to stop: then it
+        # ends as stopped (procrastinate would fail it, and the flow would
+        # wait for its end forever).
+        if job.task_name == STEP_TASK and job.id is not None:
+            args = job.task_kwargs
+            await self.worker.release(job.id, str(args["run_id"]), str(args["key"]))
+            return
+        await super().retry_job(job, retry_at, priority, queue, lock)
 
 
 __all__ = [
