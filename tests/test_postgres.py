@@ -667,3 +667,24 @@ async def test_a_taken_step_job_whose_run_never_started_is_released(postgres_dsn
     assert ledger.applied(run) == ["pg.Retried"]
     assert state.steps[0].attempts == 2
     await client.close()
+
+
+async def test_a_cancel_stops_a_taken_step_job_that_never_started(postgres_dsn: str):
+    """As above, and the flow is cancelled before the job is released: the
+    job is asked to stop, so that its release ends it as stopped (it does
+    not run, to be undone at once)."""
+    await prepare(postgres_dsn)
+    client = await client_for(postgres_dsn)
+    run = new_ledger()
+    serving = worker(postgres_dsn, PgRetriedFlow)
+    lost: list[int] = []
+    serving.run_inline = lambda args, attempt, job: lost.append(job)  # type: ignore[method-assign]
+    async with serving:
+        handle = await client.start(PgRetriedFlow, {"ledger": run})
+        while not lost:
+            await asyncio.sleep(0.02)
+        await handle.cancel()
+        with pytest.raises(qwit.FlowCancelled):
+            await asyncio.wait_for(handle.result(), 20)
+    assert ledger.applied(run) == []
+    await client.close()
