@@ -10,6 +10,7 @@ import socket
 import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -180,29 +181,38 @@ async def test_the_metrics_of_flows_on_a_postgres_worker(postgres_dsn: str):
     assert metrics.value("qwit_flows_started", flow="Outer") == 2
 
 
+async def resumed_by_another_worker(dsn: str, flow: type[qwit.Flow]) -> tuple[Any, Any]:
+    """Run ``flow`` (whose steps include PgGate): its worker stops while the
+    gate holds it, the next one finishes it. The two workers' metrics."""
+    from qwit.postgres import Metrics, PostgresSettings, PostgresWorker, prepare
+    from tests import ledger
+    from tests.test_postgres import GATES
+
+    await prepare(dsn)
+    client = await qwit.connect(backend=qwit.postgres, settings=[PostgresSettings(dsn)])
+    run = new_ledger()
+    GATES[run] = asyncio.Event()
+    first, second = Metrics(), Metrics()
+    handle = await client.start(flow, {"ledger": run})
+    async with PostgresWorker(dsn, flow, metrics=first, poll_interval=0.2):
+        await ledger.wait_for_mark(run, "started", "pg.Gate")
+    GATES[run].set()
+    async with PostgresWorker(dsn, flow, metrics=second, poll_interval=0.2):
+        await asyncio.wait_for(handle.result(), 60)
+    await client.close()
+    return first, second
+
+
 async def test_a_postgres_flow_replayed_by_a_new_worker_is_counted_once(postgres_dsn: str):
     """The worker driving a flow stops mid-flow; the next one replays its
     journal and finishes it: across the two workers' metrics, the flow and
     each step are counted once."""
-    from qwit.postgres import Metrics, PostgresSettings, PostgresWorker, prepare
-    from tests import ledger
-    from tests.test_postgres import GATES, PgOrder
+    from tests.test_postgres import PgOrder
 
-    await prepare(postgres_dsn)
-    client = await qwit.connect(backend=qwit.postgres, settings=[PostgresSettings(postgres_dsn)])
-    run = new_ledger()
-    GATES[run] = asyncio.Event()
-    first, second = Metrics(), Metrics()
-    handle = await client.start(PgOrder, {"ledger": run})
-    async with PostgresWorker(postgres_dsn, PgOrder, metrics=first, poll_interval=0.2):
-        await ledger.wait_for_mark(run, "started", "pg.Gate")
-    GATES[run].set()
-    async with PostgresWorker(postgres_dsn, PgOrder, metrics=second, poll_interval=0.2):
-        await asyncio.wait_for(handle.result(), 60)
-    await client.close()
+    first, second = await resumed_by_another_worker(postgres_dsn, PgOrder)
 
     def both(metric: str, **labels: str) -> float:
-        return first.value(metric, **labels) + second.value(metric, **labels)
+        return float(first.value(metric, **labels) + second.value(metric, **labels))
 
     assert first.value("qwit_steps", step="pg.A", outcome="done") == 1
     assert both("qwit_flows_started", flow="pg.order") == 1
@@ -211,31 +221,20 @@ async def test_a_postgres_flow_replayed_by_a_new_worker_is_counted_once(postgres
         assert both("qwit_steps", step=step, direction="step_forward", outcome="done") == 1, step
 
 
+class GateOnly(qwit.Flow, name="metrics.gate_only", backend=qwit.postgres):
+    def build_flow(self) -> None:
+        from tests.test_postgres import PgGate
+
+        self.step(PgGate)
+
+
 async def test_a_postgres_flow_resumed_before_its_first_result_is_counted_once(
     postgres_dsn: str,
 ):
     """The worker driving a flow stops while its first step runs (nothing is
     journaled yet, but the flow had begun): the next worker does not count
     its start again."""
-    from qwit.postgres import Metrics, PostgresSettings, PostgresWorker, prepare
-    from tests import ledger
-    from tests.test_postgres import GATES, PgGate
-
-    class GateOnly(qwit.Flow, name="metrics.gate_only", backend=qwit.postgres):
-        def build_flow(self) -> None:
-            self.step(PgGate)
-
-    await prepare(postgres_dsn)
-    client = await qwit.connect(backend=qwit.postgres, settings=[PostgresSettings(postgres_dsn)])
-    run = new_ledger()
-    GATES[run] = asyncio.Event()
-    metrics = Metrics()
-    handle = await client.start(GateOnly, {"ledger": run})
-    async with PostgresWorker(postgres_dsn, GateOnly, metrics=metrics, poll_interval=0.2):
-        await ledger.wait_for_mark(run, "started", "pg.Gate")
-    GATES[run].set()
-    async with PostgresWorker(postgres_dsn, GateOnly, metrics=metrics, poll_interval=0.2):
-        await asyncio.wait_for(handle.result(), 60)
-    await client.close()
-    assert metrics.value("qwit_flows_ended", flow="metrics.gate_only") == 1
-    assert metrics.value("qwit_flows_started", flow="metrics.gate_only") == 1
+    first, second = await resumed_by_another_worker(postgres_dsn, GateOnly)
+    assert first.value("qwit_flows_started", flow="metrics.gate_only") == 1
+    assert second.value("qwit_flows_started", flow="metrics.gate_only") == 0
+    assert second.value("qwit_flows_ended", flow="metrics.gate_only") == 1
