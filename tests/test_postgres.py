@@ -198,7 +198,10 @@ async def test_a_flow_goes_on_after_its_worker_stops_and_postgres_restarts(
     async with first:
         handle = await client.start(PgOrder, {"ledger": run})
         await ledger.wait_for_mark(run, "started", "pg.Gate")
-    # the worker is gone; its step was cut off before its effect
+    # the worker is gone; its step was cut off before its effect. (A checkpoint
+    # first: the session's server has made a database per test, whose WAL a
+    # crash recovery would otherwise replay, minutes of it on a busy machine.)
+    await sql(postgres_server.dsn, "CHECKPOINT")
     await asyncio.to_thread(postgres_server.stop, signal.SIGKILL)
     await asyncio.to_thread(postgres_server.start)
     GATES[run].set()

@@ -58,9 +58,18 @@ class EmbeddedPostgres:
         data_dir: Where the cluster lives (removed on exit if this made it).
         port: The loopback port it listens on.
         pid: The postmaster's process id while it runs.
+        start_timeout: Seconds ``start()`` waits for the server to accept
+            connections (after a crash, its recovery replays the WAL written
+            since its last checkpoint first).
     """
 
-    def __init__(self, data_dir: str | Path | None = None, port: int | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: str | Path | None = None,
+        port: int | None = None,
+        start_timeout: float = 300.0,
+    ) -> None:
+        self.start_timeout = start_timeout
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="qwit-pg-"))
         self.port = port or free_port()
@@ -134,7 +143,7 @@ class EmbeddedPostgres:
         )
         log.close()
         self.pid = self._process.pid
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 raise RuntimeError(
@@ -144,7 +153,10 @@ class EmbeddedPostgres:
             if self._accepts():
                 return self
             time.sleep(0.1)
-        raise RuntimeError("PostgreSQL did not accept connections within 60 s")
+        raise RuntimeError(
+            f"PostgreSQL did not accept connections within {self.start_timeout:g} s "
+            f"(its log: {self.data_dir / 'server.log'})"
+        )
 
     def _accepts(self) -> bool:
         try:
