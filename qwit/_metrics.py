@@ -77,6 +77,10 @@ METRICS: dict[str, tuple[Kind, str, str, tuple[str, ...]]] = {
     ),
 }
 
+#: Seconds between two counts of the waiting flows (``qwit_flows_waiting``)
+#: by a worker.
+WAITING_EVERY = 15.0
+
 #: Histogram buckets, in seconds, of QWIT's durations (Temporal's defaults are
 #: for milliseconds).
 BUCKETS: dict[str, list[float]] = {

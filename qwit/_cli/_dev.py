@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import sys
 from contextlib import AsyncExitStack, suppress
 from types import ModuleType
 
 import click
 
+from .._signals import stop_on_signals
 from ..temporal import DevServer, connect_temporal, create_worker
 from ._common import (
     EXIT_FAILED,
@@ -106,11 +106,7 @@ def dev(
 
 
 async def _dev(server: DevServer, modules: list[ModuleType], queue: str) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
+    with stop_on_signals() as stop:
         _say(f"starting Temporal on 127.0.0.1:{server.port} (state in {server.db_filename})...")
         async with AsyncExitStack() as stack:
             try:
@@ -126,9 +122,6 @@ async def _dev(server: DevServer, modules: list[ModuleType], queue: str) -> int:
             _say("stopping...")
         _say("stopped")
         return code
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
 
 
 async def _dev_postgres(modules: list[ModuleType]) -> int:
@@ -152,15 +145,8 @@ async def _dev_postgres(modules: list[ModuleType]) -> int:
             _say(f"  export QWIT_BACKEND=postgres QWIT_POSTGRES_DSN={server.dsn}")
             _say()
             _say("Ctrl-C stops.")
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-            try:
+            with stop_on_signals() as stop:
                 await stop.wait()
-            finally:
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    loop.remove_signal_handler(sig)
             _say("stopping...")
     _say("stopped")
     return 0

@@ -668,9 +668,7 @@ class Driver:
             self._activate()
         self.replaying = False
         await self._resume_steps()
-        async with self.worker.connection() as conn, conn.transaction():
-            await self._write(conn, self._outcome())
-        self._after_commit()
+        await self._flush(self._outcome())
         while not self.task.done():
             await self._advance()
         self.loop.close()
@@ -800,10 +798,10 @@ class Driver:
             )
         return outcome
 
-    async def _flush(self) -> None:
+    async def _flush(self, outcome: dict[str, Any] | None = None) -> None:
         """``_write`` in a transaction of its own."""
         async with self.worker.connection() as conn, conn.transaction():
-            await self._write(conn, None)
+            await self._write(conn, outcome)
         self._after_commit()
 
     async def _write(self, conn: Conn, outcome: dict[str, Any] | None) -> None:

@@ -40,10 +40,11 @@ from procrastinate.job_context import AbortReason
 
 from .._errors import StepFailure, StepNotRegistered, error_info
 from .._memory import Heartbeats
-from .._metrics import Metrics
+from .._metrics import WAITING_EVERY, Metrics
 from .._options import DEFAULT_TIMEOUT_GRACE
 from .._plan import StepCall, StepNode, StepReturn
 from .._runner import Registry, run_step_method
+from .._signals import stop_on_signals
 from .._tracing import continued, require_opentelemetry, tracer_provider, tracing_from_env
 from ._driver import FINISH_STEP_JOB, FLOW_TASK, STEP_TASK, Driver, Superseded, add_event
 from ._pool import Connections
@@ -56,8 +57,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("qwit.postgres")
 
 FLOW_QUEUE = "qwit.flows"
-#: Seconds between two counts of the waiting flows (``qwit_flows_waiting``).
-WAITING_EVERY = 15.0
 STEP_QUEUE = "qwit.steps"
 
 
@@ -607,8 +606,7 @@ class PostgresWorker:
         for job, (run_id, key, payload) in list(self._unrecorded.items()):
             await self._record(run_id, key, payload, job)
         for job, (status, delete) in list(self._unfinished.items()):
-            if job in self._ended:
-                await self.finish_job(job, status, delete)
+            await self.finish_job(job, status, delete)
         await self._release_orphans()
 
     async def _release_orphans(self) -> None:
@@ -709,28 +707,19 @@ class PostgresWorker:
 
     async def serve(self) -> None:
         """Run until SIGINT or SIGTERM, then stop (the drivers it held are
-        replayed by other workers; its steps' jobs run again elsewhere unless
-        their results were recorded)."""
-        import signal
-
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, stop.set)
-        running = asyncio.ensure_future(self.run())
-        stopping = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (running, stopping):
-                task.cancel()
-            for task in (running, stopping):
-                with contextlib.suppress(BaseException):
-                    await task
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                with contextlib.suppress(NotImplementedError, RuntimeError):
-                    loop.remove_signal_handler(sig)
+        replayed by other workers; the step jobs it held go back to the
+        queue)."""
+        with stop_on_signals() as stop:
+            running = asyncio.ensure_future(self.run())
+            stopping = asyncio.ensure_future(stop.wait())
+            try:
+                await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (running, stopping):
+                    task.cancel()
+                for task in (running, stopping):
+                    with contextlib.suppress(BaseException):
+                        await task
         if running.done() and not running.cancelled() and running.exception() is not None:
             raise running.exception()  # type: ignore[misc]
 

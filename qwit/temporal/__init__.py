@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .._metrics import WAITING_EVERY
 from .._tracing import TRACING_ENV, tracer_provider
 from ._activities import activity_name
 from ._config import TASK_QUEUE_ENV, TemporalSettings, default_task_queue
@@ -35,7 +36,6 @@ from ._engine import (
 from ._plugin import QwitPlugin
 from ._worker import (
     METRICS_ADDRESS_ENV,
-    WAITING_EVERY,
     check_metrics_address,
     count_waiting,
     create_worker,

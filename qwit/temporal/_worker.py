@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import signal
 from datetime import timedelta
 from types import ModuleType
 from typing import Any
@@ -16,7 +15,8 @@ from temporalio.service import RPCError
 from temporalio.worker import Worker
 
 from .._flow import Flow
-from .._metrics import BUCKETS, METRICS
+from .._metrics import BUCKETS, METRICS, WAITING_EVERY
+from .._signals import stop_on_signals
 from .._step import Step
 from ._activities import step_activities
 from ._config import default_task_queue
@@ -64,8 +64,6 @@ def create_worker(
 WAITING_QUERY = (
     'WorkflowType = "qwit.Flow" AND ExecutionStatus = "Running" AND QwitStatus = "waiting"'
 )
-#: Seconds between two counts of the waiting flows (``qwit_flows_waiting``).
-WAITING_EVERY = 15.0
 
 
 #: Environment variable: ``qwit-worker --metrics-address``.
@@ -137,25 +135,15 @@ async def serve(
     it down gracefully. With ``waiting_every``, it also keeps the gauge
     ``qwit_flows_waiting`` (see ``count_waiting``)."""
     worker = create_worker(client, *members, task_queue=task_queue, **worker_options)
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    installed = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-            installed.append(sig)
-        except (NotImplementedError, RuntimeError):  # pragma: no cover - not on the main thread
-            pass
     counting = (
         asyncio.ensure_future(count_waiting(client, waiting_every, task_queue))
         if waiting_every
         else None
     )
     try:
-        async with worker:
-            await stop.wait()
+        with stop_on_signals(stop) as stopping:
+            async with worker:
+                await stopping.wait()
     finally:
         if counting is not None:
             counting.cancel()
-        for sig in installed:
-            loop.remove_signal_handler(sig)
