@@ -40,7 +40,7 @@ def _expected(info: ErrorInfo) -> bool:
     return info.type == "qwit.StepError" and not info.retryable
 
 
-def _application_error(info: ErrorInfo) -> ApplicationError:
+def _application_error(info: ErrorInfo, benign: bool = False) -> ApplicationError:
     return ApplicationError(
         info.describe(),
         info.model_dump(mode="json"),
@@ -50,7 +50,7 @@ def _application_error(info: ErrorInfo) -> ApplicationError:
         # at WARNING: an expected outcome is one INFO line of ours instead.
         category=(
             ApplicationErrorCategory.BENIGN
-            if _expected(info)
+            if benign or _expected(info)
             else ApplicationErrorCategory.UNSPECIFIED
         ),
     )
@@ -240,6 +240,12 @@ def step_activity(cls: type[Step], direction: str) -> Callable[[WireCall], Any]:
     return activity.defn(name=activity_name(cls.name, direction))(run)
 
 
+#: Steps this worker has said it does not serve, by task queue (logged once).
+_REFUSED: set[tuple[str, str]] = set()
+#: At most this many are remembered; past that each refusal logs its line.
+MAX_REFUSED_LOGGED = 1000
+
+
 @activity.defn(dynamic=True)
 async def unregistered_step(args: Sequence[RawValue]) -> NoReturn:
     """Fails at once any activity this worker has no step for.
@@ -252,6 +258,21 @@ async def unregistered_step(args: Sequence[RawValue]) -> NoReturn:
     step, _, direction = info.activity_type.rpartition(".")
     if direction not in DIRECTIONS:
         step = info.activity_type
+    # Beside workers of other modules on the same queue this is routine (the
+    # flow offers the step again), so one WARNING line per step, not a
+    # traceback per offer: a worker whose log nobody reads must not fill it.
+    refused = (info.task_queue, step)
+    if refused not in _REFUSED:
+        if len(_REFUSED) < MAX_REFUSED_LOGGED:
+            _REFUSED.add(refused)
+        log.warning(
+            "step %r is not served by this worker (task queue %r): the flow offers "
+            "it again to the queue's other workers",
+            step,
+            info.task_queue,
+        )
+    else:
+        log.debug("step %r refused again (flow %s)", step, info.workflow_id)
     raise _application_error(
         error_info(
             StepNotRegistered(
@@ -261,7 +282,8 @@ async def unregistered_step(args: Sequence[RawValue]) -> NoReturn:
             ),
             started=False,
             attempt=info.attempt,
-        )
+        ),
+        benign=True,
     )
 
 
