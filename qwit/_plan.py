@@ -467,11 +467,13 @@ class WireCall(BaseModel):
         timeout = self.timeout
         if timeout is None and limit is not None:
             timeout = limit - WIRE_GRACE
-        return StepCall(
+        # Every field is validated already (this call's, the task's): built
+        # without validating them again, once per step on every worker.
+        return StepCall.model_construct(
             flow_id=root_of(flow_id),
             path=self.path if self.path is not None else path_of(self.key),
             step=step,
-            direction=direction,  # type: ignore[arg-type]
+            direction=direction,
             args=self.args,
             key=self.key,
             timeout=timeout,

@@ -8,7 +8,9 @@ step runs, how a sub-flow runs, and how the flow waits; the Temporal workflow
 and the in-process engine both drive this same class.
 
 The interpreter must stay deterministic: it runs inside Temporal's workflow
-sandbox, so it reads no clock, no randomness and no I/O of its own.
+(outside temporalio's sandbox, which would not catch a slip: the recorded
+histories replaying in the tests do), so it reads no clock, no randomness and
+no I/O of its own.
 """
 
 from __future__ import annotations

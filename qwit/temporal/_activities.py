@@ -234,7 +234,8 @@ def step_activity(cls: type[Step], direction: str) -> Callable[[WireCall], Any]:
         if output:
             # (the output of step_forward or step_fallback is what step_back gets)
             await _check_output_fits(call, output, undone=has_back and direction != "step_back")
-        return StepReturn(output=output, attempt=info.attempt)
+        # (``output`` is normalised already: not validated again)
+        return StepReturn.model_construct(output=output, attempt=info.attempt)
 
     run.__name__ = run.__qualname__ = f"{cls.__name__}_{direction}"
     return activity.defn(name=activity_name(cls.name, direction))(run)

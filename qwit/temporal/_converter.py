@@ -13,6 +13,7 @@ JSON it writes and reads is the same (``pydantic_core.to_json``,
 from __future__ import annotations
 
 import functools
+from types import MappingProxyType
 from typing import Any
 
 from pydantic import TypeAdapter
@@ -23,6 +24,7 @@ from temporalio.converter import (
     DefaultPayloadConverter,
     EncodingPayloadConverter,
     JSONPlainPayloadConverter,
+    WithSerializationContext,
 )
 
 #: Type adapters by type hint, for every converter of the process (adapters
@@ -56,11 +58,18 @@ _CONVERTERS = tuple(
     PydanticJSONConverter() if isinstance(c, JSONPlainPayloadConverter) else c
     for c in DefaultPayloadConverter.default_encoding_payload_converters
 )
+#: The same by encoding, as ``CompositePayloadConverter`` keeps them. None of
+#: them takes a serialization context, so nothing ever changes this mapping.
+_BY_ENCODING = MappingProxyType({c.encoding.encode(): c for c in _CONVERTERS})
+_ANY_TAKES_CONTEXT = any(isinstance(c, WithSerializationContext) for c in _CONVERTERS)
 
 
 class QwitPayloadConverter(CompositePayloadConverter):
     """temporalio's default converters, with pydantic's JSON for ``json/plain``."""
 
     def __init__(self) -> None:
-        """Share the process's converters."""
-        super().__init__(*_CONVERTERS)
+        """Share the process's converters (temporalio builds a converter
+        twice per workflow activation: this costs one assignment)."""
+        self.converters = _BY_ENCODING
+        # (what temporalio's cached property would work out for each instance)
+        self.__dict__["_any_converter_takes_context"] = _ANY_TAKES_CONTEXT
