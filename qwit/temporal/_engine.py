@@ -12,11 +12,12 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import temporalio.client
 from temporalio.api.common.v1 import WorkflowExecution
 from temporalio.api.enums.v1 import HistoryEventFilterType
+from temporalio.api.history.v1 import HistoryEvent
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.api.workflowservice.v1 import (
     DescribeNamespaceRequest,
@@ -27,6 +28,7 @@ from temporalio.client import (
     WorkflowFailureError,
     WorkflowUpdateFailedError,
 )
+from temporalio.converter import WorkflowSerializationContext
 from temporalio.envconfig import ClientConfig
 from temporalio.exceptions import (
     ApplicationError,
@@ -157,6 +159,29 @@ async def connect_temporal(**overrides: Any) -> temporalio.client.Client:
         raise
     except (RuntimeError, RPCError) as err:
         raise connection_error(config, err) from err
+
+
+async def _outcome(
+    client: temporalio.client.Client, flow_id: str, event: HistoryEvent
+) -> dict[str, Any] | FlowFailed | None:
+    """The result of a flow's close event when it completed, the error when
+    it failed; None for any other end (or a run that went on in another)."""
+    converter = client.data_converter.with_context(
+        WorkflowSerializationContext(namespace=client.namespace, workflow_id=flow_id)
+    )
+    if event.HasField("workflow_execution_completed_event_attributes"):
+        completed = event.workflow_execution_completed_event_attributes
+        if completed.new_execution_run_id:
+            return None
+        results = await converter.decode_wrapper(completed.result)
+        return cast("dict[str, Any]", results[0]) if results else {}
+    if event.HasField("workflow_execution_failed_event_attributes"):
+        failed = event.workflow_execution_failed_event_attributes
+        if failed.new_execution_run_id:
+            return None
+        cause = await converter.decode_failure(failed.failure)
+        return _flow_failed(flow_id, WorkflowFailureError(cause=cause))
+    return None
 
 
 def _flow_failed(flow_id: str, err: WorkflowFailureError) -> FlowFailed:
@@ -385,7 +410,15 @@ class TemporalFlowHandle(FlowHandle):
             if response.history.events or not response.next_page_token:
                 break
             request.next_page_token = response.next_page_token
-        # It has ended: the SDK reads and decodes the outcome, at once.
+        # It has ended. A flow completes or fails (QWIT's outcomes): decoded
+        # from the close event at hand, as the SDK would after reading it again.
+        for event in response.history.events:
+            ended = await _outcome(client, self.id, event)
+            if ended is not None:
+                if isinstance(ended, FlowFailed):
+                    raise ended
+                return ended
+        # Terminated, timed out, cancelled, continued: the SDK's own reading.
         handle = client.get_workflow_handle(self.id, run_id=self.run_id)
         while True:
             async with engine.result_poll() as deadline:
