@@ -152,7 +152,7 @@ async def measure(env: Any, reps: int, big_reps: int) -> dict[str, Any]:
     for shape in PARALLEL_SHAPES:
         runs = big_reps if shape.activities >= 1000 else reps
         samples: dict[str, list[float]] = {"qwit": [], "hand": []}
-        cpu: dict[str, float] = {"qwit": 0.0, "hand": 0.0}
+        cpu: dict[str, list[float]] = {"qwit": [], "hand": []}
         last: dict[str, str] = {}
         for rep in range(runs):
             for side in ("qwit", "hand") if rep % 2 == 0 else ("hand", "qwit"):
@@ -166,11 +166,13 @@ async def measure(env: Any, reps: int, big_reps: int) -> dict[str, Any]:
                         hand_side.client, env.workers["hand"].task_queue, shape
                     )
                 samples[side].append((time.perf_counter() - started) * 1000)
-                cpu[side] += cpu_seconds(pid) - before
+                cpu[side].append((cpu_seconds(pid) - before) * 1000)
         found[shape.key] = {
             side: {
                 "latency_p50_ms": statistics.median(samples[side]),
-                "worker_cpu_ms_per_flow": cpu[side] * 1000 / runs,
+                "worker_cpu_ms_per_flow": sum(cpu[side]) / runs,
+                "latency_runs_ms": samples[side],
+                "worker_cpu_runs_ms": cpu[side],
                 **(await history(env.plain, last[side])),
             }
             for side in ("qwit", "hand")

@@ -27,6 +27,9 @@ class Row:
     qwit: float
     hand: float
     ratio: float
+    spread: tuple[float, float] | None = None
+    """The lowest and highest QWIT / hand ratio of the paired runs (or
+    rounds) the medians come from, where there are several."""
 
 
 class Figures:
@@ -50,17 +53,29 @@ class Figures:
         suffix: str,
         qwit: float,
         hand: float,
+        pairs: tuple[list[float], list[float]] | None = None,
     ) -> None:
         unit_part = f"_{unit}" if unit else ""
         ratio = qwit / hand if hand else math.nan
         self.flat[f"{metric}{unit_part}_qwit{suffix}"] = _round(qwit)
         self.flat[f"{metric}{unit_part}_hand{suffix}"] = _round(hand)
         self.flat[f"{metric}_ratio{suffix}"] = round(ratio, 3)
-        self.rows.append(Row(section, label, unit, qwit, hand, ratio))
+        spread = _spread(*pairs) if pairs else None
+        if spread is not None:
+            self.flat[f"{metric}_ratio_min{suffix}"] = round(spread[0], 3)
+            self.flat[f"{metric}_ratio_max{suffix}"] = round(spread[1], 3)
+        self.rows.append(Row(section, label, unit, qwit, hand, ratio, spread))
 
     def alias(self, key: str, existing: str) -> None:
         """A headline key for a figure already added (e.g. ``history_events_ratio``)."""
         self.flat[key] = self.flat[existing]
+
+
+def _spread(qwit: list[float], hand: list[float]) -> tuple[float, float] | None:
+    """Lowest and highest ratio of the runs made side by side (run i of
+    each side), when there are at least two."""
+    ratios = [q / h for q, h in zip(qwit, hand, strict=False) if h]
+    return (min(ratios), max(ratios)) if len(ratios) >= 2 else None
 
 
 def _round(value: float) -> float:
@@ -110,6 +125,10 @@ def _parallel(figures: Figures, found: dict[str, dict[str, dict[str, float]]]) -
             source = {"history_events": "events", "history_bytes": "bytes"}.get(
                 metric, f"{metric}_{unit}"
             )
+            runs = {"latency_p50": "latency_runs_ms", "worker_cpu": "worker_cpu_runs_ms"}
+            pairs = None
+            if metric in runs and runs[metric] in sides["qwit"]:
+                pairs = (sides["qwit"][runs[metric]], sides["hand"][runs[metric]])
             figures.add(
                 section,
                 f"{label}: {title}",
@@ -118,6 +137,7 @@ def _parallel(figures: Figures, found: dict[str, dict[str, dict[str, float]]]) -
                 f"_{key}",
                 sides["qwit"][source],
                 sides["hand"][source],
+                pairs,
             )
 
 
@@ -204,7 +224,10 @@ def _throughput(
     }
     for label, metric, unit in rows:
         source = sources[metric]
-        figures.add(section, label, metric, unit, suffix, med("qwit", source), med("hand", source))
+        pairs = ([r[source] for r in rounds["qwit"]], [r[source] for r in rounds["hand"]])
+        figures.add(
+            section, label, metric, unit, suffix, med("qwit", source), med("hand", source), pairs
+        )
 
 
 def _history(figures: Figures, histories: dict[str, dict[str, dict[str, int]]]) -> None:
@@ -328,7 +351,14 @@ def table(figures: Figures) -> str:
             section = row.section
             if lines:
                 lines.append("")
-            lines += [f"**{section}**", "", "| figure | QWIT | hand-written | QWIT / hand |"]
-            lines.append("|---|---:|---:|---:|")
-        lines.append(f"| {row.label} | {_cell(row.qwit)} | {_cell(row.hand)} | {row.ratio:.2f} |")
+            lines += [
+                f"**{section}**",
+                "",
+                "| figure | QWIT | hand-written | QWIT / hand | lowest-highest |",
+            ]
+            lines.append("|---|---:|---:|---:|---:|")
+        spread = f"{row.spread[0]:.2f}-{row.spread[1]:.2f}" if row.spread else ""
+        lines.append(
+            f"| {row.label} | {_cell(row.qwit)} | {_cell(row.hand)} | {row.ratio:.2f} | {spread} |"
+        )
     return "\n".join(lines)

@@ -174,3 +174,18 @@ def test_the_postgres_benchmark_runs_and_reports_every_figure(tmp_path: Path):
             assert math.isfinite(value) and value >= 0, (side, name, value)
         assert figures["throughput (flows/s)"] > 0
     assert "pg/dbos" in proc.stdout
+
+
+def test_a_figure_from_paired_runs_reports_the_spread_of_their_ratios():
+    from benchmarks.report import Figures, table
+
+    figures = Figures()
+    figures.add("S", "flows/s", "throughput", "flows_per_s", "", 10.0, 10.0, ([9, 11], [10, 10]))
+    figures.add("S", "bytes", "history_bytes", "", "", 120, 100)
+    assert figures.flat["throughput_ratio_min"] == 0.9
+    assert figures.flat["throughput_ratio_max"] == 1.1
+    assert "history_bytes_ratio_min" not in figures.flat  # one value: no spread
+    lines = table(figures).splitlines()
+    assert lines[2].endswith("| QWIT / hand | lowest-highest |")
+    assert lines[4] == "| flows/s | 10 | 10 | 1.00 | 0.90-1.10 |"
+    assert lines[5] == "| bytes | 120 | 100 | 1.20 |  |"
