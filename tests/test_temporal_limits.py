@@ -267,3 +267,40 @@ async def test_payload_too_large_is_matched_by_its_class(small):
     async with small.worker(SkipsTooLarge):
         result = await small.client.run(SkipsTooLarge, {"ledger": run})
     assert "blob_n1" in result and "blob_n2" not in result
+
+
+class MapElement(qwit.Step, name="limits.a_map_element_with_a_long_name"):
+    """Fails (for good) when it is the element ``args['fail_at']``."""
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, int]:
+        index = qwit.context().index
+        if index == args["fail_at"]:
+            raise qwit.StepError("fails on purpose", retry=False)
+        return {}
+
+    async def step_back(self, args: dict[str, Any]) -> None:
+        return None
+
+
+class WideRollback(qwit.Flow):
+    def build_flow(self) -> None:
+        self.map(MapElement, over="items", item="item", into="out", max_concurrency=100)
+
+
+async def test_a_rollback_whose_names_alone_are_over_the_limit_still_ends(small, small_server):
+    # 800 undone elements: 40 bytes of name each, about 32 KB of names alone,
+    # over the 20 KB limit. The flow ends anyway, its lists cut and saying so
+    # (before, its failure could not be written and the flow never ended).
+    items = list(range(801))
+    async with small.worker(WideRollback):
+        handle = await small.client.start(WideRollback, {"items": items, "fail_at": 800})
+        with pytest.raises(qwit.FlowRolledBack) as info:
+            await asyncio.wait_for(handle.result(), 60)
+    failed = info.value
+    assert 0 < len(failed.compensated) < 800
+    assert set(failed.compensated) == {MapElement.name}
+    assert "names of steps left out of the lists of undos to fit" in failed.reason
+    assert "800 undone" in failed.reason or "801 undone" in failed.reason
+    assert await flow_status(small_server, handle.id) == (
+        temporalio.client.WorkflowExecutionStatus.FAILED
+    )

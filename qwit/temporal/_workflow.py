@@ -134,14 +134,21 @@ def failure_type(info: FailureInfo) -> str:
     return f"qwit.{type(FlowFailed.from_info(info)).__name__}"
 
 
+#: Room a failure's details leave under the payload limit: the failure that
+#: carries them holds its message, type and stack trace too, and Temporal
+#: checks the size of the whole.
+FAILURE_MARGIN = 4096
+
+
 def fit_failure(info: FailureInfo, limit: int | None) -> FailureInfo:
     """``info``, made to fit the payload limit: a flow must always be able to end.
 
     Messages are bounded already; what can still grow is the list of undos
     with their errors. Their errors' messages are shortened first, then the
-    details are dropped (the name lists stay).
+    details are dropped (the name lists stay), and only if the names alone
+    can't fit are their lists cut, saying so (``_cut_name_lists``).
     """
-    if not limit or json_size(info.model_dump(mode="json")) <= limit - PAYLOAD_MARGIN:
+    if not limit or json_size(info.model_dump(mode="json")) <= limit - FAILURE_MARGIN:
         return info
     short = [
         c.model_copy(
@@ -152,9 +159,44 @@ def fit_failure(info: FailureInfo, limit: int | None) -> FailureInfo:
         for c in info.compensations
     ]
     info = info.model_copy(update={"compensations": short})
-    if json_size(info.model_dump(mode="json")) <= limit - PAYLOAD_MARGIN:
+    if json_size(info.model_dump(mode="json")) <= limit - FAILURE_MARGIN:
         return info
-    return info.model_copy(update={"compensations": []})
+    info = info.model_copy(update={"compensations": [], "final_failures": []})
+    if json_size(info.model_dump(mode="json")) <= limit - FAILURE_MARGIN:
+        return info
+    return _cut_name_lists(info, limit)
+
+
+#: Room kept for the note that says how many names were left out.
+_NOTE_ROOM = 300
+
+
+def _cut_name_lists(info: FailureInfo, limit: int) -> FailureInfo:
+    """The last resort of ``fit_failure`` (a rollback of tens of thousands of
+    map elements): the lists of names are cut to what fits, the failed undos
+    kept first, and the reason says how many names were left out."""
+    lists = ("failed_compensations", "not_compensated", "compensated")
+    bare = info.model_copy(update={name: [] for name in lists})
+    budget = limit - FAILURE_MARGIN - _NOTE_ROOM - json_size(bare.model_dump(mode="json"))
+    kept: dict[str, list[str]] = {}
+    left_out = 0
+    for name in lists:
+        names: list[str] = getattr(info, name)
+        count = 0
+        for entry in names:
+            size = json_size(entry) + 1
+            if size > budget:
+                break
+            budget -= size
+            count += 1
+        kept[name] = names[:count]
+        left_out += len(names) - count
+    note = (
+        f" [{left_out} names of steps left out of the lists of undos to fit Temporal's "
+        f"payload limit: {len(info.compensated)} undone, {len(info.failed_compensations)} "
+        "failed to undo]"
+    )
+    return info.model_copy(update={**kept, "reason": info.reason[:1000] + note})
 
 
 def fit_state(state: FlowState, limit: int | None) -> FlowState:
