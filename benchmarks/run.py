@@ -57,7 +57,7 @@ class Settings:
     """Runs of each map of 1,000 items, and side."""
 
 
-FULL = Settings("full", 3, 60, 20, 200, 5, 200, 3, 10, 5)
+FULL = Settings("full", 3, 60, 20, 200, 5, 200, 3, 20, 5)
 QUICK = Settings("quick", 2, 10, 4, 200, 1, 100, 1, 4, 1)
 SMOKE = Settings("smoke", 0, 1, 1, 10, 1, 10, 1, 1, 1)
 
