@@ -304,3 +304,39 @@ async def test_a_rollback_whose_names_alone_are_over_the_limit_still_ends(small,
     assert await flow_status(small_server, handle.id) == (
         temporalio.client.WorkflowExecutionStatus.FAILED
     )
+
+
+def test_a_failure_is_made_to_fit_with_its_message_and_the_undos_tracebacks():
+    from qwit._errors import Compensation, ErrorInfo, FailureInfo
+    from qwit._jsonargs import json_size
+    from qwit.temporal._workflow import (
+        FAILURE_MARGIN,
+        MAX_FAILURE_MESSAGE,
+        failure_error,
+        fit_failure,
+    )
+
+    broken = ErrorInfo(type="ValueError", message="m" * 300, traceback="t" * 3000)
+    undos = [
+        Compensation(name="s", path=str(i), status="compensation_failed", error=broken)
+        for i in range(10)
+    ]
+    info = FailureInfo(
+        kind="compensation_failed",
+        flow_id="f",
+        step="s",
+        reason="é" * 4000,  # 8,000 bytes of UTF-8
+        compensated=[],
+        failed_compensations=["s"] * 10,
+        compensations=undos,
+    )
+    limit = 40_000
+    fitted = fit_failure(info, limit)
+    # the undos' details stay, without their tracebacks (the first cut is enough)
+    assert [c.path for c in fitted.compensations] == [str(i) for i in range(10)]
+    assert all(c.error is not None and c.error.traceback == "" for c in fitted.compensations)
+    assert json_size(fitted.model_dump(mode="json")) <= limit - FAILURE_MARGIN
+    error = failure_error(fitted, "a.flow")
+    assert len(error.message.encode()) <= MAX_FAILURE_MESSAGE
+    assert error.message.startswith("a.flow: flow 'f'")
+    assert error.details[0]["reason"] == info.reason  # the whole reason, in the details

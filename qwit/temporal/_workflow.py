@@ -135,8 +135,8 @@ def failure_type(info: FailureInfo) -> str:
 
 
 #: Room a failure's details leave under the payload limit: the failure that
-#: carries them holds its message, type and stack trace too, and Temporal
-#: checks the size of the whole.
+#: carries them holds its message (at most ``MAX_FAILURE_MESSAGE`` bytes),
+#: type and stack trace too, and Temporal checks the size of the whole.
 FAILURE_MARGIN = 4096
 
 
@@ -152,7 +152,11 @@ def fit_failure(info: FailureInfo, limit: int | None) -> FailureInfo:
         return info
     short = [
         c.model_copy(
-            update={"error": c.error.model_copy(update={"message": c.error.message[:200]})}
+            update={
+                "error": c.error.model_copy(
+                    update={"message": c.error.message[:200], "traceback": ""}
+                )
+            }
         )
         if c.error
         else c
@@ -211,12 +215,21 @@ def fit_state(state: FlowState, limit: int | None) -> FlowState:
     return state.model_copy(update={"args": {}, "waiting": waiting})
 
 
+#: Bytes of a failed flow's message, which Temporal's UI shows first (the
+#: whole reason is in the failure's details): with its stack trace, within
+#: ``FAILURE_MARGIN``.
+MAX_FAILURE_MESSAGE = 1024
+
+
 def failure_error(info: FailureInfo, flow: str | None = None) -> ApplicationError:
     """The error a workflow fails with, carrying ``info`` as its details; its
     message, which Temporal's UI shows first, starts with the flow's name."""
     message = FlowFailed.from_info(info).args[0]
+    text = f"{flow}: {message}" if flow else message
+    if len(text.encode()) > MAX_FAILURE_MESSAGE:  # the whole reason is in the details
+        text = text.encode()[: MAX_FAILURE_MESSAGE - 3].decode(errors="ignore") + "..."
     return ApplicationError(
-        f"{flow}: {message}" if flow else message,
+        text,
         info.model_dump(mode="json"),
         type=failure_type(info),
         non_retryable=True,
@@ -368,9 +381,10 @@ class _Runtime(FlowRuntime):
         # id) send them whole, as their workers expect.
         compact = self.owner.input.version >= 2 and call.key is not None
         sent = WireCall.of(call, node.timeout_grace) if compact else call
-        if not eager:
+        if not eager and not node.local:
             # Scheduled through the task queue, not handed to this worker at
-            # once (see NoEagerInterceptor): another worker may serve it.
+            # once (see NoEagerInterceptor): another worker may serve it. (A
+            # local step runs here whatever this says: nothing to mark.)
             sent = sent.model_copy()
             self.owner.not_eager.add(id(sent))
         retry = node.back_retry if call.direction == "step_back" else node.retry
