@@ -8,9 +8,9 @@ step runs, how a sub-flow runs, and how the flow waits; the Temporal workflow
 and the in-process engine both drive this same class.
 
 The interpreter must stay deterministic: it runs inside Temporal's workflow
-(outside temporalio's sandbox, which would not catch a slip: the recorded
-histories replaying in the tests do), so it reads no clock, no randomness and
-no I/O of its own.
+(outside temporalio's sandbox, so no run-time check catches a slip:
+``tests/test_workflow_determinism.py`` and the recorded histories replaying
+in the tests do), so it reads no clock, no randomness and no I/O of its own.
 """
 
 from __future__ import annotations

@@ -568,8 +568,8 @@ class _Runtime(FlowRuntime):
 #: Outside temporalio's sandbox (``sandboxed=False``). The sandbox guards
 #: workflow code that users write against nondeterminism; no user code runs
 #: here (a flow is a plan: data), QWIT's modules already pass through it, and
-#: the recorded histories replaying in the tests guard this code's
-#: determinism. Inside, every activation and every payload of every command
+#: tests/test_workflow_determinism.py and the recorded histories replaying in
+#: the tests guard this code's determinism. Inside, every activation and every payload of every command
 #: paid for it: a map's element about 0.5 ms of worker CPU.
 @workflow.defn(name=WORKFLOW_NAME, sandboxed=False)
 class QwitWorkflow:
