@@ -148,7 +148,13 @@ def fit_failure(info: FailureInfo, limit: int | None) -> FailureInfo:
     details are dropped (the name lists stay), and only if the names alone
     can't fit are their lists cut, saying so (``_cut_name_lists``).
     """
-    if not limit or json_size(info.model_dump(mode="json")) <= limit - FAILURE_MARGIN:
+    if not limit:
+        return info
+
+    def fits(info: FailureInfo) -> bool:
+        return json_size(info.model_dump(mode="json")) <= limit - FAILURE_MARGIN
+
+    if fits(info):
         return info
     short = [
         c.model_copy(
@@ -163,10 +169,10 @@ def fit_failure(info: FailureInfo, limit: int | None) -> FailureInfo:
         for c in info.compensations
     ]
     info = info.model_copy(update={"compensations": short})
-    if json_size(info.model_dump(mode="json")) <= limit - FAILURE_MARGIN:
+    if fits(info):
         return info
     info = info.model_copy(update={"compensations": [], "final_failures": []})
-    if json_size(info.model_dump(mode="json")) <= limit - FAILURE_MARGIN:
+    if fits(info):
         return info
     return _cut_name_lists(info, limit)
 
@@ -569,8 +575,9 @@ class _Runtime(FlowRuntime):
 #: workflow code that users write against nondeterminism; no user code runs
 #: here (a flow is a plan: data), QWIT's modules already pass through it, and
 #: tests/test_workflow_determinism.py and the recorded histories replaying in
-#: the tests guard this code's determinism. Inside, every activation and every payload of every command
-#: paid for it: a map's element about 0.5 ms of worker CPU.
+#: the tests guard this code's determinism. Inside, every activation and every
+#: payload of every command paid for it: a map's element about 0.5 ms of
+#: worker CPU.
 @workflow.defn(name=WORKFLOW_NAME, sandboxed=False)
 class QwitWorkflow:
     """Runs one QWIT flow (or sub-flow) from its plan."""
