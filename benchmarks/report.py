@@ -110,7 +110,8 @@ def build(results: dict[str, Any]) -> Figures:
     return figures
 
 
-def _parallel(figures: Figures, found: dict[str, dict[str, dict[str, float]]]) -> None:
+def _parallel(figures: Figures, found: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """Figures of the parallel shapes; a side's ``*_runs_ms`` are lists."""
     section = (
         "Parallel blocks and maps (maps: 50 at once; fail: the last item fails, the rest undone)"
     )
@@ -126,9 +127,10 @@ def _parallel(figures: Figures, found: dict[str, dict[str, dict[str, float]]]) -
                 metric, f"{metric}_{unit}"
             )
             runs = {"latency_p50": "latency_runs_ms", "worker_cpu": "worker_cpu_runs_ms"}
-            pairs = None
+            pairs: tuple[list[float], list[float]] | None = None
             if metric in runs and runs[metric] in sides["qwit"]:
-                pairs = (sides["qwit"][runs[metric]], sides["hand"][runs[metric]])
+                runs_of = runs[metric]
+                pairs = (sides["qwit"][runs_of], sides["hand"][runs_of])
             figures.add(
                 section,
                 f"{label}: {title}",

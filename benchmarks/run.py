@@ -31,7 +31,7 @@ from benchmarks.measure import (
     throughput,
     warm_up,
 )
-from benchmarks.procs import WorkerProcess, memory_mb
+from benchmarks.procs import WorkerProcess, bytecode_env, compile_sources, memory_mb
 from benchmarks.shapes import BIG_SHAPES, FIVE, LATENCY_SHAPES, TWENTY, TYPED_HISTORY_SHAPES, Shape
 from benchmarks.sides import HandSide, QwitSide, Side
 from benchmarks.worker import SIDES, WORKER_OPTIONS
@@ -62,6 +62,9 @@ QUICK = Settings("quick", 2, 10, 4, 200, 1, 100, 1, 4, 1)
 SMOKE = Settings("smoke", 0, 1, 1, 10, 1, 10, 1, 1, 1)
 
 
+#: Where the workers' bytecode of this checkout is kept between runs.
+BYTECODE = Path(tempfile.gettempdir()) / "qwit-benchmarks-bytecode"
+
 #: Flows (20 steps each, per side) whose histories show where a step's time goes.
 PHASE_FLOWS = 5
 
@@ -87,9 +90,11 @@ async def environment(
     async with DevServer(**server_options) as server:
         progress(f"  server ready at {server.address}")
         run = uuid.uuid4().hex[:8]
+        env = bytecode_env(BYTECODE)
+        compile_sources(env)
         workers = {
             side: WorkerProcess(
-                side, server.address, f"bench-{side}-{run}", unsandboxed=unsandboxed
+                side, server.address, f"bench-{side}-{run}", unsandboxed=unsandboxed, env=env
             )
             for side in SIDES
         }

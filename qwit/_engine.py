@@ -24,7 +24,6 @@ from ._saga import Decision
 from ._state import FlowState, StepState, choose_wait, path_key
 
 if TYPE_CHECKING:
-    from ._client import Client
     from ._flow import Flow
 
 
@@ -207,6 +206,18 @@ class Engine(ABC):
         """Release what the engine holds (connections, tasks)."""
 
 
+class EngineHost(Protocol):
+    """What an engine learns from the client that creates it (``qwit.Client``
+    is one): the settings the client holds for it, and whether to trace."""
+
+    tracing: bool
+    """Whether flows are traced (OpenTelemetry)."""
+
+    def settings(self, backend: str) -> Any:
+        """The settings held for the engine named ``backend`` (None if none)."""
+        ...
+
+
 class Backend(Protocol):
     """What ``backend=`` names: an engine factory with a stable name."""
 
@@ -215,6 +226,6 @@ class Backend(Protocol):
         """The engine's name, as plans record it."""
         ...
 
-    def create_engine(self, client: Client) -> Engine:
-        """A new engine for ``client``."""
+    def create_engine(self, client: EngineHost) -> Engine:
+        """A new engine for ``client`` (a ``qwit.Client``)."""
         ...

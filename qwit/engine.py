@@ -47,7 +47,7 @@ input whose ``redrive`` the client filled in); ``InMemoryEngine`` does both.
 
 from __future__ import annotations
 
-from ._engine import Backend, Engine, FlowHandle
+from ._engine import Backend, Engine, EngineHost, FlowHandle
 from ._errors import ErrorInfo, FailureInfo, StepFailure
 from ._memory import (
     Heartbeats,
@@ -79,6 +79,7 @@ __all__ = [
     "Backend",
     "Decision",
     "Engine",
+    "EngineHost",
     "ErrorInfo",
     "FailureInfo",
     "FlowFailure",

@@ -21,20 +21,18 @@ or, per flow, ``class Order(qwit.Flow, backend=qwit.local)``.
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ._engine import EngineHost
 from ._memory import Heartbeats, InMemoryEngine, InMemoryRuntime
 from ._options import DEFAULT_TIMEOUT_GRACE
 from .engine import StepCall, StepNode, run_step_method
-
-if TYPE_CHECKING:
-    from ._client import Client
 
 #: The backend's name, as plans record it.
 name = "local"
 
 
-def create_engine(client: Client | None = None) -> LocalEngine:
+def create_engine(client: EngineHost | None = None) -> LocalEngine:
     """A new in-process engine (the backend protocol)."""
     engine = LocalEngine()
     engine.tracing = bool(client is not None and client.tracing)

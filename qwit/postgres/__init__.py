@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg.rows import dict_row
 
-from .._engine import Engine, FlowHandle
+from .._engine import Engine, EngineHost, FlowHandle
 from .._errors import (
     ArgumentsError,
     EngineUnavailable,
@@ -53,7 +53,6 @@ from ._store import CHANNEL, SCHEMA_VERSION, SchemaTooNew, check_schema
 from ._worker import FLOW_QUEUE, PostgresWorker, prepare, worker_options_from_env
 
 if TYPE_CHECKING:
-    from .._client import Client
     from .._flow import Flow
 
 #: The backend's name, as plans record it.
@@ -95,7 +94,7 @@ def default_dsn() -> str:
     return dsn
 
 
-def create_engine(client: Client) -> PostgresEngine:
+def create_engine(client: EngineHost) -> PostgresEngine:
     """The engine for ``client`` (the backend protocol)."""
     settings = client.settings(name) or PostgresSettings()
     engine = PostgresEngine(

@@ -26,21 +26,19 @@ import logging
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import psycopg
 from psycopg.rows import dict_row
 
 from .._errors import ErrorInfo, FailureInfo, ReactionError, StepFailure
+from .._metrics import Metrics
 from .._plan import FlowInput, FlowNode, StepCall, StepNode, StepReturn, child_flow_id
 from .._runtime import Decision, FlowFailure, FlowRuntime, SubflowRun, SubflowStartCancelled
 from .._saga import Interpreter
 from .._tracing import continued, current_context
 from ._loop import FlowLoop
 from ._store import CHANNEL
-
-if TYPE_CHECKING:
-    from ._worker import PostgresWorker
 
 logger = logging.getLogger("qwit.postgres")
 
@@ -296,10 +294,49 @@ class _Runtime(FlowRuntime):
         self.driver.tell_parent("child_aborted", info.model_dump(mode="json"))
 
 
+class DriverHost(Protocol):
+    """What a driver uses of the worker it runs on (``PostgresWorker``)."""
+
+    worker_id: int | None
+    flow_queue: str
+    step_queue: str
+    poll_interval: float
+    tracing: bool
+    metrics: Metrics | None
+
+    def connection(self) -> contextlib.AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
+        """A connection of the worker's pool, for one transaction or query."""
+        ...
+
+    def wakeup(self, run_id: str) -> asyncio.Event:
+        """The event that wakes the driver of ``run_id``."""
+        ...
+
+    def takes(self, step: str) -> bool:
+        """Whether the worker takes the jobs of ``step`` itself."""
+        ...
+
+    def holds(self, run_id: str, key: str, job: int | None) -> bool:
+        """Whether the worker runs the step job ``job`` (or keeps its end)."""
+        ...
+
+    def run_inline(self, args: dict[str, Any], attempt: int, job: int) -> None:
+        """Run a step job in this process."""
+        ...
+
+    def cancel_inline(self, run_id: str, key: str) -> None:
+        """Cancel a step job run in this process."""
+        ...
+
+    async def count_attempt(self, conn: psycopg.AsyncConnection[Any], run_id: str, key: str) -> int:
+        """Count an attempt of the step ``key`` of ``run_id``; its number."""
+        ...
+
+
 class Driver:
     """One run of one flow, on a worker (see the module's docstring)."""
 
-    def __init__(self, worker: PostgresWorker, row: dict[str, Any]) -> None:
+    def __init__(self, worker: DriverHost, row: dict[str, Any]) -> None:
         self.worker = worker
         self.flow_id: str = row["id"]
         self.run_id: str = row["run_id"]

@@ -7,8 +7,7 @@ sub-flow as a child workflow. Use this module as ``backend=qwit.temporal``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from .._engine import EngineHost
 from .._metrics import WAITING_EVERY
 from .._tracing import TRACING_ENV, tracer_provider
 from ._activities import activity_name
@@ -44,14 +43,11 @@ from ._worker import (
 )
 from ._workflow import QWIT_FLOW, QWIT_STATUS, WORKFLOW_NAME, QwitWorkflow
 
-if TYPE_CHECKING:
-    from .._client import Client
-
 #: The backend's name, as plans record it.
 name = "temporal"
 
 
-def create_engine(client: Client) -> TemporalEngine:
+def create_engine(client: EngineHost) -> TemporalEngine:
     """The Temporal engine for ``client`` (the backend protocol)."""
     return TemporalEngine(client)
 

@@ -39,7 +39,7 @@ from temporalio.exceptions import (
 )
 from temporalio.service import RPCError, RPCStatusCode
 
-from .._engine import Engine, FlowHandle
+from .._engine import Engine, EngineHost, FlowHandle
 from .._errors import (
     ArgumentsError,
     ErrorInfo,
@@ -80,7 +80,6 @@ from ._workflow import (
 )
 
 if TYPE_CHECKING:
-    from .._client import Client
     from .._flow import Flow
 
 DEFAULT_ADDRESS = "localhost:7233"
@@ -511,7 +510,7 @@ class TemporalEngine(Engine):
 
     def __init__(
         self,
-        client: Client,
+        client: EngineHost,
         *,
         result_polls: int | None = None,
         unavailable_timeout: float | None = None,
