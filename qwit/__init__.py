@@ -37,13 +37,17 @@ from ._step import Step
 if TYPE_CHECKING:
     from . import engine, local, postgres, temporal
     from ._client import Client, connect
-    from ._engine import Backend, Engine, FlowHandle
+    from ._engine import Backend as Backend
+    from ._engine import Engine as Engine
+    from ._engine import FlowHandle
     from ._flow import Flow
 
 __version__ = "0.1.0"
 
 #: Names imported on first use, so that importing one part of QWIT (the saga
 #: rules, say) does not import the engines, the client and temporalio.
+#: ``Backend`` and ``Engine`` are exported by ``qwit.engine``, with what else
+#: an engine is written from; ``qwit.Backend`` and ``qwit.Engine`` still work.
 _LAZY = {
     "Backend": "._engine",
     "Client": "._client",
@@ -89,11 +93,9 @@ __all__ = [
     "SKIPBACK",
     "WAIT",
     "ArgumentsError",
-    "Backend",
     "Client",
     "Compensation",
     "CompensationFailed",
-    "Engine",
     "EngineUnavailable",
     "Flow",
     "FlowAborted",

@@ -192,10 +192,9 @@ def error_info(
         retryable = not (
             (isinstance(exc, StepError) and not exc.retry) or isinstance(exc, QwitError)
         )
-    return ErrorInfo(
-        type=mro[0],
-        types=mro,
-        message=_message_of(exc),
+    return _described(
+        mro,
+        _message_of(exc),
         retryable=retryable,
         started=started,
         attempt=attempt,
@@ -214,8 +213,28 @@ def named_error_info(
     bare = type_name.rsplit(".", 1)[-1]
     # an engine may have put "Type: " before the message already
     message = message.removeprefix(f"{bare}: ")
+    return _described([type_name], message, retryable=retryable, attempt=attempt)
+
+
+def _described(
+    types: list[str],
+    message: str,
+    *,
+    retryable: bool,
+    attempt: int,
+    started: bool = True,
+    traceback: str = "",
+) -> ErrorInfo:
+    # The one place an ErrorInfo is made (models read from the wire aside):
+    # ``type`` is always the first of ``types``, which is never empty.
     return ErrorInfo(
-        type=type_name, types=[type_name], message=message, retryable=retryable, attempt=attempt
+        type=types[0],
+        types=types,
+        message=message,
+        retryable=retryable,
+        started=started,
+        attempt=attempt,
+        traceback=traceback,
     )
 
 

@@ -16,7 +16,15 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from ._engine import Engine, FlowHandle
-from ._errors import ArgumentsError, FailureInfo, FlowFailed, FlowNotFound, StepFailure, error_info
+from ._errors import (
+    ArgumentsError,
+    FailureInfo,
+    FlowFailed,
+    FlowNotFound,
+    StepFailure,
+    StepNotRegistered,
+    error_info,
+)
 from ._options import Retry
 from ._plan import FlowInput, FlowNode, FlowRecords, StepCall, StepNode, StepReturn, child_flow_id
 from ._runner import Registry
@@ -195,7 +203,8 @@ class InMemoryRuntime(FlowRuntime):
     async def run_step(self, node: StepNode, call: StepCall) -> StepReturn:
         cls = self.run.registry.get(call.step)
         if cls is None:  # pragma: no cover - the registry is built from the flow itself
-            raise StepFailure(error_info(ArgumentsError(f"step {call.step!r} is not registered")))
+            missing = StepNotRegistered(f"step {call.step!r} is not registered")
+            raise StepFailure(error_info(missing, started=False))
         retry = node.back_retry if call.direction == "step_back" else node.retry
         beats = Heartbeats()
 

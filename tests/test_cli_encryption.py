@@ -21,6 +21,7 @@ from qwit.temporal import (
     create_worker,
     new_encryption_key,
 )
+from qwit.testing import wait_for_status
 from tests import secure_flows
 from tests.clirun import Done
 from tests.clirun import qwit as run_qwit
@@ -122,10 +123,7 @@ async def test_status_of_a_running_flow_whose_state_comes_encrypted(
     client, _ = encrypted
     handle = await client.start(WaitThenFinish, {"secret": "s"}, id=f"enc-wait-{uuid.uuid4().hex}")
     try:
-        deadline = time.monotonic() + 20
-        while (await handle.state()).status != "waiting":
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.1)
+        await wait_for_status(handle, "waiting", 20)
         # the worker answers, with a state encrypted under a key this process lacks
         status = await cli(dev_server, "status", handle.id, **ROTATED)
         assert status.code == 1

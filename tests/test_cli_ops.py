@@ -18,6 +18,7 @@ from qwit._cli import cli as cli_group
 from qwit._cli._render import state_view
 from qwit._errors import ErrorInfo
 from qwit.temporal import DevServer
+from qwit.testing import wait_for_status
 from samples.approval.flows import ExpenseClaim
 from tests.cli_flows import Outer
 from tests.clirun import Done
@@ -36,10 +37,7 @@ def cli(dev_server: DevServer) -> Any:
 
 async def waiting_claim(client: qwit.Client) -> qwit.FlowHandle:
     handle = await client.start(ExpenseClaim, BIG_CLAIM, id=f"claim-{uuid.uuid4().hex[:8]}")
-    deadline = time.monotonic() + 20
-    while (await handle.state()).status != "waiting":
-        assert time.monotonic() < deadline, "the claim never waited"
-        await asyncio.sleep(0.1)
+    await wait_for_status(handle, "waiting", 20)
     return handle
 
 
@@ -173,10 +171,7 @@ async def test_status_shows_sub_flows_indented_and_list_a_table(
 ):
     async with worker(Outer):
         handle = await client.start(Outer, {}, id=f"outer-{uuid.uuid4().hex[:8]}")
-        deadline = time.monotonic() + 20
-        while (await handle.state()).status != "waiting":
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.1)
+        await wait_for_status(handle, "waiting", 20)
         done = await cli("status", handle.id)
         assert done.code == 0, done.err
         table = done.out.splitlines()

@@ -125,8 +125,11 @@ def test_the_trace_viewer_is_an_optional_profile_the_worker_exports_to():
 
 
 def test_every_image_is_pinned():
+    # Images built from this checkout (and the services that reuse them) are
+    # the project's own: their tag says so, not a version kept twice.
+    built = {s["image"] for s in SERVICES.values() if "build" in s}
     for name, service in SERVICES.items():
-        if "image" in service and "build" not in service:
+        if "image" in service and service["image"] not in built:
             assert re.search(r":\d[\w.-]*$", service["image"]), (name, service["image"])
 
 

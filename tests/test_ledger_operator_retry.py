@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 import qwit
+from qwit.testing import wait_for_status
 from tests import strict_ledger
 
 LEDGER = strict_ledger.Ledger()
@@ -76,12 +77,7 @@ async def engine_client(request: pytest.FixtureRequest, temporal_client: Any) ->
 async def run_with_retry(client: qwit.Client, ship_fails: bool) -> tuple[str, str]:
     run = uuid.uuid4().hex
     handle = await client.start(Order, {"run": run, "ship_fails": ship_fails})
-
-    async def waiting() -> None:
-        while (await handle.state()).status != "waiting":
-            await asyncio.sleep(0.05)
-
-    await asyncio.wait_for(waiting(), 30)
+    await wait_for_status(handle, "waiting", 30)
     await handle.react(qwit.RETRY, args={"fixed": True, "epoch": 1})
     outcome = "completed"
     try:

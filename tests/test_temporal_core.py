@@ -12,6 +12,7 @@ import pytest
 from pydantic import BaseModel
 
 import qwit
+from qwit.testing import TimeSkipping
 from tests import ledger
 from tests.ledger import Effect
 
@@ -167,12 +168,13 @@ async def test_retries_then_succeeds_with_a_stable_idempotency_key(client, worke
     assert re.fullmatch(r"[A-Za-z0-9_-]{22}/1", result["key"]), result["key"]
 
 
-async def test_default_policy_is_three_attempts(client, worker):
+async def test_default_policy_is_three_attempts():
+    # Its backoff (1 s, then 2 s) skipped by Temporal's time-skipping server.
     run = new_ledger()
-    async with worker(DefaultRetryFlow):
+    async with TimeSkipping.start() as ts, ts.worker(DefaultRetryFlow):
         with pytest.raises(qwit.FlowRolledBack) as info:
-            await client.run(DefaultRetryFlow, {"run": run})
-        state = await client.get_handle(info.value.flow_id).state()
+            await ts.run(DefaultRetryFlow, {"run": run})
+        state = await ts.client.get_handle(info.value.flow_id).state()
     assert ATTEMPTS[run] == [1, 2, 3]
     assert info.value.reason == "ValueError: always"
     assert state.steps[0].attempts == 3

@@ -183,6 +183,31 @@ async def test_a_history_near_its_limit_stops_going_forward_and_rolls_back(small
     ledger.assert_fully_undone(run)
 
 
+def _long_aborting(key: type[Exception]) -> type[qwit.Flow]:
+    class LongAborting(qwit.Flow, name=f"limits.long_aborting.{key.__name__}"):
+        def build_flow(self) -> None:
+            for i in range(40):
+                self.step(Blob, {"eid": f"s{i}", "size": 2000}, on_failure={key: qwit.ABORT})
+
+    return LongAborting
+
+
+@pytest.mark.parametrize("key", [qwit.HistoryTooLarge, qwit.QwitError])
+async def test_a_history_near_its_limit_is_matched_by_its_class(small, monkeypatch, key):
+    from qwit.temporal import _workflow
+
+    monkeypatch.setattr(_workflow, "HISTORY_BYTES_BUDGET", 40_000)
+    flow = _long_aborting(key)
+    run = uuid.uuid4().hex
+    async with small.worker(flow):
+        with pytest.raises(qwit.FlowAborted) as info:
+            await small.client.run(flow, {"ledger": run})
+    assert info.value.error_type == "qwit.HistoryTooLarge"
+    applied = ledger.applied(run)
+    assert 3 < len(applied) < 40
+    assert ledger.undone(run) == []  # aborted: nothing undone
+
+
 class BlobsSub(qwit.Flow, name="limits.blobs_sub"):
     def build_flow(self) -> None:
         self.step(Before, {"eid": "sub-before"})

@@ -231,4 +231,4 @@ def graph(flow_spec: str, fmt: str) -> None:
         plan = compile_flow(flow)
     except FlowDefinitionError as exc:
         raise click.UsageError(str(exc)) from None
-    click.echo(mermaid(plan) if fmt.lower() == "mermaid" else dot(plan), nl=False)
+    click.echo(mermaid(plan) if fmt == "mermaid" else dot(plan), nl=False)

@@ -39,6 +39,7 @@ from ..temporal import (
 from ._common import Failed, connection_options, console, run_async, sayer
 from ._connect import temporal_for
 from ._keys import missing_keys, missing_keys_text, own_key_ids
+from ._postgres import backend_option
 from ._render import status_text
 
 #: What ``--status`` accepts: QWIT's flow statuses, and Temporal's outcomes
@@ -111,12 +112,12 @@ def build_query(status: str | None, flow: str | None, searchable: bool) -> str:
     """
     parts: list[str] = []
     if flow and searchable:
-        parts.append(f"QwitFlow = {_quote(flow)}")
+        parts.append(f"{QWIT_FLOW.name} = {_quote(flow)}")
     if status:
         clause = f"ExecutionStatus = {_quote(_EXECUTION[status])}"
         if searchable and status in ("waiting", "compensating"):
             # Published from a flow's first wait on: the ones an operator needs.
-            clause += f" AND QwitStatus = {_quote(status)}"
+            clause += f" AND {QWIT_STATUS.name} = {_quote(status)}"
         if status == "cancelled":
             # A flow cancelled before it ran ends cancelled in Temporal's own terms.
             clause = f"(({clause}) OR ExecutionStatus = 'Canceled')"
@@ -267,15 +268,7 @@ def _matches(row_status: str, wanted: str) -> bool:
 @click.option("--flow", "flow_name", metavar="NAME", help="Only flows of this name.")
 @click.option("--json", "as_json", is_flag=True, help="Print the flows as JSON.")
 @connection_options
-@click.option(
-    "--backend",
-    type=click.Choice(["temporal", "postgres", "local"]),
-    envvar="QWIT_BACKEND",
-    default="temporal",
-    show_default=True,
-    help="The engine: temporal, or postgres ($QWIT_POSTGRES_DSN, else an embedded "
-    "PostgreSQL in $QWIT_DATA_DIR/postgres) [env: QWIT_BACKEND].",
-)
+@backend_option
 def list_flows(
     limit: int,
     status_filter: str | None,

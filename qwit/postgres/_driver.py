@@ -31,7 +31,14 @@ from typing import Any, Protocol
 import psycopg
 from psycopg.rows import dict_row
 
-from .._errors import ErrorInfo, FailureInfo, ReactionError, StepFailure
+from .._errors import (
+    ArgumentsError,
+    ErrorInfo,
+    FailureInfo,
+    ReactionError,
+    StepFailure,
+    error_info,
+)
 from .._metrics import Metrics
 from .._plan import FlowInput, FlowNode, StepCall, StepNode, StepReturn, child_flow_id
 from .._runtime import Decision, FlowFailure, FlowRuntime, SubflowRun, SubflowStartCancelled
@@ -558,15 +565,12 @@ class Driver:
                 ],
             )
             if await cur.fetchone() is None:
-                payload: dict[str, Any] = {
-                    "error": {
-                        "type": "qwit.ArgumentsError",
-                        "message": f"sub-flow {node.name!r} could not start: a flow with its "
-                        f"id {child_id!r} is running",
-                        "retryable": False,
-                        "started": False,
-                    }
-                }
+                refused = ArgumentsError(
+                    f"sub-flow {node.name!r} could not start: a flow with its "
+                    f"id {child_id!r} is running"
+                )
+                info = error_info(refused, started=False, with_traceback=False)
+                payload: dict[str, Any] = {"error": info.model_dump(mode="json")}
             else:
                 await drive(conn, child_id, child_run, worker.flow_queue)
                 payload = {"ok": True, "run_id": child_run}
