@@ -74,6 +74,7 @@ class FlowHandle(ABC):
 
         Raises:
             FlowNotFound: no flow has this id.
+            ReactionError: the flow has already ended.
             EngineUnavailable: the engine can't be reached.
         """
 

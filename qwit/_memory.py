@@ -21,6 +21,7 @@ from ._errors import (
     FailureInfo,
     FlowFailed,
     FlowNotFound,
+    ReactionError,
     StepFailure,
     StepNotRegistered,
     error_info,
@@ -257,7 +258,13 @@ class InMemoryHandle(FlowHandle):
             raise FlowFailed.from_info(failed.info) from None
 
     async def cancel(self, rollback: bool = True) -> None:
-        self._engine.find(self.id).cancel(rollback)
+        run = self._engine.find(self.id)
+        if run.task.done():
+            raise ReactionError(
+                f"flow {self.id!r} has already ended ({run.interpreter.status}): "
+                "there is nothing to cancel"
+            )
+        run.cancel(rollback)
 
     async def flow_state(self, flow_id: str) -> FlowState:
         return self._engine.find(flow_id).interpreter.state().model_copy(deep=True)

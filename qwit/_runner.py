@@ -308,6 +308,84 @@ async def run_step_method(
     return normalise_output(call.step, result, attempt)
 
 
+async def run_watched_step_method(
+    cls: type[Step],
+    call: StepCall,
+    *,
+    heartbeat_timeout: float | None,
+    attempt: int = 1,
+    heartbeat: Callable[[Any], None] | None = None,
+    is_cancelled: Callable[[], bool] | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """``run_step_method``, with a watchdog when ``heartbeat_timeout`` is set:
+    an attempt that goes that long without ``qwit.heartbeat()`` is stopped
+    (an ``async`` step cancelled, a plain one told through
+    ``context().cancelled``) and fails with a retryable ``TimeoutError``, as
+    on Temporal. For engines that run steps in their own process.
+
+    Raises:
+        StepFailure: as ``run_step_method``, or the attempt went quiet.
+        asyncio.CancelledError: the attempt was cancelled from outside.
+    """
+    if heartbeat_timeout is None:
+        return await run_step_method(
+            cls, call, attempt=attempt, heartbeat=heartbeat, is_cancelled=is_cancelled, **options
+        )
+    limit = heartbeat_timeout
+    starved: list[bool] = []
+    loop = asyncio.get_running_loop()
+    last = [loop.time()]
+    outside = is_cancelled or (lambda: False)
+
+    def beat(details: Any) -> None:
+        last[0] = loop.time()  # (from a plain step's thread: a float's write)
+        if heartbeat is not None:
+            heartbeat(details)
+
+    running = asyncio.ensure_future(
+        run_step_method(
+            cls,
+            call,
+            attempt=attempt,
+            heartbeat=beat,
+            is_cancelled=lambda: bool(starved) or outside(),
+            **options,
+        )
+    )
+
+    async def watch() -> None:
+        while not running.done():
+            left = last[0] + limit - loop.time()
+            if left <= 0:
+                starved.append(True)
+                running.cancel()
+                return
+            await asyncio.sleep(min(left, 1.0))
+
+    watchdog = asyncio.ensure_future(watch())
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        if not starved:  # stopped from outside: the attempt stops too
+            running.cancel()
+            with contextlib.suppress(BaseException):
+                await running
+            raise
+        with contextlib.suppress(BaseException):
+            await running
+        raise StepFailure(
+            error_info(
+                TimeoutError(f"step {call.step!r} sent no heartbeat for {limit:g}s"),
+                attempt=attempt,
+                retryable=True,
+                with_traceback=False,
+            )
+        ) from None
+    finally:
+        watchdog.cancel()
+
+
 def _is_async_partial(method: Any) -> bool:
     return isinstance(method, functools.partial) and inspect.iscoroutinefunction(method.func)
 

@@ -84,6 +84,8 @@ FORWARD_DECISIONS = [RETRY, SKIP, SKIPBACK, ROLLBACK, ABORT]
 #: undo them (``FlowInput.abort_held``): what the parent records changes.
 ABORT_HELD = "qwit-abort-held"
 BACK_DECISIONS = [RETRY, SKIP]
+#: An operator's RETRY of a failed undo merges its args into the undo's.
+BACK_RETRY_ARGS = "qwit-back-retry-args"
 
 
 @dataclass
@@ -137,6 +139,8 @@ class StepRun:
     """A recorded sub-flow that aborted, keeping its effects."""
     redrive: list[StepRecord] | None = None
     """For a sub-flow a redrive resumes inside: its earlier run's records."""
+    back_args: dict[str, Any] | None = None
+    """Args an operator's RETRY of its failed undo merged in (the undo's own)."""
 
     @property
     def name(self) -> str:
@@ -238,10 +242,15 @@ class _Stop(Exception):
     members are undone with the block, which is on the done stack.
     """
 
-    def __init__(self, reaction: Reaction, run: StepRun, undo_failed: bool) -> None:
+    def __init__(
+        self, reaction: Reaction, run: StepRun, undo_failed: bool, *, redriving: bool = False
+    ) -> None:
         self.reaction = reaction
         self.run = run
         self.undo_failed = undo_failed
+        self.redriving = redriving
+        """Stopped by an undo a redrive runs before it resumes: no step failed
+        forward in this run."""
 
 
 def _select(args: dict[str, Any], fields: tuple[str, ...] | None) -> dict[str, Any]:
@@ -254,7 +263,9 @@ def _back_args(run: StepRun) -> dict[str, Any]:
     """What a step's undo gets: its forward's args and output, as its model reads them."""
     node = run.node
     assert isinstance(node, StepNode)
-    return _select({**(run.args or {}), **(run.output or {})}, node.back_fields)
+    return _select(
+        {**(run.args or {}), **(run.output or {}), **(run.back_args or {})}, node.back_fields
+    )
 
 
 class Interpreter:
@@ -364,19 +375,14 @@ class Interpreter:
             if run.status == "compensation_failed" or any(
                 r.status == "compensation_failed" for r in _all_runs(run.members)
             ):
-                raise _Stop(ROLLBACK, run, undo_failed=False)
+                raise _Stop(ROLLBACK, run, undo_failed=False, redriving=True)
 
     async def _finish_rollback(self) -> FailureInfo:
         """A redrive of a flow whose rollback failed: undo what it left,
         newest first (the undos that failed, then what an ABORT left)."""
         self._flow_to("compensating")
         await self._rollback(None)
-        redrive = self.input.redrive
-        failure = redrive.failure if redrive is not None else None
-        info = self._info("rolled_back", None, reason=failure.reason if failure else "failed")
-        if failure is not None:
-            info = info.model_copy(update={"step": failure.step, "error": failure.error})
-        return info
+        return self._earlier_failure(otherwise="failed")
 
     def records(self) -> list[StepRecord]:
         """What each step did, as the flow stands: what a redrive starts from."""
@@ -1030,7 +1036,23 @@ class Interpreter:
             return self._info("aborted", stop.run)
         self._flow_to("compensating")
         await self._rollback(stop.run if stop.undo_failed else None)
+        if stop.redriving:
+            return self._earlier_failure(
+                otherwise=f"the redrive could not undo {stop.run.name!r} before resuming"
+            )
         return self._info("rolled_back", stop.run)
+
+    def _earlier_failure(self, otherwise: str) -> FailureInfo:
+        """How a redriven flow ends when it rolls back with no step failing
+        forward in this run: its step, reason and error are those of the
+        forward failure that ended the earlier run (an undo's error is never
+        the reason), or ``otherwise`` is the reason."""
+        redrive = self.input.redrive
+        failure = redrive.failure if redrive is not None else None
+        if failure is None:
+            return self._info("rolled_back", None, reason=otherwise)
+        info = self._info("rolled_back", None, reason=failure.reason)
+        return info.model_copy(update={"step": failure.step, "error": failure.error})
 
     async def _held_abort(self, stop: _Stop) -> FailureInfo:
         """A sub-flow aborts, keeping its effects, and waits for its parent's
@@ -1258,6 +1280,9 @@ class Interpreter:
                 if node.back_on_failure == WAIT:
                     decision = await self._wait(run, "step_back", BACK_DECISIONS)
                     if decision.reaction == RETRY:
+                        # Its args go to the undo (older QWIT dropped them).
+                        if decision.args and self.runtime.patched(BACK_RETRY_ARGS):
+                            run.back_args = {**(run.back_args or {}), **decision.args}
                         self._step_to(run, "compensating")
                         continue
                 self._undone(run, failure.info)

@@ -6,7 +6,8 @@ operator, what ``state()`` reports), driven by a ``FlowRuntime`` the engine
 supplies:
 
 - ``run_step(node, call)``: run one direction of a step, retries included,
-  with ``run_step_method`` and a ``Registry`` of the steps it may run;
+  with ``run_step_method`` (``run_watched_step_method`` to enforce a
+  ``heartbeat_timeout`` itself) and a ``Registry`` of the steps it may run;
 - ``start_subflow(node, input, attempt)``: run a sub-flow (another
   Interpreter), returning a ``SubflowRun``;
 - ``wait_until(predicate)``: wait until a signal (an operator's decision, a
@@ -71,7 +72,7 @@ from ._plan import (
     WireCall,
     walk,
 )
-from ._runner import Registry, run_step_method
+from ._runner import Registry, run_step_method, run_watched_step_method
 from ._saga import Decision, FlowFailure, FlowRuntime, Interpreter, SubflowRun
 from ._state import FlowState, StepState, WaitInfo
 
@@ -109,6 +110,7 @@ __all__ = [
     "WaitInfo",
     "WireCall",
     "run_step_method",
+    "run_watched_step_method",
     "run_with_retries",
     "walk",
 ]

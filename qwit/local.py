@@ -26,7 +26,7 @@ from typing import Any
 from ._engine import EngineHost
 from ._memory import Heartbeats, InMemoryEngine, InMemoryRuntime
 from ._options import DEFAULT_TIMEOUT_GRACE
-from .engine import StepCall, StepNode, run_step_method
+from .engine import StepCall, StepNode, run_watched_step_method
 
 #: The backend's name, as plans record it.
 name = "local"
@@ -45,9 +45,10 @@ class LocalRuntime(InMemoryRuntime):
     async def run_attempt(
         self, cls: type[Any], node: StepNode, call: StepCall, attempt: int, beats: Heartbeats
     ) -> Any:
-        return await run_step_method(
+        return await run_watched_step_method(
             cls,
             call,
+            heartbeat_timeout=node.heartbeat_timeout,
             attempt=attempt,
             engine=name,
             heartbeat=beats.beat,

@@ -157,6 +157,87 @@ async def test_cancel_during_a_step(env: Env):
     assert state.status == "cancelled"
 
 
+async def test_a_cancel_of_an_ended_flow_is_refused(env: Env):
+    run = new_ledger()
+    async with env.serve(CancelMe):
+        handle = await env.client.start(CancelMe, {"ledger": run})
+        await ledger.wait_for_mark(run, "started", "Slow")
+        await handle.cancel()
+        kind, _ = await outcome(handle)
+        assert kind == "cancelled"
+        # ended: the contract's ReactionError ("a cancel the flow can't take")
+        for rollback in (True, False):
+            with pytest.raises(qwit.ReactionError, match="already ended"):
+                await handle.cancel(rollback=rollback)
+    with pytest.raises(qwit.FlowNotFound):
+        await env.client.get_handle(f"no-such-{run}").cancel()
+
+
+class Quiet(Effect, name="conf.quiet"):
+    """Its first attempt goes quiet (no qwit.heartbeat()); the next one beats."""
+
+    heartbeat_timeout = 0.5
+    retry = qwit.Retry(max_attempts=2, initial_interval=0.1, max_interval=0.1)
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any] | None:
+        attempt = qwit.context().attempt
+        ledger.record(args["ledger"], "attempt", str(attempt))
+        if attempt == 1:
+            try:
+                await asyncio.sleep(30)
+            finally:
+                ledger.record(args["ledger"], "stopped", str(attempt))
+        for i in range(4):  # 0.8 s in all: past the timeout, but beating
+            qwit.heartbeat(i)
+            await asyncio.sleep(0.2)
+        return await super().step_forward(args)
+
+
+class QuietPlain(Effect, name="conf.quiet_plain"):
+    """A plain step: its quiet first attempt learns through ``cancelled``."""
+
+    heartbeat_timeout = 0.5
+    retry = qwit.Retry(max_attempts=2, initial_interval=0.1, max_interval=0.1)
+
+    def step_forward(self, args: dict[str, Any]) -> dict[str, Any] | None:  # type: ignore[override]
+        import time
+
+        attempt = qwit.context().attempt
+        ledger.record(args["ledger"], "attempt", str(attempt))
+        if attempt == 1:
+            while not qwit.context().cancelled:
+                time.sleep(0.02)
+            ledger.record(args["ledger"], "stopped", str(attempt))
+            raise RuntimeError("stopped")
+        for i in range(4):
+            qwit.heartbeat(i)
+            time.sleep(0.2)
+        ledger.record(args["ledger"], "do", "conf.quiet_plain")
+        return {"out_conf.quiet_plain": "-"}
+
+
+class QuietFlow(qwit.Flow, name="conf.quiet_flow"):
+    def build_flow(self) -> None:
+        self.step(Quiet)
+        self.step(QuietPlain)
+
+
+async def test_an_attempt_that_goes_quiet_past_its_heartbeat_timeout_is_stopped_and_retried(
+    env: Env,
+):
+    run = new_ledger()
+    async with env.serve(QuietFlow):
+        handle = await env.client.start(QuietFlow, {"ledger": run})
+        result = await asyncio.wait_for(handle.result(), 30)
+        state = await handle.state()
+    assert result["out_conf.quiet"] == "-" and result["out_conf.quiet_plain"] == "-"
+    assert [s.attempts for s in state.steps] == [2, 2]
+    # each quiet attempt stopped before the next one started
+    entries = [e for e in ledger.entries(run) if e[0] in ("attempt", "stopped")]
+    assert entries == [("attempt", "1"), ("stopped", "1"), ("attempt", "2")] * 2
+    assert ledger.applied(run) == ["conf.quiet", "conf.quiet_plain"]
+
+
 async def test_failing_compensation(env: Env):
     run = new_ledger()
     async with env.serve(BadBackFlow):

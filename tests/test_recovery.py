@@ -705,6 +705,30 @@ async def test_a_redriven_flow_that_rolls_back_undoes_the_earlier_runs_steps_onc
     assert err.compensated == ["rd.C", "rd.B", "rd.B", "rd.A", "rd.B", "rd.A"]
 
 
+class BackThenAbort(qwit.Flow, name="rd.back_then_abort"):
+    def build_flow(self) -> None:
+        self.step(RA)
+        self.step(RBack)
+        self.step(RB)
+
+
+async def test_a_redrive_whose_first_undo_fails_reports_the_earlier_failure(env: Env):
+    """The reason stays the forward failure that ended the flow, never the
+    error of the undo the redrive ran first."""
+    run = new_ledger()
+    BROKEN_BACKS.add(run)
+    async with env.serve(BackThenAbort):
+        (kind, first), (again, err), _ = await redriven(
+            env, BackThenAbort, {"ledger": run, "fail": "rd.B"}, from_step="2", args={"fail": None}
+        )
+    assert (kind, again) == ("aborted", "compensation_failed")
+    assert (err.step, err.reason, err.error_type) == ("rd.B", first.reason, first.error_type)
+    assert first.reason == "StepError: rd.B failed"
+    assert err.failed_compensations == ["rd.Back"]
+    # its failed attempt undone first (it may have done something), then A
+    assert err.compensated == ["rd.B", "rd.A"]
+
+
 async def test_a_flow_whose_rollback_failed_finishes_it(env: Env):
     run = new_ledger()
     BROKEN_BACKS.add(run)
@@ -901,6 +925,7 @@ class Keyed(qwit.Step, abstract=True):
         if effect in args.get("fail", []):
             raise qwit.StepError(f"{effect} failed after its effect", retry=False)
         while effect in args.get("hold", []):
+            qwit.heartbeat()  # (a step with a heartbeat_timeout that goes quiet is stopped)
             await asyncio.sleep(0.05)
         return {}
 

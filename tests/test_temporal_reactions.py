@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 import qwit
+import qwit.testing
 from qwit.testing import wait_for_status
 from tests import ledger
 from tests.ledger import Effect
@@ -315,6 +316,45 @@ async def test_wait_on_a_failed_compensation_then_retry(client, worker):
     assert type(info.value) is qwit.FlowRolledBack
     assert info.value.compensated == ["react.C", "react.fixable_back", "react.A"]
     ledger.assert_fully_undone(run)
+
+
+class NeedsAccount(Effect, name="react.needs_account"):
+    """Its undo needs a refund account, which only an operator can give."""
+
+    back_on_failure = qwit.WAIT
+    back_retry = qwit.Retry(max_attempts=1)
+
+    async def step_back(self, args: dict[str, Any]) -> None:
+        if args.get("refund_account") != "acct-9":
+            raise ValueError(f"no refund account in {sorted(args)}")
+        await super().step_back(args)
+
+
+class NeedsAccountFlow(qwit.Flow):
+    def build_flow(self) -> None:
+        self.step(A)
+        self.step(NeedsAccount)
+        self.step(C)
+
+
+async def _retry_the_undo_with_args(client: qwit.Client) -> None:
+    run = new_ledger()
+    handle = await client.start(NeedsAccountFlow, {"ledger": run, "fail": "react.C"})
+    await wait_for_status(handle, "waiting", 30)
+    await handle.react(qwit.RETRY, args={"refund_account": "acct-9"})
+    with pytest.raises(qwit.FlowRolledBack) as info:
+        await asyncio.wait_for(handle.result(), 30)  # not waiting again
+    assert info.value.compensated == ["react.C", "react.needs_account", "react.A"]
+    ledger.assert_fully_undone(run)
+
+
+async def test_a_retried_undo_gets_the_operators_args(client, worker):
+    async with worker(NeedsAccountFlow):
+        await _retry_the_undo_with_args(client)
+
+
+async def test_a_retried_undo_gets_the_operators_args_on_local():
+    await _retry_the_undo_with_args(qwit.testing.local_client())
 
 
 async def test_wait_on_a_failed_compensation_then_give_up(client, worker):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import copy
 import threading
 from collections.abc import Coroutine
 from typing import Any
@@ -18,7 +19,7 @@ from qwit.engine import (
     InMemoryRuntime,
     StepCall,
     StepNode,
-    run_step_method,
+    run_watched_step_method,
 )
 
 name = "threads"
@@ -58,11 +59,14 @@ class _Runtime(InMemoryRuntime):
         self, cls: type[Any], node: StepNode, call: StepCall, attempt: int, beats: Heartbeats
     ) -> Any:
         job = _Job(
-            run_step_method(
+            run_watched_step_method(
                 cls,
                 call,
+                heartbeat_timeout=node.heartbeat_timeout,
                 attempt=attempt,
                 engine=name,
+                heartbeat=beats.beat,
+                heartbeat_details=copy.deepcopy(beats.last),
                 is_cancelled=self.cancel_requested,
                 timeout=node.limit(call.direction),
             )

@@ -147,7 +147,9 @@ class PostgresFlowHandle(FlowHandle):
     async def cancel(self, rollback: bool = True) -> None:
         row = await self._row(self.id)
         if row["ended"]:
-            return
+            raise ReactionError(
+                f"flow {self.id!r} has already ended ({row['status']}): there is nothing to cancel"
+            )
         await self._engine.tell(row["run_id"], "cancel", {"rollback": rollback})
 
     async def flow_state(self, flow_id: str) -> FlowState:

@@ -29,7 +29,6 @@ import contextlib
 import copy
 import json
 import logging
-import time
 from collections.abc import Callable
 from types import ModuleType, TracebackType
 from typing import TYPE_CHECKING, Any
@@ -43,7 +42,7 @@ from .._memory import Heartbeats
 from .._metrics import WAITING_EVERY, Metrics
 from .._options import DEFAULT_TIMEOUT_GRACE
 from .._plan import StepCall, StepNode, StepReturn
-from .._runner import Registry, run_step_method
+from .._runner import Registry, run_watched_step_method
 from .._signals import stop_on_signals
 from .._tracing import continued, require_opentelemetry, tracer_provider, tracing_from_env
 from ._driver import FINISH_STEP_JOB, FLOW_TASK, STEP_TASK, Driver, Superseded, add_event
@@ -402,63 +401,19 @@ class PostgresWorker:
         self, cls: Any, node: StepNode, call: StepCall, number: int, beats: Heartbeats
     ) -> dict[str, Any]:
         """One attempt; with a ``heartbeat_timeout``, one that goes that long
-        without ``qwit.heartbeat()`` is stopped (an ``async`` step cancelled,
-        a plain one told through ``context().cancelled``) and fails, to be
-        retried, as on Temporal."""
-        limit = node.heartbeat_timeout
-        starved: list[bool] = []
-        last = [time.monotonic()]
-
-        def beat(details: Any) -> None:
-            last[0] = time.monotonic()
-            beats.beat(details)
-
-        attempt = asyncio.ensure_future(
-            run_step_method(
-                cls,
-                call,
-                attempt=number,
-                engine="postgres",
-                heartbeat=beat,
-                heartbeat_details=copy.deepcopy(beats.last),
-                is_cancelled=lambda: bool(starved),
-                timeout=node.limit(call.direction),
-                grace=DEFAULT_TIMEOUT_GRACE if node.timeout_grace is None else node.timeout_grace,
-            )
+        without ``qwit.heartbeat()`` is stopped and fails, to be retried, as
+        on Temporal."""
+        return await run_watched_step_method(
+            cls,
+            call,
+            heartbeat_timeout=node.heartbeat_timeout,
+            attempt=number,
+            engine="postgres",
+            heartbeat=beats.beat,
+            heartbeat_details=copy.deepcopy(beats.last),
+            timeout=node.limit(call.direction),
+            grace=DEFAULT_TIMEOUT_GRACE if node.timeout_grace is None else node.timeout_grace,
         )
-
-        async def watch() -> None:
-            assert limit is not None
-            while not attempt.done():
-                left = last[0] + limit - time.monotonic()
-                if left <= 0:
-                    starved.append(True)
-                    attempt.cancel()
-                    return
-                await asyncio.sleep(min(left, 1.0))
-
-        watchdog = asyncio.ensure_future(watch()) if limit else None
-        try:
-            return await asyncio.shield(attempt)
-        except asyncio.CancelledError:
-            if not starved:  # stopped from outside: the attempt stops too
-                attempt.cancel()
-                with contextlib.suppress(BaseException):
-                    await attempt
-                raise
-            with contextlib.suppress(BaseException):
-                await attempt
-            raise StepFailure(
-                error_info(
-                    TimeoutError(f"step {call.step!r} sent no heartbeat for {limit:g}s"),
-                    attempt=number,
-                    retryable=True,
-                    with_traceback=False,
-                )
-            ) from None
-        finally:
-            if watchdog is not None:
-                watchdog.cancel()
 
     async def _record(self, run_id: str, key: str, payload: dict[str, Any], job: int) -> None:
         """Finish a step job this worker took and record its end in its

@@ -15,7 +15,7 @@ from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 from .._errors import ErrorInfo, PayloadTooLarge, StepFailure, StepNotRegistered, error_info
 from .._jsonargs import json_size
 from .._plan import PAYLOAD_MARGIN, StepCall, StepReturn, WireCall
-from .._runner import Registry, run_step_method
+from .._runner import Registry, run_watched_step_method
 from .._step import Step, defines
 
 DIRECTIONS = ("step_forward", "step_back", "step_fallback")
@@ -156,18 +156,19 @@ class _Heartbeats:
     before, until it gives any), since Temporal keeps only the last.
     """
 
-    def __init__(self, details: Sequence[Any]) -> None:
+    def __init__(self, details: Sequence[Any], every: float = AUTO_HEARTBEAT_EVERY) -> None:
         self.last: tuple[Any, ...] = tuple(details[:1])
         self.timer: asyncio.TimerHandle | None = None
+        self.every = every
 
     def beat(self, details: Any) -> None:
         self.last = (details,)
         activity.heartbeat(details)
 
     def keep_alive(self) -> None:
-        """Heartbeat every ``AUTO_HEARTBEAT_EVERY`` seconds until ``stop``
-        (a timer, not a task: most steps end before the first beat)."""
-        self.timer = asyncio.get_running_loop().call_later(AUTO_HEARTBEAT_EVERY, self._auto)
+        """Heartbeat every ``every`` seconds until ``stop`` (a timer, not a
+        task: most steps end before the first beat)."""
+        self.timer = asyncio.get_running_loop().call_later(self.every, self._auto)
 
     def _auto(self) -> None:
         activity.heartbeat(*self.last)
@@ -210,14 +211,21 @@ def step_activity(cls: type[Step], direction: str) -> Callable[[WireCall], Any]:
                     started=False,
                 )
             )
-        beats = _Heartbeats(info.heartbeat_details)
+        # The step's own heartbeat_timeout: this worker stops an attempt that
+        # goes that long without qwit.heartbeat(). QWIT's beats, more often,
+        # keep Temporal's from firing while the worker lives (and until the
+        # attempt has stopped): Temporal's then only notices a dead worker.
+        quiet = info.heartbeat_timeout.total_seconds() if info.heartbeat_timeout else None
+        every = AUTO_HEARTBEAT_EVERY if quiet is None else min(AUTO_HEARTBEAT_EVERY, quiet / 4)
+        beats = _Heartbeats(info.heartbeat_details, every)
         # A local activity can't heartbeat: its own worker tells it of a cancel.
         if not info.is_local:
             beats.keep_alive()
         try:
-            output = await run_step_method(
+            output = await run_watched_step_method(
                 cls,
                 call,
+                heartbeat_timeout=quiet,
                 attempt=info.attempt,
                 engine="temporal",
                 heartbeat=beats.beat,

@@ -275,6 +275,23 @@ def unreachable(
     return unavailable_error(settings, client.namespace, err, doing, after)
 
 
+async def _refuse_if_ended(handle: temporalio.client.WorkflowHandle[Any, Any]) -> None:
+    """Raise ReactionError if the flow of ``handle`` exists and has ended
+    (Temporal answers a signal to it as to an unknown workflow)."""
+    try:
+        description = await handle.describe()
+    except RPCError:
+        return  # no such flow: the caller's NOT_FOUND says so
+    if description.status != WorkflowExecutionStatus.RUNNING:
+        # QwitStatus says how a flow that did not complete ended.
+        ended = description.typed_search_attributes.get(QWIT_STATUS) or (
+            description.status.name.lower() if description.status else "closed"
+        )
+        raise ReactionError(
+            f"flow {handle.id!r} has already ended ({ended}): there is nothing to cancel"
+        )
+
+
 def _mapped(client: temporalio.client.Client, err: RPCError, flow_id: str, doing: str) -> Exception:
     """The QWIT error for an RPC error about a flow, or ``err`` itself."""
     if err.status == RPCStatusCode.NOT_FOUND:
@@ -440,9 +457,19 @@ class TemporalFlowHandle(FlowHandle):
             # before a cancel that comes with them, so a rollback=False that
             # came first is not overtaken. Temporal's own cancel (which rolls
             # back) also reaches workers that know no such signal.
-            await handle.signal(SIGNAL_CANCEL, rollback)
+            try:
+                await handle.signal(SIGNAL_CANCEL, rollback)
+            except RPCError as err:
+                if err.status == RPCStatusCode.NOT_FOUND:
+                    await _refuse_if_ended(handle)
+                raise
             if rollback:
-                await handle.cancel()
+                try:
+                    await handle.cancel()
+                except RPCError as err:
+                    # It ended since it took the signal (which may have ended it).
+                    if err.status != RPCStatusCode.NOT_FOUND:
+                        raise
 
     async def flow_state(self, flow_id: str) -> FlowState:
         client = await self._engine.temporal_client()
