@@ -125,11 +125,11 @@ async def engine_env(
 ) -> AsyncIterator[EngineEnv]:
     if request.param == "temporal":
         client = await qwit.connect(temporal_client=temporal_client, task_queue=task_queue)
-        yield EngineEnv("temporal", client, worker, temporal_client)
+        async with client:  # (the temporalio client it was given stays open)
+            yield EngineEnv("temporal", client, worker, temporal_client)
         return
-    client = await qwit.connect(backend=qwit.local)
-    yield EngineEnv("local", client, _in_process)
-    await client.close()
+    async with await qwit.connect(backend=qwit.local) as client:
+        yield EngineEnv("local", client, _in_process)
 
 
 @pytest.fixture(scope="session")

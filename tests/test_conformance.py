@@ -59,7 +59,8 @@ async def env(
         client = await qwit.connect(
             temporal_client=temporal_client, task_queue=task_queue, backend=qwit.temporal
         )
-        yield Env(client, worker)
+        async with client:
+            yield Env(client, worker)
         return
     backend = qwit.local if request.param == "local" else thread_engine
     client = await qwit.connect(backend=backend)
