@@ -453,6 +453,11 @@ class _Compiler:
                 raise ValueError(f"local must be True or False, not {local!r}")
         except ValueError as exc:
             raise FlowDefinitionError(f"{where}: {exc}") from None
+        if local and heartbeat_timeout is not None:
+            raise FlowDefinitionError(
+                f"{where}: step {cls.name!r} is local=True and has a heartbeat_timeout: a "
+                "local step runs beside its flow and can't heartbeat (on Temporal); drop one"
+            )
         if FALLBACK in on_failure.reactions() and not defines(cls, "step_fallback"):
             raise FlowDefinitionError(
                 f"{where}: step {cls.name!r} reacts with FALLBACK but does not define "

@@ -363,27 +363,64 @@ async def run_watched_step_method(
                 return
             await asyncio.sleep(min(left, 1.0))
 
+    quiet = StepFailure(
+        error_info(
+            TimeoutError(f"step {call.step!r} sent no heartbeat for {limit:g}s"),
+            attempt=attempt,
+            retryable=True,
+            with_traceback=False,
+        )
+    )
+    this = asyncio.current_task()
+    assert this is not None
     watchdog = asyncio.ensure_future(watch())
     try:
-        return await asyncio.shield(running)
+        output = await asyncio.shield(running)
     except asyncio.CancelledError:
-        if not starved:  # stopped from outside: the attempt stops too
+        if not starved or _cancel_requested(this) or outside():
+            # Stopped from outside: the attempt stops too, then the cancel
+            # goes on (after the watchdog's, it still wins).
             running.cancel()
-            with contextlib.suppress(BaseException):
-                await running
+            await _until_done(running)
             raise
-        with contextlib.suppress(BaseException):
-            await running
-        raise StepFailure(
-            error_info(
-                TimeoutError(f"step {call.step!r} sent no heartbeat for {limit:g}s"),
-                attempt=attempt,
-                retryable=True,
-                with_traceback=False,
-            )
-        ) from None
+        # Stopped by the watchdog: wait until it has ended (a plain step that
+        # ignores ``cancelled``: at most its timeout_grace, as after its
+        # timeout). A cancel from outside meanwhile is not lost: it wins.
+        grace = options.get("grace", DEFAULT_TIMEOUT_GRACE)
+        if await _until_done(running, grace) or outside():
+            raise asyncio.CancelledError from None
+        raise quiet from None
     finally:
         watchdog.cancel()
+    if starved:  # it swallowed the watchdog's cancel and finished: still quiet
+        raise quiet
+    return output
+
+
+def _cancel_requested(task: asyncio.Task[Any]) -> bool:
+    """Whether ``task`` itself was asked to cancel (Python 3.11+ can tell)."""
+    count = getattr(task, "cancelling", None)
+    return count is not None and int(count()) > 0
+
+
+async def _until_done(future: asyncio.Future[Any], limit: float | None = None) -> bool:
+    """Wait until ``future`` is done, whatever it ends with (or ``limit``
+    seconds at most); True if this task was cancelled meanwhile (the cancel
+    is held back until then)."""
+    loop = asyncio.get_running_loop()
+    end = None if limit is None else loop.time() + limit
+    cancelled = False
+    while not future.done():
+        left = None if end is None else end - loop.time()
+        if left is not None and left <= 0:
+            future.add_done_callback(_read)  # read when it comes
+            return cancelled
+        try:
+            await asyncio.wait({future}, timeout=left)
+        except asyncio.CancelledError:
+            cancelled = True
+    _read(future)
+    return cancelled
 
 
 def _is_async_partial(method: Any) -> bool:

@@ -206,6 +206,8 @@ class SagaState:
     failure: FailureInfo | None = None
     waits: dict[str, WaitInfo] = field(default_factory=dict)
     """What waits for an operator, by path (several branches may wait)."""
+    waiting_undos: dict[str, StepRun] = field(default_factory=dict)
+    """The steps whose failed undo waits, by path (what a RETRY's args reach)."""
     decisions: dict[str, Decision] = field(default_factory=dict)
     """Decisions taken and not yet read, by the path they decide."""
     settle: bool | None = None
@@ -259,12 +261,14 @@ def _select(args: dict[str, Any], fields: tuple[str, ...] | None) -> dict[str, A
     return {key: args[key] for key in fields if key in args}
 
 
-def _back_args(run: StepRun) -> dict[str, Any]:
-    """What a step's undo gets: its forward's args and output, as its model reads them."""
+def _back_args(run: StepRun, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a step's undo gets: its forward's args and output (and what an
+    operator's RETRY added, and ``extra``), as its model reads them."""
     node = run.node
     assert isinstance(node, StepNode)
     return _select(
-        {**(run.args or {}), **(run.output or {}), **(run.back_args or {})}, node.back_fields
+        {**(run.args or {}), **(run.output or {}), **(run.back_args or {}), **(extra or {})},
+        node.back_fields,
     )
 
 
@@ -1038,18 +1042,20 @@ class Interpreter:
         await self._rollback(stop.run if stop.undo_failed else None)
         if stop.redriving:
             return self._earlier_failure(
-                otherwise=f"the redrive could not undo {stop.run.name!r} before resuming"
+                otherwise=f"the redrive could not undo {stop.run.name!r} before resuming",
+                forward_only=True,
             )
         return self._info("rolled_back", stop.run)
 
-    def _earlier_failure(self, otherwise: str) -> FailureInfo:
+    def _earlier_failure(self, otherwise: str, forward_only: bool = False) -> FailureInfo:
         """How a redriven flow ends when it rolls back with no step failing
         forward in this run: its step, reason and error are those of the
         forward failure that ended the earlier run (an undo's error is never
-        the reason), or ``otherwise`` is the reason."""
+        the reason), or ``otherwise`` is the reason (``forward_only``: also
+        when a cancel, not a failure, ended the earlier run)."""
         redrive = self.input.redrive
         failure = redrive.failure if redrive is not None else None
-        if failure is None:
+        if failure is None or (forward_only and failure.kind == "cancelled"):
             return self._info("rolled_back", None, reason=otherwise)
         info = self._info("rolled_back", None, reason=failure.reason)
         return info.model_copy(update={"step": failure.step, "error": failure.error})
@@ -1278,7 +1284,11 @@ class Interpreter:
                 run.back_error = failure.info
                 self._step_to(run, "compensation_failed")
                 if node.back_on_failure == WAIT:
-                    decision = await self._wait(run, "step_back", BACK_DECISIONS)
+                    self.saga.waiting_undos[run.path] = run
+                    try:
+                        decision = await self._wait(run, "step_back", BACK_DECISIONS)
+                    finally:
+                        self.saga.waiting_undos.pop(run.path, None)
                     if decision.reaction == RETRY:
                         # Its args go to the undo (older QWIT dropped them).
                         if decision.args and self.runtime.patched(BACK_RETRY_ARGS):
@@ -1404,10 +1414,23 @@ class Interpreter:
             raise ReactionError(f"flow {self.flow_id!r}: args {exc}") from None
         if extra and chosen != RETRY:
             raise ReactionError(f"flow {self.flow_id!r}: args only go with {RETRY.value!r}")
-        size = self._too_big({**self.saga.args, **extra}) if extra else None
+        undo = self.saga.waiting_undos.get(waiting.path)
+        fields = undo.node.back_fields if undo and isinstance(undo.node, StepNode) else None
+        unread = sorted(set(extra) - set(fields)) if fields is not None else []
+        if unread:
+            raise ReactionError(
+                f"flow {self.flow_id!r}: the step_back of {waiting.step!r} reads only "
+                f"{sorted(fields or ())}, not {unread}"
+            )
+        if undo is not None:  # a failed undo: its args go to that undo alone
+            size = self._too_big(_back_args(undo, extra)) if extra else None
+            what = "the undo's args"
+        else:
+            size = self._too_big({**self.saga.args, **extra}) if extra else None
+            what = "the flow's args"
         if size is not None:
             raise ReactionError(
-                f"flow {self.flow_id!r}: with these args the flow's args would take {size} "
+                f"flow {self.flow_id!r}: with these args {what} would take {size} "
                 f"bytes, over the {self.input.payload_limit}-byte payload limit"
             )
         return Decision(reaction=chosen, args=extra, path=waiting.path)

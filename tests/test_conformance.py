@@ -239,6 +239,74 @@ async def test_an_attempt_that_goes_quiet_past_its_heartbeat_timeout_is_stopped_
     assert ledger.applied(run) == ["conf.quiet", "conf.quiet_plain"]
 
 
+class Swallows(Effect, name="conf.swallows"):
+    """Its first attempt goes quiet, then swallows the cancel that stops it
+    and returns: it still went quiet, and is retried."""
+
+    heartbeat_timeout = 0.4
+    retry = qwit.Retry(max_attempts=2, initial_interval=0.1, max_interval=0.1)
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any] | None:
+        attempt = qwit.context().attempt
+        ledger.record(args["ledger"], "attempt", str(attempt))
+        if attempt == 1:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(30)
+            return {"out_conf.swallows": "first"}
+        return await super().step_forward(args)
+
+
+class SwallowsFlow(qwit.Flow, name="conf.swallows_flow"):
+    def build_flow(self) -> None:
+        self.step(Swallows)
+
+
+async def test_an_attempt_that_swallows_the_heartbeat_stop_still_went_quiet(env: Env):
+    run = new_ledger()
+    async with env.serve(SwallowsFlow):
+        result = await asyncio.wait_for(env.client.run(SwallowsFlow, {"ledger": run}), 30)
+    assert result["out_conf.swallows"] == "-"  # the second attempt's
+    assert ledger.marks(run, "attempt") == ["1", "2"]
+
+
+class QuietThenCancelled(Effect, name="conf.quiet_cancelled"):
+    """A plain step, quiet, that notices ``cancelled`` only after a second."""
+
+    heartbeat_timeout = 0.3
+    retry = qwit.Retry(max_attempts=3, initial_interval=0.1, max_interval=0.1)
+
+    def step_forward(self, args: dict[str, Any]) -> dict[str, Any] | None:  # type: ignore[override]
+        import time
+
+        ledger.record(args["ledger"], "attempt", str(qwit.context().attempt))
+        ledger.record(args["ledger"], "do", "conf.quiet_cancelled")
+        time.sleep(1.0)
+        return {}
+
+
+class Before(Effect, name="conf.before"):
+    pass
+
+
+class QuietThenCancelledFlow(qwit.Flow, name="conf.quiet_cancelled_flow"):
+    def build_flow(self) -> None:
+        self.step(Before)
+        self.step(QuietThenCancelled)
+
+
+async def test_a_cancel_while_a_quiet_attempt_stops_is_not_lost(env: Env):
+    run = new_ledger()
+    async with env.serve(QuietThenCancelledFlow):
+        handle = await env.client.start(QuietThenCancelledFlow, {"ledger": run})
+        await ledger.wait_for_mark(run, "attempt", "1")
+        await asyncio.sleep(0.5)  # the watchdog has fired; the thread still runs
+        await handle.cancel()
+        kind, _ = await outcome(handle)
+    assert kind == "cancelled"
+    assert ledger.marks(run, "attempt") == ["1"]  # no attempt after the cancel
+    ledger.assert_fully_undone(run)
+
+
 async def test_failing_compensation(env: Env):
     run = new_ledger()
     async with env.serve(BadBackFlow):

@@ -199,6 +199,10 @@ def test_bad_options():
     refused(flow_of((A, None, {"on_failure": {42: "skip"}})), "exception classes or class names")
     refused(flow_of((A, None, {"back_on_failure": qwit.SKIP})), "'skip' is not allowed")
     refused(flow_of((A, None, {"local": "yes"})), "local must be True or False")
+    refused(
+        flow_of((A, None, {"local": True, "heartbeat_timeout": 5})),
+        "local=True and has a heartbeat_timeout",
+    )
 
 
 def test_sub_flow_takes_only_on_failure_and_retry():

@@ -365,3 +365,31 @@ def test_a_failure_is_made_to_fit_with_its_message_and_the_undos_tracebacks():
     assert len(error.message.encode()) <= MAX_FAILURE_MESSAGE
     assert error.message.startswith("a.flow: flow 'f'")
     assert error.details[0]["reason"] == info.reason  # the whole reason, in the details
+
+
+async def test_a_retry_of_a_failed_undo_with_args_over_the_limit_is_refused(small):
+    from qwit.testing import wait_for_status
+    from tests.test_temporal_reactions import NeedsAccountFlow
+
+    run = uuid.uuid4().hex
+    async with small.worker(NeedsAccountFlow):
+        handle = await small.client.start(NeedsAccountFlow, {"ledger": run, "fail": "react.C"})
+        await wait_for_status(handle, "waiting", 30)
+        # Each fits; the undo gets both (an operator's args add up), which
+        # would not. (One arg over the limit can't even be sent: Temporal
+        # refuses an update whose rejection would carry it back.)
+        await handle.react(qwit.RETRY, args={"a": "x" * (LIMIT // 2)})
+        for _ in range(600):  # until it has failed again, and waits anew
+            state = await handle.state()
+            if state.status == "waiting" and state.steps[1].back_attempts == 2:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError(f"the undo was not retried: {state}")
+        with pytest.raises(qwit.ReactionError, match="the undo's args would take"):
+            await handle.react(qwit.RETRY, args={"b": "x" * (LIMIT // 2)})
+        # the flow still waits, and takes a decision that fits
+        await handle.react(qwit.RETRY, args={"refund_account": "acct-9"})
+        with pytest.raises(qwit.FlowRolledBack):
+            await handle.result()
+    ledger.assert_fully_undone(run)

@@ -8,6 +8,7 @@ import uuid
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
 import qwit
 import qwit.testing
@@ -355,6 +356,38 @@ async def test_a_retried_undo_gets_the_operators_args(client, worker):
 
 async def test_a_retried_undo_gets_the_operators_args_on_local():
     await _retry_the_undo_with_args(qwit.testing.local_client())
+
+
+class Refund(BaseModel):
+    ledger: str
+    refund_account: str = ""
+
+
+class TypedNeedsAccount(Effect, name="react.typed_needs_account"):
+    back_on_failure = qwit.WAIT
+    back_retry = qwit.Retry(max_attempts=1)
+
+    async def step_back(self, args: Refund) -> None:  # type: ignore[override]
+        if args.refund_account != "acct-9":
+            raise ValueError("no refund account")
+
+
+class TypedNeedsAccountFlow(qwit.Flow):
+    def build_flow(self) -> None:
+        self.step(TypedNeedsAccount)
+        self.step(C)
+
+
+async def test_retry_args_a_typed_undo_does_not_read_are_refused():
+    client = qwit.testing.local_client()
+    run = new_ledger()
+    handle = await client.start(TypedNeedsAccountFlow, {"ledger": run, "fail": "react.C"})
+    await wait_for_status(handle, "waiting", 30)
+    with pytest.raises(qwit.ReactionError, match=r"reads only \['ledger', 'refund_account'\]"):
+        await handle.react(qwit.RETRY, args={"refund_acount": "acct-9"})  # a typo
+    await handle.react(qwit.RETRY, args={"refund_account": "acct-9"})
+    with pytest.raises(qwit.FlowRolledBack):
+        await asyncio.wait_for(handle.result(), 30)
 
 
 async def test_wait_on_a_failed_compensation_then_give_up(client, worker):

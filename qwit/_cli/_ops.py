@@ -412,7 +412,8 @@ def cancel(
             following = await caught_up(err, temporal, handle) if wait else None
             try:
                 await handle.cancel(rollback=rollback)
-            except (FlowNotFound, EngineUnavailable) as exc:
+            except (FlowNotFound, EngineUnavailable, ReactionError) as exc:
+                # (ReactionError: it ended since _still_running looked)
                 raise Failed(str(exc)) from None
             except RPCError as exc:
                 raise _rpc_failure(temporal, exc, one_flow) from None
