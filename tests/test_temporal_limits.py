@@ -161,51 +161,40 @@ async def test_a_plan_too_long_for_one_history_is_refused(client):
         await client.start(Many, {"ledger": "x"})
 
 
-class Long(qwit.Flow):
-    def build_flow(self) -> None:
-        for i in range(40):
-            self.step(Blob, {"eid": f"s{i}", "size": 2000})
+def _long(key: type[Exception] | None) -> type[qwit.Flow]:
+    """40 steps of 2 KB; on a failure matched by ``key``, ABORT."""
+    on_failure: Any = {key: qwit.ABORT} if key else qwit.ROLLBACK
+    name = key.__name__ if key else "rollback"
+
+    class Long(qwit.Flow, name=f"limits.long.{name}"):
+        def build_flow(self) -> None:
+            for i in range(40):
+                self.step(Blob, {"eid": f"s{i}", "size": 2000}, on_failure=on_failure)
+
+    return Long
 
 
-async def test_a_history_near_its_limit_stops_going_forward_and_rolls_back(small, monkeypatch):
+@pytest.mark.parametrize("key", [None, qwit.HistoryTooLarge, qwit.QwitError])
+async def test_a_history_near_its_limit_stops_going_forward(small, monkeypatch, key):
+    """It rolls back; or, where HistoryTooLarge is matched by its class (or
+    QwitError's) in on_failure, it aborts."""
     from qwit.temporal import _workflow
 
     # A tiny budget stands in for Temporal's 50 MB: the flow must stop and undo.
     # (On this module's own server: its history only replays with that budget.)
     monkeypatch.setattr(_workflow, "HISTORY_BYTES_BUDGET", 40_000)
-    run = uuid.uuid4().hex
-    async with small.worker(Long):
-        with pytest.raises(qwit.FlowRolledBack) as info:
-            await small.client.run(Long, {"ledger": run})
-    assert info.value.error_type == "qwit.HistoryTooLarge"
-    applied = ledger.applied(run)
-    assert 3 < len(applied) < 40
-    ledger.assert_fully_undone(run)
-
-
-def _long_aborting(key: type[Exception]) -> type[qwit.Flow]:
-    class LongAborting(qwit.Flow, name=f"limits.long_aborting.{key.__name__}"):
-        def build_flow(self) -> None:
-            for i in range(40):
-                self.step(Blob, {"eid": f"s{i}", "size": 2000}, on_failure={key: qwit.ABORT})
-
-    return LongAborting
-
-
-@pytest.mark.parametrize("key", [qwit.HistoryTooLarge, qwit.QwitError])
-async def test_a_history_near_its_limit_is_matched_by_its_class(small, monkeypatch, key):
-    from qwit.temporal import _workflow
-
-    monkeypatch.setattr(_workflow, "HISTORY_BYTES_BUDGET", 40_000)
-    flow = _long_aborting(key)
+    flow = _long(key)
     run = uuid.uuid4().hex
     async with small.worker(flow):
-        with pytest.raises(qwit.FlowAborted) as info:
+        with pytest.raises(qwit.FlowAborted if key else qwit.FlowRolledBack) as info:
             await small.client.run(flow, {"ledger": run})
     assert info.value.error_type == "qwit.HistoryTooLarge"
     applied = ledger.applied(run)
     assert 3 < len(applied) < 40
-    assert ledger.undone(run) == []  # aborted: nothing undone
+    if key:
+        assert ledger.undone(run) == []  # aborted: nothing undone
+    else:
+        ledger.assert_fully_undone(run)
 
 
 class BlobsSub(qwit.Flow, name="limits.blobs_sub"):
