@@ -204,10 +204,10 @@ class _Deadline:
             return future.result()
         except asyncio.CancelledError:
             # Cancelled from outside (the flow, or this step alone: a sibling
-            # branch stopped the block): the step sees ``cancelled`` now.
+            # branch stopped the block): the step sees ``cancelled`` now, and
+            # is waited for (through any further cancel) before it goes on.
             self.outside = True
-            with contextlib.suppress(BaseException):
-                await future
+            await _until_done(future)
             raise
 
 
@@ -354,12 +354,17 @@ async def run_watched_step_method(
         )
     )
 
+    grace = float(options.get("grace", DEFAULT_TIMEOUT_GRACE))
+
     async def watch() -> None:
         while not running.done():
             left = last[0] + limit - loop.time()
             if left <= 0:
                 starved.append(True)
                 running.cancel()
+                # A plain step that ignores ``cancelled`` is waited for at
+                # most its grace, as after its timeout.
+                await asyncio.wait({running}, timeout=grace)
                 return
             await asyncio.sleep(min(left, 1.0))
 
@@ -371,56 +376,39 @@ async def run_watched_step_method(
             with_traceback=False,
         )
     )
-    this = asyncio.current_task()
-    assert this is not None
     watchdog = asyncio.ensure_future(watch())
     try:
-        output = await asyncio.shield(running)
+        # (asyncio.wait raises CancelledError only for a cancel of this task:
+        # the watchdog's cancel of the attempt is told apart on every Python)
+        await asyncio.wait({running, watchdog}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
-        if not starved or _cancel_requested(this) or outside():
-            # Stopped from outside: the attempt stops too, then the cancel
-            # goes on (after the watchdog's, it still wins).
+        # Stopped from outside (the flow, or a sibling that stopped its
+        # block): the attempt is stopped once (not again by the watchdog),
+        # waited for through any further cancel, and the cancel goes on: it
+        # wins over the watchdog's timeout.
+        watchdog.cancel()
+        if not starved:
             running.cancel()
-            await _until_done(running)
-            raise
-        # Stopped by the watchdog: wait until it has ended (a plain step that
-        # ignores ``cancelled``: at most its timeout_grace, as after its
-        # timeout). A cancel from outside meanwhile is not lost: it wins.
-        grace = options.get("grace", DEFAULT_TIMEOUT_GRACE)
-        if await _until_done(running, grace) or outside():
-            raise asyncio.CancelledError from None
-        raise quiet from None
+        await _until_done(running)
+        raise
     finally:
         watchdog.cancel()
-    if starved:  # it swallowed the watchdog's cancel and finished: still quiet
+    if starved:  # however it then ended (a swallowed cancel, a late result)
+        if running.done():
+            _read(running)
+        else:  # a plain step still running past its grace: read it when it ends
+            running.add_done_callback(_read)
         raise quiet
-    return output
+    return running.result()
 
 
-def _cancel_requested(task: asyncio.Task[Any]) -> bool:
-    """Whether ``task`` itself was asked to cancel (Python 3.11+ can tell)."""
-    count = getattr(task, "cancelling", None)
-    return count is not None and int(count()) > 0
-
-
-async def _until_done(future: asyncio.Future[Any], limit: float | None = None) -> bool:
-    """Wait until ``future`` is done, whatever it ends with (or ``limit``
-    seconds at most); True if this task was cancelled meanwhile (the cancel
-    is held back until then)."""
-    loop = asyncio.get_running_loop()
-    end = None if limit is None else loop.time() + limit
-    cancelled = False
+async def _until_done(future: asyncio.Future[Any]) -> None:
+    """Wait until ``future`` is done, whatever it ends with, through any
+    cancel of this task (held back: the caller raises it once it is done)."""
     while not future.done():
-        left = None if end is None else end - loop.time()
-        if left is not None and left <= 0:
-            future.add_done_callback(_read)  # read when it comes
-            return cancelled
-        try:
-            await asyncio.wait({future}, timeout=left)
-        except asyncio.CancelledError:
-            cancelled = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait({future})
     _read(future)
-    return cancelled
 
 
 def _is_async_partial(method: Any) -> bool:

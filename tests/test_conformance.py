@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -304,6 +305,98 @@ async def test_a_cancel_while_a_quiet_attempt_stops_is_not_lost(env: Env):
         kind, _ = await outcome(handle)
     assert kind == "cancelled"
     assert ledger.marks(run, "attempt") == ["1"]  # no attempt after the cancel
+    ledger.assert_fully_undone(run)
+
+
+class SlowToStop(Effect, name="conf.slow_to_stop"):
+    """Quiet, and slow to stop: 0.8 s whatever it is told (plain or async)."""
+
+    heartbeat_timeout = 0.3
+    retry = qwit.Retry(max_attempts=3, initial_interval=0.4, max_interval=0.4)
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any] | None:
+        attempt = str(qwit.context().attempt)
+        ledger.record(args["ledger"], "attempt", attempt)
+        ledger.record(args["ledger"], "do", "conf.slow_to_stop")
+        try:
+            await asyncio.sleep(0.8 if attempt == "1" else 0)
+        finally:
+            if attempt == "1":
+                await asyncio.shield(asyncio.sleep(0.3))  # a slow cleanup
+            ledger.record(args["ledger"], "ended", attempt)
+        return None
+
+
+class SlowToStopPlain(Effect, name="conf.slow_to_stop_plain"):
+    heartbeat_timeout = 0.3
+    retry = qwit.Retry(max_attempts=3, initial_interval=0.4, max_interval=0.4)
+
+    def step_forward(self, args: dict[str, Any]) -> dict[str, Any] | None:  # type: ignore[override]
+        attempt = str(qwit.context().attempt)
+        ledger.record(args["ledger"], "attempt", attempt)
+        ledger.record(args["ledger"], "do", "conf.slow_to_stop_plain")
+        if attempt == "1":
+            time.sleep(0.8)  # deaf to cancelled
+        ledger.record(args["ledger"], "ended", attempt)
+        return None
+
+
+@pytest.mark.parametrize("plain", [False, True])
+@pytest.mark.parametrize("cancel_at", [0.1, 0.45])
+async def test_a_quiet_attempt_is_undone_only_once_it_stopped(
+    env: Env, plain: bool, cancel_at: float
+):
+    """Cancelled before its watchdog fires, or while it stops after it: the
+    flow ends cancelled, no attempt starts after the cancel, and its undo
+    starts only once it has ended."""
+    step = SlowToStopPlain if plain else SlowToStop
+
+    class Flow(qwit.Flow, name=f"conf.slow_to_stop_flow.{int(plain)}"):
+        def build_flow(self) -> None:
+            self.step(step)
+
+    run = new_ledger()
+    async with env.serve(Flow):
+        handle = await env.client.start(Flow, {"ledger": run, "plain": plain})
+        await ledger.wait_for_mark(run, "attempt", "1")
+        await asyncio.sleep(cancel_at)
+        await handle.cancel()
+        kind, _ = await outcome(handle)
+    assert kind == "cancelled"
+    assert ledger.marks(run, "attempt") == ["1"]
+    entries = [e for e in ledger.entries(run) if e[0] in ("ended", "undo")]
+    assert entries == [("ended", "1"), ("undo", step.name)]
+
+
+class QuietUndo(Effect, name="conf.quiet_undo"):
+    """Its undo's first attempt goes quiet."""
+
+    heartbeat_timeout = 0.4
+    back_retry = qwit.Retry(max_attempts=2, initial_interval=0.1, max_interval=0.1)
+
+    async def step_back(self, args: dict[str, Any]) -> None:
+        if qwit.context().attempt == 1:
+            await asyncio.sleep(30)
+        await super().step_back(args)
+
+
+class QuietUndoFlow(qwit.Flow, name="conf.quiet_undo_flow"):
+    def build_flow(self) -> None:
+        self.step(QuietUndo)
+        self.step(CancelMe)
+
+
+async def test_a_quiet_undo_after_a_cancel_is_retried(env: Env):
+    """The undo runs after the flow's cancel: that cancel is not its own."""
+    run = new_ledger()
+    async with env.serve(QuietUndoFlow):
+        handle = await env.client.start(QuietUndoFlow, {"ledger": run})
+        await ledger.wait_for_mark(run, "started", "Slow")
+        await handle.cancel()
+        kind, _ = await outcome(handle)
+        state = await handle.state()
+    assert kind == "cancelled"
+    assert state.steps[0].back_attempts == 2
     ledger.assert_fully_undone(run)
 
 
