@@ -73,6 +73,23 @@ def new_ledger() -> str:
     return uuid.uuid4().hex
 
 
+async def cancelled_at(
+    env: Env,
+    flow: type[qwit.Flow],
+    run: str,
+    mark: tuple[str, str],
+    after: float = 0.0,
+) -> tuple[str, qwit.FlowHandle]:
+    """Start ``flow`` on ledger ``run``, cancel it ``after`` seconds past the
+    ledger ``mark`` (action, eid); how it ended, and its handle."""
+    handle = await env.client.start(flow, {"ledger": run})
+    await ledger.wait_for_mark(run, *mark)
+    await asyncio.sleep(after)
+    await handle.cancel()
+    kind, _ = await outcome(handle)
+    return kind, handle
+
+
 async def outcome(handle: qwit.FlowHandle) -> tuple[str, Any]:
     try:
         return "completed", await asyncio.wait_for(handle.result(), 60)
@@ -298,11 +315,8 @@ class QuietThenCancelledFlow(qwit.Flow, name="conf.quiet_cancelled_flow"):
 async def test_a_cancel_while_a_quiet_attempt_stops_is_not_lost(env: Env):
     run = new_ledger()
     async with env.serve(QuietThenCancelledFlow):
-        handle = await env.client.start(QuietThenCancelledFlow, {"ledger": run})
-        await ledger.wait_for_mark(run, "attempt", "1")
-        await asyncio.sleep(0.5)  # the watchdog has fired; the thread still runs
-        await handle.cancel()
-        kind, _ = await outcome(handle)
+        # 0.5 s in: the watchdog has fired; the thread still runs
+        kind, _ = await cancelled_at(env, QuietThenCancelledFlow, run, ("attempt", "1"), 0.5)
     assert kind == "cancelled"
     assert ledger.marks(run, "attempt") == ["1"]  # no attempt after the cancel
     ledger.assert_fully_undone(run)
@@ -357,11 +371,7 @@ async def test_a_quiet_attempt_is_undone_only_once_it_stopped(
 
     run = new_ledger()
     async with env.serve(Flow):
-        handle = await env.client.start(Flow, {"ledger": run, "plain": plain})
-        await ledger.wait_for_mark(run, "attempt", "1")
-        await asyncio.sleep(cancel_at)
-        await handle.cancel()
-        kind, _ = await outcome(handle)
+        kind, _ = await cancelled_at(env, Flow, run, ("attempt", "1"), cancel_at)
     assert kind == "cancelled"
     assert ledger.marks(run, "attempt") == ["1"]
     entries = [e for e in ledger.entries(run) if e[0] in ("ended", "undo")]
@@ -390,10 +400,7 @@ async def test_a_quiet_undo_after_a_cancel_is_retried(env: Env):
     """The undo runs after the flow's cancel: that cancel is not its own."""
     run = new_ledger()
     async with env.serve(QuietUndoFlow):
-        handle = await env.client.start(QuietUndoFlow, {"ledger": run})
-        await ledger.wait_for_mark(run, "started", "Slow")
-        await handle.cancel()
-        kind, _ = await outcome(handle)
+        kind, handle = await cancelled_at(env, QuietUndoFlow, run, ("started", "Slow"))
         state = await handle.state()
     assert kind == "cancelled"
     assert state.steps[0].back_attempts == 2
