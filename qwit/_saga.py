@@ -1044,19 +1044,24 @@ class Interpreter:
             return self._earlier_failure(
                 otherwise=f"the redrive could not undo {stop.run.name!r} before resuming",
                 forward_only=True,
+                run=stop.run,
             )
         return self._info("rolled_back", stop.run)
 
-    def _earlier_failure(self, otherwise: str, forward_only: bool = False) -> FailureInfo:
+    def _earlier_failure(
+        self, otherwise: str, forward_only: bool = False, run: StepRun | None = None
+    ) -> FailureInfo:
         """How a redriven flow ends when it rolls back with no step failing
         forward in this run: its step, reason and error are those of the
         forward failure that ended the earlier run (an undo's error is never
         the reason), or ``otherwise`` is the reason (``forward_only``: also
-        when a cancel, not a failure, ended the earlier run)."""
+        when a cancel, not a failure, ended the earlier run; ``run`` then
+        names the step)."""
         redrive = self.input.redrive
         failure = redrive.failure if redrive is not None else None
         if failure is None or (forward_only and failure.kind == "cancelled"):
-            return self._info("rolled_back", None, reason=otherwise)
+            info = self._info("rolled_back", None, reason=otherwise)
+            return info if run is None else info.model_copy(update={"step": run.name})
         info = self._info("rolled_back", None, reason=failure.reason)
         return info.model_copy(update={"step": failure.step, "error": failure.error})
 

@@ -784,6 +784,32 @@ class Lingering(qwit.Flow, name="rd.lingering"):
         self.step(RC)
 
 
+class BackThenLingering(qwit.Flow, name="rd.back_then_lingering"):
+    def build_flow(self) -> None:
+        self.step(RBack)
+        self.step(Lingers)
+
+
+async def test_a_redrive_after_a_cancel_whose_first_undo_fails_says_so(env: Env):
+    """No forward failure ended the earlier run (a cancel without rollback
+    did): the reason says what stopped this one."""
+    run = new_ledger()
+    BROKEN_BACKS.add(run)
+    async with env.serve(BackThenLingering):
+        handle = await env.client.start(BackThenLingering, {"ledger": run})
+        await ledger.wait_for_mark(run, "started", "rd.Lingers")
+        await handle.cancel(rollback=False)
+        assert (await outcome(handle))[0] == "cancelled"
+        again = await env.client.redrive(handle.id, from_step="1", args={"quick": True})
+        kind, err = await outcome(again)
+    assert kind == "compensation_failed"
+    assert (err.step, err.reason) == (
+        "rd.Back",
+        "the redrive could not undo 'rd.Back' before resuming",
+    )
+    assert err.failed_compensations == ["rd.Back"]
+
+
 async def test_a_flow_cancelled_without_rollback_resumes_like_an_aborted_one(env: Env):
     run = new_ledger()
     async with env.serve(Lingering):
