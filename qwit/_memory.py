@@ -236,6 +236,14 @@ class InMemoryRuntime(FlowRuntime):
     def cancel_requested(self) -> bool:
         return self.run.cancelling
 
+    def cancel_check(self) -> Callable[[], bool]:
+        """What an attempt that starts now reads as ``context().cancelled``:
+        whether the flow was cancelled since. A cancel reaches the attempt it
+        came during, not an undo or a final step that runs after it (the
+        flow's flag stays set meanwhile)."""
+        before = self.cancel_requested()
+        return lambda: not before and self.cancel_requested()
+
     async def report_forward_done(self, outputs: dict[str, Any]) -> None:
         self.run.forward_done.set_result(outputs)
 

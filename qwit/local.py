@@ -45,9 +45,6 @@ class LocalRuntime(InMemoryRuntime):
     async def run_attempt(
         self, cls: type[Any], node: StepNode, call: StepCall, attempt: int, beats: Heartbeats
     ) -> Any:
-        # A cancel reaches an attempt it came during: not an undo, or a final
-        # step, that runs after it (the flow's flag stays set meanwhile).
-        before = self.cancel_requested()
         return await run_watched_step_method(
             cls,
             call,
@@ -56,7 +53,7 @@ class LocalRuntime(InMemoryRuntime):
             engine=name,
             heartbeat=beats.beat,
             heartbeat_details=copy.deepcopy(beats.last),
-            is_cancelled=lambda: not before and self.cancel_requested(),
+            is_cancelled=self.cancel_check(),
             timeout=node.limit(call.direction),
             grace=DEFAULT_TIMEOUT_GRACE if node.timeout_grace is None else node.timeout_grace,
         )

@@ -58,7 +58,6 @@ class _Runtime(InMemoryRuntime):
     async def run_attempt(
         self, cls: type[Any], node: StepNode, call: StepCall, attempt: int, beats: Heartbeats
     ) -> Any:
-        before = self.cancel_requested()  # (a cancel reaches the attempts it came during)
         job = _Job(
             run_watched_step_method(
                 cls,
@@ -68,7 +67,7 @@ class _Runtime(InMemoryRuntime):
                 engine=name,
                 heartbeat=beats.beat,
                 heartbeat_details=copy.deepcopy(beats.last),
-                is_cancelled=lambda: not before and self.cancel_requested(),
+                is_cancelled=self.cancel_check(),
                 timeout=node.limit(call.direction),
             )
         )
