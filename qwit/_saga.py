@@ -206,8 +206,6 @@ class SagaState:
     failure: FailureInfo | None = None
     waits: dict[str, WaitInfo] = field(default_factory=dict)
     """What waits for an operator, by path (several branches may wait)."""
-    waiting_undos: dict[str, StepRun] = field(default_factory=dict)
-    """The steps whose failed undo waits, by path (what a RETRY's args reach)."""
     decisions: dict[str, Decision] = field(default_factory=dict)
     """Decisions taken and not yet read, by the path they decide."""
     settle: bool | None = None
@@ -1289,11 +1287,7 @@ class Interpreter:
                 run.back_error = failure.info
                 self._step_to(run, "compensation_failed")
                 if node.back_on_failure == WAIT:
-                    self.saga.waiting_undos[run.path] = run
-                    try:
-                        decision = await self._wait(run, "step_back", BACK_DECISIONS)
-                    finally:
-                        self.saga.waiting_undos.pop(run.path, None)
+                    decision = await self._wait(run, "step_back", BACK_DECISIONS)
                     if decision.reaction == RETRY:
                         # Its args go to the undo (older QWIT dropped them).
                         if decision.args and self.runtime.patched(BACK_RETRY_ARGS):
@@ -1419,7 +1413,12 @@ class Interpreter:
             raise ReactionError(f"flow {self.flow_id!r}: args {exc}") from None
         if extra and chosen != RETRY:
             raise ReactionError(f"flow {self.flow_id!r}: args only go with {RETRY.value!r}")
-        undo = self.saga.waiting_undos.get(waiting.path)
+        # a failed undo waits: what a RETRY's args reach is that undo alone
+        undo = (
+            next((r for r in _all_runs(self.saga.runs) if r.path == waiting.path), None)
+            if waiting.direction == "step_back"
+            else None
+        )
         fields = undo.node.back_fields if undo and isinstance(undo.node, StepNode) else None
         unread = sorted(set(extra) - set(fields)) if fields is not None else []
         if unread:
@@ -1427,7 +1426,7 @@ class Interpreter:
                 f"flow {self.flow_id!r}: the step_back of {waiting.step!r} reads only "
                 f"{sorted(fields or ())}, not {unread}"
             )
-        if undo is not None:  # a failed undo: its args go to that undo alone
+        if undo is not None:
             size = self._too_big(_back_args(undo, extra)) if extra else None
             what = "the undo's args"
         else:
