@@ -339,7 +339,7 @@ async def run_watched_step_method(
     outside = is_cancelled or (lambda: False)
 
     def beat(details: Any) -> None:
-        last[0] = loop.time()  # (from a plain step's thread: a float's write)
+        last[0] = loop.time()  # (in the loop: run_step_method hands a thread's beats to it)
         if heartbeat is not None:
             heartbeat(details)
 
@@ -368,14 +368,6 @@ async def run_watched_step_method(
                 return
             await asyncio.sleep(min(left, 1.0))
 
-    quiet = StepFailure(
-        error_info(
-            TimeoutError(f"step {call.step!r} sent no heartbeat for {limit:g}s"),
-            attempt=attempt,
-            retryable=True,
-            with_traceback=False,
-        )
-    )
     watchdog = asyncio.ensure_future(watch())
     try:
         # (asyncio.wait raises CancelledError only for a cancel of this task:
@@ -398,7 +390,14 @@ async def run_watched_step_method(
             _read(running)
         else:  # a plain step still running past its grace: read it when it ends
             running.add_done_callback(_read)
-        raise quiet
+        raise StepFailure(
+            error_info(
+                TimeoutError(f"step {call.step!r} sent no heartbeat for {limit:g}s"),
+                attempt=attempt,
+                retryable=True,
+                with_traceback=False,
+            )
+        )
     return running.result()
 
 
