@@ -37,6 +37,21 @@ from ._state import FlowStatus, StepStatus
 #: in ``PINNED_DEFAULTS[2]`` left out (see ``FlowInput``).
 PLAN_VERSION = 2
 
+
+class PlanTooNew(RuntimeError):
+    """A flow's plan is newer than this QWIT reads: a client was upgraded
+    before the workers. Not the flow's failure: an engine leaves the flow for
+    a worker that reads its plan (an upgraded one) instead of failing it."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(
+            f"plan version {version} is newer than this worker understands "
+            f"({PLAN_VERSION}); upgrade qwit on the workers: the flow waits for a worker "
+            "that does"
+        )
+        self.version = version
+
+
 #: What a plan of each compact version leaves out: a field missing from a
 #: node or from the input means the value here (and a step's missing
 #: ``back_fields``, the same as its ``fields``). A version's table never

@@ -691,3 +691,44 @@ async def test_a_cancel_stops_a_taken_step_job_that_never_started(postgres_dsn: 
             await asyncio.wait_for(handle.result(), 20)
     assert ledger.applied(run) == []
     await client.close()
+
+
+# -- deploys -------------------------------------------------------------------------
+
+
+async def test_a_flow_whose_plan_is_newer_than_the_worker_waits_for_one_that_reads_it(
+    postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+):
+    # Clients upgraded before workers. Before, the worker ran a plan it could
+    # not read as if it were its own (or, when it failed to read it, offered
+    # the flow again and again without pause).
+    from qwit._plan import PLAN_VERSION
+    from qwit.postgres import _worker
+
+    monkeypatch.setattr(_worker, "PLAN_TOO_NEW_RETRY", 0.5)
+    await prepare(postgres_dsn)
+    client = await client_for(postgres_dsn)
+    run = new_ledger()
+    prepared = client.prepare(PgOuter, {"ledger": run})
+    newer = prepared.model_copy(update={"version": PLAN_VERSION + 1})
+    async with worker(postgres_dsn, PgOuter):
+        handle = await client.engine(PgOuter.backend).start(PgOuter, newer)
+        await asyncio.sleep(2.5)
+        state = await handle.state()
+        assert state.status == "running" and all(s.status == "pending" for s in state.steps)
+        assert ledger.applied(run) == []
+        rows = await sql(
+            postgres_dsn,
+            "SELECT attempts FROM procrastinate_jobs "
+            "WHERE task_name = %s AND args->>'flow_id' = %s",
+            _worker.FLOW_TASK,
+            handle.id,
+        )
+        # offered again, with a pause between offers
+        assert rows and 2 <= rows[0][0] <= 8, rows
+        # the worker is upgraded: the next offer runs the flow
+        monkeypatch.setattr(_worker, "PLAN_VERSION", PLAN_VERSION + 1)
+        result = await asyncio.wait_for(handle.result(), 30)
+    assert result["out_inner"] == "-"
+    assert sorted(ledger.applied(run)) == ["inner", "pg.B"]
+    await client.close()

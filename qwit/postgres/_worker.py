@@ -41,7 +41,7 @@ from .._errors import StepFailure, StepNotRegistered, error_info
 from .._memory import Heartbeats
 from .._metrics import WAITING_EVERY, Metrics
 from .._options import DEFAULT_TIMEOUT_GRACE
-from .._plan import StepCall, StepNode, StepReturn
+from .._plan import PLAN_VERSION, PlanTooNew, StepCall, StepNode, StepReturn
 from .._runner import Registry, run_watched_step_method
 from .._signals import stop_on_signals
 from .._tracing import continued, require_opentelemetry, tracer_provider, tracing_from_env
@@ -87,6 +87,26 @@ async def prepare(dsn: str) -> None:
             if not (row and row[0]):
                 await conn.execute(procrastinate.schema.SchemaManager.get_schema())
         await migrate(conn)
+
+
+#: Seconds before a flow job whose plan is newer than this QWIT is offered
+#: again (to a worker that may read it).
+PLAN_TOO_NEW_RETRY = 5.0
+
+
+class _FlowJobRetry(procrastinate.BaseRetryStrategy):
+    """Flow jobs run again when they stop: at once when their worker stopped
+    under them (another worker takes the flow on), after
+    ``PLAN_TOO_NEW_RETRY`` when the flow's plan is newer than the worker."""
+
+    def get_retry_decision(
+        self, *, exception: BaseException, job: procrastinate.jobs.Job
+    ) -> procrastinate.RetryDecision:
+        if isinstance(exception, PlanTooNew):
+            return procrastinate.RetryDecision(
+                retry_in={"milliseconds": int(PLAN_TOO_NEW_RETRY * 1000)}
+            )
+        return procrastinate.RetryDecision(retry_in={"seconds": 0})
 
 
 class PostgresWorker:
@@ -177,9 +197,7 @@ class PostgresWorker:
         self._tasks: list[asyncio.Task[Any]] = []
         self.app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=dsn))
         self.app.job_manager = _Jobs(self, self.app.connector)
-        self.app.task(name=FLOW_TASK, pass_context=True, retry=procrastinate.RetryStrategy())(
-            self._flow_job
-        )
+        self.app.task(name=FLOW_TASK, pass_context=True, retry=_FlowJobRetry())(self._flow_job)
         # A job cut off by its worker's shutdown runs again (elsewhere); one
         # of a worker that died is run again by the sweep.
         self.app.task(name=STEP_TASK, pass_context=True, retry=procrastinate.RetryStrategy())(
@@ -208,6 +226,12 @@ class PostgresWorker:
             row = await fetch_flow(conn, flow_id)
         if row is None or row["run_id"] != run_id or row["ended"]:
             return  # a later run replaced it, or it ended before a crash
+        version = row["input"].get("version", 1)
+        if version > PLAN_VERSION:
+            # a client upgraded before the workers: the job waits (see
+            # _FlowJobRetry) for a worker that reads its plan
+            logger.warning("qwit.postgres: flow %s: %s", flow_id, PlanTooNew(version))
+            raise PlanTooNew(version)
         driver = Driver(self, row)
         self._drivers[run_id] = driver
         try:

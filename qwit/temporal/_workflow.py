@@ -63,6 +63,7 @@ with workflow.unsafe.imports_passed_through():
         PLAN_VERSION,
         FlowInput,
         FlowNode,
+        PlanTooNew,
         StepCall,
         StepNode,
         StepReturn,
@@ -103,6 +104,9 @@ SIGNAL_CANCEL = "qwit.cancel"
 START_FINISHED = "qwit-start-finished"
 """Patch: a cancel that comes while a sub-flow starts waits for the start,
 and stops the sub-flow if it started (flows before it lost it)."""
+PLAN_WAITS = "qwit-plan-waits"
+"""Patch: a flow whose plan is newer than the worker waits for a worker that
+understands it (flows before it failed with ``qwit.PlanVersionError``)."""
 
 
 class SubflowDone(BaseModel):
@@ -622,6 +626,11 @@ class QwitWorkflow:
     async def run(self, input: FlowInput) -> dict[str, Any]:
         """Interpret the plan; fail with a ``qwit.*`` ApplicationError on failure."""
         if input.version > PLAN_VERSION:
+            if workflow.patched(PLAN_WAITS):
+                # Raised as it is (not an ApplicationError), it fails this
+                # workflow task, not the flow: Temporal offers the task again
+                # until a worker that reads the plan (an upgraded one) takes it.
+                raise PlanTooNew(input.version)
             raise ApplicationError(
                 f"plan version {input.version} is newer than this worker understands "
                 f"({PLAN_VERSION}); upgrade qwit on the workers",

@@ -7,14 +7,20 @@ bounded time instead of leaving it stuck."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
+from temporalio.client import WorkflowExecutionStatus
+from temporalio.worker import Replayer
 
 import qwit
-from qwit.temporal import DevServer
+from qwit._plan import PLAN_VERSION
+from qwit.temporal import DevServer, QwitPlugin, _workflow
 from qwit.testing import wait_for_status
+from tests.conftest import NEWER_PLAN_PREFIX
 from tests.reliability import deploy_v1, deploy_v2
 from tests.reliability.crash import Worker
 
@@ -137,3 +143,48 @@ async def test_two_worker_versions_at_once_run_every_new_flow(dev_server, tempor
         handles = [await client.start(MixedV2, {"n": i}) for i in range(20)]
         results = await asyncio.wait_for(asyncio.gather(*(h.result() for h in handles)), 240)
     assert all(r == {"n": i, "a": True, "b": True, "c": True} for i, r in enumerate(results))
+
+
+async def _task_failures(temporal_client: Any, flow_id: str) -> tuple[list[str], int]:
+    """Messages of the workflow task failures in a flow's history (Temporal
+    records the first of a series), and the attempt of its pending task."""
+    handle = temporal_client.get_workflow_handle(flow_id)
+    history = await handle.fetch_history()
+    described = await handle.describe()
+    messages = [
+        event.workflow_task_failed_event_attributes.failure.message
+        for event in history.events
+        if event.HasField("workflow_task_failed_event_attributes")
+    ]
+    return messages, described.raw_description.pending_workflow_task.attempt
+
+
+@pytest.mark.timeout(120)
+async def test_a_flow_whose_plan_is_newer_than_the_worker_waits_for_one_that_reads_it(
+    client, worker, temporal_client, monkeypatch
+):
+    # Clients upgraded before workers: a flow started with a newer plan than
+    # the worker knows. Before, the old worker failed it (PlanVersionError):
+    # a rolling deploy lost the flows started meanwhile.
+    flow_id = f"{NEWER_PLAN_PREFIX}{uuid.uuid4().hex}"
+    prepared = client.prepare(MixedV2, {"n": 1}, id=flow_id)
+    newer = prepared.model_copy(update={"version": PLAN_VERSION + 1})
+    async with worker(A, B, C):
+        handle = await client.engine(MixedV2.backend).start(MixedV2, newer)
+        deadline = time.monotonic() + 30
+        # offered again and again (the attempt counts up), failing each time
+        while (found := await _task_failures(temporal_client, handle.id))[1] < 3:
+            assert time.monotonic() < deadline, f"not offered again: {found}"
+            await asyncio.sleep(0.2)
+        failures, _ = found
+        assert failures and all("newer than this worker understands" in m for m in failures)
+        described = await temporal_client.get_workflow_handle(handle.id).describe()
+        assert described.status == WorkflowExecutionStatus.RUNNING
+        # the worker is upgraded: the next offer of the flow runs it
+        monkeypatch.setattr(_workflow, "PLAN_VERSION", PLAN_VERSION + 1)
+        result = await asyncio.wait_for(handle.result(), 60)
+        # and its history replays on such a worker (the session's replay, on
+        # this QWIT's plan version, leaves it out)
+        history = await temporal_client.get_workflow_handle(flow_id).fetch_history()
+        await Replayer(workflows=[], plugins=[QwitPlugin()]).replay_workflow(history)
+    assert result == {"n": 1, "a": True, "b": True, "c": True}
