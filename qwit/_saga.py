@@ -66,6 +66,7 @@ from ._plan import (
 from ._runtime import Decision, FlowFailure, FlowRuntime, SubflowRun, SubflowStartCancelled
 from ._state import (
     ERROR_STATUSES,
+    FINAL_STATUSES,
     UNDO_STATUSES,
     FlowEvent,
     FlowState,
@@ -86,6 +87,9 @@ ABORT_HELD = "qwit-abort-held"
 BACK_DECISIONS = [RETRY, SKIP]
 #: An operator's RETRY of a failed undo merges its args into the undo's.
 BACK_RETRY_ARGS = "qwit-back-retry-args"
+#: A flow with final steps shows (and publishes) how it ended once they have
+#: run; older QWIT did so before they ran.
+END_AFTER_FINALS = "qwit-end-after-finals"
 
 
 @dataclass
@@ -297,6 +301,10 @@ class Interpreter:
             StepRun(node, child_path(input.path, first + i))
             for i, node in enumerate(input.flow.finally_steps)
         ]
+        #: How the flow ended, held back while its final steps run (None:
+        #: nothing held).
+        self._end_held: FlowStatus | None = None
+        self._finals_ahead = False
 
     # -- redrive -----------------------------------------------------------------
 
@@ -423,6 +431,15 @@ class Interpreter:
             status = "waiting" if self.saga.waits else self.saga.phase
         if status == self.saga.status:
             return
+        # Not ended until its final steps have run (a completed flow publishes
+        # nothing; a failed one's publication waits for them).
+        if (
+            self._finals_ahead
+            and status in FINAL_STATUSES
+            and (status == "completed" or self.runtime.patched(END_AFTER_FINALS))
+        ):
+            self._end_held = status
+            return
         self.saga.status = status
         self._record("", self.input.flow.name, status)
         self.runtime.status_changed(status)
@@ -518,15 +535,24 @@ class Interpreter:
     async def _run_and_finally(self) -> dict[str, Any]:
         if not self.saga.finals:
             return await self._run()
+        self._finals_ahead = True
         try:
             result = await self._run()
         except FlowFailure as failed:
             await self.runtime.shield(self._finally(failed.info))
             info = failed.info.model_copy(update={"final_failures": self.saga.final_failures})
             self.saga.failure = info
+            self._end_after_finals()
             raise FlowFailure(info) from None
         await self.runtime.shield(self._finally(None))
+        self._end_after_finals()
         return result
+
+    def _end_after_finals(self) -> None:
+        """The flow's final steps have run: it ends as it was to."""
+        self._finals_ahead = False
+        if self._end_held is not None:
+            self._flow_to(self._end_held)
 
     async def _finally(self, failure: FailureInfo | None) -> None:
         """Run the final steps, in order, whatever the outcome; a failure is

@@ -4,6 +4,7 @@ retried segments, fallbacks, final steps, stopping a rollback, redrive)."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections import Counter
 from datetime import timedelta
 from typing import Any
@@ -458,6 +459,48 @@ async def test_final_steps_run_for_aborted_and_cancelled_flows_and_after_a_wait(
         assert (await outcome(handle))[0] == "cancelled"
     assert ledger.marks(runs["abort"], "final") == ["aborted at B"]
     assert ledger.marks(runs["cancel"], "final") == ["cancelled at Slow"]
+
+
+#: Ledgers whose GatedReport waits for the test to open its gate.
+FINAL_GATES: dict[str, threading.Event] = {}
+
+
+class GatedReport(qwit.Step, name="recovery.gated_report"):
+    """A final step that holds on until the test lets it finish."""
+
+    async def step_forward(self, args: dict[str, Any]) -> None:
+        ledger.record(args["ledger"], "final", args["qwit_outcome"])
+        while not FINAL_GATES[args["ledger"]].is_set():
+            await asyncio.sleep(0.02)
+
+
+class GatedReported(qwit.Flow, name="recovery.gated_reported"):
+    def build_flow(self) -> None:
+        self.step(A)
+        self.step(B)
+        self.finally_step(GatedReport)
+
+
+@pytest.mark.parametrize("fail", [None, "B"])
+async def test_a_flow_has_not_ended_while_its_final_steps_run(env: Env, fail):
+    # Before, state() said completed (or rolled_back) while the final step
+    # still ran, and on qwit.local a redrive then raised ArgumentsError.
+    run = new_ledger()
+    FINAL_GATES[run] = threading.Event()
+    args: dict[str, Any] = {"ledger": run, **({"fail": fail} if fail else {})}
+    kind = "rolled_back" if fail else "completed"
+    async with env.serve(GatedReported):
+        handle = await env.client.start(GatedReported, args)
+        await ledger.wait_for_mark(run, "final", kind)
+        during = await handle.state()
+        with pytest.raises(qwit.ReactionError, match=r"running|compensating"):
+            await env.client.redrive(handle.id)
+        FINAL_GATES[run].set()
+        got, _ = await outcome(handle)
+        after = await handle.state()
+    assert during.status == ("compensating" if fail else "running")
+    assert during.steps[-1].status == "running"
+    assert (got, after.status, after.steps[-1].status) == (kind, kind, "done")
 
 
 class CancelMeReported(qwit.Flow, name="recovery.cancel_me_reported"):
