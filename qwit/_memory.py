@@ -122,9 +122,14 @@ class InMemoryRun:
             asyncio.get_running_loop().create_future()
         )
         self.interpreter = Interpreter(input, engine.runtime(self), flow_id)
-        self.task = asyncio.create_task(self.interpreter.run(), name=f"qwit {flow_id}")
+        self.started = False
+        self.task = asyncio.create_task(self._run(), name=f"qwit {flow_id}")
         # A failed flow's exception is read by result(); never warn about it.
         self.task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _run(self) -> dict[str, Any]:
+        self.started = True
+        return await self.interpreter.run()
 
     def poke(self) -> None:
         """Something a waiting predicate reads has changed."""
@@ -134,7 +139,10 @@ class InMemoryRun:
         if not self.cancelling and not self.task.done():
             self.interpreter.request_cancel(rollback)
             self.cancelling = True
-            self.task.cancel()
+            # A task cancelled before it started would never run the flow's
+            # cancel path: the flow sees the request at its first step.
+            if self.started:
+                self.task.cancel()
             self.poke()  # what waits shielded (an aborted sub-flow) sees it
 
 

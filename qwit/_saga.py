@@ -90,6 +90,10 @@ BACK_RETRY_ARGS = "qwit-back-retry-args"
 #: A flow with final steps shows (and publishes) how it ended once they have
 #: run; older QWIT did so before they ran.
 END_AFTER_FINALS = "qwit-end-after-finals"
+#: Once every step has run, telling the sub-flows to keep their effects goes
+#: to its end even if a cancel comes meanwhile (older QWIT stopped there,
+#: neither completed nor rolled back).
+COMMIT_THROUGH_CANCEL = "qwit-commit-through-cancel"
 
 
 @dataclass
@@ -620,7 +624,7 @@ class Interpreter:
             if not self.runtime.cancel_requested():
                 raise
             raise self._failed(await self.runtime.shield(self._on_cancel())) from None
-        await self._settle_children(commit=True)
+        await self._commit_children()
         self._flow_to("completed")
         return self.saga.outputs if self.is_subflow else self.saga.args
 
@@ -1356,19 +1360,35 @@ class Interpreter:
         self.saga.not_compensated.extend(info.not_compensated)
         self.saga.rollback_stopped |= info.rollback_stopped
 
-    async def _settle_children(self, commit: bool) -> None:
-        """Tell every sub-flow that waits for this flow's word (its steps all
-        ran, or it aborted) to keep its effects, or to undo them."""
+    async def _commit_children(self) -> None:
+        """Every step has run: tell the sub-flows that wait for this flow's
+        word to keep their effects. A cancel that comes meanwhile is too
+        late (some may have ended already): the flow completes."""
+        if not self._waiting_subs():
+            return
+        if self.runtime.patched(COMMIT_THROUGH_CANCEL):
+            await self.runtime.shield(self._settle_children(commit=True))
+        else:
+            await self._settle_children(commit=True)
+
+    def _waiting_subs(self) -> list[SubflowRun]:
+        """The sub-flows that wait for this flow's word (their steps all ran,
+        or they aborted)."""
         runs = [run for top in self.saga.done for run in (top.members if top.is_group else [top])]
         current = self.saga.current
         if current is not None and current not in self.saga.done:
             runs.append(current)  # a sub-flow that aborted the flow
-        subs = [
+        return [
             run.sub
             for run in runs
             if run.sub is not None
             and (run.status == "done" or (run.status == "failed" and run.sub.held))
         ]
+
+    async def _settle_children(self, commit: bool) -> None:
+        """Tell every sub-flow that waits for this flow's word to keep its
+        effects, or to undo them."""
+        subs = self._waiting_subs()
         if subs:
             await asyncio.gather(*(sub.settle(commit=commit) for sub in subs))
 

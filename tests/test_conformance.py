@@ -176,6 +176,72 @@ async def test_cancel_during_a_step(env: Env):
     assert state.status == "cancelled"
 
 
+async def test_a_cancel_right_after_the_start_cancels_the_flow(env: Env):
+    # Before, on qwit.local, the flow's task was cancelled before it ran:
+    # result() raised a bare CancelledError and state() said running forever.
+    run = new_ledger()
+    async with env.serve(CancelMe):
+        handle = await env.client.start(CancelMe, {"ledger": run})
+        await handle.cancel()
+        kind, err = await outcome(handle)
+        state = await handle.state()
+    assert (kind, state.status) == ("cancelled", "cancelled")
+    assert isinstance(err, qwit.FlowCancelled) and err.rolled_back
+    ledger.assert_fully_undone(run)
+
+
+class Settled(Effect, name="conf.settled"):
+    pass
+
+
+class SettledSub(qwit.Flow, name="conf.settled_sub"):
+    def build_flow(self) -> None:
+        self.step(Settled, {"eid": "inner"})
+
+
+class SettledFlow(qwit.Flow, name="conf.settled_flow"):
+    def build_flow(self) -> None:
+        self.step(Settled, {"eid": "outer"})
+        self.step(SettledSub)
+
+
+async def test_a_cancel_as_the_flow_tells_its_sub_flows_to_keep_their_effects(env: Env):
+    # Once every step has run, the flow tells its sub-flows to keep their
+    # effects; a cancel then is too late and the flow completes. Before, it
+    # ended neither completed nor rolled back (local: a bare CancelledError;
+    # Temporal: "cancelled before it started", nothing undone), state()
+    # running forever. Cancels are swept over the window; on qwit.local (one
+    # event loop, no timing) some land in it for sure.
+    landed = 0
+    async with env.serve(SettledFlow):
+        for tick in range(1, 40):
+            run = new_ledger()
+            handle = await env.client.start(SettledFlow, {"ledger": run})
+            if env.client.backend is qwit.local:
+                for _ in range(tick):
+                    await asyncio.sleep(0)
+            else:
+                await asyncio.sleep(0.005 * tick)
+            before = await handle.state()
+            if before.status == "running" and all(s.status == "done" for s in before.steps):
+                landed += 1
+            with contextlib.suppress(qwit.ReactionError):  # it ended already
+                await handle.cancel()
+            kind, _ = await outcome(handle)
+            state = await handle.state()
+            assert state.status == kind, (tick, kind, state.status)
+            if kind == "completed":
+                assert ledger.undone(run) == []
+                assert sorted(ledger.applied(run)) == ["inner", "outer"]
+            else:
+                assert kind == "cancelled", (tick, kind)
+                ledger.assert_fully_undone(run)
+            if kind == "completed" and before.status in ("completed",):
+                break  # past the window
+    if env.client.backend is qwit.local:
+        assert landed > 0
+
+
 async def test_a_cancel_of_an_ended_flow_is_refused(env: Env):
     run = new_ledger()
     async with env.serve(CancelMe):
