@@ -346,7 +346,8 @@ async def test_bad_args_are_refused_before_anything_runs(client, worker):
         await client.start(ArgsFlow, {"n": float("nan")})
     with pytest.raises(qwit.ArgumentsError, match="dict or a pydantic model"):
         await client.start(ArgsFlow, ["not", "a", "dict"])
-    with pytest.raises(qwit.ArgumentsError, match="payload limit"):
+    # over the payload limit: the contract's PayloadTooLarge (an ArgumentsError)
+    with pytest.raises(qwit.PayloadTooLarge, match="payload limit"):
         await client.start(ArgsFlow, {"blob": "x" * (3 * 1024 * 1024)})
 
 

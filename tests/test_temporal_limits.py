@@ -146,8 +146,15 @@ async def test_the_output_that_pushes_the_args_over_the_limit_fails_its_step(sma
 
 
 async def test_start_args_over_the_namespace_limit_are_refused(small):
-    with pytest.raises(qwit.ArgumentsError, match=f"{LIMIT}-byte payload limit"):
+    with pytest.raises(qwit.PayloadTooLarge, match=f"{LIMIT}-byte payload limit"):
         await small.client.start(Accumulating, {"ledger": "x", "blob": "y" * LIMIT})
+
+    class BigStatic(qwit.Flow, name="limits.big_static"):
+        def build_flow(self) -> None:
+            self.step(Accumulating, {"blob": "y" * LIMIT})
+
+    with pytest.raises(qwit.PayloadTooLarge, match=f"{LIMIT}-byte payload limit"):
+        await small.client.start(BigStatic, {"ledger": "x"})
 
 
 class Many(qwit.Flow):

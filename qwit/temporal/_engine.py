@@ -48,6 +48,7 @@ from .._errors import (
     FlowDefinitionError,
     FlowFailed,
     FlowNotFound,
+    PayloadTooLarge,
     QwitError,
     ReactionError,
     named_error_info,
@@ -649,7 +650,7 @@ class TemporalEngine(Engine):
         _check_plan_length(input.flow)
         input, size, limit = await self._sized(input)
         if size > limit - PAYLOAD_MARGIN:
-            raise ArgumentsError(
+            raise PayloadTooLarge(
                 f"flow {input.flow.name!r}: its args and plan take {size} bytes, over the "
                 f"{limit}-byte payload limit of the namespace; pass "
                 "references (ids, URLs) instead of large values"
