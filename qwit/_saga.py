@@ -94,6 +94,27 @@ END_AFTER_FINALS = "qwit-end-after-finals"
 #: to its end even if a cancel comes meanwhile (older QWIT stopped there,
 #: neither completed nor rolled back).
 COMMIT_THROUGH_CANCEL = "qwit-commit-through-cancel"
+#: A member of a block or map that waits for an operator gives up its place
+#: under ``max_concurrency`` meanwhile (older QWIT kept it: with as many
+#: members waiting as the limit, the others did not run on).
+WAIT_FREES_SLOT = "qwit-wait-frees-slot"
+
+
+class _Slot:
+    """A member's place under its block's ``max_concurrency``."""
+
+    def __init__(self, gate: asyncio.Semaphore) -> None:
+        self.gate = gate
+        self.held = False
+
+    async def take(self) -> None:
+        await self.gate.acquire()
+        self.held = True
+
+    def give(self) -> None:
+        if self.held:
+            self.held = False
+            self.gate.release()
 
 
 @dataclass
@@ -305,6 +326,9 @@ class Interpreter:
             StepRun(node, child_path(input.path, first + i))
             for i, node in enumerate(input.flow.finally_steps)
         ]
+        #: The places under ``max_concurrency`` of the members running now,
+        #: by path.
+        self._slots: dict[str, _Slot] = {}
         #: How the flow ended, held back while its final steps run (None:
         #: nothing held).
         self._end_held: FlowStatus | None = None
@@ -879,9 +903,14 @@ class Interpreter:
             if gate is None:
                 await forward(member)
                 return
-            async with gate:
+            slot = self._slots[member.path] = _Slot(gate)
+            try:
+                await slot.take()
                 if not stops:
                     await forward(member)
+            finally:
+                slot.give()
+                del self._slots[member.path]
 
         tasks.extend(asyncio.ensure_future(one(member)) for member in members)
         try:
@@ -1413,6 +1442,11 @@ class Interpreter:
         step = run.failed_step or run.name
         self.runtime.record("qwit_waits", 1, step=step)
         began = self.runtime.now()
+        # A waiting member of a block or map lets the others run on in its
+        # place; it takes a place again to run once more.
+        slot = self._slots.get(run.path) if direction == "step_forward" else None
+        if slot is not None and slot.held and self.runtime.patched(WAIT_FREES_SLOT):
+            slot.give()
         # No try/finally: a wait that ends in an exception (a cancel, or the
         # engine dropping this flow) must not change the status, because that
         # may publish it, and a dropped flow's coroutine can be closed later,
@@ -1421,7 +1455,10 @@ class Interpreter:
         self.runtime.record("qwit_wait_seconds", self.runtime.now() - began, step=step)
         del self.saga.waits[run.path]
         self._flow_to(self.saga.phase)
-        return self.saga.decisions.pop(run.path)
+        decision = self.saga.decisions.pop(run.path)
+        if slot is not None and not slot.held and decision.reaction == RETRY:
+            await slot.take()
+        return decision
 
     def _preview(self, failed: StepRun) -> list[PreviewItem]:
         return [

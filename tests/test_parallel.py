@@ -377,6 +377,42 @@ async def test_a_waiting_branch_is_shown_and_others_complete(env: Env):
     assert sorted(pl.undone(run)) == ["b", "c"]
 
 
+class WaitingNotify(qwit.Flow, name="par.waiting_notify"):
+    def build_flow(self) -> None:
+        self.map(
+            Work, over="users", item="user", into="notified", max_concurrency=2, on_failure="wait"
+        )
+
+
+async def test_waiting_elements_give_their_place_under_max_concurrency_to_the_others(env: Env):
+    # Two elements of a map of at most 2 at once wait for an operator: the
+    # others run on meanwhile, and the retried ones take places again (still
+    # at most 2 at once). Before, the waiting elements kept their places:
+    # nothing ran until the operator decided.
+    run = new_ledger()
+    users = list(range(6))
+    delay = {f"user-{u}": 0.4 for u in users[2:]}
+    args = {"ledger": run, "users": users, "delay": delay}
+    async with env.serve(WaitingNotify):
+        handle = await env.client.start(
+            WaitingNotify, {**args, "fail": ["user-0", "user-1"], "fail_before": True}
+        )
+        for _ in range(500):
+            state = await handle.state()
+            if len(state.waits) == 2 and "user-2" in pl.applied(run):
+                break
+            await asyncio.sleep(0.02)
+        assert sorted(w.path for w in state.waits) == ["1.1", "1.2"]
+        assert "user-2" in pl.applied(run), "the others did not run on"
+        # decided while the others still run: the retried ones wait for places
+        await handle.react(qwit.RETRY, args={"fail": None}, path="1.1")
+        await handle.react(qwit.RETRY, args={"fail": None}, path="1.2")
+        kind, result = await outcome(handle)
+    assert kind == "completed"
+    assert [next(iter(o)) for o in result["notified"]] == [f"out_user-{u}" for u in users]
+    assert pl.peak(run, "do") <= 2
+
+
 def test_the_graph_forks_and_joins_around_a_block_and_draws_a_map_once():
     from qwit._cli._graph import dot, mermaid
 
