@@ -1018,10 +1018,17 @@ def _multiset_diff(what: str, got: list[str], want: list[str]) -> list[str]:
     return [f"{what} is {got}: it {' and '.join(parts)} (the rules predict {want})"]
 
 
+#: Seconds by which an undo listed first may seem to start after one listed
+#: later has ended. An engine learns that an undo ended when its worker
+#: reports it, and the reports of undos ending together race: on Temporal,
+#: an undo that ended a millisecond after another may reach the server first.
+REPORT_SLACK = 0.005
+
+
 def _order_violations(reported: list[Compensation], execs: list[_Exec]) -> list[str]:
     """QWIT's ``compensations`` (each undo, in the order they ended) against
     the recorded undos, matched by path: one listed before another must not
-    have started after that other ended."""
+    have started after that other ended (give or take ``REPORT_SLACK``)."""
     runs: dict[str, list[tuple[float, float]]] = {}
     for ex in execs:
         for run in ex.undos:
@@ -1037,7 +1044,7 @@ def _order_violations(reported: list[Compensation], execs: list[_Exec]) -> list[
         seen[entry.path] += 1
     for i, (entry, (start, _)) in enumerate(listed):
         for later, (_, later_end) in listed[i + 1 :]:
-            if later_end < start:
+            if later_end < start - REPORT_SLACK:
                 return [
                     f"compensated lists {entry.name} ({entry.path}) before {later.name} "
                     f"({later.path}), but the undo of {later.name} ended "

@@ -22,6 +22,7 @@ from qwit.testing import (
     RollbackCase,
     RollbackCheckFailed,
     RollbackReport,
+    StepCallRecord,
     check_rollbacks,
 )
 from samples.order.flows import PlaceOrder
@@ -536,3 +537,26 @@ async def test_sub_flows_undone_side_by_side_are_listed_in_the_order_their_undos
     those of sub-flows undone side by side are put in the order they ended
     (cr.b2's undo ends at 10 ms, before cr.a1's starts at 50 ms)."""
     await check_rollbacks(TwoSubflows, {}, cases=ONE_CASE)
+
+
+def _undo_record(path: str, start: float, end: float) -> StepCallRecord:
+    return StepCallRecord(path, f"s{path}", "step_back", f"k{path}", 1, start, end, "ok")
+
+
+@pytest.mark.parametrize(("gap", "violated"), [(0.001, False), (0.05, True)])
+def test_undos_ending_together_may_be_listed_in_either_order(gap: float, violated: bool):
+    # The undo of 2 ended `gap` s before the undo of 1 started, yet 1 is
+    # listed first: within the report race of undos ending together (on
+    # Temporal a worker's reports reach the server in either order), not past it.
+    from qwit._errors import Compensation
+    from qwit._rollbacks import _Exec, _order_violations
+
+    execs = [
+        _Exec("1", "s1", "k1", "step_forward", [], None, [[_undo_record("1", 1.0 + gap, 1.1)]]),
+        _Exec("2", "s2", "k2", "step_forward", [], None, [[_undo_record("2", 0.9, 1.0)]]),
+    ]
+    listed = [
+        Compensation(name="s1", path="1", status="compensated"),
+        Compensation(name="s2", path="2", status="compensated"),
+    ]
+    assert bool(_order_violations(listed, execs)) is violated
