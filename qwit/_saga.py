@@ -1198,6 +1198,8 @@ class Interpreter:
         rollback = self._cancel_rolls_back
         info = await sub.cancel(rollback)
         self._absorb(info)
+        if info.step is not None:
+            run.failed_step = info.step  # the step it had in flight (names are flat)
         if not rollback:
             return  # it stopped where it was: the step stays failed
         self._step_to(run, "compensation_failed" if info.failed_compensations else "compensated")

@@ -39,6 +39,18 @@ class CancelInside(qwit.Flow, name="recovery.cancel_inside"):
 
 
 @pytest.mark.parametrize("flow", [CancelMe, CancelInside])
+async def test_a_cancel_names_the_step_in_flight_even_inside_a_sub_flow(env: Env, flow):
+    run = new_ledger()
+    async with env.serve(flow):
+        handle = await env.client.start(flow, {"ledger": run})
+        await ledger.wait_for_mark(run, "started", "Slow")
+        await handle.cancel()
+        kind, err = await outcome(handle)
+    assert (kind, err.step) == ("cancelled", "Slow")
+    ledger.assert_fully_undone(run)
+
+
+@pytest.mark.parametrize("flow", [CancelMe, CancelInside])
 async def test_a_cancel_without_rollback_stops_the_flow_where_it_is(env: Env, flow):
     """The step in flight is cancelled (here it applied its effect first),
     nothing is undone, nothing after it runs; the flow ends cancelled with
@@ -54,6 +66,7 @@ async def test_a_cancel_without_rollback_stops_the_flow_where_it_is(env: Env, fl
     assert kind == "cancelled"
     assert isinstance(err, qwit.FlowCancelled)
     assert err.rolled_back is False
+    assert err.step == "Slow"  # the step in flight, inside the sub-flow too
     assert err.compensated == [] and err.compensations == []
     assert ledger.undone(run) == []
     assert ledger.marks(run, "learned-cancel") == ["Slow"]
