@@ -295,8 +295,16 @@ async def run_step_method(
             result = await deadline.run_thread(method, arg)
             if inspect.isawaitable(result):
                 result = await deadline.run_async(result)
-    except (asyncio.CancelledError, StepFailure):
+    except StepFailure:
         raise
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is None or _cancelling(task) > 0 or outer_cancelled():
+            raise  # the attempt was cancelled: pass it on
+        # Raised by the step's own code (it awaited something cancelled), not
+        # a cancel of the attempt: its failure. (Python 3.10 can't tell them
+        # apart, and passes it on.)
+        raise StepFailure(error_info(exc, attempt=attempt)) from exc
     except BaseException as exc:  # any raise is the step's failure
         if deadline.fired:
             raise deadline.error() from exc

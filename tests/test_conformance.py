@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -240,6 +241,40 @@ async def test_a_cancel_as_the_flow_tells_its_sub_flows_to_keep_their_effects(en
                 break  # past the window
     if env.client.backend is qwit.local:
         assert landed > 0
+
+
+class RaisesCancelled(Effect, name="conf.raises_cancelled"):
+    """Its first attempt awaits a task that was cancelled: the step's own
+    ``CancelledError``, not a cancel of the attempt."""
+
+    retry = qwit.Retry(max_attempts=2, initial_interval=0.05)
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any] | None:
+        if qwit.context().attempt == 1:
+            inner = asyncio.ensure_future(asyncio.sleep(10))
+            await asyncio.sleep(0)
+            inner.cancel()
+            await inner
+        return await super().step_forward(args)
+
+
+class RaisesCancelledFlow(qwit.Flow, name="conf.raises_cancelled_flow"):
+    def build_flow(self) -> None:
+        self.step(RaisesCancelled)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="Python 3.10 can't tell the two apart")
+async def test_a_cancelled_error_raised_by_a_step_is_its_failure(env: Env):
+    # Before, on qwit.local, it ended the flow's task (a bare CancelledError,
+    # state() running forever); on Temporal its message was lost.
+    run = new_ledger()
+    async with env.serve(RaisesCancelledFlow):
+        handle = await env.client.start(RaisesCancelledFlow, {"ledger": run})
+        kind, _ = await outcome(handle)
+        state = await handle.state()
+    assert kind == "completed"
+    assert (state.steps[0].status, state.steps[0].attempts) == ("done", 2)
+    assert ledger.applied(run) == ["conf.raises_cancelled"]
 
 
 async def test_a_cancel_of_an_ended_flow_is_refused(env: Env):
