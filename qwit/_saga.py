@@ -84,7 +84,9 @@ FORWARD_DECISIONS = [RETRY, SKIP, SKIPBACK, ROLLBACK, ABORT]
 #: A sub-flow that aborts keeps its effects until its parent says whether to
 #: undo them (``FlowInput.abort_held``): what the parent records changes.
 ABORT_HELD = "qwit-abort-held"
-BACK_DECISIONS = [RETRY, SKIP]
+#: An operator's choices for a failed undo: run it again, leave it and go on
+#: with the rollback, or stop the rollback there (as ``back_on_failure=ABORT``).
+BACK_DECISIONS = [RETRY, SKIP, ABORT]
 #: An operator's RETRY of a failed undo merges its args into the undo's.
 BACK_RETRY_ARGS = "qwit-back-retry-args"
 #: A flow with final steps shows (and publishes) how it ended once they have
@@ -471,6 +473,14 @@ class Interpreter:
         self.saga.status = status
         self._record("", self.input.flow.name, status)
         self.runtime.status_changed(status)
+
+    def _stopped(self, run: StepRun) -> None:
+        """A step stopped mid-run (its flow or block was cancelled) has failed;
+        the attempt it was in counts (how many more ran, retried by the
+        engine, is not known here)."""
+        if isinstance(run.node, StepNode) and run.status == "running":
+            run.attempts += 1
+        self._step_to(run, "failed")
 
     def _step_to(self, run: StepRun, status: StepStatus) -> None:
         run.status = status
@@ -937,7 +947,7 @@ class Interpreter:
         for member in group.members:
             self.saga.waits.pop(member.path, None)
             if member.status == "running":
-                self._step_to(member, "failed")
+                self._stopped(member)
             stopped = _stopped_subflow(member)
             if stopped is not None:
                 await self._cancel_subflow(member, stopped)
@@ -1162,7 +1172,7 @@ class Interpreter:
         in_flight = self.saga.current
         undo: StepRun | None = None
         if in_flight is not None:
-            self._step_to(in_flight, "failed")
+            self._stopped(in_flight)
             stopped = _stopped_subflow(in_flight)
             if stopped is not None:
                 await self._cancel_subflow(in_flight, stopped)
@@ -1177,7 +1187,7 @@ class Interpreter:
         flight stops likewise; sub-flows that ran keep their effects."""
         in_flight = self.saga.current
         if in_flight is not None:
-            self._step_to(in_flight, "failed")
+            self._stopped(in_flight)
             stopped = _stopped_subflow(in_flight)
             if stopped is not None:
                 await self._cancel_subflow(in_flight, stopped)
@@ -1347,6 +1357,7 @@ class Interpreter:
                 run.back_attempts += failure.info.attempt
                 run.back_error = failure.info
                 self._step_to(run, "compensation_failed")
+                stop = node.back_on_failure == ABORT
                 if node.back_on_failure == WAIT:
                     decision = await self._wait(run, "step_back", BACK_DECISIONS)
                     if decision.reaction == RETRY:
@@ -1355,8 +1366,9 @@ class Interpreter:
                             run.back_args = {**(run.back_args or {}), **decision.args}
                         self._step_to(run, "compensating")
                         continue
+                    stop = decision.reaction == ABORT
                 self._undone(run, failure.info)
-                if node.back_on_failure == ABORT:
+                if stop:
                     self.saga.rollback_stopped = True  # what is left stays as it is
                 return
             run.back_attempts += result.attempt
@@ -1562,11 +1574,13 @@ class Interpreter:
 
 
 def _step_state(run: StepRun) -> StepState:
+    # a step running now is in an attempt that has not ended yet
+    running = run.status == "running" and isinstance(run.node, StepNode)
     return StepState(
         name=run.name,
         path=run.path,
         status=run.status,
-        attempts=run.attempts,
+        attempts=run.attempts + running,
         back_attempts=run.back_attempts,
         back_error=run.back_error,
         kind=run.kind,

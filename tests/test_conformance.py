@@ -167,6 +167,7 @@ async def test_cancel_during_a_step(env: Env):
     async with env.serve(CancelMe):
         handle = await env.client.start(CancelMe, {"ledger": run})
         await ledger.wait_for_mark(run, "started", "Slow")
+        running = await handle.state()
         await handle.cancel()
         await handle.cancel()
         kind, err = await outcome(handle)
@@ -175,6 +176,9 @@ async def test_cancel_during_a_step(env: Env):
     assert err.compensated == ["Slow", "A"]
     ledger.assert_fully_undone(run)
     assert state.status == "cancelled"
+    # the attempt in flight counts, while it runs and once it was cancelled
+    assert [(s.status, s.attempts) for s in running.steps][:2] == [("done", 1), ("running", 1)]
+    assert [s.attempts for s in state.steps][:2] == [1, 1]
 
 
 async def test_a_cancel_right_after_the_start_cancels_the_flow(env: Env):
@@ -599,6 +603,24 @@ async def test_wait_on_compensation_then_retry(env: Env):
         ["react.C", "react.fixable_back", "react.A"],
     )
     ledger.assert_fully_undone(run)
+
+
+async def test_wait_on_compensation_then_abort_stops_the_rollback_there(env: Env):
+    # The contract's WAIT takes "one of the above": ABORT at a failed undo
+    # stops the rollback there, as back_on_failure=ABORT does.
+    run = new_ledger()
+    async with env.serve(FixableFlow):
+        handle = await env.client.start(FixableFlow, {"ledger": run, "fail": "react.C"})
+        state = await wait_status(handle, "waiting")
+        assert state.waiting is not None and "abort" in state.waiting.allowed
+        await handle.react(qwit.ABORT)
+        kind, err = await outcome(handle)
+    assert kind == "compensation_failed"
+    assert err.compensated == ["react.C"]
+    assert err.failed_compensations == ["react.fixable_back"]
+    assert err.not_compensated == ["react.A"]
+    # (react.C failed before its effect: its undo had nothing to do)
+    assert ledger.undone(run) == []  # react.A left as it is
 
 
 class Local(Effect, name="conformance.local"):

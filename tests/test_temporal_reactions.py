@@ -302,7 +302,7 @@ async def test_wait_on_a_failed_compensation_then_retry(client, worker):
         assert state.waiting is not None
         assert state.waiting.direction == "step_back"
         assert state.waiting.step == "react.fixable_back"
-        assert state.waiting.allowed == ["retry", "skip"]
+        assert state.waiting.allowed == ["retry", "skip", "abort"]
         assert [s.status for s in state.steps] == [
             "done",
             "compensation_failed",
