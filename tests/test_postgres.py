@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -809,4 +810,81 @@ async def test_a_flow_whose_plan_is_newer_than_the_worker_waits_for_one_that_rea
         result = await asyncio.wait_for(handle.result(), 30)
     assert result["out_inner"] == "-"
     assert sorted(ledger.applied(run)) == ["inner", "pg.B"]
+    await client.close()
+
+
+class PgX1(Effect, name="pg.X1"):
+    pass
+
+
+class PgX2(Effect, name="pg.X2"):
+    pass
+
+
+class PgServedApart(qwit.Flow, name="pg.served_apart", backend=qwit.postgres):
+    def build_flow(self) -> None:
+        self.step(PgX1)
+        self.step(PgX2)
+
+
+class PgNobody(Effect, name="pg.Nobody"):
+    pass
+
+
+class PgPartlyServed(qwit.Flow, name="pg.partly_served", backend=qwit.postgres):
+    def build_flow(self) -> None:
+        self.step(PgA)
+        self.step(PgNobody)
+
+
+@pytest.mark.parametrize("inline", [True, False])
+async def test_workers_serving_different_flows_run_every_flow(postgres_dsn: str, inline: bool):
+    # Two workers of one database serve different modules: the driver of a
+    # flow may run on either, and either may take its step jobs. Before, a
+    # worker that took a step it does not serve failed the flow at once
+    # (StepNotRegistered), though the other worker serves it.
+    await prepare(postgres_dsn)
+    client = await client_for(postgres_dsn)
+    runs = [new_ledger() for _ in range(10)]
+    async with (
+        worker(postgres_dsn, PgServedApart, inline=inline),
+        worker(postgres_dsn, PgOuter, inline=inline),
+    ):
+        handles = [await client.start(PgServedApart, {"ledger": run}) for run in runs]
+        handles.append(await client.start(PgOuter, {"ledger": new_ledger()}))
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(*(h.result() for h in handles), return_exceptions=True), 60
+        )
+    assert [o for o in outcomes if isinstance(o, BaseException)] == []
+    assert all(ledger.applied(run) == ["pg.X1", "pg.X2"] for run in runs)
+    await client.close()
+
+
+async def test_a_step_no_worker_serves_fails_the_flow_in_bounded_time(postgres_dsn: str):
+    await prepare(postgres_dsn)
+    client = await qwit.connect(
+        backend=qwit.postgres,
+        settings=[PostgresSettings(postgres_dsn)],
+        unserved_step_timeout=2,
+    )
+    run = new_ledger()
+    async with worker(postgres_dsn, PgA), worker(postgres_dsn, PgB):
+        began = time.monotonic()
+        with pytest.raises(qwit.FlowRolledBack) as info:
+            await asyncio.wait_for(client.run(PgPartlyServed, {"ledger": run}), 30)
+        took = time.monotonic() - began
+        rows = await sql(
+            postgres_dsn,
+            "SELECT count(*) FROM procrastinate_jobs WHERE task_name = 'qwit.step'",
+        )
+    err = info.value
+    assert 2 <= took < 10, took
+    assert err.step == "pg.Nobody"
+    assert err.error_type == "qwit.StepNotRegistered"
+    assert "'pg.Nobody'" in err.reason and "'qwit.steps'" in err.reason
+    assert repr(postgres_dsn.rsplit("/", 1)[1]) in err.reason  # the database
+    assert "no worker served it for 2s" in err.reason
+    assert err.compensated == ["pg.A"]
+    assert ledger.entries(run) == [("do", "pg.A"), ("undo", "pg.A")]
+    assert rows == [(0,)]  # every step job finished with its record
     await client.close()
