@@ -171,12 +171,15 @@ class Client:
         Args:
             flow: The Flow class to run.
             args: The flow's input: a dict (or pydantic model) of JSON values.
-            id: The flow's id (default: ``<FlowName>-<uuid>``). On Temporal,
-                starting a second flow with the id of a running one fails.
+            id: The flow's id (default: ``<FlowName>-<uuid>``). Starting a
+                flow with the id of a running (or waiting) one fails; the id
+                of an ended one starts a new execution, with fresh
+                idempotency keys.
 
         Raises:
             FlowDefinitionError: the flow is defined wrongly.
-            ArgumentsError: the args can't be sent.
+            ArgumentsError: the args can't be sent, or a flow with this id
+                is running.
         """
         input = self.prepare(flow, args, id=id)
         return await self.engine(self.backend or flow.backend).start(flow, input)

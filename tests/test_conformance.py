@@ -574,6 +574,31 @@ async def test_wait_retry_with_args_and_state(env: Env):
     assert [s.attempts for s in state.steps] == [1, 3, 1]
 
 
+async def test_a_new_flow_may_take_an_ended_flows_id_not_a_running_ones(env: Env):
+    run, again = new_ledger(), new_ledger()
+    flow_id = f"reused-{run}"
+    async with env.serve(ApprovalFlow):
+        first = await env.client.start(ApprovalFlow, {"ledger": run}, id=flow_id)
+        await wait_status(first, "waiting")
+        with pytest.raises(qwit.ArgumentsError, match="is already running"):
+            await env.client.start(ApprovalFlow, {"ledger": again}, id=flow_id)
+        await first.react(qwit.ROLLBACK)
+        kind, _ = await outcome(first)
+        second = await env.client.start(
+            ApprovalFlow, {"ledger": again, "approved": True}, id=flow_id
+        )
+        result = await asyncio.wait_for(second.result(), 60)
+        state = await second.state()
+        # the new run's records are what a redrive reads (it completed)
+        with pytest.raises(qwit.ReactionError, match="completed"):
+            await env.client.redrive(flow_id)
+    assert kind == "rolled_back"
+    assert result["ledger"] == again and result["approved_by"] == "operator"
+    assert state.status == "completed"
+    assert [(s.status, s.attempts) for s in state.steps] == [("done", 1)] * 3
+    assert ledger.entries(again) == [("do", "react.A"), ("do", "approval"), ("do", "react.C")]
+
+
 async def test_wait_then_rollback(env: Env):
     run = new_ledger()
     async with env.serve(ApprovalFlow):

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -123,12 +124,13 @@ async def test_a_database_of_an_earlier_schema_is_upgraded(
     monkeypatch.undo()
     await prepare(postgres_dsn)
     rows = await sql(postgres_dsn, "SELECT version FROM qwit.schema_version ORDER BY version")
-    assert [row[0] for row in rows] == [1, 2]
+    assert [row[0] for row in rows] == [1, 2, 3]
     assert await sql(
         postgres_dsn,
         "SELECT 1 FROM information_schema.columns WHERE table_schema = 'qwit' "
         "AND table_name = 'flows' AND column_name = 'trace'",
     ) == [(1,)]
+    assert await sql(postgres_dsn, "SELECT to_regclass('qwit.runs') IS NOT NULL") == [(True,)]
 
 
 async def test_a_schema_newer_than_this_qwit_is_refused(postgres_dsn: str):
@@ -148,6 +150,83 @@ async def test_a_client_needs_a_dsn(monkeypatch: pytest.MonkeyPatch):
     client = await qwit.connect(backend=qwit.postgres)
     with pytest.raises(qwit.ArgumentsError, match="QWIT_POSTGRES_DSN"):
         await client.start(PgOuter, {"ledger": new_ledger()})
+
+
+# -- flow ids --------------------------------------------------------------------------
+
+#: The idempotency keys each ledger's PgKeyed ran under.
+KEYS: dict[str, list[str]] = {}
+
+
+class PgKeyed(Effect, name="pg.Keyed"):
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any] | None:
+        KEYS.setdefault(args["ledger"], []).append(qwit.context().idempotency_key)
+        return await super().step_forward(args)
+
+
+class PgReused(qwit.Flow, name="pg.reused", backend=qwit.postgres):
+    def build_flow(self) -> None:
+        self.step(PgKeyed)
+        self.step(PgGate)
+
+
+async def test_a_flow_may_take_an_ended_flows_id_as_a_new_execution(postgres_dsn: str):
+    # Before, a start with the id of an ended flow was refused ("a flow with
+    # id ... exists"), where Temporal and qwit.local start a new execution.
+    await prepare(postgres_dsn)
+    client, other = await client_for(postgres_dsn), await client_for(postgres_dsn)
+    flow_id = f"reused-{new_ledger()}"
+    first_run, runs = new_ledger(), [new_ledger(), new_ledger()]
+    for run in (first_run, *runs):
+        GATES[run] = asyncio.Event()
+    async with worker(postgres_dsn, PgReused):
+        first = await client.start(PgReused, {"ledger": first_run}, id=flow_id)
+        await ledger.wait_for_mark(first_run, "started", "pg.Gate")
+        with pytest.raises(qwit.ArgumentsError, match="is already running"):
+            await client.start(PgReused, {"ledger": runs[0]}, id=flow_id)
+        await first.cancel()
+        with pytest.raises(qwit.FlowCancelled):
+            await asyncio.wait_for(first.result(), 30)
+        # two clients start the ended id at once: one starts a new execution
+        started = await asyncio.gather(
+            client.start(PgReused, {"ledger": runs[0]}, id=flow_id),
+            other.start(PgReused, {"ledger": runs[1]}, id=flow_id),
+            return_exceptions=True,
+        )
+        refused = [s for s in started if isinstance(s, BaseException)]
+        assert len(refused) == 1 and "is already running" in str(refused[0]), started
+        (second,) = [s for s in started if isinstance(s, qwit.FlowHandle)]
+        won = runs[0] if started[0] is second else runs[1]
+        for run in runs:
+            GATES[run].set()
+        result = await asyncio.wait_for(second.result(), 30)
+        state = await second.state()
+        latest = await client.get_handle(flow_id).result()
+        # the first run's handle keeps to its run, as on Temporal
+        with pytest.raises(qwit.FlowCancelled):
+            await first.result()
+        old_state = await first.state()
+        with pytest.raises(qwit.ReactionError, match="already ended"):
+            await first.cancel()
+        # what a redrive reads is the new run's (completed), not the first's
+        with pytest.raises(qwit.ReactionError, match="completed"):
+            await client.redrive(flow_id)
+    assert result["ledger"] == won and latest == result
+    assert state.status == "completed"
+    assert [(s.status, s.attempts) for s in state.steps] == [("done", 1), ("done", 1)]
+    assert old_state.status == "cancelled" and old_state.args["ledger"] == first_run
+    assert ledger.entries(first_run) == [
+        ("do", "pg.Keyed"),
+        ("started", "pg.Gate"),
+        ("undo", "pg.Keyed"),
+    ]
+    assert ledger.applied(won) == ["pg.Keyed", "pg.Gate"]
+    assert ledger.entries(runs[1] if won == runs[0] else runs[0]) == []
+    # fresh keys: the new execution's are not the first's
+    (old_key,), (new_key,) = KEYS[first_run], KEYS[won]
+    assert old_key != new_key and old_key.split("/")[0] != new_key.split("/")[0]
+    await client.close()
+    await other.close()
 
 
 # -- two engines, one client --------------------------------------------------------
@@ -731,4 +810,81 @@ async def test_a_flow_whose_plan_is_newer_than_the_worker_waits_for_one_that_rea
         result = await asyncio.wait_for(handle.result(), 30)
     assert result["out_inner"] == "-"
     assert sorted(ledger.applied(run)) == ["inner", "pg.B"]
+    await client.close()
+
+
+class PgX1(Effect, name="pg.X1"):
+    pass
+
+
+class PgX2(Effect, name="pg.X2"):
+    pass
+
+
+class PgServedApart(qwit.Flow, name="pg.served_apart", backend=qwit.postgres):
+    def build_flow(self) -> None:
+        self.step(PgX1)
+        self.step(PgX2)
+
+
+class PgNobody(Effect, name="pg.Nobody"):
+    pass
+
+
+class PgPartlyServed(qwit.Flow, name="pg.partly_served", backend=qwit.postgres):
+    def build_flow(self) -> None:
+        self.step(PgA)
+        self.step(PgNobody)
+
+
+@pytest.mark.parametrize("inline", [True, False])
+async def test_workers_serving_different_flows_run_every_flow(postgres_dsn: str, inline: bool):
+    # Two workers of one database serve different modules: the driver of a
+    # flow may run on either, and either may take its step jobs. Before, a
+    # worker that took a step it does not serve failed the flow at once
+    # (StepNotRegistered), though the other worker serves it.
+    await prepare(postgres_dsn)
+    client = await client_for(postgres_dsn)
+    runs = [new_ledger() for _ in range(10)]
+    async with (
+        worker(postgres_dsn, PgServedApart, inline=inline),
+        worker(postgres_dsn, PgOuter, inline=inline),
+    ):
+        handles = [await client.start(PgServedApart, {"ledger": run}) for run in runs]
+        handles.append(await client.start(PgOuter, {"ledger": new_ledger()}))
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(*(h.result() for h in handles), return_exceptions=True), 60
+        )
+    assert [o for o in outcomes if isinstance(o, BaseException)] == []
+    assert all(ledger.applied(run) == ["pg.X1", "pg.X2"] for run in runs)
+    await client.close()
+
+
+async def test_a_step_no_worker_serves_fails_the_flow_in_bounded_time(postgres_dsn: str):
+    await prepare(postgres_dsn)
+    client = await qwit.connect(
+        backend=qwit.postgres,
+        settings=[PostgresSettings(postgres_dsn)],
+        unserved_step_timeout=2,
+    )
+    run = new_ledger()
+    async with worker(postgres_dsn, PgA), worker(postgres_dsn, PgB):
+        began = time.monotonic()
+        with pytest.raises(qwit.FlowRolledBack) as info:
+            await asyncio.wait_for(client.run(PgPartlyServed, {"ledger": run}), 30)
+        took = time.monotonic() - began
+        rows = await sql(
+            postgres_dsn,
+            "SELECT count(*) FROM procrastinate_jobs WHERE task_name = 'qwit.step'",
+        )
+    err = info.value
+    assert 2 <= took < 10, took
+    assert err.step == "pg.Nobody"
+    assert err.error_type == "qwit.StepNotRegistered"
+    assert "'pg.Nobody'" in err.reason and "'qwit.steps'" in err.reason
+    assert repr(postgres_dsn.rsplit("/", 1)[1]) in err.reason  # the database
+    assert "no worker served it for 2s" in err.reason
+    assert err.compensated == ["pg.A"]
+    assert ledger.entries(run) == [("do", "pg.A"), ("undo", "pg.A")]
+    assert rows == [(0,)]  # every step job finished with its record
     await client.close()

@@ -105,11 +105,22 @@ def create_engine(client: EngineHost) -> PostgresEngine:
 
 
 class PostgresFlowHandle(FlowHandle):
-    """A flow on the PostgreSQL engine."""
+    """A flow on the PostgreSQL engine.
 
-    def __init__(self, engine: PostgresEngine, flow_id: str) -> None:
+    A handle that ``start`` or ``redrive`` returned keeps to its run, as a
+    Temporal handle does: once a later run takes the flow's id (a new flow
+    that reuses it, a redrive), it still reads the run it started, which has
+    ended (its outcome and last state are kept in ``qwit.runs``). A handle
+    from ``get_handle`` follows the id's latest run.
+
+    Attributes:
+        run_id: The run it keeps to (None: the latest).
+    """
+
+    def __init__(self, engine: PostgresEngine, flow_id: str, run_id: str | None = None) -> None:
         self.id = flow_id
         self.engine = name
+        self.run_id = run_id
         self._engine = engine
 
     async def _row(self, flow_id: str) -> dict[str, Any]:
@@ -117,9 +128,20 @@ class PostgresFlowHandle(FlowHandle):
             "SELECT id, run_id, name, status, state, outcome, ended FROM qwit.flows WHERE id = %s",
             flow_id,
         )
-        if row is None:
-            raise FlowNotFound(f"no flow {flow_id!r} on the postgres engine")
-        return row
+        if row is not None and (
+            flow_id != self.id or self.run_id is None or row["run_id"] == self.run_id
+        ):
+            return row
+        if row is not None:  # a later run took the id: this one ended before it
+            ended = await self._engine.fetch(
+                "SELECT flow_id AS id, run_id, name, status, state, outcome, true AS ended "
+                "FROM qwit.runs WHERE run_id = %s",
+                self.run_id,
+            )
+            if ended is not None:
+                return ended
+            raise FlowNotFound(f"no run {self.run_id!r} of flow {flow_id!r} on the postgres engine")
+        raise FlowNotFound(f"no flow {flow_id!r} on the postgres engine")
 
     async def result(self) -> dict[str, Any]:
         down_since: float | None = None
@@ -270,25 +292,74 @@ class PostgresEngine(Engine):
             return await cur.fetchall()
 
     async def start(self, flow: type[Flow], input: FlowInput) -> FlowHandle:
+        """Start a flow: a new one, or a new execution of an ended flow's id
+        (as on Temporal: its earlier run ends in ``qwit.runs``, where the
+        handles of that run still find it).
+
+        Raises:
+            ArgumentsError: a flow with this id is running (or waiting).
+        """
         run_id = new_run(input.root_id)
+        running = ArgumentsError(f"a flow with id {input.root_id!r} is already running")
         async with self._connect() as conn, conn.transaction():
+            # Locked, and read again once a start of the same id by another
+            # client commits: of two starts of one ended id, one wins.
             cur = await conn.execute(
-                "INSERT INTO qwit.flows (id, run_id, root_id, name, input, trace, status) "
-                "VALUES (%s, %s, %s, %s, %s, %s, 'running') ON CONFLICT (id) DO NOTHING "
-                "RETURNING id",
-                [
-                    input.root_id,
-                    run_id,
-                    input.root_id,
-                    input.flow.name,
-                    json.dumps(input.model_dump(mode="json")),
-                    json.dumps(trace) if (trace := self._trace()) else None,
-                ],
+                "SELECT ended FROM qwit.flows WHERE id = %s FOR UPDATE", [input.root_id]
             )
-            if await cur.fetchone() is None:
-                raise ArgumentsError(f"a flow with id {input.root_id!r} exists")
+            taken = await cur.fetchone()
+            if taken is None:
+                cur = await conn.execute(
+                    "INSERT INTO qwit.flows (id, run_id, root_id, name, input, trace, status) "
+                    "VALUES (%s, %s, %s, %s, %s, %s, 'running') ON CONFLICT (id) DO NOTHING "
+                    "RETURNING id",
+                    [
+                        input.root_id,
+                        run_id,
+                        input.root_id,
+                        input.flow.name,
+                        json.dumps(input.model_dump(mode="json")),
+                        json.dumps(trace) if (trace := self._trace()) else None,
+                    ],
+                )
+                if await cur.fetchone() is None:  # (started by another client just now)
+                    raise running
+            elif not taken[0]:
+                raise running
+            else:
+                await self._new_run(conn, input, run_id, fresh=True)
             await drive(conn, input.root_id, run_id, FLOW_QUEUE)
-        return PostgresFlowHandle(self, input.root_id)
+        return PostgresFlowHandle(self, input.root_id, run_id)
+
+    async def _new_run(
+        self, conn: psycopg.AsyncConnection[Any], input: FlowInput, run_id: str, *, fresh: bool
+    ) -> None:
+        """Give the ended flow ``input.root_id`` (its row locked by the
+        caller's transaction) the run ``run_id`` of ``input``, keeping how its
+        run ended in ``qwit.runs``. Nothing of that run reaches the new one:
+        its journal, commands and attempts are its run's, its state, outcome
+        and records are cleared. ``fresh``: a new flow (it starts now), not a
+        redrive of the flow."""
+        await conn.execute(
+            "INSERT INTO qwit.runs (run_id, flow_id, name, status, state, outcome, created_at, "
+            "ended_at) SELECT run_id, id, name, status, state, outcome, created_at, updated_at "
+            "FROM qwit.flows WHERE id = %s AND ended ON CONFLICT (run_id) DO NOTHING",
+            [input.root_id],
+        )
+        await conn.execute(
+            "UPDATE qwit.flows SET run_id = %s, name = %s, input = %s, status = 'running', "
+            "state = NULL, outcome = NULL, records = NULL, ended = false, trace = %s, "
+            "updated_at = now(), created_at = CASE WHEN %s THEN now() ELSE created_at END "
+            "WHERE id = %s",
+            [
+                run_id,
+                input.flow.name,
+                json.dumps(input.model_dump(mode="json")),
+                json.dumps(trace) if (trace := self._trace()) else None,
+                fresh,
+                input.root_id,
+            ],
+        )
 
     def get_handle(self, flow_id: str) -> FlowHandle:
         return PostgresFlowHandle(self, flow_id)
@@ -318,20 +389,20 @@ class PostgresEngine(Engine):
         run_id = new_run(input.root_id)
         async with self._connect() as conn, conn.transaction():
             cur = await conn.execute(
-                "UPDATE qwit.flows SET run_id = %s, input = %s, status = 'running', state = NULL, "
-                "outcome = NULL, records = NULL, ended = false, updated_at = now(), trace = %s "
-                "WHERE id = %s AND ended RETURNING id",
-                [
-                    run_id,
-                    json.dumps(input.model_dump(mode="json")),
-                    json.dumps(trace) if (trace := self._trace()) else None,
-                    input.root_id,
-                ],
+                "SELECT ended, run_id FROM qwit.flows WHERE id = %s FOR UPDATE", [input.root_id]
             )
-            if await cur.fetchone() is None:
+            row = await cur.fetchone()
+            if row is None or not row[0]:
                 raise ReactionError(f"flow {input.root_id!r} is running again already")
+            of_run = input.redrive.of_run if input.redrive is not None else None
+            if of_run is not None and row[1] != of_run:
+                raise ReactionError(
+                    f"flow {input.root_id!r} has had a new run since its records were read: "
+                    "redrive it again"
+                )
+            await self._new_run(conn, input, run_id, fresh=False)
             await drive(conn, input.root_id, run_id, FLOW_QUEUE)
-        return PostgresFlowHandle(self, input.root_id)
+        return PostgresFlowHandle(self, input.root_id, run_id)
 
 
 __all__ = [

@@ -136,6 +136,11 @@ def new_run(flow_id: str) -> str:
     return f"{flow_id}@{uuid.uuid4().hex[:12]}"
 
 
+def flow_of_run(run_id: str) -> str:
+    """The flow id of a run id (``new_run``'s)."""
+    return run_id.rpartition("@")[0]
+
+
 async def drive(conn: Conn, flow_id: str, run_id: str, queue: str) -> None:
     """Enqueue the driver job of a flow's run, in ``conn``'s transaction
     (locked on the run: no two drivers hold it at once)."""
@@ -893,6 +898,7 @@ __all__ = [
     "add_event",
     "defer",
     "drive",
+    "flow_of_run",
     "new_run",
 ]
 

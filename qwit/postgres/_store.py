@@ -40,7 +40,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 #: The schema version this QWIT writes and understands.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -95,6 +95,21 @@ MIGRATIONS: dict[int, str] = {
     # caller's span for a root flow, its parent's for a sub-flow
     2: """
     ALTER TABLE qwit.flows ADD COLUMN IF NOT EXISTS trace json;
+    """,
+    # the ended runs of flows whose id a later run took (a new flow that
+    # reuses the id, a redrive), for the handles that keep to those runs
+    3: """
+    CREATE TABLE IF NOT EXISTS qwit.runs (
+        run_id text PRIMARY KEY,
+        flow_id text NOT NULL,
+        name text NOT NULL,
+        status text NOT NULL,
+        state json,
+        outcome json,
+        created_at timestamptz NOT NULL,
+        ended_at timestamptz NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS runs_flow ON qwit.runs (flow_id);
     """,
 }
 

@@ -15,6 +15,12 @@ once, without a trip through the queue; the driver finishes it when it
 delivers its result. If the worker dies, procrastinate's stalled-job sweep
 puts the job back in the queue, for any worker serving the step.
 
+A step job taken from the queue by a worker that does not serve its step
+(workers of one database serving different modules, a rolling deploy) goes
+back to the queue for another worker, offered again with a backoff, as on
+Temporal; the step fails with ``StepNotRegistered`` only once no worker has
+served it for the plan's ``unserved_step_timeout``.
+
 Besides procrastinate's workers, a worker listens on ``qwit_events`` to wake
 the drivers whose inbox got a row, and sweeps for jobs of dead workers
 (procrastinate's stalled jobs: a worker that stopped heartbeating) and runs
@@ -41,11 +47,19 @@ from .._errors import StepFailure, StepNotRegistered, error_info
 from .._memory import Heartbeats
 from .._metrics import WAITING_EVERY, Metrics
 from .._options import DEFAULT_TIMEOUT_GRACE
-from .._plan import PLAN_VERSION, PlanTooNew, StepCall, StepNode, StepReturn
+from .._plan import PLAN_VERSION, FlowInput, PlanTooNew, StepCall, StepNode, StepReturn
 from .._runner import Registry, run_watched_step_method
 from .._signals import stop_on_signals
 from .._tracing import continued, require_opentelemetry, tracer_provider, tracing_from_env
-from ._driver import FINISH_STEP_JOB, FLOW_TASK, STEP_TASK, Driver, Superseded, add_event
+from ._driver import (
+    FINISH_STEP_JOB,
+    FLOW_TASK,
+    STEP_TASK,
+    Driver,
+    Superseded,
+    add_event,
+    flow_of_run,
+)
 from ._pool import Connections
 from ._store import CHANNEL, fetch_flow, migrate
 
@@ -93,6 +107,23 @@ async def prepare(dsn: str) -> None:
 #: again (to a worker that may read it).
 PLAN_TOO_NEW_RETRY = 5.0
 
+#: A step job taken by a worker that does not serve its step goes back to the
+#: queue for this many seconds, doubled at each offer up to the max (as on
+#: Temporal), for the plan's ``unserved_step_timeout``.
+UNSERVED_RETRY_FIRST = 0.2
+UNSERVED_RETRY_MAX = 2.0
+#: Steps a worker logs its first refusal of (later ones go to DEBUG).
+MAX_REFUSED_LOGGED = 100
+
+#: How long ago a step job's step was asked for, its flow's input (NULL:
+#: the run is over) and the database's name.
+UNSERVED = """
+SELECT current_database(),
+    (SELECT f.input FROM qwit.flows f WHERE f.id = %(flow_id)s AND f.run_id = %(run_id)s),
+    (SELECT extract(epoch FROM clock_timestamp() - c.created_at)::float8 FROM qwit.commands c
+     WHERE c.run_id = %(run_id)s AND c.key = %(key)s)
+"""
+
 
 class _FlowJobRetry(procrastinate.BaseRetryStrategy):
     """Flow jobs run again when they stop: at once when their worker stopped
@@ -118,8 +149,10 @@ class PostgresWorker:
 
     Args:
         dsn: The PostgreSQL connection string.
-        *members: What it serves: a step job of a step it did not register
-            fails with ``StepNotRegistered``.
+        *members: What it serves. A step job of a step it did not register
+            goes back to the queue, for a worker that serves it; the step
+            fails with ``StepNotRegistered`` once none has for the flow's
+            ``unserved_step_timeout``.
         concurrency: Steps run at once.
         flows: Flows driven at once (a driver is light: a flow that waits
             holds one).
@@ -192,6 +225,11 @@ class PostgresWorker:
         self._unfinished: dict[int, tuple[str, bool]] = {}
         #: Jobs held under its id that it no longer ran at the last heartbeat.
         self._orphans: set[int] = set()
+        #: Step jobs of steps it does not serve that it put back in the queue
+        #: (procrastinate's worker must not finish them).
+        self._offered: set[int] = set()
+        #: Steps whose refusal it has logged.
+        self._refused: set[str] = set()
         self._wakeups: dict[str, asyncio.Event] = {}
         self._drivers: dict[str, Driver] = {}
         self._tasks: list[asyncio.Task[Any]] = []
@@ -255,16 +293,78 @@ class PostgresWorker:
         node: dict[str, Any],
         call: dict[str, Any],
         trace: dict[str, str] | None = None,
-    ) -> None:
-        assert context.job.id is not None
+    ) -> str | None:
+        job = context.job
+        assert job.id is not None
+        step = str(call.get("step"))
+        if self.registry.get(step) is None:
+            return await self._unserved(job.id, job.attempts, run_id, key, step)
         await self._step(
             run_id,
             key,
             node,
             call,
-            context.job.id,
+            job.id,
             lambda: context.abort_reason() == AbortReason.USER_REQUEST,
             trace=trace,
+        )
+        return None
+
+    async def _unserved(self, job: int, offers: int, run_id: str, key: str, step: str) -> str:
+        """A step job of a step this worker does not serve: back to the queue,
+        where another worker may serve it (workers of different modules, a
+        rolling deploy), after a backoff; once the plan's
+        ``unserved_step_timeout`` has passed since the flow asked for the
+        step, its end instead: the step failed with ``StepNotRegistered``
+        (the job is finished with that record). What procrastinate logs of
+        the job: the returned line."""
+        delay = min(UNSERVED_RETRY_FIRST * 2**offers, UNSERVED_RETRY_MAX)
+        async with self.connection() as conn:
+            cur = await conn.execute(
+                UNSERVED, {"flow_id": flow_of_run(run_id), "run_id": run_id, "key": key}
+            )
+            row = await cur.fetchone()
+        assert row is not None
+        database, waited = str(row[0]), row[2]
+        # (the plan's own reading: a compact plan leaves out its defaults;
+        # None in plans of older QWIT)
+        limit = None if row[1] is None else FlowInput.model_validate(row[1]).unserved_step_timeout
+        if limit is not None and waited is not None and waited < limit:
+            delay = min(delay, limit - waited)  # (the last offer comes at the limit)
+            self._log_refusal(step)
+            self._offered.add(job)
+            try:
+                await self.release(job, run_id, key, delay)
+            except BaseException:
+                self._offered.discard(job)
+                raise
+            return f"step {step!r} is not served here: offered again in {delay:.1f} s"
+        reason = (
+            f"step {step!r} is not registered on the workers of queue {self.step_queue!r} "
+            f"of database {database!r}: start a worker for the module that defines it "
+            "(qwit-worker --backend postgres MODULE)"
+        )
+        if limit is not None and waited is not None:
+            reason += f" (no worker served it for {waited:.0f}s)"
+        # (a plan of an older QWIT, without unserved_step_timeout: at once)
+        info = error_info(StepNotRegistered(reason), started=False, retryable=False)
+        self._ended[job] = (run_id, key, {"error": info.model_dump(mode="json")})
+        return f"step {step!r} failed: no worker serves it"
+
+    def _log_refusal(self, step: str) -> None:
+        """Log the first refusal of ``step`` as one WARNING line: beside
+        workers of other modules it is routine, and a worker whose log nobody
+        reads must not fill it."""
+        if step in self._refused:
+            logger.debug("qwit.postgres: step %r refused again", step)
+            return
+        if len(self._refused) < MAX_REFUSED_LOGGED:
+            self._refused.add(step)
+        logger.warning(
+            "qwit.postgres: step %r is not served by this worker: its jobs go back to "
+            "queue %r for the other workers of the database",
+            step,
+            self.step_queue,
         )
 
     def takes(self, step: str) -> bool:
@@ -501,11 +601,12 @@ class PostgresWorker:
         self._ended.pop(job, None)
         self._unfinished.pop(job, None)
 
-    async def release(self, job: int, run_id: str, key: str) -> None:
+    async def release(self, job: int, run_id: str, key: str, delay: float = 0.0) -> None:
         """Put a step job back in the queue (its run here stopped without
-        an end), or, if its flow asked it to stop, end it as stopped: one
-        transaction, so that a stop asked meanwhile is never lost (for
-        procrastinate, a job asked to stop and retried has failed)."""
+        an end, or this worker does not serve its step), to be taken again
+        in ``delay`` seconds, or, if its flow asked it to stop, end it as
+        stopped: one transaction, so that a stop asked meanwhile is never
+        lost (for procrastinate, a job asked to stop and retried has failed)."""
         async with self.connection() as conn, conn.transaction():
             cur = await conn.execute(
                 "SELECT abort_requested FROM procrastinate_jobs WHERE id = %s AND status = 'doing' "
@@ -522,7 +623,9 @@ class PostgresWorker:
                 await add_event(conn, run_id, key, "step", {"cancelled": True})
             else:
                 await conn.execute(
-                    "SELECT procrastinate_retry_job_v2(%s, now(), NULL, NULL, NULL)", [job]
+                    "SELECT procrastinate_retry_job_v2(%s, clock_timestamp() + "
+                    "make_interval(secs => %s), NULL, NULL, NULL)",
+                    [job, delay],
                 )
 
     # -- running -----------------------------------------------------------------
@@ -750,6 +853,9 @@ class _Jobs(procrastinate.manager.JobManager):
     async def finish_job(
         self, job: procrastinate.jobs.Job, status: procrastinate.jobs.Status, delete_job: bool
     ) -> None:
+        if job.id is not None and job.id in self.worker._offered:
+            self.worker._offered.discard(job.id)  # back in the queue already
+            return
         if job.id is None or job.id not in self.worker._ended:
             await super().finish_job(job, status, delete_job)
             return
