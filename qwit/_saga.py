@@ -1563,7 +1563,8 @@ class Interpreter:
             flow=self.input.flow.name,
             flow_id=self.flow_id,
             status=self.saga.status,
-            steps=[_step_state(run) for run in self.saga.runs + self.saga.finals],
+            steps=[_step_state(run) for run in self.saga.runs]
+            + [_step_state(run, final=True) for run in self.saga.finals],
             waiting=waits[0] if waits else None,
             waits=waits,
             failure=self.saga.failure,
@@ -1573,14 +1574,12 @@ class Interpreter:
         )
 
 
-def _step_state(run: StepRun) -> StepState:
-    # a step running now is in an attempt that has not ended yet
-    running = run.status == "running" and isinstance(run.node, StepNode)
+def _step_state(run: StepRun, final: bool = False) -> StepState:
     return StepState(
         name=run.name,
         path=run.path,
         status=run.status,
-        attempts=run.attempts + running,
+        attempts=run.attempts,
         back_attempts=run.back_attempts,
         back_error=run.back_error,
         kind=run.kind,
@@ -1588,6 +1587,7 @@ def _step_state(run: StepRun) -> StepState:
         error=run.error,
         flow_id=run.sub.flow_id if run.sub else None,
         index=run.index,
+        final=final,
         steps=[_step_state(member) for member in run.members],
     )
 

@@ -81,6 +81,8 @@ class StepState(BaseModel):
     path: str
     status: StepStatus = "pending"
     attempts: int = 0
+    """Attempts of its ``step_forward`` that have ended (failed, done, or
+    stopped by a cancel); one in flight counts once it ends."""
     kind: Literal["step", "flow", "parallel", "map"] = "step"
     """A step, a sub-flow, a parallel block or a map."""
     has_back: bool = True
@@ -96,6 +98,8 @@ class StepState(BaseModel):
     """For a sub-flow: the id of the engine's execution that runs it."""
     index: int | None = None
     """For an element of a map: its 0-based index in the list."""
+    final: bool = False
+    """A final step (``finally_step``): it runs once the flow has ended."""
     steps: list[StepState] = Field(default_factory=list)
     """A sub-flow's steps, a parallel block's branches or a map's elements."""
 

@@ -94,12 +94,13 @@ def rows(
 def final_paths(state: FlowState) -> frozenset[str]:
     """Paths of the flow's final steps (``finally_step``) that its state tells.
 
-    The state does not mark them: they come last in ``steps``, numbered on
-    from the others. A final step is told by what it did: it started after
-    the flow had ended (its events say), or it failed (the flow's failure
-    lists it). One that has not run yet is not told from a step not reached.
+    The state of this QWIT marks them (``final``), its sub-flows' states
+    too. That of an older QWIT does not: there a final step is told by what
+    it did: it started after the flow had ended (its events say), or it
+    failed (the flow's failure lists it); one that has not run yet is not
+    told from a step not reached.
     """
-    found: set[str] = set()
+    found: set[str] = {step.path for step in state.steps if step.final}
     if state.failure is not None:
         found.update(final.path for final in state.failure.final_failures)
     ended = next(
