@@ -65,6 +65,15 @@ class PayloadTooLarge(ArgumentsError):
     """
 
 
+class FlowIdInUse(ArgumentsError):
+    """The flow's id is taken: a flow with that id runs (or, on an engine
+    whose ids are unique for good, exists).
+
+    Not part of the public tree: it lets the command line tell a request
+    that failed (exit 1) from args that are wrong (a usage error).
+    """
+
+
 class ReactionError(QwitError):
     """An operator's decision was refused: the flow isn't waiting, or the
     reaction or args are not valid for what it waits on."""

@@ -39,6 +39,7 @@ from .._errors import (
     EngineUnavailable,
     FailureInfo,
     FlowFailed,
+    FlowIdInUse,
     FlowNotFound,
     ReactionError,
 )
@@ -47,7 +48,7 @@ from .._plan import FlowInput, FlowRecords, StepRecord
 from .._runtime import Decision
 from .._state import FlowState
 from ._driver import add_event, drive, new_run
-from ._pool import Connections
+from ._pool import Connections, unreachable_text
 from ._server import EmbeddedPostgres
 from ._store import CHANNEL, SCHEMA_VERSION, SchemaTooNew, check_schema
 from ._worker import FLOW_QUEUE, PostgresWorker, prepare, worker_options_from_env
@@ -199,7 +200,7 @@ class PostgresEngine(Engine):
                     self._checked = True
                 yield conn
         except psycopg.OperationalError as exc:
-            raise EngineUnavailable(f"PostgreSQL can't be reached: {exc}") from None
+            raise EngineUnavailable(unreachable_text(self.dsn, exc)) from None
 
     def _trace(self) -> dict[str, str] | None:
         """The caller's span context, for the flow's span to continue."""
@@ -286,7 +287,7 @@ class PostgresEngine(Engine):
                 ],
             )
             if await cur.fetchone() is None:
-                raise ArgumentsError(f"a flow with id {input.root_id!r} exists")
+                raise FlowIdInUse(f"a flow with id {input.root_id!r} exists already")
             await drive(conn, input.root_id, run_id, FLOW_QUEUE)
         return PostgresFlowHandle(self, input.root_id)
 

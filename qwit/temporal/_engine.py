@@ -47,6 +47,7 @@ from .._errors import (
     FailureKind,
     FlowDefinitionError,
     FlowFailed,
+    FlowIdInUse,
     FlowNotFound,
     QwitError,
     ReactionError,
@@ -658,7 +659,7 @@ class TemporalEngine(Engine):
             input,
             task_queue=self.settings.task_queue,
             details=None,
-            running=ArgumentsError(f"a flow with id {input.root_id!r} is already running"),
+            running=FlowIdInUse(f"a flow with id {input.root_id!r} is already running"),
             doing=f"to start flow {input.root_id!r}",
         )
 
