@@ -46,7 +46,7 @@ from .._errors import (
 from .._metrics import Metrics, serve_metrics
 from .._plan import FlowInput, FlowRecords, StepRecord
 from .._runtime import Decision
-from .._state import FlowState
+from .._state import FAILED_STATUSES, FlowState
 from ._driver import add_event, drive, new_run
 from ._pool import Connections, unreachable_text
 from ._server import EmbeddedPostgres
@@ -259,14 +259,23 @@ class PostgresEngine(Engine):
         self, limit: int, status: str | None = None, flow: str | None = None
     ) -> list[dict[str, Any]]:
         """Root flows, newest first (``qwit list``): at most ``limit``, of a
-        status and a flow name if given."""
+        status and a flow name if given.
+
+        Status ``failed`` is any failed end (rolled back, cancelled,
+        compensation failed, aborted), as ``qwit list --status failed`` is on
+        Temporal.
+        """
+        statuses = None if status is None else [status]
+        if status == "failed":
+            statuses = sorted(FAILED_STATUSES)
         async with self._connect() as conn, conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(
                 "SELECT id, name, status, ended, created_at, updated_at FROM qwit.flows "
-                "WHERE parent_id IS NULL AND (%(status)s::text IS NULL OR status = %(status)s) "
+                "WHERE parent_id IS NULL "
+                "AND (%(statuses)s::text[] IS NULL OR status = ANY(%(statuses)s::text[])) "
                 "AND (%(flow)s::text IS NULL OR name = %(flow)s) "
                 "ORDER BY created_at DESC LIMIT %(limit)s",
-                {"status": status, "flow": flow, "limit": limit},
+                {"statuses": statuses, "flow": flow, "limit": limit},
             )
             return await cur.fetchall()
 
