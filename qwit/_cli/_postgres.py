@@ -75,8 +75,10 @@ def backend_option(fn: F) -> F:
         envvar="QWIT_BACKEND",
         default="temporal",
         show_default=True,
-        help="The engine: temporal, or postgres ($QWIT_POSTGRES_DSN, else an embedded "
-        "PostgreSQL in $QWIT_DATA_DIR/postgres) [env: QWIT_BACKEND].",
+        help="The engine of flows that name none (a Flow's own backend= wins): temporal, "
+        "postgres ($QWIT_POSTGRES_DSN, else an embedded PostgreSQL in "
+        "$QWIT_DATA_DIR/postgres), or local (in this process: qwit run only) "
+        "[env: QWIT_BACKEND].",
     )(fn)
 
 

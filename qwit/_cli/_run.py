@@ -92,6 +92,11 @@ def run(
     ~/.local/share/qwit), where qwit list and qwit status find the flow; then
     --no-worker is a usage error (no other worker could reach that server).
 
+    With --backend postgres (or a Flow of backend=qwit.postgres) the flow runs
+    on $QWIT_POSTGRES_DSN, else on an embedded PostgreSQL (then --no-worker
+    is a usage error too); with --backend local, in this process. A Step
+    whose backend= names another engine than its flow's is a usage error.
+
     Ctrl-C cancels the flow, which rolls it back; a second Ctrl-C stops
     waiting and leaves the flow as it is.
 
