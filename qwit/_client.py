@@ -129,17 +129,23 @@ class Client:
             engine = self._engines[backend.name] = backend.create_engine(self)
         return engine
 
+    def _backend_of(self, flow: type[Flow]) -> Backend:
+        """The engine ``start`` runs ``flow`` on."""
+        return self.backend or flow.backend or _default_backend()
+
     def prepare(self, flow: type[Flow], args: Any = None, *, id: str | None = None) -> FlowInput:
         """Compile ``flow`` and check ``args``, as ``start`` does, without starting.
 
         Raises:
-            FlowDefinitionError: the flow is defined wrongly.
+            FlowDefinitionError: the flow is defined wrongly, or a Step (or
+                sub-flow) of it names an engine other than the one it will
+                run on (this client's ``backend``, else the flow's own).
             ArgumentsError: the args are not a JSON object or are too big.
         """
         plan = compile_flow(flow)
-        if self.backend is None:
-            backend = flow.backend or _default_backend()
-            _check_backends(plan, backend.name)
+        # Checked against the engine ``start`` runs it on: this client's, if it
+        # has one, else the flow's own.
+        _check_backends(plan, self._backend_of(flow).name)
         try:
             clean = as_args(args, "a flow's args")
         except NotJSON as exc:
@@ -182,7 +188,7 @@ class Client:
                 is running.
         """
         input = self.prepare(flow, args, id=id)
-        return await self.engine(self.backend or flow.backend).start(flow, input)
+        return await self.engine(self._backend_of(flow)).start(flow, input)
 
     async def run(
         self, flow: type[Flow], args: Any = None, *, id: str | None = None

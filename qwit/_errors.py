@@ -65,6 +65,14 @@ class PayloadTooLarge(ArgumentsError):
     """
 
 
+class FlowIdInUse(ArgumentsError):
+    """The flow's id is taken: a flow with that id is running.
+
+    Not part of the public tree: it lets the command line tell a request
+    that failed (exit 1) from args that are wrong (a usage error).
+    """
+
+
 class ReactionError(QwitError):
     """An operator's decision was refused: the flow isn't waiting, or the
     reaction or args are not valid for what it waits on."""

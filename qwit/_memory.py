@@ -20,6 +20,7 @@ from ._errors import (
     ArgumentsError,
     FailureInfo,
     FlowFailed,
+    FlowIdInUse,
     FlowNotFound,
     ReactionError,
     StepFailure,
@@ -333,7 +334,7 @@ class InMemoryEngine(Engine):
         """
         existing = self.runs.get(flow_id)
         if existing is not None and not existing.task.done():
-            raise ArgumentsError(f"a flow with id {flow_id!r} is already running")
+            raise FlowIdInUse(f"a flow with id {flow_id!r} is already running")
         run = self.runs[flow_id] = InMemoryRun(self, registry, input, flow_id)
         return run
 

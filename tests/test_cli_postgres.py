@@ -8,7 +8,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
+import qwit as qwit_lib
+from qwit.postgres import PostgresSettings, PostgresWorker, prepare
+from qwit.testing import wait_for_status
 from tests.clirun import qwit
+from tests.test_cli_postgres_flows import PgCliAborting, PgCliWaiting
 
 FLOW = "tests.test_cli_postgres_flows:PgCliOrder"
 
@@ -45,6 +51,25 @@ async def test_run_status_list_on_postgres(postgres_dsn: str, tmp_path: Path):
     ]
     only = await qwit("list", "--json", "--status", "completed", **env_backend)
     assert [r["flow_id"] for r in json.loads(only.out)] == ["pg-o1"]
+    # "failed" is any failed end, as on Temporal
+    failed_only = await qwit("list", "--json", "--status", "failed", **env_backend)
+    assert [(r["flow_id"], r["status"]) for r in json.loads(failed_only.out)] == [
+        ("pg-o2", "rolled_back")
+    ]
+    # an ended flow's id: a new execution of it, as on Temporal
+    again = await qwit("run", FLOW, "--args", '{"n": 3}', "--id", "pg-o1", **env_backend)
+    assert again.code == 0, again.err
+    # the id of a flow that runs (it waits): the request failed, in one line
+    waiting = "tests.test_cli_postgres_flows:PgCliWaiting"
+    client = await qwit_lib.connect(
+        backend=qwit_lib.postgres, settings=[PostgresSettings(postgres_dsn)]
+    )
+    async with PostgresWorker(postgres_dsn, PgCliWaiting, poll_interval=0.2):
+        await wait_for_status(await client.start(PgCliWaiting, {"n": 9}, id="pg-o9"), "waiting")
+    await client.close()
+    taken = await qwit("run", waiting, "--args", '{"n": 3}', "--id", "pg-o9", **env_backend)
+    assert taken.code == 1, taken.err
+    assert taken.err.strip() == "qwit: a flow with id 'pg-o9' is already running"
     missing = await qwit("status", "no-such-flow", "--backend", "postgres", **env)
     assert missing.code == 1 and "no-such-flow" in missing.err
 
@@ -152,3 +177,132 @@ async def test_a_postgres_worker_serves_its_metrics(postgres_dsn: str):
         await proc.communicate()
     assert value(text, "qwit_flows_ended", flow="pgcli.order", outcome="completed") == 1
     assert "# TYPE qwit_flows_waiting gauge" in text
+
+
+def story(err: str) -> list[str]:
+    """The progress lines of ``err`` (a step's event each), runs of spaces made one."""
+    return [" ".join(line.split()) for line in err.splitlines() if line[:1] in "▶✓✗↩↺↻"]
+
+
+async def test_run_shows_live_progress_on_postgres_and_local(postgres_dsn: str, tmp_path: Path):
+    """On every engine, qwit run tells each step as it starts, ends or is undone."""
+    env = {"QWIT_POSTGRES_DSN": postgres_dsn, "QWIT_DATA_DIR": str(tmp_path)}
+    for backend in ("postgres", "local"):
+        done = await qwit("run", FLOW, "--args", '{"n": 7}', "--backend", backend, **env)
+        assert done.code == 0, done.err
+        assert json.loads(done.out) == {"n": 7, "reserved": 7, "charged": True}
+        assert "flow 'pgcli.order', id pgcli.order-" in done.err
+        assert story(done.err) == [
+            "▶ 1 pgcli.reserve started",
+            "✓ 1 pgcli.reserve done",
+            "▶ 2 pgcli.charge started",
+            "✓ 2 pgcli.charge done",
+        ], done.err
+        failed = await qwit(
+            "run", FLOW, "--args", '{"n": 8, "fail": true}', "--backend", backend, **env
+        )
+        assert failed.code == 1, failed.err
+        assert story(failed.err) == [
+            "▶ 1 pgcli.reserve started",
+            "✓ 1 pgcli.reserve done",
+            "▶ 2 pgcli.charge started",
+            "✗ 2 pgcli.charge failed: StepError: card declined",
+            "↺ 2 pgcli.charge compensated (no step_back: nothing to undo)",
+            "↩ 1 pgcli.reserve compensating",
+            "↺ 1 pgcli.reserve compensated",
+        ], failed.err
+
+
+async def test_run_checks_steps_against_the_engine_the_flow_runs_on(
+    postgres_dsn: str, tmp_path: Path
+):
+    """A flow without backend= runs on --backend: a Step naming that engine
+    runs, one naming another is a definition error (exit 2), before anything
+    starts."""
+    env = {"QWIT_POSTGRES_DSN": postgres_dsn, "QWIT_DATA_DIR": str(tmp_path)}
+    ok = await qwit("run", "tests.cli_engine_flows:PostgresStep", "--backend", "postgres", **env)
+    assert ok.code == 0, ok.err
+    assert json.loads(ok.out) == {"ran_on": "postgres"}
+    for flow, backend, step in [
+        ("TemporalStep", "postgres", "temporal"),
+        ("TemporalStep", "local", "temporal"),
+        ("PostgresStep", "local", "postgres"),
+    ]:
+        refused = await qwit("run", f"tests.cli_engine_flows:{flow}", "--backend", backend, **env)
+        assert refused.code == 2, refused.err
+        assert f"names backend {step!r}, but its flow runs on {backend!r}" in refused.err
+        assert "started" not in refused.err and refused.out == ""
+
+
+async def test_postgres_that_cant_be_reached_is_one_line(tmp_path: Path):
+    """A DSN nobody answers at: qwit run and qwit worker say where and what
+    to check, in one line (exit 1); --no-worker without a DSN is a usage error."""
+    bad = {"QWIT_POSTGRES_DSN": "postgresql://app@127.0.0.1:1/shop", "QWIT_BACKEND": "postgres"}
+    for args in (["run", FLOW], ["run", FLOW, "--no-worker"], ["status", "x"]):
+        done = await qwit(*args, **bad)
+        assert done.code == 1, done.err
+        assert "Traceback" not in done.err
+        lines = done.err.strip().splitlines()
+        assert len(lines) == 1, done.err
+        assert lines[0].startswith(
+            "qwit: can't reach PostgreSQL at 127.0.0.1:1 (database 'shop', user 'app'): "
+        )
+        assert "Connection refused" in lines[0] and "check QWIT_POSTGRES_DSN" in lines[0]
+    worker = await qwit("worker", "tests.test_cli_postgres_flows", **bad)
+    assert worker.code == 1, worker.err
+    assert "Traceback" not in worker.err
+    assert "can't reach PostgreSQL at 127.0.0.1:1 (database 'shop', user 'app')" in worker.err
+    no_dsn = {"QWIT_DATA_DIR": str(tmp_path), "QWIT_BACKEND": "postgres"}
+    done = await qwit("run", FLOW, "--no-worker", timeout=30, **no_dsn)
+    assert done.code == 2, done.err
+    assert "--no-worker needs the PostgreSQL your workers use" in done.err
+    done = await qwit("react", "x", "skip", "--wait", timeout=30, **no_dsn)
+    assert done.code == 2, done.err
+    assert "--wait needs the PostgreSQL your workers use" in done.err
+
+
+async def test_react_cancel_and_redrive_wait_on_postgres(postgres_dsn: str):
+    """--wait follows the flow to its end, as on Temporal: its steps on
+    stderr, its final args on stdout (0), or its story (1)."""
+    env = {"QWIT_POSTGRES_DSN": postgres_dsn, "QWIT_BACKEND": "postgres"}
+    await prepare(postgres_dsn)
+    client = await qwit_lib.connect(
+        backend=qwit_lib.postgres, settings=[PostgresSettings(postgres_dsn)]
+    )
+    worker = PostgresWorker(postgres_dsn, PgCliWaiting, PgCliAborting)
+    async with client, worker:
+        approved = await client.start(PgCliWaiting, {"n": 1}, id="pg-w1")
+        await wait_for_status(approved, "waiting")
+        done = await qwit("react", "pg-w1", "retry", "--args", '{"ok": true}', "--wait", **env)
+        assert done.code == 0, done.err
+        assert json.loads(done.out) == {"n": 1, "reserved": 1, "ok": True, "approved": True}
+        # only what the decision led to: the failed attempt undone, the step run again
+        assert story(done.err) == [
+            "↩ 2 pgcli.approve compensating",
+            "↺ 2 pgcli.approve compensated",
+            "▶ 2 pgcli.approve started again",
+            "✓ 2 pgcli.approve done (2 attempts)",
+        ], done.err
+
+        cancelled = await client.start(PgCliWaiting, {"n": 2}, id="pg-w2")
+        await wait_for_status(cancelled, "waiting")
+        done = await qwit("cancel", "pg-w2", "--wait", **env)
+        assert done.code == 1, done.err
+        assert done.out == ""
+        assert "↺ 1 pgcli.reserve compensated" in story(done.err)
+        assert "flow 'pgcli.waiting' cancelled (id pg-w2)" in done.err
+
+        aborted = await client.start(PgCliAborting, {"n": 3, "fail": True}, id="pg-a1")
+        with pytest.raises(qwit_lib.FlowAborted):
+            await aborted.result()
+        done = await qwit("redrive", "pg-a1", "--args", '{"fail": false}', "--wait", **env)
+        assert done.code == 0, done.err
+        assert json.loads(done.out) == {"n": 3, "fail": False, "reserved": 3, "charged": True}
+        assert "✓ 2 pgcli.charge done" in story(done.err)
+        assert "qwit: flow pg-a1: completed" in done.err
+        aborted = await client.start(PgCliAborting, {"n": 4, "fail": True}, id="pg-a2")
+        with pytest.raises(qwit_lib.FlowAborted):
+            await aborted.result()
+        done = await qwit("redrive", "pg-a2", "--wait", **env)  # declined again
+        assert done.code == 1, done.err
+        assert "flow 'pgcli.aborting' aborted (id pg-a2)" in done.err

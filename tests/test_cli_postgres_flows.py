@@ -34,3 +34,24 @@ class PgCliAborting(qwit.Flow, name="pgcli.aborting"):
     def build_flow(self) -> None:
         self.step(PgCliReserve)
         self.step(PgCliCharge, on_failure=qwit.ABORT)
+
+
+class PgCliApprove(qwit.Step, name="pgcli.approve"):
+    """Waits for an operator until the args say ``ok``."""
+
+    on_failure = qwit.WAIT
+    retry = qwit.Retry(max_attempts=1)
+
+    def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        if not args.get("ok"):
+            raise qwit.StepError("needs approval", retry=False)
+        return {"approved": True}
+
+    def step_back(self, args: dict[str, Any]) -> None:
+        return None
+
+
+class PgCliWaiting(qwit.Flow, name="pgcli.waiting"):
+    def build_flow(self) -> None:
+        self.step(PgCliReserve)
+        self.step(PgCliApprove)

@@ -17,11 +17,12 @@ import qwit
 from qwit._cli import _ops
 from qwit._cli import cli as cli_group
 from qwit._cli._bulk import DEFAULT_RATE, Bulk
+from qwit._cli._list import row_status
 from qwit._cli._render import failure_lines, final_paths, plan_final_paths, state_view
 from qwit._errors import Compensation, ErrorInfo, FailureInfo
 from qwit._flow import compile_flow
 from qwit._state import FlowEvent
-from qwit.temporal import DevServer, TemporalFlowHandle
+from qwit.temporal import QWIT_STATUS, DevServer, TemporalFlowHandle
 from qwit.testing import wait_for_status
 from tests.clirun import Done
 from tests.clirun import qwit as run_qwit
@@ -273,6 +274,43 @@ async def test_redrive_query_redrives_every_aborted_flow_and_reports_the_refused
         await waiting.cancel()
         with pytest.raises(qwit.FlowCancelled):
             await waiting.result()
+
+
+async def test_list_and_query_match_only_the_latest_run_of_a_redriven_flow(
+    client: qwit.Client, worker: Any, cli: Any, task_queue: str, temporal_client: Any
+):
+    """A redrive is a new run of the same flow id: qwit list shows the flow
+    once, as its latest run, and neither --status nor --query match the runs
+    before it."""
+    async with worker(Order):
+        redriven, aborted = await aborted_order(client), await aborted_order(client)
+        await (await client.redrive(redriven.id, args={"decline": False})).result()
+        ids = {redriven.id, aborted.id}
+        # visibility lags: wait until every run shows as it ended
+        wanted = ["aborted", "aborted", "completed"]
+        for _ in range(150):
+            runs = [wf async for wf in temporal_client.list_workflows(in_queue(task_queue))]
+            statuses = sorted(
+                row_status(wf.status, wf.typed_search_attributes.get(QWIT_STATUS)) for wf in runs
+            )
+            if statuses == wanted:
+                break
+            await asyncio.sleep(0.2)
+        assert statuses == wanted
+
+        done = await cli("list", "--json", "--limit", "1000", "--flow", "cli_rd.order")
+        assert done.code == 0, done.err
+        rows = [(r["flow_id"], r["status"]) for r in json.loads(done.out) if r["flow_id"] in ids]
+        assert sorted(rows) == sorted([(redriven.id, "completed"), (aborted.id, "aborted")])
+        done = await cli("list", "--json", "--limit", "1000", "--status", "aborted")
+        assert done.code == 0, done.err
+        listed = {r["flow_id"] for r in json.loads(done.out)}
+        assert aborted.id in listed and redriven.id not in listed
+
+        query = in_queue(task_queue, "QwitStatus = 'aborted'")
+        done = await cli("redrive", "--query", query, "--dry-run")
+        assert done.code == 0, done.err
+        assert done.out.split() == [aborted.id]
 
 
 async def test_status_of_a_stopped_rollback_then_redrive_finishes_it(

@@ -151,3 +151,29 @@ async def test_run_completes_beside_a_worker_for_other_modules(dev_server: DevSe
     assert "Traceback" not in log, log
     for step in ("inventory.reserve", "payments.charge", "shipping.create"):
         assert log.count(f"step {step!r} is not served by this worker") <= 1, log
+
+
+async def test_run_with_the_id_of_a_running_flow_fails_in_one_line(dev_server: DevServer):
+    """An id already running is a request that failed (exit 1), not a usage error."""
+    import uuid
+
+    flow_id = f"claim-{uuid.uuid4().hex[:8]}"
+    claim = '{"employee": "al", "cents": 50000}'
+    env = {"QWIT_TASK_QUEUE": f"cli-run-{flow_id}", "TEMPORAL_ADDRESS": dev_server.address}
+    first = await start("run", "samples.approval.flows:ExpenseClaim", "--args", claim,
+                        "--id", flow_id, **env)  # fmt: skip
+    try:
+        assert first.stderr is not None
+        await read_until(first.stderr, "flow waits for an operator")
+        again = await qwit("run", "samples.approval.flows:ExpenseClaim", "--args", claim,
+                           "--id", flow_id, **env)  # fmt: skip
+        assert again.code == 1, again.err
+        assert again.out == ""
+        assert again.err.strip().splitlines()[-1] == (
+            f"qwit: a flow with id {flow_id!r} is already running"
+        )
+        assert "Usage:" not in again.err and "Traceback" not in again.err
+    finally:
+        first.send_signal(signal.SIGINT)  # cancelled: it rolls back
+        done = await finish(first)
+    assert done.code == 1 and "flow 'expenses.claim' cancelled" in done.err

@@ -251,6 +251,27 @@ def test_a_step_naming_another_backend():
     refused(flow_of(Odd), "'Odd' names backend 'fake'", "runs on 'temporal'")
 
 
+def test_a_step_is_checked_against_the_engine_the_client_runs_its_flow_on():
+    """A client with a backend runs every flow there: a Step naming another
+    engine is refused, one naming that engine is not."""
+    import qwit.postgres
+
+    class OnTemporal(qwit.Step, backend=qwit.temporal):
+        async def step_forward(self, args: dict[str, Any]) -> None:
+            return None
+
+    class OnPostgres(qwit.Step, backend=qwit.postgres):
+        async def step_forward(self, args: dict[str, Any]) -> None:
+            return None
+
+    on_postgres = qwit.Client(backend=qwit.postgres)
+    on_postgres.prepare(flow_of(OnPostgres), {})
+    with pytest.raises(qwit.FlowDefinitionError, match="runs on 'postgres'"):
+        on_postgres.prepare(flow_of(OnTemporal), {})
+    with pytest.raises(qwit.FlowDefinitionError, match="'OnPostgres' names backend 'postgres'"):
+        qwit.Client(backend=qwit.local).prepare(flow_of(OnPostgres), {})
+
+
 def test_retry_policy_validation():
     with pytest.raises(ValueError, match="max_interval"):
         qwit.Retry(initial_interval=10, max_interval=1)

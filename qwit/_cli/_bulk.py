@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 import click
 import temporalio.client
 from rich.console import Console
+from temporalio.client import WorkflowExecution
 from temporalio.service import RPCError, RPCStatusCode
 
 from .._errors import EngineUnavailable, QwitError
@@ -41,7 +42,7 @@ from .._plan import SUBFLOW_MARK
 from ..temporal import QWIT_FLOW, QWIT_STATUS, is_unavailable, unreachable
 from ._common import EXIT_FAILED, Failed, console, sayer
 from ._connect import temporal_for
-from ._list import roots_query, row_status
+from ._list import is_latest_run, roots_query, row_status
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -218,29 +219,47 @@ def bulk_from(
     return Bulk(query, dry_run=dry_run, yes=yes, rate=DEFAULT_RATE if rate is None else rate)
 
 
+#: Flows whose latest run is looked up at once, when a query found ended runs.
+LATEST_RUN_LOOKUPS = 20
+
+
 async def find_targets(temporal: temporalio.client.Client, query: str) -> list[Target]:
     """The root flows that ``query`` finds, newest first, each id once.
+
+    A flow is its latest run: a redrive starts a new run of the same flow id,
+    and the earlier runs it leaves in visibility are not matched (an aborted
+    run redriven since matches no ``QwitStatus = 'aborted'``).
 
     Raises:
         click.BadParameter: Temporal refused the query (its reason is told).
         Failed: Temporal could not be reached.
     """
-    found: dict[str, Target] = {}
+    found: dict[str, WorkflowExecution] = {}
+    runs: list[WorkflowExecution] = []
     try:
         async for wf in temporal.list_workflows(query=roots_query(f"({query})"), page_size=1000):
             # A sub-flow has a parent; its id tells it too, should visibility lag.
-            if SUBFLOW_MARK in wf.id or wf.id in found:
-                continue  # an earlier run of a flow id counts once: the latest is acted on
-            attrs = wf.typed_search_attributes
-            status = row_status(wf.status, attrs.get(QWIT_STATUS))
-            found[wf.id] = Target(wf.id, attrs.get(QWIT_FLOW) or "?", status)
+            if SUBFLOW_MARK not in wf.id:
+                runs.append(wf)
+        for start in range(0, len(runs), LATEST_RUN_LOOKUPS):
+            batch = runs[start : start + LATEST_RUN_LOOKUPS]
+            latest = await asyncio.gather(*(is_latest_run(temporal, wf) for wf in batch))
+            for wf, is_latest in zip(batch, latest, strict=True):
+                if is_latest:
+                    found.setdefault(wf.id, wf)
     except RPCError as exc:
         if is_unavailable(exc):
             raise Failed(str(unreachable(temporal, exc, "to find flows"))) from None
         if exc.status == RPCStatusCode.INVALID_ARGUMENT:
             raise click.BadParameter(exc.message, param_hint="--query") from None
         raise Failed(f"finding flows failed: {exc.message}") from None
-    return list(found.values())
+    return [_target(wf) for wf in found.values()]
+
+
+def _target(wf: WorkflowExecution) -> Target:
+    attrs = wf.typed_search_attributes
+    status = row_status(wf.status, attrs.get(QWIT_STATUS))
+    return Target(wf.id, attrs.get(QWIT_FLOW) or "?", status)
 
 
 def _flows(count: int) -> str:
@@ -448,6 +467,7 @@ async def run_bulk(
 __all__ = [
     "ACTION_TIMEOUT",
     "DEFAULT_RATE",
+    "LATEST_RUN_LOOKUPS",
     "Bulk",
     "BulkReport",
     "FlowAction",

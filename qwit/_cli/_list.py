@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.client import WorkflowExecution, WorkflowExecutionStatus
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from .._client import Client
 from .._errors import FlowFailed
@@ -222,17 +222,48 @@ async def _live_status(client: temporalio.client.Client, flow_id: str) -> str | 
     return state.status
 
 
+async def is_latest_run(client: temporalio.client.Client, wf: WorkflowExecution) -> bool:
+    """Whether ``wf`` is the latest run of its flow id.
+
+    A redrive starts a new run of the same workflow id; visibility keeps the
+    runs before it, which are the flow's history, not the flow. A running
+    run is the latest (an id has one running run at most); of an ended one,
+    Temporal's description of the id, which is its latest run, tells.
+
+    Raises:
+        RPCError: Temporal could not describe the flow (not for one gone since).
+    """
+    if wf.status == WorkflowExecutionStatus.RUNNING:
+        return True
+    try:
+        latest = await client.get_workflow_handle(wf.id).describe()
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            return False  # gone since (retention)
+        raise
+    return latest.run_id == wf.run_id
+
+
 async def find_flows(
     client: temporalio.client.Client, limit: int, status: str | None, flow: str | None
 ) -> list[Row]:
-    """The most recent flows that match the filters, newest first."""
+    """The most recent flows that match the filters, newest first: each flow
+    id once, as its latest run (a redriven flow's earlier runs are not listed,
+    nor matched)."""
     has_attributes = await searchable(client)
     query = build_query(status, flow, has_attributes)
     found: list[Row] = []
     scanned = 0
     page = limit if has_attributes else min(SCAN_LIMIT, max(limit * 5, 50))
+    listed: set[str] = set()
     async for wf in client.list_workflows(query=query, page_size=page):
         scanned += 1
+        if wf.id in listed or not await is_latest_run(client, wf):
+            # an earlier run of a redriven flow: only the latest run is the flow
+            if scanned >= SCAN_LIMIT:
+                break
+            continue
+        listed.add(wf.id)
         published = wf.typed_search_attributes.get(QWIT_STATUS) is not None
         row = await _read_row(client, wf, deep=not published)
         if not published and status in ("waiting", "compensating", "running"):

@@ -16,17 +16,14 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from .._client import Client
 from .._engine import FlowHandle
-from .._errors import EngineUnavailable, FlowFailed, FlowNotFound, ReactionError
+from .._errors import EngineUnavailable, FlowNotFound, ReactionError
 from .._options import FAILURE_REACTIONS, RETRY
 from .._state import FlowState
 from ..temporal import QWIT_STATUS, TemporalFlowHandle, is_unavailable, unreachable
 from . import _postgres as pg
 from ._bulk import FlowAction, bulk_from, bulk_options, run_bulk
 from ._common import (
-    EXIT_FAILED,
-    EXIT_INTERRUPTED,
     Failed,
-    Interrupted,
     args_option,
     connection_options,
     console,
@@ -38,8 +35,8 @@ from ._connect import temporal_for
 from ._keys import key_ids, missing_keys, missing_keys_text, own_key_ids
 from ._list import list_flows, row_status
 from ._postgres import backend_option
-from ._progress import Follower
-from ._render import failure_lines, state_view
+from ._progress import Follower, follow_to_end
+from ._render import state_view
 
 #: Seconds a state query may take: without a worker on its task queue, none answers.
 STATE_TIMEOUT = 10.0
@@ -152,34 +149,6 @@ async def caught_up(
     return follower, state
 
 
-async def follow_to_end(
-    err: Console, handle: FlowHandle, follower: Follower, state: FlowState | None = None
-) -> int:
-    """Follow a flow to its end with ``follower``; print its result or its story.
-
-    Only what happens after ``state``, which the follower caught up with, is
-    shown: the operator saw the rest (without it, everything the follower
-    reads is).
-    """
-
-    async def on_interrupt(count: int) -> None:
-        raise Interrupted
-
-    try:
-        result = await follower.follow(handle, on_interrupt=on_interrupt)
-    except FlowFailed as failed:
-        seen = follower.state or state
-        flow = seen.flow if seen is not None else ""
-        redrive_of = seen.redrive_of if seen is not None else None
-        for line in failure_lines(failed, flow, redrive_of=redrive_of):
-            err.print(line)
-        return EXIT_FAILED
-    except Interrupted:
-        return EXIT_INTERRUPTED
-    click.echo(dump_json(result))
-    return 0
-
-
 @click.command("status")
 @click.argument("flow_id")
 @click.option("--json", "as_json", is_flag=True, help="Print the state as JSON.")
@@ -275,7 +244,7 @@ def react(
     if args and reaction != RETRY.value:
         raise click.UsageError(f"--args goes only with retry, not with {reaction}")
     if backend != "temporal":
-        pg.react(pg.one_flow("react", backend, flow_id, bulk), reaction, args or None, path)
+        pg.react(pg.one_flow("react", backend, flow_id, bulk), reaction, args or None, path, wait)
         return
 
     err = console()
@@ -378,7 +347,7 @@ def cancel(
     bulk = bulk_from(query, dry_run, yes, rate, flow_id=flow_id is not None, wait=wait)
     rollback = not no_rollback
     if backend != "temporal":
-        pg.cancel(pg.one_flow("cancel", backend, flow_id, bulk), rollback)
+        pg.cancel(pg.one_flow("cancel", backend, flow_id, bulk), rollback, wait)
         return
     err = console()
     say = sayer(err)
@@ -526,7 +495,7 @@ def redrive(
     err = console()
     say = sayer(err)
     if backend != "temporal":
-        pg.redrive(pg.one_flow("redrive", backend, flow_id, bulk), from_step, args or None)
+        pg.redrive(pg.one_flow("redrive", backend, flow_id, bulk), from_step, args or None, wait)
         return
 
     if bulk is not None:

@@ -11,19 +11,38 @@ PostgreSQL form: ``qwit list --status/--flow`` finds flows instead.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
+from rich.console import Console
 
 from .._client import Client
-from .._errors import FlowFailed, QwitError
-from .._flow import Flow
-from ._common import Failed, console, dump_json, run_async, sayer
+from .._engine import Backend, FlowHandle
+from .._errors import (
+    ArgumentsError,
+    EngineUnavailable,
+    FlowDefinitionError,
+    FlowFailed,
+    FlowIdInUse,
+    QwitError,
+)
+from .._flow import Flow, compile_flow
+from .._state import FlowState
+from ._common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    Failed,
+    Interrupted,
+    console,
+    dump_json,
+    run_async,
+    sayer,
+)
 from ._connect import data_dir
+from ._progress import Follower, follow_to_end
 from ._render import failure_lines, state_view
 
 if TYPE_CHECKING:
@@ -56,9 +75,25 @@ def backend_option(fn: F) -> F:
         envvar="QWIT_BACKEND",
         default="temporal",
         show_default=True,
-        help="The engine: temporal, or postgres ($QWIT_POSTGRES_DSN, else an embedded "
-        "PostgreSQL in $QWIT_DATA_DIR/postgres) [env: QWIT_BACKEND].",
+        help="The engine of flows that name none (a Flow's own backend= wins): temporal, "
+        "postgres ($QWIT_POSTGRES_DSN, else an embedded PostgreSQL in "
+        "$QWIT_DATA_DIR/postgres), or local (in this process: qwit run only) "
+        "[env: QWIT_BACKEND].",
     )(fn)
+
+
+def backend_module(name: str) -> Backend:
+    """The engine ``--backend`` names (one of ``BACKENDS``), as a ``backend=``."""
+    if name == "postgres":
+        backend: Backend = _postgres()
+        return backend
+    if name == "local":
+        from .. import local
+
+        return local
+    from .. import temporal
+
+    return temporal
 
 
 def refuse_local(command: str) -> None:
@@ -88,18 +123,62 @@ def one_flow(command: str, backend: str, flow_id: str | None, bulk: object) -> s
     return flow_id
 
 
+def configured_dsn() -> str | None:
+    """``$QWIT_POSTGRES_DSN``, if set: the database the workers use."""
+    return os.environ.get(_postgres().DSN_ENV) or None
+
+
+def refuse_embedded(option: str) -> None:
+    """``option`` needs the workers' database: without ``$QWIT_POSTGRES_DSN``
+    the command would start an embedded PostgreSQL of its own, which no
+    worker serves."""
+    postgres = _postgres()
+    if configured_dsn() is None:
+        raise click.UsageError(
+            f"{option} needs the PostgreSQL your workers use: with no {postgres.DSN_ENV}, "
+            "this command starts an embedded PostgreSQL of its own, which no other worker "
+            f"can reach. Set {postgres.DSN_ENV} to your workers' database, or drop {option}."
+        )
+
+
 @contextlib.asynccontextmanager
 async def database() -> AsyncIterator[str]:
     """The DSN: ``$QWIT_POSTGRES_DSN``, or an embedded server's for the
-    duration (its data in ``$QWIT_DATA_DIR/postgres``)."""
+    duration (its data in ``$QWIT_DATA_DIR/postgres``).
+
+    Raises:
+        Failed: PostgreSQL can't be reached (one line: where, and what to check).
+    """
     postgres = _postgres()
-    dsn = os.environ.get(postgres.DSN_ENV)
+    dsn = configured_dsn()
     if dsn:
-        yield dsn
+        async with reaching(dsn):
+            yield dsn
         return
-    async with postgres.EmbeddedPostgres(data_dir=data_dir() / "postgres") as server:
+    embedded = postgres.EmbeddedPostgres(data_dir=data_dir() / "postgres")
+    async with embedded as server, reaching(server.dsn):
         await postgres.prepare(server.dsn)
         yield server.dsn
+
+
+@contextlib.asynccontextmanager
+async def reaching(dsn: str) -> AsyncIterator[None]:
+    """Raise a one-line ``Failed`` for a PostgreSQL that can't be reached in the block.
+
+    Raises:
+        Failed: psycopg could not connect (or lost the connection), or the
+            engine said it can't reach PostgreSQL.
+    """
+    import psycopg
+
+    from ..postgres._pool import unreachable_text
+
+    try:
+        yield
+    except psycopg.OperationalError as exc:
+        raise Failed(unreachable_text(dsn, exc)) from None
+    except EngineUnavailable as exc:
+        raise Failed(str(exc)) from None
 
 
 @contextlib.asynccontextmanager
@@ -117,6 +196,19 @@ def _fail(exc: QwitError) -> Failed:
     return Failed(str(exc))
 
 
+def _react_command() -> str:
+    """How to call ``qwit react`` from another terminal for a flow here."""
+    return "qwit react --backend postgres"
+
+
+async def _caught_up(err: Console, handle: FlowHandle) -> tuple[Follower, FlowState]:
+    """A Follower that has seen the flow as it is now: it tells only what comes next."""
+    state = await handle.state()
+    follower = Follower(err, react=_react_command())
+    await follower.catch_up(handle, state)
+    return follower, state
+
+
 def status(flow_id: str, as_json: bool, verbose: bool) -> None:
     async def go() -> None:
         async with client() as made:
@@ -132,45 +224,79 @@ def status(flow_id: str, as_json: bool, verbose: bool) -> None:
     run_async(go())
 
 
-def react(flow_id: str, reaction: str, args: dict[str, Any] | None, path: str | None) -> None:
-    async def go() -> None:
+def react(
+    flow_id: str, reaction: str, args: dict[str, Any] | None, path: str | None, wait: bool
+) -> None:
+    """``qwit react --backend postgres``; ``wait``: then follow the flow to its end."""
+    if wait:
+        refuse_embedded("--wait")
+
+    async def go() -> int:
+        err = console()
         async with client() as made:
+            handle = made.get_handle(flow_id)
             try:
-                await made.get_handle(flow_id).react(reaction, args=args, path=path)
+                # Caught up before the decision: what it leads to is all shown.
+                following = await _caught_up(err, handle) if wait else None
+                await handle.react(reaction, args=args, path=path)
             except QwitError as exc:
                 raise _fail(exc) from None
-        sayer(console())(f"flow {flow_id}: {reaction} sent")
+            sayer(err)(f"flow {flow_id}: {reaction} sent")
+            if following is None:
+                return 0
+            return await follow_to_end(err, handle, *following)
 
-    run_async(go())
+    sys.exit(run_async(go()))
 
 
-def cancel(flow_id: str, rollback: bool) -> None:
-    async def go() -> None:
+def cancel(flow_id: str, rollback: bool, wait: bool) -> None:
+    """``qwit cancel --backend postgres``; ``wait``: then follow the flow to its end."""
+    if wait:
+        refuse_embedded("--wait")
+
+    async def go() -> int:
+        err = console()
         async with client() as made:
             handle = made.get_handle(flow_id)
             try:
                 state = await handle.state()
                 if state.done:
                     raise Failed(f"flow {flow_id} has ended ({state.status}): nothing to cancel")
+                following = await _caught_up(err, handle) if wait else None
                 await handle.cancel(rollback=rollback)
             except QwitError as exc:
                 raise _fail(exc) from None
-        what = "cancel requested" if rollback else "cancel without rollback requested"
-        sayer(console())(f"flow {flow_id}: {what}")
+            what = "cancel requested" if rollback else "cancel without rollback requested"
+            sayer(err)(f"flow {flow_id}: {what}")
+            if following is None:
+                return 0
+            return await follow_to_end(err, handle, *following)
 
-    run_async(go())
+    sys.exit(run_async(go()))
 
 
-def redrive(flow_id: str, from_step: str | None, args: dict[str, Any] | None) -> None:
-    async def go() -> None:
+def redrive(flow_id: str, from_step: str | None, args: dict[str, Any] | None, wait: bool) -> None:
+    """``qwit redrive --backend postgres``; ``wait``: then follow the new run to its end."""
+    if wait:
+        refuse_embedded("--wait")
+
+    async def go() -> int:
+        err = console()
+        say = sayer(err)
         async with client() as made:
             try:
                 handle = await made.redrive(flow_id, from_step=from_step, args=args)
             except QwitError as exc:
                 raise _fail(exc) from None
-        sayer(console())(f"flow {handle.id}: redriven")
+            say(f"flow {handle.id}: redriven")
+            if not wait:
+                return 0
+            code = await follow_to_end(err, handle, Follower(err, react=_react_command()))
+            if code == 0:
+                say(f"flow {handle.id}: completed")
+            return code
 
-    run_async(go())
+    sys.exit(run_async(go()))
 
 
 def list_flows(
@@ -195,6 +321,8 @@ def run(flow: type[Flow], args: dict[str, Any], flow_id: str | None, no_worker: 
     """``qwit run --backend postgres``: a worker here (unless --no-worker),
     the flow's progress on stderr, its result on stdout."""
     postgres = _postgres()
+    if no_worker:
+        refuse_embedded("--no-worker")
 
     async def go() -> int:
         async with client() as made:
@@ -203,9 +331,19 @@ def run(flow: type[Flow], args: dict[str, Any], flow_id: str | None, no_worker: 
             async with contextlib.AsyncExitStack() as stack:
                 if worker is not None:
                     await stack.enter_async_context(worker)
-                return await _follow(made, flow, args, flow_id, "on PostgreSQL")
+                react = _react_command()
+                if configured_dsn() is None:  # only this process knows the embedded one
+                    react = f"{postgres.DSN_ENV}={dsn} {react}"
+                where = f"on PostgreSQL at {_where(dsn)}"
+                return await _follow(made, flow, args, flow_id, where, react=react)
 
     sys.exit(run_async(go()))
+
+
+def _where(dsn: str) -> str:
+    from ..postgres._pool import where
+
+    return where(dsn)
 
 
 def run_local(flow: type[Flow], args: dict[str, Any], flow_id: str | None) -> None:
@@ -215,7 +353,7 @@ def run_local(flow: type[Flow], args: dict[str, Any], flow_id: str | None) -> No
     async def go() -> int:
         made = Client(backend=local)
         try:
-            return await _follow(made, flow, args, flow_id)
+            return await _follow(made, flow, args, flow_id, "in this process (qwit.local)")
         finally:
             await made.close()
 
@@ -227,32 +365,60 @@ async def _follow(
     flow: type[Flow],
     args: dict[str, Any],
     flow_id: str | None,
-    where: str | None = None,
+    where: str,
+    *,
+    react: str = "qwit react",
 ) -> int:
-    """Start the flow and wait for it: its result on stdout (0), or the
-    story of its failure on stderr (1); with ``where``, say where it started."""
+    """Start the flow and follow it, each step's progress on stderr, as on
+    Temporal: its result on stdout (0), or the story of its failure on
+    stderr (1). The first Ctrl-C cancels the flow, the second stops waiting.
+
+    Raises:
+        Failed: a flow with that id exists (or runs).
+        click.UsageError: the engine refused the args (too big, say).
+    """
     err = console()
-    handle = await made.start(flow, args, id=flow_id)
-    if where is not None:
-        sayer(err)(f"flow {handle.id} started {where}")
+    say = sayer(err)
     try:
-        result = await handle.result()
+        handle = await made.start(flow, args, id=flow_id)
+    except FlowIdInUse as exc:  # the request failed; its args were fine
+        raise Failed(str(exc)) from None
+    except (FlowDefinitionError, ArgumentsError) as exc:
+        raise click.UsageError(str(exc)) from None
+    say(f"flow {flow.name!r}, id {handle.id}, {where}")
+    follower = Follower(err, react=react)
+    follower.expect(compile_flow(flow))
+
+    async def on_interrupt(count: int) -> None:
+        if count > 1:
+            raise Interrupted
+        say("cancelling the flow: it rolls back (Ctrl-C again to stop waiting)")
+        await handle.cancel()
+
+    try:
+        result = await follower.follow(handle, on_interrupt=on_interrupt)
     except FlowFailed as failed:
         for line in failure_lines(failed, flow.name):
             err.print(line)
-        return 1
-    click.echo(json.dumps(result))
+        return EXIT_FAILED
+    except Interrupted:
+        say(f"stopped waiting; flow {handle.id} stays as it is")
+        return EXIT_INTERRUPTED
+    click.echo(dump_json(result))
     return 0
 
 
 __all__ = [
     "BACKENDS",
+    "backend_module",
     "backend_option",
     "cancel",
     "list_flows",
     "one_flow",
+    "reaching",
     "react",
     "redrive",
+    "refuse_embedded",
     "refuse_local",
     "refuse_query",
     "run",

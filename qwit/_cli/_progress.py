@@ -24,21 +24,24 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import click
 from rich.console import Console
 from rich.live import Live
 from rich.spinner import Spinner
 from rich.text import Text
 
 from .._engine import FlowHandle
+from .._errors import FlowFailed
 from .._plan import FlowNode, StepNode, walk
 from .._state import FlowEvent, FlowState, StepState
-from ._common import symbols_ok
+from ._common import EXIT_FAILED, EXIT_INTERRUPTED, Interrupted, dump_json, symbols_ok
 from ._render import (
     FINAL_LABEL,
     Row,
     attempts_note,
     error_text,
     event_line,
+    failure_lines,
     final_paths,
     plan_final_paths,
     rows,
@@ -546,3 +549,31 @@ def _event(
 async def _maybe_await(value: Any) -> None:
     if asyncio.iscoroutine(value):
         await value
+
+
+async def follow_to_end(
+    err: Console, handle: FlowHandle, follower: Follower, state: FlowState | None = None
+) -> int:
+    """Follow a flow to its end with ``follower``; print its result or its story.
+
+    Only what happens after ``state``, which the follower caught up with, is
+    shown: the operator saw the rest (without it, everything the follower
+    reads is).
+    """
+
+    async def on_interrupt(count: int) -> None:
+        raise Interrupted
+
+    try:
+        result = await follower.follow(handle, on_interrupt=on_interrupt)
+    except FlowFailed as failed:
+        seen = follower.state or state
+        flow = seen.flow if seen is not None else ""
+        redrive_of = seen.redrive_of if seen is not None else None
+        for line in failure_lines(failed, flow, redrive_of=redrive_of):
+            err.print(line)
+        return EXIT_FAILED
+    except Interrupted:
+        return EXIT_INTERRUPTED
+    click.echo(dump_json(result))
+    return 0

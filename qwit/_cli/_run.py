@@ -14,11 +14,10 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.text import Text
-from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from .._client import Client
-from .._errors import ArgumentsError, FlowDefinitionError, FlowFailed
+from .._errors import ArgumentsError, FlowDefinitionError, FlowFailed, FlowIdInUse
 from .._flow import Flow, compile_flow
 from .._runner import Registry
 from ..temporal import create_worker
@@ -46,7 +45,7 @@ from ._connect import (
     embedded_server,
     local_namespace,
 )
-from ._postgres import backend_option
+from ._postgres import backend_module, backend_option
 from ._progress import Follower
 from ._render import failure_lines
 
@@ -93,6 +92,11 @@ def run(
     ~/.local/share/qwit), where qwit list and qwit status find the flow; then
     --no-worker is a usage error (no other worker could reach that server).
 
+    With --backend postgres (or a Flow of backend=qwit.postgres) the flow runs
+    on $QWIT_POSTGRES_DSN, else on an embedded PostgreSQL (then --no-worker
+    is a usage error too); with --backend local, in this process. A Step
+    whose backend= names another engine than its flow's is a usage error.
+
     Ctrl-C cancels the flow, which rolls it back; a second Ctrl-C stops
     waiting and leaves the flow as it is.
 
@@ -101,13 +105,14 @@ def run(
     """
     flow, module = resolve_flow(flow_spec)
     queue = queue_name(task_queue)
+    # a Flow's own backend= wins over --backend
+    engine = flow.backend.name if flow.backend is not None else backend
     try:
-        Client(task_queue=queue).prepare(flow, args, id=flow_id)
+        # checked against that engine: a Step naming another one is refused
+        Client(task_queue=queue, backend=backend_module(engine)).prepare(flow, args, id=flow_id)
         Registry(flow)
     except (FlowDefinitionError, ArgumentsError) as exc:
         raise click.UsageError(str(exc)) from None
-    # a Flow's own backend= wins over --backend
-    engine = flow.backend.name if flow.backend is not None else backend
     if engine == "postgres":
         from . import _postgres
 
@@ -239,8 +244,8 @@ async def _run_flow(err: Console, request: _Request) -> int:
                 raise
         try:
             handle = await starting
-        except WorkflowAlreadyStartedError:
-            raise Failed(f"a flow with id {request.flow_id!r} is already running") from None
+        except FlowIdInUse as exc:  # the request failed; its args were fine
+            raise Failed(str(exc)) from None
         except (FlowDefinitionError, ArgumentsError) as exc:
             raise click.UsageError(str(exc)) from None
         except RPCError as exc:

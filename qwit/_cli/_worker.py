@@ -58,6 +58,7 @@ async def _serve(
 async def _serve_postgres(modules: list[ModuleType], metrics_address: str | None) -> None:
     from .. import postgres
     from .._metrics import Metrics, serve_metrics
+    from ._postgres import reaching
 
     dsn = postgres.default_dsn()
     options = postgres.worker_options_from_env()
@@ -69,7 +70,8 @@ async def _serve_postgres(modules: list[ModuleType], metrics_address: str | None
         stalled_after=options.get("stalled_after", 10.0),
         metrics=metrics,
     )
-    await postgres.prepare(dsn)
+    async with reaching(dsn):  # one line that names the server, not psycopg's traceback
+        await postgres.prepare(dsn)
     server = None
     if metrics_address and metrics is not None:
         server = await serve_metrics(metrics_address, metrics)

@@ -39,15 +39,16 @@ from .._errors import (
     EngineUnavailable,
     FailureInfo,
     FlowFailed,
+    FlowIdInUse,
     FlowNotFound,
     ReactionError,
 )
 from .._metrics import Metrics, serve_metrics
 from .._plan import FlowInput, FlowRecords, StepRecord
 from .._runtime import Decision
-from .._state import FlowState
+from .._state import FAILED_STATUSES, FlowState
 from ._driver import add_event, drive, new_run
-from ._pool import Connections
+from ._pool import Connections, unreachable_text
 from ._server import EmbeddedPostgres
 from ._store import CHANNEL, SCHEMA_VERSION, SchemaTooNew, check_schema
 from ._worker import FLOW_QUEUE, PostgresWorker, prepare, worker_options_from_env
@@ -221,7 +222,7 @@ class PostgresEngine(Engine):
                     self._checked = True
                 yield conn
         except psycopg.OperationalError as exc:
-            raise EngineUnavailable(f"PostgreSQL can't be reached: {exc}") from None
+            raise EngineUnavailable(unreachable_text(self.dsn, exc)) from None
 
     def _trace(self) -> dict[str, str] | None:
         """The caller's span context, for the flow's span to continue."""
@@ -280,14 +281,23 @@ class PostgresEngine(Engine):
         self, limit: int, status: str | None = None, flow: str | None = None
     ) -> list[dict[str, Any]]:
         """Root flows, newest first (``qwit list``): at most ``limit``, of a
-        status and a flow name if given."""
+        status and a flow name if given.
+
+        Status ``failed`` is any failed end (rolled back, cancelled,
+        compensation failed, aborted), as ``qwit list --status failed`` is on
+        Temporal.
+        """
+        statuses = None if status is None else [status]
+        if status == "failed":
+            statuses = sorted(FAILED_STATUSES)
         async with self._connect() as conn, conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(
                 "SELECT id, name, status, ended, created_at, updated_at FROM qwit.flows "
-                "WHERE parent_id IS NULL AND (%(status)s::text IS NULL OR status = %(status)s) "
+                "WHERE parent_id IS NULL "
+                "AND (%(statuses)s::text[] IS NULL OR status = ANY(%(statuses)s::text[])) "
                 "AND (%(flow)s::text IS NULL OR name = %(flow)s) "
                 "ORDER BY created_at DESC LIMIT %(limit)s",
-                {"status": status, "flow": flow, "limit": limit},
+                {"statuses": statuses, "flow": flow, "limit": limit},
             )
             return await cur.fetchall()
 
@@ -300,7 +310,7 @@ class PostgresEngine(Engine):
             ArgumentsError: a flow with this id is running (or waiting).
         """
         run_id = new_run(input.root_id)
-        running = ArgumentsError(f"a flow with id {input.root_id!r} is already running")
+        running = FlowIdInUse(f"a flow with id {input.root_id!r} is already running")
         async with self._connect() as conn, conn.transaction():
             # Locked, and read again once a start of the same id by another
             # client commits: of two starts of one ended id, one wins.

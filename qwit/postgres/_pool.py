@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 
 class Connections:
@@ -65,9 +66,34 @@ class Connections:
             await _discard(conn)
 
 
+def where(dsn: str) -> str:
+    """The server and database ``dsn`` names, without its password."""
+    try:
+        info = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "the server QWIT_POSTGRES_DSN names (it does not parse as a DSN)"
+    host = str(info.get("host") or "localhost")
+    port = str(info.get("port") or "5432")
+    place = f"{host} (socket)" if host.startswith("/") else f"{host}:{port}"
+    details = [f"database {info['dbname']!r}" if info.get("dbname") else ""]
+    details.append(f"user {info['user']!r}" if info.get("user") else "")
+    named = ", ".join(d for d in details if d)
+    return f"{place} ({named})" if named else place
+
+
+def unreachable_text(dsn: str, exc: BaseException) -> str:
+    """One line for a PostgreSQL that can't be reached: where, why, what to check."""
+    # psycopg's first line says why; the lines after it, a hint of its own
+    reason = " ".join(str(exc).strip().split("\n", 1)[0].split()) or type(exc).__name__
+    return (
+        f"can't reach PostgreSQL at {where(dsn)}: {reason}: is a PostgreSQL server running "
+        "there and reachable from here, with these credentials? (check QWIT_POSTGRES_DSN)"
+    )
+
+
 async def _discard(conn: psycopg.AsyncConnection[Any]) -> None:
     with contextlib.suppress(Exception):
         await conn.close()
 
 
-__all__ = ["Connections"]
+__all__ = ["Connections", "unreachable_text", "where"]

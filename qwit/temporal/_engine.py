@@ -41,12 +41,12 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from .._engine import Engine, EngineHost, FlowHandle
 from .._errors import (
-    ArgumentsError,
     ErrorInfo,
     FailureInfo,
     FailureKind,
     FlowDefinitionError,
     FlowFailed,
+    FlowIdInUse,
     FlowNotFound,
     PayloadTooLarge,
     QwitError,
@@ -659,7 +659,7 @@ class TemporalEngine(Engine):
             input,
             task_queue=self.settings.task_queue,
             details=None,
-            running=ArgumentsError(f"a flow with id {input.root_id!r} is already running"),
+            running=FlowIdInUse(f"a flow with id {input.root_id!r} is already running"),
             doing=f"to start flow {input.root_id!r}",
         )
 
