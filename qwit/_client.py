@@ -226,7 +226,10 @@ class Client:
             flow_id: The flow's id.
             from_step: The path (``state()``'s ``steps[i].path``) to resume
                 from, at or before the step the flow stopped at; a step of a
-                parallel block or a map resumes the block as a whole.
+                parallel block or a map resumes the block as a whole. Without
+                it, a flow that stopped in a block or a map keeps the
+                branches or elements that completed there, and runs the
+                others again.
             args: Merged into the flow's args (over the reused outputs).
 
         Returns:

@@ -305,6 +305,11 @@ class Redrive(BaseModel):
     """Args merged in over the reused outputs."""
     failure: FailureInfo | None = None
     """How the earlier run failed (a finished rollback reports it)."""
+    keep_members: bool = False
+    """``resume`` is the parallel block (or map) the earlier run stopped in:
+    its members that completed are kept, their outputs reused, and only the
+    others are undone (if they did something) and run again. (Redrives of
+    older QWIT, and those from a given path, run the block again whole.)"""
 
 
 class FlowInput(BaseModel):

@@ -42,12 +42,15 @@ async def redrive_input(
         status == "cancelled" and failure is not None and not failure.rolled_back
     )
     if kept:  # its effects are kept: resume where it stopped, or from ``from_step``
+        resume = _resume_path(flow_id, steps, from_step)
         redrive = Redrive(
             of_run=earlier.run_id,
             records=steps,
-            resume=_resume_path(flow_id, steps, from_step),
+            resume=resume,
             corrections=corrections,
             failure=failure,
+            # where it stopped, in a block or a map: what completed there stays
+            keep_members=from_step is None and _is_group_at(steps, resume),
         )
     elif status == "compensation_failed":
         if from_step is not None or corrections:
@@ -134,6 +137,12 @@ def _find(flow_id: str, steps: list[StepRecord], path: str) -> str:
             if step.sub:
                 return _find(flow_id, step.sub, path)
     raise ReactionError(f"flow {flow_id!r} has no step at path {path!r}")
+
+
+def _is_group_at(steps: list[StepRecord], path: str) -> bool:
+    """Whether the step at ``path`` (a top-level one of ``steps``) is a
+    parallel block or a map."""
+    return any(step.path == path and step.members for step in steps)
 
 
 def _is_path(path: str) -> bool:

@@ -170,6 +170,9 @@ class StepRun:
     """A recorded sub-flow that aborted, keeping its effects."""
     redrive: list[StepRecord] | None = None
     """For a sub-flow a redrive resumes inside: its earlier run's records."""
+    kept: dict[str, StepRun] | None = None
+    """For the block (or map) a redrive resumes in: its members that
+    completed in the earlier run, by path, kept as they ended."""
     back_args: dict[str, Any] | None = None
     """Args an operator's RETRY of its failed undo merged in (the undo's own)."""
 
@@ -365,7 +368,13 @@ class Interpreter:
             else:  # at or after it: what the earlier run did is undone, then it runs again
                 earlier = StepRun(run.node, run.path, index=run.index)
                 self._restore(earlier, record)
-                if _to_undo(earlier):
+                if place == "at" and redrive.keep_members and earlier.is_group:
+                    # the block it stopped in: what completed there is kept
+                    run.kept = {m.path: m for m in earlier.members if m.status == "done"}
+                    for member in earlier.members[::-1]:
+                        if member.status != "done" and _to_undo(member):
+                            self.saga.undo_first.insert(0, member)
+                elif _to_undo(earlier):
                     self.saga.undo_first.insert(0, earlier)
         self.saga.args.update(redrive.corrections)
 
@@ -846,7 +855,8 @@ class Interpreter:
                 ]
             else:
                 run.members = [
-                    StepRun(
+                    _kept(run, child_path(run.path, node.offset + i), node.item, element)
+                    or StepRun(
                         node.node,
                         child_path(run.path, node.offset + i),
                         index=node.offset + i,
@@ -856,7 +866,11 @@ class Interpreter:
                 ]
         else:
             base = dict(args)
-            run.members = [StepRun(m.node, m.path, base=dict(base)) for m in run.members]
+            run.members = [
+                _kept(run, m.path) or StepRun(m.node, m.path, base=dict(base))
+                for m in run.members
+            ]
+        run.kept = None  # (once: a block run again runs whole)
         self._step_to(run, "running")
         limit = _limit(run)
         try:
@@ -899,6 +913,8 @@ class Interpreter:
 
         async def forward(member: StepRun) -> None:
             group.started += 1
+            if member.status == "done":
+                return  # kept from the run a redrive resumes
             try:
                 await self._forward(member)
             except _Stop as stop:
@@ -1590,6 +1606,17 @@ def _step_state(run: StepRun, final: bool = False) -> StepState:
         final=final,
         steps=[_step_state(member) for member in run.members],
     )
+
+
+def _kept(
+    group: StepRun, path: str, item: str | None = None, element: Any = None
+) -> StepRun | None:
+    """The member at ``path`` of ``group`` that a redrive keeps as it
+    completed (a map's element, only if it ran on the same item)."""
+    kept = (group.kept or {}).get(path)
+    if kept is None or (item is not None and (kept.args or {}).get(item) != element):
+        return None
+    return kept
 
 
 def _stopped_subflow(run: StepRun) -> SubflowRun | None:

@@ -14,7 +14,9 @@ import pytest
 import qwit
 from qwit.testing import wait_for_status
 from tests import ledger
+from tests import parallel_ledger as pl
 from tests.ledger import Effect
+from tests.parallel_ledger import Work
 from tests.test_conformance import Env, env, new_ledger, outcome
 from tests.test_temporal_reactions import failing_flow
 from tests.test_temporal_subflows import A, B, C, CancelMe, Slow
@@ -722,6 +724,70 @@ async def test_an_aborted_flow_resumes_from_its_failed_step(env: Env, after: boo
     assert [a for a in applied if a != "rd.B"] == ["rd.A", "I1", "I2", "rd.C"]
     assert state.redrive_of is not None
     assert [s.status for s in state.steps] == ["done"] * 4
+
+
+class PWorkSub(qwit.Flow, name="rd.block_sub"):
+    def build_flow(self) -> None:
+        self.step(Work, {"eid": "I1"})
+        self.step(Work, {"eid": "I2"})
+
+
+class RedrivableBlock(qwit.Flow, name="rd.block"):
+    def build_flow(self) -> None:
+        self.step(Work, {"eid": "first"})
+        with self.parallel():
+            self.step(Work, {"eid": "P1"})
+            self.step(Work, {"eid": "P2"}, on_failure=qwit.ABORT)
+            self.step(PWorkSub)
+        self.step(Work, {"eid": "last"})
+
+
+class RedrivableMap(qwit.Flow, name="rd.map"):
+    def build_flow(self) -> None:
+        self.step(RA)
+        self.map(RB, over="items", item="eid", into="outs", max_concurrency=1)
+        self.step(RC)
+
+
+async def test_a_redrive_in_a_block_keeps_the_branches_that_completed(env: Env):
+    """The contract's "resumes from its failed step reusing earlier
+    outputs", inside a parallel block: the branches (a step, a sub-flow)
+    that completed before one aborted are neither undone nor run again; the
+    one that aborted (after its effect, once the others had completed) is
+    undone first and runs again. Before, the whole block was undone and run
+    again."""
+    run = new_ledger()
+    start = {"ledger": run, "fail": "P2", "delay": {"P2": 1.0}}
+    async with env.serve(RedrivableBlock):
+        handle = await env.client.start(RedrivableBlock, start)
+        kind, _ = await outcome(handle)
+        earlier = await handle.state()
+        again = await env.client.redrive(handle.id, args={"fail": None})
+        kind_again, result = await outcome(again)
+        state = await again.state()
+    assert (kind, kind_again) == ("aborted", "completed")
+    assert [b.status for b in earlier.steps[1].steps] == ["done", "failed", "done"]
+    assert sorted(pl.applied(run)) == sorted(["first", "P1", "P2", "I1", "I2", "P2", "last"])
+    assert pl.undone(run) == ["P2"]
+    assert {"out_P1", "out_P2", "out_I1", "out_I2", "out_last"} <= set(result)
+    assert [s.status for s in state.steps] == ["done"] * 3
+    assert [b.status for b in state.steps[1].steps] == ["done"] * 3
+
+
+async def test_a_redrive_in_a_map_keeps_the_elements_that_completed(env: Env):
+    run = new_ledger()
+    async with env.serve(RedrivableMap):
+        handle = await env.client.start(
+            RedrivableMap, {"ledger": run, "items": ["e1", "e2", "e3"], "fail": "e2"}
+        )
+        kind, _ = await outcome(handle)
+        again = await env.client.redrive(handle.id, args={"fail": None})
+        kind_again, result = await outcome(again)
+    assert (kind, kind_again) == ("aborted", "completed")
+    # e1 completed before e2 aborted (one at a time): kept; e3 never ran
+    assert ledger.applied(run) == ["rd.A", "e1", "e2", "e3", "rd.C"]
+    assert ledger.undone(run) == []
+    assert [next(iter(o)) for o in result["outs"]] == ["out_e1", "out_e2", "out_e3"]
 
 
 async def test_a_redrive_resumes_inside_the_sub_flow_that_aborted(env: Env):
