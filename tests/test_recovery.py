@@ -774,6 +774,24 @@ async def test_a_redrive_in_a_block_keeps_the_branches_that_completed(env: Env):
     assert [b.status for b in state.steps[1].steps] == ["done"] * 3
 
 
+async def test_kept_branches_of_a_redrive_that_rolls_back_are_undone_once(env: Env):
+    run = new_ledger()
+    start = {"ledger": run, "fail": "P2", "delay": {"P2": 1.0}}
+    async with env.serve(RedrivableBlock):
+        handle = await env.client.start(RedrivableBlock, start)
+        assert (await outcome(handle))[0] == "aborted"
+        again = await env.client.redrive(handle.id, args={"fail": "last", "fail_before": True})
+        kind, err = await outcome(again)
+    assert kind == "rolled_back"
+    # every effect applied is undone once: the kept branches with their
+    # recorded args, the redriven one's two executions, and the first step
+    assert sorted(pl.undone(run)) == sorted(pl.applied(run))
+    assert pl.undone(run)[-1] == "first"
+    assert len(pl.undone(run)) == 6  # first, P1, P2 (twice: both runs), I1, I2
+    # listed: those undos, and the failed last step's (it had done nothing)
+    assert err.compensated == ["par.work"] * 7
+
+
 async def test_a_redrive_in_a_map_keeps_the_elements_that_completed(env: Env):
     run = new_ledger()
     async with env.serve(RedrivableMap):
