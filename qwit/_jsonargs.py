@@ -23,26 +23,40 @@ def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
 
-def check_json(value: Any, field: str = "") -> None:
+def check_json(value: Any, field: str = "") -> bool:
     """Raise NotJSON unless ``value`` is made of dicts (string keys), lists,
-    strings, finite numbers, booleans and None."""
+    strings, finite numbers, booleans and None (or tuples and other mappings,
+    which JSON writes as lists and objects). Returns whether it is plain:
+    no tuple, no mapping but ``dict``."""
     if value is None or isinstance(value, (str, bool, int)):
-        return
+        return True
     if isinstance(value, float):
         if not math.isfinite(value):
             raise NotJSON(field, f"{value!r} is not a finite number and has no JSON form")
-        return
+        return True
     if isinstance(value, Mapping):
+        plain = type(value) is dict
         for key, item in value.items():
             if not isinstance(key, str):
                 raise NotJSON(_join(field, repr(key)), "keys must be strings")
-            check_json(item, _join(field, key))
-        return
+            plain = check_json(item, _join(field, key)) and plain
+        return plain
     if isinstance(value, (list, tuple)):
+        plain = type(value) is list
         for index, item in enumerate(value):
-            check_json(item, f"{field}[{index}]")
-        return
+            plain = check_json(item, f"{field}[{index}]") and plain
+        return plain
     raise NotJSON(field, f"a {type(value).__name__} is not JSON-serialisable")
+
+
+def _plain(value: Any) -> Any:
+    """``value`` (checked JSON) as JSON reads it back: tuples as lists, every
+    mapping as a dict."""
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
 
 
 def as_args(value: Any, what: str) -> dict[str, Any]:
@@ -62,7 +76,10 @@ def as_args(value: Any, what: str) -> dict[str, Any]:
         return dumped
     if not isinstance(value, Mapping):
         raise NotJSON("", f"{what} must be a dict or a pydantic model, not {type(value).__name__}")
-    check_json(value)
+    if not check_json(value):
+        # as every engine that sends it would read it back (qwit.local too)
+        plain: dict[str, Any] = _plain(value)
+        return plain
     return dict(value)
 
 

@@ -867,8 +867,7 @@ class Interpreter:
         else:
             base = dict(args)
             run.members = [
-                _kept(run, m.path) or StepRun(m.node, m.path, base=dict(base))
-                for m in run.members
+                _kept(run, m.path) or StepRun(m.node, m.path, base=dict(base)) for m in run.members
             ]
         run.kept = None  # (once: a block run again runs whole)
         self._step_to(run, "running")

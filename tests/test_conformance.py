@@ -281,6 +281,29 @@ async def test_a_cancelled_error_raised_by_a_step_is_its_failure(env: Env):
     assert ledger.applied(run) == ["conf.raises_cancelled"]
 
 
+class ReturnsTuples(qwit.Step, name="conf.returns_tuples"):
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"pair": (1, 2), "nested": {"t": ("a", ("b",))}}
+
+
+class SeesLists(qwit.Step, name="conf.sees_lists"):
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"seen": [type(args["pair"]).__name__, type(args["nested"]["t"][1]).__name__]}
+
+
+class TuplesFlow(qwit.Flow, name="conf.tuples_flow"):
+    def build_flow(self) -> None:
+        self.step(ReturnsTuples)
+        self.step(SeesLists)
+
+
+async def test_outputs_read_as_json_reads_them_on_every_engine(env: Env):
+    # Before, qwit.local passed a tuple on as a tuple (Temporal: a list).
+    async with env.serve(TuplesFlow):
+        result = await env.client.run(TuplesFlow, {})
+    assert result == {"pair": [1, 2], "nested": {"t": ["a", ["b"]]}, "seen": ["list", "list"]}
+
+
 async def test_a_cancel_of_an_ended_flow_is_refused(env: Env):
     run = new_ledger()
     async with env.serve(CancelMe):
