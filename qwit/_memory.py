@@ -263,19 +263,29 @@ class InMemoryRuntime(FlowRuntime):
 class InMemoryHandle(FlowHandle):
     """A flow kept in this process's memory."""
 
-    def __init__(self, engine: InMemoryEngine, flow_id: str) -> None:
+    def __init__(
+        self, engine: InMemoryEngine, flow_id: str, run: InMemoryRun | None = None
+    ) -> None:
         self.id = flow_id
         self.engine = engine.name
         self._engine = engine
+        #: The run it was started as (None: the latest run of its id), as a
+        #: Temporal handle keeps to its run when the id is used again.
+        self._run = run
+
+    def _find(self, flow_id: str) -> InMemoryRun:
+        if flow_id == self.id and self._run is not None:
+            return self._run
+        return self._engine.find(flow_id)
 
     async def result(self) -> dict[str, Any]:
         try:
-            return copy.deepcopy(await asyncio.shield(self._engine.find(self.id).task))
+            return copy.deepcopy(await asyncio.shield(self._find(self.id).task))
         except FlowFailure as failed:
             raise FlowFailed.from_info(failed.info) from None
 
     async def cancel(self, rollback: bool = True) -> None:
-        run = self._engine.find(self.id)
+        run = self._find(self.id)
         if run.task.done():
             raise ReactionError(
                 f"flow {self.id!r} has already ended ({run.interpreter.status}): "
@@ -284,10 +294,10 @@ class InMemoryHandle(FlowHandle):
         run.cancel(rollback)
 
     async def flow_state(self, flow_id: str) -> FlowState:
-        return self._engine.find(flow_id).interpreter.state().model_copy(deep=True)
+        return self._find(flow_id).interpreter.state().model_copy(deep=True)
 
     async def send_decision(self, flow_id: str, decision: Decision) -> None:
-        run = self._engine.find(flow_id)
+        run = self._find(flow_id)
         run.interpreter.decide(decision.model_copy(deep=True))
         run.poke()
 
@@ -341,8 +351,8 @@ class InMemoryEngine(Engine):
     async def start(self, flow: type[Flow], input: FlowInput) -> FlowHandle:
         # The flow keeps its own copy of the caller's args.
         input = input.model_copy(update={"args": copy.deepcopy(input.args)})
-        self.launch(Registry(flow), input, input.root_id)
-        return InMemoryHandle(self, input.root_id)
+        run = self.launch(Registry(flow), input, input.root_id)
+        return InMemoryHandle(self, input.root_id, run)
 
     def get_handle(self, flow_id: str) -> FlowHandle:
         return InMemoryHandle(self, flow_id)
@@ -361,8 +371,8 @@ class InMemoryEngine(Engine):
 
     async def restart(self, input: FlowInput) -> FlowHandle:
         earlier = self.find(input.root_id)
-        self.launch(earlier.registry, input, input.root_id)
-        return InMemoryHandle(self, input.root_id)
+        run = self.launch(earlier.registry, input, input.root_id)
+        return InMemoryHandle(self, input.root_id, run)
 
     async def close(self) -> None:
         """Cancel the flows still running (they roll back) and wait for them."""
