@@ -1280,13 +1280,15 @@ class Interpreter:
             await self._settle_children(commit=True)
 
     def _left(self, run: StepRun) -> list[str]:
-        """The names of what undoing ``run`` would have undone: a stopped
-        rollback leaves them as they were."""
+        """The names of what undoing ``run`` would have undone, newest first
+        (as the rollback lists what it undid): a stopped rollback leaves them
+        as they were."""
         node = run.node
         if run.is_group:
-            return [name for m in run.members if m.needs_undo() for name in self._left(m)]
+            return [name for m in run.members[::-1] if m.needs_undo() for name in self._left(m)]
         if isinstance(node, FlowNode):
-            return [n.name for _, n, _ in walk(node) if isinstance(n, StepNode) and n.has_back]
+            names = [n.name for _, n, _ in walk(node) if isinstance(n, StepNode) and n.has_back]
+            return names[::-1]
         assert isinstance(node, StepNode)
         return [run.name] if node.has_back else []
 

@@ -177,6 +177,31 @@ async def test_an_undo_that_fails_with_abort_stops_the_rollback_there(env: Env, 
     assert "left as they were: A" in str(err)
 
 
+class LeftBehind(qwit.Flow, name="recovery.left_behind"):
+    def build_flow(self) -> None:
+        self.step(B)
+        self.step(C)
+
+
+class StopAfterSubflow(qwit.Flow, name="recovery.stop_after_subflow"):
+    def build_flow(self) -> None:
+        self.step(A)
+        self.step(LeftBehind)
+        self.step(StopsRollback, {"eid": "S"})
+        self.step(C, {"eid": "last"})
+
+
+async def test_what_a_stopped_rollback_leaves_is_named_newest_first(env: Env):
+    # as the rollback would have undone them: the sub-flow's steps too
+    # (before, they were listed in plan order after the later steps)
+    run = new_ledger()
+    async with env.serve(StopAfterSubflow):
+        handle = await env.client.start(StopAfterSubflow, {"ledger": run, "fail": "last"})
+        kind, err = await outcome(handle)
+    assert kind == "compensation_failed"
+    assert err.not_compensated == ["C", "B", "A"]
+
+
 class SlowUndo(Effect, name="recovery.slow_undo"):
     """Its first undo outlives ``back_timeout``; the next is quick."""
 
