@@ -25,25 +25,21 @@ from .._errors import (
     ArgumentsError,
     EngineUnavailable,
     FlowDefinitionError,
-    FlowFailed,
     FlowIdInUse,
     QwitError,
 )
 from .._flow import Flow, compile_flow
 from .._state import FlowState
 from ._common import (
-    EXIT_FAILED,
-    EXIT_INTERRUPTED,
     Failed,
-    Interrupted,
     console,
     dump_json,
     run_async,
     sayer,
 )
 from ._connect import data_dir
-from ._progress import Follower, follow_to_end
-from ._render import failure_lines, state_view
+from ._progress import Follower, follow_run, follow_to_end
+from ._render import state_view
 
 if TYPE_CHECKING:
     from .. import postgres as postgres_module
@@ -388,24 +384,7 @@ async def _follow(
     say(f"flow {flow.name!r}, id {handle.id}, {where}")
     follower = Follower(err, react=react)
     follower.expect(compile_flow(flow))
-
-    async def on_interrupt(count: int) -> None:
-        if count > 1:
-            raise Interrupted
-        say("cancelling the flow: it rolls back (Ctrl-C again to stop waiting)")
-        await handle.cancel()
-
-    try:
-        result = await follower.follow(handle, on_interrupt=on_interrupt)
-    except FlowFailed as failed:
-        for line in failure_lines(failed, flow.name):
-            err.print(line)
-        return EXIT_FAILED
-    except Interrupted:
-        say(f"stopped waiting; flow {handle.id} stays as it is")
-        return EXIT_INTERRUPTED
-    click.echo(dump_json(result))
-    return 0
+    return await follow_run(err, say, handle, follower, flow=flow.name)
 
 
 __all__ = [

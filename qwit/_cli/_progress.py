@@ -551,6 +551,39 @@ async def _maybe_await(value: Any) -> None:
         await value
 
 
+async def follow_run(
+    err: Console,
+    say: Callable[[str], None],
+    handle: FlowHandle,
+    follower: Follower,
+    *,
+    flow: str,
+    kept: str = "",
+    verbose: bool = False,
+) -> int:
+    """Follow a flow ``qwit run`` started to its end: print its result (exit
+    0) or its story (exit 1). A first Ctrl-C cancels it (it rolls back), a
+    second stops waiting (``kept`` says where the flow stays)."""
+
+    async def on_interrupt(count: int) -> None:
+        if count > 1:
+            raise Interrupted
+        say("cancelling the flow: it rolls back (Ctrl-C again to stop waiting)")
+        await handle.cancel()
+
+    try:
+        result = await follower.follow(handle, on_interrupt=on_interrupt)
+    except FlowFailed as failed:
+        for line in failure_lines(failed, flow, verbose=verbose):
+            err.print(line)
+        return EXIT_FAILED
+    except Interrupted:
+        say(f"stopped waiting; flow {handle.id} stays as it is{kept}")
+        return EXIT_INTERRUPTED
+    click.echo(dump_json(result))
+    return 0
+
+
 async def follow_to_end(
     err: Console, handle: FlowHandle, follower: Follower, state: FlowState | None = None
 ) -> int:

@@ -17,19 +17,16 @@ from rich.text import Text
 from temporalio.service import RPCError
 
 from .._client import Client
-from .._errors import ArgumentsError, FlowDefinitionError, FlowFailed, FlowIdInUse
+from .._errors import ArgumentsError, FlowDefinitionError, FlowIdInUse
 from .._flow import Flow, compile_flow
 from .._runner import Registry
 from ..temporal import create_worker
 from ._common import (
-    EXIT_FAILED,
     EXIT_INTERRUPTED,
     Failed,
-    Interrupted,
     args_option,
     connection_options,
     console,
-    dump_json,
     queue_name,
     resolve_flow,
     run_async,
@@ -46,8 +43,7 @@ from ._connect import (
     local_namespace,
 )
 from ._postgres import backend_module, backend_option
-from ._progress import Follower
-from ._render import failure_lines
+from ._progress import Follower, follow_run
 
 #: Exit code after SIGTERM, as shells report it.
 EXIT_TERMINATED = 143
@@ -259,22 +255,7 @@ async def _run_flow(err: Console, request: _Request) -> int:
             )
         follower = Follower(err, react=react, no_worker_hint=hint)
         follower.expect(compile_flow(flow))
-
-        async def on_interrupt(count: int) -> None:
-            if count > 1:
-                raise Interrupted
-            say("cancelling the flow: it rolls back (Ctrl-C again to stop waiting)")
-            await handle.cancel()
-
-        try:
-            result = await follower.follow(handle, on_interrupt=on_interrupt)
-        except FlowFailed as failed:
-            for line in failure_lines(failed, flow.name, verbose=request.verbose):
-                err.print(line)
-            return EXIT_FAILED
-        except Interrupted:
-            kept = f" in {data_dir() / RUN_DB}" if request.embedded else " in Temporal"
-            say(f"stopped waiting; flow {handle.id} stays as it is{kept}")
-            return EXIT_INTERRUPTED
-        click.echo(dump_json(result))
-        return 0
+        kept = f" in {data_dir() / RUN_DB}" if request.embedded else " in Temporal"
+        return await follow_run(
+            err, say, handle, follower, flow=flow.name, kept=kept, verbose=request.verbose
+        )
