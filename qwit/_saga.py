@@ -470,12 +470,12 @@ class Interpreter:
             status = "waiting" if self.saga.waits else self.saga.phase
         if status == self.saga.status:
             return
-        # Not ended until its final steps have run (a completed flow publishes
-        # nothing; a failed one's publication waits for them).
+        # Not ended until its final steps have run. (Gated whatever the end:
+        # a completed flow publishes its status too once it has waited.)
         if (
             self._finals_ahead
             and status in FINAL_STATUSES
-            and (status == "completed" or self.runtime.patched(END_AFTER_FINALS))
+            and self.runtime.patched(END_AFTER_FINALS)
         ):
             self._end_held = status
             return

@@ -140,6 +140,15 @@ class ApprovedOrder(qwit.Flow):
         self.step(Ship)
 
 
+class ApprovedQuote(qwit.Flow):
+    """A wait (then published), and a final step after the flow ended."""
+
+    def build_flow(self) -> None:
+        self.step(Reserve)
+        self.step(Approve)
+        self.finally_step(Receipt)
+
+
 class RefundOrder(qwit.Flow):
     def build_flow(self) -> None:
         self.step(Refund)

@@ -28,6 +28,7 @@ from qwit.testing import wait_for_status
 from tests.history_flows import (
     AbortedOrder,
     ApprovedOrder,
+    ApprovedQuote,
     Cancellable,
     HeldOrder,
     HoldChildStart,
@@ -96,6 +97,14 @@ async def waited_retry(client: qwit.Client) -> str:
     handle = await client.start(ApprovedOrder, {"order_id": 6}, id="history-waited-retry")
     await until_waiting(handle)
     await handle.react(qwit.RETRY, args={"approved": True, "approver": "alice"})
+    await handle.result()
+    return handle.id
+
+
+async def waited_then_final(client: qwit.Client) -> str:
+    handle = await client.start(ApprovedQuote, {"order_id": 16}, id="history-waited-then-final")
+    await until_waiting(handle)
+    await handle.react(qwit.RETRY, args={"approved": True})
     await handle.result()
     return handle.id
 
@@ -209,6 +218,7 @@ SCENARIOS: dict[str, Scenario] = {
     "parallel_rolled_back": parallel_rolled_back,
     "parallel_waited": parallel_waited,
     "waited_retry": waited_retry,
+    "waited_then_final": waited_then_final,
     "waited_rollback": waited_rollback,
     "waited_compensation": waited_compensation,
     "completed": completed,
@@ -239,6 +249,7 @@ async def record(names: list[str]) -> None:
             ShippedOrder,
             Cancellable,
             ApprovedOrder,
+            ApprovedQuote,
             RefundOrder,
             ParallelOrder,
             AbortedOrder,
