@@ -888,3 +888,37 @@ async def test_a_step_no_worker_serves_fails_the_flow_in_bounded_time(postgres_d
     assert ledger.entries(run) == [("do", "pg.A"), ("undo", "pg.A")]
     assert rows == [(0,)]  # every step job finished with its record
     await client.close()
+
+
+class PgSlowServed(Effect, name="pg.slow_served"):
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any] | None:
+        await asyncio.sleep(1.5)
+        return await super().step_forward(args)
+
+
+class PgBusy(qwit.Flow, name="pg.busy", backend=qwit.postgres):
+    def build_flow(self) -> None:
+        self.step(PgSlowServed)
+
+
+async def test_a_step_its_busy_worker_serves_is_not_failed_by_the_others(postgres_dsn: str):
+    # The only worker serving the step runs one at a time, for longer than
+    # unserved_step_timeout; another worker, which does not serve it, keeps
+    # taking the queued ones. Before, they failed (StepNotRegistered, "no
+    # worker served it") though a live worker serves it.
+    await prepare(postgres_dsn)
+    client = await qwit.connect(
+        backend=qwit.postgres, settings=[PostgresSettings(postgres_dsn)], unserved_step_timeout=1
+    )
+    runs = [new_ledger() for _ in range(3)]
+    async with (
+        worker(postgres_dsn, PgBusy, inline=False, concurrency=1),
+        worker(postgres_dsn, PgOuter, inline=False),
+    ):
+        handles = [await client.start(PgBusy, {"ledger": run}) for run in runs]
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(*(h.result() for h in handles), return_exceptions=True), 60
+        )
+    assert [o for o in outcomes if isinstance(o, BaseException)] == []
+    assert all(ledger.applied(run) == ["pg.slow_served"] for run in runs)
+    await client.close()

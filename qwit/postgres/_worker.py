@@ -115,13 +115,29 @@ UNSERVED_RETRY_MAX = 2.0
 #: Steps a worker logs its first refusal of (later ones go to DEBUG).
 MAX_REFUSED_LOGGED = 100
 
-#: How long ago a step job's step was asked for, its flow's input (NULL:
-#: the run is over) and the database's name.
+#: For a step job a worker does not serve: the database's name, its flow's
+#: input (NULL: the run is over), whether a live worker serves its step, for
+#: how long none has (NULL: one does; the clock starts at the first refusal
+#: with none, and stops when one is found), and its attempts so far.
 UNSERVED = """
+WITH live AS (
+    SELECT EXISTS (
+        SELECT 1 FROM qwit.served s JOIN procrastinate_workers w ON w.id = s.worker_id
+        WHERE s.step = %(step)s
+        AND w.last_heartbeat > now() - make_interval(secs => %(stalled)s)
+    ) AS served
+), marked AS (
+    UPDATE qwit.commands c SET unserved_since = CASE
+        WHEN (SELECT served FROM live) THEN NULL
+        ELSE coalesce(c.unserved_since, clock_timestamp()) END
+    WHERE c.run_id = %(run_id)s AND c.key = %(key)s
+    RETURNING c.unserved_since
+)
 SELECT current_database(),
     (SELECT f.input FROM qwit.flows f WHERE f.id = %(flow_id)s AND f.run_id = %(run_id)s),
-    (SELECT extract(epoch FROM clock_timestamp() - c.created_at)::float8 FROM qwit.commands c
-     WHERE c.run_id = %(run_id)s AND c.key = %(key)s)
+    (SELECT served FROM live),
+    (SELECT extract(epoch FROM clock_timestamp() - unserved_since)::float8 FROM marked),
+    (SELECT attempt FROM qwit.attempts a WHERE a.run_id = %(run_id)s AND a.key = %(key)s)
 """
 
 
@@ -313,24 +329,35 @@ class PostgresWorker:
     async def _unserved(self, job: int, offers: int, run_id: str, key: str, step: str) -> str:
         """A step job of a step this worker does not serve: back to the queue,
         where another worker may serve it (workers of different modules, a
-        rolling deploy), after a backoff; once the plan's
-        ``unserved_step_timeout`` has passed since the flow asked for the
-        step, its end instead: the step failed with ``StepNotRegistered``
-        (the job is finished with that record). What procrastinate logs of
-        the job: the returned line."""
+        rolling deploy), after a backoff, for as long as a live worker serves
+        it (busy, or restarting); once no live worker has served it for the
+        plan's ``unserved_step_timeout``, its end instead: the step failed
+        with ``StepNotRegistered`` (the job is finished with that record).
+        What procrastinate logs of the job: the returned line."""
         delay = min(UNSERVED_RETRY_FIRST * 2**offers, UNSERVED_RETRY_MAX)
         async with self.connection() as conn:
             cur = await conn.execute(
-                UNSERVED, {"flow_id": flow_of_run(run_id), "run_id": run_id, "key": key}
+                UNSERVED,
+                {
+                    "flow_id": flow_of_run(run_id),
+                    "run_id": run_id,
+                    "key": key,
+                    "step": step,
+                    "stalled": self.stalled_after,
+                },
             )
             row = await cur.fetchone()
         assert row is not None
-        database, waited = str(row[0]), row[2]
+        database, served, waited, attempts = str(row[0]), bool(row[2]), row[3], row[4]
         # (the plan's own reading: a compact plan leaves out its defaults;
         # None in plans of older QWIT)
         limit = None if row[1] is None else FlowInput.model_validate(row[1]).unserved_step_timeout
-        if limit is not None and waited is not None and waited < limit:
-            delay = min(delay, limit - waited)  # (the last offer comes at the limit)
+        # A live worker serves it (busy, or its job was cut off by a
+        # restart): offered again for as long as one does.
+        if limit is not None and (served or (waited is not None and waited < limit)):
+            if not served:
+                assert waited is not None
+                delay = min(delay, limit - waited)  # (the last offer comes at the limit)
             self._log_refusal(step)
             self._offered.add(job)
             try:
@@ -346,8 +373,11 @@ class PostgresWorker:
         )
         if limit is not None and waited is not None:
             reason += f" (no worker served it for {waited:.0f}s)"
-        # (a plan of an older QWIT, without unserved_step_timeout: at once)
-        info = error_info(StepNotRegistered(reason), started=False, retryable=False)
+        # (a plan of an older QWIT, without unserved_step_timeout: at once.)
+        # A step a worker ran before (it is gone) may have done something:
+        # a rollback undoes it.
+        started = bool(attempts)
+        info = error_info(StepNotRegistered(reason), started=started, retryable=False)
         self._ended[job] = (run_id, key, {"error": info.model_dump(mode="json")})
         return f"step {step!r} failed: no worker serves it"
 
@@ -668,6 +698,12 @@ class PostgresWorker:
             row = await cur.fetchone()
             assert row is not None
             self.worker_id = int(row[0])
+            # what it serves, for the workers that don't (see UNSERVED)
+            await conn.execute(
+                "INSERT INTO qwit.served (worker_id, step) SELECT %s, unnest(%s::text[]) "
+                "ON CONFLICT DO NOTHING",
+                [self.worker_id, sorted(self.registry.steps)],
+            )
 
     async def _beat(self) -> None:
         """Heartbeat its worker id; take a new one if it was taken for dead
@@ -720,6 +756,11 @@ class PostgresWorker:
                 await self._beat()
                 manager = self.app.job_manager
                 await manager.prune_stalled_workers(self.stalled_after)
+                async with self.connection() as conn:
+                    await conn.execute(
+                        "DELETE FROM qwit.served s WHERE NOT EXISTS "
+                        "(SELECT 1 FROM procrastinate_workers w WHERE w.id = s.worker_id)"
+                    )
                 for queue in (self.flow_queue, self.step_queue):
                     for job in await manager.get_stalled_jobs(
                         queue=queue, seconds_since_heartbeat=self.stalled_after
