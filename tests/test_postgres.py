@@ -922,3 +922,43 @@ async def test_a_step_its_busy_worker_serves_is_not_failed_by_the_others(postgre
     assert [o for o in outcomes if isinstance(o, BaseException)] == []
     assert all(ledger.applied(run) == ["pg.slow_served"] for run in runs)
     await client.close()
+
+
+class PgHangs(Effect, name="pg.hangs"):
+    """Applies its effect, then runs until its worker goes away."""
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any] | None:
+        ledger.record(args["ledger"], "do", "pg.hangs")
+        await asyncio.Event().wait()
+        return None
+
+
+class PgLeftBehind(qwit.Flow, name="pg.left_behind", backend=qwit.postgres):
+    def build_flow(self) -> None:
+        self.step(PgA)
+        self.step(PgHangs)
+
+
+async def test_a_step_whose_only_worker_went_away_is_reported_undone_or_not(postgres_dsn: str):
+    # The one worker serving pg.hangs stops while the step runs: its job goes
+    # back to the queue, where only a worker lacking the step takes it. Once
+    # no live worker has served it for unserved_step_timeout the step fails;
+    # it had started (its effect applied), so the rollback must undo it: with
+    # no worker for its undo either, the flow says it could not. Before, the
+    # step was taken for never started: FlowRolledBack, its effect silently
+    # left.
+    await prepare(postgres_dsn)
+    client = await qwit.connect(
+        backend=qwit.postgres, settings=[PostgresSettings(postgres_dsn)], unserved_step_timeout=1
+    )
+    run = new_ledger()
+    async with worker(postgres_dsn, PgOuter, inline=False):
+        async with worker(postgres_dsn, PgLeftBehind, inline=False):
+            handle = await client.start(PgLeftBehind, {"ledger": run})
+            await ledger.wait_for_mark(run, "do", "pg.hangs")
+        with pytest.raises(qwit.CompensationFailed) as info:
+            await asyncio.wait_for(handle.result(), 60)
+        assert info.value.error_type == "qwit.StepNotRegistered"
+        assert info.value.failed_compensations == ["pg.hangs"]
+    assert ledger.undone(run) == ["pg.A"]
+    await client.close()
