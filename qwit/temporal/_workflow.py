@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
@@ -104,6 +104,11 @@ SIGNAL_CANCEL = "qwit.cancel"
 START_FINISHED = "qwit-start-finished"
 """Patch: a cancel that comes while a sub-flow starts waits for the start,
 and stops the sub-flow if it started (flows before it lost it)."""
+UNSERVED_SINCE_REFUSAL = "qwit-unserved-since-refusal"
+"""Patch: a step's time unserved counts from its first refusal (the time a
+serving worker spent on its earlier attempts is not unserved time), and a
+step refused after such attempts may have done something: its rollback
+undoes it (flows before it counted from the first offer, and undid nothing)."""
 PLAN_WAITS = "qwit-plan-waits"
 """Patch: a flow whose plan is newer than the worker waits for a worker that
 understands it (flows before it failed with ``qwit.PlanVersionError``)."""
@@ -363,6 +368,8 @@ class _Runtime(FlowRuntime):
         if limit is None:  # plans of older QWIT: an unserved step fails at once
             return await self._run_once(node, call)
         began = workflow.now()
+        since: datetime | None = None  # the first refusal (flows of this version)
+        ran = False  # a serving worker ran earlier attempts of it
         delay = UNSERVED_RETRY_FIRST
         offered_again = False
         while True:
@@ -371,12 +378,16 @@ class _Runtime(FlowRuntime):
             except StepFailure as failure:
                 if failure.info.type != "qwit.StepNotRegistered":
                     raise
-                waited = (workflow.now() - began).total_seconds()
+                if since is None and workflow.patched(UNSERVED_SINCE_REFUSAL):
+                    since = workflow.now()
+                ran = ran or (since is not None and failure.info.attempt > 1)
+                waited = (workflow.now() - (since or began)).total_seconds()
                 if waited + delay > limit:
                     message = f"{failure.info.message} (no worker served it for {waited:.0f}s)"
-                    raise StepFailure(
-                        failure.info.model_copy(update={"message": message})
-                    ) from None
+                    update: dict[str, Any] = {"message": message}
+                    if ran:
+                        update["started"] = True  # its undo may have something to do
+                    raise StepFailure(failure.info.model_copy(update=update)) from None
             # Another worker of the queue may serve it (a rolling deploy, workers
             # of different modules): offer it again.
             await workflow.sleep(delay)

@@ -188,3 +188,63 @@ async def test_a_flow_whose_plan_is_newer_than_the_worker_waits_for_one_that_rea
         history = await temporal_client.get_workflow_handle(flow_id).fetch_history()
         await Replayer(workflows=[], plugins=[QwitPlugin()]).replay_workflow(history)
     assert result == {"n": 1, "a": True, "b": True, "c": True}
+
+
+class Hold(qwit.Step, name="mixed.hold"):
+    """Its first attempt runs until its worker stops, and fails then."""
+
+    retry = qwit.Retry(max_attempts=3, initial_interval=0.1)
+    back_retry = qwit.Retry(max_attempts=1)
+
+    async def step_forward(self, args: dict) -> dict:
+        HELD.set()
+        await asyncio.sleep(3)
+        raise RuntimeError("the service went away")
+
+    async def step_back(self, args: dict) -> None:
+        return None
+
+
+HELD = asyncio.Event()
+
+
+class HoldFlow(qwit.Flow, name="mixed.hold_flow"):
+    def build_flow(self) -> None:
+        self.step(A)
+        self.step(Hold)
+
+
+@pytest.mark.timeout(120)
+async def test_a_step_its_worker_ran_before_going_away_is_undone(dev_server, temporal_client):
+    # The worker serving mixed.hold runs its first attempt for 3 s (longer
+    # than unserved_step_timeout), then goes away; the retry is taken by a
+    # worker that lacks the step. The time unserved counts from that refusal
+    # (not from the first offer: the step was served until then), and since
+    # the step ran, the rollback tries its undo (no worker serves it either:
+    # CompensationFailed names it). Before, it failed at the first refusal as
+    # never started: FlowRolledBack, its effect left without a word.
+    from qwit.temporal import connect_temporal, create_worker
+
+    HELD.clear()
+    queue = f"mixed-{uuid.uuid4().hex[:8]}"
+    client = await qwit.connect(
+        temporal_client=temporal_client, task_queue=queue, unserved_step_timeout=1
+    )
+    other = await connect_temporal(target_host=dev_server.address)
+    lacking = create_worker(temporal_client, A, C, task_queue=queue)
+    serving = create_worker(other, HoldFlow, task_queue=queue)
+    async with serving:
+        handle = await client.start(HoldFlow, {})
+        await asyncio.wait_for(HELD.wait(), 30)
+        await lacking.__aenter__()  # the other worker comes once it holds
+    try:  # the serving worker is gone
+        began = time.monotonic()
+        with pytest.raises(qwit.CompensationFailed) as info:
+            await asyncio.wait_for(handle.result(), 60)
+    finally:
+        await lacking.__aexit__(None, None, None)
+    err = info.value
+    assert err.step == "mixed.hold" and err.error_type == "qwit.StepNotRegistered"
+    assert err.failed_compensations == ["mixed.hold"]
+    assert err.compensated == ["mixed.a"]
+    assert time.monotonic() - began >= 1
