@@ -1018,17 +1018,21 @@ def _multiset_diff(what: str, got: list[str], want: list[str]) -> list[str]:
     return [f"{what} is {got}: it {' and '.join(parts)} (the rules predict {want})"]
 
 
-#: Seconds by which an undo listed first may seem to start after one listed
-#: later has ended. An engine learns that an undo ended when its worker
-#: reports it, and the reports of undos ending together race: on Temporal,
-#: an undo that ended a millisecond after another may reach the server first.
+#: Seconds by which, on an engine whose workers report to a server, an undo
+#: listed first may seem to start after one listed later has ended. The
+#: engine learns that an undo ended when its worker reports it, and the
+#: reports of undos ending together race: on Temporal, an undo that ended a
+#: millisecond after another may reach the server first. (``qwit.local``
+#: learns it at once: no slack there.)
 REPORT_SLACK = 0.005
 
 
-def _order_violations(reported: list[Compensation], execs: list[_Exec]) -> list[str]:
+def _order_violations(
+    reported: list[Compensation], execs: list[_Exec], slack: float = 0.0
+) -> list[str]:
     """QWIT's ``compensations`` (each undo, in the order they ended) against
     the recorded undos, matched by path: one listed before another must not
-    have started after that other ended (give or take ``REPORT_SLACK``)."""
+    have started after that other ended (give or take ``slack``)."""
     runs: dict[str, list[tuple[float, float]]] = {}
     for ex in execs:
         for run in ex.undos:
@@ -1044,7 +1048,7 @@ def _order_violations(reported: list[Compensation], execs: list[_Exec]) -> list[
         seen[entry.path] += 1
     for i, (entry, (start, _)) in enumerate(listed):
         for later, (_, later_end) in listed[i + 1 :]:
-            if later_end < start - REPORT_SLACK:
+            if later_end < start - slack:
                 return [
                     f"compensated lists {entry.name} ({entry.path}) before {later.name} "
                     f"({later.path}), but the undo of {later.name} ended "
@@ -1234,7 +1238,13 @@ def _kind_message(kind: Kind) -> str:
     }.get(kind, "")
 
 
-def _judge(case: RollbackCase, plan: FlowNode, calls: list[StepCallRecord], fault: _Fault) -> None:
+def _judge(
+    case: RollbackCase,
+    plan: FlowNode,
+    calls: list[StepCallRecord],
+    fault: _Fault,
+    slack: float = 0.0,
+) -> None:
     """Check one case's recorded calls and outcome against the rules."""
     finals = {t.path for t in _targets(plan) if t.final}
     execs, notes = _executions(plan, calls)
@@ -1306,7 +1316,7 @@ def _judge(case: RollbackCase, plan: FlowNode, calls: list[StepCallRecord], faul
     want_failed = [ex.step for ex, fails in model.expected if fails]
     want_left = [ex.step for ex in model.left if ex.has_back]
     case.violations.extend(_multiset_diff("compensated", info.compensated, want_undone))
-    case.violations.extend(_order_violations(info.compensations, execs))
+    case.violations.extend(_order_violations(info.compensations, execs, slack))
     case.violations.extend(
         _multiset_diff("failed_compensations", info.failed_compensations, want_failed)
     )
@@ -1502,7 +1512,8 @@ async def _run_case(
         case.outcome = "did not end"
     if case_plan.fails_at is not None and case_plan.fails_at != case.path:
         case.notes.append(f"the flow is made to fail at {case_plan.fails_at}")
-    _judge(case, input.flow, case.calls, case_plan.fault)
+    slack = REPORT_SLACK if engine.name != "local" else 0.0
+    _judge(case, input.flow, case.calls, case_plan.fault, slack)
     return case
 
 
