@@ -890,37 +890,51 @@ async def test_a_step_no_worker_serves_fails_the_flow_in_bounded_time(postgres_d
     await client.close()
 
 
-class PgSlowServed(Effect, name="pg.slow_served"):
+#: Ledgers whose PgCutOff has had its first attempt cut off.
+CUT_OFF: set[str] = set()
+
+
+class PgCutOff(Effect, name="pg.cut_off"):
+    """Its first attempt runs until its worker stops; the next is quick."""
+
+    retry = qwit.Retry(max_attempts=3, initial_interval=0.1)
+
     async def step_forward(self, args: dict[str, Any]) -> dict[str, Any] | None:
-        await asyncio.sleep(1.5)
+        if args["ledger"] not in CUT_OFF:
+            CUT_OFF.add(args["ledger"])
+            ledger.record(args["ledger"], "started", "pg.cut_off")
+            await asyncio.sleep(30)
         return await super().step_forward(args)
 
 
-class PgBusy(qwit.Flow, name="pg.busy", backend=qwit.postgres):
+class PgCutOffFlow(qwit.Flow, name="pg.cut_off_flow", backend=qwit.postgres):
     def build_flow(self) -> None:
-        self.step(PgSlowServed)
+        self.step(PgCutOff)
 
 
-async def test_a_step_its_busy_worker_serves_is_not_failed_by_the_others(postgres_dsn: str):
-    # The only worker serving the step runs one at a time, for longer than
-    # unserved_step_timeout; another worker, which does not serve it, keeps
-    # taking the queued ones. Before, they failed (StepNotRegistered, "no
-    # worker served it") though a live worker serves it.
+async def test_the_time_a_serving_worker_spent_on_a_step_is_not_time_unserved(
+    postgres_dsn: str,
+):
+    # The worker serving pg.cut_off runs its first attempt for 6 s, longer
+    # than unserved_step_timeout (5 s), and is stopped (a restart); a worker
+    # lacking the step takes the job back; a new serving worker comes. The
+    # clock of the time unserved starts at that refusal. Before, it ran from
+    # when the flow asked for the step: the first refusal failed it.
     await prepare(postgres_dsn)
     client = await qwit.connect(
-        backend=qwit.postgres, settings=[PostgresSettings(postgres_dsn)], unserved_step_timeout=1
+        backend=qwit.postgres, settings=[PostgresSettings(postgres_dsn)], unserved_step_timeout=5
     )
-    runs = [new_ledger() for _ in range(3)]
-    async with (
-        worker(postgres_dsn, PgBusy, inline=False, concurrency=1),
-        worker(postgres_dsn, PgOuter, inline=False),
-    ):
-        handles = [await client.start(PgBusy, {"ledger": run}) for run in runs]
-        outcomes = await asyncio.wait_for(
-            asyncio.gather(*(h.result() for h in handles), return_exceptions=True), 60
-        )
-    assert [o for o in outcomes if isinstance(o, BaseException)] == []
-    assert all(ledger.applied(run) == ["pg.slow_served"] for run in runs)
+    run = new_ledger()
+    async with worker(postgres_dsn, PgOuter, inline=False):
+        async with worker(postgres_dsn, PgCutOffFlow, inline=False):
+            handle = await client.start(PgCutOffFlow, {"ledger": run})
+            await ledger.wait_for_mark(run, "started", "pg.cut_off")
+            await asyncio.sleep(6)
+        await asyncio.sleep(1)  # the job back in the queue: the other worker refuses it
+        async with worker(postgres_dsn, PgCutOffFlow, inline=False):
+            result = await asyncio.wait_for(handle.result(), 60)
+    assert result["out_pg.cut_off"] == "-"
+    assert ledger.applied(run) == ["pg.cut_off"]
     await client.close()
 
 

@@ -28,11 +28,8 @@ Documents are ``json``, not ``jsonb``: a flow's args keep their keys' order.
   twice. A command and its job or event are written in one transaction.
   (``inline`` holds the call of a step that an earlier QWIT ran without a
   job; a driver that finds one runs it again as a job.) ``unserved_since``:
-  since when a step job has found no live worker serving its step.
-- ``qwit.served``: the steps each live worker (its procrastinate worker id)
-  serves, so that a worker that does not serve a step tells a step served
-  elsewhere (by a busy or restarting worker: offered again) from one no
-  worker serves (it fails after ``unserved_step_timeout``).
+  since when a step job has been refused by workers that lack its step
+  (cleared when a worker that serves it starts an attempt).
 
 Procrastinate's own schema (its jobs, locks, workers) is applied beside it.
 """
@@ -115,12 +112,6 @@ MIGRATIONS: dict[int, str] = {
         ended_at timestamptz NOT NULL
     );
     CREATE INDEX IF NOT EXISTS runs_flow ON qwit.runs (flow_id);
-    CREATE TABLE IF NOT EXISTS qwit.served (
-        worker_id bigint NOT NULL,
-        step text NOT NULL,
-        PRIMARY KEY (worker_id, step)
-    );
-    CREATE INDEX IF NOT EXISTS served_step ON qwit.served (step);
     ALTER TABLE qwit.commands ADD COLUMN IF NOT EXISTS unserved_since timestamptz;
     """,
 }

@@ -116,26 +116,17 @@ UNSERVED_RETRY_MAX = 2.0
 MAX_REFUSED_LOGGED = 100
 
 #: For a step job a worker does not serve: the database's name, its flow's
-#: input (NULL: the run is over), whether a live worker serves its step, for
-#: how long none has (NULL: one does; the clock starts at the first refusal
-#: with none, and stops when one is found), and its attempts so far.
+#: input (NULL: the run is over), for how long its step has gone unserved
+#: (the clock starts at its first refusal; an attempt a serving worker starts
+#: stops it, see ``count_attempt``), and its attempts so far.
 UNSERVED = """
-WITH live AS (
-    SELECT EXISTS (
-        SELECT 1 FROM qwit.served s JOIN procrastinate_workers w ON w.id = s.worker_id
-        WHERE s.step = %(step)s
-        AND w.last_heartbeat > now() - make_interval(secs => %(stalled)s)
-    ) AS served
-), marked AS (
-    UPDATE qwit.commands c SET unserved_since = CASE
-        WHEN (SELECT served FROM live) THEN NULL
-        ELSE coalesce(c.unserved_since, clock_timestamp()) END
+WITH marked AS (
+    UPDATE qwit.commands c SET unserved_since = coalesce(c.unserved_since, clock_timestamp())
     WHERE c.run_id = %(run_id)s AND c.key = %(key)s
     RETURNING c.unserved_since
 )
 SELECT current_database(),
     (SELECT f.input FROM qwit.flows f WHERE f.id = %(flow_id)s AND f.run_id = %(run_id)s),
-    (SELECT served FROM live),
     (SELECT extract(epoch FROM clock_timestamp() - unserved_since)::float8 FROM marked),
     (SELECT attempt FROM qwit.attempts a WHERE a.run_id = %(run_id)s AND a.key = %(key)s)
 """
@@ -329,35 +320,25 @@ class PostgresWorker:
     async def _unserved(self, job: int, offers: int, run_id: str, key: str, step: str) -> str:
         """A step job of a step this worker does not serve: back to the queue,
         where another worker may serve it (workers of different modules, a
-        rolling deploy), after a backoff, for as long as a live worker serves
-        it (busy, or restarting); once no live worker has served it for the
-        plan's ``unserved_step_timeout``, its end instead: the step failed
-        with ``StepNotRegistered`` (the job is finished with that record).
+        rolling deploy), after a backoff; once it has gone unserved for the
+        plan's ``unserved_step_timeout`` since its first refusal (the time a
+        serving worker spent on it does not count), its end instead: the step
+        failed with ``StepNotRegistered`` (the job is finished with that
+        record).
         What procrastinate logs of the job: the returned line."""
         delay = min(UNSERVED_RETRY_FIRST * 2**offers, UNSERVED_RETRY_MAX)
         async with self.connection() as conn:
             cur = await conn.execute(
-                UNSERVED,
-                {
-                    "flow_id": flow_of_run(run_id),
-                    "run_id": run_id,
-                    "key": key,
-                    "step": step,
-                    "stalled": self.stalled_after,
-                },
+                UNSERVED, {"flow_id": flow_of_run(run_id), "run_id": run_id, "key": key}
             )
             row = await cur.fetchone()
         assert row is not None
-        database, served, waited, attempts = str(row[0]), bool(row[2]), row[3], row[4]
+        database, waited, attempts = str(row[0]), row[2], row[3]
         # (the plan's own reading: a compact plan leaves out its defaults;
         # None in plans of older QWIT)
         limit = None if row[1] is None else FlowInput.model_validate(row[1]).unserved_step_timeout
-        # A live worker serves it (busy, or its job was cut off by a
-        # restart): offered again for as long as one does.
-        if limit is not None and (served or (waited is not None and waited < limit)):
-            if not served:
-                assert waited is not None
-                delay = min(delay, limit - waited)  # (the last offer comes at the limit)
+        if limit is not None and waited is not None and waited < limit:
+            delay = min(delay, limit - waited)  # (the last offer comes at the limit)
             self._log_refusal(step)
             self._offered.add(job)
             try:
@@ -487,11 +468,14 @@ class PostgresWorker:
     async def count_attempt(self, conn: psycopg.AsyncConnection[Any], run_id: str, key: str) -> int:
         """The number of the attempt about to start, counted in PostgreSQL
         (in ``conn``'s transaction)."""
+        # (and a serving worker has it: the clock of its time unserved stops)
         cur = await conn.execute(
-            "INSERT INTO qwit.attempts (run_id, key, attempt) VALUES (%s, %s, 1) "
+            "WITH served AS (UPDATE qwit.commands SET unserved_since = NULL "
+            "WHERE run_id = %(run_id)s AND key = %(key)s AND unserved_since IS NOT NULL) "
+            "INSERT INTO qwit.attempts (run_id, key, attempt) VALUES (%(run_id)s, %(key)s, 1) "
             "ON CONFLICT (run_id, key) DO UPDATE SET attempt = qwit.attempts.attempt + 1 "
             "RETURNING attempt",
-            [run_id, key],
+            {"run_id": run_id, "key": key},
         )
         row = await cur.fetchone()
         assert row is not None
@@ -698,12 +682,6 @@ class PostgresWorker:
             row = await cur.fetchone()
             assert row is not None
             self.worker_id = int(row[0])
-            # what it serves, for the workers that don't (see UNSERVED)
-            await conn.execute(
-                "INSERT INTO qwit.served (worker_id, step) SELECT %s, unnest(%s::text[]) "
-                "ON CONFLICT DO NOTHING",
-                [self.worker_id, sorted(self.registry.steps)],
-            )
 
     async def _beat(self) -> None:
         """Heartbeat its worker id; take a new one if it was taken for dead
@@ -756,11 +734,6 @@ class PostgresWorker:
                 await self._beat()
                 manager = self.app.job_manager
                 await manager.prune_stalled_workers(self.stalled_after)
-                async with self.connection() as conn:
-                    await conn.execute(
-                        "DELETE FROM qwit.served s WHERE NOT EXISTS "
-                        "(SELECT 1 FROM procrastinate_workers w WHERE w.id = s.worker_id)"
-                    )
                 for queue in (self.flow_queue, self.step_queue):
                     for job in await manager.get_stalled_jobs(
                         queue=queue, seconds_since_heartbeat=self.stalled_after
