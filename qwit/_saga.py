@@ -337,7 +337,6 @@ class Interpreter:
         #: How the flow ended, held back while its final steps run (None:
         #: nothing held).
         self._end_held: FlowStatus | None = None
-        self._finals_ahead = False
 
     # -- redrive -----------------------------------------------------------------
 
@@ -582,7 +581,6 @@ class Interpreter:
     async def _run_and_finally(self) -> dict[str, Any]:
         if not self.saga.finals:
             return await self._run()
-        self._finals_ahead = True
         try:
             result = await self._run()
         except FlowFailure as failed:
@@ -597,9 +595,14 @@ class Interpreter:
 
     def _end_after_finals(self) -> None:
         """The flow's final steps have run: it ends as it was to."""
-        self._finals_ahead = False
         if self._end_held is not None:
             self._flow_to(self._end_held)
+
+    @property
+    def _finals_ahead(self) -> bool:
+        """Whether final steps are still to run (or running): until then the
+        flow has not ended."""
+        return any(run.status in ("pending", "running") for run in self.saga.finals)
 
     async def _finally(self, failure: FailureInfo | None) -> None:
         """Run the final steps, in order, whatever the outcome; a failure is
