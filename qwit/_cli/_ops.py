@@ -10,7 +10,6 @@ from typing import Any
 
 import click
 import temporalio.client
-from rich.console import Console
 from temporalio.client import WorkflowExecutionStatus, WorkflowQueryFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -35,7 +34,7 @@ from ._connect import temporal_for
 from ._keys import key_ids, missing_keys, missing_keys_text, own_key_ids
 from ._list import list_flows, row_status
 from ._postgres import backend_option
-from ._progress import Follower, follow_to_end
+from ._progress import Follower, caught_up, follow_to_end
 from ._render import state_view
 
 #: Seconds a state query may take: without a worker on its task queue, none answers.
@@ -136,17 +135,6 @@ async def fetch_state(temporal: temporalio.client.Client, handle: FlowHandle) ->
         raise Failed(
             f"can't read the state of flow {handle.id!r}: {type(exc).__name__}: {exc}"
         ) from None
-
-
-async def caught_up(
-    err: Console, temporal: temporalio.client.Client, handle: FlowHandle
-) -> tuple[Follower, FlowState]:
-    """A Follower that has seen the flow as it is now (and that state): it
-    will tell only what happens next."""
-    state = await fetch_state(temporal, handle)
-    follower = Follower(err)
-    await follower.catch_up(handle, state)
-    return follower, state
 
 
 @click.command("status")
@@ -270,7 +258,9 @@ def react(
             handle,
         ):
             # Caught up before the decision: what it leads to is all shown.
-            following = await caught_up(err, temporal, handle) if wait else None
+            following = (
+                await caught_up(err, handle, await fetch_state(temporal, handle)) if wait else None
+            )
             try:
                 await handle.react(reaction, args, path=path)
             except (ReactionError, FlowNotFound, EngineUnavailable) as exc:
@@ -378,7 +368,9 @@ def cancel(
                 await _still_running(temporal, one_flow)
             except RPCError as exc:
                 raise _rpc_failure(temporal, exc, one_flow) from None
-            following = await caught_up(err, temporal, handle) if wait else None
+            following = (
+                await caught_up(err, handle, await fetch_state(temporal, handle)) if wait else None
+            )
             try:
                 await handle.cancel(rollback=rollback)
             except (FlowNotFound, EngineUnavailable, ReactionError) as exc:

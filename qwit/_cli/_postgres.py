@@ -17,10 +17,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from rich.console import Console
 
 from .._client import Client
-from .._engine import Backend, FlowHandle
+from .._engine import Backend
 from .._errors import (
     ArgumentsError,
     EngineUnavailable,
@@ -29,7 +28,6 @@ from .._errors import (
     QwitError,
 )
 from .._flow import Flow, compile_flow
-from .._state import FlowState
 from ._common import (
     Failed,
     console,
@@ -38,7 +36,7 @@ from ._common import (
     sayer,
 )
 from ._connect import data_dir
-from ._progress import Follower, follow_run, follow_to_end
+from ._progress import Follower, caught_up, follow_run, follow_to_end
 from ._render import state_view
 
 if TYPE_CHECKING:
@@ -197,14 +195,6 @@ def _react_command() -> str:
     return "qwit react --backend postgres"
 
 
-async def _caught_up(err: Console, handle: FlowHandle) -> tuple[Follower, FlowState]:
-    """A Follower that has seen the flow as it is now: it tells only what comes next."""
-    state = await handle.state()
-    follower = Follower(err, react=_react_command())
-    await follower.catch_up(handle, state)
-    return follower, state
-
-
 def status(flow_id: str, as_json: bool, verbose: bool) -> None:
     async def go() -> None:
         async with client() as made:
@@ -233,7 +223,11 @@ def react(
             handle = made.get_handle(flow_id)
             try:
                 # Caught up before the decision: what it leads to is all shown.
-                following = await _caught_up(err, handle) if wait else None
+                following = (
+                    await caught_up(err, handle, await handle.state(), _react_command())
+                    if wait
+                    else None
+                )
                 await handle.react(reaction, args=args, path=path)
             except QwitError as exc:
                 raise _fail(exc) from None
@@ -258,7 +252,11 @@ def cancel(flow_id: str, rollback: bool, wait: bool) -> None:
                 state = await handle.state()
                 if state.done:
                     raise Failed(f"flow {flow_id} has ended ({state.status}): nothing to cancel")
-                following = await _caught_up(err, handle) if wait else None
+                following = (
+                    await caught_up(err, handle, await handle.state(), _react_command())
+                    if wait
+                    else None
+                )
                 await handle.cancel(rollback=rollback)
             except QwitError as exc:
                 raise _fail(exc) from None

@@ -551,6 +551,17 @@ async def _maybe_await(value: Any) -> None:
         await value
 
 
+async def caught_up(
+    err: Console, handle: FlowHandle, state: FlowState, react: str | None = None
+) -> tuple[Follower, FlowState]:
+    """A Follower that has seen the flow as ``state`` shows it now (and that
+    state): it will tell only what happens next (``react``: the command that
+    decides a waiting flow, as its hint says)."""
+    follower = Follower(err) if react is None else Follower(err, react=react)
+    await follower.catch_up(handle, state)
+    return follower, state
+
+
 async def follow_run(
     err: Console,
     say: Callable[[str], None],
