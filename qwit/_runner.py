@@ -41,6 +41,26 @@ def _validation_message(step: str, exc: ValidationError) -> str:
     return f"step {step!r} got invalid args: " + "; ".join(problems)
 
 
+class Refusals:
+    """The steps a worker has refused (it does not serve them), so that the
+    first refusal of each is logged at WARNING and later ones at DEBUG:
+    beside workers of other modules a refusal is routine, and a worker whose
+    log nobody reads must not fill it. At most ``limit`` are remembered; past
+    that, each refusal of another step logs its line."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._seen: set[Any] = set()
+
+    def first(self, key: Any) -> bool:
+        """Whether this is the first refusal of ``key`` (and remember it)."""
+        if key in self._seen:
+            return False
+        if len(self._seen) < self.limit:
+            self._seen.add(key)
+        return True
+
+
 class Registry:
     """The steps a worker (or an in-process engine) will run, by name.
 

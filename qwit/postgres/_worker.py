@@ -18,8 +18,8 @@ puts the job back in the queue, for any worker serving the step.
 A step job taken from the queue by a worker that does not serve its step
 (workers of one database serving different modules, a rolling deploy) goes
 back to the queue for another worker, offered again with a backoff, as on
-Temporal; the step fails with ``StepNotRegistered`` only once no worker has
-served it for the plan's ``unserved_step_timeout``.
+Temporal; the step fails with ``StepNotRegistered`` only once it has been
+refused for the plan's ``unserved_step_timeout`` (from its first refusal).
 
 Besides procrastinate's workers, a worker listens on ``qwit_events`` to wake
 the drivers whose inbox got a row, and sweeps for jobs of dead workers
@@ -48,7 +48,7 @@ from .._memory import Heartbeats
 from .._metrics import WAITING_EVERY, Metrics
 from .._options import DEFAULT_TIMEOUT_GRACE
 from .._plan import PLAN_VERSION, FlowInput, PlanTooNew, StepCall, StepNode, StepReturn
-from .._runner import Registry, run_watched_step_method
+from .._runner import Refusals, Registry, run_watched_step_method
 from .._signals import stop_on_signals
 from .._tracing import continued, require_opentelemetry, tracer_provider, tracing_from_env
 from ._driver import (
@@ -112,7 +112,7 @@ PLAN_TOO_NEW_RETRY = 5.0
 #: Temporal), for the plan's ``unserved_step_timeout``.
 UNSERVED_RETRY_FIRST = 0.2
 UNSERVED_RETRY_MAX = 2.0
-#: Steps a worker logs its first refusal of (later ones go to DEBUG).
+#: Steps a worker remembers logging the first refusal of (see ``Refusals``).
 MAX_REFUSED_LOGGED = 100
 
 #: For a step job a worker does not serve: the database's name, its flow's
@@ -236,7 +236,7 @@ class PostgresWorker:
         #: (procrastinate's worker must not finish them).
         self._offered: set[int] = set()
         #: Steps whose refusal it has logged.
-        self._refused: set[str] = set()
+        self._refused = Refusals(MAX_REFUSED_LOGGED)
         self._wakeups: dict[str, asyncio.Event] = {}
         self._drivers: dict[str, Driver] = {}
         self._tasks: list[asyncio.Task[Any]] = []
@@ -366,11 +366,9 @@ class PostgresWorker:
         """Log the first refusal of ``step`` as one WARNING line: beside
         workers of other modules it is routine, and a worker whose log nobody
         reads must not fill it."""
-        if step in self._refused:
+        if not self._refused.first(step):
             logger.debug("qwit.postgres: step %r refused again", step)
             return
-        if len(self._refused) < MAX_REFUSED_LOGGED:
-            self._refused.add(step)
         logger.warning(
             "qwit.postgres: step %r is not served by this worker: its jobs go back to "
             "queue %r for the other workers of the database",

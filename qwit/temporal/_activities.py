@@ -15,7 +15,7 @@ from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 from .._errors import ErrorInfo, PayloadTooLarge, StepFailure, StepNotRegistered, error_info
 from .._jsonargs import json_size
 from .._plan import PAYLOAD_MARGIN, StepCall, StepReturn, WireCall
-from .._runner import Registry, run_watched_step_method
+from .._runner import Refusals, Registry, run_watched_step_method
 from .._step import Step, defines
 
 DIRECTIONS = ("step_forward", "step_back", "step_fallback")
@@ -249,10 +249,10 @@ def step_activity(cls: type[Step], direction: str) -> Callable[[WireCall], Any]:
     return activity.defn(name=activity_name(cls.name, direction))(run)
 
 
-#: Steps this worker has said it does not serve, by task queue (logged once).
-_REFUSED: set[tuple[str, str]] = set()
-#: At most this many are remembered; past that each refusal logs its line.
+#: At most this many refused steps are remembered (see ``Refusals``).
 MAX_REFUSED_LOGGED = 1000
+#: Steps this worker has said it does not serve, by task queue (logged once).
+_REFUSED = Refusals(MAX_REFUSED_LOGGED)
 
 
 @activity.defn(dynamic=True)
@@ -270,10 +270,7 @@ async def unregistered_step(args: Sequence[RawValue]) -> NoReturn:
     # Beside workers of other modules on the same queue this is routine (the
     # flow offers the step again), so one WARNING line per step, not a
     # traceback per offer: a worker whose log nobody reads must not fill it.
-    refused = (info.task_queue, step)
-    if refused not in _REFUSED:
-        if len(_REFUSED) < MAX_REFUSED_LOGGED:
-            _REFUSED.add(refused)
+    if _REFUSED.first((info.task_queue, step)):
         log.warning(
             "step %r is not served by this worker (task queue %r): the flow offers "
             "it again to the queue's other workers",
