@@ -599,6 +599,19 @@ def walk(flow: Node, path: str = "", depth: int = 0) -> Iterator[tuple[str, Node
         yield from walk(node, node_path, depth + 1)
 
 
+def node_at(flow: FlowNode, path: str, base: str = "") -> Node | None:
+    """The node of ``flow`` (whose own path is ``base``) that runs the step
+    at ``path``, a map's element paths included; None if there is none."""
+    parts = path.split(".")
+    for node_path, node, _ in walk(flow, base):
+        mine = node_path.split(".")
+        if len(mine) == len(parts) and all(
+            a == b or a == ELEMENT for a, b in zip(mine, parts, strict=True)
+        ):
+            return node
+    return None
+
+
 def inner_nodes(node: Node) -> tuple[Node, ...]:
     """The nodes directly inside ``node`` (none inside a step)."""
     if isinstance(node, FlowNode):

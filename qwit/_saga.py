@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, Literal
 
 from ._errors import (
@@ -448,8 +449,13 @@ class Interpreter:
         waits = self._waits()
         return waits[0] if waits else None
 
-    def _waits(self) -> list[WaitInfo]:
-        return sorted(self.saga.waits.values(), key=lambda w: path_key(w.path))
+    def _waits(self, pending_too: bool = False) -> list[WaitInfo]:
+        """The steps waiting for an operator, in plan order: not those decided
+        already, whose decision the flow has yet to act on (unless
+        ``pending_too``)."""
+        decided = () if pending_too else self.saga.decisions
+        waits = [w for w in self.saga.waits.values() if w.path not in decided]
+        return sorted(waits, key=lambda w: path_key(w.path))
 
     @property
     def is_subflow(self) -> bool:
@@ -1504,45 +1510,35 @@ class Interpreter:
             for run in self._undo_order(failed if failed.has_effect else None)
         ]
 
-    def check_decision(self, reaction: Any, args: Any = None, path: str | None = None) -> Decision:
+    def check_decision(
+        self, reaction: Any, args: Any = None, path: str | None = None, *, pending_too: bool = False
+    ) -> Decision:
         """Validate an operator's decision without applying it.
 
         Args:
             path: The waiting step it decides; needed only when several wait.
+            pending_too: Count a step decided already, whose decision the
+                flow has not acted on yet, as waiting still.
 
         Raises:
             ReactionError: the flow is not waiting (or not at ``path``, or at
-                several paths and none was named), or the reaction or args
-                are not valid for what it waits on.
+                several paths and none was named; a step decided already
+                waits no more), or the reaction or args are not valid for
+                what it waits on.
         """
-        waits = self._waits()
-        if not waits:
-            raise ReactionError(f"flow {self.flow_id!r} is not waiting (it is {self.status})")
-        waiting = choose_wait(self.flow_id, waits, path)
-        allowed = frozenset(Reaction(r) for r in waiting.allowed)
-        try:
-            chosen = parse_reaction(reaction, allowed=allowed)
-        except ValueError as exc:
-            raise ReactionError(f"flow {self.flow_id!r}: {exc}") from None
-        try:
-            extra = as_args(args, "args")
-        except NotJSON as exc:
-            raise ReactionError(f"flow {self.flow_id!r}: args {exc}") from None
-        if extra and chosen != RETRY:
-            raise ReactionError(f"flow {self.flow_id!r}: args only go with {RETRY.value!r}")
         # a failed undo waits: what a RETRY's args reach is that undo alone
-        undo = (
-            next((r for r in _all_runs(self.saga.runs) if r.path == waiting.path), None)
-            if waiting.direction == "step_back"
-            else None
+        def undo_at(path: str) -> StepRun | None:
+            return next((r for r in _all_runs(self.saga.runs) if r.path == path), None)
+
+        def back_fields(waiting: WaitInfo) -> tuple[str, ...] | None:
+            undo = undo_at(waiting.path)
+            return undo.node.back_fields if undo and isinstance(undo.node, StepNode) else None
+
+        decision, waiting = check_reaction(
+            self.flow_id, self._waits(pending_too), reaction, args, path, back_fields, self.status
         )
-        fields = undo.node.back_fields if undo and isinstance(undo.node, StepNode) else None
-        unread = sorted(set(extra) - set(fields)) if fields is not None else []
-        if unread:
-            raise ReactionError(
-                f"flow {self.flow_id!r}: the step_back of {waiting.step!r} reads only "
-                f"{sorted(fields or ())}, not {unread}"
-            )
+        extra = decision.args
+        undo = undo_at(waiting.path) if waiting.direction == "step_back" else None
         if undo is not None:
             size = self._too_big(_back_args(undo, extra)) if extra else None
             what = "the undo's args"
@@ -1554,11 +1550,19 @@ class Interpreter:
                 f"flow {self.flow_id!r}: with these args {what} would take {size} "
                 f"bytes, over the {self.input.payload_limit}-byte payload limit"
             )
-        return Decision(reaction=chosen, args=extra, path=waiting.path)
+        return decision
 
-    def decide(self, decision: Decision) -> None:
-        """Apply a decision checked by ``check_decision``."""
-        checked = self.check_decision(decision.reaction, decision.args, decision.path)
+    def decide(self, decision: Decision, *, over_pending: bool = False) -> None:
+        """Apply a decision checked by ``check_decision``.
+
+        Args:
+            over_pending: Replace a decision made for the same step that the
+                flow has not acted on yet (how Temporal flows replay updates
+                they accepted together), instead of refusing it.
+        """
+        checked = self.check_decision(
+            decision.reaction, decision.args, decision.path, pending_too=over_pending
+        )
         assert checked.path is not None
         self.saga.decisions[checked.path] = checked
 
@@ -1579,10 +1583,13 @@ class Interpreter:
     def state(self) -> FlowState:
         """The flow's progress, as ``handle.state()`` reports it."""
         waits = self._waits()
+        status = self.saga.status
+        if status == "waiting" and not waits:  # decided: it goes on at once
+            status = self.saga.phase
         return FlowState(
             flow=self.input.flow.name,
             flow_id=self.flow_id,
-            status=self.saga.status,
+            status=status,
             steps=[_step_state(run) for run in self.saga.runs]
             + [_step_state(run, final=True) for run in self.saga.finals],
             waiting=waits[0] if waits else None,
@@ -1592,6 +1599,52 @@ class Interpreter:
             events=list(self.saga.events),
             redrive_of=self.input.redrive.of_run if self.input.redrive else None,
         )
+
+
+def check_reaction(
+    flow_id: str,
+    waits: list[WaitInfo],
+    reaction: Any,
+    args: Any,
+    path: str | None,
+    back_fields: Callable[[WaitInfo], tuple[str, ...] | None],
+    status: str,
+) -> tuple[Decision, WaitInfo]:
+    """An operator's decision for one of ``waits`` (the steps of flow
+    ``flow_id`` that wait, in plan order), checked against what that step
+    waits for; and that wait. ``back_fields`` gives what the ``step_back`` of
+    a waiting undo reads (None: all args). Every engine checks decisions
+    with this, the flow itself and a client that reads its saved state alike.
+
+    Raises:
+        ReactionError: nothing waits (``status`` says what the flow is), or
+            not at ``path``, or several wait and ``path`` is None; or the
+            reaction is not one the step allows, or the args are not JSON,
+            come with another reaction than RETRY, or name args the undo's
+            ``step_back`` does not read.
+    """
+    if not waits:
+        raise ReactionError(f"flow {flow_id!r} is not waiting (it is {status})")
+    waiting = choose_wait(flow_id, waits, path)
+    allowed = frozenset(Reaction(r) for r in waiting.allowed)
+    try:
+        chosen = parse_reaction(reaction, allowed=allowed)
+    except ValueError as exc:
+        raise ReactionError(f"flow {flow_id!r}: {exc}") from None
+    try:
+        extra = as_args(args, "args")
+    except NotJSON as exc:
+        raise ReactionError(f"flow {flow_id!r}: args {exc}") from None
+    if extra and chosen != RETRY:
+        raise ReactionError(f"flow {flow_id!r}: args only go with {RETRY.value!r}")
+    fields = back_fields(waiting) if waiting.direction == "step_back" else None
+    unread = sorted(set(extra) - set(fields)) if fields is not None else []
+    if unread:
+        raise ReactionError(
+            f"flow {flow_id!r}: the step_back of {waiting.step!r} reads only "
+            f"{sorted(fields or ())}, not {unread}"
+        )
+    return Decision(reaction=chosen, args=extra, path=waiting.path), waiting
 
 
 def _step_state(run: StepRun, final: bool = False) -> StepState:

@@ -597,6 +597,45 @@ async def test_wait_retry_with_args_and_state(env: Env):
     assert [s.attempts for s in state.steps] == [1, 3, 1]
 
 
+async def test_a_decision_the_flow_cant_take_is_refused_and_nothing_changes(env: Env):
+    run, back = new_ledger(), new_ledger()
+    async with env.serve(ApprovalFlow, FixableFlow):
+        forward = await env.client.start(ApprovalFlow, {"ledger": run})
+        undo = await env.client.start(FixableFlow, {"ledger": back, "fail": "react.C"})
+        await wait_status(forward, "waiting")
+        state = await wait_status(undo, "waiting")
+        assert state.waiting is not None and state.waiting.direction == "step_back"
+        with pytest.raises(qwit.ReactionError, match="args only go with"):
+            await forward.react(qwit.SKIP, args={"approved": True})
+        with pytest.raises(qwit.ReactionError, match="not allowed"):
+            await undo.react(qwit.ROLLBACK)  # a failed undo: retry, skip or abort
+        with pytest.raises(qwit.ReactionError, match="args only go with"):
+            await undo.react(qwit.SKIP, args={"x": 1})
+        await asyncio.sleep(0.5)  # (a decision sent anyway would be taken by now)
+        forward_state, undo_state = await forward.state(), await undo.state()
+        await forward.react(qwit.ROLLBACK)
+        await undo.react(qwit.ABORT)
+        forward_kind, _ = await outcome(forward)
+        undo_kind, _ = await outcome(undo)
+    assert (forward_state.status, undo_state.status) == ("waiting", "waiting")
+    assert (forward_kind, undo_kind) == ("rolled_back", "compensation_failed")
+
+
+async def test_a_step_decided_already_takes_no_second_decision(env: Env):
+    # The first decision stands: a second one, sent before the flow has
+    # acted on the first, is refused (it would silently replace it).
+    run = new_ledger()
+    async with env.serve(ApprovalFlow):
+        handle = await env.client.start(ApprovalFlow, {"ledger": run})
+        await wait_status(handle, "waiting")
+        await handle.react(qwit.RETRY, args={"approved": True, "approver": "carol"})
+        with pytest.raises(qwit.ReactionError, match="not waiting|no step waits"):
+            await handle.react(qwit.ABORT)
+        kind, result = await outcome(handle)
+    assert kind == "completed"
+    assert result["approved_by"] == "carol"
+
+
 async def test_a_new_flow_may_take_an_ended_flows_id_not_a_running_ones(env: Env):
     run, again = new_ledger(), new_ledger()
     flow_id = f"reused-{run}"

@@ -44,9 +44,10 @@ from .._errors import (
     ReactionError,
 )
 from .._metrics import Metrics, serve_metrics
-from .._plan import FlowInput, FlowRecords, StepRecord
+from .._plan import FlowInput, FlowRecords, StepNode, StepRecord, node_at
 from .._runtime import Decision
-from .._state import FAILED_STATUSES, FlowState
+from .._saga import check_reaction
+from .._state import FAILED_STATUSES, FlowState, WaitInfo
 from ._driver import add_event, drive, new_run
 from ._pool import Connections, unreachable_text
 from ._server import EmbeddedPostgres
@@ -183,7 +184,31 @@ class PostgresFlowHandle(FlowHandle):
 
     async def send_decision(self, flow_id: str, decision: Decision) -> None:
         row = await self._row(flow_id)
-        await self._engine.tell(row["run_id"], "decision", decision.model_dump(mode="json"))
+        # Checked here, against what the flow saved, as the flow itself will:
+        # a decision it can't take is refused to the caller, not dropped.
+        if row["ended"] or row["state"] is None:
+            raise ReactionError(f"flow {flow_id!r} is not waiting (it is {row['status']})")
+        state = FlowState.model_validate(row["state"])
+        # a step decided already (the decision not yet taken in) waits no more
+        pending = await self._engine.fetch_all(
+            "SELECT payload FROM qwit.events WHERE run_id = %s AND kind = 'decision' "
+            "AND delivered IS NULL",
+            row["run_id"],
+        )
+        decided = {(p["payload"] or {}).get("path") for p in pending}
+        waits = [w for w in state.waits if w.path not in decided]
+        status = state.status if waits or state.status != "waiting" else "running"
+        found = await self._engine.fetch("SELECT input FROM qwit.flows WHERE id = %s", flow_id)
+        input = FlowInput.model_validate(found["input"]) if found else None
+
+        def back_fields(waiting: WaitInfo) -> tuple[str, ...] | None:
+            node = node_at(input.flow, waiting.path, input.path) if input else None
+            return node.back_fields if isinstance(node, StepNode) else None
+
+        checked, _ = check_reaction(
+            flow_id, waits, decision.reaction, decision.args, decision.path, back_fields, status
+        )
+        await self._engine.tell(row["run_id"], "decision", checked.model_dump(mode="json"))
 
 
 class PostgresEngine(Engine):
@@ -236,6 +261,11 @@ class PostgresEngine(Engine):
         async with self._connect() as conn, conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(query, list(params))
             return await cur.fetchone()
+
+    async def fetch_all(self, query: str, *params: Any) -> list[dict[str, Any]]:
+        async with self._connect() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(query, list(params))
+            return await cur.fetchall()
 
     async def tell(self, run_id: str, kind: str, payload: Any) -> None:
         async with self._connect() as conn, conn.transaction():

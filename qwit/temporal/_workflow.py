@@ -675,7 +675,9 @@ class QwitWorkflow:
     )
     async def react(self, decision: Decision) -> None:
         """An operator's decision for a waiting flow."""
-        self.interpreter.decide(decision)
+        # (as validated: a second decision for the same step accepted in the
+        # same workflow task replaces the first, as it always has on replay)
+        self.interpreter.decide(decision, over_pending=True)
 
     @react.validator
     def validate_react(self, decision: Decision) -> None:
