@@ -606,7 +606,7 @@ def node_at(flow: FlowNode, path: str, base: str = "") -> Node | None:
     for node_path, node, _ in walk(flow, base):
         mine = node_path.split(".")
         if len(mine) == len(parts) and all(
-            a == b or a == ELEMENT for a, b in zip(mine, parts, strict=True)
+            a in (b, ELEMENT) for a, b in zip(mine, parts, strict=True)
         ):
             return node
     return None

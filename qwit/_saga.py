@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ._errors import (
@@ -1526,6 +1526,7 @@ class Interpreter:
                 waits no more), or the reaction or args are not valid for
                 what it waits on.
         """
+
         # a failed undo waits: what a RETRY's args reach is that undo alone
         def undo_at(path: str) -> StepRun | None:
             return next((r for r in _all_runs(self.saga.runs) if r.path == path), None)

@@ -629,7 +629,7 @@ async def test_a_step_decided_already_takes_no_second_decision(env: Env):
         handle = await env.client.start(ApprovalFlow, {"ledger": run})
         await wait_status(handle, "waiting")
         await handle.react(qwit.RETRY, args={"approved": True, "approver": "carol"})
-        with pytest.raises(qwit.ReactionError, match="not waiting|no step waits"):
+        with pytest.raises(qwit.ReactionError, match=r"not waiting|no step waits"):
             await handle.react(qwit.ABORT)
         kind, result = await outcome(handle)
     assert kind == "completed"
