@@ -18,20 +18,32 @@ from typing import TYPE_CHECKING, Any
 from ._engine import Engine, FlowHandle
 from ._errors import (
     ArgumentsError,
+    ErrorInfo,
     FailureInfo,
     FlowFailed,
     FlowIdInUse,
     FlowNotFound,
+    PayloadTooLarge,
     ReactionError,
     StepFailure,
     StepNotRegistered,
     error_info,
 )
 from ._options import Retry
-from ._plan import FlowInput, FlowNode, FlowRecords, StepCall, StepNode, StepReturn, child_flow_id
+from ._plan import (
+    DEFAULT_PAYLOAD_LIMIT,
+    FlowInput,
+    FlowNode,
+    FlowRecords,
+    StepCall,
+    StepNode,
+    StepReturn,
+    check_input_fits,
+    child_flow_id,
+)
 from ._runner import Registry
 from ._saga import Decision, FlowFailure, FlowRuntime, Interpreter, SubflowRun
-from ._state import FlowState
+from ._state import AttemptsInFlight, FlowState, with_attempts_in_flight
 
 if TYPE_CHECKING:
     from ._flow import Flow
@@ -76,12 +88,15 @@ async def run_with_retries(
     attempt: Callable[[int], Awaitable[dict[str, Any]]],
     retry: Retry,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    on_retry: Callable[[int, ErrorInfo], None] | None = None,
 ) -> StepReturn:
     """Run ``attempt(1)``, ``attempt(2)``... until one returns a step's output,
     or ``retry`` is spent or the error is not retryable (then StepFailure).
 
     The retry rule, written once for every in-memory engine: back off by
     ``retry.delay(n)`` between attempts (waiting with ``sleep``).
+    ``on_retry(n, error)`` is told of each attempt ``n`` that failed and is
+    retried, as it fails (what ``state()`` shows of a step being retried).
     """
     number = 0
     while True:
@@ -93,6 +108,8 @@ async def run_with_retries(
         spent = retry.max_attempts is not None and number >= retry.max_attempts
         if spent or not info.retryable:
             raise StepFailure(info.model_copy(update={"attempt": number}))
+        if on_retry is not None:
+            on_retry(number, info.model_copy(update={"attempt": number}))
         await sleep(retry.delay(number))
 
 
@@ -122,6 +139,8 @@ class InMemoryRun:
         self.forward_done: asyncio.Future[dict[str, Any] | FailureInfo] = (
             asyncio.get_running_loop().create_future()
         )
+        #: Steps being retried: what their flow learns once their attempts end.
+        self.in_flight: dict[tuple[str, str], AttemptsInFlight] = {}
         self.interpreter = Interpreter(input, engine.runtime(self), flow_id)
         self.started = False
         self.task = asyncio.create_task(self._run(), name=f"qwit {flow_id}")
@@ -226,7 +245,16 @@ class InMemoryRuntime(FlowRuntime):
             output: dict[str, Any] = await self.run_attempt(cls, node, own, number, beats)
             return copy.deepcopy(output)
 
-        return await run_with_retries(attempt, retry, self.sleep)
+        def retried(number: int, error: ErrorInfo) -> None:
+            if call.direction != "step_fallback":  # (counted as a step's attempts)
+                self.run.in_flight[call.path, call.direction] = AttemptsInFlight(
+                    call.step, call.direction, number, error, call.path
+                )
+
+        try:
+            return await run_with_retries(attempt, retry, self.sleep, retried)
+        finally:
+            self.run.in_flight.pop((call.path, call.direction), None)
 
     async def start_subflow(self, node: FlowNode, input: FlowInput, attempt: int) -> SubflowRun:
         flow_id = child_flow_id(input, input.path, attempt)
@@ -294,7 +322,9 @@ class InMemoryHandle(FlowHandle):
         run.cancel(rollback)
 
     async def flow_state(self, flow_id: str) -> FlowState:
-        return self._find(flow_id).interpreter.state().model_copy(deep=True)
+        run = self._find(flow_id)
+        state = with_attempts_in_flight(run.interpreter.state(), list(run.in_flight.values()))
+        return state.model_copy(deep=True)
 
     async def send_decision(self, flow_id: str, decision: Decision) -> None:
         run = self._find(flow_id)
@@ -310,6 +340,11 @@ class InMemoryEngine(Engine):
     """
 
     runtime_class: type[InMemoryRuntime] = InMemoryRuntime
+
+    #: The largest payload its flows may carry, in bytes (None: no limit):
+    #: Temporal's default, so that a flow too big to run on Temporal fails
+    #: the same way here (``PayloadTooLarge``), where it is tested.
+    payload_limit: int | None = DEFAULT_PAYLOAD_LIMIT
 
     def __init__(self) -> None:
         self.runs: dict[str, InMemoryRun] = {}
@@ -350,7 +385,10 @@ class InMemoryEngine(Engine):
 
     async def start(self, flow: type[Flow], input: FlowInput) -> FlowHandle:
         # The flow keeps its own copy of the caller's args.
-        input = input.model_copy(update={"args": copy.deepcopy(input.args)})
+        input = input.model_copy(
+            update={"args": copy.deepcopy(input.args), "payload_limit": self.payload_limit}
+        )
+        check_input_fits(input, f"of the {self.name} engine")
         run = self.launch(Registry(flow), input, input.root_id)
         return InMemoryHandle(self, input.root_id, run)
 
@@ -370,6 +408,11 @@ class InMemoryEngine(Engine):
         )
 
     async def restart(self, input: FlowInput) -> FlowHandle:
+        input = input.model_copy(update={"payload_limit": self.payload_limit})
+        try:
+            check_input_fits(input, f"of the {self.name} engine")
+        except PayloadTooLarge as exc:
+            raise ReactionError(f"flow {input.root_id!r}: what its redrive reuses: {exc}") from None
         earlier = self.find(input.root_id)
         run = self.launch(earlier.registry, input, input.root_id)
         return InMemoryHandle(self, input.root_id, run)

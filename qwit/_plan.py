@@ -20,7 +20,8 @@ from pydantic import (
     model_validator,
 )
 
-from ._errors import ErrorInfo, FailureInfo
+from ._errors import ErrorInfo, FailureInfo, PayloadTooLarge
+from ._jsonargs import json_size
 from ._options import (
     DEFAULT_BACK_RETRY,
     DEFAULT_RETRY,
@@ -537,6 +538,30 @@ class StepReturn(BaseModel):
 
 #: Room kept under a payload limit for what the engine's encoding adds.
 PAYLOAD_MARGIN = 1024
+#: Temporal's default payload limit (``limit.blobSize.error``), for servers
+#: that don't say, and the limit of the in-memory engines.
+DEFAULT_PAYLOAD_LIMIT = 2 * 1024 * 1024
+
+
+def check_input_fits(input: FlowInput, whose: str) -> None:
+    """Refuse to start ``input`` if it is over its payload limit (``whose``
+    says whose limit that is, as in "of the namespace").
+
+    Raises:
+        PayloadTooLarge: its args and plan, as the engine sends them, take
+            more than ``input.payload_limit`` less ``PAYLOAD_MARGIN``.
+    """
+    limit = input.payload_limit
+    if not limit:
+        return
+    size = json_size(input.model_dump(mode="json"))
+    if size > limit - PAYLOAD_MARGIN:
+        raise PayloadTooLarge(
+            f"flow {input.flow.name!r}: its args and plan take {size} bytes, over the "
+            f"{limit}-byte payload limit {whose}; pass references (ids, URLs) instead of "
+            "large values"
+        )
+
 
 #: What separates a root flow's id from its sub-flows' paths in their ids.
 #: User ids may not contain it, so a user's id never collides with a sub-flow's.

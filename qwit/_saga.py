@@ -1501,13 +1501,30 @@ class Interpreter:
         return decision
 
     def _preview(self, failed: StepRun) -> list[PreviewItem]:
+        """What a ROLLBACK decided for ``failed`` (waiting) would undo, in order."""
+        group = next(
+            (g for g in _all_runs(self.saga.runs) if g.is_group and failed in g.members), None
+        )
+        if group is not None and group.status == "running":
+            # A member of a block in progress: the block stops, and its
+            # members are undone side by side (newest first) before what ran
+            # before it; a running one once it has stopped, one that failed if
+            # it may have done something.
+            order = [
+                m
+                for m in group.members[::-1]
+                if m.status in ("done", "compensation_failed", "running")
+                or (m.status == "failed" and m.has_effect)
+            ] + self._undo_order(None)
+        else:
+            order = self._undo_order(failed if failed.has_effect else None)
         return [
             PreviewItem(
                 name=run.name,
                 path=run.path,
                 args=_back_args(run) if isinstance(run.node, StepNode) else {},
             )
-            for run in self._undo_order(failed if failed.has_effect else None)
+            for run in order
         ]
 
     def check_decision(
@@ -1584,6 +1601,16 @@ class Interpreter:
     def state(self) -> FlowState:
         """The flow's progress, as ``handle.state()`` reports it."""
         waits = self._waits()
+        if any(w.direction == "step_forward" for w in waits):
+            # what a ROLLBACK would undo now (members of a block may have
+            # ended since the wait began)
+            runs = {run.path: run for run in _all_runs(self.saga.runs)}
+            waits = [
+                w.model_copy(update={"rollback_preview": self._preview(runs[w.path])})
+                if w.direction == "step_forward" and w.path in runs
+                else w
+                for w in waits
+            ]
         status = self.saga.status
         if status == "waiting" and not waits:  # decided: it goes on at once
             status = self.saga.phase

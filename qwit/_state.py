@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -188,3 +190,61 @@ class FlowState(BaseModel):
     def done(self) -> bool:
         """True once the flow has ended, one way or another."""
         return self.status in FINAL_STATUSES
+
+
+@dataclass(frozen=True)
+class AttemptsInFlight:
+    """What an engine knows of a step it retries that the flow learns only
+    once the step's attempts end: how many of them have ended so far, and
+    how the last one failed."""
+
+    step: str | None
+    """The step's name (None: not known; then its ``path`` is)."""
+    direction: Literal["step_forward", "step_back"]
+    ended: int
+    error: ErrorInfo | None = None
+    path: str | None = None
+    """The step's path; None when the engine does not know it: then it is
+    the only step of that name running in that direction."""
+
+
+def with_attempts_in_flight(state: FlowState, flights: Sequence[AttemptsInFlight]) -> FlowState:
+    """``state`` with the attempts of the steps being retried counted (see
+    ``StepState.attempts``) as the engine sees them."""
+    flights = [f for f in flights if f.ended > 0]
+    if not flights:
+        return state
+    live = {"step_forward": "running", "step_back": "compensating"}
+
+    def steps_of(steps: list[StepState]) -> Iterator[StepState]:
+        for step in steps:
+            yield step
+            yield from steps_of(step.steps)
+
+    found: dict[str, AttemptsInFlight] = {}
+    for flight in flights:
+        matches = [
+            s.path
+            for s in steps_of(state.steps)
+            if s.kind == "step"
+            and flight.step in (None, s.name)
+            and s.status == live[flight.direction]
+            and flight.path in (None, s.path)
+        ]
+        if len(matches) == 1:
+            found[matches[0]] = flight
+
+    def counted(step: StepState) -> StepState:
+        update: dict[str, Any] = {}
+        if step.steps:
+            update["steps"] = [counted(s) for s in step.steps]
+        flight = found.get(step.path)
+        if flight is not None and flight.direction == "step_forward":
+            update["attempts"] = step.attempts + flight.ended
+            update["error"] = flight.error or step.error
+        elif flight is not None:
+            update["back_attempts"] = step.back_attempts + flight.ended
+            update["back_error"] = flight.error or step.back_error
+        return step.model_copy(update=update) if update else step
+
+    return state.model_copy(update={"steps": [counted(s) for s in state.steps]})

@@ -749,3 +749,185 @@ async def test_a_local_only_client_never_connects_to_temporal():
         "out_conformance.local": "-",
     }
     await client.close()
+
+
+class Retried(qwit.Step, name="conformance.retried"):
+    """Fails its first two attempts at ``args["slow"]``'s path, then waits in
+    its third until the test releases it; elsewhere it just completes."""
+
+    retry = qwit.Retry(max_attempts=5, initial_interval=0.1, max_interval=0.1)
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        here = qwit.context()
+        if args["slow"] != here.path:
+            return {}
+        if here.attempt < 3:
+            raise RuntimeError(f"attempt {here.attempt} failed")
+        ledger.record(args["ledger"], "blocked", here.path)
+        while "go" not in ledger.marks(args["ledger"], "release"):
+            await asyncio.sleep(0.05)
+        return {}
+
+
+class RetriedAlone(qwit.Flow):
+    def build_flow(self) -> None:
+        self.step(Retried)
+
+
+class RetriedBranches(qwit.Flow):
+    def build_flow(self) -> None:
+        with self.parallel():
+            self.step(Retried)
+            self.step(Retried)
+
+
+class RetriedElements(qwit.Flow):
+    def build_flow(self) -> None:
+        self.map(Retried, over="items", item="item", into="outs", max_concurrency=3)
+
+
+class RetriedInside(qwit.Flow):
+    def build_flow(self) -> None:
+        self.step(RetriedAlone)
+
+
+def _step_at(steps: list[qwit.StepState], path: str) -> qwit.StepState:
+    for step in steps:
+        if step.path == path:
+            return step
+        if path.startswith(f"{step.path}."):
+            return _step_at(step.steps, path)
+    raise AssertionError(f"no step at {path}")
+
+
+@pytest.mark.parametrize(
+    ("flow", "slow"),
+    [
+        (RetriedAlone, "1"),
+        (RetriedBranches, "1.2"),
+        (RetriedElements, "1.2"),
+        (RetriedInside, "1.1"),
+    ],
+)
+async def test_state_counts_the_attempts_of_a_step_being_retried(env: Env, flow, slow):
+    # StepState.attempts: the attempts of step_forward that have ended, also
+    # while the step is still being retried, wherever it is in the flow.
+    run = new_ledger()
+    async with env.serve(flow):
+        handle = await env.client.start(flow, {"ledger": run, "slow": slow, "items": [1, 2, 3]})
+        await ledger.wait_for_mark(run, "blocked", slow, timeout=30)
+        state = await handle.state()
+        ledger.record(run, "release", "go")
+        result = await asyncio.wait_for(handle.result(), 60)
+    step = _step_at(state.steps, slow)
+    assert (step.status, step.attempts) == ("running", 2)
+    if handle.engine != "postgres":  # (PostgreSQL: the error once they end)
+        assert step.error is not None and "attempt 2 failed" in step.error.message
+    assert result["ledger"] == run
+
+
+class PreviewFirst(qwit.Step, name="conformance.preview_first"):
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"first": 1}
+
+    async def step_back(self, args: dict[str, Any]) -> None:
+        ledger.record(args["ledger"], "undo", qwit.context().path)
+
+
+class PreviewWaits(qwit.Step, name="conformance.preview_waits"):
+    retry = qwit.Retry(max_attempts=1)
+    on_failure = qwit.WAIT
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        raise RuntimeError("needs an operator")
+
+    async def step_back(self, args: dict[str, Any]) -> None:
+        ledger.record(args["ledger"], "undo", qwit.context().path)
+
+
+class PreviewBlock(qwit.Flow):
+    def build_flow(self) -> None:
+        self.step(PreviewFirst)
+        with self.parallel():
+            self.step(PreviewWaits)
+            self.step(PreviewWaits)
+
+
+async def test_a_waiting_branchs_rollback_preview_is_what_the_rollback_undoes(env: Env):
+    # Both branches wait: a ROLLBACK decided for one stops the block, undoes
+    # both branches (side by side, newest first), then what ran before it.
+    run = new_ledger()
+    async with env.serve(PreviewBlock):
+        handle = await env.client.start(PreviewBlock, {"ledger": run})
+        for _ in range(200):
+            state = await handle.state()
+            if len(state.waits) == 2:
+                break
+            await asyncio.sleep(0.05)
+        await handle.react(qwit.ROLLBACK, path="2.1")
+        kind, err = await outcome(handle)
+    previews = {w.path: [p.path for p in w.rollback_preview] for w in state.waits}
+    assert kind == "rolled_back"
+    undone = [c.path for c in err.compensations]
+    assert undone == ["2.2", "2.1", "1"] or sorted(undone[:2]) == ["2.1", "2.2"]
+    assert previews == {"2.1": ["2.2", "2.1", "1"], "2.2": ["2.2", "2.1", "1"]}
+    assert sorted(ledger.undone(run)) == ["1", "2.1", "2.2"]
+
+
+class IgnoresItsDeadline(qwit.Step, name="conformance.ignores_deadline"):
+    """A plain step that does not look at ``context().cancelled``: it outlives
+    its timeout and its grace."""
+
+    retry = qwit.Retry(max_attempts=1)
+    timeout = 1
+    timeout_grace = 0.5
+
+    def step_forward(self, args: dict[str, Any]) -> None:
+        time.sleep(2.5)
+
+
+class OutlivesItsGrace(qwit.Flow):
+    def build_flow(self) -> None:
+        self.step(IgnoresItsDeadline)
+
+
+async def test_a_step_that_outlives_its_grace_fails_as_timed_out_after_its_timeout(env: Env):
+    # However the engine ends such an attempt, its failure reads the same.
+    async with env.serve(OutlivesItsGrace):
+        handle = await env.client.start(OutlivesItsGrace, {})
+        kind, err = await outcome(handle)
+    assert kind == "rolled_back"
+    assert err.reason == "TimeoutError: step timed out after 1s"
+
+
+class ReturnsTooMuch(qwit.Step, name="conformance.returns_too_much"):
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        ledger.record(args["ledger"], "do", "big")
+        return {"big": "x" * (3 * 1024 * 1024)}
+
+    async def step_back(self, args: dict[str, Any]) -> None:
+        ledger.record(args["ledger"], "undo", "big")
+
+
+class TooMuchFlow(qwit.Flow):
+    def build_flow(self) -> None:
+        self.step(Local)
+        self.step(ReturnsTooMuch)
+
+
+async def test_payloads_over_the_limit_fail_alike_on_every_engine_that_has_one(env: Env):
+    # qwit.local (and the engines built on qwit.engine's in-memory parts)
+    # keeps Temporal's default payload limit, so that a flow too big for
+    # Temporal fails the same way where it is tested. (PostgreSQL has none.)
+    if env.client.engine(env.client.backend).name == "postgres":
+        pytest.skip("the PostgreSQL engine has no payload limit")
+    run = new_ledger()
+    async with env.serve(TooMuchFlow):
+        with pytest.raises(qwit.PayloadTooLarge, match="payload limit"):
+            await env.client.start(TooMuchFlow, {"ledger": run, "blob": "x" * (3 * 1024 * 1024)})
+        handle = await env.client.start(TooMuchFlow, {"ledger": run})
+        kind, err = await outcome(handle)
+    assert kind == "rolled_back"
+    assert err.reason.startswith("PayloadTooLarge:")
+    assert err.compensated == ["conformance.returns_too_much", "conformance.local"]
+    assert ledger.undone(run) == ["big", "conformance.local"]

@@ -28,7 +28,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import psycopg
 from psycopg.rows import dict_row
@@ -47,7 +47,13 @@ from .._metrics import Metrics, serve_metrics
 from .._plan import FlowInput, FlowRecords, StepNode, StepRecord, node_at
 from .._runtime import Decision
 from .._saga import check_reaction
-from .._state import FAILED_STATUSES, FlowState, WaitInfo
+from .._state import (
+    FAILED_STATUSES,
+    AttemptsInFlight,
+    FlowState,
+    WaitInfo,
+    with_attempts_in_flight,
+)
 from ._driver import add_event, drive, new_run
 from ._pool import Connections, unreachable_text
 from ._server import EmbeddedPostgres
@@ -180,7 +186,27 @@ class PostgresFlowHandle(FlowHandle):
         row = await self._row(flow_id)
         if row["state"] is None:
             return FlowState(flow=row["name"], flow_id=flow_id, status="running", steps=[])
-        return FlowState.model_validate(row["state"])
+        state = FlowState.model_validate(row["state"])
+        if row["ended"]:
+            return state
+        # Steps being retried: their attempts so far, counted in PostgreSQL as
+        # they start (the flow learns them, and the last error, once they end).
+        counted = await self._engine.fetch_all(
+            "SELECT a.key, a.attempt FROM qwit.attempts a WHERE a.run_id = %s "
+            "AND a.attempt > 1 AND NOT EXISTS (SELECT 1 FROM qwit.events e "
+            "WHERE e.run_id = a.run_id AND e.key = a.key)",
+            row["run_id"],
+        )
+        flights = []
+        for call in counted:
+            kind, _, rest = call["key"].partition(":")
+            path, _, direction = rest.partition("#")[0].rpartition("/")
+            if kind == "step" and direction in ("step_forward", "step_back"):
+                way: Literal["step_forward", "step_back"] = (
+                    "step_forward" if direction == "step_forward" else "step_back"
+                )
+                flights.append(AttemptsInFlight(None, way, call["attempt"] - 1, path=path))
+        return with_attempts_in_flight(state, flights)
 
     async def send_decision(self, flow_id: str, decision: Decision) -> None:
         row = await self._row(flow_id)

@@ -14,13 +14,11 @@ from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 from .._errors import ErrorInfo, PayloadTooLarge, StepFailure, StepNotRegistered, error_info
 from .._jsonargs import json_size
-from .._plan import PAYLOAD_MARGIN, StepCall, StepReturn, WireCall
+from .._plan import DEFAULT_PAYLOAD_LIMIT, PAYLOAD_MARGIN, StepCall, StepReturn, WireCall
 from .._runner import Refusals, Registry, run_watched_step_method
 from .._step import Step, defines
 
 DIRECTIONS = ("step_forward", "step_back", "step_fallback")
-#: Temporal's default ``limit.blobSize.error``, for servers that don't say.
-DEFAULT_PAYLOAD_LIMIT = 2 * 1024 * 1024
 #: A step that has run this long heartbeats for itself, and again as often, so
 #: that a cancel reaches it even if it never calls ``qwit.heartbeat()``
 #: (Temporal tells an activity of a cancel only in a heartbeat's response).
@@ -40,10 +38,17 @@ def _expected(info: ErrorInfo) -> bool:
     return info.type == "qwit.StepError" and not info.retryable
 
 
-def _application_error(info: ErrorInfo, benign: bool = False) -> ApplicationError:
+def _application_error(
+    info: ErrorInfo, benign: bool = False, path: str | None = None
+) -> ApplicationError:
+    # The step's path, after the error, tells which step a retried
+    # activity's last failure is of (``state()`` shows the attempts of
+    # steps being retried; steps of one name may run side by side).
+    where = ({"path": path},) if path is not None else ()
     return ApplicationError(
         info.describe(),
         info.model_dump(mode="json"),
+        *where,
         type=info.type,
         non_retryable=not info.retryable,
         # The SDK logs a benign failure at DEBUG (with its traceback), others
@@ -88,7 +93,7 @@ def _failed(failure: StepFailure, call: StepCall) -> ApplicationError:
             call.flow_id,
             info.describe(),
         )
-    error = _application_error(info)
+    error = _application_error(info, path=call.path)
     error.__cause__ = _traceable(failure.__cause__)
     return error
 

@@ -48,16 +48,22 @@ from .._errors import (
     FlowFailed,
     FlowIdInUse,
     FlowNotFound,
-    PayloadTooLarge,
     QwitError,
     ReactionError,
     named_error_info,
 )
 from .._jsonargs import json_size
-from .._plan import PAYLOAD_MARGIN, FlowInput, FlowNode, FlowRecords, walk
+from .._plan import (
+    DEFAULT_PAYLOAD_LIMIT,
+    PAYLOAD_MARGIN,
+    FlowInput,
+    FlowNode,
+    FlowRecords,
+    check_input_fits,
+    walk,
+)
 from .._saga import Decision
-from .._state import FlowState
-from ._activities import DEFAULT_PAYLOAD_LIMIT
+from .._state import AttemptsInFlight, FlowState, with_attempts_in_flight
 from ._config import TemporalSettings
 from ._connection import (
     TemporalConnectionError,
@@ -214,41 +220,37 @@ async def _query_state(
             if replayed is not None:
                 return replayed
         state: FlowState = await handle.query(QUERY_STATE, result_type=FlowState)
-    return _with_attempts_in_flight(state, description)
+    return with_attempts_in_flight(state, await _attempts_in_flight(client, description))
 
 
-def _with_attempts_in_flight(
-    state: FlowState, description: temporalio.client.WorkflowExecutionDescription
-) -> FlowState:
-    """``state`` with what Temporal knows of the step in flight and the flow
-    does not yet: its attempt and its last error, while it is being retried.
-
-    A flow runs one step at a time, so the running (or compensating) step of
-    a pending activity's name is that activity's step.
-    """
-    pending = {p.activity_type.name: p for p in description.raw_description.pending_activities}
-    if not pending:
-        return state
-    steps = []
-    for step in state.steps:
-        forward = pending.get(f"{step.name}.step_forward") if step.status == "running" else None
-        back = pending.get(f"{step.name}.step_back") if step.status == "compensating" else None
-        if forward is not None and forward.attempt > 1:
-            step = step.model_copy(
-                update={
-                    "attempts": step.attempts + forward.attempt - 1,
-                    "error": _last_failure(forward) or step.error,
-                }
+async def _attempts_in_flight(
+    client: temporalio.client.Client, description: temporalio.client.WorkflowExecutionDescription
+) -> list[AttemptsInFlight]:
+    """What Temporal knows of the steps it retries and the flow does not yet:
+    their attempts and their last errors. A failed attempt's error names its
+    step's path (see ``qwit.temporal._activities``); a step's attempts that
+    ended otherwise (timed out) are matched by its name."""
+    flights = []
+    for pending in description.raw_description.pending_activities:
+        step, _, direction = pending.activity_type.name.rpartition(".")
+        if pending.attempt <= 1 or direction not in ("step_forward", "step_back"):
+            continue
+        path = None
+        details = pending.last_failure.application_failure_info.details.payloads
+        if len(details) > 1:
+            with contextlib.suppress(Exception):  # (a failure of older workers)
+                decoded = await client.data_converter.decode(list(details))
+                path = decoded[1].get("path") if isinstance(decoded[1], dict) else None
+        flights.append(
+            AttemptsInFlight(
+                step,
+                "step_forward" if direction == "step_forward" else "step_back",
+                pending.attempt - 1,
+                _last_failure(pending),
+                path if isinstance(path, str) else None,
             )
-        elif back is not None and back.attempt > 1:
-            step = step.model_copy(
-                update={
-                    "back_attempts": step.back_attempts + back.attempt - 1,
-                    "back_error": _last_failure(back) or step.back_error,
-                }
-            )
-        steps.append(step)
-    return state.model_copy(update={"steps": steps})
+        )
+    return flights
 
 
 def _last_failure(pending: Any) -> ErrorInfo | None:
@@ -648,13 +650,8 @@ class TemporalEngine(Engine):
     async def start(self, flow: type[Flow], input: FlowInput) -> FlowHandle:
         del flow  # the workflow runs the plan alone; workers have the steps
         _check_plan_length(input.flow)
-        input, size, limit = await self._sized(input)
-        if size > limit - PAYLOAD_MARGIN:
-            raise PayloadTooLarge(
-                f"flow {input.flow.name!r}: its args and plan take {size} bytes, over the "
-                f"{limit}-byte payload limit of the namespace; pass "
-                "references (ids, URLs) instead of large values"
-            )
+        input, _, _ = await self._sized(input)
+        check_input_fits(input, "of the namespace")
         return await self._start_workflow(
             input,
             task_queue=self.settings.task_queue,

@@ -281,7 +281,7 @@ def _policy(retry: Retry, version: int) -> RetryPolicy:
     )
 
 
-def _error_info(err: BaseException, retry: Retry) -> ErrorInfo:
+def _error_info(err: BaseException, retry: Retry, limit: float | None = None) -> ErrorInfo:
     cause = err.cause if isinstance(err, ActivityError) and err.cause else err
     if isinstance(cause, ApplicationError):
         if cause.details and isinstance(cause.details[0], dict):
@@ -294,8 +294,10 @@ def _error_info(err: BaseException, retry: Retry) -> ErrorInfo:
         )
     if isinstance(cause, TimeoutError):
         kind = cause.type.name.lower() if cause.type else "timeout"
-        # builtins.TimeoutError, as the worker's own deadline reports it
-        timed_out = builtins.TimeoutError(f"step timed out ({kind})")
+        # builtins.TimeoutError, as the worker's own deadline reports it (an
+        # attempt that outlived its grace too: it timed out at its limit)
+        said = f"after {limit:g}s" if kind == "start_to_close" and limit else f"({kind})"
+        timed_out = builtins.TimeoutError(f"step timed out {said}")
         return error_info(timed_out, attempt=retry.max_attempts or 1, with_traceback=False)
     return error_info(cause, with_traceback=False)
 
@@ -444,7 +446,7 @@ class _Runtime(FlowRuntime):
         except (ActivityError, ApplicationError, TimeoutError) as err:
             if is_cancelled_exception(err) and self.cancel_requested():
                 raise asyncio.CancelledError from None
-            raise StepFailure(_error_info(err, retry)) from None
+            raise StepFailure(_error_info(err, retry, node.limit(call.direction))) from None
 
     async def start_subflow(self, node: FlowNode, input: FlowInput, attempt: int) -> SubflowRun:
         if input.execution is None or not workflow.patched(START_FINISHED):
