@@ -711,6 +711,12 @@ class _Model:
         self.notes: list[str] = []
         self.waits: list[str] = []
         self.blocks = 0
+        self.reached: set[str] = set()
+        """Paths of the steps the flow got to (a block's: all of its members)."""
+
+    def reached_at(self, path: str) -> bool:
+        """Whether the flow got to the step at ``path``."""
+        return any(path == p or path.startswith(f"{p}.") for p in self.reached)
 
     def run(self) -> _FlowEnd:
         end = self.flow(self.plan, "")
@@ -804,6 +810,7 @@ class _Model:
         return self.group(node, path)
 
     def step(self, node: StepNode, path: str) -> _UnitEnd:
+        self.reached.add(path)
         ex = self.next(path, "step_forward")
         if ex is None:
             return _UnitEnd("missing")
@@ -864,6 +871,7 @@ class _Model:
                 if p.startswith(f"{path}.") and p[len(path) + 1 :].split(".")[0].isdigit()
             }
             members = [(f"{path}.{i}", node.node) for i in range(1, max(seen, default=0) + 1)]
+        self.reached.add(path)  # (a member cancelled before it ran left no record)
         self.blocks += 1
         try:
             ends = [self.unit(member, member_path) for member_path, member in members]
@@ -894,9 +902,13 @@ class _Model:
 # -- the checks -------------------------------------------------------------------
 
 
-def _executions(plan: FlowNode, calls: list[StepCallRecord]) -> tuple[list[_Exec], list[str]]:
+def _executions(
+    plan: FlowNode, calls: list[StepCallRecord]
+) -> tuple[list[_Exec], list[list[StepCallRecord]]]:
     """The calls grouped into executions (forwards, fallbacks), each with the
-    undo executions attributed to it; and notes on undos of nothing recorded."""
+    undo executions attributed to it; and the undo executions of a forward
+    that ran no code (QWIT undoes a step that may have started: one its flow
+    reached, whose code a cancel stopped before it ran)."""
     by_key: dict[tuple[str, str], list[StepCallRecord]] = {}
     undos: dict[str, list[StepCallRecord]] = {}
     for call in sorted(calls, key=lambda c: c.start):
@@ -918,7 +930,7 @@ def _executions(plan: FlowNode, calls: list[StepCallRecord]) -> tuple[list[_Exec
         )
         execs.append(ex)
         base.setdefault(key.removesuffix("/step_fallback"), []).append(ex)
-    notes = []
+    orphans: list[list[StepCallRecord]] = []
     for key, attempts in undos.items():
         runs: list[list[StepCallRecord]] = []
         for call in attempts:  # a new undo execution starts at attempt 1
@@ -932,11 +944,8 @@ def _executions(plan: FlowNode, calls: list[StepCallRecord]) -> tuple[list[_Exec
             if earlier:
                 earlier[-1].undos.append(run)
             else:
-                notes.append(
-                    f"step_back of {run[0].step} ({run[0].path}) ran for a forward that ran no "
-                    "code (QWIT undoes a step that may have started)"
-                )
-    return execs, notes
+                orphans.append(run)
+    return execs, orphans
 
 
 def _siblings(plan: FlowNode, a: str, b: str) -> bool:
@@ -1247,10 +1256,16 @@ def _judge(
 ) -> None:
     """Check one case's recorded calls and outcome against the rules."""
     finals = {t.path for t in _targets(plan) if t.final}
-    execs, notes = _executions(plan, calls)
-    case.notes.extend(notes)
+    execs, orphans = _executions(plan, calls)
+    case.notes.extend(
+        f"step_back of {run[0].step} ({run[0].path}) ran for a forward that ran no "
+        "code (QWIT undoes a step that may have started)"
+        for run in orphans
+    )
     case.violations.extend(_invariants(plan, execs, calls, finals))
-    undos = sorted((run for ex in execs for run in ex.undos), key=lambda run: _span(run)[1])
+    undos = sorted(
+        [run for ex in execs for run in ex.undos] + orphans, key=lambda run: _span(run)[1]
+    )
     case.undone = [
         run[0].step if run[-1].outcome == "ok" else f"{run[0].step} (failed)" for run in undos
     ]
@@ -1282,6 +1297,12 @@ def _judge(
         case.notes.append(f"the rules' outcome can't be predicted: {unknown}")
         return
     case.expected = model.outcome(end)
+    for run in orphans:  # an undo of a step its flow never reached
+        if not model.reached_at(run[0].path):
+            case.violations.append(
+                f"the step_back of {run[0].step} ({run[0].path}) ran, though its flow never "
+                "got to the step"
+            )
     for waited in model.waits:
         if not any(waited in note for note in case.notes):
             case.notes.append(f"{waited} reacts WAIT: the harness decides ROLLBACK")

@@ -9,14 +9,16 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
-from ._errors import ErrorInfo
+from ._errors import ErrorInfo, FlowDefinitionError
 from ._options import OnFailure, Reaction, Retry
 
 
 def _own_name(cls: type, name: str | None) -> str:
     if name is not None:
         if not isinstance(name, str) or not name.strip():
-            raise TypeError(f"{cls.__qualname__}: name= must be a non-empty string, not {name!r}")
+            raise FlowDefinitionError(
+                f"{cls.__qualname__}: name= must be a non-empty string, not {name!r}"
+            )
         return name.strip()
     return cls.__name__
 
@@ -137,7 +139,9 @@ class Step:
 def mark_abstract(cls: type, abstract: bool) -> None:
     """Record whether ``cls`` itself (not its subclasses) is abstract."""
     if not isinstance(abstract, bool):
-        raise TypeError(f"{cls.__qualname__}: abstract= must be True or False, not {abstract!r}")
+        raise FlowDefinitionError(
+            f"{cls.__qualname__}: abstract= must be True or False, not {abstract!r}"
+        )
     cls._qwit_abstract = abstract  # type: ignore[attr-defined]
 
 

@@ -345,6 +345,43 @@ async def test_an_undo_skipped_is_caught(monkeypatch: pytest.MonkeyPatch):
     assert all(c.violations for c in rolled)
 
 
+async def test_an_undo_of_a_step_the_flow_never_reached_is_caught(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    # An engine whose rollback of the first step also runs the step_back of
+    # the second, which the flow never got to (the first failed): QWIT undoes
+    # a step that may have started, never one its flow did not reach.
+    from qwit.local import LocalRuntime
+
+    original = LocalRuntime.run_attempt
+
+    async def also_undo_the_next(
+        self: LocalRuntime, cls: Any, node: Any, call: Any, attempt: int, beats: Any
+    ) -> Any:
+        reached = self.run.__dict__.setdefault("reached", set())
+        if call.direction == "step_forward":
+            reached.add(call.path)
+        if call.direction == "step_back" and call.path == "1" and "2" not in reached:
+            step = self.run.registry.get("payments.charge")
+            stray = call.model_copy(
+                update={"path": "2", "step": "payments.charge", "key": f"{call.key[:-1]}2"}
+            )
+            await original(self, cls._qwit_probe.instrumented(step), node, stray, attempt, beats)
+        return await original(self, cls, node, call, attempt, beats)
+
+    monkeypatch.setattr(LocalRuntime, "run_attempt", also_undo_the_next)
+    with pytest.raises(RollbackCheckFailed) as caught:
+        await check_rollbacks(PlaceOrder, ORDER)
+    print(f"\n{caught.value}")
+    case = caught.value.case
+    assert case.label == "1 inventory.reserve: raises"
+    assert (
+        "the step_back of payments.charge (2) ran, though its flow never got to the step"
+        in case.violations
+    )
+    assert case.undone == ["payments.charge", "inventory.reserve"]
+
+
 async def test_undos_oldest_first_are_caught(monkeypatch: pytest.MonkeyPatch):
     async def oldest_first(self: Interpreter, failed: Any) -> None:
         for run in self.saga.done + ([failed] if failed is not None else []):

@@ -366,3 +366,25 @@ async def test_an_abstract_base_can_not_be_used_in_a_plan_or_run():
         await client.start(_BaseFlow, {})
     assert await client.run(Staged, {}) == {"abstract.one": True, "abstract.two": True}
     await client.close()
+
+
+@pytest.mark.parametrize("name", ["", "   ", 3])
+def test_a_blank_or_non_string_name_is_a_definition_error(name: Any):
+    with pytest.raises(qwit.FlowDefinitionError, match="name= must be a non-empty string"):
+
+        class Named(qwit.Step, name=name):
+            async def step_forward(self, args: dict[str, Any]) -> None:
+                return None
+
+    with pytest.raises(qwit.FlowDefinitionError, match="name= must be a non-empty string"):
+
+        class NamedFlow(qwit.Flow, name=name):
+            def build_flow(self) -> None:
+                self.step(A)
+
+
+def test_a_non_bool_abstract_is_a_definition_error():
+    with pytest.raises(qwit.FlowDefinitionError, match="abstract= must be True or False"):
+
+        class Half(qwit.Step, abstract="yes"):  # type: ignore[arg-type]
+            pass
