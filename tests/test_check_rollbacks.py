@@ -304,6 +304,14 @@ async def test_every_reaction_passes_and_waits_are_decided():
 # -- what it catches ----------------------------------------------------------------
 
 
+async def _check_fails(flow: type[qwit.Flow], args: Any, **options: Any) -> RollbackCheckFailed:
+    """What ``check_rollbacks`` raised (it must raise), printed."""
+    with pytest.raises(RollbackCheckFailed) as caught:
+        await check_rollbacks(flow, args, **options)
+    print(f"\n{caught.value}")
+    return caught.value
+
+
 async def test_an_undo_run_twice_is_caught(monkeypatch: pytest.MonkeyPatch):
     original = Interpreter._undo
 
@@ -313,16 +321,14 @@ async def test_an_undo_run_twice_is_caught(monkeypatch: pytest.MonkeyPatch):
             await original(self, run)
 
     monkeypatch.setattr(Interpreter, "_undo", twice)
-    with pytest.raises(RollbackCheckFailed) as caught:
-        await check_rollbacks(PlaceOrder, ORDER)
-    print(f"\n{caught.value}")
-    assert isinstance(caught.value, AssertionError)
-    case = caught.value.case
+    failed = await _check_fails(PlaceOrder, ORDER)
+    assert isinstance(failed, AssertionError)
+    case = failed.case
     assert case.label == "1 inventory.reserve: undo_fails"  # the first that undoes the charge
     assert "payments.charge (2) was undone 2 times (at most once)" in case.violations
     assert any("compensated is" in v and "payments.charge too" in v for v in case.violations)
-    assert caught.value.report.cases[0].label == "no fault"
-    assert "payments.charge (2) was undone 2 times" in str(caught.value)
+    assert failed.report.cases[0].label == "no fault"
+    assert "payments.charge (2) was undone 2 times" in str(failed)
 
 
 async def test_an_undo_skipped_is_caught(monkeypatch: pytest.MonkeyPatch):
@@ -333,15 +339,13 @@ async def test_an_undo_skipped_is_caught(monkeypatch: pytest.MonkeyPatch):
             await original(self, run)
 
     monkeypatch.setattr(Interpreter, "_undo", skipping)
-    with pytest.raises(RollbackCheckFailed) as caught:
-        await check_rollbacks(PlaceOrder, ORDER)
-    print(f"\n{caught.value}")
-    case = caught.value.case
+    failed = await _check_fails(PlaceOrder, ORDER)
+    case = failed.case
     assert case.label == "1 inventory.reserve: raises"
     assert "inventory.reserve (1) was not undone" in case.violations
     assert any("compensated is" in v and "misses inventory.reserve" in v for v in case.violations)
     # every case that rolls back shows it
-    rolled = [c for c in caught.value.report.cases if c.outcome != "completed"]
+    rolled = [c for c in failed.report.cases if c.outcome != "completed"]
     assert all(c.violations for c in rolled)
 
 
@@ -370,10 +374,8 @@ async def test_an_undo_of_a_step_the_flow_never_reached_is_caught(
         return await original(self, cls, node, call, attempt, beats)
 
     monkeypatch.setattr(LocalRuntime, "run_attempt", also_undo_the_next)
-    with pytest.raises(RollbackCheckFailed) as caught:
-        await check_rollbacks(PlaceOrder, ORDER)
-    print(f"\n{caught.value}")
-    case = caught.value.case
+    failed = await _check_fails(PlaceOrder, ORDER)
+    case = failed.case
     assert case.label == "1 inventory.reserve: raises"
     assert (
         "the step_back of payments.charge (2) ran, though its flow never got to the step"
@@ -388,12 +390,10 @@ async def test_undos_oldest_first_are_caught(monkeypatch: pytest.MonkeyPatch):
             await self._undo(run)
 
     monkeypatch.setattr(Interpreter, "_rollback", oldest_first)
-    with pytest.raises(RollbackCheckFailed) as caught:
-        await check_rollbacks(PlaceOrder, ORDER, cases=["payments.charge"])
-    print(f"\n{caught.value}")
+    failed = await _check_fails(PlaceOrder, ORDER, cases=["payments.charge"])
     assert any(
         "the undo of payments.charge (2) ended after the undo of inventory.reserve (1) started" in v
-        for v in caught.value.case.violations
+        for v in failed.case.violations
     )
 
 
@@ -432,14 +432,12 @@ async def test_a_step_back_that_undoes_nothing_is_caught_by_the_oracle():
                 continue
             assert key not in BOOKED, f"room {key} is still booked after {case.outcome}"
 
-    with pytest.raises(RollbackCheckFailed) as caught:
-        await check_rollbacks(Trip, {}, oracle=no_room_left)
-    print(f"\n{caught.value}")
-    case = caught.value.case
+    failed = await _check_fails(Trip, {}, oracle=no_room_left)
+    case = failed.case
     assert case.label == "1 cr.book_room: raises"
     assert len(case.violations) == 1
     assert case.violations[0].startswith("oracle: AssertionError: room ")
-    assert checked == [c.label for c in caught.value.report.cases]  # called after every case
+    assert checked == [c.label for c in failed.report.cases]  # called after every case
 
 
 # -- arguments --------------------------------------------------------------------
