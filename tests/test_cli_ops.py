@@ -54,6 +54,27 @@ async def listed(cli: Any, *args: str, flow_id: str, status: str) -> list[dict[s
         await asyncio.sleep(0.3)
 
 
+class ClaimInside(qwit.Flow, name="cli.claim_inside"):
+    """A flow whose sub-flow waits for an operator: it waits too."""
+
+    def build_flow(self) -> None:
+        self.step(ExpenseClaim)
+
+
+async def test_a_flow_whose_sub_flow_waits_is_listed_as_waiting(
+    client: qwit.Client, worker: Any, cli
+):
+    async with worker(ClaimInside):
+        handle = await client.start(ClaimInside, BIG_CLAIM, id=f"inside-{uuid.uuid4().hex[:8]}")
+        await wait_for_status(handle, "waiting", 20)
+        rows = await listed(cli, "--status", "waiting", flow_id=handle.id, status="waiting")
+        running = await cli("list", "--json", "--status", "running")
+        await handle.cancel()
+    assert not [r for r in rows if r["flow_id"].startswith(f"{handle.id}/")]  # roots only
+    assert next(r for r in rows if r["flow_id"] == handle.id)["flow"] == "cli.claim_inside"
+    assert handle.id not in [r["flow_id"] for r in json.loads(running.out)]
+
+
 async def test_status_of_a_waiting_flow_then_approve_it(client: qwit.Client, worker: Any, cli):
     async with worker(ExpenseClaim):
         handle = await waiting_claim(client)

@@ -14,7 +14,7 @@ import qwit as qwit_lib
 from qwit.postgres import PostgresSettings, PostgresWorker, prepare
 from qwit.testing import wait_for_status
 from tests.clirun import qwit
-from tests.test_cli_postgres_flows import PgCliAborting, PgCliWaiting
+from tests.test_cli_postgres_flows import PgCliAborting, PgCliWaiting, PgCliWaitingInside
 
 FLOW = "tests.test_cli_postgres_flows:PgCliOrder"
 
@@ -306,3 +306,27 @@ async def test_react_cancel_and_redrive_wait_on_postgres(postgres_dsn: str):
         done = await qwit("redrive", "pg-a2", "--wait", **env)  # declined again
         assert done.code == 1, done.err
         assert "flow 'pgcli.aborting' aborted (id pg-a2)" in done.err
+
+
+async def test_a_flow_whose_sub_flow_waits_is_listed_as_waiting(postgres_dsn: str, tmp_path: Path):
+    env = {"QWIT_POSTGRES_DSN": postgres_dsn, "QWIT_DATA_DIR": str(tmp_path)}
+    client = await qwit_lib.connect(
+        backend=qwit_lib.postgres, settings=[PostgresSettings(postgres_dsn)]
+    )
+    async with PostgresWorker(postgres_dsn, PgCliWaitingInside, poll_interval=0.2):
+        handle = await client.start(PgCliWaitingInside, {"n": 2}, id="pg-inside")
+        await wait_for_status(handle, "waiting")
+        waiting = await qwit(
+            "list", "--json", "--status", "waiting", "--backend", "postgres", **env
+        )
+        running = await qwit(
+            "list", "--json", "--status", "running", "--backend", "postgres", **env
+        )
+        await handle.cancel()
+        await wait_for_status(handle, "cancelled")
+    await client.close()
+    assert waiting.code == 0, waiting.err
+    assert [(r["flow_id"], r["status"]) for r in json.loads(waiting.out)] == [
+        ("pg-inside", "waiting")
+    ]
+    assert "pg-inside" not in [r["flow_id"] for r in json.loads(running.out)]

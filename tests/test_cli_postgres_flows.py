@@ -55,3 +55,10 @@ class PgCliWaiting(qwit.Flow, name="pgcli.waiting"):
     def build_flow(self) -> None:
         self.step(PgCliReserve)
         self.step(PgCliApprove)
+
+
+class PgCliWaitingInside(qwit.Flow, name="pgcli.waiting_inside"):
+    """A flow whose sub-flow waits for an operator: it waits too."""
+
+    def build_flow(self) -> None:
+        self.step(PgCliWaiting)

@@ -26,6 +26,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from .._client import Client
 from .._errors import FlowFailed
+from .._plan import root_of
 from .._state import FAILED_STATUSES
 from ..temporal import (
     QWIT_FLOW,
@@ -272,7 +273,47 @@ async def find_flows(
             found.append(row)
         if len(found) >= limit or scanned >= SCAN_LIMIT:
             break
+    if status == "waiting" and has_attributes and len(found) < limit:
+        found += await _waiting_inside(client, limit - len(found), flow, listed)
+        found.sort(key=lambda row: row.started, reverse=True)
     return found
+
+
+async def _waiting_inside(
+    client: temporalio.client.Client, limit: int, flow: str | None, listed: set[str]
+) -> list[Row]:
+    """Running flows (not in ``listed``) one of whose sub-flows waits for an
+    operator: they wait, as their ``state()`` says, though only the sub-flow
+    publishes it."""
+    query = " AND ".join(
+        [
+            f"WorkflowType = {_quote(WORKFLOW_NAME)}",
+            "ParentWorkflowId IS NOT NULL",
+            "ExecutionStatus = 'Running'",
+            f"{QWIT_STATUS.name} = 'waiting'",
+        ]
+    )
+    rows: list[Row] = []
+    async for wf in client.list_workflows(query=query, page_size=min(limit * 5, SCAN_LIMIT)):
+        root = root_of(wf.id)
+        if root in listed:
+            continue
+        listed.add(root)
+        try:
+            description = await client.get_workflow_handle(root).describe()
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                continue
+            raise
+        if description.status != WorkflowExecutionStatus.RUNNING:
+            continue
+        row = await _read_row(client, description, deep=False)
+        if flow is None or row.flow == flow:
+            row.status = "waiting"
+            rows.append(row)
+        if len(rows) >= limit:
+            break
+    return rows
 
 
 def _matches(row_status: str, wanted: str) -> bool:

@@ -347,11 +347,15 @@ class PostgresEngine(Engine):
         if status == "failed":
             statuses = sorted(FAILED_STATUSES)
         async with self._connect() as conn, conn.cursor(row_factory=dict_row) as cur:
+            # A flow one of whose sub-flows waits for an operator is waiting,
+            # as its state() says.
             await cur.execute(
-                "SELECT id, name, status, ended, created_at, updated_at FROM qwit.flows "
-                "WHERE parent_id IS NULL "
-                "AND (%(statuses)s::text[] IS NULL OR status = ANY(%(statuses)s::text[])) "
-                "AND (%(flow)s::text IS NULL OR name = %(flow)s) "
+                "SELECT * FROM (SELECT f.id, f.name, CASE WHEN NOT f.ended AND EXISTS ("
+                "SELECT 1 FROM qwit.flows c WHERE c.root_id = f.id AND c.id <> f.id "
+                "AND NOT c.ended AND c.status = 'waiting') THEN 'waiting' ELSE f.status END "
+                "AS status, f.ended, f.created_at, f.updated_at FROM qwit.flows f "
+                "WHERE f.parent_id IS NULL AND (%(flow)s::text IS NULL OR f.name = %(flow)s)) r "
+                "WHERE (%(statuses)s::text[] IS NULL OR status = ANY(%(statuses)s::text[])) "
                 "ORDER BY created_at DESC LIMIT %(limit)s",
                 {"statuses": statuses, "flow": flow, "limit": limit},
             )
