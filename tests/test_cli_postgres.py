@@ -309,7 +309,11 @@ async def test_react_cancel_and_redrive_wait_on_postgres(postgres_dsn: str):
 
 
 async def test_a_flow_whose_sub_flow_waits_is_listed_as_waiting(postgres_dsn: str, tmp_path: Path):
-    env = {"QWIT_POSTGRES_DSN": postgres_dsn, "QWIT_DATA_DIR": str(tmp_path)}
+    env = {
+        "QWIT_POSTGRES_DSN": postgres_dsn,
+        "QWIT_DATA_DIR": str(tmp_path),
+        "QWIT_BACKEND": "postgres",
+    }
     client = await qwit_lib.connect(
         backend=qwit_lib.postgres, settings=[PostgresSettings(postgres_dsn)]
     )
