@@ -86,6 +86,11 @@ class EngineUnavailable(QwitError):
     """The engine can't be reached; the message says what to check."""
 
 
+class FlowNotAnswering(EngineUnavailable):
+    """The engine answers, but not the flow: nothing runs it now (on
+    Temporal, no worker serves its task queue). The message says which."""
+
+
 class StepNotRegistered(QwitError):
     """A plan names a step that no worker of its task queue serves."""
 

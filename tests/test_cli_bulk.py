@@ -29,6 +29,7 @@ from qwit._cli._bulk import (
     act_on_query,
     find_targets,
 )
+from qwit._errors import FlowNotAnswering
 from qwit.temporal import DevServer
 from qwit.testing import wait_for_status
 from samples.approval.flows import ExpenseClaim
@@ -446,3 +447,44 @@ async def test_a_query_temporal_refuses_is_a_usage_error(cli: Any):
     assert done.code == 2, done.err
     assert "Invalid value for --query" in done.err
     assert "Traceback" not in done.err
+
+
+async def test_a_flow_no_worker_answers_is_refused_and_the_others_go_on():
+    fake = FakeTime()
+
+    async def action(flow_id: str) -> str | None:
+        if flow_id == "f-1":
+            raise FlowNotAnswering(
+                "flow 'f-1' did not answer its state query: is a worker serving its task queue 'q'?"
+            )
+        return None
+
+    said: list[str] = []
+    ids = [f"f-{i}" for i in range(3)]
+    report = await act_on_flows(ids, action, pacer=Pacer(100, fake.clock, fake.sleep),
+                                say=said.append)  # fmt: skip
+    assert report.done == ["f-0", "f-2"]
+    assert "is a worker serving its task queue 'q'?" in report.refused["f-1"]
+    assert report.not_attempted == []
+
+
+async def test_a_state_query_no_worker_answers_names_the_task_queue(
+    client: qwit.Client, worker: Any, monkeypatch: pytest.MonkeyPatch
+):
+    # Temporal answers (it describes the flow) but the query times out: not
+    # "Temporal can't be reached", which would stop a --query run.
+    from temporalio.service import RPCError, RPCStatusCode
+
+    async with worker(ExpenseClaim):
+        [claim] = await waiting_claims(client, 1)
+
+        async def times_out(*args: Any, **kwargs: Any) -> Any:
+            raise RPCError("Timeout expired", RPCStatusCode.CANCELLED, b"")
+
+        with monkeypatch.context() as patched:
+            patched.setattr(temporalio.client.WorkflowHandle, "query", times_out)
+            with pytest.raises(FlowNotAnswering, match=f"task queue '{client.task_queue}'"):
+                await claim.state()
+            with pytest.raises(qwit.ReactionError, match="is running: only a flow that has"):
+                await client.redrive(claim.id)
+        await end_all([claim])

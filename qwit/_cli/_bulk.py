@@ -37,7 +37,7 @@ from rich.console import Console
 from temporalio.client import WorkflowExecution
 from temporalio.service import RPCError, RPCStatusCode
 
-from .._errors import EngineUnavailable, QwitError
+from .._errors import EngineUnavailable, FlowNotAnswering, QwitError
 from .._plan import SUBFLOW_MARK
 from ..temporal import QWIT_FLOW, QWIT_STATUS, is_unavailable, unreachable
 from ._common import EXIT_FAILED, Failed, console, sayer
@@ -310,6 +310,8 @@ async def act_on_flows(
                 f"flow {flow_id!r} did not answer in {timeout:g}s (is a worker serving its "
                 "task queue?); what was asked may yet be done"
             )
+        except FlowNotAnswering as exc:  # its engine answers: the others may
+            report.refused[flow_id] = _reason(flow_id, str(exc))
         except EngineUnavailable as exc:
             unreachable_now = str(exc)
         except RPCError as exc:

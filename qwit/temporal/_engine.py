@@ -47,6 +47,7 @@ from .._errors import (
     FlowDefinitionError,
     FlowFailed,
     FlowIdInUse,
+    FlowNotAnswering,
     FlowNotFound,
     QwitError,
     ReactionError,
@@ -219,7 +220,16 @@ async def _query_state(
             replayed = await replay_state(await handle.fetch_history())
             if replayed is not None:
                 return replayed
-        state: FlowState = await handle.query(QUERY_STATE, result_type=FlowState)
+        try:
+            state: FlowState = await handle.query(QUERY_STATE, result_type=FlowState)
+        except RPCError as err:
+            if err.status not in (RPCStatusCode.CANCELLED, RPCStatusCode.DEADLINE_EXCEEDED):
+                raise
+            # Temporal answered (the description): the flow's worker did not
+            raise FlowNotAnswering(
+                f"flow {flow_id!r} did not answer its state query: is a worker serving its "
+                f"task queue {description.task_queue!r}? ({err.message})"
+            ) from err
     return with_attempts_in_flight(state, await _attempts_in_flight(client, description))
 
 
@@ -705,10 +715,12 @@ class TemporalEngine(Engine):
         with _rpc_errors(client, flow_id, f"to read flow {flow_id!r}"):
             description = await handle.describe()
             if description.status == WorkflowExecutionStatus.RUNNING:
-                state = await _query_state(client, flow_id)
+                try:
+                    status = (await _query_state(client, flow_id)).status
+                except FlowNotAnswering:
+                    status = "running"
                 raise ReactionError(
-                    f"flow {flow_id!r} is {state.status}: only a flow that has ended can be "
-                    "redriven"
+                    f"flow {flow_id!r} is {status}: only a flow that has ended can be redriven"
                 )
             records = await replay_records(await handle.fetch_history())
         if records is None:
