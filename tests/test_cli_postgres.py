@@ -326,6 +326,8 @@ async def test_a_flow_whose_sub_flow_waits_is_listed_as_waiting(postgres_dsn: st
         running = await qwit(
             "list", "--json", "--status", "running", "--backend", "postgres", **env
         )
+        # its commands name the engine: they work as printed
+        status = await qwit("status", "pg-inside", **env)
         await handle.cancel()
         await wait_for_status(handle, "cancelled")
     await client.close()
@@ -333,4 +335,9 @@ async def test_a_flow_whose_sub_flow_waits_is_listed_as_waiting(postgres_dsn: st
     assert [(r["flow_id"], r["status"]) for r in json.loads(waiting.out)] == [
         ("pg-inside", "waiting")
     ]
+    assert status.code == 0, status.err
+    decide = [" ".join(line.split()) for line in status.out.splitlines() if "rollback" in line]
+    assert any(line.startswith("qwit react --backend postgres pg-inside") for line in decide), (
+        status.out
+    )
     assert "pg-inside" not in [r["flow_id"] for r in json.loads(running.out)]

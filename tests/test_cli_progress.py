@@ -431,3 +431,21 @@ def test_usage_errors_of_run_exit_2_before_anything_starts(tmp_path, monkeypatch
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output, (args, result.output)
     assert not list(tmp_path.iterdir())  # no server was started for any of them
+
+
+def test_a_wait_of_qwit_local_says_no_other_process_can_decide_it():
+    from qwit._cli._render import wait_lines
+
+    waiting = qwit.WaitInfo(
+        step="s",
+        path="1",
+        flow_id="f",
+        direction="step_forward",
+        error=ErrorInfo(type="builtins.RuntimeError", message="no"),
+        allowed=["retry", "rollback"],
+    )
+    told = [line.plain for line in wait_lines(waiting, "f", None)]
+    assert not any("qwit react f" in line for line in told)
+    assert any("qwit react can't reach a flow of qwit.local" in line for line in told)
+    commands = [line.plain.strip() for line in wait_lines(waiting, "f", "qwit react --backend x")]
+    assert "qwit react --backend x f rollback" in commands

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import uuid
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from qwit.temporal import DevServer
 from tests import verbose_flows
@@ -53,3 +56,21 @@ async def test_run_and_status_verbose_show_the_failing_steps_traceback(
     brief = await qwit("status", flow_id, TEMPORAL_ADDRESS=dev_server.address)
     assert brief.code == 0, brief.err
     assert "KeyError" in brief.out and "price_of" not in brief.out
+
+
+@pytest.mark.parametrize("backend", ["local", "postgres"])
+async def test_run_verbose_shows_the_traceback_on_every_engine(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+):
+    env = {"QWIT_DATA_DIR": str(tmp_path)}
+    if backend == "postgres":
+        env["QWIT_POSTGRES_DSN"] = request.getfixturevalue("postgres_dsn")
+    args = ("--args", json.dumps({"item": "pear"}), "--backend", backend)
+    verbose = await qwit("run", "tests.verbose_flows:PriceFlow", *args, "-v", **env)
+    plain = await qwit("run", "tests.verbose_flows:PriceFlow", *args, **env)
+    assert verbose.code == 1, verbose.err
+    story = _story(verbose.err)
+    assert "traceback of step 'v.price':" in story, verbose.err
+    assert "in price_of" in story and "return PRICES[item]" in story
+    assert plain.code == 1, plain.err
+    assert "price_of" not in plain.err and "Traceback" not in plain.err

@@ -205,7 +205,7 @@ def status(flow_id: str, as_json: bool, verbose: bool) -> None:
         if as_json:
             click.echo(dump_json(state.model_dump(mode="json")))
             return
-        console(stderr=False).print(state_view(state, verbose=verbose))
+        console(stderr=False).print(state_view(state, verbose=verbose, react=_react_command()))
 
     run_async(go())
 
@@ -311,7 +311,13 @@ def list_flows(
     return run_async(go())
 
 
-def run(flow: type[Flow], args: dict[str, Any], flow_id: str | None, no_worker: bool) -> None:
+def run(
+    flow: type[Flow],
+    args: dict[str, Any],
+    flow_id: str | None,
+    no_worker: bool,
+    verbose: bool = False,
+) -> None:
     """``qwit run --backend postgres``: a worker here (unless --no-worker),
     the flow's progress on stderr, its result on stdout."""
     postgres = _postgres()
@@ -329,7 +335,7 @@ def run(flow: type[Flow], args: dict[str, Any], flow_id: str | None, no_worker: 
                 if configured_dsn() is None:  # only this process knows the embedded one
                     react = f"{postgres.DSN_ENV}={dsn} {react}"
                 where = f"on PostgreSQL at {_where(dsn)}"
-                return await _follow(made, flow, args, flow_id, where, react=react)
+                return await _follow(made, flow, args, flow_id, where, react=react, verbose=verbose)
 
     sys.exit(run_async(go()))
 
@@ -340,14 +346,24 @@ def _where(dsn: str) -> str:
     return where(dsn)
 
 
-def run_local(flow: type[Flow], args: dict[str, Any], flow_id: str | None) -> None:
+def run_local(
+    flow: type[Flow], args: dict[str, Any], flow_id: str | None, verbose: bool = False
+) -> None:
     """``qwit run --backend local``: the flow in this process (not durable)."""
     from .. import local
 
     async def go() -> int:
         made = Client(backend=local)
         try:
-            return await _follow(made, flow, args, flow_id, "in this process (qwit.local)")
+            return await _follow(
+                made,
+                flow,
+                args,
+                flow_id,
+                "in this process (qwit.local)",
+                react=None,
+                verbose=verbose,
+            )
         finally:
             await made.close()
 
@@ -361,7 +377,8 @@ async def _follow(
     flow_id: str | None,
     where: str,
     *,
-    react: str = "qwit react",
+    react: str | None = "qwit react",
+    verbose: bool = False,
 ) -> int:
     """Start the flow and follow it, each step's progress on stderr, as on
     Temporal: its result on stdout (0), or the story of its failure on
@@ -382,7 +399,7 @@ async def _follow(
     say(f"flow {flow.name!r}, id {handle.id}, {where}")
     follower = Follower(err, react=react)
     follower.expect(compile_flow(flow))
-    return await follow_run(err, say, handle, follower, flow=flow.name)
+    return await follow_run(err, say, handle, follower, flow=flow.name, verbose=verbose)
 
 
 __all__ = [

@@ -144,7 +144,7 @@ class Follower:
     """
 
     out: Console
-    react: str = "qwit react"
+    react: str | None = "qwit react"
     no_worker_hint: str = ""
     width: int = 0
     path_width: int = 1

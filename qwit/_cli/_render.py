@@ -213,7 +213,7 @@ def status_text(status: str) -> Text:
 def wait_lines(
     waiting: WaitInfo,
     flow_id: str,
-    react: str = "qwit react",
+    react: str | None = "qwit react",
     *,
     preview: bool = False,
     by_path: bool = False,
@@ -223,7 +223,8 @@ def wait_lines(
     Args:
         waiting: The wait.
         flow_id: The flow's id, for the commands.
-        react: How to call ``qwit react`` from another terminal.
+        react: How to call ``qwit react`` from another terminal (None: no
+            other process can reach the flow: it runs in this ``qwit run``).
         preview: List what a rollback would undo with each step's args
             (else one line of names).
         by_path: Several steps wait: the commands name this one's path.
@@ -233,7 +234,15 @@ def wait_lines(
     undo = " (its step_back)" if waiting.direction == "step_back" else ""
     head.append(f" at step {waiting.path} {waiting.step!r}{undo}: {waiting.error.describe()}")
     lines = [head]
-    for reaction in waiting.allowed:
+    if react is None:
+        lines.append(
+            Text(
+                "    qwit react can't reach a flow of qwit.local, which lives in this "
+                "process: Ctrl-C cancels it (and rolls it back)",
+                style="bold",
+            )
+        )
+    for reaction in waiting.allowed if react is not None else ():
         extra = " [--args JSON]" if reaction == "retry" else ""
         if by_path:
             extra = f" --path {waiting.path}{extra}"
@@ -352,12 +361,13 @@ def _retrying(step: StepState) -> tuple[int, ErrorInfo] | None:
     return None
 
 
-def state_view(state: FlowState, *, verbose: bool = False) -> Group:
+def state_view(state: FlowState, *, verbose: bool = False, react: str = "qwit react") -> Group:
     """``qwit status``: the flow, its steps in plan order, its wait or outcome.
 
     Args:
         state: The flow's state.
         verbose: Show where each step's error was raised (its traceback).
+        react: How to call ``qwit react`` for this flow's engine.
     """
     head = Text()
     head.append("flow ", style="dim")
@@ -399,7 +409,9 @@ def state_view(state: FlowState, *, verbose: bool = False) -> Group:
     if waits and not state.done:
         for waiting in waits:
             parts.append(Text())
-            parts.extend(wait_lines(waiting, state.flow_id, preview=True, by_path=len(waits) > 1))
+            parts.extend(
+                wait_lines(waiting, state.flow_id, react, preview=True, by_path=len(waits) > 1)
+            )
     if state.failure is not None:
         parts.append(Text())
         # The steps' tracebacks are above, with the table.

@@ -112,12 +112,12 @@ def run(
     if engine == "postgres":
         from . import _postgres
 
-        _postgres.run(flow, args, flow_id, no_worker)
+        _postgres.run(flow, args, flow_id, no_worker, verbose)
         return
     if engine == "local":
         from . import _postgres
 
-        _postgres.run_local(flow, args, flow_id)
+        _postgres.run_local(flow, args, flow_id, verbose)
         return
     embedded = not address_configured(address)
     if embedded and no_worker:
