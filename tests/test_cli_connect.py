@@ -59,3 +59,16 @@ def test_an_unreachable_temporal_fails_the_request_with_1(no_env):
         result = CliRunner().invoke(cli, [*args, "--address", address])
         assert result.exit_code == 1, (args, result.output)
         assert f"can't connect to Temporal at {address}" in result.output
+
+
+def test_a_malformed_address_or_dsn_is_a_usage_error_in_one_line(no_env, monkeypatch):
+    for args in (["status", "f-1"], ["list"], ["react", "f-1", "retry"]):
+        result = CliRunner().invoke(cli, [*args, "--address", "foo:bar"])
+        assert result.exit_code == 2, (args, result.output)
+        assert "the Temporal address foo:bar is not HOST:PORT" in result.output
+        assert "Traceback" not in result.output
+    monkeypatch.setenv("QWIT_POSTGRES_DSN", "notadsn")
+    for args in (["status", "f-1"], ["list"], ["cancel", "f-1"]):
+        result = CliRunner().invoke(cli, [*args, "--backend", "postgres"])
+        assert result.exit_code == 2, (args, result.output)
+        assert "QWIT_POSTGRES_DSN is not a PostgreSQL DSN" in result.output

@@ -106,6 +106,10 @@ async def connect(
         raise Failed(str(exc)) from None
     except RuntimeError as exc:
         raise Failed(f"can't connect to Temporal at {describe_target(address)}: {exc}") from None
+    except ValueError as exc:  # e.g. "invalid target URL: invalid port number"
+        raise click.UsageError(
+            f"the Temporal address {describe_target(address)} is not HOST:PORT: {exc}"
+        ) from None
 
 
 def data_dir() -> Path:

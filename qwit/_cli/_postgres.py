@@ -118,8 +118,24 @@ def one_flow(command: str, backend: str, flow_id: str | None, bulk: object) -> s
 
 
 def configured_dsn() -> str | None:
-    """``$QWIT_POSTGRES_DSN``, if set: the database the workers use."""
-    return os.environ.get(_postgres().DSN_ENV) or None
+    """``$QWIT_POSTGRES_DSN``, if set: the database the workers use.
+
+    Raises:
+        click.UsageError: it is set but is not a DSN psycopg reads.
+    """
+    name = _postgres().DSN_ENV
+    dsn = os.environ.get(name) or None
+    if dsn is not None:
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            conninfo_to_dict(dsn)
+        except Exception as exc:  # psycopg.ProgrammingError: a malformed DSN
+            raise click.UsageError(
+                f"{name} is not a PostgreSQL DSN (postgresql://user@host:port/db, or "
+                f"'host=... dbname=...'): {exc}"
+            ) from None
+    return dsn
 
 
 def refuse_embedded(option: str) -> None:

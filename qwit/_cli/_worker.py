@@ -42,7 +42,10 @@ async def _serve(
     extra: dict[str, Any] = {}
     if metrics_address:
         extra["runtime"] = metrics_runtime(metrics_address)
-    client = await connect_temporal(**overrides(address, namespace), **extra)
+    try:
+        client = await connect_temporal(**overrides(address, namespace), **extra)
+    except ValueError as exc:  # e.g. "invalid target URL: invalid port number"
+        raise click.UsageError(f"the Temporal address is not HOST:PORT: {exc}") from None
     log.info("serving %s on task queue %r", ", ".join(m.__name__ for m in modules), task_queue)
     if metrics_address:
         log.info("metrics (Prometheus text) at http://%s/metrics", metrics_address)
@@ -58,8 +61,9 @@ async def _serve(
 async def _serve_postgres(modules: list[ModuleType], metrics_address: str | None) -> None:
     from .. import postgres
     from .._metrics import Metrics, serve_metrics
-    from ._postgres import reaching
+    from ._postgres import configured_dsn, reaching
 
+    configured_dsn()  # a malformed DSN is a usage error
     dsn = postgres.default_dsn()
     options = postgres.worker_options_from_env()
     metrics = Metrics() if metrics_address else None
