@@ -433,7 +433,7 @@ def test_usage_errors_exit_2():
         (["react", "--query", "Q", "skip", "--args", '{"a": 1}'], "--args goes only with retry"),
         (["react", "--query", "Q", "retry", "--wait"], "--wait follows one flow"),
         (["cancel", "--query", "  "], "Invalid value for --query: is empty"),
-        (["cancel", "f-1", "--dry-run"], "--dry-run go only with --query"),
+        (["cancel", "f-1", "--dry-run"], "--dry-run goes only with --query"),
         (["cancel", "f-1", "--yes", "--rate", "5"], "--yes, --rate go only with --query"),
         (["cancel", "--query", "Q", "--rate", "0"], "0.0 is not in the range x>0"),
     ]:

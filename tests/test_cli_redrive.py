@@ -369,7 +369,7 @@ def test_usage_errors_exit_2():
         (["redrive", "--query", "Q", "f-1"], "--query goes in place of FLOW_ID"),
         (["redrive", "--query", "Q", "--wait"], "--wait follows one flow"),
         (["redrive", "f-1", "--args", "[]"], "must be a JSON object"),
-        (["redrive", "f-1", "--dry-run"], "--dry-run go only with --query"),
+        (["redrive", "f-1", "--dry-run"], "--dry-run goes only with --query"),
         (["redrive", "f-1", "f-2"], "unexpected extra argument (f-2)"),
     ]:
         result = CliRunner().invoke(cli_group, args)

@@ -208,7 +208,8 @@ def bulk_from(
         given = [name for name, on in (("--dry-run", dry_run), ("--yes", yes)) if on]
         given += ["--rate"] if rate is not None else []
         if given:
-            raise click.UsageError(f"{', '.join(given)} go only with --query")
+            verb = "goes" if len(given) == 1 else "go"
+            raise click.UsageError(f"{', '.join(given)} {verb} only with --query")
         return None
     if flow_id:
         raise click.UsageError("--query goes in place of FLOW_ID: give one or the other")
