@@ -67,6 +67,9 @@ def test_a_malformed_address_or_dsn_is_a_usage_error_in_one_line(no_env, monkeyp
         assert result.exit_code == 2, (args, result.output)
         assert "the Temporal address foo:bar is not HOST:PORT" in result.output
         assert "Traceback" not in result.output
+    result = CliRunner().invoke(cli, ["worker", "tests.verbose_flows", "--backend", "postgres"])
+    assert result.exit_code == 2, result.output
+    assert "needs the database to serve: set QWIT_POSTGRES_DSN" in result.output
     monkeypatch.setenv("QWIT_POSTGRES_DSN", "notadsn")
     for args in (["status", "f-1"], ["list"], ["cancel", "f-1"]):
         result = CliRunner().invoke(cli, [*args, "--backend", "postgres"])

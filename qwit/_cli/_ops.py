@@ -97,6 +97,8 @@ def _rpc_failure(temporal: temporalio.client.Client, exc: RPCError, flow_id: str
     """A one-line Failed for an RPC error about ``flow_id``: for a Temporal
     that does not answer, it names the address and what to check."""
     if exc.status == RPCStatusCode.NOT_FOUND:
+        if exc.message.lower().startswith("namespace"):  # not the flow: where it was looked for
+            return Failed(f"{exc.message} (--namespace, TEMPORAL_NAMESPACE)")
         return Failed(f"no flow with id {flow_id!r}: {exc.message}")
     if is_unavailable(exc):
         return Failed(str(unreachable(temporal, exc, f"for flow {flow_id!r}")))

@@ -63,7 +63,10 @@ async def _serve_postgres(modules: list[ModuleType], metrics_address: str | None
     from .._metrics import Metrics, serve_metrics
     from ._postgres import configured_dsn, reaching
 
-    configured_dsn()  # a malformed DSN is a usage error
+    if configured_dsn() is None:  # (a malformed one is a usage error)
+        raise click.UsageError(
+            f"qwit worker --backend postgres needs the database to serve: set {postgres.DSN_ENV}"
+        )
     dsn = postgres.default_dsn()
     options = postgres.worker_options_from_env()
     metrics = Metrics() if metrics_address else None
