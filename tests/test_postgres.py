@@ -976,3 +976,19 @@ async def test_a_step_whose_only_worker_went_away_is_reported_undone_or_not(post
         assert info.value.failed_compensations == ["pg.hangs"]
     assert ledger.undone(run) == ["pg.A"]
     await client.close()
+
+
+async def test_a_flow_no_worker_has_begun_shows_its_steps_pending(postgres_dsn: str):
+    # As on every engine, state() lists the plan's steps before any has run
+    # (it listed none until a worker began the flow).
+    await prepare(postgres_dsn)
+    client = await client_for(postgres_dsn)
+    handle = await client.start(PgOuter, {"ledger": new_ledger(), "n": 1})
+    state = await handle.state()
+    await client.close()
+    assert state.status == "running"
+    assert [(s.path, s.name, s.status) for s in state.steps] == [
+        (s.path, s.name, "pending") for s in state.steps
+    ]
+    assert len(state.steps) == 2 and state.steps[0].kind == "flow"
+    assert state.args["n"] == 1

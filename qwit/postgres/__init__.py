@@ -26,7 +26,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -44,9 +44,18 @@ from .._errors import (
     ReactionError,
 )
 from .._metrics import Metrics, serve_metrics
-from .._plan import FlowInput, FlowRecords, StepNode, StepRecord, node_at
-from .._runtime import Decision
-from .._saga import check_reaction
+from .._plan import (
+    FlowInput,
+    FlowNode,
+    FlowRecords,
+    StepCall,
+    StepNode,
+    StepRecord,
+    StepReturn,
+    node_at,
+)
+from .._runtime import Decision, FlowRuntime, SubflowRun
+from .._saga import Interpreter, check_reaction
 from .._state import (
     FAILED_STATUSES,
     AttemptsInFlight,
@@ -110,6 +119,23 @@ def create_engine(client: EngineHost) -> PostgresEngine:
     )
     engine.tracing = client.tracing
     return engine
+
+
+class _NotBegun(FlowRuntime):
+    """The runtime of a flow no worker has begun: its interpreter only tells
+    its state (every step pending)."""
+
+    async def run_step(self, node: StepNode, call: StepCall) -> StepReturn:
+        raise RuntimeError("a flow no worker has begun runs no step here")
+
+    async def start_subflow(self, node: FlowNode, input: FlowInput, attempt: int) -> SubflowRun:
+        raise RuntimeError("a flow no worker has begun starts no sub-flow here")
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        raise RuntimeError("a flow no worker has begun waits for nothing here")
+
+    def cancel_requested(self) -> bool:
+        return False
 
 
 class PostgresFlowHandle(FlowHandle):
@@ -185,7 +211,12 @@ class PostgresFlowHandle(FlowHandle):
     async def flow_state(self, flow_id: str) -> FlowState:
         row = await self._row(flow_id)
         if row["state"] is None:
-            return FlowState(flow=row["name"], flow_id=flow_id, status="running", steps=[])
+            # No worker has begun it yet: its plan's steps, all pending.
+            found = await self._engine.fetch("SELECT input FROM qwit.flows WHERE id = %s", flow_id)
+            if found is None:  # (a later run took the id meanwhile)
+                return FlowState(flow=row["name"], flow_id=flow_id, status="running", steps=[])
+            input = FlowInput.model_validate(found["input"])
+            return Interpreter(input, _NotBegun(), flow_id).state()
         state = FlowState.model_validate(row["state"])
         if row["ended"]:
             return state
