@@ -195,6 +195,24 @@ async def test_a_cancel_right_after_the_start_cancels_the_flow(env: Env):
     ledger.assert_fully_undone(run)
 
 
+@pytest.mark.parametrize("rollback", [True, False])
+async def test_a_cancel_before_any_step_ran_runs_no_step(env: Env, rollback: bool):
+    # Cancelled before a worker began it (or, in-process, before it ran): no
+    # step runs, neither forward nor undo. (On PostgreSQL the first step ran,
+    # then was stopped, and undone.)
+    run = new_ledger()
+    handle = await env.client.start(CancelMe, {"ledger": run})
+    await handle.cancel(rollback=rollback)
+    async with env.serve(CancelMe):
+        kind, err = await outcome(handle)
+        state = await handle.state()
+    assert (kind, state.status) == ("cancelled", "cancelled")
+    assert isinstance(err, qwit.FlowCancelled) and err.rolled_back == rollback
+    assert err.compensated == [] and err.step is None
+    assert {s.status for s in state.steps} == {"pending"}
+    assert ledger.entries(run) == []
+
+
 class Settled(Effect, name="conf.settled"):
     pass
 

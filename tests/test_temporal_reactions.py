@@ -248,6 +248,10 @@ async def test_react_is_refused_clearly_and_changes_nothing(client, worker):
             await handle.react(qwit.SKIP, args={"x": 1})
         with pytest.raises(qwit.ReactionError, match="args field 'x'"):
             await handle.react(qwit.RETRY, args={"x": float("nan")})
+        # args over the payload limit on their own: refused, not sent (they
+        # would fail the flow's workflow task, and leak Temporal's RPCError)
+        with pytest.raises(qwit.ReactionError, match="over the .*payload limit"):
+            await handle.react(qwit.RETRY, args={"x": "x" * (3 * 1024 * 1024)})
         state = await handle.state()
         assert state.status == "waiting"
         ALLOWED.add(run)
@@ -508,3 +512,19 @@ async def test_waiting_flows_are_found_by_search_attributes(client, worker, temp
                 break
             await asyncio.sleep(0.1)
         assert await listed(query) == [handle.id]
+
+
+async def test_a_flow_terminated_in_temporal_says_so_in_its_state(client, worker, temporal_client):
+    # Terminate runs no flow code: the replay of its history stops where the
+    # flow was; state() says how it ended, as result() does.
+    run = new_ledger()
+    async with worker(ApprovalFlow):
+        handle = await client.start(ApprovalFlow, {"ledger": run})
+        await wait_status(handle, "waiting")
+        await temporal_client.get_workflow_handle(handle.id).terminate(reason="by an operator")
+        with pytest.raises(qwit.FlowAborted) as ended:
+            await handle.result()
+        state = await handle.state()
+    assert state.status == "aborted"
+    assert state.failure is not None and "terminated in Temporal" in state.failure.reason
+    assert state.failure.reason == ended.value.reason

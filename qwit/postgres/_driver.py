@@ -373,6 +373,9 @@ class Driver:
         self.waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         self.children: dict[str, _Child] = {}
         self.cancelling = False
+        #: Whether the interpreter has run yet (a cancel before it has is
+        #: seen at its first step).
+        self.activated = False
         self.evicted = False
         self.epoch = 0
         self.delivered = 0
@@ -594,6 +597,7 @@ class Driver:
     def _activate(self) -> None:
         """Run the interpreter until it waits, waking what waits on a
         predicate that has become true."""
+        self.activated = True
         while True:
             self.loop.activate()
             woke = False
@@ -623,7 +627,11 @@ class Driver:
             if not self.cancelling and self.task is not None and not self.task.done():
                 interpreter.request_cancel(bool(payload.get("rollback", True)))
                 self.cancelling = True
-                self.task.cancel()
+                # A task cancelled before it ran would never run the flow's
+                # cancel path: a flow not begun sees the request at its first
+                # step instead.
+                if self.activated:
+                    self.task.cancel()
         elif kind == "settle":
             interpreter.settle(bool(payload["commit"]))
         elif kind.startswith("child_"):
@@ -683,6 +691,26 @@ class Driver:
         if row is None or row[0] != self.epoch:
             raise _Superseded
 
+    async def _cancel_before_begin(self) -> list[dict[str, Any]]:
+        """The cancel waiting in the inbox of a flow no driver has begun, if
+        any, numbered 0: delivered before the flow's first step."""
+        async with (
+            self.worker.connection() as conn,
+            conn.transaction(),
+            conn.cursor(row_factory=dict_row) as cur,
+        ):
+            await self._fence(conn)
+            await cur.execute(
+                "UPDATE qwit.events SET delivered = 0, "
+                "delivered_at = extract(epoch FROM clock_timestamp()) "
+                "WHERE id = (SELECT id FROM qwit.events WHERE run_id = %s AND kind = 'cancel' "
+                "AND delivered IS NULL ORDER BY id LIMIT 1) "
+                "RETURNING key, kind, payload, delivered, delivered_at",
+                [self.run_id],
+            )
+            row = await cur.fetchone()
+        return [dict(row)] if row is not None else []
+
     async def _run(self) -> None:
         assert self.task is not None
         async with self.worker.connection() as conn:
@@ -705,7 +733,17 @@ class Driver:
                     [self.run_id],
                 )
                 journal = await dcur.fetchall()
+        # A cancel that came before the flow began is taken first (numbered
+        # 0): no step of the flow runs (on replay, it is taken first again).
+        early: list[dict[str, Any]] = []
+        if journal and journal[0]["delivered"] == 0:
+            early, journal = journal[:1], journal[1:]
+        elif not begun and not journal:
+            early = await self._cancel_before_begin()
         self.replaying = begun or bool(journal)
+        for row in early:
+            self.loop.clock = row["delivered_at"]
+            self._deliver(row["kind"], row["key"], row["payload"])
         self._activate()
         for row in journal:
             self.loop.clock = row["delivered_at"]

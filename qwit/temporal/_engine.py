@@ -208,6 +208,22 @@ def _flow_failed(flow_id: str, err: WorkflowFailureError) -> FlowFailed:
     return FlowFailed.from_info(FailureInfo(kind=kind, flow_id=flow_id, reason=reason))
 
 
+async def _ended_outside(
+    handle: temporalio.client.WorkflowHandle[Any, Any], flow_id: str, state: FlowState
+) -> FlowState:
+    """``state`` of an ended flow, with how it ended when Temporal ended it
+    (terminated, timed out): no flow code ran at that end, so its state
+    (replayed, or queried) stops where the flow was."""
+    if state.done:
+        return state
+    try:
+        await handle.result()
+    except WorkflowFailureError as err:
+        info = _flow_failed(flow_id, err).info
+        return state.model_copy(update={"status": info.kind, "failure": info})
+    return state
+
+
 async def _query_state(
     client: temporalio.client.Client, flow_id: str, run_id: str | None = None
 ) -> FlowState:
@@ -219,9 +235,11 @@ async def _query_state(
         if description.status != WorkflowExecutionStatus.RUNNING:
             replayed = await replay_state(await handle.fetch_history())
             if replayed is not None:
-                return replayed
+                return await _ended_outside(handle, flow_id, replayed)
         try:
             state: FlowState = await handle.query(QUERY_STATE, result_type=FlowState)
+            if description.status != WorkflowExecutionStatus.RUNNING:
+                return await _ended_outside(handle, flow_id, state)
         except RPCError as err:
             if err.status not in (RPCStatusCode.CANCELLED, RPCStatusCode.DEADLINE_EXCEEDED):
                 raise
@@ -490,6 +508,16 @@ class TemporalFlowHandle(FlowHandle):
 
     async def send_decision(self, flow_id: str, decision: Decision) -> None:
         client = await self._engine.temporal_client()
+        # Args over the payload limit on their own would fail the flow's
+        # workflow task, not the update: refused here, as the flow refuses
+        # those that take its args over it.
+        limit = (await self._engine.namespace()).payload_limit
+        size = json_size(decision.model_dump(mode="json"))
+        if size > limit - PAYLOAD_MARGIN:
+            raise ReactionError(
+                f"flow {flow_id!r}: the decision's args take {size} bytes, over the "
+                f"{limit}-byte payload limit of the namespace"
+            )
         try:
             with _rpc_errors(client, flow_id, f"to decide flow {flow_id!r}"):
                 await client.get_workflow_handle(flow_id).execute_update(UPDATE_REACT, decision)
