@@ -250,7 +250,7 @@ async def test_react_is_refused_clearly_and_changes_nothing(client, worker):
             await handle.react(qwit.RETRY, args={"x": float("nan")})
         # args over the payload limit on their own: refused, not sent (they
         # would fail the flow's workflow task, and leak Temporal's RPCError)
-        with pytest.raises(qwit.ReactionError, match="over the .*payload limit"):
+        with pytest.raises(qwit.ReactionError, match=r"over the .*payload limit"):
             await handle.react(qwit.RETRY, args={"x": "x" * (3 * 1024 * 1024)})
         state = await handle.state()
         assert state.status == "waiting"
