@@ -389,3 +389,36 @@ async def test_a_retry_of_a_failed_undo_with_args_over_the_limit_is_refused(smal
         with pytest.raises(qwit.FlowRolledBack):
             await handle.result()
     ledger.assert_fully_undone(run)
+
+
+class Padded(Effect, name="limits.padded"):
+    """Sent every arg (the large pad too), as an untyped step is."""
+
+
+class WideAndHeavy(qwit.Flow, name="limits.wide_and_heavy"):
+    def build_flow(self) -> None:
+        self.step(Before)
+        with self.parallel():
+            self.step(Padded, {"eid": "p1"})
+            self.step(Padded, {"eid": "p2"})
+            self.step(Padded, {"eid": "p3"})
+
+
+async def test_branches_whose_calls_outgrow_one_workflow_task_start_over_several(
+    client: qwit.Client, worker: Any
+):
+    # Three branches sent 1.5 MB each (each under the 2 MB payload limit) are
+    # 4.5 MB of commands: past gRPC's 4 MB for one workflow task, Temporal
+    # terminated the flow and nothing was undone. They now start over
+    # several tasks, and the flow completes.
+    run = ledger_run = uuid.uuid4().hex
+    async with worker(WideAndHeavy):
+        handle = await client.start(WideAndHeavy, {"ledger": run, "pad": "p" * 1_500_000})
+        result = await asyncio.wait_for(handle.result(), 120)
+    assert sorted(k for k in result if k.startswith("out_")) == [
+        "out_limits.before",
+        "out_p1",
+        "out_p2",
+        "out_p3",
+    ]
+    assert sorted(ledger.applied(ledger_run)) == ["limits.before", "p1", "p2", "p3"]

@@ -112,6 +112,14 @@ undoes it (flows before it counted from the first offer, and undid nothing)."""
 PLAN_WAITS = "qwit-plan-waits"
 """Patch: a flow whose plan is newer than the worker waits for a worker that
 understands it (flows before it failed with ``qwit.PlanVersionError``)."""
+SPLIT_BIG_TASKS = "qwit-split-big-tasks"
+"""Patch: steps and sub-flows started side by side whose payloads would take
+one workflow task past ``TASK_PAYLOAD_BUDGET`` start over several tasks
+(flows before it sent them in one, which Temporal refused past 4 MB and
+terminated the flow: nothing undone)."""
+#: The payload bytes the commands of one workflow task may carry: the task's
+#: completion reaches Temporal as one gRPC message, of 4 MiB at most.
+TASK_PAYLOAD_BUDGET = 3 * 1024 * 1024
 
 
 class SubflowDone(BaseModel):
@@ -364,6 +372,24 @@ class _Runtime(FlowRuntime):
 
     def __init__(self, owner: QwitWorkflow) -> None:
         self.owner = owner
+        #: The workflow task (its history length) whose commands ``_room``
+        #: counts, and the payload bytes they carry so far.
+        self.task = -1
+        self.task_bytes = 0
+
+    async def _room(self, size: int) -> None:
+        """Wait, if need be, for a workflow task whose commands can carry
+        ``size`` more payload bytes (see ``TASK_PAYLOAD_BUDGET``)."""
+        while True:
+            task = workflow.info().get_current_history_length()
+            if task != self.task:
+                self.task, self.task_bytes = task, 0
+            if not self.task_bytes or self.task_bytes + size <= TASK_PAYLOAD_BUDGET:
+                self.task_bytes += size
+                return
+            if not workflow.patched(SPLIT_BIG_TASKS):
+                return  # (as flows before it did)
+            await workflow.sleep(0.001)  # a timer: what follows is a task of its own
 
     async def run_step(self, node: StepNode, call: StepCall) -> StepReturn:
         limit = self.owner.input.unserved_step_timeout
@@ -419,6 +445,8 @@ class _Runtime(FlowRuntime):
         # What Temporal's UI shows for the activity: the step's path and name
         # (flows of this version; older ones keep the commands they had).
         summary = f"{call.path} {node.name}" if call.key is not None else None
+        if call.args:
+            await self._room(json_size(call.args))
         try:
             if node.local:
                 result: StepReturn = await workflow.execute_local_activity(
@@ -466,6 +494,8 @@ class _Runtime(FlowRuntime):
 
     async def _start_subflow(self, node: FlowNode, input: FlowInput, attempt: int) -> SubflowRun:
         child_id = child_flow_id(input, input.path, attempt)
+        if input.args:
+            await self._room(json_size(input.args))
         try:
             handle = await workflow.start_child_workflow(
                 WORKFLOW_NAME,
