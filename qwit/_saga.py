@@ -97,6 +97,10 @@ END_AFTER_FINALS = "qwit-end-after-finals"
 #: to its end even if a cancel comes meanwhile (older QWIT stopped there,
 #: neither completed nor rolled back).
 COMMIT_THROUGH_CANCEL = "qwit-commit-through-cancel"
+#: A waiting member's rollback preview lists its block's other members only
+#: for blocks (and maps) of at most this many: every waiting member of a
+#: large map would otherwise carry the whole map in its preview.
+PREVIEW_MEMBERS = 50
 #: A member of a block or map that waits for an operator gives up its place
 #: under ``max_concurrency`` meanwhile (older QWIT kept it: with as many
 #: members waiting as the limit, the others did not run on).
@@ -1500,12 +1504,26 @@ class Interpreter:
             await slot.take()
         return decision
 
-    def _preview(self, failed: StepRun) -> list[PreviewItem]:
-        """What a ROLLBACK decided for ``failed`` (waiting) would undo, in order."""
-        group = next(
-            (g for g in _all_runs(self.saga.runs) if g.is_group and failed in g.members), None
-        )
-        if group is not None and group.status == "running":
+    def _groups(self) -> dict[int, StepRun]:
+        """The block (or map) each member belongs to, by the member's id()."""
+        return {
+            id(member): group
+            for group in _all_runs(self.saga.runs)
+            if group.is_group
+            for member in group.members
+        }
+
+    def _preview(
+        self, failed: StepRun, groups: dict[int, StepRun] | None = None
+    ) -> list[PreviewItem]:
+        """What a ROLLBACK decided for ``failed`` (waiting) would undo, in
+        order (``groups``: ``_groups()``, when previewing several waits)."""
+        group = (self._groups() if groups is None else groups).get(id(failed))
+        if (
+            group is not None
+            and group.status == "running"
+            and len(group.members) <= PREVIEW_MEMBERS
+        ):
             # A member of a block in progress: the block stops, and its
             # members are undone side by side (newest first) before what ran
             # before it; a running one once it has stopped, one that failed if
@@ -1574,13 +1592,19 @@ class Interpreter:
         """Apply a decision checked by ``check_decision``.
 
         Args:
-            over_pending: Replace a decision made for the same step that the
-                flow has not acted on yet (how Temporal flows replay updates
-                they accepted together), instead of refusing it.
+            over_pending: A decision the flow can't take as it stands may
+                replace one made for the same step that the flow has not
+                acted on yet, instead of being refused (as older QWIT took
+                them: Temporal flows replay the updates they accepted).
         """
-        checked = self.check_decision(
-            decision.reaction, decision.args, decision.path, pending_too=over_pending
-        )
+        try:
+            checked = self.check_decision(decision.reaction, decision.args, decision.path)
+        except ReactionError:
+            if not over_pending:
+                raise
+            checked = self.check_decision(
+                decision.reaction, decision.args, decision.path, pending_too=True
+            )
         assert checked.path is not None
         self.saga.decisions[checked.path] = checked
 
@@ -1605,8 +1629,9 @@ class Interpreter:
             # what a ROLLBACK would undo now (members of a block may have
             # ended since the wait began)
             runs = {run.path: run for run in _all_runs(self.saga.runs)}
+            groups = self._groups()
             waits = [
-                w.model_copy(update={"rollback_preview": self._preview(runs[w.path])})
+                w.model_copy(update={"rollback_preview": self._preview(runs[w.path], groups)})
                 if w.direction == "step_forward" and w.path in runs
                 else w
                 for w in waits

@@ -478,13 +478,18 @@ async def test_a_state_query_no_worker_answers_names_the_task_queue(
     async with worker(ExpenseClaim):
         [claim] = await waiting_claims(client, 1)
 
-        async def times_out(*args: Any, **kwargs: Any) -> Any:
-            raise RPCError("Timeout expired", RPCStatusCode.CANCELLED, b"")
+        for status, message in (
+            (RPCStatusCode.CANCELLED, "Timeout expired"),
+            (RPCStatusCode.FAILED_PRECONDITION, "no poller seen for task queue recently"),
+        ):
 
-        with monkeypatch.context() as patched:
-            patched.setattr(temporalio.client.WorkflowHandle, "query", times_out)
-            with pytest.raises(FlowNotAnswering, match=f"task queue '{client.task_queue}'"):
-                await claim.state()
-            with pytest.raises(qwit.ReactionError, match="is running: only a flow that has"):
-                await client.redrive(claim.id)
+            async def unanswered(*args: Any, **kwargs: Any) -> Any:
+                raise RPCError(message, status, b"")  # noqa: B023
+
+            with monkeypatch.context() as patched:
+                patched.setattr(temporalio.client.WorkflowHandle, "query", unanswered)
+                with pytest.raises(FlowNotAnswering, match=f"task queue '{client.task_queue}'"):
+                    await claim.state()
+                with pytest.raises(qwit.ReactionError, match="is running: only a flow that has"):
+                    await client.redrive(claim.id)
         await end_all([claim])

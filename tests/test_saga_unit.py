@@ -389,3 +389,70 @@ async def test_each_direction_is_sent_its_own_time_limit():
         await Interpreter(input, Limits(), "r").run()
     assert calls[0] == ("unit.timed.step_forward", 9)
     assert calls[-1] == ("unit.timed.step_back", 2)
+
+
+class _Waits(qwit.Step, name="unit.waits"):
+    retry = qwit.Retry(max_attempts=1)
+    on_failure = qwit.WAIT
+
+    async def step_forward(self, args: dict[str, Any]) -> None:
+        raise RuntimeError("needs an operator")
+
+
+class _TwoWaiting(qwit.Flow, backend=qwit.local):
+    def build_flow(self) -> None:
+        with self.parallel():
+            self.step(_Waits)
+            self.step(_Waits)
+
+
+class _ManyWaiting(qwit.Flow, backend=qwit.local):
+    def build_flow(self) -> None:
+        self.map(_Waits, over="items", item="item", into="outs", max_concurrency=100)
+
+
+async def _waiting(flow: type[qwit.Flow], args: dict[str, Any], count: int) -> Any:
+    client = await qwit.connect(backend=qwit.local)
+    handle = await client.start(flow, args)
+    for _ in range(500):
+        state = await handle.state()
+        if len(state.waits) == count:
+            return client, handle, state
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{count} steps never waited")
+
+
+async def test_an_update_accepted_beside_another_is_taken_as_it_was_validated():
+    # Temporal validates two updates of one workflow task before either
+    # handler runs: the second, for "the step that waits" with no path, was
+    # validated without the step the first decided; its handler must resolve
+    # it the same way (it failed the workflow task instead).
+    from qwit._saga import Decision
+
+    client, handle, _ = await _waiting(_TwoWaiting, {}, 2)
+    run = handle._find(handle.id)
+    interpreter = run.interpreter
+    interpreter.check_decision("skip", None, "1.1")
+    interpreter.decide(Decision(reaction=qwit.SKIP, path="1.1"), over_pending=True)
+    validated = interpreter.check_decision("skip", None, None)
+    interpreter.decide(Decision(reaction=qwit.SKIP), over_pending=True)
+    assert validated.path == "1.2"
+    assert set(interpreter.saga.decisions) == {"1.1", "1.2"}
+    run.poke()
+    assert (await asyncio.wait_for(handle.result(), 10)) == {}
+    await client.close()
+
+
+async def test_the_waits_of_a_large_map_preview_what_ran_before_it_not_each_other():
+    # Each of 60 waiting elements previewing all 60 made state() quadratic
+    # (a map of 1,000: 136 MB, 30 s); past PREVIEW_MEMBERS a waiting element
+    # previews itself and what ran before the map.
+    from qwit._saga import PREVIEW_MEMBERS
+
+    count = PREVIEW_MEMBERS + 10
+    client, handle, state = await _waiting(_ManyWaiting, {"items": list(range(count))}, count)
+    assert all(len(w.rollback_preview) == 1 for w in state.waits)
+    await handle.cancel()
+    with pytest.raises(qwit.FlowCancelled):
+        await handle.result()
+    await client.close()

@@ -381,10 +381,11 @@ class PostgresEngine(Engine):
             # A flow one of whose sub-flows waits for an operator is waiting,
             # as its state() says.
             await cur.execute(
-                "SELECT * FROM (SELECT f.id, f.name, CASE WHEN NOT f.ended AND EXISTS ("
-                "SELECT 1 FROM qwit.flows c WHERE c.root_id = f.id AND c.id <> f.id "
-                "AND NOT c.ended AND c.status = 'waiting') THEN 'waiting' ELSE f.status END "
-                "AS status, f.ended, f.created_at, f.updated_at FROM qwit.flows f "
+                "SELECT * FROM (SELECT f.id, f.name, CASE WHEN NOT f.ended "
+                "AND w.root_id IS NOT NULL THEN 'waiting' ELSE f.status END AS status, "
+                "f.ended, f.created_at, f.updated_at FROM qwit.flows f LEFT JOIN ("
+                "SELECT DISTINCT root_id FROM qwit.flows WHERE parent_id IS NOT NULL "
+                "AND NOT ended AND status = 'waiting') w ON w.root_id = f.id "
                 "WHERE f.parent_id IS NULL AND (%(flow)s::text IS NULL OR f.name = %(flow)s)) r "
                 "WHERE (%(statuses)s::text[] IS NULL OR status = ANY(%(statuses)s::text[])) "
                 "ORDER BY created_at DESC LIMIT %(limit)s",

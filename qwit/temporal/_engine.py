@@ -233,6 +233,8 @@ async def _query_state(
     with _rpc_errors(client, flow_id, f"for the state of flow {flow_id!r}"):
         description = await handle.describe()
         if description.status != WorkflowExecutionStatus.RUNNING:
+            # (that run: a redrive may start another meanwhile)
+            handle = client.get_workflow_handle(flow_id, run_id=description.run_id)
             replayed = await replay_state(await handle.fetch_history())
             if replayed is not None:
                 return await _ended_outside(handle, flow_id, replayed)
@@ -241,7 +243,12 @@ async def _query_state(
             if description.status != WorkflowExecutionStatus.RUNNING:
                 return await _ended_outside(handle, flow_id, state)
         except RPCError as err:
-            if err.status not in (RPCStatusCode.CANCELLED, RPCStatusCode.DEADLINE_EXCEEDED):
+            # (FAILED_PRECONDITION: "no poller seen for task queue recently")
+            if err.status not in (
+                RPCStatusCode.CANCELLED,
+                RPCStatusCode.DEADLINE_EXCEEDED,
+                RPCStatusCode.FAILED_PRECONDITION,
+            ):
                 raise
             # Temporal answered (the description): the flow's worker did not
             raise FlowNotAnswering(

@@ -231,11 +231,14 @@ def fit_state(state: FlowState, limit: int | None) -> FlowState:
     the args and the rollback preview's args are left out when too big."""
     if not limit or json_size(state.model_dump(mode="json")) <= limit - PAYLOAD_MARGIN:
         return state
-    waiting: WaitInfo | None = state.waiting
-    if waiting is not None:
-        preview = [item.model_copy(update={"args": {}}) for item in waiting.rollback_preview]
-        waiting = waiting.model_copy(update={"rollback_preview": preview})
-    return state.model_copy(update={"args": {}, "waiting": waiting})
+
+    def bare(wait: WaitInfo) -> WaitInfo:
+        preview = [item.model_copy(update={"args": {}}) for item in wait.rollback_preview]
+        return wait.model_copy(update={"rollback_preview": preview})
+
+    waiting = bare(state.waiting) if state.waiting is not None else None
+    waits = [bare(wait) for wait in state.waits]
+    return state.model_copy(update={"args": {}, "waiting": waiting, "waits": waits})
 
 
 #: Bytes of a failed flow's message, which Temporal's UI shows first (the
@@ -445,8 +448,8 @@ class _Runtime(FlowRuntime):
         # What Temporal's UI shows for the activity: the step's path and name
         # (flows of this version; older ones keep the commands they had).
         summary = f"{call.path} {node.name}" if call.key is not None else None
-        if call.args:
-            await self._room(json_size(call.args))
+        if not node.local and call.args:  # (a local step's call is no command)
+            await self._room(json_size(sent.model_dump(mode="json")))
         try:
             if node.local:
                 result: StepReturn = await workflow.execute_local_activity(
@@ -494,8 +497,7 @@ class _Runtime(FlowRuntime):
 
     async def _start_subflow(self, node: FlowNode, input: FlowInput, attempt: int) -> SubflowRun:
         child_id = child_flow_id(input, input.path, attempt)
-        if input.args:
-            await self._room(json_size(input.args))
+        await self._room(json_size(input.model_dump(mode="json")))
         try:
             handle = await workflow.start_child_workflow(
                 WORKFLOW_NAME,
@@ -707,8 +709,7 @@ class QwitWorkflow:
     )
     async def react(self, decision: Decision) -> None:
         """An operator's decision for a waiting flow."""
-        # (as validated: a second decision for the same step accepted in the
-        # same workflow task replaces the first, as it always has on replay)
+        # (over_pending: what a flow of older QWIT accepted, it replays)
         self.interpreter.decide(decision, over_pending=True)
 
     @react.validator
