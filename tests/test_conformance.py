@@ -897,11 +897,11 @@ class IgnoresItsDeadline(qwit.Step, name="conformance.ignores_deadline"):
     its timeout and its grace."""
 
     retry = qwit.Retry(max_attempts=1)
-    timeout = 1
-    timeout_grace = 0.5
+    timeout = 0.5
+    timeout_grace = 0.3
 
     def step_forward(self, args: dict[str, Any]) -> None:
-        time.sleep(2.5)
+        time.sleep(1.3)
 
 
 class OutlivesItsGrace(qwit.Flow):
@@ -915,7 +915,7 @@ async def test_a_step_that_outlives_its_grace_fails_as_timed_out_after_its_timeo
         handle = await env.client.start(OutlivesItsGrace, {})
         kind, err = await outcome(handle)
     assert kind == "rolled_back"
-    assert err.reason == "TimeoutError: step timed out after 1s"
+    assert err.reason == "TimeoutError: step timed out after 0.5s"
 
 
 class ReturnsTooMuch(qwit.Step, name="conformance.returns_too_much"):
