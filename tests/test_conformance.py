@@ -213,6 +213,48 @@ async def test_a_cancel_before_any_step_ran_runs_no_step(env: Env, rollback: boo
     assert ledger.entries(run) == []
 
 
+#: The client a step of ``CancelsItsFlow`` cancels its flow through, by ledger.
+_CANCEL_THROUGH: dict[str, qwit.Client] = {}
+
+
+class CancelsItsFlow(Effect, name="conf.cancels_its_flow"):
+    """Applies its effect, cancels its own flow, and returns at once."""
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any] | None:
+        out = await super().step_forward(args)
+        client = _CANCEL_THROUGH[args["ledger"]]
+        await client.get_handle(qwit.context().flow_id).cancel(rollback=False)
+        return out
+
+
+class NextAfterCancel(Effect, name="conf.next_after_cancel"):
+    pass
+
+
+class CancelledInItsStep(qwit.Flow, name="conf.cancelled_in_its_step"):
+    def build_flow(self) -> None:
+        self.step(CancelsItsFlow)
+        self.step(NextAfterCancel)
+
+
+async def test_a_cancel_sent_while_a_step_runs_starts_no_later_step(env: Env):
+    # The cancel is committed before the step ends: the flow takes it before
+    # the step's end, so the next step never starts. (On PostgreSQL the end of
+    # a step its driver's own worker ran was taken first, and with a quick
+    # step the next one started, its effect kept by cancel(rollback=False).)
+    async with env.serve(CancelledInItsStep):
+        for _ in range(3):
+            run = new_ledger()
+            _CANCEL_THROUGH[run] = env.client
+            handle = await env.client.start(CancelledInItsStep, {"ledger": run})
+            kind, err = await outcome(handle)
+            assert kind == "cancelled", err
+            assert isinstance(err, qwit.FlowCancelled) and not err.rolled_back
+            assert ledger.applied(run) == ["conf.cancels_its_flow"]
+            assert ledger.undone(run) == []
+            assert [s.status for s in (await handle.state()).steps][1] == "pending"
+
+
 class Settled(Effect, name="conf.settled"):
     pass
 

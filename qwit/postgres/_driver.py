@@ -87,6 +87,13 @@ ON CONFLICT (run_id, key) DO NOTHING
 RETURNING key, kind, payload, delivered_at
 """
 
+#: A row of the run's inbox, due and not delivered, is waiting: it came
+#: before whatever the statement that asks this puts there.
+_OLDER_ROW_WAITS = (
+    "EXISTS (SELECT 1 FROM qwit.events WHERE run_id = %(run_id)s AND delivered IS NULL "
+    "AND (due_at IS NULL OR due_at <= clock_timestamp()))"
+)
+
 #: procrastinate task names (and queues) of QWIT's jobs.
 FLOW_TASK = "qwit.flow"
 STEP_TASK = "qwit.step"
@@ -822,9 +829,14 @@ class Driver:
         row = None
         while self.handed and row is None:
             key, payload, job = self.handed.pop(0)
+            # numbered now only if no older row waits in the inbox (a cancel
+            # or decision committed while the step ran): else it waits its
+            # turn there, and is delivered after them, in order
             await cur.execute(
                 FINISH_STEP_JOB.format(
-                    columns=", delivered, delivered_at", values=f", %(number)s, {stamp}"
+                    columns=", delivered, delivered_at",
+                    values=f", CASE WHEN {_OLDER_ROW_WAITS} THEN NULL ELSE %(number)s END"
+                    f", CASE WHEN {_OLDER_ROW_WAITS} THEN NULL ELSE {stamp} END",
                 ),
                 {
                     "job": job,
@@ -836,8 +848,11 @@ class Driver:
                 },
             )
             # None: the job is no longer this worker's (whoever runs it now
-            # records it), or its end was recorded (it comes from the table)
+            # records it), or its end was recorded (it comes from the table);
+            # not numbered: it was put in the inbox behind older rows
             row = await cur.fetchone()
+            if row is not None and row["delivered_at"] is None:
+                row = None
         if row is None:
             await cur.execute(
                 "SELECT id, key, kind, payload FROM qwit.events WHERE run_id = %s "
