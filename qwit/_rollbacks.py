@@ -961,6 +961,25 @@ def _span(calls: list[StepCallRecord]) -> tuple[float, float]:
     return calls[0].start, max(c.end for c in calls)
 
 
+def _attempt_violations(what: str, attempts: list[StepCallRecord]) -> list[str]:
+    """Attempts of one execution (one key) run one after another, and none
+    runs once one has completed: each effect is applied (or undone) once."""
+    found: list[str] = []
+    for before, after in zip(attempts, attempts[1:]):
+        if after.start < before.end:
+            found.append(
+                f"attempt {after.attempt} of the {what} started "
+                f"{(before.end - after.start) * 1000:.0f} ms before attempt "
+                f"{before.attempt} ended"
+            )
+        elif before.outcome == "ok":
+            found.append(
+                f"attempt {after.attempt} of the {what} ran under its key after "
+                f"attempt {before.attempt} had completed"
+            )
+    return found
+
+
 def _invariants(
     plan: FlowNode, execs: list[_Exec], calls: list[StepCallRecord], finals: set[str]
 ) -> list[str]:
@@ -971,6 +990,10 @@ def _invariants(
             found.append(f"{ex.label} was undone {ex.undone()} times (at most once)")
         elif len(ex.undos) > 1:
             found.append(f"the undo of {ex.label} ran {len(ex.undos)} times (at most once)")
+        what = "fallback" if ex.direction == "step_fallback" else "step_forward"
+        found.extend(_attempt_violations(f"{what} of {ex.label}", ex.attempts))
+        for undo in ex.undos:
+            found.extend(_attempt_violations(f"step_back of {ex.label}", undo))
     # no undo before its forward's attempts ended
     forwards: dict[str, list[StepCallRecord]] = {}
     for call in calls:

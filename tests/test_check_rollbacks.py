@@ -16,6 +16,7 @@ import pytest
 import temporalio.client
 
 import qwit
+from qwit._errors import StepFailure, error_info
 from qwit._saga import Interpreter
 from qwit.testing import (
     KINDS,
@@ -382,6 +383,82 @@ async def test_an_undo_of_a_step_the_flow_never_reached_is_caught(
         in case.violations
     )
     assert case.undone == ["payments.charge", "inventory.reserve"]
+
+
+async def test_a_completed_forward_run_again_under_its_key_is_caught(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    # An engine that runs the charge's step_forward a second time, under the
+    # same key, after it completed: a provider that dedups on the key hides
+    # the second run, so the record of the calls is what shows it.
+    from qwit.local import LocalRuntime
+
+    original = LocalRuntime.run_attempt
+
+    async def charge_twice(
+        self: LocalRuntime, cls: Any, node: Any, call: Any, attempt: int, beats: Any
+    ) -> Any:
+        result = await original(self, cls, node, call, attempt, beats)
+        if call.direction == "step_forward" and call.path == "2":
+            result = await original(self, cls, node, call, attempt + 1, beats)
+        return result
+
+    monkeypatch.setattr(LocalRuntime, "run_attempt", charge_twice)
+    failed = await _check_fails(PlaceOrder, ORDER)
+    case = failed.case
+    assert case.label == "no fault"
+    assert (
+        "attempt 2 of the step_forward of payments.charge (2) ran under its key after "
+        "attempt 1 had completed"
+    ) in case.violations
+
+
+class SlowCharge(qwit.Step, name="cr.slow_charge"):
+    retry = qwit.Retry(max_attempts=3, initial_interval=0.01)
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        await asyncio.sleep(0.3)
+        return {}
+
+    async def step_back(self, args: dict[str, Any]) -> None:
+        pass
+
+
+class SlowChargeFlow(qwit.Flow, name="cr.slow_charge_flow"):
+    def build_flow(self) -> None:
+        self.step(SlowCharge)
+
+
+async def test_an_attempt_started_beside_the_one_before_is_caught(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    # An engine that gives up on a first attempt still running and starts the
+    # next beside it (QWIT waits for an attempt to stop, within its grace).
+    from qwit.local import LocalRuntime
+
+    original = LocalRuntime.run_attempt
+    abandoned: list[asyncio.Task[Any]] = []
+
+    async def abandon_the_first(
+        self: LocalRuntime, cls: Any, node: Any, call: Any, attempt: int, beats: Any
+    ) -> Any:
+        if call.direction == "step_forward" and attempt == 1:
+            abandoned.append(
+                asyncio.ensure_future(original(self, cls, node, call, attempt, beats))
+            )
+            await asyncio.sleep(0.05)
+            raise StepFailure(error_info(RuntimeError("gave up on attempt 1")))
+        return await original(self, cls, node, call, attempt, beats)
+
+    monkeypatch.setattr(LocalRuntime, "run_attempt", abandon_the_first)
+    failed = await _check_fails(SlowChargeFlow, {}, cases=["raises"])
+    await asyncio.gather(*abandoned, return_exceptions=True)
+    violations = failed.case.violations
+    assert any(
+        v.startswith("attempt 2 of the step_forward of cr.slow_charge (1) started")
+        and v.endswith("ms before attempt 1 ended")
+        for v in violations
+    ), violations
 
 
 async def test_undos_oldest_first_are_caught(monkeypatch: pytest.MonkeyPatch):
