@@ -195,6 +195,10 @@ class _Subflow(SubflowRun):
         self.run.poke()
         return await self._outcome()
 
+    async def grant_place(self) -> None:
+        self.run.interpreter.grant_place()
+        self.run.poke()
+
     async def cancel(self, rollback: bool = True) -> FailureInfo:
         self.run.cancel(rollback)
         info = await self._outcome()
@@ -286,6 +290,15 @@ class InMemoryRuntime(FlowRuntime):
 
     async def report_aborted(self, info: FailureInfo) -> None:
         self.run.forward_done.set_result(info)
+
+    gives_places = True
+
+    async def report_place(self, wanted: bool) -> None:
+        parent_id = self.run.interpreter.input.parent_id
+        assert parent_id is not None
+        parent = self.run.engine.find(parent_id)
+        parent.interpreter.subflow_place(self.run.flow_id, wanted)
+        parent.poke()
 
 
 class InMemoryHandle(FlowHandle):

@@ -70,6 +70,7 @@ PINNED_DEFAULTS: dict[int, dict[str, dict[str, Any]]] = {
             "shard_of": None,
             "abort_held": False,
             "redrive": None,
+            "gives_place": False,
         },
         "flow": {
             "static_args": {},
@@ -345,6 +346,11 @@ class FlowInput(BaseModel):
     effects and waits for the parent's word (keep them, or undo them), as a
     sub-flow whose steps have all run does. False in plans of older QWIT: an
     aborted sub-flow ended at once, and its parent could not undo it."""
+    gives_place: bool = False
+    """Set for a sub-flow that is a member of a block or map under
+    ``max_concurrency``: while a step in it waits for an operator it gives its
+    place to the others, and asks for it back before it goes on. False in
+    plans of older QWIT: such a sub-flow kept its place while it waited."""
     execution: str | None = None
     """What makes this execution's idempotency keys its own: the root's
     execution id (fixed when the flow starts), extended by each sub-flow
@@ -361,7 +367,7 @@ class FlowInput(BaseModel):
         data: dict[str, Any] = handler(self)
         pinned = PINNED_DEFAULTS.get(self.version)
         if pinned is None:
-            for newer in ("abort_held", "redrive"):  # as older QWIT wrote it
+            for newer in ("abort_held", "redrive", "gives_place"):  # as older QWIT wrote it
                 if not data[newer]:
                     del data[newer]
             return data

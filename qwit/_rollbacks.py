@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import itertools
 import threading
 import time
 import types
@@ -965,7 +966,7 @@ def _attempt_violations(what: str, attempts: list[StepCallRecord]) -> list[str]:
     """Attempts of one execution (one key) run one after another, and none
     runs once one has completed: each effect is applied (or undone) once."""
     found: list[str] = []
-    for before, after in zip(attempts, attempts[1:]):
+    for before, after in itertools.pairwise(attempts):
         if after.start < before.end:
             found.append(
                 f"attempt {after.attempt} of the {what} started "
@@ -992,8 +993,8 @@ def _invariants(
             found.append(f"the undo of {ex.label} ran {len(ex.undos)} times (at most once)")
         what = "fallback" if ex.direction == "step_fallback" else "step_forward"
         found.extend(_attempt_violations(f"{what} of {ex.label}", ex.attempts))
-        for undo in ex.undos:
-            found.extend(_attempt_violations(f"step_back of {ex.label}", undo))
+        for undo_run in ex.undos:
+            found.extend(_attempt_violations(f"step_back of {ex.label}", undo_run))
     # no undo before its forward's attempts ended
     forwards: dict[str, list[StepCallRecord]] = {}
     for call in calls:

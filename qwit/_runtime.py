@@ -76,6 +76,12 @@ class SubflowRun(ABC):
         """End a sub-flow whose steps have run: keep its effects (``commit``),
         or undo them and return how that went."""
 
+    async def grant_place(self) -> None:
+        """Let a sub-flow that gave back its place under its block's
+        ``max_concurrency`` (``FlowRuntime.report_place``) go on: it has one
+        again (engines whose runtime ``gives_places``)."""
+        raise NotImplementedError
+
     @abstractmethod
     async def cancel(self, rollback: bool = True) -> FailureInfo:
         """Cancel a sub-flow in flight and wait until it has undone itself
@@ -127,6 +133,19 @@ class FlowRuntime(ABC):
         """A sub-flow started with ``abort_held`` aborted: tell the parent,
         whose ``SubflowRun.forward`` raises ``FlowFailure(info)`` with
         ``held`` set (sub-flows only)."""
+        raise NotImplementedError
+
+    #: Whether a sub-flow of this engine can give back its place under its
+    #: block's ``max_concurrency`` while a step in it waits (it then
+    #: implements ``report_place``, and its ``SubflowRun`` ``grant_place``).
+    gives_places = False
+
+    async def report_place(self, wanted: bool) -> None:
+        """A sub-flow started with ``gives_place`` tells its parent that it
+        gives back its place (False: a step in it waits for an operator) or
+        wants it again (True: it goes on once the parent's ``grant_place``
+        comes). The parent's engine hands it to its interpreter's
+        ``subflow_place``."""
         raise NotImplementedError
 
     def record(self, metric: str, value: float, **labels: str) -> None:  # noqa: B027

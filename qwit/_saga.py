@@ -105,14 +105,22 @@ PREVIEW_MEMBERS = 50
 #: under ``max_concurrency`` meanwhile (older QWIT kept it: with as many
 #: members waiting as the limit, the others did not run on).
 WAIT_FREES_SLOT = "qwit-wait-frees-slot"
+#: A sub-flow member of a block or map under ``max_concurrency`` gives its
+#: place to the others while a step in it waits (``FlowInput.gives_place``),
+#: as a step member does (older QWIT kept it).
+SUBFLOW_GIVES_PLACE = "qwit-subflow-gives-place"
 
 
 class _Slot:
     """A member's place under its block's ``max_concurrency``."""
 
-    def __init__(self, gate: asyncio.Semaphore) -> None:
+    def __init__(self, gate: asyncio.Semaphore, member: StepRun | None = None) -> None:
         self.gate = gate
+        self.member = member
         self.held = False
+        #: What the member's sub-flow said of its place, not yet acted on
+        #: (False: it gives it back; True: it wants it again).
+        self.asked: list[bool] = []
 
     async def take(self) -> None:
         await self.gate.acquire()
@@ -248,6 +256,8 @@ class SagaState:
     decisions: dict[str, Decision] = field(default_factory=dict)
     """Decisions taken and not yet read, by the path they decide."""
     settle: bool | None = None
+    place_granted: bool = False
+    """The parent gave this sub-flow its place again (``gives_place``)."""
     cancel_rollback: bool | None = None
     """How a cancel asked through QWIT goes: roll back (True), or stop where
     it is (False); None when none was (an engine's own cancel rolls back)."""
@@ -342,6 +352,9 @@ class Interpreter:
         #: How the flow ended, held back while its final steps run (None:
         #: nothing held).
         self._end_held: FlowStatus | None = None
+        #: This sub-flow gave back its place in its parent's block (see
+        #: ``FlowInput.gives_place``) and has not asked for it again.
+        self._place_given = False
 
     # -- redrive -----------------------------------------------------------------
 
@@ -941,12 +954,17 @@ class Interpreter:
             if gate is None:
                 await forward(member)
                 return
-            slot = self._slots[member.path] = _Slot(gate)
+            slot = self._slots[member.path] = _Slot(gate, member)
+            keeper = None
+            if isinstance(member.node, FlowNode) and self.runtime.gives_places:
+                keeper = asyncio.ensure_future(self._keep_place(slot))
             try:
                 await slot.take()
                 if not stops:
                     await forward(member)
             finally:
+                if keeper is not None:
+                    keeper.cancel()
                 slot.give()
                 del self._slots[member.path]
 
@@ -1018,6 +1036,13 @@ class Interpreter:
             execution=None if execution is None else child_execution(execution, run.path, run.runs),
             shard_of=run.shard_of,
             abort_held=execution is not None and self.runtime.patched(ABORT_HELD),
+            gives_place=(
+                execution is not None
+                and run.shard_of is None
+                and run.path in self._slots
+                and self.runtime.gives_places
+                and self.runtime.patched(SUBFLOW_GIVES_PLACE)
+            ),
         )
         if run.redrive is not None:  # the redrive resumes inside it
             child = child.model_copy(
@@ -1049,6 +1074,35 @@ class Interpreter:
                 self._absorb(info)
             raise StepFailure(outgrown)
         return outputs
+
+    async def _keep_place(self, slot: _Slot) -> None:
+        """Act on what a sub-flow member says of its place: give it back to
+        the others while a step in it waits, and take one again (waiting
+        for it, if need be) before letting it go on."""
+        while True:
+            await self.runtime.wait_until(lambda: bool(slot.asked))
+            wanted = slot.asked.pop(0)
+            if not wanted:
+                slot.give()
+                continue
+            if not slot.held:
+                await slot.take()
+            sub = slot.member.sub if slot.member is not None else None
+            if sub is not None:
+                await sub.grant_place()
+
+    def subflow_place(self, flow_id: str, wanted: bool) -> None:
+        """A sub-flow member gives back its place (False) or wants it again
+        (True): see ``FlowInput.gives_place``."""
+        for slot in self._slots.values():
+            member = slot.member
+            if member is not None and member.sub is not None and member.sub.flow_id == flow_id:
+                slot.asked.append(wanted)
+                return
+
+    def grant_place(self) -> None:
+        """This sub-flow's parent gave it a place again: it goes on."""
+        self.saga.place_granted = True
 
     def _pending_undos(self) -> int:
         """How many undos a rollback would run at most now: one for every
@@ -1491,6 +1545,10 @@ class Interpreter:
         slot = self._slots.get(run.path) if direction == "step_forward" else None
         if slot is not None and slot.held and self.runtime.patched(WAIT_FREES_SLOT):
             slot.give()
+        if direction == "step_forward" and self.input.gives_place and not self._place_given:
+            # (so does a sub-flow member, in its parent's block)
+            self._place_given = True
+            await self.runtime.report_place(False)
         # No try/finally: a wait that ends in an exception (a cancel, or the
         # engine dropping this flow) must not change the status, because that
         # may publish it, and a dropped flow's coroutine can be closed later,
@@ -1502,6 +1560,12 @@ class Interpreter:
         decision = self.saga.decisions.pop(run.path)
         if slot is not None and not slot.held and decision.reaction == RETRY:
             await slot.take()
+        if direction == "step_forward" and self._place_given and decision.reaction in (RETRY, SKIP):
+            # a sub-flow that gave back its place goes on once it has one
+            self._place_given = False
+            self.saga.place_granted = False
+            await self.runtime.report_place(True)
+            await self.runtime.wait_until(lambda: self.saga.place_granted)
         return decision
 
     def _groups(self) -> dict[int, StepRun]:

@@ -443,9 +443,7 @@ async def test_an_attempt_started_beside_the_one_before_is_caught(
         self: LocalRuntime, cls: Any, node: Any, call: Any, attempt: int, beats: Any
     ) -> Any:
         if call.direction == "step_forward" and attempt == 1:
-            abandoned.append(
-                asyncio.ensure_future(original(self, cls, node, call, attempt, beats))
-            )
+            abandoned.append(asyncio.ensure_future(original(self, cls, node, call, attempt, beats)))
             await asyncio.sleep(0.05)
             raise StepFailure(error_info(RuntimeError("gave up on attempt 1")))
         return await original(self, cls, node, call, attempt, beats)

@@ -203,6 +203,9 @@ class _Subflow(SubflowRun):
         self.driver.tell(self.child.run_id, "settle", {"commit": commit})
         return await self._end()
 
+    async def grant_place(self) -> None:
+        self.driver.tell(self.child.run_id, "place", {})
+
     async def cancel(self, rollback: bool = True) -> FailureInfo:
         self.driver.tell(self.child.run_id, "cancel", {"rollback": rollback})
         info = await self._end()
@@ -311,6 +314,15 @@ class _Runtime(FlowRuntime):
 
     async def report_aborted(self, info: FailureInfo) -> None:
         self.driver.tell_parent("child_aborted", info.model_dump(mode="json"))
+
+    gives_places = True
+
+    async def report_place(self, wanted: bool) -> None:
+        parent = self.driver.parent_run_id
+        assert parent is not None
+        self.driver.tell(
+            parent, "place_of_child", {"flow_id": self.driver.flow_id, "wanted": wanted}
+        )
 
 
 class DriverHost(Protocol):
@@ -641,6 +653,10 @@ class Driver:
                     self.task.cancel()
         elif kind == "settle":
             interpreter.settle(bool(payload["commit"]))
+        elif kind == "place_of_child":
+            interpreter.subflow_place(str(payload["flow_id"]), bool(payload["wanted"]))
+        elif kind == "place":
+            interpreter.grant_place()
         elif kind.startswith("child_"):
             child_id = key.partition(":")[2]
             child = self.children.get(child_id)

@@ -101,6 +101,8 @@ SIGNAL_SETTLE = "qwit.settle"
 SIGNAL_SUBFLOW_DONE = "qwit.subflow_done"
 SIGNAL_SUBFLOW_ABORTED = "qwit.subflow_aborted"
 SIGNAL_CANCEL = "qwit.cancel"
+SIGNAL_SUBFLOW_PLACE = "qwit.subflow_place"
+SIGNAL_PLACE = "qwit.place"
 START_FINISHED = "qwit-start-finished"
 """Patch: a cancel that comes while a sub-flow starts waits for the start,
 and stops the sub-flow if it started (flows before it lost it)."""
@@ -139,6 +141,17 @@ class SubflowAborted(BaseModel):
 
     flow_id: str
     info: FailureInfo
+
+
+class SubflowPlace(BaseModel):
+    """A sub-flow's message to its parent (``FlowInput.gives_place``): I give
+    back my place under the block's ``max_concurrency`` (``wanted`` false: a
+    step in me waits), or I want one again (true: answer ``qwit.place``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    flow_id: str
+    wanted: bool
 
 
 def search_attributes(flow: str) -> TypedSearchAttributes:
@@ -357,6 +370,9 @@ class _Subflow(SubflowRun):
             return await self._end()
         except FlowFailure as failed:
             return failed.info
+
+    async def grant_place(self) -> None:
+        await self.handle.signal(SIGNAL_PLACE)
 
     async def cancel(self, rollback: bool = True) -> FailureInfo:
         if rollback:
@@ -616,6 +632,16 @@ class _Runtime(FlowRuntime):
             SIGNAL_SUBFLOW_ABORTED, SubflowAborted(flow_id=workflow.info().workflow_id, info=info)
         )
 
+    gives_places = True
+
+    async def report_place(self, wanted: bool) -> None:
+        parent = self.owner.input.parent_id
+        assert parent is not None
+        await workflow.get_external_workflow_handle(parent).signal(
+            SIGNAL_SUBFLOW_PLACE,
+            SubflowPlace(flow_id=workflow.info().workflow_id, wanted=wanted),
+        )
+
     def patched(self, change: str) -> bool:
         return workflow.patched(change)
 
@@ -759,6 +785,23 @@ class QwitWorkflow:
     def subflow_aborted(self, aborted: SubflowAborted) -> None:
         """A sub-flow aborted, keeping its effects."""
         self.subflows_aborted[aborted.flow_id] = aborted.info
+
+    @workflow.signal(
+        name=SIGNAL_SUBFLOW_PLACE,
+        description="QWIT internal: a sub-flow gives back its place under its block's "
+        "max_concurrency while a step in it waits (false), or wants one again (true).",
+    )
+    def subflow_place(self, place: SubflowPlace) -> None:
+        """A sub-flow member gives back its place, or wants one."""
+        self.interpreter.subflow_place(place.flow_id, place.wanted)
+
+    @workflow.signal(
+        name=SIGNAL_PLACE,
+        description="QWIT internal: the parent gave this sub-flow a place again: it goes on.",
+    )
+    def place(self) -> None:
+        """The parent gave this sub-flow its place again."""
+        self.interpreter.grant_place()
 
 
 class _NoEagerOutbound(WorkflowOutboundInterceptor):
