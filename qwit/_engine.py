@@ -111,7 +111,15 @@ class FlowHandle(ABC):
                 if step.kind == "flow" and step.flow_id is not None:
                     child = await self._with_subflows(await self.flow_state(step.flow_id))
                     step = step.model_copy(update={"steps": child.steps})
-                    waits.extend(child.waits)
+                    # a ROLLBACK decided inside goes on in this flow
+                    waits.extend(
+                        wait.model_copy(
+                            update={"rollback_preview": wait.rollback_preview + step.rollback_after}
+                        )
+                        if wait.direction == "step_forward" and step.rollback_after
+                        else wait
+                        for wait in child.waits
+                    )
                 elif step.steps:  # a parallel block's branches, a map's elements
                     step = step.model_copy(update={"steps": await fill(step.steps)})
                 filled.append(step)

@@ -1609,6 +1609,26 @@ class Interpreter:
             for run in order
         ]
 
+    def _rollbacks_after(self) -> dict[str, list[PreviewItem]]:
+        """For each sub-flow that runs and whose failure rolls this flow back
+        whatever it failed with: what the rollback would undo once the
+        sub-flow has undone itself (``StepState.rollback_after``), by path."""
+        running = [
+            run
+            for run in _all_runs(self.saga.runs)
+            if isinstance(run.node, FlowNode)
+            and run.status == "running"
+            and run.sub is not None
+            and run.node.on_failure.reactions() <= {ROLLBACK, SKIPBACK}
+        ]
+        if not running:
+            return {}
+        groups = self._groups()
+        return {
+            run.path: [item for item in self._preview(run, groups) if item.path != run.path]
+            for run in running
+        }
+
     def check_decision(
         self, reaction: Any, args: Any = None, path: str | None = None, *, pending_too: bool = False
     ) -> Decision:
@@ -1703,11 +1723,12 @@ class Interpreter:
         status = self.saga.status
         if status == "waiting" and not waits:  # decided: it goes on at once
             status = self.saga.phase
+        after = self._rollbacks_after()
         return FlowState(
             flow=self.input.flow.name,
             flow_id=self.flow_id,
             status=status,
-            steps=[_step_state(run) for run in self.saga.runs]
+            steps=[_step_state(run, after=after) for run in self.saga.runs]
             + [_step_state(run, final=True) for run in self.saga.finals],
             waiting=waits[0] if waits else None,
             waits=waits,
@@ -1764,7 +1785,9 @@ def check_reaction(
     return Decision(reaction=chosen, args=extra, path=waiting.path), waiting
 
 
-def _step_state(run: StepRun, final: bool = False) -> StepState:
+def _step_state(
+    run: StepRun, final: bool = False, after: dict[str, list[PreviewItem]] | None = None
+) -> StepState:
     return StepState(
         name=run.name,
         path=run.path,
@@ -1778,7 +1801,8 @@ def _step_state(run: StepRun, final: bool = False) -> StepState:
         flow_id=run.sub.flow_id if run.sub else None,
         index=run.index,
         final=final,
-        steps=[_step_state(member) for member in run.members],
+        steps=[_step_state(member, after=after) for member in run.members],
+        rollback_after=(after or {}).get(run.path, []),
     )
 
 

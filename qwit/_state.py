@@ -68,6 +68,16 @@ class FlowEvent(BaseModel):
     """With ``failed`` and ``compensation_failed``: the error, in words."""
 
 
+class PreviewItem(BaseModel):
+    """A step a rollback would undo, with the args its ``step_back`` would get."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    path: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
 class StepState(BaseModel):
     """One step of a flow, in plan order.
 
@@ -104,16 +114,11 @@ class StepState(BaseModel):
     """A final step (``finally_step``): it runs once the flow has ended."""
     steps: list[StepState] = Field(default_factory=list)
     """A sub-flow's steps, a parallel block's branches or a map's elements."""
-
-
-class PreviewItem(BaseModel):
-    """A step a rollback would undo, with the args its ``step_back`` would get."""
-
-    model_config = ConfigDict(frozen=True)
-
-    name: str
-    path: str
-    args: dict[str, Any] = Field(default_factory=dict)
+    rollback_after: list[PreviewItem] = Field(default_factory=list)
+    """For a sub-flow that runs, whose failure rolls this flow back: what
+    this flow's rollback would undo once the sub-flow has undone itself, in
+    order. ``handle.state()`` appends it to the rollback preview of a wait
+    inside the sub-flow."""
 
 
 class WaitInfo(BaseModel):

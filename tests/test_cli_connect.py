@@ -63,10 +63,18 @@ def test_an_unreachable_temporal_fails_the_request_with_1(no_env):
 
 def test_a_malformed_address_or_dsn_is_a_usage_error_in_one_line(no_env, monkeypatch):
     for args in (["status", "f-1"], ["list"], ["react", "f-1", "retry"]):
-        result = CliRunner().invoke(cli, [*args, "--address", "foo:bar"])
+        for address in ("foo:bar", "127.0.0.1", "localhost", "a:b:c", "h:70000"):
+            result = CliRunner().invoke(cli, [*args, "--address", address])
+            assert result.exit_code == 2, (args, address, result.output)
+            assert f"the Temporal address {address} is not HOST:PORT" in result.output
+            assert "Traceback" not in result.output
+    # a port missing from Temporal's env config, for a command and the worker
+    monkeypatch.setenv("TEMPORAL_ADDRESS", "127.0.0.1")
+    for args in (["status", "f-1"], ["worker", "tests.verbose_flows"]):
+        result = CliRunner().invoke(cli, args)
         assert result.exit_code == 2, (args, result.output)
-        assert "the Temporal address foo:bar is not HOST:PORT" in result.output
-        assert "Traceback" not in result.output
+        assert "the Temporal address 127.0.0.1 is not HOST:PORT" in result.output
+    monkeypatch.delenv("TEMPORAL_ADDRESS")
     result = CliRunner().invoke(cli, ["worker", "tests.verbose_flows", "--backend", "postgres"])
     assert result.exit_code == 2, result.output
     assert "needs the database to serve: set QWIT_POSTGRES_DSN" in result.output

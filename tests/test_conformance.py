@@ -913,6 +913,54 @@ class PreviewBlock(qwit.Flow):
             self.step(PreviewWaits)
 
 
+class PreviewOuter(Effect, name="conf.preview_outer"):
+    pass
+
+
+class PreviewInner(Effect, name="conf.preview_inner"):
+    pass
+
+
+class PreviewInnerWaits(Effect, name="conf.preview_inner_waits"):
+    pass
+
+
+class PreviewSub(qwit.Flow, name="conf.preview_sub"):
+    def build_flow(self) -> None:
+        self.step(PreviewInner)
+        self.step(PreviewInnerWaits, on_failure=qwit.WAIT)
+
+
+class PreviewThroughSub(qwit.Flow, name="conf.preview_through_sub"):
+    def build_flow(self) -> None:
+        self.step(PreviewOuter)
+        self.step(PreviewSub)
+
+
+async def test_the_rollback_preview_of_a_wait_in_a_sub_flow_goes_on_in_its_parent(env: Env):
+    # A ROLLBACK decided inside a sub-flow undoes the sub-flow, then (its
+    # failure rolling the parent back) the parent's completed steps: the
+    # preview lists them all, in order. Before, it ended at the sub-flow.
+    run = new_ledger()
+    async with env.serve(PreviewThroughSub):
+        handle = await env.client.start(
+            PreviewThroughSub, {"ledger": run, "fail": "conf.preview_inner_waits"}
+        )
+        state = await wait_status(handle, "waiting", timeout=30)
+        assert state.waiting is not None
+        preview = [(item.name, item.path) for item in state.waiting.rollback_preview]
+        await handle.react(qwit.ROLLBACK)
+        kind, err = await outcome(handle)
+    assert kind == "rolled_back"
+    assert preview == [
+        ("conf.preview_inner_waits", "2.2"),
+        ("conf.preview_inner", "2.1"),
+        ("conf.preview_outer", "1"),
+    ]
+    assert [name for name, _ in preview] == err.compensated
+    assert state.waiting.rollback_preview[-1].args["ledger"] == run
+
+
 async def test_a_waiting_branchs_rollback_preview_is_what_the_rollback_undoes(env: Env):
     # Both branches wait: a ROLLBACK decided for one stops the block, undoes
     # both branches (side by side, newest first), then what ran before it.

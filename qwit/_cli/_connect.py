@@ -71,7 +71,17 @@ def address_configured(address: str | None) -> bool:
 
 
 def overrides(address: str | None, namespace: str | None) -> dict[str, Any]:
-    """``Client.connect`` keywords that the command-line options set."""
+    """``Client.connect`` keywords that the command-line options set.
+
+    Raises:
+        click.UsageError: the Temporal address (``--address``, else the env
+            config's) is not ``HOST:PORT``.
+    """
+    target = str(address or env_config().get("target_host") or "")
+    if target:
+        host, _, port = target.split("://", 1)[-1].rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise click.UsageError(f"the Temporal address {target} is not HOST:PORT")
     given: dict[str, Any] = {}
     if address:
         given["target_host"] = address

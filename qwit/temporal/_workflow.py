@@ -72,7 +72,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from .._runtime import SubflowStartCancelled
     from .._saga import Decision, FlowFailure, FlowRuntime, Interpreter, SubflowRun
-    from .._state import FAILED_STATUSES, FlowState, FlowStatus, WaitInfo
+    from .._state import FAILED_STATUSES, FlowState, FlowStatus, StepState, WaitInfo
 
 WORKFLOW_NAME = "qwit.Flow"
 #: Search attributes (Keyword), set where the namespace has them registered.
@@ -249,9 +249,26 @@ def fit_state(state: FlowState, limit: int | None) -> FlowState:
         preview = [item.model_copy(update={"args": {}}) for item in wait.rollback_preview]
         return wait.model_copy(update={"rollback_preview": preview})
 
+    def bare_steps(steps: list[StepState]) -> list[StepState]:
+        return [
+            step.model_copy(
+                update={
+                    "rollback_after": [
+                        item.model_copy(update={"args": {}}) for item in step.rollback_after
+                    ],
+                    "steps": bare_steps(step.steps),
+                }
+            )
+            if step.rollback_after or step.steps
+            else step
+            for step in steps
+        ]
+
     waiting = bare(state.waiting) if state.waiting is not None else None
     waits = [bare(wait) for wait in state.waits]
-    return state.model_copy(update={"args": {}, "waiting": waiting, "waits": waits})
+    return state.model_copy(
+        update={"args": {}, "waiting": waiting, "waits": waits, "steps": bare_steps(state.steps)}
+    )
 
 
 #: Bytes of a failed flow's message, which Temporal's UI shows first (the
