@@ -9,7 +9,7 @@ from typing import Any
 from ._engine import Engine
 from ._errors import ReactionError
 from ._jsonargs import NotJSON, as_args
-from ._plan import FlowInput, FlowRecords, Redrive, StepRecord, relative_place
+from ._plan import FlowInput, FlowNode, FlowRecords, Redrive, StepRecord, node_at, relative_place
 from ._state import FINAL_STATUSES
 
 
@@ -42,7 +42,7 @@ async def redrive_input(
         status == "cancelled" and failure is not None and not failure.rolled_back
     )
     if kept:  # its effects are kept: resume where it stopped, or from ``from_step``
-        resume = _resume_path(flow_id, steps, from_step)
+        resume = _resume_path(flow_id, input.flow, steps, from_step)
         redrive = Redrive(
             of_run=earlier.run_id,
             records=steps,
@@ -101,13 +101,15 @@ def _stopped_at(steps: list[StepRecord]) -> str | None:
     return None
 
 
-def _resume_path(flow_id: str, steps: list[StepRecord], from_step: str | None) -> str:
+def _resume_path(
+    flow_id: str, plan: FlowNode, steps: list[StepRecord], from_step: str | None
+) -> str:
     stopped = _stopped_at(steps)
     if stopped is None:
         raise ReactionError(f"flow {flow_id!r} has no step left to resume from")
     if from_step is None:
         return stopped
-    resume = _find(flow_id, steps, from_step.strip())
+    resume = _find(flow_id, plan, steps, from_step.strip())
     if relative_place(resume, stopped) == "after":
         raise ReactionError(
             f"flow {flow_id!r}: can't redrive from {from_step!r}, after the step it stopped "
@@ -116,7 +118,7 @@ def _resume_path(flow_id: str, steps: list[StepRecord], from_step: str | None) -
     return resume
 
 
-def _find(flow_id: str, steps: list[StepRecord], path: str) -> str:
+def _find(flow_id: str, plan: FlowNode, steps: list[StepRecord], path: str) -> str:
     """``path`` as a redrive resumes from it: a step of a block or a map
     resumes the block (or map) as a whole.
 
@@ -132,11 +134,25 @@ def _find(flow_id: str, steps: list[StepRecord], path: str) -> str:
                 )
             return step.path
         if place == "inside":
-            if step.members:  # a block or a map resumes as a whole
-                return step.path
+            if step.members and _exists(plan, step.members, path):
+                return step.path  # a block or a map resumes as a whole
             if step.sub:
-                return _find(flow_id, step.sub, path)
+                return _find(flow_id, plan, step.sub, path)
+            break
     raise ReactionError(f"flow {flow_id!r} has no step at path {path!r}")
+
+
+def _exists(plan: FlowNode, steps: list[StepRecord], path: str) -> bool:
+    """Whether the earlier run had a step at ``path`` among ``steps`` (or
+    inside one of them; inside one that never ran: whether the plan has)."""
+    for step in steps:
+        place = relative_place(step.path, path)
+        if place == "at":
+            return True
+        if place == "inside":
+            inner = step.members or step.sub
+            return _exists(plan, inner, path) if inner else node_at(plan, path) is not None
+    return False
 
 
 def _is_group_at(steps: list[StepRecord], path: str) -> bool:

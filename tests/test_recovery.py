@@ -1013,6 +1013,22 @@ async def test_what_a_redrive_refuses(env: Env):
             await env.client.redrive("no-such-flow")
 
 
+async def test_a_redrive_from_a_member_a_block_does_not_have_is_refused(env: Env):
+    # A path inside a block names one of its members (or a step inside one);
+    # before, any path under the block was taken as the whole block: a typo
+    # undid the block and what followed it, and ran them again.
+    run = new_ledger()
+    async with env.serve(RedrivableBlock):
+        handle = await env.client.start(RedrivableBlock, {"ledger": run, "fail": "P2"})
+        assert (await outcome(handle))[0] == "aborted"
+        before = pl.entries(run)
+        for path in ("2.7", "2.3.9", "2.1.1", "2.3.1.1"):
+            with pytest.raises(qwit.ReactionError, match=f"no step at path '{path}'"):
+                await env.client.redrive(handle.id, from_step=path)
+        assert (await env.client.get_handle(handle.id).state()).status == "aborted"
+    assert pl.entries(run) == before
+
+
 class RStop(Effect, name="rd.Stop"):
     """Its undo fails (while its ledger is in BROKEN_BACKS), stopping the rollback."""
 
