@@ -41,6 +41,12 @@ async def redrive_input(
     kept = status == "aborted" or (
         status == "cancelled" and failure is not None and not failure.rolled_back
     )
+    sharded = _sharded(steps) if kept or status == "compensation_failed" else None
+    if sharded is not None:  # (refused here: the new run could not start)
+        raise ReactionError(
+            f"flow {flow_id!r}: the map at {sharded} ran in shards; a redrive can't "
+            "reuse or undo it yet"
+        )
     if kept:  # its effects are kept: resume where it stopped, or from ``from_step``
         resume = _resume_path(flow_id, input.flow, steps, from_step)
         redrive = Redrive(
@@ -87,6 +93,17 @@ async def _with_subflows(engine: Engine, steps: list[StepRecord]) -> list[StepRe
             update["sub"] = await _with_subflows(engine, child.steps)
         filled.append(step.model_copy(update=update) if update else step)
     return filled
+
+
+def _sharded(steps: list[StepRecord]) -> str | None:
+    """The path of a map among ``steps`` (or inside them) that ran in shards."""
+    for step in steps:
+        if step.sharded:
+            return step.path
+        inner = _sharded(step.members) or _sharded(step.sub or [])
+        if inner is not None:
+            return inner
+    return None
 
 
 def _stopped_at(steps: list[StepRecord]) -> str | None:

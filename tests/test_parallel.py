@@ -521,6 +521,29 @@ async def test_a_failed_element_of_a_shard_undoes_every_shard_once(env: Env, sha
     assert err.step == "par.work"
 
 
+class ShardedThenAborts(qwit.Flow, name="par.sharded_then_aborts"):
+    def build_flow(self) -> None:
+        self.map(Work, over="users", item="user", into="notified", max_concurrency=2)
+        self.step(Work, {"eid": "last"}, on_failure=qwit.ABORT)
+
+
+async def test_a_redrive_of_a_flow_whose_map_ran_in_shards_is_refused_at_once(
+    env: Env, shards_of_3: None
+):
+    # Refused by redrive() on every engine. Before, on Temporal, the redrive
+    # started a run whose first workflow task failed, again and again: the
+    # flow's id held by a run that never ended.
+    run = new_ledger()
+    async with env.serve(ShardedThenAborts):
+        handle = await env.client.start(
+            ShardedThenAborts, {"ledger": run, "users": list(range(4)), "fail": "last"}
+        )
+        assert (await outcome(handle))[0] == "aborted"
+        with pytest.raises(qwit.ReactionError, match="the map at 1 ran in shards"):
+            await env.client.redrive(handle.id, args={"fail": None})
+        assert (await env.client.get_handle(handle.id).state()).status == "aborted"
+
+
 class QuickSub(qwit.Flow, name="par.quick_sub"):
     def build_flow(self) -> None:
         self.step(Work, {"eid": "q1"})
