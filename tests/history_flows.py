@@ -186,6 +186,28 @@ class ParallelOrder(qwit.Flow):
         self.step(Notify)
 
 
+class GreetOrWait(qwit.Step):
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        if args.get("hold") == args["user"]:
+            raise qwit.StepError(f"{args['user']} is not in yet", retry=False)
+        return {"greeted": args["user"]}
+
+    async def step_back(self, args: dict[str, Any]) -> None:
+        return None
+
+
+class GreetOne(qwit.Flow):
+    def build_flow(self) -> None:
+        self.step(GreetOrWait, on_failure=qwit.WAIT)
+
+
+class GreetAll(qwit.Flow):
+    """A map of sub-flows, one at a time: one whose step waits gives its place."""
+
+    def build_flow(self) -> None:
+        self.map(GreetOne, over="users", item="user", into="greetings", max_concurrency=1)
+
+
 class JammedLabel(qwit.Step):
     on_failure = qwit.ABORT
     retry = qwit.Retry(max_attempts=1)

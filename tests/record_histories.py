@@ -30,6 +30,7 @@ from tests.history_flows import (
     ApprovedOrder,
     ApprovedQuote,
     Cancellable,
+    GreetAll,
     HeldOrder,
     HoldChildStart,
     OrderFlow,
@@ -154,6 +155,20 @@ async def parallel_waited(client: qwit.Client) -> str:
     return handle.id
 
 
+async def subflow_gave_place(client: qwit.Client) -> str:
+    handle = await client.start(
+        GreetAll, {"users": ["ann", "bob"], "hold": "ann"}, id="history-subflow-gave-place"
+    )
+    for _ in range(200):  # bob is greeted in ann's place while she waits
+        state = await handle.state()
+        if state.waits and state.steps[0].steps[1].status == "done":
+            break
+        await asyncio.sleep(0.05)
+    await handle.react(qwit.RETRY, args={"hold": None}, path="1.1.1")
+    await handle.result()
+    return handle.id
+
+
 async def subflow_aborted(client: qwit.Client) -> str:
     handle = await client.start(AbortedOrder, {"order_id": 12}, id="history-subflow-aborted")
     return await ended_with(handle, qwit.FlowAborted)
@@ -217,6 +232,7 @@ SCENARIOS: dict[str, Scenario] = {
     "parallel_completed": parallel_completed,
     "parallel_rolled_back": parallel_rolled_back,
     "parallel_waited": parallel_waited,
+    "subflow_gave_place": subflow_gave_place,
     "waited_retry": waited_retry,
     "waited_then_final": waited_then_final,
     "waited_rollback": waited_rollback,
@@ -253,6 +269,7 @@ async def record(names: list[str]) -> None:
             RefundOrder,
             ParallelOrder,
             AbortedOrder,
+            GreetAll,
             Quote,
             HeldOrder,
             task_queue=queue,
