@@ -355,6 +355,9 @@ class Interpreter:
         #: This sub-flow gave back its place in its parent's block (see
         #: ``FlowInput.gives_place``) and has not asked for it again.
         self._place_given = False
+        #: What the sub-flows whose place is this flow's own say of it (see
+        #: ``_pass_place``), by their ids.
+        self._passing: dict[str, list[bool]] = {}
 
     # -- redrive -----------------------------------------------------------------
 
@@ -1036,10 +1039,12 @@ class Interpreter:
             execution=None if execution is None else child_execution(execution, run.path, run.runs),
             shard_of=run.shard_of,
             abort_held=execution is not None and self.runtime.patched(ABORT_HELD),
+            # a member under max_concurrency, or a sub-flow of one: a step
+            # waiting anywhere inside gives the member's place back
             gives_place=(
                 execution is not None
                 and run.shard_of is None
-                and run.path in self._slots
+                and (run.path in self._slots or self.input.gives_place)
                 and self.runtime.gives_places
                 and self.runtime.patched(SUBFLOW_GIVES_PLACE)
             ),
@@ -1064,7 +1069,17 @@ class Interpreter:
                 run.attempts += 1
             raise
         run.attempts += 1
-        outputs = await run.sub.forward()
+        if child.gives_place and run.path not in self._slots:
+            # its place is this flow's own, in its parent's block
+            asks = self._passing[run.sub.flow_id] = []
+            passer = asyncio.ensure_future(self._pass_place(run.sub, asks))
+            try:
+                outputs = await run.sub.forward()
+            finally:
+                passer.cancel()
+                del self._passing[run.sub.flow_id]
+        else:
+            outputs = await run.sub.forward()
         outgrown = None if run.base is not None else self._outgrown(run, outputs)
         if outgrown is not None:
             # Its steps ran but their outputs can't join the args: undo it now,
@@ -1091,14 +1106,35 @@ class Interpreter:
             if sub is not None:
                 await sub.grant_place()
 
+    async def _pass_place(self, sub: SubflowRun, asks: list[bool]) -> None:
+        """Pass on what a sub-flow says of its place to this flow's parent:
+        the place is this flow's own (it gives it back while a step inside
+        waits, and asks for it before letting the sub-flow go on)."""
+        while True:
+            await self.runtime.wait_until(lambda: bool(asks))
+            if not asks.pop(0):
+                if not self._place_given:
+                    self._place_given = True
+                    await self.runtime.report_place(False)
+                continue
+            if self._place_given:
+                self._place_given = False
+                self.saga.place_granted = False
+                await self.runtime.report_place(True)
+                await self.runtime.wait_until(lambda: self.saga.place_granted)
+            await sub.grant_place()
+
     def subflow_place(self, flow_id: str, wanted: bool) -> None:
-        """A sub-flow member gives back its place (False) or wants it again
-        (True): see ``FlowInput.gives_place``."""
+        """A sub-flow gives back its place (False) or wants it again (True):
+        see ``FlowInput.gives_place``."""
         for slot in self._slots.values():
             member = slot.member
             if member is not None and member.sub is not None and member.sub.flow_id == flow_id:
                 slot.asked.append(wanted)
                 return
+        passing = self._passing.get(flow_id)
+        if passing is not None:
+            passing.append(wanted)
 
     def grant_place(self) -> None:
         """This sub-flow's parent gave it a place again: it goes on."""

@@ -423,28 +423,45 @@ class WaitingSubNotify(qwit.Flow, name="par.waiting_sub_notify"):
         self.map(NotifyOne, over="users", item="user", into="notified", max_concurrency=2)
 
 
-async def test_sub_flow_elements_whose_steps_wait_give_their_place_to_the_others(env: Env):
-    # As above, with elements that are sub-flows whose step waits: the
-    # sub-flow gives its place back while it waits, and asks for one before
-    # it goes on. Before, it kept its place: with two waiting, nothing ran.
+class NotifyOneInside(qwit.Flow, name="par.notify_one_inside"):
+    def build_flow(self) -> None:
+        self.step(NotifyOne)
+
+
+class WaitingDeepNotify(qwit.Flow, name="par.waiting_deep_notify"):
+    def build_flow(self) -> None:
+        self.map(NotifyOneInside, over="users", item="user", into="notified", max_concurrency=2)
+
+
+@pytest.mark.parametrize(
+    ("flow", "inside"), [(WaitingSubNotify, ".1"), (WaitingDeepNotify, ".1.1")], ids=["1", "2"]
+)
+async def test_sub_flow_elements_whose_steps_wait_give_their_place_to_the_others(
+    env: Env, flow: type[qwit.Flow], inside: str
+):
+    # As above, with elements that are sub-flows whose step waits (in the
+    # element, or in a sub-flow of it): the element gives its place back
+    # while it waits, and asks for one before it goes on. Before, it kept its
+    # place: with two waiting, nothing ran.
     run = new_ledger()
     users = list(range(6))
     delay = {f"user-{u}": 0.4 for u in users[2:]}
     args = {"ledger": run, "users": users, "delay": delay}
-    async with env.serve(WaitingSubNotify):
+    first, second = f"1.1{inside}", f"1.2{inside}"
+    async with env.serve(flow):
         handle = await env.client.start(
-            WaitingSubNotify, {**args, "fail": ["user-0", "user-1"], "fail_before": True}
+            flow, {**args, "fail": ["user-0", "user-1"], "fail_before": True}
         )
         for _ in range(500):
             state = await handle.state()
             if len(state.waits) == 2 and "user-2" in pl.applied(run):
                 break
             await asyncio.sleep(0.02)
-        assert sorted(w.path for w in state.waits) == ["1.1.1", "1.2.1"]
+        assert sorted(w.path for w in state.waits) == [first, second]
         assert "user-2" in pl.applied(run), "the others did not run on"
         # decided while the others still run: the sub-flows wait for places
-        await handle.react(qwit.RETRY, args={"fail": None}, path="1.1.1")
-        await handle.react(qwit.SKIP, path="1.2.1")
+        await handle.react(qwit.RETRY, args={"fail": None}, path=first)
+        await handle.react(qwit.SKIP, path=second)
         kind, result = await outcome(handle)
     assert kind == "completed", result
     assert sorted(pl.applied(run)) == sorted(f"user-{u}" for u in users if u != 1)
