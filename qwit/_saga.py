@@ -1112,17 +1112,27 @@ class Interpreter:
         waits, and asks for it before letting the sub-flow go on)."""
         while True:
             await self.runtime.wait_until(lambda: bool(asks))
-            if not asks.pop(0):
-                if not self._place_given:
-                    self._place_given = True
-                    await self.runtime.report_place(False)
-                continue
-            if self._place_given:
-                self._place_given = False
-                self.saga.place_granted = False
-                await self.runtime.report_place(True)
-                await self.runtime.wait_until(lambda: self.saga.place_granted)
-            await sub.grant_place()
+            if asks.pop(0):
+                await self._take_place_back()
+                await sub.grant_place()
+            else:
+                await self._give_place_back()
+
+    async def _give_place_back(self) -> None:
+        """This sub-flow (``gives_place``) waits: its parent may give its
+        place to another member meanwhile."""
+        if not self._place_given:
+            self._place_given = True
+            await self.runtime.report_place(False)
+
+    async def _take_place_back(self) -> None:
+        """This sub-flow goes on: once it has given its place back, it asks
+        its parent for one again and waits for it."""
+        if self._place_given:
+            self._place_given = False
+            self.saga.place_granted = False
+            await self.runtime.report_place(True)
+            await self.runtime.wait_until(lambda: self.saga.place_granted)
 
     def subflow_place(self, flow_id: str, wanted: bool) -> None:
         """A sub-flow gives back its place (False) or wants it again (True):
@@ -1581,10 +1591,8 @@ class Interpreter:
         slot = self._slots.get(run.path) if direction == "step_forward" else None
         if slot is not None and slot.held and self.runtime.patched(WAIT_FREES_SLOT):
             slot.give()
-        if direction == "step_forward" and self.input.gives_place and not self._place_given:
-            # (so does a sub-flow member, in its parent's block)
-            self._place_given = True
-            await self.runtime.report_place(False)
+        if direction == "step_forward" and self.input.gives_place:
+            await self._give_place_back()  # (so does a sub-flow, in its parent's block)
         # No try/finally: a wait that ends in an exception (a cancel, or the
         # engine dropping this flow) must not change the status, because that
         # may publish it, and a dropped flow's coroutine can be closed later,
@@ -1596,12 +1604,8 @@ class Interpreter:
         decision = self.saga.decisions.pop(run.path)
         if slot is not None and not slot.held and decision.reaction == RETRY:
             await slot.take()
-        if direction == "step_forward" and self._place_given and decision.reaction in (RETRY, SKIP):
-            # a sub-flow that gave back its place goes on once it has one
-            self._place_given = False
-            self.saga.place_granted = False
-            await self.runtime.report_place(True)
-            await self.runtime.wait_until(lambda: self.saga.place_granted)
+        if direction == "step_forward" and decision.reaction in (RETRY, SKIP):
+            await self._take_place_back()  # (a sub-flow that gave it back)
         return decision
 
     def _groups(self) -> dict[int, StepRun]:
