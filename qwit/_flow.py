@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import typing
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
-
-from pydantic import BaseModel
 
 from ._errors import FlowDefinitionError
 from ._jsonargs import NotJSON, as_args
@@ -330,16 +327,8 @@ class _Compiler:
             self.entry(parent, f"step {index + 1}.{i + 1} (a branch)", *entry)
             for i, entry in enumerate(block.entries)
         ]
-        # Typed outputs show a clash before anything runs.
-        seen: dict[str, str] = {}
-        for branch in branches:
-            for key in _output_fields(self.names.get(branch.name)):
-                if key in seen:
-                    raise FlowDefinitionError(
-                        f"{where}: branches {seen[key]!r} and {branch.name!r} both return "
-                        f"{key!r}; the block could not merge their outputs (rename one)"
-                    )
-                seen[key] = branch.name
+        # (branches whose outputs share a key fail the block when it ends,
+        # typed or not: the contract's ROLLBACK naming the key)
         return ParallelNode(branches=tuple(branches))
 
     def map(self, parent: type[Flow], index: int, entry: _MapEntry) -> MapNode:
@@ -495,21 +484,6 @@ def _shard_size(where: str) -> int:
             f"{where}: {SHARD_SIZE_ENV} must be a whole number >= 1, not {raw!r}"
         )
     return size
-
-
-def _output_fields(cls: type | None) -> set[str]:
-    """The keys a step's typed output always has (its return annotation is a
-    pydantic model); none if untyped."""
-    if cls is None or not (isinstance(cls, type) and issubclass(cls, Step)):
-        return set()
-    try:
-        hints = typing.get_type_hints(cls.step_forward)
-    except Exception:  # an annotation that does not resolve: nothing is known
-        return set()
-    returned = hints.get("return")
-    if isinstance(returned, type) and issubclass(returned, BaseModel):
-        return set(returned.model_fields)
-    return set()
 
 
 def _retry(value: Any, option: str) -> Retry:
