@@ -75,7 +75,7 @@ class TimeSkipping:
         >>> async with TimeSkipping.start() as ts:
         ...     async with ts.worker(RefundOrder):
         ...         with pytest.raises(qwit.CompensationFailed):
-        ...             await ts.run(RefundOrder, {"order_id": 1})  # 40 min of retries, at once
+        ...             await ts.run(RefundOrder, {"order_id": 1})  # 36 min of retries, at once
     """
 
     def __init__(self, env: WorkflowEnvironment, client: Client, task_queue: str) -> None:
