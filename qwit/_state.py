@@ -94,7 +94,8 @@ class StepState(BaseModel):
     status: StepStatus = "pending"
     attempts: int = 0
     """Attempts of its ``step_forward`` that have ended (failed, done, or
-    stopped by a cancel); one in flight counts once it ends."""
+    stopped by a cancel), and of its ``step_fallback`` if it fell back; one
+    in flight counts once it ends."""
     kind: Literal["step", "flow", "parallel", "map"] = "step"
     """A step, a sub-flow, a parallel block or a map."""
     has_back: bool = True
