@@ -1039,12 +1039,12 @@ class Interpreter:
             execution=None if execution is None else child_execution(execution, run.path, run.runs),
             shard_of=run.shard_of,
             abort_held=execution is not None and self.runtime.patched(ABORT_HELD),
-            # a member under max_concurrency, or a sub-flow of one: a step
-            # waiting anywhere inside gives the member's place back
+            # a member under max_concurrency, or a step of the sequence of
+            # one (the member's place is its own to give back while it waits)
             gives_place=(
                 execution is not None
                 and run.shard_of is None
-                and (run.path in self._slots or self.input.gives_place)
+                and (run.path in self._slots or (self.input.gives_place and run.base is None))
                 and self.runtime.gives_places
                 and self.runtime.patched(SUBFLOW_GIVES_PLACE)
             ),
@@ -1591,8 +1591,11 @@ class Interpreter:
         slot = self._slots.get(run.path) if direction == "step_forward" else None
         if slot is not None and slot.held and self.runtime.patched(WAIT_FREES_SLOT):
             slot.give()
-        if direction == "step_forward" and self.input.gives_place:
-            await self._give_place_back()  # (so does a sub-flow, in its parent's block)
+        if direction == "step_forward" and self.input.gives_place and run.base is None:
+            # So does a sub-flow, in its parent's block, once nothing else in
+            # it runs: a step of its own sequence waits (a member of a block
+            # inside it waits beside members that may run: it keeps it).
+            await self._give_place_back()
         # No try/finally: a wait that ends in an exception (a cancel, or the
         # engine dropping this flow) must not change the status, because that
         # may publish it, and a dropped flow's coroutine can be closed later,

@@ -475,6 +475,67 @@ async def test_sub_flow_elements_whose_steps_wait_give_their_place_to_the_others
     assert pl.peak(run, "do") <= 2
 
 
+#: Per ledger: how many steps of each map element run now, the most
+#: elements that ran at once, and the effects in order.
+_ELEMENT_STEPS: dict[str, dict[str, int]] = {}
+_ELEMENTS_PEAK: dict[str, int] = {}
+_ELEMENT_LOG: dict[str, list[str]] = {}
+
+
+class ElementJob(qwit.Step, name="par.element_job"):
+    """Counts the map elements that have a step running at once."""
+
+    retry = qwit.Retry(max_attempts=1)
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        run, element = args["ledger"], str(args["user"])
+        eid = f"{element}-{args['eid']}"
+        steps = _ELEMENT_STEPS.setdefault(run, {})
+        steps[element] = steps.get(element, 0) + 1
+        now = sum(1 for n in steps.values() if n > 0)
+        _ELEMENTS_PEAK[run] = max(_ELEMENTS_PEAK.get(run, 0), now)
+        _ELEMENT_LOG.setdefault(run, []).append(eid)
+        try:
+            if eid in args.get("fail", []):
+                raise qwit.StepError(f"{eid} failed", retry=False)
+            await asyncio.sleep(float(args.get("delay", {}).get(eid, 0.05)))
+        finally:
+            steps[element] -= 1
+        return {f"out_{args['eid']}": eid}
+
+
+class WaitBesideBranch(qwit.Flow, name="par.wait_beside_branch"):
+    def build_flow(self) -> None:
+        with self.parallel():
+            self.step(ElementJob, {"eid": "w"}, on_failure="wait")
+            self.step(ElementJob, {"eid": "s"})
+
+
+class WaitBesideBranchMap(qwit.Flow, name="par.wait_beside_branch_map"):
+    def build_flow(self) -> None:
+        self.map(WaitBesideBranch, over="users", item="user", into="out", max_concurrency=1)
+
+
+async def test_a_sub_flow_element_whose_wait_is_beside_a_running_branch_keeps_its_place(
+    env: Env,
+):
+    # Only a wait of the element's own sequence gives its place back: a
+    # waiting branch of a block inside it waits beside branches that may
+    # run, so the element keeps its place (else max_concurrency=1 would let
+    # a second element run beside them).
+    run = new_ledger()
+    args = {"ledger": run, "users": [0, 1], "fail": ["0-w"], "delay": {"0-s": 1.0}}
+    async with env.serve(WaitBesideBranchMap):
+        handle = await env.client.start(WaitBesideBranchMap, args)
+        await wait_for_status(handle, "waiting", timeout=30)
+        await asyncio.sleep(1.2)  # element 0's other branch ends meanwhile
+        assert not [e for e in _ELEMENT_LOG[run] if e.startswith("1-")]
+        await handle.react(qwit.RETRY, args={"fail": []}, path="1.1.1.1")
+        kind, result = await outcome(handle)
+    assert kind == "completed", result
+    assert _ELEMENTS_PEAK[run] == 1
+
+
 def test_the_graph_forks_and_joins_around_a_block_and_draws_a_map_once():
     from qwit._cli._graph import dot, mermaid
 
