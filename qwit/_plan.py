@@ -348,9 +348,9 @@ class FlowInput(BaseModel):
     aborted sub-flow ended at once, and its parent could not undo it."""
     gives_place: bool = False
     """Set for a sub-flow that is a member of a block or map under
-    ``max_concurrency`` (or a sub-flow inside one, whose place is the
-    member's): while a step in it waits for an operator it gives its place to
-    the others, and asks for it back before it goes on. False in plans of
+    ``max_concurrency`` (or a sub-flow in the sequence of one, whose place
+    is the member's): while a step of its sequence waits for an operator it
+    gives its place to the others, and asks for it back before it goes on. False in plans of
     older QWIT: such a sub-flow kept its place while it waited."""
     execution: str | None = None
     """What makes this execution's idempotency keys its own: the root's
