@@ -31,6 +31,7 @@ class Gate(qwit.Step):
     worker's attempt is retried quickly elsewhere."""
 
     timeout = 4
+    timeout_grace = 0.5  # (the server's limit is timeout + grace)
     retry = qwit.Retry(max_attempts=10, initial_interval=0.2, max_interval=0.5)
 
     async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
