@@ -82,16 +82,17 @@ WITH finished AS (
     WHERE id = %(job)s AND status = 'doing' AND worker_id = %(worker)s RETURNING id
 )
 INSERT INTO qwit.events (run_id, key, kind, payload{columns})
-SELECT %(run_id)s, %(key)s, 'step', %(payload)s{values} FROM finished
+SELECT %(run_id)s, %(key)s, 'step', %(payload)s{values} FROM finished{joined}
 ON CONFLICT (run_id, key) DO NOTHING
 RETURNING key, kind, payload, delivered_at
 """
 
-#: A row of the run's inbox, due and not delivered, is waiting: it came
-#: before whatever the statement that asks this puts there.
-_OLDER_ROW_WAITS = (
-    "EXISTS (SELECT 1 FROM qwit.events WHERE run_id = %(run_id)s AND delivered IS NULL "
-    "AND (due_at IS NULL OR due_at <= clock_timestamp()))"
+#: Joined to ``FINISH_STEP_JOB`` by a driver: whether a row of the run's
+#: inbox, due and not delivered, is waiting (``older.waits``), asked once: it
+#: came before the step's end the statement puts there.
+_OLDER_ROW = (
+    ", (SELECT EXISTS (SELECT 1 FROM qwit.events WHERE run_id = %(run_id)s "
+    "AND delivered IS NULL AND (due_at IS NULL OR due_at <= clock_timestamp())) AS waits) older"
 )
 
 #: procrastinate task names (and queues) of QWIT's jobs.
@@ -851,8 +852,9 @@ class Driver:
             await cur.execute(
                 FINISH_STEP_JOB.format(
                     columns=", delivered, delivered_at",
-                    values=f", CASE WHEN {_OLDER_ROW_WAITS} THEN NULL ELSE %(number)s END"
-                    f", CASE WHEN {_OLDER_ROW_WAITS} THEN NULL ELSE {stamp} END",
+                    values=", CASE WHEN older.waits THEN NULL ELSE %(number)s END"
+                    f", CASE WHEN older.waits THEN NULL ELSE {stamp} END",
+                    joined=_OLDER_ROW,
                 ),
                 {
                     "job": job,

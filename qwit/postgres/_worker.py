@@ -560,7 +560,7 @@ class PostgresWorker:
             try:
                 async with self.connection() as conn, conn.transaction():
                     await conn.execute(
-                        FINISH_STEP_JOB.format(columns="", values=""),
+                        FINISH_STEP_JOB.format(columns="", values="", joined=""),
                         {
                             "job": job,
                             "worker": self.worker_id,
