@@ -114,13 +114,9 @@ SUBFLOW_GIVES_PLACE = "qwit-subflow-gives-place"
 class _Slot:
     """A member's place under its block's ``max_concurrency``."""
 
-    def __init__(self, gate: asyncio.Semaphore, member: StepRun | None = None) -> None:
+    def __init__(self, gate: asyncio.Semaphore) -> None:
         self.gate = gate
-        self.member = member
         self.held = False
-        #: What the member's sub-flow said of its place, not yet acted on
-        #: (False: it gives it back; True: it wants it again).
-        self.asked: list[bool] = []
 
     async def take(self) -> None:
         await self.gate.acquire()
@@ -355,9 +351,9 @@ class Interpreter:
         #: This sub-flow gave back its place in its parent's block (see
         #: ``FlowInput.gives_place``) and has not asked for it again.
         self._place_given = False
-        #: What the sub-flows whose place is this flow's own say of it (see
-        #: ``_pass_place``), by their ids.
-        self._passing: dict[str, list[bool]] = {}
+        #: What the sub-flows that give their place back say of it, not yet
+        #: acted on (see ``_relay_place``), by their ids.
+        self._place_asks: dict[str, list[bool]] = {}
 
     # -- redrive -----------------------------------------------------------------
 
@@ -957,17 +953,12 @@ class Interpreter:
             if gate is None:
                 await forward(member)
                 return
-            slot = self._slots[member.path] = _Slot(gate, member)
-            keeper = None
-            if isinstance(member.node, FlowNode) and self.runtime.gives_places:
-                keeper = asyncio.ensure_future(self._keep_place(slot))
+            slot = self._slots[member.path] = _Slot(gate)
             try:
                 await slot.take()
                 if not stops:
                     await forward(member)
             finally:
-                if keeper is not None:
-                    keeper.cancel()
                 slot.give()
                 del self._slots[member.path]
 
@@ -1069,15 +1060,16 @@ class Interpreter:
                 run.attempts += 1
             raise
         run.attempts += 1
-        if child.gives_place and run.path not in self._slots:
-            # its place is this flow's own, in its parent's block
-            asks = self._passing[run.sub.flow_id] = []
-            passer = asyncio.ensure_future(self._pass_place(run.sub, asks))
+        if child.gives_place:
+            asks = self._place_asks[run.sub.flow_id] = []
+            relay = asyncio.ensure_future(
+                self._relay_place(run.sub, asks, self._slots.get(run.path))
+            )
             try:
                 outputs = await run.sub.forward()
             finally:
-                passer.cancel()
-                del self._passing[run.sub.flow_id]
+                relay.cancel()
+                del self._place_asks[run.sub.flow_id]
         else:
             outputs = await run.sub.forward()
         outgrown = None if run.base is not None else self._outgrown(run, outputs)
@@ -1090,33 +1082,24 @@ class Interpreter:
             raise StepFailure(outgrown)
         return outputs
 
-    async def _keep_place(self, slot: _Slot) -> None:
-        """Act on what a sub-flow member says of its place: give it back to
-        the others while a step in it waits, and take one again (waiting
-        for it, if need be) before letting it go on."""
-        while True:
-            await self.runtime.wait_until(lambda: bool(slot.asked))
-            wanted = slot.asked.pop(0)
-            if not wanted:
-                slot.give()
-                continue
-            if not slot.held:
-                await slot.take()
-            sub = slot.member.sub if slot.member is not None else None
-            if sub is not None:
-                await sub.grant_place()
-
-    async def _pass_place(self, sub: SubflowRun, asks: list[bool]) -> None:
-        """Pass on what a sub-flow says of its place to this flow's parent:
-        the place is this flow's own (it gives it back while a step inside
-        waits, and asks for it before letting the sub-flow go on)."""
+    async def _relay_place(self, sub: SubflowRun, asks: list[bool], slot: _Slot | None) -> None:
+        """Act on what a sub-flow says of its place (``asks``, in order): give
+        it back while a step in it waits, and take one again (waiting for it,
+        if need be) before letting it go on. The place is ``slot``, the
+        sub-flow's own in this flow's block; without one (a step of this
+        flow's sequence), it is this flow's own, in its parent's block."""
         while True:
             await self.runtime.wait_until(lambda: bool(asks))
             if asks.pop(0):
-                await self._take_place_back()
+                if slot is None:
+                    await self._take_place_back()
+                elif not slot.held:
+                    await slot.take()
                 await sub.grant_place()
-            else:
+            elif slot is None:
                 await self._give_place_back()
+            else:
+                slot.give()
 
     async def _give_place_back(self) -> None:
         """This sub-flow (``gives_place``) waits: its parent may give its
@@ -1137,14 +1120,9 @@ class Interpreter:
     def subflow_place(self, flow_id: str, wanted: bool) -> None:
         """A sub-flow gives back its place (False) or wants it again (True):
         see ``FlowInput.gives_place``."""
-        for slot in self._slots.values():
-            member = slot.member
-            if member is not None and member.sub is not None and member.sub.flow_id == flow_id:
-                slot.asked.append(wanted)
-                return
-        passing = self._passing.get(flow_id)
-        if passing is not None:
-            passing.append(wanted)
+        asks = self._place_asks.get(flow_id)
+        if asks is not None:
+            asks.append(wanted)
 
     def grant_place(self) -> None:
         """This sub-flow's parent gave it a place again: it goes on."""
