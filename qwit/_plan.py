@@ -350,8 +350,9 @@ class FlowInput(BaseModel):
     """Set for a sub-flow that is a member of a block or map under
     ``max_concurrency`` (or a sub-flow in the sequence of one, whose place
     is the member's): while a step of its sequence waits for an operator it
-    gives its place to the others, and asks for it back before it goes on. False in plans of
-    older QWIT: such a sub-flow kept its place while it waited."""
+    gives its place to the others, and asks for it back before it goes on.
+    False in plans of older QWIT: such a sub-flow kept its place while it
+    waited."""
     execution: str | None = None
     """What makes this execution's idempotency keys its own: the root's
     execution id (fixed when the flow starts), extended by each sub-flow
