@@ -72,7 +72,14 @@ with workflow.unsafe.imports_passed_through():
     )
     from .._runtime import SubflowStartCancelled
     from .._saga import Decision, FlowFailure, FlowRuntime, Interpreter, SubflowRun
-    from .._state import FAILED_STATUSES, FlowState, FlowStatus, StepState, WaitInfo
+    from .._state import (
+        FAILED_STATUSES,
+        FlowState,
+        FlowStatus,
+        PreviewItem,
+        StepState,
+        WaitInfo,
+    )
 
 WORKFLOW_NAME = "qwit.Flow"
 #: Search attributes (Keyword), set where the namespace has them registered.
@@ -245,17 +252,17 @@ def fit_state(state: FlowState, limit: int | None) -> FlowState:
     if not limit or json_size(state.model_dump(mode="json")) <= limit - PAYLOAD_MARGIN:
         return state
 
+    def bare_items(items: list[PreviewItem]) -> list[PreviewItem]:
+        return [item.model_copy(update={"args": {}}) for item in items]
+
     def bare(wait: WaitInfo) -> WaitInfo:
-        preview = [item.model_copy(update={"args": {}}) for item in wait.rollback_preview]
-        return wait.model_copy(update={"rollback_preview": preview})
+        return wait.model_copy(update={"rollback_preview": bare_items(wait.rollback_preview)})
 
     def bare_steps(steps: list[StepState]) -> list[StepState]:
         return [
             step.model_copy(
                 update={
-                    "rollback_after": [
-                        item.model_copy(update={"args": {}}) for item in step.rollback_after
-                    ],
+                    "rollback_after": bare_items(step.rollback_after),
                     "steps": bare_steps(step.steps),
                 }
             )
