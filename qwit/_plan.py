@@ -71,6 +71,7 @@ PINNED_DEFAULTS: dict[int, dict[str, dict[str, Any]]] = {
             "abort_held": False,
             "redrive": None,
             "gives_place": False,
+            "index": None,
         },
         "flow": {
             "static_args": {},
@@ -353,6 +354,11 @@ class FlowInput(BaseModel):
     gives its place to the others, and asks for it back before it goes on.
     False in plans of older QWIT: such a sub-flow kept its place while it
     waited."""
+    index: int | None = None
+    """Set for a sub-flow that is an element of a map (or a sub-flow inside
+    one): the element's 0-based index, which ``qwit.context().index`` gives
+    its steps (those of a map inside it get their own element's). None in
+    plans of older QWIT."""
     execution: str | None = None
     """What makes this execution's idempotency keys its own: the root's
     execution id (fixed when the flow starts), extended by each sub-flow
@@ -369,8 +375,9 @@ class FlowInput(BaseModel):
         data: dict[str, Any] = handler(self)
         pinned = PINNED_DEFAULTS.get(self.version)
         if pinned is None:
-            for newer in ("abort_held", "redrive", "gives_place"):  # as older QWIT wrote it
-                if not data[newer]:
+            # (as older QWIT wrote it)
+            for newer in ("abort_held", "redrive", "gives_place", "index"):
+                if data[newer] is None or data[newer] is False:
                     del data[newer]
             return data
         top = pinned["input"]

@@ -109,6 +109,10 @@ WAIT_FREES_SLOT = "qwit-wait-frees-slot"
 #: place to the others while a step in it waits (``FlowInput.gives_place``),
 #: as a step member does (older QWIT kept it).
 SUBFLOW_GIVES_PLACE = "qwit-subflow-gives-place"
+#: The steps of a sub-flow that is a map's element (or inside one) see the
+#: element's index in ``qwit.context().index`` (``FlowInput.index``; older
+#: QWIT gave them None).
+SUBFLOW_INDEX = "qwit-subflow-index"
 
 
 class _Slot:
@@ -1040,6 +1044,9 @@ class Interpreter:
                 and self.runtime.patched(SUBFLOW_GIVES_PLACE)
             ),
         )
+        index = self._index(run)
+        if index is not None and execution is not None and self.runtime.patched(SUBFLOW_INDEX):
+            child = child.model_copy(update={"index": index})
         if run.redrive is not None:  # the redrive resumes inside it
             child = child.model_copy(
                 update={
@@ -1168,9 +1175,15 @@ class Interpreter:
             args=args,
             key=key,
             timeout=None if node.timeout_grace is None else node.limit(direction),
-            index=run.index,
+            index=self._index(run),
             error=error,
         )
+
+    def _index(self, run: StepRun) -> int | None:
+        """The index of the map element ``run`` is in: its own, or, for a
+        member of a sub-flow that is an element (or inside one), the one
+        this flow was given."""
+        return run.index if run.index is not None else self.input.index
 
     def _too_big(self, args: dict[str, Any]) -> int | None:
         """The size of ``args`` if they are over the payload limit, else None.

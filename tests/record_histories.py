@@ -169,6 +169,13 @@ async def subflow_gave_place(client: qwit.Client) -> str:
     return handle.id
 
 
+async def subflow_indexed(client: qwit.Client) -> str:
+    # each element's step is told its index (the sub-flows' inputs carry it)
+    handle = await client.start(GreetAll, {"users": ["ann", "bob"]}, id="history-subflow-indexed")
+    await handle.result()
+    return handle.id
+
+
 async def subflow_aborted(client: qwit.Client) -> str:
     handle = await client.start(AbortedOrder, {"order_id": 12}, id="history-subflow-aborted")
     return await ended_with(handle, qwit.FlowAborted)
@@ -233,6 +240,7 @@ SCENARIOS: dict[str, Scenario] = {
     "parallel_rolled_back": parallel_rolled_back,
     "parallel_waited": parallel_waited,
     "subflow_gave_place": subflow_gave_place,
+    "subflow_indexed": subflow_indexed,
     "waited_retry": waited_retry,
     "waited_then_final": waited_then_final,
     "waited_rollback": waited_rollback,

@@ -562,6 +562,49 @@ class ShardedNotify(qwit.Flow, name="par.sharded_notify"):
         self.step(Work, {"eid": "last"})
 
 
+class Where(qwit.Step, name="par.where"):
+    """Returns where it ran: ``{"at_<path>": context().index}``."""
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {f"at_{qwit.context().path}": qwit.context().index}
+
+
+class WhereInside(qwit.Flow, name="par.where_inside"):
+    def build_flow(self) -> None:
+        self.step(Where)
+
+
+class WhereElement(qwit.Flow, name="par.where_element"):
+    def build_flow(self) -> None:
+        self.step(Where)
+        with self.parallel():
+            self.step(Where)
+            self.step(WhereInside)
+        self.map(Where, over="pairs", item="pair", into="inner")
+
+
+class WhereMap(qwit.Flow, name="par.where_map"):
+    def build_flow(self) -> None:
+        self.step(Where)
+        self.map(WhereElement, over="users", item="user", into="out", max_concurrency=2)
+
+
+async def test_the_steps_of_a_sub_flow_element_see_its_index(env: Env):
+    # Contract 5: context().index is a map element's 0-based index. Every
+    # step of an element that is a sub-flow (in its sequence, in a block, in
+    # a sub-flow of it) is part of that element; a map inside the element
+    # gives its own elements their own index. Before, they all saw None.
+    async with env.serve(WhereMap):
+        result = await env.client.run(WhereMap, {"users": [10, 11, 12], "pairs": ["x", "y"]})
+    assert result["at_1"] is None
+    for i, element in enumerate(result["out"]):
+        at = f"at_2.{i + 1}"
+        assert element[f"{at}.1"] == i
+        assert element[f"{at}.2.1"] == i
+        assert element[f"{at}.2.2.1"] == i
+        assert [list(e.values()) for e in element["inner"]] == [[0], [1]]
+
+
 @pytest.fixture
 def shards_of_3(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QWIT_MAP_SHARD_SIZE", "3")
