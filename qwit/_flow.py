@@ -80,7 +80,7 @@ class Flow:
         raise NotImplementedError
 
     def step(
-        self, step: type[Step] | type[Flow], static_args: Any = None, /, **options: Any
+        self, step: type[Step] | type[Flow], /, static_args: Any = None, **options: Any
     ) -> None:
         """Add a step (or a sub-flow) to this flow.
 
@@ -163,8 +163,8 @@ class Flow:
     def map(
         self,
         step: type[Step] | type[Flow],
-        static_args: Any = None,
         /,
+        static_args: Any = None,
         *,
         over: str,
         item: str,

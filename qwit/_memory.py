@@ -45,6 +45,10 @@ from ._runner import Registry
 from ._saga import Decision, FlowFailure, FlowRuntime, Interpreter, SubflowRun
 from ._state import AttemptsInFlight, FlowState, with_attempts_in_flight
 
+#: How many turns of the event loop ``send_decision`` gives a flow to take a
+#: decision in (one does it, unless it is a sub-flow's: a turn per level).
+MAX_TURNS_TO_TAKE_IN = 100
+
 if TYPE_CHECKING:
     from ._flow import Flow
 
@@ -341,8 +345,15 @@ class InMemoryHandle(FlowHandle):
 
     async def send_decision(self, flow_id: str, decision: Decision) -> None:
         run = self._find(flow_id)
-        run.interpreter.decide(decision.model_copy(deep=True))
+        checked = run.interpreter.decide(decision.model_copy(deep=True))
         run.poke()
+        # As on Temporal (an update), return once the flow has taken it in
+        # and gone on to its next wait: what state() reads next shows it
+        # decided. (The waiting step's task takes it in at its next turn.)
+        for _ in range(MAX_TURNS_TO_TAKE_IN):
+            if run.task.done() or run.interpreter.taken_in(checked):
+                break
+            await asyncio.sleep(0)
 
 
 class InMemoryEngine(Engine):

@@ -1706,8 +1706,9 @@ class Interpreter:
             )
         return decision
 
-    def decide(self, decision: Decision, *, over_pending: bool = False) -> None:
-        """Apply a decision checked by ``check_decision``.
+    def decide(self, decision: Decision, *, over_pending: bool = False) -> Decision:
+        """Apply a decision checked by ``check_decision``; the decision as
+        checked (its ``path`` set), which the waiting step takes in.
 
         Args:
             over_pending: A decision the flow can't take as it stands may
@@ -1725,6 +1726,12 @@ class Interpreter:
             )
         assert checked.path is not None
         self.saga.decisions[checked.path] = checked
+        return checked
+
+    def taken_in(self, decision: Decision) -> bool:
+        """Whether the step ``decision`` (as ``decide`` returned it) is for
+        has taken it in."""
+        return self.saga.decisions.get(decision.path or "") is not decision
 
     def request_cancel(self, rollback: bool) -> None:
         """Someone asked through QWIT to cancel the flow, rolling it back or

@@ -21,7 +21,7 @@ from qwit.testing import wait_for_status as wait_status
 from tests import ledger, thread_engine
 from tests.ledger import Effect
 from tests.test_temporal_core import FlakyFlow, RefusesFlow, SyncTypedFlow
-from tests.test_temporal_reactions import ApprovalFlow, FixableFlow, failing_flow
+from tests.test_temporal_reactions import A, Approval, ApprovalFlow, C, FixableFlow, failing_flow
 from tests.test_temporal_subflows import BadBackFlow, CancelMe, Level1, Outer
 
 
@@ -694,6 +694,38 @@ async def test_a_step_decided_already_takes_no_second_decision(env: Env):
         kind, result = await outcome(handle)
     assert kind == "completed"
     assert result["approved_by"] == "carol"
+
+
+class TwoApprovals(qwit.Flow, name="conf.two_approvals"):
+    def build_flow(self) -> None:
+        self.step(A)
+        self.step(Approval)
+        self.step(Approval)
+        self.step(C)
+
+
+async def test_a_decision_has_taken_effect_when_react_returns(env: Env):
+    # As on Temporal (an update): once react() returns, the flow has taken
+    # the decision in, so state() shows it decided and the next wait is a
+    # new one. On PostgreSQL react() returned once the decision was written:
+    # state() still showed the old wait, and a react() meant for the next
+    # wait came while the flow ran (refused), or decided the old one.
+    run = new_ledger()
+    async with env.serve(TwoApprovals):
+        handle = await env.client.start(TwoApprovals, {"ledger": run})
+        await wait_status(handle, "waiting")
+        await handle.react(qwit.SKIP)
+        decided = await handle.state()
+        state = await wait_status(handle, "waiting")
+        waiting = state.waiting
+        await handle.react(qwit.SKIP)
+        kind, result = await outcome(handle)
+    assert [w.path for w in decided.waits] == []
+    assert decided.steps[1].status == "skipped"
+    assert waiting is not None and waiting.path == "3"
+    assert kind == "completed"
+    assert "approved_by" not in result
+    assert ledger.entries(run) == [("do", "react.A"), ("do", "react.C")]
 
 
 async def test_a_new_flow_may_take_an_ended_flows_id_not_a_running_ones(env: Env):

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 import qwit
 from qwit._flow import compile_flow
-from qwit._plan import FlowNode, StepNode
+from qwit._plan import FlowNode, MapNode, StepNode
 
 
 class A(qwit.Step):
@@ -179,6 +179,26 @@ def test_two_different_steps_with_the_same_name():
 def test_same_step_twice_is_fine():
     plan = compile_flow(flow_of(A, A))
     assert [s.name for s in plan.steps] == ["A", "A"]
+
+
+def test_static_args_may_be_given_by_keyword():
+    # self.step(StepOrFlow, static_args=None, **options), as documented:
+    # the keyword was taken for an unknown option.
+    class Inner(qwit.Flow):
+        def build_flow(self) -> None:
+            self.step(B)
+
+    class Keyed(qwit.Flow, name="orders.keyed"):
+        def build_flow(self) -> None:
+            self.step(B, static_args={"k": 1}, timeout=10)
+            self.step(Inner, static_args={"scope": "inner"})
+            self.map(B, static_args={"m": 2}, over="xs", item="x", into="ys")
+
+    first, inner, mapped = compile_flow(Keyed).steps
+    assert isinstance(first, StepNode) and first.static_args == {"k": 1}
+    assert first.timeout == 10
+    assert isinstance(inner, FlowNode) and inner.static_args == {"scope": "inner"}
+    assert isinstance(mapped, MapNode) and mapped.node.static_args == {"m": 2}
 
 
 def test_static_args_that_are_not_json():

@@ -265,7 +265,10 @@ class PostgresFlowHandle(FlowHandle):
         checked, _ = check_reaction(
             flow_id, waits, decision.reaction, decision.args, decision.path, back_fields, status
         )
-        await self._engine.tell(row["run_id"], "decision", checked.model_dump(mode="json"))
+        key = await self._engine.tell(row["run_id"], "decision", checked.model_dump(mode="json"))
+        # As on Temporal (an update), return once the flow has taken the
+        # decision in: what ``state()`` reads next shows it decided.
+        await self._engine.taken_in(flow_id, row["run_id"], key)
 
 
 class PostgresEngine(Engine):
@@ -324,9 +327,35 @@ class PostgresEngine(Engine):
             await cur.execute(query, list(params))
             return await cur.fetchall()
 
-    async def tell(self, run_id: str, kind: str, payload: Any) -> None:
+    async def tell(self, run_id: str, kind: str, payload: Any) -> str:
+        """Put a row of ``kind`` in the run's inbox; its key."""
+        key = f"{kind}:client#{uuid.uuid4().hex}"
         async with self._connect() as conn, conn.transaction():
-            await add_event(conn, run_id, f"{kind}:client#{uuid.uuid4().hex}", kind, payload)
+            await add_event(conn, run_id, key, kind, payload)
+        return key
+
+    async def taken_in(self, flow_id: str, run_id: str, key: str) -> None:
+        """Return once the run's driver has taken in the inbox row ``key``:
+        in the transaction that numbers it, it writes the flow's state too.
+
+        Raises:
+            ReactionError: the run ended without taking it in.
+        """
+        pause = 0.01
+        while True:
+            row = await self.fetch(
+                "SELECT e.delivered IS NOT NULL AS taken, coalesce(f.ended, true) AS ended "
+                "FROM qwit.events e LEFT JOIN qwit.flows f ON f.run_id = e.run_id "
+                "WHERE e.run_id = %s AND e.key = %s",
+                run_id,
+                key,
+            )
+            if row is None or row["taken"]:
+                return
+            if row["ended"]:
+                raise ReactionError(f"flow {flow_id!r} ended before it took the decision in")
+            await asyncio.sleep(pause)
+            pause = min(pause * 1.5, self.poll_interval / 2)
 
     async def wait_for_end(self, flow_id: str) -> None:
         """Return when ``flow_id`` may have ended: its notification came (one
