@@ -76,6 +76,8 @@ def test_usage_errors_exit_2_with_one_line():
         )
         assert proc.returncode == 2, proc.stderr
         assert expected in proc.stderr
+        # one line: the reason, not click's usage text (the command was right)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     proc = subprocess.run(WORKER, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "Missing argument" in proc.stderr

@@ -43,6 +43,15 @@ class Failed(click.ClickException):
         click.echo(f"qwit: {self.format_message()}", err=True)
 
 
+class Unservable(click.UsageError):
+    """The modules named can't be served (one can't be imported, defines
+    something wrong or nothing): exit 2, a usage error, with a one-line
+    reason on stderr (not the usage text: the command was typed right)."""
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"qwit: {self.format_message()}", err=True)
+
+
 class Interrupted(Exception):
     """The user stopped following a flow (Ctrl-C); the flow goes on as it is."""
 
@@ -147,7 +156,7 @@ def ensure_cwd_importable(names: tuple[str, ...] | list[str] = ()) -> None:
         names: The modules named on the command line.
 
     Raises:
-        click.UsageError: A module named on the command line is the current
+        Unservable: A module named on the command line is the current
             directory's, but its name belongs to another module.
     """
     cwd = os.getcwd()
@@ -158,7 +167,7 @@ def ensure_cwd_importable(names: tuple[str, ...] | list[str] = ()) -> None:
         if taken is None:
             continue
         if name in named:
-            raise click.UsageError(
+            raise Unservable(
                 f"the current directory's {local[name]} can't be imported as {name!r}: "
                 f"that name belongs to {taken}; rename it"
             )
@@ -177,7 +186,7 @@ def import_modules(names: tuple[str, ...] | list[str]) -> list[ModuleType]:
     one a flow's input names.
 
     Raises:
-        click.UsageError: a module can't be imported.
+        Unservable: a module can't be imported.
     """
     ensure_cwd_importable(names)
     modules = []
@@ -185,9 +194,8 @@ def import_modules(names: tuple[str, ...] | list[str]) -> list[ModuleType]:
         try:
             modules.append(importlib.import_module(name))
         except Exception as exc:
-            raise click.UsageError(
-                f"can't import module {name!r}: {type(exc).__name__}: {exc}"
-            ) from None
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+            raise Unservable(f"can't import module {name!r}: {reason}") from None
     return modules
 
 
@@ -195,15 +203,15 @@ def worker_registry(modules: list[ModuleType]) -> Registry:
     """The steps the modules define.
 
     Raises:
-        click.UsageError: a module defines something wrong, or nothing to serve.
+        Unservable: a module defines something wrong, or nothing to serve.
     """
     try:
         registry = Registry(*modules)
     except FlowDefinitionError as exc:
-        raise click.UsageError(str(exc)) from None
+        raise Unservable(" ".join(str(exc).split())) from None
     if not len(registry):
         names = ", ".join(m.__name__ for m in modules)
-        raise click.UsageError(f"no qwit Step or Flow is defined in {names}: nothing to serve")
+        raise Unservable(f"no qwit Step or Flow is defined in {names}: nothing to serve")
     return registry
 
 
