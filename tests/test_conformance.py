@@ -624,6 +624,53 @@ async def test_retries(env: Env):
     assert err.reason == "StepError: card declined"
 
 
+#: The attempts each run of Backs3 made so far, by run.
+BACKOFF_TRIES: dict[str, int] = {}
+
+
+class Backs3(qwit.Step, name="conf.backs3"):
+    """Fails its first two attempts, each after a one-second backoff."""
+
+    retry = qwit.Retry(max_attempts=3, initial_interval=1.0, backoff=1.0)
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        tries = BACKOFF_TRIES[args["run"]] = BACKOFF_TRIES.get(args["run"], 0) + 1
+        if tries < 3:
+            raise RuntimeError(f"attempt {tries} failed")
+        return {"tries": tries}
+
+
+class BacksOff(qwit.Flow, name="conf.backs_off"):
+    def build_flow(self) -> None:
+        self.step(Backs3)
+
+
+async def test_a_step_waiting_out_its_backoff_shows_its_attempts_and_last_error(env: Env):
+    # As on Temporal: while a step waits to be retried, state() counts the
+    # attempts that ended and shows how the last one failed. PostgreSQL
+    # counted attempts as they started, and showed no error: 0 attempts
+    # during the first backoff.
+    run = new_ledger()
+    seen: list[tuple[int, str | None]] = []
+    async with env.serve(BacksOff):
+        handle = await env.client.start(BacksOff, {"run": run})
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            state = await handle.state()
+            step = state.steps[0]
+            if step.status == "running" and step.attempts > 0:
+                seen.append((step.attempts, step.error.message if step.error else None))
+            if state.status != "running":
+                break
+            await asyncio.sleep(0.02)
+        result = await asyncio.wait_for(handle.result(), 30)
+        state = await handle.state()
+    assert (1, "attempt 1 failed") in seen
+    assert (2, "attempt 2 failed") in seen
+    assert result["tries"] == 3
+    assert state.steps[0].attempts == 3
+
+
 async def test_typed_step_missing_a_field(env: Env):
     async with env.serve(SyncTypedFlow):
         ok = await env.client.run(SyncTypedFlow, {"order_id": 1, "amount": 2.0})

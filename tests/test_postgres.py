@@ -124,13 +124,46 @@ async def test_a_database_of_an_earlier_schema_is_upgraded(
     monkeypatch.undo()
     await prepare(postgres_dsn)
     rows = await sql(postgres_dsn, "SELECT version FROM qwit.schema_version ORDER BY version")
-    assert [row[0] for row in rows] == [1, 2, 3]
+    assert [row[0] for row in rows] == [1, 2, 3, 4]
     assert await sql(
         postgres_dsn,
         "SELECT 1 FROM information_schema.columns WHERE table_schema = 'qwit' "
         "AND table_name = 'flows' AND column_name = 'trace'",
     ) == [(1,)]
     assert await sql(postgres_dsn, "SELECT to_regclass('qwit.runs') IS NOT NULL") == [(True,)]
+    assert await sql(
+        postgres_dsn,
+        "SELECT column_name FROM information_schema.columns WHERE table_schema = 'qwit' "
+        "AND table_name = 'attempts' AND column_name IN ('failed', 'error') ORDER BY 1",
+    ) == [("error",), ("failed",)]
+
+
+class PgBacksOff(qwit.Flow, name="pg.backs_off", backend=qwit.postgres):
+    def build_flow(self) -> None:
+        from tests.test_conformance import Backs3
+
+        self.step(Backs3)
+
+
+async def test_a_client_reads_a_database_its_workers_have_not_migrated_yet(postgres_dsn: str):
+    # A client upgraded before the workers reads a database of schema 3:
+    # the attempts of a step being retried, counted as they start (its
+    # ended attempts and last error are kept from schema 4 on).
+    await prepare(postgres_dsn)
+    client = await client_for(postgres_dsn)
+    engine = client.engine(qwit.postgres)
+    run = new_ledger()
+    async with worker(postgres_dsn, PgBacksOff):
+        handle = await client.start(PgBacksOff, {"run": run})
+        assert engine.schema == 4  # type: ignore[attr-defined]
+        engine.schema = 3  # type: ignore[attr-defined]
+        seen = set()
+        while not (state := await handle.state()).done:
+            seen.add(state.steps[0].attempts)
+            await asyncio.sleep(0.05)
+    assert state.status == "completed"
+    assert 1 in seen  # (once attempt 2 has started)
+    await client.close()
 
 
 async def test_a_schema_newer_than_this_qwit_is_refused(postgres_dsn: str):

@@ -37,6 +37,7 @@ from .._engine import Engine, EngineHost, FlowHandle
 from .._errors import (
     ArgumentsError,
     EngineUnavailable,
+    ErrorInfo,
     FailureInfo,
     FlowFailed,
     FlowIdInUse,
@@ -220,11 +221,17 @@ class PostgresFlowHandle(FlowHandle):
         state = FlowState.model_validate(row["state"])
         if row["ended"]:
             return state
-        # Steps being retried: their attempts so far, counted in PostgreSQL as
-        # they start (the flow learns them, and the last error, once they end).
+        # Steps being retried: their attempts that ended so far, and how the
+        # last one failed, kept in PostgreSQL as they end and start (the flow
+        # learns them once the step ends). (A database of schema 3, not yet
+        # migrated by a worker of this QWIT, counts them only as they start.)
+        if self._engine.schema >= 4:
+            columns, retried = "a.failed, a.error", "(a.attempt > 1 OR a.failed IS NOT NULL)"
+        else:
+            columns, retried = "NULL AS failed, NULL AS error", "a.attempt > 1"
         counted = await self._engine.fetch_all(
-            "SELECT a.key, a.attempt FROM qwit.attempts a WHERE a.run_id = %s "
-            "AND a.attempt > 1 AND NOT EXISTS (SELECT 1 FROM qwit.events e "
+            f"SELECT a.key, a.attempt, {columns} FROM qwit.attempts a WHERE a.run_id = %s "
+            f"AND {retried} AND NOT EXISTS (SELECT 1 FROM qwit.events e "
             "WHERE e.run_id = a.run_id AND e.key = a.key)",
             row["run_id"],
         )
@@ -236,7 +243,9 @@ class PostgresFlowHandle(FlowHandle):
                 way: Literal["step_forward", "step_back"] = (
                     "step_forward" if direction == "step_forward" else "step_back"
                 )
-                flights.append(AttemptsInFlight(None, way, call["attempt"] - 1, path=path))
+                ended = max(call["attempt"] - 1, call["failed"] or 0)
+                error = None if call["error"] is None else ErrorInfo.model_validate(call["error"])
+                flights.append(AttemptsInFlight(None, way, ended, error, path=path))
         return with_attempts_in_flight(state, flights)
 
     async def send_decision(self, flow_id: str, decision: Decision) -> None:
@@ -286,6 +295,8 @@ class PostgresEngine(Engine):
         #: workers emit the spans: ``PostgresWorker(tracing=True)``).
         self.tracing = False
         self._checked = False
+        #: The version of the database's QWIT schema (read on first use).
+        self.schema = SCHEMA_VERSION
         self._pool: Connections | None = None
         self._listener: asyncio.Task[None] | None = None
         self._ended: dict[str, asyncio.Event] = {}
@@ -303,7 +314,7 @@ class PostgresEngine(Engine):
         try:
             async with self._pool.connection() as conn:
                 if not self._checked:
-                    await check_schema(conn)
+                    self.schema = await check_schema(conn)
                     self._checked = True
                 yield conn
         except psycopg.OperationalError as exc:

@@ -21,7 +21,9 @@ Documents are ``json``, not ``jsonb``: a flow's args keep their keys' order.
 - ``qwit.attempts``: the attempts of each step call so far, counted across
   the jobs that ran it: a job run again after its worker died goes on
   counting (attempt 2, not 1 again), and the step's retry policy counts the
-  attempt the crash cut off.
+  attempt the crash cut off. ``failed`` and ``error``: the last attempt that
+  failed and was to be retried, and how (what ``state()`` shows while the
+  step waits out its backoff).
 - ``qwit.commands``: what a run has asked for (a step job, whose id is in
   ``job_id``; a sub-flow, a timer, a word to another flow), unique per
   ``(run_id, key)``: a replay asks again, and what was done is not done
@@ -42,7 +44,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 #: The schema version this QWIT writes and understands.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -114,6 +116,11 @@ MIGRATIONS: dict[int, str] = {
     CREATE INDEX IF NOT EXISTS runs_flow ON qwit.runs (flow_id);
     ALTER TABLE qwit.commands ADD COLUMN IF NOT EXISTS unserved_since timestamptz;
     """,
+    # the last failed attempt of a step being retried, and its error
+    4: """
+    ALTER TABLE qwit.attempts ADD COLUMN IF NOT EXISTS failed integer;
+    ALTER TABLE qwit.attempts ADD COLUMN IF NOT EXISTS error json;
+    """,
 }
 
 #: The channel a new event is announced on (payload: its run id).
@@ -152,8 +159,9 @@ async def migrate(conn: psycopg.AsyncConnection[Any]) -> int:
     return SCHEMA_VERSION
 
 
-async def check_schema(conn: psycopg.AsyncConnection[Any]) -> None:
-    """Refuse a database QWIT has not migrated, or one migrated by a newer QWIT.
+async def check_schema(conn: psycopg.AsyncConnection[Any]) -> int:
+    """Refuse a database QWIT has not migrated, or one migrated by a newer
+    QWIT; its schema's version.
 
     Raises:
         SchemaTooNew: as ``migrate``.
@@ -171,6 +179,7 @@ async def check_schema(conn: psycopg.AsyncConnection[Any]) -> None:
             f"the database's QWIT schema is version {version}; this QWIT understands up "
             f"to {SCHEMA_VERSION}"
         )
+    return version
 
 
 async def fetch_flow(conn: psycopg.AsyncConnection[Any], flow_id: str) -> dict[str, Any] | None:

@@ -43,7 +43,7 @@ import procrastinate
 import psycopg
 from procrastinate.job_context import AbortReason
 
-from .._errors import StepFailure, StepNotRegistered, error_info
+from .._errors import ErrorInfo, StepFailure, StepNotRegistered, error_info
 from .._memory import Heartbeats
 from .._metrics import WAITING_EVERY, Metrics
 from .._options import DEFAULT_TIMEOUT_GRACE
@@ -531,7 +531,23 @@ class PostgresWorker:
             spent = retry.max_attempts is not None and number >= retry.max_attempts
             if spent or not info.retryable:
                 raise StepFailure(info.model_copy(update={"attempt": number}))
+            await self._failed_attempt(run_id, key, number, info)
             await asyncio.sleep(retry.delay(number))
+
+    async def _failed_attempt(self, run_id: str, key: str, number: int, info: ErrorInfo) -> None:
+        """Keep how attempt ``number`` of a step to be retried failed: what
+        ``state()`` shows while the step waits out its backoff, as on
+        Temporal. (Only for show: if PostgreSQL can't be reached, the step
+        goes on without it.)"""
+        try:
+            async with self.connection() as conn:
+                await conn.execute(
+                    "UPDATE qwit.attempts SET failed = %s, error = %s "
+                    "WHERE run_id = %s AND key = %s AND attempt = %s",
+                    [number, info.model_dump_json(), run_id, key, number],
+                )
+        except (psycopg.Error, OSError) as exc:
+            logger.warning("qwit.postgres: attempt %s of %s not kept (%s)", number, key, exc)
 
     async def _attempt(
         self, cls: Any, node: StepNode, call: StepCall, number: int, beats: Heartbeats
