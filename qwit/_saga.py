@@ -113,6 +113,10 @@ SUBFLOW_GIVES_PLACE = "qwit-subflow-gives-place"
 #: element's index in ``qwit.context().index`` (``FlowInput.index``; older
 #: QWIT gave them None).
 SUBFLOW_INDEX = "qwit-subflow-index"
+#: A sub-flow that gives its place back (``FlowInput.gives_place``) also
+#: gives it while members of a block in it wait and none of the others runs
+#: (older QWIT gave it only for a wait of its own sequence).
+BLOCK_WAIT_GIVES_PLACE = "qwit-block-wait-gives-place"
 
 
 class _Slot:
@@ -355,6 +359,11 @@ class Interpreter:
         #: This sub-flow gave back its place in its parent's block (see
         #: ``FlowInput.gives_place``) and has not asked for it again.
         self._place_given = False
+        #: It has asked for its place again and not been given it yet.
+        self._place_asked = False
+        #: Members of its blocks that are sub-flows giving back their place
+        #: in the block while a step in them waits, by path.
+        self._resting: set[str] = set()
         #: What the sub-flows that give their place back say of it, not yet
         #: acted on (see ``_relay_place``), by their ids.
         self._place_asks: dict[str, list[bool]] = {}
@@ -945,6 +954,9 @@ class Interpreter:
                 return  # kept from the run a redrive resumes
             try:
                 await self._forward(member)
+                self._resting.discard(member.path)
+                if self.saga.waits and self._gives_place_while_idle():
+                    await self._give_place_if_idle(member)  # (the others wait)
             except _Stop as stop:
                 stops.append(stop)
                 if len(stops) == 1:
@@ -1070,7 +1082,7 @@ class Interpreter:
         if child.gives_place:
             asks = self._place_asks[run.sub.flow_id] = []
             relay = asyncio.ensure_future(
-                self._relay_place(run.sub, asks, self._slots.get(run.path))
+                self._relay_place(run.sub, asks, self._slots.get(run.path), run)
             )
             try:
                 outputs = await run.sub.forward()
@@ -1089,7 +1101,9 @@ class Interpreter:
             raise StepFailure(outgrown)
         return outputs
 
-    async def _relay_place(self, sub: SubflowRun, asks: list[bool], slot: _Slot | None) -> None:
+    async def _relay_place(
+        self, sub: SubflowRun, asks: list[bool], slot: _Slot | None, member: StepRun
+    ) -> None:
         """Act on what a sub-flow says of its place (``asks``, in order): give
         it back while a step in it waits, and take one again (waiting for it,
         if need be) before letting it go on. The place is ``slot``, the
@@ -1100,29 +1114,63 @@ class Interpreter:
             if asks.pop(0):
                 if slot is None:
                     await self._take_place_back()
-                elif not slot.held:
-                    await slot.take()
+                else:
+                    if member.path in self._resting:
+                        self._resting.discard(member.path)
+                        await self._take_place_back()  # (if this flow gave it)
+                    if not slot.held:
+                        await slot.take()
                 await sub.grant_place()
             elif slot is None:
                 await self._give_place_back()
             else:
                 slot.give()
+                if self._gives_place_while_idle():
+                    self._resting.add(member.path)
+                    await self._give_place_if_idle(member)
 
     async def _give_place_back(self) -> None:
         """This sub-flow (``gives_place``) waits: its parent may give its
         place to another member meanwhile."""
-        if not self._place_given:
+        if not self._place_given and not self._place_asked:
             self._place_given = True
             await self.runtime.report_place(False)
 
     async def _take_place_back(self) -> None:
         """This sub-flow goes on: once it has given its place back, it asks
-        its parent for one again and waits for it."""
+        its parent for one again and waits for it (as does any other part of
+        it that goes on meanwhile)."""
         if self._place_given:
             self._place_given = False
+            self._place_asked = True
             self.saga.place_granted = False
             await self.runtime.report_place(True)
+        if self._place_asked:
             await self.runtime.wait_until(lambda: self.saga.place_granted)
+            self._place_asked = False
+
+    def _gives_place_while_idle(self) -> bool:
+        """Whether this flow gives its place back while members of its
+        blocks wait and none of the others runs (see ``_give_place_if_idle``)."""
+        return self.input.gives_place and self.runtime.patched(BLOCK_WAIT_GIVES_PLACE)
+
+    async def _give_place_if_idle(self, member: StepRun) -> None:
+        """``member`` of a block of this flow waits (or has ended): if no
+        other member runs, or may start, and one waits, nothing of this flow
+        runs: it gives its place back, as for a wait of its own sequence.
+        (A member that is a sub-flow counts as running unless it gave its
+        place in the block back.)"""
+        group = self._groups().get(id(member))
+        if group is None:
+            return
+        waits = False
+        for other in group.members:
+            if other.path in self.saga.waits or other.path in self._resting:
+                waits = True
+            elif other.status in ("pending", "running"):
+                return
+        if waits:
+            await self._give_place_back()
 
     def subflow_place(self, flow_id: str, wanted: bool) -> None:
         """A sub-flow gives back its place (False) or wants it again (True):
@@ -1584,9 +1632,11 @@ class Interpreter:
             slot.give()
         if direction == "step_forward" and self.input.gives_place and run.base is None:
             # So does a sub-flow, in its parent's block, once nothing else in
-            # it runs: a step of its own sequence waits (a member of a block
-            # inside it waits beside members that may run: it keeps it).
+            # it runs: a step of its own sequence waits, or members of a
+            # block in it wait and none of the others runs or may start.
             await self._give_place_back()
+        elif direction == "step_forward" and self._gives_place_while_idle():
+            await self._give_place_if_idle(run)
         # No try/finally: a wait that ends in an exception (a cancel, or the
         # engine dropping this flow) must not change the status, because that
         # may publish it, and a dropped flow's coroutine can be closed later,

@@ -516,24 +516,38 @@ class WaitBesideBranchMap(qwit.Flow, name="par.wait_beside_branch_map"):
         self.map(WaitBesideBranch, over="users", item="user", into="out", max_concurrency=1)
 
 
-async def test_a_sub_flow_element_whose_wait_is_beside_a_running_branch_keeps_its_place(
+async def test_a_sub_flow_element_gives_its_place_once_its_waiting_branch_runs_alone(
     env: Env,
 ):
-    # Only a wait of the element's own sequence gives its place back: a
-    # waiting branch of a block inside it waits beside branches that may
-    # run, so the element keeps its place (else max_concurrency=1 would let
-    # a second element run beside them).
+    # A waiting branch of a block inside a sub-flow element waits beside a
+    # branch that runs: the element keeps its place (else max_concurrency=1
+    # would let a second element run beside it). Once that branch has ended,
+    # nothing of the element runs: it gives its place to element 1, and the
+    # retried branch waits for it again. Before, the element kept its place
+    # until the operator decided: element 1 did not run on.
     run = new_ledger()
-    args = {"ledger": run, "users": [0, 1], "fail": ["0-w"], "delay": {"0-s": 1.0}}
+    args = {
+        "ledger": run,
+        "users": [0, 1],
+        "fail": ["0-w"],
+        "delay": {"0-s": 1.0, "1-s": 1.0},
+    }
     async with env.serve(WaitBesideBranchMap):
         handle = await env.client.start(WaitBesideBranchMap, args)
         await wait_for_status(handle, "waiting", timeout=30)
-        await asyncio.sleep(1.2)  # element 0's other branch ends meanwhile
+        await asyncio.sleep(0.3)  # element 0's other branch still runs
         assert not [e for e in _ELEMENT_LOG[run] if e.startswith("1-")]
+        for _ in range(500):  # once it has ended, element 1 runs on
+            if "1-s" in _ELEMENT_LOG[run]:
+                break
+            await asyncio.sleep(0.02)
+        assert "1-s" in _ELEMENT_LOG[run], "element 1 did not run on"
+        # decided while element 1 runs: element 0's branch waits for the place
         await handle.react(qwit.RETRY, args={"fail": []}, path="1.1.1.1")
         kind, result = await outcome(handle)
     assert kind == "completed", result
     assert _ELEMENTS_PEAK[run] == 1
+    assert _ELEMENT_LOG[run].index("0-w", 1) > _ELEMENT_LOG[run].index("1-s")
 
 
 def test_the_graph_forks_and_joins_around_a_block_and_draws_a_map_once():
