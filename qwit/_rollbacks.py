@@ -694,6 +694,21 @@ class _Unpredictable(Exception):
     """The recorded calls don't say what the rules would do next."""
 
 
+class _NeverRan(_Unpredictable):
+    """The flow got to a step (outside a block) whose ``step_forward`` ran no
+    code: a violation, unless QWIT refused the step's call before it ran."""
+
+    def __init__(self, name: str, path: str) -> None:
+        super().__init__(f"{name} ({path}) ran no code")
+        self.name = name
+        self.path = path
+
+
+#: What QWIT refuses a step's call with before the step runs any code (its
+#: error types end so): a flow that failed so at a step ran none of it.
+_REFUSED_BEFORE_RUNNING = ("ArgumentsError", "PayloadTooLarge", "StepNotRegistered")
+
+
 class _Model:
     """The saga rules, applied to what a case's steps did (as recorded): what
     must be undone, what must stay, and how the flow ends."""
@@ -795,7 +810,7 @@ class _Model:
             undo = end.undo + [item for entry in reversed(done) for item in entry]
             if end.status in ("cancelled", "missing"):
                 if end.status == "missing" and not self.blocks:
-                    raise _Unpredictable(f"{step.name} ({path}) ran no code")
+                    raise _NeverRan(step.name, path)
                 self.apply(undo)  # a sub-flow stopped mid-run undoes itself
                 return _FlowEnd("cancelled", time=end.time)
             if end.reaction == ABORT:
@@ -1317,6 +1332,18 @@ def _judge(
     model = _Model(plan, [ex for ex in execs if ex.path not in finals], set(fault.back))
     try:
         end = model.run()
+    except _NeverRan as never:
+        refused = case.error is not None and case.error.step == never.name and any(
+            (case.error.error_type or "").endswith(kind) for kind in _REFUSED_BEFORE_RUNNING
+        )
+        if refused or case.outcome == "cancelled":
+            case.notes.append(f"the rules' outcome can't be predicted: {never}")
+        else:  # (a step skipped, a reaction not honoured, a segment not run again)
+            case.violations.append(
+                f"the flow got to {never.name} ({never.path}), which the rules run next, "
+                "and never ran its step_forward"
+            )
+        return
     except _Unpredictable as unknown:
         case.notes.append(f"the rules' outcome can't be predicted: {unknown}")
         return

@@ -459,6 +459,49 @@ async def test_an_attempt_started_beside_the_one_before_is_caught(
     ), violations
 
 
+class SkipThenMore(qwit.Flow, name="cr.skip_then_more"):
+    def build_flow(self) -> None:
+        self.step(First)
+        self.step(Optional)
+        self.step(Branch)
+
+
+async def test_a_step_the_rules_run_next_that_never_runs_is_caught(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    # An engine that takes a SKIP as "the flow ends here, completed": the
+    # step after the skipped one never runs. The model of the rules gave up
+    # on a step that ran no code (a note, no violation): nothing was caught.
+    original = Interpreter._forward
+
+    async def ends_at_a_skip(self: Interpreter, run: Any) -> Any:
+        went_on = await original(self, run)
+        if run.status == "skipped":
+            for later in self.saga.runs:
+                if later.status == "pending":
+                    later.status = "skipped"
+        return went_on
+
+    monkeypatch.setattr(Interpreter, "_forward", ends_at_a_skip)
+    failed = await _check_fails(SkipThenMore, {}, cases=["cr.optional"])
+    assert failed.case.label == "2 cr.optional: raises"
+    assert (
+        "the flow got to cr.branch (3), which the rules run next, and never ran its "
+        "step_forward" in failed.case.violations
+    )
+
+
+async def test_a_retried_segment_not_run_again_is_caught(monkeypatch: pytest.MonkeyPatch):
+    # The sub-flow's retry policy says run it again: an engine that does not
+    # is caught (its steps, reached again by the rules, never run again).
+    monkeypatch.setattr(Interpreter, "_segment_retry", lambda self, run: None)
+    failed = await _check_fails(Reactions, {}, cases=[("cr.inner1", "raises")])
+    assert any(
+        "cr.inner1 (2.1), which the rules run next, and never ran" in v
+        for v in failed.case.violations
+    )
+
+
 async def test_undos_oldest_first_are_caught(monkeypatch: pytest.MonkeyPatch):
     async def oldest_first(self: Interpreter, failed: Any) -> None:
         for run in self.saga.done + ([failed] if failed is not None else []):
