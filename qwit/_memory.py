@@ -46,7 +46,7 @@ from ._saga import Decision, FlowFailure, FlowRuntime, Interpreter, SubflowRun
 from ._state import AttemptsInFlight, FlowState, with_attempts_in_flight
 
 #: How many turns of the event loop ``send_decision`` gives a flow to take a
-#: decision in (one does it, unless it is a sub-flow's: a turn per level).
+#: decision in: one or a few do it, a turn per level of sub-flows.
 MAX_TURNS_TO_TAKE_IN = 100
 
 if TYPE_CHECKING:
@@ -345,6 +345,8 @@ class InMemoryHandle(FlowHandle):
 
     async def send_decision(self, flow_id: str, decision: Decision) -> None:
         run = self._find(flow_id)
+        if self._find(self.id).cancelling or run.cancelling:  # (it will wait no more)
+            raise ReactionError(f"flow {flow_id!r} is not waiting (it is being cancelled)")
         checked = run.interpreter.decide(decision.model_copy(deep=True))
         run.poke()
         # As on Temporal (an update), return once the flow has taken it in

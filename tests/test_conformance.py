@@ -775,6 +775,51 @@ async def test_a_decision_has_taken_effect_when_react_returns(env: Env):
     assert ledger.entries(run) == [("do", "react.A"), ("do", "react.C")]
 
 
+async def _tried(call: Any) -> str:
+    """``ok`` if ``call`` (awaitable) returned, else its exception's class name."""
+    try:
+        await call
+    except Exception as exc:
+        return type(exc).__name__
+    return "ok"
+
+
+async def test_of_two_decisions_sent_at_once_the_first_stands_and_the_other_is_refused(
+    env: Env,
+):
+    # README: a second decision for a step decided already is refused (the
+    # first stands). Sent at once, both passed the checks on Temporal (the
+    # second replaced the first, and the flow's end aborted the first's call:
+    # FlowNotFound) and on PostgreSQL (both returned; the flow dropped one).
+    reactions = {"skip": "completed", "abort": "aborted"}
+    async with env.serve(ApprovalFlow):
+        for _ in range(5):
+            handle = await env.client.start(ApprovalFlow, {"ledger": new_ledger()})
+            await wait_status(handle, "waiting")
+            tried = await asyncio.gather(*(_tried(handle.react(r)) for r in reactions))
+            kind, _ = await outcome(handle)
+            assert sorted(tried) == ["ReactionError", "ok"], tried
+            assert kind == reactions[list(reactions)[tried.index("ok")]]
+
+
+@pytest.mark.parametrize("rollback", [True, False])
+async def test_a_decision_sent_after_a_cancel_is_refused(env: Env, rollback: bool):
+    # As on Temporal (an update comes after the signals before it, and the
+    # cancelled flow waits no more): elsewhere a decision sent right after
+    # cancel() was accepted, and then dropped by the cancelled flow.
+    run = new_ledger()
+    async with env.serve(ApprovalFlow):
+        handle = await env.client.start(ApprovalFlow, {"ledger": run})
+        await wait_status(handle, "waiting")
+        await handle.cancel(rollback=rollback)
+        with pytest.raises(qwit.ReactionError):
+            await handle.react(qwit.RETRY, args={"approved": True})
+        kind, err = await outcome(handle)
+    assert kind == "cancelled"
+    assert isinstance(err, qwit.FlowCancelled) and err.rolled_back is rollback
+    assert "approval" not in ledger.applied(run)
+
+
 async def test_a_new_flow_may_take_an_ended_flows_id_not_a_running_ones(env: Env):
     run, again = new_ledger(), new_ledger()
     flow_id = f"reused-{run}"

@@ -64,7 +64,7 @@ from .._state import (
     WaitInfo,
     with_attempts_in_flight,
 )
-from ._driver import add_event, drive, new_run
+from ._driver import REFUSED, add_event, drive, new_run
 from ._pool import Connections, unreachable_text
 from ._server import EmbeddedPostgres
 from ._store import CHANNEL, SCHEMA_VERSION, SchemaTooNew, check_schema
@@ -207,6 +207,7 @@ class PostgresFlowHandle(FlowHandle):
             raise ReactionError(
                 f"flow {self.id!r} has already ended ({row['status']}): there is nothing to cancel"
             )
+        # (a decision sent after it is refused: see send_decision)
         await self._engine.tell(row["run_id"], "cancel", {"rollback": rollback})
 
     async def flow_state(self, flow_id: str) -> FlowState:
@@ -251,30 +252,47 @@ class PostgresFlowHandle(FlowHandle):
     async def send_decision(self, flow_id: str, decision: Decision) -> None:
         row = await self._row(flow_id)
         # Checked here, against what the flow saved, as the flow itself will:
-        # a decision it can't take is refused to the caller, not dropped.
-        if row["ended"] or row["state"] is None:
-            raise ReactionError(f"flow {flow_id!r} is not waiting (it is {row['status']})")
-        state = FlowState.model_validate(row["state"])
-        # a step decided already (the decision not yet taken in) waits no more
-        pending = await self._engine.fetch_all(
-            "SELECT payload FROM qwit.events WHERE run_id = %s AND kind = 'decision' "
-            "AND delivered IS NULL",
-            row["run_id"],
-        )
-        decided = {(p["payload"] or {}).get("path") for p in pending}
-        waits = [w for w in state.waits if w.path not in decided]
-        status = state.status if waits or state.status != "waiting" else "running"
-        found = await self._engine.fetch("SELECT input FROM qwit.flows WHERE id = %s", flow_id)
-        input = FlowInput.model_validate(found["input"]) if found else None
+        # a decision it can't take is refused to the caller, not dropped. The
+        # check and the decision's row are one transaction, under the flow's
+        # row lock: two decisions sent at once are checked one after the
+        # other (the second sees the first), and the flow's driver, which
+        # writes the flow's state under that lock, changes nothing between.
+        async with self._engine.transaction() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(
+                "SELECT run_id, status, state, input, ended FROM qwit.flows WHERE id = %s "
+                "FOR UPDATE",
+                [flow_id],
+            )
+            current = await cur.fetchone()
+            if current is None or current["run_id"] != row["run_id"]:
+                raise ReactionError(f"flow {flow_id!r} is not waiting (it has ended)")
+            if current["ended"] or current["state"] is None:
+                raise ReactionError(f"flow {flow_id!r} is not waiting (it is {current['status']})")
+            state = FlowState.model_validate(current["state"])
+            # a step decided already (the decision not yet taken in) waits no
+            # more, nor does a flow a cancel not yet taken in will stop
+            await cur.execute(
+                "SELECT kind, payload FROM qwit.events WHERE run_id = %s "
+                "AND kind IN ('decision', 'cancel') AND delivered IS NULL",
+                [row["run_id"]],
+            )
+            pending = await cur.fetchall()
+            if any(p["kind"] == "cancel" for p in pending):
+                raise ReactionError(f"flow {flow_id!r} is not waiting (it is being cancelled)")
+            decided = {(p["payload"] or {}).get("path") for p in pending}
+            waits = [w for w in state.waits if w.path not in decided]
+            status = state.status if waits or state.status != "waiting" else "running"
+            input = FlowInput.model_validate(current["input"])
 
-        def back_fields(waiting: WaitInfo) -> tuple[str, ...] | None:
-            node = node_at(input.flow, waiting.path, input.path) if input else None
-            return node.back_fields if isinstance(node, StepNode) else None
+            def back_fields(waiting: WaitInfo) -> tuple[str, ...] | None:
+                node = node_at(input.flow, waiting.path, input.path)
+                return node.back_fields if isinstance(node, StepNode) else None
 
-        checked, _ = check_reaction(
-            flow_id, waits, decision.reaction, decision.args, decision.path, back_fields, status
-        )
-        key = await self._engine.tell(row["run_id"], "decision", checked.model_dump(mode="json"))
+            checked, _ = check_reaction(
+                flow_id, waits, decision.reaction, decision.args, decision.path, back_fields, status
+            )
+            key = f"decision:client#{uuid.uuid4().hex}"
+            await add_event(conn, row["run_id"], key, "decision", checked.model_dump(mode="json"))
         # As on Temporal (an update), return once the flow has taken the
         # decision in: what ``state()`` reads next shows it decided.
         await self._engine.taken_in(flow_id, row["run_id"], key)
@@ -338,6 +356,12 @@ class PostgresEngine(Engine):
             await cur.execute(query, list(params))
             return await cur.fetchall()
 
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A connection of the client's pool, in a transaction."""
+        async with self._connect() as conn, conn.transaction():
+            yield conn
+
     async def tell(self, run_id: str, kind: str, payload: Any) -> str:
         """Put a row of ``kind`` in the run's inbox; its key."""
         key = f"{kind}:client#{uuid.uuid4().hex}"
@@ -355,12 +379,18 @@ class PostgresEngine(Engine):
         pause = 0.01
         while True:
             row = await self.fetch(
-                "SELECT e.delivered IS NOT NULL AS taken, coalesce(f.ended, true) AS ended "
+                "SELECT e.delivered IS NOT NULL AS taken, e.kind, "
+                "coalesce(f.ended, true) AS ended "
                 "FROM qwit.events e LEFT JOIN qwit.flows f ON f.run_id = e.run_id "
                 "WHERE e.run_id = %s AND e.key = %s",
                 run_id,
                 key,
             )
+            if row is not None and row["kind"] == REFUSED:
+                raise ReactionError(
+                    f"flow {flow_id!r} did not take the decision in: it no longer waited "
+                    "for it (a cancel or another decision came first)"
+                )
             if row is None or row["taken"]:
                 return
             if row["ended"]:

@@ -100,6 +100,12 @@ FLOW_TASK = "qwit.flow"
 STEP_TASK = "qwit.step"
 
 
+#: The kind an inbox row of kind ``decision`` takes once its flow has
+#: refused it (it no longer waited for it): delivered again on recovery, it
+#: does nothing, and the client that sent it raises ``ReactionError``.
+REFUSED = "refused"
+
+
 async def add_event(
     conn: Conn,
     run_id: str,
@@ -390,6 +396,9 @@ class Driver:
         #: that delivered what they measure has committed.
         self.measured: list[tuple[str, float, dict[str, str]]] = []
         self.handed: list[Handed] = []
+        #: Keys of the decisions it refused while delivering the row in hand
+        #: (stale since the client checked them): marked ``REFUSED``.
+        self.refused: list[str] = []
         self.waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         self.children: dict[str, _Child] = {}
         self.cancelling = False
@@ -643,6 +652,7 @@ class Driver:
                 interpreter.decide(Decision.model_validate(payload))
             except ReactionError as exc:  # checked by the client, stale since
                 logger.warning("flow %s: a decision was refused: %s", self.flow_id, exc)
+                self.refused.append(key)
         elif kind == "cancel":
             if not self.cancelling and self.task is not None and not self.task.done():
                 interpreter.request_cancel(bool(payload.get("rollback", True)))
@@ -775,6 +785,7 @@ class Driver:
             self._deliver(row["kind"], row["key"], row["payload"])
             self._activate()
         self.replaying = False
+        self.refused = []  # (marked when they were first delivered)
         await self._resume_steps()
         await self._flush(self._outcome())
         while not self.task.done():
@@ -829,6 +840,12 @@ class Driver:
             if row is not None:
                 self._deliver(row["kind"], row["key"], row["payload"])
                 self._activate()
+                if self.refused:  # (the client that sent it learns it)
+                    await cur.execute(
+                        "UPDATE qwit.events SET kind = %s WHERE run_id = %s AND key = ANY(%s)",
+                        [REFUSED, self.run_id, self.refused],
+                    )
+                    self.refused = []
                 await self._write(conn, self._outcome())
             else:
                 await cur.execute(
@@ -963,6 +980,7 @@ class Driver:
 
 __all__ = [
     "FLOW_TASK",
+    "REFUSED",
     "STEP_TASK",
     "Driver",
     "Superseded",

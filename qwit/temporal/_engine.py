@@ -527,7 +527,15 @@ class TemporalFlowHandle(FlowHandle):
             )
         try:
             with _rpc_errors(client, flow_id, f"to decide flow {flow_id!r}"):
-                await client.get_workflow_handle(flow_id).execute_update(UPDATE_REACT, decision)
+                try:
+                    await client.get_workflow_handle(flow_id).execute_update(UPDATE_REACT, decision)
+                except RPCError as err:
+                    if err.status == RPCStatusCode.NOT_FOUND and "aborted" in err.message:
+                        # (another decision, or a cancel, ended it first)
+                        raise ReactionError(
+                            f"flow {flow_id!r} ended before it took the decision in"
+                        ) from None
+                    raise
         except WorkflowUpdateFailedError as err:
             cause = err.cause
             message = cause.message if isinstance(cause, ApplicationError) else str(cause)

@@ -51,6 +51,7 @@ with workflow.unsafe.imports_passed_through():
         FlowFailed,
         HistoryTooLarge,
         PayloadTooLarge,
+        ReactionError,
         StepFailure,
         error_info,
         named_error_info,
@@ -121,6 +122,11 @@ undoes it (flows before it counted from the first offer, and undid nothing)."""
 PLAN_WAITS = "qwit-plan-waits"
 """Patch: a flow whose plan is newer than the worker waits for a worker that
 understands it (flows before it failed with ``qwit.PlanVersionError``)."""
+FIRST_DECISION_STANDS = "qwit-first-decision-stands"
+"""Patch: of two decisions for one step that pass the validator together
+(before either handler runs), the first stands and the second fails with
+``qwit.ReactionError`` (flows before it took the second in the first's
+place)."""
 SPLIT_BIG_TASKS = "qwit-split-big-tasks"
 """Patch: steps and sub-flows started side by side whose payloads would take
 one workflow task past ``TASK_PAYLOAD_BUDGET`` start over several tasks
@@ -759,8 +765,16 @@ class QwitWorkflow:
     )
     async def react(self, decision: Decision) -> None:
         """An operator's decision for a waiting flow."""
-        # (over_pending: what a flow of older QWIT accepted, it replays)
-        self.interpreter.decide(decision, over_pending=True)
+        if not workflow.patched(FIRST_DECISION_STANDS):
+            # (over_pending: what a flow of older QWIT accepted, it replays)
+            self.interpreter.decide(decision, over_pending=True)
+            return
+        try:
+            self.interpreter.decide(decision)
+        except ReactionError as exc:  # decided already, since it was validated
+            raise ApplicationError(
+                str(exc), type="qwit.ReactionError", non_retryable=True
+            ) from None
 
     @react.validator
     def validate_react(self, decision: Decision) -> None:
