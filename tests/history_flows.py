@@ -208,6 +208,26 @@ class GreetAll(qwit.Flow):
         self.map(GreetOne, over="users", item="user", into="greetings", max_concurrency=1)
 
 
+class Wave(qwit.Step):
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"waved": args["user"]}
+
+
+class GreetBesideWait(qwit.Flow):
+    """A block whose branch waits beside one that ends: then nothing of it
+    runs, and as a map's element it gives its place back."""
+
+    def build_flow(self) -> None:
+        with self.parallel():
+            self.step(GreetOrWait, on_failure=qwit.WAIT)
+            self.step(Wave)
+
+
+class GreetAllBesideWaits(qwit.Flow):
+    def build_flow(self) -> None:
+        self.map(GreetBesideWait, over="users", item="user", into="greetings", max_concurrency=1)
+
+
 class JammedLabel(qwit.Step):
     on_failure = qwit.ABORT
     retry = qwit.Retry(max_attempts=1)

@@ -31,6 +31,7 @@ from tests.history_flows import (
     ApprovedQuote,
     Cancellable,
     GreetAll,
+    GreetAllBesideWaits,
     HeldOrder,
     HoldChildStart,
     OrderFlow,
@@ -176,6 +177,37 @@ async def subflow_indexed(client: qwit.Client) -> str:
     return handle.id
 
 
+async def block_wait_gave_place(client: qwit.Client) -> str:
+    handle = await client.start(
+        GreetAllBesideWaits,
+        {"users": ["ann", "bob"], "hold": "ann"},
+        id="history-block-wait-gave-place",
+    )
+    for _ in range(200):  # bob's element runs in ann's place while she waits
+        state = await handle.state()
+        if state.waits and state.steps[0].steps[1].status == "done":
+            break
+        await asyncio.sleep(0.05)
+    await handle.react(qwit.RETRY, args={"hold": None}, path="1.1.1.1")
+    await handle.result()
+    return handle.id
+
+
+async def decided_at_once(client: qwit.Client) -> str:
+    # two decisions sent together: the first stands, the other is refused
+    handle = await client.start(ApprovedOrder, {"order_id": 17}, id="history-decided-at-once")
+    await until_waiting(handle)
+    tried = await asyncio.gather(
+        handle.react(qwit.RETRY, args={"approved": True, "approver": "alice"}),
+        handle.react(qwit.ROLLBACK),
+        return_exceptions=True,
+    )
+    assert sum(isinstance(t, qwit.ReactionError) for t in tried) == 1, tried
+    with contextlib.suppress(qwit.FlowFailed):
+        await handle.result()
+    return handle.id
+
+
 async def subflow_aborted(client: qwit.Client) -> str:
     handle = await client.start(AbortedOrder, {"order_id": 12}, id="history-subflow-aborted")
     return await ended_with(handle, qwit.FlowAborted)
@@ -241,6 +273,8 @@ SCENARIOS: dict[str, Scenario] = {
     "parallel_waited": parallel_waited,
     "subflow_gave_place": subflow_gave_place,
     "subflow_indexed": subflow_indexed,
+    "block_wait_gave_place": block_wait_gave_place,
+    "decided_at_once": decided_at_once,
     "waited_retry": waited_retry,
     "waited_then_final": waited_then_final,
     "waited_rollback": waited_rollback,
@@ -278,6 +312,7 @@ async def record(names: list[str]) -> None:
             ParallelOrder,
             AbortedOrder,
             GreetAll,
+            GreetAllBesideWaits,
             Quote,
             HeldOrder,
             task_queue=queue,
