@@ -1333,8 +1333,12 @@ def _judge(
     try:
         end = model.run()
     except _NeverRan as never:
-        refused = case.error is not None and case.error.step == never.name and any(
-            (case.error.error_type or "").endswith(kind) for kind in _REFUSED_BEFORE_RUNNING
+        refused = (
+            case.error is not None
+            and case.error.step == never.name
+            and any(
+                (case.error.error_type or "").endswith(kind) for kind in _REFUSED_BEFORE_RUNNING
+            )
         )
         if refused or case.outcome == "cancelled":
             case.notes.append(f"the rules' outcome can't be predicted: {never}")

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -94,7 +95,8 @@ async def test_react_cancel_and_redrive_on_postgres(postgres_dsn: str, tmp_path:
     # no worker of its own: the redriven run is served by the next qwit run's worker
     again = await qwit("redrive", "pg-o4", "--args", '{"fail": false}', **env)
     assert again.code == 0, again.err
-    assert "redriven" in again.err
+    # as on Temporal: the new run, and the one it redrives
+    assert re.search(r"flow pg-o4: redriven as run \S+ \(redrive of run \S+\)", again.err)
     query = await qwit("cancel", "--query", "x", **env)
     assert query.code == 2 and "qwit list" in query.err
     local = await qwit("status", "pg-o3", "--backend", "local", **env)

@@ -298,7 +298,10 @@ def redrive(flow_id: str, from_step: str | None, args: dict[str, Any] | None, wa
                 handle = await made.redrive(flow_id, from_step=from_step, args=args)
             except QwitError as exc:
                 raise _fail(exc) from None
-            say(f"flow {handle.id}: redriven")
+            # (as on Temporal: the new run, and the one it redrives)
+            of_run = (await handle.state()).redrive_of
+            run_id = getattr(handle, "run_id", None)
+            say(f"flow {handle.id}: redriven as run {run_id} (redrive of run {of_run})")
             if not wait:
                 return 0
             code = await follow_to_end(err, handle, Follower(err, react=_react_command()))
