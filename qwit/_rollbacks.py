@@ -954,7 +954,10 @@ def _executions(
                 runs.append([call])
             else:
                 runs[-1].append(call)
-        owners = sorted(base.get(key, []), key=lambda e: e.start)
+        if key.endswith("/step_fallback"):  # the undo of what a fallback did
+            owners = [e for e in base.get(key.removesuffix("/step_fallback"), []) if e.key == key]
+        else:
+            owners = sorted(base.get(key, []), key=lambda e: e.start)
         for run in runs:
             earlier = [ex for ex in owners if ex.start <= run[0].start]
             if earlier:
@@ -1321,6 +1324,8 @@ def _judge(
                 continue
             if ex.result == "cancelled":
                 continue
+            if not ex.attempts[0].injected:
+                continue  # the step failed by itself, before the fault: its own error's rule
             want = 1 if case.kind == "non_retryable" else ex.node.retry.max_attempts
             if want is not None and len(ex.attempts) != want:
                 case.violations.append(

@@ -302,6 +302,41 @@ async def test_every_reaction_passes_and_waits_are_decided():
     assert by_label["5 cr.skipback: undo_fails"].outcome == "skipped"
 
 
+class AlwaysFallsBack(qwit.Step, name="cr.always_falls_back"):
+    """Its forward always fails (after its effect): its fallback always runs."""
+
+    retry = qwit.Retry(max_attempts=2, initial_interval=0.01)
+    on_failure = qwit.FALLBACK
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        LEDGER[own_key()] = 1
+        raise RuntimeError("the carrier is down")
+
+    async def step_fallback(self, args: dict[str, Any], error: Any) -> dict[str, Any]:
+        LEDGER[qwit.context().idempotency_key] = 1
+        return {"rate": "flat"}
+
+    async def step_back(self, args: dict[str, Any]) -> None:
+        LEDGER.pop(own_key(), None)
+
+
+class FallsBackAlways(qwit.Flow, name="cr.falls_back_always"):
+    def build_flow(self) -> None:
+        self.step(First)
+        self.step(AlwaysFallsBack)
+        self.step(Branch)
+
+
+async def test_a_step_that_falls_back_in_every_run_passes():
+    # The undo of what its fallback did (keyed <forward key>/step_fallback)
+    # was taken for the undo of a forward that ran no code: "not undone".
+    report = await check_rollbacks(FallsBackAlways, {})
+    later = next(c for c in report.cases if c.label == "3 cr.branch: raises")
+    # the failed attempt (undone before the fallback), then the rollback
+    assert later.undone == ["cr.always_falls_back", "cr.branch", "cr.always_falls_back", "cr.first"]
+    assert later.violations == []
+
+
 # -- what it catches ----------------------------------------------------------------
 
 
