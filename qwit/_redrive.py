@@ -59,13 +59,19 @@ async def redrive_input(
             keep_members=from_step is None and _is_group_at(steps, resume),
         )
     elif status == "compensation_failed":
-        if from_step is not None or corrections:
+        if from_step is not None:
             raise ReactionError(
                 f"flow {flow_id!r}: a flow whose rollback failed is redriven by finishing "
-                "its rollback, from where it is and with its recorded args (no from_step, "
-                "no args)"
+                "its rollback, from where it is (no from_step)"
             )
-        redrive = Redrive(of_run=earlier.run_id, mode="rollback", records=steps, failure=failure)
+        # ``args`` reach the undos it runs, over their recorded args and outputs
+        redrive = Redrive(
+            of_run=earlier.run_id,
+            mode="rollback",
+            records=steps,
+            failure=failure,
+            corrections=corrections,
+        )
     else:  # rolled back: its steps were undone; it starts again from its start
         if from_step is not None:
             raise ReactionError(

@@ -383,6 +383,9 @@ class Interpreter:
                 self._restore(run, record)
                 if _to_undo(run):
                     self.saga.done.append(run)
+                if redrive.corrections:  # (what an operator fixed for the undos)
+                    for inner in _all_runs([run]):
+                        inner.back_args = {**(inner.back_args or {}), **redrive.corrections}
                 continue
             assert redrive.resume is not None
             place = relative_place(run.path, redrive.resume)

@@ -686,14 +686,22 @@ class RC(Effect, name="rd.C"):
 BROKEN_BACKS: set[str] = set()
 
 
+#: Where RBack's undo refunded, by ledger.
+REFUNDED_TO: dict[str, str] = {}
+
+
 class RBack(Effect, name="rd.Back"):
-    """Its undo fails while its ledger is in BROKEN_BACKS."""
+    """Its undo fails while its ledger is in BROKEN_BACKS, or while its args
+    say to refund to a closed account."""
 
     back_retry = qwit.Retry(max_attempts=1)
 
     async def step_back(self, args: dict[str, Any]) -> None:
         if args["ledger"] in BROKEN_BACKS:
             raise RuntimeError("the refund service is down")
+        if args.get("refund_to") == "closed-account":
+            raise RuntimeError("can't refund to a closed account")
+        REFUNDED_TO[args["ledger"]] = args.get("refund_to", "")
         await super().step_back(args)
 
 
@@ -911,6 +919,25 @@ async def test_a_flow_whose_rollback_failed_finishes_it(env: Env):
     assert err.step == "rd.C"
     assert err.compensated == ["rd.Back"]
     # each effect undone once (rd.Back's late, as its undo failed at first)
+    assert sorted(ledger.undone(run)) == sorted(ledger.applied(run)) == ["rd.A", "rd.Back"]
+
+
+async def test_a_flow_whose_rollback_failed_finishes_it_with_args_fixed_for_its_undos(env: Env):
+    # Contract 8: redrive(flow_id, from_step=None, args=None). The args reach
+    # the undos the redrive runs (over their recorded args and outputs): the
+    # operator fixes what made an undo fail. Before, args were refused.
+    run = new_ledger()
+    async with env.serve(RedrivableBack):
+        handle = await env.client.start(
+            RedrivableBack, {"ledger": run, "fail": "rd.C", "refund_to": "closed-account"}
+        )
+        kind, _ = await outcome(handle)
+        assert kind == "compensation_failed"
+        again = await env.client.redrive(handle.id, args={"refund_to": "new-account"})
+        kind, err = await outcome(again)
+    assert kind == "rolled_back"
+    assert err.compensated == ["rd.Back"]
+    assert REFUNDED_TO[run] == "new-account"
     assert sorted(ledger.undone(run)) == sorted(ledger.applied(run)) == ["rd.A", "rd.Back"]
 
 
