@@ -1295,8 +1295,10 @@ def _judge(
     calls: list[StepCallRecord],
     fault: _Fault,
     slack: float = 0.0,
+    refused: set[str] | None = None,
 ) -> None:
-    """Check one case's recorded calls and outcome against the rules."""
+    """Check one case's recorded calls and outcome against the rules
+    (``refused``: the paths of steps whose call QWIT refused before it ran)."""
     finals = {t.path for t in _targets(plan) if t.final}
     execs, orphans = _executions(plan, calls)
     case.notes.extend(
@@ -1338,14 +1340,12 @@ def _judge(
     try:
         end = model.run()
     except _NeverRan as never:
-        refused = (
+        excused = never.path in (refused or set()) or (
             case.error is not None
             and case.error.step == never.name
-            and any(
-                (case.error.error_type or "").endswith(kind) for kind in _REFUSED_BEFORE_RUNNING
-            )
+            and any((case.error.error_type or "").endswith(k) for k in _REFUSED_BEFORE_RUNNING)
         )
-        if refused or case.outcome == "cancelled":
+        if excused or case.outcome == "cancelled":
             case.notes.append(f"the rules' outcome can't be predicted: {never}")
         else:  # (a step skipped, a reaction not honoured, a segment not run again)
             case.violations.append(
@@ -1594,8 +1594,24 @@ async def _run_case(
     if case_plan.fails_at is not None and case_plan.fails_at != case.path:
         case.notes.append(f"the flow is made to fail at {case_plan.fails_at}")
     slack = REPORT_SLACK if engine.name != "local" else 0.0
-    _judge(case, input.flow, case.calls, case_plan.fault, slack)
+    refused: set[str] = set()
+    if case.outcome != "did not end":
+        with contextlib.suppress(Exception):  # (only to excuse a step that ran no code)
+            refused = _refused_paths((await handle.state()).steps)
+    _judge(case, input.flow, case.calls, case_plan.fault, slack, refused)
     return case
+
+
+def _refused_paths(steps: list[Any]) -> set[str]:
+    """The paths of the steps (sub-flows' included) whose call QWIT refused
+    before it ran, as the flow's state says (``error.type``)."""
+    found: set[str] = set()
+    for step in steps:
+        error = step.error
+        if error is not None and any(error.type.endswith(k) for k in _REFUSED_BEFORE_RUNNING):
+            found.add(step.path)
+        found |= _refused_paths(step.steps)
+    return found
 
 
 __all__ = [

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import temporalio.client
+from pydantic import BaseModel
 
 import qwit
 from qwit._errors import StepFailure, error_info
@@ -335,6 +336,48 @@ async def test_a_step_that_falls_back_in_every_run_passes():
     # the failed attempt (undone before the fallback), then the rollback
     assert later.undone == ["cr.always_falls_back", "cr.branch", "cr.always_falls_back", "cr.first"]
     assert later.violations == []
+
+
+class Token(BaseModel):
+    token: str
+
+
+class Produces(Effect, name="cr.produces"):
+    on_failure = qwit.SKIP
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        await super().step_forward(args)
+        return {"token": "t"}
+
+
+class ConsumesTyped(qwit.Step, name="cr.consumes_typed"):
+    """Typed: refused before it runs (ArgumentsError) without a token; skipped then."""
+
+    on_failure = qwit.SKIP
+
+    async def step_forward(self, args: Token) -> dict[str, Any]:
+        LEDGER[own_key()] = 1
+        return {"used": args.token}
+
+    async def step_back(self, args: dict[str, Any]) -> None:
+        LEDGER.pop(own_key(), None)
+
+
+class SkipThenTypedSkip(qwit.Flow, name="cr.skip_then_typed_skip"):
+    def build_flow(self) -> None:
+        self.step(Produces)
+        self.step(ConsumesTyped)
+        self.step(First)
+
+
+async def test_a_step_refused_before_it_ran_and_skipped_passes():
+    # When the producer is skipped, the typed consumer's call is refused
+    # (ArgumentsError) before it runs, it is skipped too, and the flow
+    # completes: correct, and no violation (a step that ran no code is
+    # excused when the flow's state says QWIT refused it).
+    report = await check_rollbacks(SkipThenTypedSkip, {})
+    skipped = next(c for c in report.cases if c.label == "1 cr.produces: raises")
+    assert (skipped.outcome, skipped.violations) == ("completed", [])
 
 
 # -- what it catches ----------------------------------------------------------------
