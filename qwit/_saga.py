@@ -117,6 +117,10 @@ SUBFLOW_INDEX = "qwit-subflow-index"
 #: gives it while members of a block in it wait and none of the others runs
 #: (older QWIT gave it only for a wait of its own sequence).
 BLOCK_WAIT_GIVES_PLACE = "qwit-block-wait-gives-place"
+#: A sub-flow that gave its place back takes one again before a ROLLBACK or
+#: SKIPBACK decided for it undoes anything (older QWIT undid at once, beside
+#: the members that ran in its place).
+UNDO_TAKES_PLACE = "qwit-undo-takes-place"
 
 
 class _Slot:
@@ -958,7 +962,7 @@ class Interpreter:
             try:
                 await self._forward(member)
                 self._resting.discard(member.path)
-                if self.saga.waits and self._gives_place_while_idle():
+                if (self.saga.waits or self._resting) and self._gives_place_while_idle():
                     await self._give_place_if_idle(member)  # (the others wait)
             except _Stop as stop:
                 stops.append(stop)
@@ -1653,6 +1657,13 @@ class Interpreter:
             await slot.take()
         if direction == "step_forward" and decision.reaction in (RETRY, SKIP):
             await self._take_place_back()  # (a sub-flow that gave it back)
+        elif (
+            direction == "step_forward"
+            and decision.reaction in (ROLLBACK, SKIPBACK)
+            and (self._place_given or self._place_asked)
+            and self.runtime.patched(UNDO_TAKES_PLACE)
+        ):
+            await self._take_place_back()  # its undos count under the limit too
         return decision
 
     def _groups(self) -> dict[int, StepRun]:

@@ -193,6 +193,23 @@ async def block_wait_gave_place(client: qwit.Client) -> str:
     return handle.id
 
 
+async def subflow_undo_took_place(client: qwit.Client) -> str:
+    # ann's element waits (its place given to bob's); ROLLBACK: it takes a
+    # place again before it undoes anything
+    handle = await client.start(
+        GreetAll, {"users": ["ann", "bob"], "hold": "ann"}, id="history-subflow-undo-took-place"
+    )
+    for _ in range(200):
+        state = await handle.state()
+        if state.waits and state.steps[0].steps[1].status == "done":
+            break
+        await asyncio.sleep(0.05)
+    await handle.react(qwit.ROLLBACK, path="1.1.1")
+    with contextlib.suppress(qwit.FlowFailed):
+        await handle.result()
+    return handle.id
+
+
 async def decided_at_once(client: qwit.Client) -> str:
     # two decisions sent together: the first stands, the other is refused
     handle = await client.start(ApprovedOrder, {"order_id": 17}, id="history-decided-at-once")
@@ -275,6 +292,7 @@ SCENARIOS: dict[str, Scenario] = {
     "subflow_indexed": subflow_indexed,
     "block_wait_gave_place": block_wait_gave_place,
     "decided_at_once": decided_at_once,
+    "subflow_undo_took_place": subflow_undo_took_place,
     "waited_retry": waited_retry,
     "waited_then_final": waited_then_final,
     "waited_rollback": waited_rollback,

@@ -503,6 +503,19 @@ class ElementJob(qwit.Step, name="par.element_job"):
             steps[element] -= 1
         return {f"out_{args['eid']}": eid}
 
+    async def step_back(self, args: dict[str, Any]) -> None:
+        run, element = args["ledger"], str(args["user"])
+        steps = _ELEMENT_STEPS.setdefault(run, {})
+        steps[element] = steps.get(element, 0) + 1
+        now = sum(1 for n in steps.values() if n > 0)
+        _ELEMENTS_PEAK[run] = max(_ELEMENTS_PEAK.get(run, 0), now)
+        try:
+            await asyncio.sleep(
+                float(args.get("back_delay", {}).get(f"{element}-{args['eid']}", 0))
+            )
+        finally:
+            steps[element] -= 1
+
 
 class WaitBesideBranch(qwit.Flow, name="par.wait_beside_branch"):
     def build_flow(self) -> None:
@@ -550,6 +563,134 @@ async def test_a_sub_flow_element_gives_its_place_once_its_waiting_branch_runs_a
     log = _ELEMENT_LOG[run]
     retried = max(i for i, eid in enumerate(log) if eid == "0-w")
     assert retried > log.index("1-s"), log  # it waited for element 1's place
+
+
+class WaitingPart(qwit.Flow, name="par.waiting_part"):
+    def build_flow(self) -> None:
+        self.step(ElementJob, on_failure="wait")
+
+
+class PartsOneAtATime(qwit.Flow, name="par.parts_one_at_a_time"):
+    def build_flow(self) -> None:
+        self.map(WaitingPart, over="parts", item="eid", into="po", max_concurrency=1)
+
+
+class ElementsOfParts(qwit.Flow, name="par.elements_of_parts"):
+    def build_flow(self) -> None:
+        self.map(PartsOneAtATime, over="users", item="user", into="out", max_concurrency=1)
+
+
+async def _waits(handle: qwit.FlowHandle, n: int) -> list[str]:
+    for _ in range(600):
+        state = await handle.state()
+        if len(state.waits) >= n:
+            return sorted(w.path for w in state.waits)
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not {n} waits: {state.waits}")
+
+
+async def _until(done: Any) -> bool:
+    for _ in range(200):
+        if done():
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def test_an_element_gives_its_place_again_once_its_retried_part_has_run(env: Env):
+    # Elements whose parts are sub-flows that wait: once element 0's retried
+    # part has completed and its other part still waits, nothing of element
+    # 0 runs: element 1's retried part gets the place. Before, element 0
+    # kept it until its other part was decided.
+    run = new_ledger()
+    args = {"ledger": run, "users": [0, 1], "parts": ["a", "b"]}
+    async with env.serve(ElementsOfParts):
+        handle = await env.client.start(
+            ElementsOfParts, {**args, "fail": ["0-a", "0-b", "1-a", "1-b"]}
+        )
+        paths = await _waits(handle, 4)
+        await handle.react(qwit.RETRY, args={"fail": []}, path=paths[0])
+        assert await _until(lambda: _ELEMENT_LOG[run].count("0-a") == 2)
+        await handle.react(qwit.RETRY, args={"fail": []}, path=paths[2])
+        ran = await _until(lambda: _ELEMENT_LOG[run].count("1-a") == 2)
+        for path in (paths[1], paths[3]):
+            await handle.react(qwit.RETRY, args={"fail": []}, path=path)
+        kind, result = await outcome(handle)
+    assert ran, f"element 1's retried part did not get the place: {_ELEMENT_LOG[run]}"
+    assert kind == "completed", result
+    assert _ELEMENTS_PEAK[run] == 1
+
+
+class PreThenWaits(qwit.Flow, name="par.pre_then_waits"):
+    def build_flow(self) -> None:
+        self.step(ElementJob, {"eid": "pre"})
+        with self.parallel():
+            self.step(ElementJob, {"eid": "a"}, on_failure="wait")
+            self.step(ElementJob, {"eid": "b"}, on_failure="wait")
+
+
+class PreThenWaitsMap(qwit.Flow, name="par.pre_then_waits_map"):
+    def build_flow(self) -> None:
+        self.map(PreThenWaits, over="users", item="user", into="out", max_concurrency=1)
+
+
+@pytest.mark.parametrize("reaction", [qwit.ROLLBACK, qwit.SKIPBACK])
+async def test_an_element_that_gave_its_place_takes_it_again_to_undo(
+    env: Env, reaction: qwit.Reaction
+):
+    # Element 0 waits (its place given to element 1); an operator decides
+    # ROLLBACK while element 1 runs: element 0's undos wait for the place
+    # (the map undoes at most max_concurrency elements at once, and runs
+    # none beside them). Before, they ran beside element 1's step.
+    run = new_ledger()
+    args = {
+        "ledger": run,
+        "users": [0, 1],
+        "fail": ["0-a", "0-b"],
+        "delay": {"1-pre": 1.5},
+        "back_delay": {"0-pre": 0.5},
+    }
+    async with env.serve(PreThenWaitsMap):
+        handle = await env.client.start(PreThenWaitsMap, args)
+        paths = await _waits(handle, 2)
+        assert await _until(lambda: "1-pre" in _ELEMENT_LOG[run])
+        await handle.react(reaction, path=paths[0])
+        kind, _ = await outcome(handle)
+    assert kind == "rolled_back"
+    assert _ELEMENTS_PEAK[run] == 1
+
+
+class WaitingP(qwit.Flow, name="par.waiting_p"):
+    def build_flow(self) -> None:
+        self.step(ElementJob, {"eid": "p"}, on_failure="wait")
+
+
+class WaitsBesideASubFlow(qwit.Flow, name="par.waits_beside_a_sub_flow"):
+    def build_flow(self) -> None:
+        self.step(ElementJob, {"eid": "pre"})
+        with self.parallel():
+            self.step(WaitingP)
+            self.step(ElementJob, {"eid": "a"}, on_failure="wait")
+            self.step(ElementJob, {"eid": "b"}, on_failure="wait")
+
+
+async def test_a_decision_sent_while_a_cancel_is_under_way_is_refused(env: Env):
+    # The cancel stops the waiting sub-flow branch first (its undo takes a
+    # while); the other waits are still listed meanwhile. A decision for one
+    # of them is refused, as one sent after the cancel. Before, Temporal and
+    # PostgreSQL accepted it (the cancelled flow then dropped it).
+    run = new_ledger()
+    args = {"ledger": run, "user": 0, "fail": ["0-p", "0-a", "0-b"], "back_delay": {"0-p": 1.5}}
+    async with env.serve(WaitsBesideASubFlow):
+        handle = await env.client.start(WaitsBesideASubFlow, args)
+        await _waits(handle, 3)
+        await handle.cancel()
+        await asyncio.sleep(0.3)
+        with pytest.raises(qwit.ReactionError):
+            await handle.react(qwit.RETRY, args={"fail": []}, path="2.2")
+        kind, _ = await outcome(handle)
+    assert kind == "cancelled"
+    assert _ELEMENT_LOG[run].count("0-a") == 1  # not run again
 
 
 def test_the_graph_forks_and_joins_around_a_block_and_draws_a_map_once():

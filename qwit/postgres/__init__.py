@@ -270,11 +270,13 @@ class PostgresFlowHandle(FlowHandle):
                 raise ReactionError(f"flow {flow_id!r} is not waiting (it is {current['status']})")
             state = FlowState.model_validate(current["state"])
             # a step decided already (the decision not yet taken in) waits no
-            # more, nor does a flow a cancel not yet taken in will stop
+            # more, nor does a flow (or its root) that a cancel reached or will
+            # reach (its waits go as the cancel gets to them)
             await cur.execute(
-                "SELECT kind, payload FROM qwit.events WHERE run_id = %s "
-                "AND kind IN ('decision', 'cancel') AND delivered IS NULL",
-                [row["run_id"]],
+                "SELECT kind, payload FROM qwit.events WHERE (run_id = %s AND kind = 'decision' "
+                "AND delivered IS NULL) OR (kind = 'cancel' AND (run_id = %s OR run_id = "
+                "(SELECT run_id FROM qwit.flows WHERE id = %s)))",
+                [row["run_id"], row["run_id"], self.id],
             )
             pending = await cur.fetchall()
             if any(p["kind"] == "cancel" for p in pending):

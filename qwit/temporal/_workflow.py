@@ -779,6 +779,13 @@ class QwitWorkflow:
     @react.validator
     def validate_react(self, decision: Decision) -> None:
         """Refuse a decision the flow can't take, before it is recorded."""
+        if self.interpreter.runtime.cancel_requested():
+            # (its waits go as its cancel reaches them: none will be decided)
+            raise ApplicationError(
+                f"flow {workflow.info().workflow_id!r} is not waiting (it is being cancelled)",
+                type="qwit.ReactionError",
+                non_retryable=True,
+            )
         try:
             self.interpreter.check_decision(decision.reaction, decision.args, decision.path)
         except Exception as exc:
