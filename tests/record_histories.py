@@ -156,15 +156,21 @@ async def parallel_waited(client: qwit.Client) -> str:
     return handle.id
 
 
+async def until_bob_ran_in_anns_place(handle: qwit.FlowHandle) -> None:
+    """Until ann's element of a map (one at a time) waits and bob's, run in
+    her place meanwhile, is done."""
+    for _ in range(200):
+        state = await handle.state()
+        if state.waits and state.steps[0].steps[1].status == "done":
+            return
+        await asyncio.sleep(0.05)
+
+
 async def subflow_gave_place(client: qwit.Client) -> str:
     handle = await client.start(
         GreetAll, {"users": ["ann", "bob"], "hold": "ann"}, id="history-subflow-gave-place"
     )
-    for _ in range(200):  # bob is greeted in ann's place while she waits
-        state = await handle.state()
-        if state.waits and state.steps[0].steps[1].status == "done":
-            break
-        await asyncio.sleep(0.05)
+    await until_bob_ran_in_anns_place(handle)
     await handle.react(qwit.RETRY, args={"hold": None}, path="1.1.1")
     await handle.result()
     return handle.id
@@ -183,11 +189,7 @@ async def block_wait_gave_place(client: qwit.Client) -> str:
         {"users": ["ann", "bob"], "hold": "ann"},
         id="history-block-wait-gave-place",
     )
-    for _ in range(200):  # bob's element runs in ann's place while she waits
-        state = await handle.state()
-        if state.waits and state.steps[0].steps[1].status == "done":
-            break
-        await asyncio.sleep(0.05)
+    await until_bob_ran_in_anns_place(handle)
     await handle.react(qwit.RETRY, args={"hold": None}, path="1.1.1.1")
     await handle.result()
     return handle.id
@@ -199,11 +201,7 @@ async def subflow_undo_took_place(client: qwit.Client) -> str:
     handle = await client.start(
         GreetAll, {"users": ["ann", "bob"], "hold": "ann"}, id="history-subflow-undo-took-place"
     )
-    for _ in range(200):
-        state = await handle.state()
-        if state.waits and state.steps[0].steps[1].status == "done":
-            break
-        await asyncio.sleep(0.05)
+    await until_bob_ran_in_anns_place(handle)
     await handle.react(qwit.ROLLBACK, path="1.1.1")
     with contextlib.suppress(qwit.FlowFailed):
         await handle.result()
