@@ -42,7 +42,14 @@ from ._plan import (
     child_flow_id,
 )
 from ._runner import Registry
-from ._saga import Decision, FlowFailure, FlowRuntime, Interpreter, SubflowRun
+from ._saga import (
+    Decision,
+    FlowFailure,
+    FlowRuntime,
+    Interpreter,
+    SubflowRun,
+    stopped_by_cancel,
+)
 from ._state import AttemptsInFlight, FlowState, with_attempts_in_flight
 
 #: How many turns of the event loop ``send_decision`` gives a flow to take a
@@ -345,7 +352,9 @@ class InMemoryHandle(FlowHandle):
 
     async def send_decision(self, flow_id: str, decision: Decision) -> None:
         run = self._find(flow_id)
-        if self._find(self.id).cancelling or run.cancelling:  # (it will wait no more)
+        if (self._find(self.id).cancelling or run.cancelling) and stopped_by_cancel(
+            list(run.interpreter.saga.waits.values()), decision.path
+        ):  # (a failed forward's wait goes as the cancel reaches it)
             raise ReactionError(f"flow {flow_id!r} is not waiting (it is being cancelled)")
         checked = run.interpreter.decide(decision.model_copy(deep=True))
         run.poke()

@@ -693,6 +693,55 @@ async def test_a_decision_sent_while_a_cancel_is_under_way_is_refused(env: Env):
     assert _ELEMENT_LOG[run].count("0-a") == 1  # not run again
 
 
+#: Ledgers whose UndoWaits undo fails; what it undid, by ledger.
+_UNDO_BROKEN: set[str] = set()
+_UNDONE: dict[str, list[str]] = {}
+
+
+class UndoWaits(qwit.Step, name="par.undo_waits"):
+    back_retry = qwit.Retry(max_attempts=1)
+    back_on_failure = qwit.WAIT
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"did": True}
+
+    async def step_back(self, args: dict[str, Any]) -> None:
+        if args["ledger"] in _UNDO_BROKEN:
+            raise RuntimeError("the refund service is down")
+        _UNDONE.setdefault(args["ledger"], []).append("undo_waits")
+
+
+class UndoWaitsThenLong(qwit.Flow, name="par.undo_waits_then_long"):
+    def build_flow(self) -> None:
+        self.step(UndoWaits)
+        self.step(Work, {"eid": "long", "delay": {"long": 30.0}})
+
+
+class SiblingStopsIt(qwit.Flow, name="par.sibling_stops_it"):
+    def build_flow(self) -> None:
+        with self.parallel():
+            self.step(UndoWaitsThenLong)
+            self.step(Work, {"eid": "fails", "delay": {"fails": 0.5}})
+
+
+async def test_a_failed_undo_that_a_cancel_meets_is_still_decided(env: Env):
+    # A sibling's failure stops the sub-flow branch (a cancel of it), whose
+    # rollback meets an undo that fails and waits (back_on_failure=WAIT):
+    # that wait is decided as any, though a cancel is under way. Refusing
+    # every decision during a cancel left such a flow waiting forever.
+    run = new_ledger()
+    _UNDO_BROKEN.add(run)
+    async with env.serve(SiblingStopsIt):
+        handle = await env.client.start(SiblingStopsIt, {"ledger": run, "fail": "fails"})
+        paths = await _waits(handle, 1)
+        _UNDO_BROKEN.discard(run)
+        await handle.react(qwit.RETRY, path=paths[0])
+        kind, _ = await outcome(handle)
+    assert paths == ["1.1.1"]
+    assert kind == "rolled_back"
+    assert _UNDONE[run] == ["undo_waits"]
+
+
 def test_the_graph_forks_and_joins_around_a_block_and_draws_a_map_once():
     from qwit._cli._graph import dot, mermaid
 

@@ -56,7 +56,7 @@ from .._plan import (
     node_at,
 )
 from .._runtime import Decision, FlowRuntime, SubflowRun
-from .._saga import Interpreter, check_reaction
+from .._saga import Interpreter, check_reaction, stopped_by_cancel
 from .._state import (
     FAILED_STATUSES,
     AttemptsInFlight,
@@ -279,10 +279,12 @@ class PostgresFlowHandle(FlowHandle):
                 [row["run_id"], row["run_id"], self.id],
             )
             pending = await cur.fetchall()
-            if any(p["kind"] == "cancel" for p in pending):
-                raise ReactionError(f"flow {flow_id!r} is not waiting (it is being cancelled)")
             decided = {(p["payload"] or {}).get("path") for p in pending}
             waits = [w for w in state.waits if w.path not in decided]
+            if any(p["kind"] == "cancel" for p in pending) and stopped_by_cancel(
+                waits, decision.path
+            ):
+                raise ReactionError(f"flow {flow_id!r} is not waiting (it is being cancelled)")
             status = state.status if waits or state.status != "waiting" else "running"
             input = FlowInput.model_validate(current["input"])
 

@@ -72,7 +72,14 @@ with workflow.unsafe.imports_passed_through():
         child_flow_id,
     )
     from .._runtime import SubflowStartCancelled
-    from .._saga import Decision, FlowFailure, FlowRuntime, Interpreter, SubflowRun
+    from .._saga import (
+        Decision,
+        FlowFailure,
+        FlowRuntime,
+        Interpreter,
+        SubflowRun,
+        stopped_by_cancel,
+    )
     from .._state import (
         FAILED_STATUSES,
         FlowState,
@@ -779,8 +786,10 @@ class QwitWorkflow:
     @react.validator
     def validate_react(self, decision: Decision) -> None:
         """Refuse a decision the flow can't take, before it is recorded."""
-        if self.interpreter.runtime.cancel_requested():
-            # (its waits go as its cancel reaches them: none will be decided)
+        if self.interpreter.runtime.cancel_requested() and stopped_by_cancel(
+            list(self.interpreter.saga.waits.values()), decision.path
+        ):
+            # (its forward waits go as its cancel reaches them)
             raise ApplicationError(
                 f"flow {workflow.info().workflow_id!r} is not waiting (it is being cancelled)",
                 type="qwit.ReactionError",
