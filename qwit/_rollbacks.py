@@ -34,6 +34,7 @@ from ._errors import Compensation, FlowFailed, ReactionError, StepError, qualifi
 from ._flow import Flow, compile_flow, step_classes
 from ._options import ABORT, FALLBACK, ROLLBACK, SKIP, SKIPBACK, WAIT, Reaction, Retry
 from ._plan import FlowInput, FlowNode, MapNode, Node, ParallelNode, StepNode, child_path
+from ._state import StepState
 from ._step import Step, defines
 
 if TYPE_CHECKING:
@@ -709,6 +710,11 @@ class _NeverRan(_Unpredictable):
 _REFUSED_BEFORE_RUNNING = ("ArgumentsError", "PayloadTooLarge", "StepNotRegistered")
 
 
+def _is_refusal(error_type: str | None) -> bool:
+    """Whether a step's error of this type is QWIT refusing its call before it ran."""
+    return error_type is not None and error_type.endswith(_REFUSED_BEFORE_RUNNING)
+
+
 class _Model:
     """The saga rules, applied to what a case's steps did (as recorded): what
     must be undone, what must stay, and how the flow ends."""
@@ -1343,7 +1349,7 @@ def _judge(
         excused = never.path in (refused or set()) or (
             case.error is not None
             and case.error.step == never.name
-            and any((case.error.error_type or "").endswith(k) for k in _REFUSED_BEFORE_RUNNING)
+            and _is_refusal(case.error.error_type)
         )
         if excused or case.outcome == "cancelled":
             case.notes.append(f"the rules' outcome can't be predicted: {never}")
@@ -1602,13 +1608,12 @@ async def _run_case(
     return case
 
 
-def _refused_paths(steps: list[Any]) -> set[str]:
+def _refused_paths(steps: list[StepState]) -> set[str]:
     """The paths of the steps (sub-flows' included) whose call QWIT refused
     before it ran, as the flow's state says (``error.type``)."""
     found: set[str] = set()
     for step in steps:
-        error = step.error
-        if error is not None and any(error.type.endswith(k) for k in _REFUSED_BEFORE_RUNNING):
+        if step.error is not None and _is_refusal(step.error.type):
             found.add(step.path)
         found |= _refused_paths(step.steps)
     return found

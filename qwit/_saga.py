@@ -1848,12 +1848,12 @@ def stopped_by_cancel(waits: list[WaitInfo], path: str | None) -> bool:
     """Whether a decision for ``path`` (None: the only wait) would decide a
     step that a cancel under way stops: a failed forward's wait goes as the
     cancel reaches it. A failed undo's wait (``back_on_failure=WAIT``), which
-    the cancel's own rollback may meet, is still decided."""
-    if path is None:
-        target = waits[0] if len(waits) == 1 else None
-    else:
-        target = next((w for w in waits if w.path == path), None)
-    return target is not None and target.direction == "step_forward"
+    the cancel's own rollback may meet, is still decided. (No such wait:
+    False, and ``check_reaction`` says why.)"""
+    try:
+        return choose_wait("", waits, path).direction == "step_forward"
+    except ReactionError:
+        return False
 
 
 def check_reaction(

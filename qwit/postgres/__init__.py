@@ -295,11 +295,16 @@ class PostgresFlowHandle(FlowHandle):
             checked, _ = check_reaction(
                 flow_id, waits, decision.reaction, decision.args, decision.path, back_fields, status
             )
-            key = f"decision:client#{uuid.uuid4().hex}"
+            key = _client_key("decision")
             await add_event(conn, row["run_id"], key, "decision", checked.model_dump(mode="json"))
         # As on Temporal (an update), return once the flow has taken the
         # decision in: what ``state()`` reads next shows it decided.
         await self._engine.taken_in(flow_id, row["run_id"], key)
+
+
+def _client_key(kind: str) -> str:
+    """The inbox key of a row of ``kind`` a client writes (each its own)."""
+    return f"{kind}:client#{uuid.uuid4().hex}"
 
 
 class PostgresEngine(Engine):
@@ -366,12 +371,10 @@ class PostgresEngine(Engine):
         async with self._connect() as conn, conn.transaction():
             yield conn
 
-    async def tell(self, run_id: str, kind: str, payload: Any) -> str:
-        """Put a row of ``kind`` in the run's inbox; its key."""
-        key = f"{kind}:client#{uuid.uuid4().hex}"
-        async with self._connect() as conn, conn.transaction():
-            await add_event(conn, run_id, key, kind, payload)
-        return key
+    async def tell(self, run_id: str, kind: str, payload: Any) -> None:
+        """Put a row of ``kind`` in the run's inbox."""
+        async with self.transaction() as conn:
+            await add_event(conn, run_id, _client_key(kind), kind, payload)
 
     async def taken_in(self, flow_id: str, run_id: str, key: str) -> None:
         """Return once the run's driver has taken in the inbox row ``key``:

@@ -89,6 +89,12 @@ with workflow.unsafe.imports_passed_through():
         WaitInfo,
     )
 
+
+def _refused(exc: Exception) -> ApplicationError:
+    """A decision the flow refuses, as its caller reads it (``ReactionError``)."""
+    return ApplicationError(str(exc), type="qwit.ReactionError", non_retryable=True)
+
+
 WORKFLOW_NAME = "qwit.Flow"
 #: Search attributes (Keyword), set where the namespace has them registered.
 #: QwitFlow, the flow's name, is set when it starts. QwitStatus is published
@@ -779,28 +785,21 @@ class QwitWorkflow:
         try:
             self.interpreter.decide(decision)
         except ReactionError as exc:  # decided already, since it was validated
-            raise ApplicationError(
-                str(exc), type="qwit.ReactionError", non_retryable=True
-            ) from None
+            raise _refused(exc) from None
 
     @react.validator
     def validate_react(self, decision: Decision) -> None:
         """Refuse a decision the flow can't take, before it is recorded."""
-        if self.interpreter.runtime.cancel_requested() and stopped_by_cancel(
-            list(self.interpreter.saga.waits.values()), decision.path
-        ):
-            # (its forward waits go as its cancel reaches them)
-            raise ApplicationError(
-                f"flow {workflow.info().workflow_id!r} is not waiting (it is being cancelled)",
-                type="qwit.ReactionError",
-                non_retryable=True,
-            )
         try:
+            if self.interpreter.runtime.cancel_requested() and stopped_by_cancel(
+                list(self.interpreter.saga.waits.values()), decision.path
+            ):  # (its forward waits go as its cancel reaches them)
+                raise ReactionError(
+                    f"flow {workflow.info().workflow_id!r} is not waiting (it is being cancelled)"
+                )
             self.interpreter.check_decision(decision.reaction, decision.args, decision.path)
         except Exception as exc:
-            raise ApplicationError(
-                str(exc), type="qwit.ReactionError", non_retryable=True
-            ) from None
+            raise _refused(exc) from None
 
     @workflow.signal(
         name=SIGNAL_SETTLE,
