@@ -121,6 +121,11 @@ BLOCK_WAIT_GIVES_PLACE = "qwit-block-wait-gives-place"
 #: SKIPBACK decided for it undoes anything (older QWIT undid at once, beside
 #: the members that ran in its place).
 UNDO_TAKES_PLACE = "qwit-undo-takes-place"
+#: When a block or map under ``max_concurrency`` is stopped, its sub-flows
+#: that held a place are cancelled (and undo themselves) before those that
+#: had given theirs back (older QWIT went in plan order: an element that had
+#: given its place undid itself beside the one still stopping in it).
+CANCEL_IN_PLACE_FIRST = "qwit-cancel-in-place-first"
 
 
 class _Slot:
@@ -954,6 +959,7 @@ class Interpreter:
         gate = asyncio.Semaphore(limit) if limit is not None and limit < len(members) else None
         stops: list[_Stop] = []
         tasks: list[asyncio.Future[None]] = []
+        held: set[str] = set()  # members that held a place when they ended
 
         async def forward(member: StepRun) -> None:
             group.started += 1
@@ -982,6 +988,8 @@ class Interpreter:
                 if not stops:
                     await forward(member)
             finally:
+                if slot.held:
+                    held.add(member.path)
                 slot.give()
                 del self._slots[member.path]
 
@@ -997,23 +1005,32 @@ class Interpreter:
                 raise
             ended = []
         finally:
-            await self.runtime.shield(self._after_side_by_side(group))
+            await self.runtime.shield(self._after_side_by_side(group, held))
         for end in ended:  # a fault of QWIT's own is not swallowed
             if isinstance(end, BaseException) and not isinstance(end, asyncio.CancelledError):
                 raise end
         if stops:
             raise stops[0]
 
-    async def _after_side_by_side(self, group: StepRun) -> None:
+    async def _after_side_by_side(self, group: StepRun, held: set[str]) -> None:
         """Once every member has ended: those stopped mid-run have failed, and
-        a sub-flow stopped mid-run is cancelled (it undoes itself)."""
+        a sub-flow stopped mid-run is cancelled (it undoes itself), one after
+        another. Under ``max_concurrency``, those that held a place (``held``)
+        go first: the undo of one that had given its place back then runs
+        alone, not beside a member still stopping in its place."""
+        stopped: list[tuple[StepRun, SubflowRun]] = []
         for member in group.members:
             self.saga.waits.pop(member.path, None)
             if member.status == "running":
                 self._stopped(member)
-            stopped = _stopped_subflow(member)
-            if stopped is not None:
-                await self._cancel_subflow(member, stopped)
+            sub = _stopped_subflow(member)
+            if sub is not None:
+                stopped.append((member, sub))
+        in_place = sorted(stopped, key=lambda stop: stop[0].path not in held)
+        if in_place != stopped and self.runtime.patched(CANCEL_IN_PLACE_FIRST):
+            stopped = in_place
+        for member, sub in stopped:
+            await self._cancel_subflow(member, sub)
         self._flow_to(self.saga.phase)
 
     async def _forward_step(

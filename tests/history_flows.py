@@ -190,6 +190,8 @@ class GreetOrWait(qwit.Step):
     async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
         if args.get("hold") == args["user"]:
             raise qwit.StepError(f"{args['user']} is not in yet", retry=False)
+        if args.get("slow") == args["user"]:
+            await asyncio.sleep(2)
         return {"greeted": args["user"]}
 
     async def step_back(self, args: dict[str, Any]) -> None:

@@ -208,6 +208,23 @@ async def subflow_undo_took_place(client: qwit.Client) -> str:
     return handle.id
 
 
+async def cancelled_in_place_first(client: qwit.Client) -> str:
+    # ann's element waits (its place given to bob's, whose step is slow); a
+    # cancel stops and undoes bob's element first, then ann's
+    handle = await client.start(
+        GreetAll,
+        {"users": ["ann", "bob"], "hold": "ann", "slow": "bob"},
+        id="history-cancelled-in-place-first",
+    )
+    for _ in range(200):
+        state = await handle.state()
+        if state.waits and state.steps[0].steps[1].status == "running":
+            break
+        await asyncio.sleep(0.05)
+    await handle.cancel()
+    return await ended_with(handle, qwit.FlowCancelled)
+
+
 async def decided_at_once(client: qwit.Client) -> str:
     # two decisions sent together: the first stands, the other is refused
     handle = await client.start(ApprovedOrder, {"order_id": 17}, id="history-decided-at-once")
@@ -290,6 +307,7 @@ SCENARIOS: dict[str, Scenario] = {
     "subflow_indexed": subflow_indexed,
     "block_wait_gave_place": block_wait_gave_place,
     "decided_at_once": decided_at_once,
+    "cancelled_in_place_first": cancelled_in_place_first,
     "subflow_undo_took_place": subflow_undo_took_place,
     "waited_retry": waited_retry,
     "waited_then_final": waited_then_final,

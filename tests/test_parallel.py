@@ -660,6 +660,31 @@ async def test_an_element_that_gave_its_place_takes_it_again_to_undo(
     assert _ELEMENTS_PEAK[run] == 1
 
 
+async def test_a_cancel_undoes_an_element_that_gave_its_place_after_the_one_in_it(env: Env):
+    # Element 0 waits (its place given to element 1); the flow is cancelled
+    # while element 1's step runs. The element in the place is stopped and
+    # undone first, then element 0: never both at once under a limit of 1.
+    # Before, the elements were cancelled in plan order, and element 0's
+    # undo ran beside element 1's step, still stopping.
+    run = new_ledger()
+    args = {
+        "ledger": run,
+        "users": [0, 1],
+        "fail": ["0-a", "0-b"],
+        "delay": {"1-pre": 1.5},
+        "back_delay": {"0-pre": 0.5},
+    }
+    async with env.serve(PreThenWaitsMap):
+        handle = await env.client.start(PreThenWaitsMap, args)
+        await _waits(handle, 2)
+        assert await _until(lambda: "1-pre" in _ELEMENT_LOG[run])
+        await handle.cancel()
+        kind, failed = await outcome(handle)
+    assert kind == "cancelled"
+    assert failed.compensated.count("par.element_job") == 4  # 0-pre, 0-a, 0-b, 1-pre
+    assert _ELEMENTS_PEAK[run] == 1
+
+
 class WaitingP(qwit.Flow, name="par.waiting_p"):
     def build_flow(self) -> None:
         self.step(ElementJob, {"eid": "p"}, on_failure="wait")
