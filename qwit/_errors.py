@@ -243,12 +243,22 @@ def _described(
     return ErrorInfo(
         type=types[0],
         types=types,
-        message=message,
+        message=_storable(message),
         retryable=retryable,
         started=started,
         attempt=attempt,
-        traceback=traceback,
+        traceback=_storable(traceback),
     )
+
+
+def _storable(text: str) -> str:
+    """``text`` as every engine can keep it: a NUL character (which
+    PostgreSQL's ``jsonb``, where a fallback's job carries the error, can't
+    keep) or a lone surrogate (which has no UTF-8 form) written out as its
+    escape."""
+    if "\x00" in text or not text.isascii():
+        text = text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode()
+    return text
 
 
 class StepFailure(Exception):

@@ -28,7 +28,10 @@ def check_json(value: Any, field: str = "") -> bool:
     strings, finite numbers, booleans and None (or tuples and other mappings,
     which JSON writes as lists and objects). Returns whether it is plain:
     no tuple, no mapping but ``dict``."""
-    if value is None or isinstance(value, (str, bool, int)):
+    if isinstance(value, str):
+        _check_text(value, field)
+        return True
+    if value is None or isinstance(value, (bool, int)):
         return True
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -39,6 +42,7 @@ def check_json(value: Any, field: str = "") -> bool:
         for key, item in value.items():
             if not isinstance(key, str):
                 raise NotJSON(_join(field, repr(key)), "keys must be strings")
+            _check_text(key, _join(field, repr(key)))
             plain = check_json(item, _join(field, key)) and plain
         return plain
     if isinstance(value, (list, tuple)):
@@ -47,6 +51,39 @@ def check_json(value: Any, field: str = "") -> bool:
             plain = check_json(item, f"{field}[{index}]") and plain
         return plain
     raise NotJSON(field, f"a {type(value).__name__} is not JSON-serialisable")
+
+
+def _check_text(text: str, field: str) -> None:
+    """Raise NotJSON if ``text`` has no UTF-8 form (a lone surrogate, which
+    Python strings may hold and JSON payloads can't)."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise NotJSON(
+                field, f"{text[exc.start : exc.end]!r} is a lone surrogate, with no UTF-8 form"
+            ) from None
+
+
+def nul_at(value: Any, field: str = "") -> str | None:
+    """Where the JSON ``value`` holds a NUL character (U+0000), in a string
+    or a key, as ``a.b[2]`` ('' for ``value`` itself); None if nowhere.
+    (PostgreSQL's ``jsonb`` can't keep one.)"""
+    if isinstance(value, str):
+        return field if "\x00" in value else None
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if "\x00" in key:
+                return _join(field, repr(key))
+            found = nul_at(item, _join(field, key))
+            if found is not None:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            found = nul_at(item, f"{field}[{index}]")
+            if found is not None:
+                return found
+    return None
 
 
 def _plain(value: Any) -> Any:
@@ -73,6 +110,7 @@ def as_args(value: Any, what: str) -> dict[str, Any]:
         return {}
     if isinstance(value, BaseModel):
         dumped: dict[str, Any] = value.model_dump(mode="json")
+        check_json(dumped)  # (its strings: JSON mode writes any other value)
         return dumped
     if not isinstance(value, Mapping):
         raise NotJSON("", f"{what} must be a dict or a pydantic model, not {type(value).__name__}")

@@ -1163,3 +1163,122 @@ async def test_payloads_over_the_limit_fail_alike_on_every_engine_that_has_one(e
     assert err.reason.startswith("PayloadTooLarge:")
     assert err.compensated == ["conformance.returns_too_much", "conformance.local"]
     assert ledger.undone(run) == ["big", "conformance.local"]
+
+
+#: Per ledger: the calls of the text steps' methods, in order.
+_TEXT_CALLS: dict[str, list[str]] = {}
+#: What TextOut returns, by ``args["text"]``.
+_TEXTS = {"ok": "ok", "surrogate": "x\ud800", "nul": "a\x00b"}
+
+
+class TextFirst(qwit.Step, name="conformance.text_first"):
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        _TEXT_CALLS.setdefault(args["ledger"], []).append("first.forward")
+        return {"first": True}
+
+    async def step_back(self, args: dict[str, Any]) -> None:
+        _TEXT_CALLS.setdefault(args["ledger"], []).append("first.back")
+
+
+class NotYet(Exception):
+    pass
+
+
+class TextOut(qwit.Step, name="conformance.text_out"):
+    """Returns ``_TEXTS[args["text"]]``, fails with ``_TEXTS[args["raise"]]``, or waits
+    for an operator until ``args["fixed"]``."""
+
+    retry = qwit.Retry(max_attempts=2, initial_interval=0.1)
+    on_failure = {"NotYet": qwit.WAIT}
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        _TEXT_CALLS.setdefault(args["ledger"], []).append("out.forward")
+        if "raise" in args:
+            raise qwit.StepError(f"bad {_TEXTS[args['raise']]}", retry=False)
+        if args.get("hold") and not args.get("fixed"):
+            raise NotYet("not yet")
+        return {"out": _TEXTS[args["text"]]}
+
+    async def step_back(self, args: dict[str, Any]) -> None:
+        _TEXT_CALLS.setdefault(args["ledger"], []).append("out.back")
+
+
+class TextFlow(qwit.Flow, name="conformance.text"):
+    def build_flow(self) -> None:
+        self.step(TextFirst)
+        self.step(TextOut)
+
+
+def _is_postgres(env: Env) -> bool:
+    return env.client.engine(env.client.backend).name == "postgres"
+
+
+async def test_a_string_with_no_utf8_form_is_refused_as_args_and_fails_its_step_as_output(
+    env: Env,
+):
+    # A lone surrogate: a Python string that has no UTF-8 form, so no JSON
+    # payload. Before, start() raised pydantic's error (qwit.postgres took it
+    # and never ended the flow), and as an output it crashed the in-memory
+    # engines' flow, leaving it running.
+    run = new_ledger()
+    async with env.serve(TextFlow):
+        with pytest.raises(qwit.ArgumentsError, match="surrogate"):
+            await env.client.start(TextFlow, {"ledger": run, "text": "ok", "s": "x\ud800"})
+        with pytest.raises(qwit.ArgumentsError, match="surrogate"):
+            await env.client.start(TextFlow, {"ledger": run, "text": "ok", "x\ud800": 1})
+        handle = await env.client.start(TextFlow, {"ledger": run, "text": "surrogate"})
+        kind, failed = await outcome(handle)
+    assert kind == "rolled_back"
+    assert failed.step == "conformance.text_out"
+    assert "surrogate" in failed.reason
+    # not retried (it would return the same); it ran, so it is undone
+    assert _TEXT_CALLS[run] == ["first.forward", "out.forward", "out.back", "first.back"]
+
+
+async def test_a_nul_character_runs_where_the_engine_can_keep_it_and_is_refused_where_not(
+    env: Env,
+):
+    # U+0000 is JSON ("\\u0000"): Temporal and the in-memory engines keep it.
+    # PostgreSQL's jsonb can't: there it is refused in start(), and a step
+    # that returns one fails (not retried) and is undone. Before, qwit.postgres
+    # took it and left the flow running forever.
+    run, out = new_ledger(), new_ledger()
+    async with env.serve(TextFlow):
+        if _is_postgres(env):
+            with pytest.raises(qwit.ArgumentsError, match="NUL character"):
+                await env.client.start(TextFlow, {"ledger": run, "text": "ok", "s": "a\x00b"})
+        else:
+            args = {"ledger": run, "text": "ok", "s": "a\x00b"}
+            assert (await env.client.run(TextFlow, args))["s"] == "a\x00b"
+        handle = await env.client.start(TextFlow, {"ledger": out, "text": "nul"})
+        kind, result = await outcome(handle)
+    if _is_postgres(env):
+        assert kind == "rolled_back"
+        assert "NUL character" in result.reason
+        assert _TEXT_CALLS[out] == ["first.forward", "out.forward", "out.back", "first.back"]
+    else:
+        assert kind == "completed"
+        assert result["out"] == "a\x00b"
+
+
+async def test_a_nul_character_in_an_error_or_a_decision_leaves_no_flow_running(env: Env):
+    # A step's error with U+0000 in its message ends the flow as any error
+    # does (the message keeps it written out as an escape, on every engine).
+    # Decision args with one: refused by qwit.postgres, like a start's.
+    run, held = new_ledger(), new_ledger()
+    async with env.serve(TextFlow):
+        handle = await env.client.start(TextFlow, {"ledger": run, "raise": "nul"})
+        kind, failed = await outcome(handle)
+        assert kind == "rolled_back"
+        assert "bad a\\x00b" in failed.reason
+        handle = await env.client.start(TextFlow, {"ledger": held, "text": "nul", "hold": True})
+        await wait_status(handle, "waiting")
+        fixed = {"fixed": True, "text": "ok", "note": "a\x00b"}
+        if _is_postgres(env):
+            with pytest.raises(qwit.ArgumentsError, match="NUL character"):
+                await handle.react(qwit.RETRY, args=fixed)
+            await handle.react(qwit.RETRY, args={**fixed, "note": "ab"})
+            assert (await handle.result())["note"] == "ab"
+        else:
+            await handle.react(qwit.RETRY, args=fixed)
+            assert (await handle.result())["note"] == "a\x00b"

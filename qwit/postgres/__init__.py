@@ -67,7 +67,7 @@ from .._state import (
 from ._driver import REFUSED, add_event, drive, new_run
 from ._pool import Connections, unreachable_text
 from ._server import EmbeddedPostgres
-from ._store import CHANNEL, SCHEMA_VERSION, SchemaTooNew, check_schema
+from ._store import CHANNEL, SCHEMA_VERSION, SchemaTooNew, check_schema, unstorable
 from ._worker import FLOW_QUEUE, PostgresWorker, prepare, worker_options_from_env
 
 if TYPE_CHECKING:
@@ -295,6 +295,9 @@ class PostgresFlowHandle(FlowHandle):
             checked, _ = check_reaction(
                 flow_id, waits, decision.reaction, decision.args, decision.path, back_fields, status
             )
+            why = unstorable(checked.args, "the decision's args")
+            if why is not None:
+                raise ArgumentsError(why)
             key = _client_key("decision")
             await add_event(conn, row["run_id"], key, "decision", checked.model_dump(mode="json"))
         # As on Temporal (an update), return once the flow has taken the
@@ -478,6 +481,7 @@ class PostgresEngine(Engine):
         Raises:
             ArgumentsError: a flow with this id is running (or waiting).
         """
+        data = _storable_input(input)
         run_id = new_run(input.root_id)
         running = FlowIdInUse(f"a flow with id {input.root_id!r} is already running")
         async with self._connect() as conn, conn.transaction():
@@ -497,7 +501,7 @@ class PostgresEngine(Engine):
                         run_id,
                         input.root_id,
                         input.flow.name,
-                        json.dumps(input.model_dump(mode="json")),
+                        data,
                         json.dumps(trace) if (trace := self._trace()) else None,
                     ],
                 )
@@ -533,7 +537,7 @@ class PostgresEngine(Engine):
             [
                 run_id,
                 input.flow.name,
-                json.dumps(input.model_dump(mode="json")),
+                _storable_input(input),
                 json.dumps(trace) if (trace := self._trace()) else None,
                 fresh,
                 input.root_id,
@@ -582,6 +586,19 @@ class PostgresEngine(Engine):
             await self._new_run(conn, input, run_id, fresh=False)
             await drive(conn, input.root_id, run_id, FLOW_QUEUE)
         return PostgresFlowHandle(self, input.root_id, run_id)
+
+
+def _storable_input(input: FlowInput) -> str:
+    """``input`` as the JSON its flow's row keeps.
+
+    Raises:
+        ArgumentsError: PostgreSQL can't keep it (see ``unstorable``).
+    """
+    data = input.model_dump(mode="json")
+    why = unstorable(data, "the flow's input args (or a step's static args)")
+    if why is not None:
+        raise ArgumentsError(why)
+    return json.dumps(data)
 
 
 __all__ = [

@@ -43,6 +43,8 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
+from .._jsonargs import nul_at
+
 #: The schema version this QWIT writes and understands.
 SCHEMA_VERSION = 4
 
@@ -190,3 +192,14 @@ async def fetch_flow(conn: psycopg.AsyncConnection[Any], flow_id: str) -> dict[s
 
 
 __all__ = ["CHANNEL", "SCHEMA_VERSION", "SchemaTooNew", "check_schema", "fetch_flow", "migrate"]
+
+
+def unstorable(value: Any, what: str) -> str | None:
+    """Why the flow's jobs can't carry the JSON ``value`` (``what``, in
+    words): it holds a NUL character, which a job's args (``jsonb``, in
+    procrastinate's table) can't. None if they can."""
+    where = nul_at(value)
+    if where is None:
+        return None
+    at = f" (at {where!r})" if where else ""
+    return f"{what} hold a NUL character, U+0000{at}, which PostgreSQL's jsonb can't keep"

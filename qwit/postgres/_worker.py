@@ -43,7 +43,7 @@ import procrastinate
 import psycopg
 from procrastinate.job_context import AbortReason
 
-from .._errors import ErrorInfo, StepFailure, StepNotRegistered, error_info
+from .._errors import ArgumentsError, ErrorInfo, StepFailure, StepNotRegistered, error_info
 from .._memory import Heartbeats
 from .._metrics import WAITING_EVERY, Metrics
 from .._options import DEFAULT_TIMEOUT_GRACE
@@ -61,7 +61,7 @@ from ._driver import (
     flow_of_run,
 )
 from ._pool import Connections
-from ._store import CHANNEL, fetch_flow, migrate
+from ._store import CHANNEL, fetch_flow, migrate, unstorable
 
 if TYPE_CHECKING:
     from .._flow import Flow
@@ -555,7 +555,7 @@ class PostgresWorker:
         """One attempt; with a ``heartbeat_timeout``, one that goes that long
         without ``qwit.heartbeat()`` is stopped and fails, to be retried, as
         on Temporal."""
-        return await run_watched_step_method(
+        output = await run_watched_step_method(
             cls,
             call,
             heartbeat_timeout=node.heartbeat_timeout,
@@ -566,6 +566,11 @@ class PostgresWorker:
             timeout=node.limit(call.direction),
             grace=DEFAULT_TIMEOUT_GRACE if node.timeout_grace is None else node.timeout_grace,
         )
+        why = unstorable(output, f"the output of {call.step}.{call.direction}")
+        if why is not None:
+            # (not retried: the same step would return the same again)
+            raise StepFailure(error_info(ArgumentsError(why), attempt=number))
+        return output
 
     async def _record(self, run_id: str, key: str, payload: dict[str, Any], job: int) -> None:
         """Finish a step job this worker took and record its end in its
