@@ -153,6 +153,11 @@ class Client:
             raise ArgumentsError(f"flow {plan.name!r}, args:{field} {exc.problem}") from None
         if id is not None and (not isinstance(id, str) or not id.strip()):
             raise ArgumentsError(f"flow {plan.name!r}: id must be a non-empty string, not {id!r}")
+        if id is not None and not id.isprintable():
+            raise ArgumentsError(
+                f"flow {plan.name!r}: id {id!r} holds a character that is not printable "
+                "(a control character, or a lone surrogate): not every engine can keep it"
+            )
         if id is not None and SUBFLOW_MARK in id:
             raise ArgumentsError(
                 f"flow {plan.name!r}: id {id!r} contains {SUBFLOW_MARK!r}, which QWIT keeps "

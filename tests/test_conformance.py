@@ -1226,6 +1226,9 @@ async def test_a_string_with_no_utf8_form_is_refused_as_args_and_fails_its_step_
             await env.client.start(TextFlow, {"ledger": run, "text": "ok", "s": "x\ud800"})
         with pytest.raises(qwit.ArgumentsError, match="surrogate"):
             await env.client.start(TextFlow, {"ledger": run, "text": "ok", "x\ud800": 1})
+        for id in ("x\ud800", "a\x00b", "two\nlines"):  # (no engine keeps all)
+            with pytest.raises(qwit.ArgumentsError, match="not printable"):
+                await env.client.start(TextFlow, {"ledger": run, "text": "ok"}, id=id)
         handle = await env.client.start(TextFlow, {"ledger": run, "text": "surrogate"})
         kind, failed = await outcome(handle)
     assert kind == "rolled_back"
