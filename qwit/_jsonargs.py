@@ -23,11 +23,18 @@ def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
 
-def check_json(value: Any, field: str = "") -> bool:
+#: How deep args may nest (objects and arrays in one another, the args
+#: object itself the first level). JSON readers
+#: stop somewhere (pydantic's, which reads every payload QWIT writes, at
+#: 200 levels); QWIT's own envelopes around args take a few levels more.
+MAX_DEPTH = 100
+
+
+def check_json(value: Any, field: str = "", depth: int = 0) -> bool:
     """Raise NotJSON unless ``value`` is made of dicts (string keys), lists,
     strings, finite numbers, booleans and None (or tuples and other mappings,
-    which JSON writes as lists and objects). Returns whether it is plain:
-    no tuple, no mapping but ``dict``."""
+    which JSON writes as lists and objects), nested at most ``MAX_DEPTH``
+    levels. Returns whether it is plain: no tuple, no mapping but ``dict``."""
     if isinstance(value, str):
         _check_text(value, field)
         return True
@@ -37,18 +44,21 @@ def check_json(value: Any, field: str = "") -> bool:
         if not math.isfinite(value):
             raise NotJSON(field, f"{value!r} is not a finite number and has no JSON form")
         return True
+    if isinstance(value, (Mapping, list, tuple)) and depth >= MAX_DEPTH:
+        where = field if len(field) <= 60 else f"{field[:30]}...{field[-25:]}"
+        raise NotJSON(where, f"nested more than {MAX_DEPTH} levels deep")
     if isinstance(value, Mapping):
         plain = type(value) is dict
         for key, item in value.items():
             if not isinstance(key, str):
                 raise NotJSON(_join(field, repr(key)), "keys must be strings")
             _check_text(key, _join(field, repr(key)))
-            plain = check_json(item, _join(field, key)) and plain
+            plain = check_json(item, _join(field, key), depth + 1) and plain
         return plain
     if isinstance(value, (list, tuple)):
         plain = type(value) is list
         for index, item in enumerate(value):
-            plain = check_json(item, f"{field}[{index}]") and plain
+            plain = check_json(item, f"{field}[{index}]", depth + 1) and plain
         return plain
     raise NotJSON(field, f"a {type(value).__name__} is not JSON-serialisable")
 

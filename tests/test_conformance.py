@@ -1167,8 +1167,24 @@ async def test_payloads_over_the_limit_fail_alike_on_every_engine_that_has_one(e
 
 #: Per ledger: the calls of the text steps' methods, in order.
 _TEXT_CALLS: dict[str, list[str]] = {}
+
+
+def _nested(levels: int) -> dict[str, Any]:
+    """A dict of ``levels`` dicts, each in the one before."""
+    value: dict[str, Any] = {}
+    for _ in range(levels - 1):
+        value = {"a": value}
+    return value
+
+
 #: What TextOut returns, by ``args["text"]``.
-_TEXTS = {"ok": "ok", "surrogate": "x\ud800", "nul": "a\x00b"}
+_TEXTS: dict[str, Any] = {
+    "ok": "ok",
+    "surrogate": "x\ud800",
+    "nul": "a\x00b",
+    "deep": _nested(99),  # (in the output: 100 levels)
+    "too deep": _nested(100),
+}
 
 
 class TextFirst(qwit.Step, name="conformance.text_first"):
@@ -1285,3 +1301,25 @@ async def test_a_nul_character_in_an_error_or_a_decision_leaves_no_flow_running(
         else:
             await handle.react(qwit.RETRY, args=fixed)
             assert (await handle.result())["note"] == "a\x00b"
+
+
+async def test_args_nested_too_deep_for_json_readers_are_refused_and_fail_their_step(env: Env):
+    # Up to qwit's MAX_DEPTH (100) levels, the args object the first, args
+    # and outputs run on every engine (inside QWIT's own envelopes, which
+    # pydantic reads up to 200 levels); deeper, start() refuses them and
+    # an output fails its step. Before: a RecursionError from start(), or a
+    # payload Temporal's worker could not read back.
+    run, out = new_ledger(), new_ledger()
+    async with env.serve(TextFlow):
+        with pytest.raises(qwit.ArgumentsError, match="nested more than 100 levels"):
+            await env.client.start(TextFlow, {"ledger": run, "text": "ok", "d": _nested(100)})
+        with pytest.raises(qwit.ArgumentsError, match="nested more than 100 levels"):
+            await env.client.start(TextFlow, {"ledger": run, "text": "ok", "d": _nested(5000)})
+        args = {"ledger": run, "text": "deep", "d": _nested(99)}
+        result = await env.client.run(TextFlow, args)
+        assert result["d"] == result["out"] == _nested(99)
+        handle = await env.client.start(TextFlow, {"ledger": out, "text": "too deep"})
+        kind, failed = await outcome(handle)
+    assert kind == "rolled_back"
+    assert "nested more than 100 levels" in failed.reason
+    assert _TEXT_CALLS[out] == ["first.forward", "out.forward", "out.back", "first.back"]
