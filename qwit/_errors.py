@@ -25,6 +25,7 @@ A failed flow's outcome travels from the engine to the client as data (a
 
 from __future__ import annotations
 
+import re
 import traceback
 from typing import Any, Literal
 
@@ -37,12 +38,25 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 MAX_MESSAGE = 4096
 
 
+#: The note ``bounded`` ends a cut text with.
+_CUT_NOTE = re.compile(r"\.\.\. \[(\d+) more characters cut\]\Z")
+
+
 def bounded(text: str, limit: int = MAX_MESSAGE) -> str:
-    """``text`` cut to ``limit`` characters, saying how much was cut."""
+    """``text`` cut to at most ``limit`` characters, its note included,
+    saying how many characters were cut. A text cut already (a message in a
+    reason) is cut again counting them all: the note says what is missing of
+    the original."""
     if len(text) <= limit:
         return text
-    cut = len(text) - limit
-    return f"{text[:limit]}... [{cut} more characters cut]"
+    missing = 0
+    note = _CUT_NOTE.search(text)
+    if note is not None:
+        missing = int(note.group(1))
+        text = text[: note.start()]
+    # (the note's length with as many digits as the cut can have, at most)
+    kept = max(limit - len(f"... [{len(text) + missing} more characters cut]"), 0)
+    return f"{text[:kept]}... [{len(text) - kept + missing} more characters cut]"
 
 
 class QwitError(Exception):

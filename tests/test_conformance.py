@@ -1184,6 +1184,7 @@ _TEXTS: dict[str, Any] = {
     "nul": "a\x00b",
     "deep": _nested(99),  # (in the output: 100 levels)
     "too deep": _nested(100),
+    "long": "x" * 10_000,
 }
 
 
@@ -1323,3 +1324,26 @@ async def test_args_nested_too_deep_for_json_readers_are_refused_and_fail_their_
     assert kind == "rolled_back"
     assert "nested more than 100 levels" in failed.reason
     assert _TEXT_CALLS[out] == ["first.forward", "out.forward", "out.back", "first.back"]
+
+
+def _said_cut(text: str) -> int:
+    found = re.search(r"\.\.\. \[(\d+) more characters cut\]$", text)
+    assert found is not None, text[-80:]
+    return int(found.group(1))
+
+
+async def test_a_long_error_message_is_cut_saying_how_much_of_it_is_missing(env: Env):
+    # Error messages are kept up to 4,096 characters, the note included; the
+    # note counts what is missing of the original, also in the reason, which
+    # cuts "Type: message" again. Before, the reason's note counted only its
+    # own second cut (28 or 44 characters), and the texts ran past 4,096.
+    run = new_ledger()
+    async with env.serve(TextFlow):
+        handle = await env.client.start(TextFlow, {"ledger": run, "raise": "long"})
+        kind, failed = await outcome(handle)
+    assert kind == "rolled_back"
+    message, reason = failed.info.error.message, failed.reason
+    assert message.startswith("bad xxx") and reason.startswith("StepError: bad xxx")
+    for text in (message, reason):
+        assert len(text) <= 4096
+        assert text.count("x") + _said_cut(text) == 10_000
