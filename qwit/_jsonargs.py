@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel
-from pydantic_core import to_json
+from pydantic_core import PydanticSerializationError, to_json
 
 
 class NotJSON(ValueError):
@@ -119,8 +119,11 @@ def as_args(value: Any, what: str) -> dict[str, Any]:
     if value is None:
         return {}
     if isinstance(value, BaseModel):
-        dumped: dict[str, Any] = value.model_dump(mode="json")
-        check_json(dumped)  # (its strings: JSON mode writes any other value)
+        try:
+            dumped: dict[str, Any] = value.model_dump(mode="json")
+        except PydanticSerializationError as exc:
+            raise NotJSON("", f"{what} ({type(value).__name__}) has no JSON form: {exc}") from None
+        check_json(dumped)  # (NaN, strings, depth: JSON mode writes the rest)
         return dumped
     if not isinstance(value, Mapping):
         raise NotJSON("", f"{what} must be a dict or a pydantic model, not {type(value).__name__}")

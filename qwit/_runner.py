@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from types import ModuleType
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from ._context import StepContext, reset_context, set_context
 from ._errors import (
@@ -450,8 +450,6 @@ def normalise_output(step: str, result: Any, attempt: int = 1) -> dict[str, Any]
     """
     if result is None:
         return {}
-    if isinstance(result, BaseModel):
-        return as_args(result, "output")
     try:
         return as_args(result, "output")
     except NotJSON as exc:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import pydantic
 import pytest
 
 import qwit
@@ -1185,7 +1186,13 @@ _TEXTS: dict[str, Any] = {
     "deep": _nested(99),  # (in the output: 100 levels)
     "too deep": _nested(100),
     "long": "x" * 10_000,
+    "object": object(),
 }
+
+
+class TextModel(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(arbitrary_types_allowed=True)
+    out: Any
 
 
 class TextFirst(qwit.Step, name="conformance.text_first"):
@@ -1214,6 +1221,8 @@ class TextOut(qwit.Step, name="conformance.text_out"):
             raise qwit.StepError(f"bad {_TEXTS[args['raise']]}", retry=False)
         if args.get("hold") and not args.get("fixed"):
             raise NotYet("not yet")
+        if args.get("model"):
+            return TextModel(out=_TEXTS[args["text"]])
         return {"out": _TEXTS[args["text"]]}
 
     async def step_back(self, args: dict[str, Any]) -> None:
@@ -1347,3 +1356,17 @@ async def test_a_long_error_message_is_cut_saying_how_much_of_it_is_missing(env:
     for text in (message, reason):
         assert len(text) <= 4096
         assert text.count("x") + _said_cut(text) == 10_000
+
+
+@pytest.mark.parametrize("text", ["object", "surrogate", "too deep"])
+async def test_a_model_output_with_no_json_form_fails_its_step_as_a_dict_would(env: Env, text: str):
+    # Before, the model's serialisation error escaped: the in-memory engines'
+    # flow crashed (left running), Temporal and PostgreSQL retried the step.
+    # (A NaN is not among them: pydantic's JSON mode writes it as null.)
+    run = new_ledger()
+    async with env.serve(TextFlow):
+        handle = await env.client.start(TextFlow, {"ledger": run, "text": text, "model": True})
+        kind, failed = await outcome(handle)
+    assert kind == "rolled_back"
+    assert failed.error_type == "qwit.ArgumentsError", failed.reason
+    assert _TEXT_CALLS[run] == ["first.forward", "out.forward", "out.back", "first.back"]
