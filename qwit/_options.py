@@ -7,9 +7,20 @@ from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ._errors import qualified_name
+from ._errors import FlowDefinitionError, qualified_name
+
+#: The longest duration an option takes, in seconds (a hundred years): past
+#: it, engines overflow (Python's ``timedelta``, Temporal's durations).
+MAX_SECONDS = 100 * 365.25 * 24 * 3600
+#: The most attempts a ``Retry`` may allow (Temporal counts them in 32 bits).
+MAX_ATTEMPTS = 2**31 - 1
+
+
+class InvalidOption(FlowDefinitionError, ValueError):
+    """A step option's value is not valid (a ``FlowDefinitionError``; also a
+    ``ValueError``, as pydantic's validation errors are)."""
 
 
 class Reaction(str, enum.Enum):
@@ -95,12 +106,40 @@ class Retry(BaseModel):
         max_interval: Longest wait between two attempts, in seconds.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    max_attempts: int | None = Field(default=3, ge=1)
-    initial_interval: float = Field(default=1.0, gt=0)
+    max_attempts: int | None = Field(default=3, ge=1, le=MAX_ATTEMPTS, strict=True)
+    initial_interval: float = Field(default=1.0, gt=0, le=MAX_SECONDS)
     backoff: float = Field(default=2.0, ge=1.0)
-    max_interval: float = Field(default=60.0, gt=0)
+    max_interval: float = Field(default=60.0, gt=0, le=MAX_SECONDS)
+
+    def __init__(
+        self,
+        max_attempts: int | None = 3,
+        initial_interval: float = 1.0,
+        backoff: float = 2.0,
+        max_interval: float = 60.0,
+    ) -> None:
+        """Check the policy.
+
+        Raises:
+            InvalidOption: a value out of its range, or of the wrong type.
+        """
+        try:
+            super().__init__(
+                max_attempts=max_attempts,
+                initial_interval=initial_interval,
+                backoff=backoff,
+                max_interval=max_interval,
+            )
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'policy'}: {e['msg']} (not {e['input']!r})"
+                if e["loc"]
+                else e["msg"].removeprefix("Value error, ")
+                for e in exc.errors()
+            )
+            raise InvalidOption(f"qwit.Retry: {problems}") from None
 
     @model_validator(mode="after")
     def _check_intervals(self) -> Retry:
@@ -226,8 +265,10 @@ def parse_seconds(value: object, option: str) -> float:
         seconds = float(value)
     else:
         raise ValueError(f"{option} must be seconds or a timedelta, not {value!r}")
-    if not seconds > 0 or seconds == float("inf"):
-        raise ValueError(f"{option} must be a positive, finite duration, not {value!r}")
+    if not 0 < seconds <= MAX_SECONDS:
+        raise ValueError(
+            f"{option} must be a positive duration of at most 100 years, not {value!r}"
+        )
     return seconds
 
 

@@ -1370,3 +1370,43 @@ async def test_a_model_output_with_no_json_form_fails_its_step_as_a_dict_would(e
     assert kind == "rolled_back"
     assert failed.error_type == "qwit.ArgumentsError", failed.reason
     assert _TEXT_CALLS[run] == ["first.forward", "out.forward", "out.back", "first.back"]
+
+
+class AtTheLimits(qwit.Step, name="conformance.at_the_limits"):
+    """Every duration and count at the most QWIT takes."""
+
+    from qwit._options import MAX_ATTEMPTS, MAX_SECONDS
+
+    retry = qwit.Retry(
+        max_attempts=MAX_ATTEMPTS, initial_interval=MAX_SECONDS, max_interval=MAX_SECONDS
+    )
+    back_retry = qwit.Retry(max_attempts=MAX_ATTEMPTS, backoff=1e300)
+    timeout = MAX_SECONDS
+    back_timeout = MAX_SECONDS
+    timeout_grace = MAX_SECONDS
+    heartbeat_timeout = MAX_SECONDS
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"ran": True}
+
+    async def step_back(self, args: dict[str, Any]) -> None:
+        _TEXT_CALLS.setdefault(args["ledger"], []).append("limits.back")
+
+
+class AtTheLimitsFlow(qwit.Flow, name="conformance.at_the_limits"):
+    def build_flow(self) -> None:
+        self.step(AtTheLimits)
+        self.step(TextOut)
+
+
+async def test_options_at_their_limits_run_on_every_engine(env: Env):
+    # The bounds QWIT sets on options (100 years, 2**31 - 1 attempts) are
+    # ones every engine holds. Past them, an engine overflowed (Temporal's
+    # workflow task failed on every try, PostgreSQL could not read its plan)
+    # and the flow never ended: now a FlowDefinitionError (test_definitions).
+    run = new_ledger()
+    async with env.serve(AtTheLimitsFlow):
+        handle = await env.client.start(AtTheLimitsFlow, {"ledger": run, "raise": "nul"})
+        kind, _ = await outcome(handle)
+    assert kind == "rolled_back"
+    assert _TEXT_CALLS[run] == ["out.forward", "out.back", "limits.back"]

@@ -297,6 +297,23 @@ def test_retry_policy_validation():
         qwit.Retry(initial_interval=10, max_interval=1)
     with pytest.raises(ValueError, match="max_attempts"):
         qwit.Retry(max_attempts=0)
+    # A bad definition: QWIT's error (still a ValueError, as pydantic's was),
+    # with no value an engine can't hold (Temporal counts attempts in 32
+    # bits; an infinite interval has no JSON form).
+    for bad in (
+        {"max_attempts": 0},
+        {"max_attempts": True},
+        {"max_attempts": "3"},
+        {"max_attempts": 1.5},
+        {"max_attempts": 2**31},
+        {"initial_interval": -1},
+        {"initial_interval": float("inf"), "max_interval": float("inf")},
+        {"backoff": float("inf")},
+        {"backoff": float("nan")},
+        {"max_interval": 1e300},
+    ):
+        with pytest.raises(qwit.FlowDefinitionError, match=r"^qwit\.Retry: "):
+            qwit.Retry(**bad)
     policy = qwit.Retry(max_attempts=4, initial_interval=1, backoff=2, max_interval=3)
     assert [policy.delay(n) for n in (1, 2, 3)] == [1, 2, 3]
     assert policy.budget() == 6
@@ -408,3 +425,21 @@ def test_a_non_bool_abstract_is_a_definition_error():
 
         class Half(qwit.Step, abstract="yes"):  # type: ignore[arg-type]
             pass
+
+
+@pytest.mark.parametrize(
+    "option", ["timeout", "back_timeout", "timeout_grace", "heartbeat_timeout"]
+)
+def test_a_duration_past_a_hundred_years_is_refused(option: str):
+    # Before, 1e300 seconds passed, and the flow never ended on Temporal (its
+    # workflow task failed on every try: timedelta overflowed).
+    class Sleepy(qwit.Step, name=f"defs.sleepy_{option}"):
+        async def step_forward(self, args: dict[str, Any]) -> None:
+            return None
+
+    class Patient(qwit.Flow, name=f"defs.patient_{option}"):
+        def build_flow(self) -> None:
+            self.step(Sleepy, **{option: 1e300})
+
+    with pytest.raises(qwit.FlowDefinitionError, match="at most 100 years"):
+        compile_flow(Patient)
