@@ -57,6 +57,11 @@ def _check_backends(plan: FlowNode, engine: str) -> None:
             )
 
 
+#: The longest id a flow may be given, in UTF-8 bytes (the ids of its
+#: sub-flows, ``<id>/~<path>``, must still fit Temporal's 1,000).
+MAX_ID_BYTES = 500
+
+
 class Client:
     """Starts flows and finds them again, each on its Flow's engine.
 
@@ -153,6 +158,11 @@ class Client:
             raise ArgumentsError(f"flow {plan.name!r}, args:{field} {exc.problem}") from None
         if id is not None and (not isinstance(id, str) or not id.strip()):
             raise ArgumentsError(f"flow {plan.name!r}: id must be a non-empty string, not {id!r}")
+        if id is not None and len(id.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES:
+            raise ArgumentsError(
+                f"flow {plan.name!r}: id {id[:40]!r}... is longer than {MAX_ID_BYTES} bytes "
+                "(UTF-8): Temporal holds ids up to 1,000, and a sub-flow's adds its path"
+            )
         if id is not None and not id.isprintable():
             raise ArgumentsError(
                 f"flow {plan.name!r}: id {id!r} holds a character that is not printable "

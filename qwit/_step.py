@@ -12,6 +12,11 @@ from pydantic import BaseModel
 from ._errors import ErrorInfo, FlowDefinitionError
 from ._options import OnFailure, Reaction, Retry
 
+#: The longest name a Step or Flow may have, in UTF-8 bytes: it names the
+#: Temporal activities of a step (``<name>.step_fallback``) and a flow's ids
+#: (``<name>-<32 hex digits>``), which Temporal holds up to 1,000 bytes.
+MAX_NAME_BYTES = 200
+
 
 def _own_name(cls: type, name: str | None) -> str:
     if name is not None:
@@ -19,8 +24,18 @@ def _own_name(cls: type, name: str | None) -> str:
             raise FlowDefinitionError(
                 f"{cls.__qualname__}: name= must be a non-empty string, not {name!r}"
             )
-        return name.strip()
-    return cls.__name__
+        name = name.strip()
+    else:
+        name = cls.__name__
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES or not name.isprintable():
+        raise FlowDefinitionError(
+            f"{cls.__qualname__}: name {name[:40]!r}... must be printable and at most "
+            f"{MAX_NAME_BYTES} bytes long (UTF-8)"
+            if len(name) > 40
+            else f"{cls.__qualname__}: name {name!r} must be printable and at most "
+            f"{MAX_NAME_BYTES} bytes long (UTF-8)"
+        )
+    return name
 
 
 class Step:

@@ -1410,3 +1410,49 @@ async def test_options_at_their_limits_run_on_every_engine(env: Env):
         kind, _ = await outcome(handle)
     assert kind == "rolled_back"
     assert _TEXT_CALLS[run] == ["out.forward", "out.back", "limits.back"]
+
+
+class LongNamedStep(qwit.Step, name="s" * 200):
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"named": True}
+
+
+class LongNamedFlow(qwit.Flow, name="f" * 200):
+    def build_flow(self) -> None:
+        self.step(LongNamedStep)
+        self.step(Outer)  # (a sub-flow: its id is the flow's, and more)
+
+
+async def test_names_and_ids_as_long_as_qwit_takes_run_and_longer_are_refused(env: Env):
+    # Temporal holds ids and activity names up to 1,000 bytes. Before, a
+    # longer step name left the flow running forever (its activity could not
+    # be scheduled), and a longer id raised temporalio's RPCError from start().
+    with pytest.raises(qwit.FlowDefinitionError, match="at most 200 bytes"):
+
+        class TooLong(qwit.Step, name="s" * 201):
+            pass
+
+    run = new_ledger()
+    async with env.serve(LongNamedFlow):
+        with pytest.raises(qwit.ArgumentsError, match="longer than 500 bytes"):
+            await env.client.start(LongNamedFlow, {"ledger": run}, id="é" * 251)
+        result = await env.client.run(LongNamedFlow, {"ledger": run})  # its default id
+        assert result["named"] and result["out_O2"] == "-"
+        handle = await env.client.start(LongNamedFlow, {"ledger": run}, id="é" * 250)
+        assert (await handle.result())["out_I2"] == "inner-only"
+
+
+@pytest.mark.parametrize("flow_id", ["", "x" * 2000])
+async def test_an_id_no_flow_can_have_is_not_found(env: Env, flow_id: str):
+    # Before, Temporal answered these with temporalio's RPCError.
+    handle = env.client.get_handle(flow_id)
+    with pytest.raises(qwit.FlowNotFound):
+        await handle.state()
+    with pytest.raises(qwit.FlowNotFound):
+        await handle.result()
+    with pytest.raises(qwit.FlowNotFound):
+        await handle.cancel()
+    with pytest.raises(qwit.FlowNotFound):
+        await handle.react(qwit.RETRY)
+    with pytest.raises(qwit.FlowNotFound):
+        await env.client.redrive(flow_id)

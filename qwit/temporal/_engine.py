@@ -332,7 +332,10 @@ async def _refuse_if_ended(handle: temporalio.client.WorkflowHandle[Any, Any]) -
 
 def _mapped(client: temporalio.client.Client, err: RPCError, flow_id: str, doing: str) -> Exception:
     """The QWIT error for an RPC error about a flow, or ``err`` itself."""
-    if err.status == RPCStatusCode.NOT_FOUND:
+    if err.status == RPCStatusCode.NOT_FOUND or (
+        # an id no flow can have (empty, too long)
+        err.status == RPCStatusCode.INVALID_ARGUMENT and "WorkflowId" in err.message
+    ):
         return FlowNotFound(f"no flow with id {flow_id!r} ({err.message})")
     if is_unavailable(err):
         return unreachable(client, err, doing)
