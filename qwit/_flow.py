@@ -417,6 +417,7 @@ class _Compiler:
         try:
             fields = _fields(cls, "step_forward")
             back_fields = _fields(cls, "step_back")
+            _fields(cls, "step_fallback")  # (its model must resolve too)
         except TypeError as exc:
             raise FlowDefinitionError(f"{where}: {exc}") from None
 

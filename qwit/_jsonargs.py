@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel
-from pydantic_core import PydanticSerializationError, to_json
+from pydantic_core import to_json
 
 
 class NotJSON(ValueError):
@@ -119,10 +119,16 @@ def as_args(value: Any, what: str) -> dict[str, Any]:
     if value is None:
         return {}
     if isinstance(value, BaseModel):
+        model = type(value).__name__
         try:
-            dumped: dict[str, Any] = value.model_dump(mode="json")
-        except PydanticSerializationError as exc:
-            raise NotJSON("", f"{what} ({type(value).__name__}) has no JSON form: {exc}") from None
+            dumped = value.model_dump(mode="json")
+        except Exception as exc:  # (pydantic's, or a serializer's own)
+            problem = f"{type(exc).__name__}: {exc}"
+            raise NotJSON("", f"{what} ({model}) has no JSON form: {problem}") from None
+        if not isinstance(dumped, dict):
+            raise NotJSON(
+                "", f"{what} must dump to a JSON object; {model} dumps to a {type(dumped).__name__}"
+            )
         check_json(dumped)  # (NaN, strings, depth: JSON mode writes the rest)
         return dumped
     if not isinstance(value, Mapping):

@@ -30,7 +30,7 @@ from ._flow import Flow, step_classes
 from ._jsonargs import NotJSON, as_args
 from ._options import DEFAULT_TIMEOUT_GRACE
 from ._plan import StepCall
-from ._step import Step, args_model, defines, is_abstract
+from ._step import Step, args_model, defines, is_abstract, validate_args
 
 
 def _validation_message(step: str, exc: ValidationError) -> str:
@@ -100,7 +100,7 @@ class Registry:
         return self
 
     def _add_step(self, cls: type[Step]) -> None:
-        for method in ("step_forward", "step_back"):
+        for method in ("step_forward", "step_back", "step_fallback"):
             try:
                 args_model(cls, method)
             except TypeError as exc:
@@ -280,7 +280,7 @@ async def run_step_method(
     arg: Any = call.args
     if model is not None:
         try:
-            arg = model.model_validate(call.args)
+            arg = validate_args(model, call.args)
         except ValidationError as exc:
             raise StepFailure(
                 error_info(
@@ -289,6 +289,8 @@ async def run_step_method(
                     started=False,
                 )
             ) from None
+        except Exception as exc:  # a validator of the model raised: the step's failure
+            raise StepFailure(error_info(exc, attempt=attempt, started=False)) from exc
     deadline = _Deadline(timeout, grace, attempt)
     outer_cancelled = is_cancelled or (lambda: False)
     ctx = StepContext(

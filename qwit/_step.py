@@ -7,7 +7,7 @@ import typing
 from datetime import timedelta
 from typing import Any, ClassVar
 
-from pydantic import BaseModel
+from pydantic import AliasChoices, AliasPath, BaseModel, RootModel
 
 from ._errors import ErrorInfo, FlowDefinitionError
 from ._options import OnFailure, Reaction, Retry
@@ -207,20 +207,42 @@ def _args_model(cls: type, method: str) -> type[BaseModel] | None:
 
 
 def model_fields(model: type[BaseModel]) -> set[str] | None:
-    """Names under which ``model`` reads its input, or None if it reads any key."""
-    if model.model_config.get("extra") == "allow":
+    """Names under which ``model`` reads its input (its fields' names and
+    aliases), or None if it may read any key: it allows extra keys, is a
+    ``RootModel``, or has a ``before`` or ``wrap`` model validator (which
+    sees the whole input)."""
+    if model.model_config.get("extra") == "allow" or issubclass(model, RootModel):
+        return None
+    validators = model.__pydantic_decorators__.model_validators.values()
+    if any(v.info.mode in ("before", "wrap") for v in validators):
         return None
     names: set[str] = set()
     for field_name, field in model.model_fields.items():
-        alias = field.validation_alias if field.validation_alias is not None else field.alias
-        if alias is None:
-            names.add(field_name)
-        elif isinstance(alias, str):
-            names.add(alias)
-            if model.model_config.get("populate_by_name") or model.model_config.get(
-                "validate_by_name"
-            ):
-                names.add(field_name)
-        else:
-            return None
+        names.add(field_name)  # (read by name too: see ``validate_args``)
+        for alias in (field.alias, field.validation_alias):
+            choices = alias.choices if isinstance(alias, AliasChoices) else [alias]
+            for choice in choices:
+                if isinstance(choice, str):
+                    names.add(choice)
+                elif isinstance(choice, AliasPath) and isinstance(choice.path[0], str):
+                    names.add(choice.path[0])
+                elif choice is not None:
+                    return None
     return names
+
+
+def validate_args(model: type[BaseModel], args: dict[str, Any]) -> BaseModel:
+    """``args`` as an instance of ``model``, a typed step's args.
+
+    Keys the model does not read are left out first (so that a model that
+    forbids extra keys ignores the flow's others), and each field is read
+    by its alias or its name: a model returned by an earlier step is merged
+    by its fields' names, and the same model reads it back.
+
+    Raises:
+        ValidationError: the model refused them.
+    """
+    names = model_fields(model)
+    if names is not None:
+        args = {key: value for key, value in args.items() if key in names}
+    return model.model_validate(args, by_alias=True, by_name=True)

@@ -443,3 +443,28 @@ def test_a_duration_past_a_hundred_years_is_refused(option: str):
 
     with pytest.raises(qwit.FlowDefinitionError, match="at most 100 years"):
         compile_flow(Patient)
+
+
+def test_a_fallback_whose_model_cant_be_resolved_is_refused_at_start():
+    # As step_forward's and step_back's: before, it failed only when the
+    # fallback ran (a raw TypeError on the in-memory engines).
+    class Hidden(BaseModel):
+        x: int
+
+    class FallsBackBlind(qwit.Step, name="defs.falls_back_blind"):
+        on_failure = qwit.FALLBACK
+
+        async def step_forward(self, args: dict[str, Any]) -> None:
+            return None
+
+        async def step_fallback(self, args: Hidden, error: Any) -> None:
+            return None
+
+    class Blind(qwit.Flow, name="defs.blind"):
+        def build_flow(self) -> None:
+            self.step(FallsBackBlind)
+
+    with pytest.raises(qwit.FlowDefinitionError, match="step_fallback"):
+        compile_flow(Blind)
+    with pytest.raises(qwit.FlowDefinitionError, match="step_fallback"):
+        qwit.engine.Registry().add(FallsBackBlind)
