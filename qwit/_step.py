@@ -188,9 +188,30 @@ def args_model(cls: type, method: str) -> type[BaseModel] | None:
 
 def _args_model(cls: type, method: str) -> type[BaseModel] | None:
     fn = getattr(cls, method)
-    params = [p for p in inspect.signature(fn).parameters.values() if p.name != "self"]
+    if method == "step_forward":  # (once per step: run as ``cls().method(...)``)
+        try:
+            inspect.signature(cls).bind()
+        except TypeError:
+            raise TypeError(
+                f"{cls.__qualname__} must be made without arguments (its __init__ takes some)"
+            ) from None
+        except ValueError:  # no signature to read
+            pass
+    signature = inspect.signature(fn)
+    params = [p for p in signature.parameters.values() if p.name != "self"]
     if not params:
         raise TypeError(f"{method} must take one parameter, the step's args")
+    if params[0].kind not in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
+        raise TypeError(f"{method} must take the step's args as its first positional parameter")
+    selves = [None] * (len(signature.parameters) - len(params))
+    try:
+        if method == "step_fallback":
+            signature.bind(*selves, None, error=None)
+        else:
+            signature.bind(*selves, None)
+    except TypeError:
+        usage = "(self, args, error)" if method == "step_fallback" else "(self, args)"
+        raise TypeError(f"{method} must be callable as {method}{usage}") from None
     if params[0].annotation is inspect.Parameter.empty:
         return None
     try:

@@ -468,3 +468,49 @@ def test_a_fallback_whose_model_cant_be_resolved_is_refused_at_start():
         compile_flow(Blind)
     with pytest.raises(qwit.FlowDefinitionError, match="step_fallback"):
         qwit.engine.Registry().add(FallsBackBlind)
+
+
+@pytest.mark.parametrize(
+    ("methods", "problem"),
+    [
+        ({"__init__": lambda self, db: None}, "made without arguments"),
+        ({"step_forward": lambda self, *, args: None}, "first positional parameter"),
+        ({"step_forward": lambda self, args, more: None}, r"step_forward\(self, args\)"),
+        ({"step_back": lambda self, args, more: None}, r"step_back\(self, args\)"),
+        ({"step_fallback": lambda self, args: None}, r"step_fallback\(self, args, error\)"),
+        ({"step_fallback": lambda self, args, err: None}, r"step_fallback\(self, args, error\)"),
+    ],
+)
+def test_a_step_qwit_cant_call_is_refused_at_start(methods: dict[str, Any], problem: str):
+    # Before, each failed only as it ran: a TypeError, retried.
+    forward = methods.pop("step_forward", lambda self, args: None)
+    odd = type("Odd", (qwit.Step,), {"step_forward": forward, **methods})
+
+    class Calls(qwit.Flow, name=f"defs.calls_{len(problem)}_{id(odd)}"):
+        def build_flow(self) -> None:
+            self.step(odd)
+
+    with pytest.raises(qwit.FlowDefinitionError, match=problem):
+        compile_flow(Calls)
+
+
+def test_steps_qwit_can_call_pass():
+    class Fine(qwit.Step, name="defs.fine"):
+        def __init__(self, db: Any = None) -> None:
+            self.db = db
+
+        @staticmethod
+        def step_forward(args: dict[str, Any], /) -> None:
+            return None
+
+        def step_back(self, args: Any, *more: Any, **options: Any) -> None:
+            return None
+
+        def step_fallback(self, args: Any, error: Any = None) -> None:
+            return None
+
+    class UsesFine(qwit.Flow, name="defs.uses_fine"):
+        def build_flow(self) -> None:
+            self.step(Fine)
+
+    compile_flow(UsesFine)
