@@ -634,14 +634,16 @@ class PreThenWaitsMap(qwit.Flow, name="par.pre_then_waits_map"):
         self.map(PreThenWaits, over="users", item="user", into="out", max_concurrency=1)
 
 
-@pytest.mark.parametrize("reaction", [qwit.ROLLBACK, qwit.SKIPBACK])
-async def test_an_element_that_gave_its_place_takes_it_again_to_undo(
-    env: Env, reaction: qwit.Reaction
-):
+@pytest.mark.parametrize("decision", [qwit.ROLLBACK, qwit.SKIPBACK, "cancel"])
+async def test_an_element_that_gave_its_place_takes_it_again_to_undo(env: Env, decision: Any):
     # Element 0 waits (its place given to element 1); an operator decides
     # ROLLBACK while element 1 runs: element 0's undos wait for the place
     # (the map undoes at most max_concurrency elements at once, and runs
     # none beside them). Before, they ran beside element 1's step.
+    # Or the flow is cancelled then: element 1, in the place, is stopped and
+    # undone first, then element 0. Before, the elements were cancelled in
+    # plan order, and element 0's undo ran beside element 1's step, still
+    # stopping.
     run = new_ledger()
     args = {
         "ledger": run,
@@ -654,34 +656,14 @@ async def test_an_element_that_gave_its_place_takes_it_again_to_undo(
         handle = await env.client.start(PreThenWaitsMap, args)
         paths = await _waits(handle, 2)
         assert await _until(lambda: "1-pre" in _ELEMENT_LOG[run])
-        await handle.react(reaction, path=paths[0])
-        kind, _ = await outcome(handle)
-    assert kind == "rolled_back"
-    assert _ELEMENTS_PEAK[run] == 1
-
-
-async def test_a_cancel_undoes_an_element_that_gave_its_place_after_the_one_in_it(env: Env):
-    # Element 0 waits (its place given to element 1); the flow is cancelled
-    # while element 1's step runs. The element in the place is stopped and
-    # undone first, then element 0: never both at once under a limit of 1.
-    # Before, the elements were cancelled in plan order, and element 0's
-    # undo ran beside element 1's step, still stopping.
-    run = new_ledger()
-    args = {
-        "ledger": run,
-        "users": [0, 1],
-        "fail": ["0-a", "0-b"],
-        "delay": {"1-pre": 1.5},
-        "back_delay": {"0-pre": 0.5},
-    }
-    async with env.serve(PreThenWaitsMap):
-        handle = await env.client.start(PreThenWaitsMap, args)
-        await _waits(handle, 2)
-        assert await _until(lambda: "1-pre" in _ELEMENT_LOG[run])
-        await handle.cancel()
+        if decision == "cancel":
+            await handle.cancel()
+        else:
+            await handle.react(decision, path=paths[0])
         kind, failed = await outcome(handle)
-    assert kind == "cancelled"
-    assert failed.compensated.count("par.element_job") == 4  # 0-pre, 0-a, 0-b, 1-pre
+    assert kind == ("cancelled" if decision == "cancel" else "rolled_back")
+    if decision == "cancel":
+        assert failed.compensated.count("par.element_job") == 4  # 0-pre, 0-a, 0-b, 1-pre
     assert _ELEMENTS_PEAK[run] == 1
 
 
