@@ -10,11 +10,13 @@ from typing import TYPE_CHECKING, Any
 
 from . import temporal
 from ._engine import Backend, Engine, FlowHandle
-from ._errors import ArgumentsError, FlowDefinitionError
+from ._errors import ArgumentsError, FlowDefinitionError, FlowNotFound
 from ._flow import Flow, compile_flow
-from ._jsonargs import NotJSON, as_args
+from ._jsonargs import NotJSON, as_args, unkeepable_char
 from ._plan import SUBFLOW_MARK, FlowInput, FlowNode, StepNode, walk
 from ._redrive import redrive_input
+from ._runtime import Decision
+from ._state import FlowState
 from ._tracing import require_opentelemetry, tracing_from_env
 from .temporal._config import (
     DEFAULT_TASK_QUEUE,
@@ -60,6 +62,35 @@ def _check_backends(plan: FlowNode, engine: str) -> None:
 #: The longest id a flow may be given, in UTF-8 bytes (the ids of its
 #: sub-flows, ``<id>/~<path>``, must still fit Temporal's 1,000).
 MAX_ID_BYTES = 500
+
+
+def can_be_an_id(flow_id: object) -> bool:
+    """Whether some flow (or sub-flow) may have the id ``flow_id``: a
+    non-empty string without a control character or a lone surrogate."""
+    return isinstance(flow_id, str) and bool(flow_id) and unkeepable_char(flow_id) is None
+
+
+class _NoFlow(FlowHandle):
+    """The handle of an id no flow can have: every call raises FlowNotFound."""
+
+    def __init__(self, flow_id: object, engine: str) -> None:
+        self.id = str(flow_id)
+        self.engine = engine
+
+    def _missing(self) -> FlowNotFound:
+        return FlowNotFound(f"no flow has the id {self.id!r} (no flow can)")
+
+    async def result(self) -> dict[str, Any]:
+        raise self._missing()
+
+    async def cancel(self, rollback: bool = True) -> None:
+        raise self._missing()
+
+    async def flow_state(self, flow_id: str) -> FlowState:
+        raise self._missing()
+
+    async def send_decision(self, flow_id: str, decision: Decision) -> None:
+        raise self._missing()
 
 
 class Client:
@@ -163,10 +194,10 @@ class Client:
                 f"flow {plan.name!r}: id {id[:40]!r}... is longer than {MAX_ID_BYTES} bytes "
                 "(UTF-8): Temporal holds ids up to 1,000, and a sub-flow's adds its path"
             )
-        if id is not None and not id.isprintable():
+        if id is not None and unkeepable_char(id) is not None:
             raise ArgumentsError(
-                f"flow {plan.name!r}: id {id!r} holds a character that is not printable "
-                "(a control character, or a lone surrogate): not every engine can keep it"
+                f"flow {plan.name!r}: id {id!r} holds a control character or a lone "
+                "surrogate, which not every engine can keep"
             )
         if id is not None and SUBFLOW_MARK in id:
             raise ArgumentsError(
@@ -257,12 +288,18 @@ class Client:
             FlowNotFound: no flow has this id.
         """
         engine = self.engine(backend or self.backend)
+        if not can_be_an_id(flow_id):
+            raise FlowNotFound(f"no flow has the id {flow_id!r} (no flow can)")
         return await engine.restart(await redrive_input(engine, flow_id, from_step, args))
 
     def get_handle(self, flow_id: str, *, backend: Backend | None = None) -> FlowHandle:
         """A handle for a flow started earlier (default: the client's backend,
-        else Temporal)."""
-        return self.engine(backend or self.backend).get_handle(flow_id)
+        else Temporal). For an id no flow can have, a handle whose every
+        call raises ``FlowNotFound``."""
+        engine = self.engine(backend or self.backend)
+        if not can_be_an_id(flow_id):
+            return _NoFlow(flow_id, engine.name)
+        return engine.get_handle(flow_id)
 
     async def close(self) -> None:
         """Close every engine this client opened."""

@@ -26,6 +26,7 @@ from ._options import (
     FailurePolicy,
     OnFailure,
     Retry,
+    out_of_bounds,
     parse_on_failure,
     parse_reaction,
     parse_seconds,
@@ -490,6 +491,9 @@ def _shard_size(where: str) -> int:
 def _retry(value: Any, option: str) -> Retry:
     if not isinstance(value, Retry):
         raise ValueError(f"{option} must be a qwit.Retry, not {value!r}")
+    problem = out_of_bounds(value)
+    if problem is not None:
+        raise ValueError(f"{option}: {problem}")
     return value
 
 

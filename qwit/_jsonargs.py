@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections.abc import Mapping
 from typing import Any
 
@@ -73,6 +74,18 @@ def _check_text(text: str, field: str) -> None:
             raise NotJSON(
                 field, f"{text[exc.start : exc.end]!r} is a lone surrogate, with no UTF-8 form"
             ) from None
+
+
+def unkeepable_char(text: str) -> str | None:
+    """The first character of ``text`` that not every engine keeps in a name
+    or an id: a control character (NUL, a newline...) or a lone surrogate;
+    None if there is none."""
+    if text.isprintable():  # (the common case, fast: printable is stricter)
+        return None
+    for char in text:
+        if unicodedata.category(char) in ("Cc", "Cs"):
+            return char
+    return None
 
 
 def nul_at(value: Any, field: str = "") -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any, Literal
@@ -106,12 +107,14 @@ class Retry(BaseModel):
         max_interval: Longest wait between two attempts, in seconds.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    max_attempts: int | None = Field(default=3, ge=1, le=MAX_ATTEMPTS, strict=True)
-    initial_interval: float = Field(default=1.0, gt=0, le=MAX_SECONDS)
+    # (The bounds every engine holds, ``out_of_bounds``, are checked as a
+    # flow is compiled, not as a plan pinned by an older QWIT is read back.)
+    max_attempts: int | None = Field(default=3, ge=1)
+    initial_interval: float = Field(default=1.0, gt=0)
     backoff: float = Field(default=2.0, ge=1.0)
-    max_interval: float = Field(default=60.0, gt=0, le=MAX_SECONDS)
+    max_interval: float = Field(default=60.0, gt=0)
 
     def __init__(
         self,
@@ -125,6 +128,8 @@ class Retry(BaseModel):
         Raises:
             InvalidOption: a value out of its range, or of the wrong type.
         """
+        if isinstance(max_attempts, bool):
+            raise InvalidOption(f"qwit.Retry: max_attempts must be an integer, not {max_attempts}")
         try:
             super().__init__(
                 max_attempts=max_attempts,
@@ -156,6 +161,18 @@ class Retry(BaseModel):
         if self.max_attempts is None:
             return None
         return sum(self.delay(n) for n in range(1, self.max_attempts))
+
+
+def out_of_bounds(policy: Retry) -> str | None:
+    """What of ``policy`` not every engine holds, if anything."""
+    if policy.max_attempts is not None and policy.max_attempts > MAX_ATTEMPTS:
+        return f"max_attempts must be an integer up to {MAX_ATTEMPTS}, or None"
+    for name in ("initial_interval", "max_interval"):
+        if not getattr(policy, name) <= MAX_SECONDS:
+            return f"{name} must be at most {MAX_SECONDS:.0f} seconds (100 years)"
+    if not math.isfinite(policy.backoff):
+        return "backoff must be a finite number"
+    return None
 
 
 #: Default policy for ``step_forward``: three attempts.

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 from pydantic import AliasChoices, AliasPath, BaseModel, RootModel
 
 from ._errors import ErrorInfo, FlowDefinitionError
+from ._jsonargs import unkeepable_char
 from ._options import OnFailure, Reaction, Retry
 
 #: The longest name a Step or Flow may have, in UTF-8 bytes: it names the
@@ -27,13 +28,14 @@ def _own_name(cls: type, name: str | None) -> str:
         name = name.strip()
     else:
         name = cls.__name__
-    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES or not name.isprintable():
+    shown = f"{name[:40]!r}..." if len(name) > 40 else repr(name)
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
         raise FlowDefinitionError(
-            f"{cls.__qualname__}: name {name[:40]!r}... must be printable and at most "
-            f"{MAX_NAME_BYTES} bytes long (UTF-8)"
-            if len(name) > 40
-            else f"{cls.__qualname__}: name {name!r} must be printable and at most "
-            f"{MAX_NAME_BYTES} bytes long (UTF-8)"
+            f"{cls.__qualname__}: name {shown} is longer than {MAX_NAME_BYTES} bytes (UTF-8)"
+        )
+    if unkeepable_char(name) is not None:
+        raise FlowDefinitionError(
+            f"{cls.__qualname__}: name {shown} holds a control character or a lone surrogate"
         )
     return name
 
@@ -198,20 +200,22 @@ def _args_model(cls: type, method: str) -> type[BaseModel] | None:
         except ValueError:  # no signature to read
             pass
     signature = inspect.signature(fn)
-    params = [p for p in signature.parameters.values() if p.name != "self"]
-    if not params:
+    params = list(signature.parameters.values())
+    # A method defined in the class takes the instance first, whatever its name.
+    selves = 1 if inspect.isfunction(inspect.getattr_static(cls, method)) and params else 0
+    if len(params) == selves:
         raise TypeError(f"{method} must take one parameter, the step's args")
-    if params[0].kind not in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
-        raise TypeError(f"{method} must take the step's args as its first positional parameter")
-    selves = [None] * (len(signature.parameters) - len(params))
     try:
         if method == "step_fallback":
-            signature.bind(*selves, None, error=None)
+            signature.bind(*[None] * selves, None, error=None)
         else:
-            signature.bind(*selves, None)
+            signature.bind(*[None] * selves, None)
     except TypeError:
         usage = "(self, args, error)" if method == "step_fallback" else "(self, args)"
         raise TypeError(f"{method} must be callable as {method}{usage}") from None
+    params = params[selves:]
+    if params[0].kind is params[0].VAR_POSITIONAL:
+        return None  # (args taken by *args: not typed)
     if params[0].annotation is inspect.Parameter.empty:
         return None
     try:
@@ -240,7 +244,8 @@ def model_fields(model: type[BaseModel]) -> set[str] | None:
     names: set[str] = set()
     for field_name, field in model.model_fields.items():
         names.add(field_name)  # (read by name too: see ``validate_args``)
-        for alias in (field.alias, field.validation_alias):
+        alias = field.validation_alias if field.validation_alias is not None else field.alias
+        if alias is not None:
             choices = alias.choices if isinstance(alias, AliasChoices) else [alias]
             for choice in choices:
                 if isinstance(choice, str):

@@ -1262,8 +1262,17 @@ async def test_a_string_with_no_utf8_form_is_refused_as_args_and_fails_its_step_
         with pytest.raises(qwit.ArgumentsError, match="surrogate"):
             await env.client.start(TextFlow, {"ledger": run, "text": "ok", "x\ud800": 1})
         for id in ("x\ud800", "a\x00b", "two\nlines"):  # (no engine keeps all)
-            with pytest.raises(qwit.ArgumentsError, match="not printable"):
+            with pytest.raises(qwit.ArgumentsError, match="control character or a lone"):
                 await env.client.start(TextFlow, {"ledger": run, "text": "ok"}, id=id)
+        # ordinary text, not ASCII: a no-break space, a zero-width non-joiner
+        # (Persian spelling), emoji joined by zero-width joiners
+        for id in (
+            "order\xa012",
+            "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",
+            "\U0001f468\u200d\U0001f469",
+        ):
+            handle = await env.client.start(TextFlow, {"ledger": new_ledger(), "text": "ok"}, id=id)
+            assert (await handle.result())["out"] == "ok"
         handle = await env.client.start(TextFlow, {"ledger": run, "text": "surrogate"})
         kind, failed = await outcome(handle)
     assert kind == "rolled_back"
@@ -1444,7 +1453,7 @@ async def test_names_and_ids_as_long_as_qwit_takes_run_and_longer_are_refused(en
     # Temporal holds ids and activity names up to 1,000 bytes. Before, a
     # longer step name left the flow running forever (its activity could not
     # be scheduled), and a longer id raised temporalio's RPCError from start().
-    with pytest.raises(qwit.FlowDefinitionError, match="at most 200 bytes"):
+    with pytest.raises(qwit.FlowDefinitionError, match="longer than 200 bytes"):
 
         class TooLong(qwit.Step, name="s" * 201):
             pass
@@ -1459,9 +1468,11 @@ async def test_names_and_ids_as_long_as_qwit_takes_run_and_longer_are_refused(en
         assert (await handle.result())["out_I2"] == "inner-only"
 
 
-@pytest.mark.parametrize("flow_id", ["", "x" * 2000])
+@pytest.mark.parametrize("flow_id", ["", "x" * 2000, "a\x00b", "x\ud800"])
 async def test_an_id_no_flow_can_have_is_not_found(env: Env, flow_id: str):
-    # Before, Temporal answered these with temporalio's RPCError.
+    # Before, Temporal answered the empty one with temporalio's RPCError,
+    # PostgreSQL the NUL with psycopg's error, both the surrogate with a
+    # UnicodeEncodeError.
     handle = env.client.get_handle(flow_id)
     with pytest.raises(qwit.FlowNotFound):
         await handle.state()
@@ -1482,6 +1493,7 @@ class AliasOrder(pydantic.BaseModel):
 class ChoiceForbid(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
     y: int = pydantic.Field(validation_alias=pydantic.AliasChoices("ya", "yb"))
+    z: int = pydantic.Field(alias="za", validation_alias="zv")  # (reads zv, not za)
 
 
 class Totals(pydantic.BaseModel):
@@ -1521,7 +1533,7 @@ class ReadsOrder(qwit.Step, name="conformance.reads_order"):
 
 class ReadsChoice(qwit.Step, name="conformance.reads_choice"):
     async def step_forward(self, args: ChoiceForbid) -> dict[str, Any]:
-        return {"y": args.y}
+        return {"y": args.y, "z": args.z}
 
 
 class ReadsTotal(qwit.Step, name="conformance.reads_total"):
@@ -1554,11 +1566,11 @@ async def test_typed_steps_read_what_their_models_read(env: Env):
     # model that forbids extra keys with AliasChoices, or in step_fallback
     # (sent every arg); a model whose "before" validator reads keys that are
     # not its fields (it was sent only its fields).
-    args = {"ledger": new_ledger(), "yb": 3, "a": 1, "b": 2, "x": 5, "other": 9}
+    args = {"ledger": new_ledger(), "yb": 3, "zv": 4, "za": 0, "a": 1, "b": 2, "x": 5, "other": 9}
     async with env.serve(TypedReads):
         result = await env.client.run(TypedReads, args)
     assert result["order_id"] == 7 and result["read"] == 7
-    assert (result["y"], result["total"], result["fell"]) == (3, 3, 5)
+    assert (result["y"], result["z"], result["total"], result["fell"]) == (3, 4, 3, 5)
 
 
 class PickyStep(qwit.Step, name="conformance.picky"):
