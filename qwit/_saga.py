@@ -126,6 +126,9 @@ UNDO_TAKES_PLACE = "qwit-undo-takes-place"
 #: had given theirs back (older QWIT went in plan order: an element that had
 #: given its place undid itself beside the one still stopping in it).
 CANCEL_IN_PLACE_FIRST = "qwit-cancel-in-place-first"
+#: A cancel that came while a flow's last step ran, and was spent on that
+#: step (it completed anyway), cancels the flow (older QWIT completed it).
+CANCEL_AFTER_LAST_STEP = "qwit-cancel-after-last-step"
 
 
 class _Slot:
@@ -696,6 +699,15 @@ class Interpreter:
             if self.saga.undo_first:
                 await self.runtime.shield(self._undo_first())
             await self._forward_all()
+            if (
+                not self.is_subflow
+                and self.runtime.cancel_requested()
+                and self.runtime.patched(CANCEL_AFTER_LAST_STEP)
+            ):
+                # A cancel that came while the last step ran, spent on it (it
+                # completed anyway): the flow is cancelled all the same, as
+                # it would be during any other step (a sub-flow looks below).
+                raise asyncio.CancelledError
             if self.is_subflow:
                 await self.runtime.report_forward_done(self.saga.outputs)
                 # A cancel that arrived as the last step completed may have

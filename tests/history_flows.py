@@ -8,6 +8,7 @@ in flight were recorded with them).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
@@ -213,6 +214,29 @@ class GreetAll(qwit.Flow):
 class Wave(qwit.Step):
     async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
         return {"waved": args["user"]}
+
+
+class SlowWave(qwit.Step):
+    """Waves for a second and a half, through any cancel."""
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 1.5
+        while (left := end - loop.time()) > 0:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(left)
+        return {"waved": "slowly"}
+
+    async def step_back(self, args: dict[str, Any]) -> None:
+        return None
+
+
+class EndsWithASlowWave(qwit.Flow):
+    """Cancelled while its last step runs (which completes anyway)."""
+
+    def build_flow(self) -> None:
+        self.step(Greet)
+        self.step(SlowWave)
 
 
 class GreetBesideWait(qwit.Flow):

@@ -30,6 +30,7 @@ from tests.history_flows import (
     ApprovedOrder,
     ApprovedQuote,
     Cancellable,
+    EndsWithASlowWave,
     GreetAll,
     GreetAllBesideWaits,
     HeldOrder,
@@ -225,6 +226,21 @@ async def cancelled_in_place_first(client: qwit.Client) -> str:
     return await ended_with(handle, qwit.FlowCancelled)
 
 
+async def cancelled_at_the_end(client: qwit.Client) -> str:
+    # cancelled while its last step runs, which completes anyway: the flow is
+    # cancelled all the same
+    handle = await client.start(
+        EndsWithASlowWave, {"user": "ann"}, id="history-cancelled-at-the-end"
+    )
+    for _ in range(200):
+        state = await handle.state()
+        if state.steps[1].status == "running":
+            break
+        await asyncio.sleep(0.05)
+    await handle.cancel()
+    return await ended_with(handle, qwit.FlowCancelled)
+
+
 async def decided_at_once(client: qwit.Client) -> str:
     # two decisions sent together: the first stands, the other is refused
     handle = await client.start(ApprovedOrder, {"order_id": 17}, id="history-decided-at-once")
@@ -308,6 +324,7 @@ SCENARIOS: dict[str, Scenario] = {
     "block_wait_gave_place": block_wait_gave_place,
     "decided_at_once": decided_at_once,
     "cancelled_in_place_first": cancelled_in_place_first,
+    "cancelled_at_the_end": cancelled_at_the_end,
     "subflow_undo_took_place": subflow_undo_took_place,
     "waited_retry": waited_retry,
     "waited_then_final": waited_then_final,
@@ -347,6 +364,7 @@ async def record(names: list[str]) -> None:
             AbortedOrder,
             GreetAll,
             GreetAllBesideWaits,
+            EndsWithASlowWave,
             Quote,
             HeldOrder,
             task_queue=queue,

@@ -1602,3 +1602,53 @@ async def test_a_model_validator_that_raises_fails_the_step_it_types(env: Env):
     assert kind == "rolled_back"
     assert failed.reason == "LookupError: negative n"
     assert _TEXT_CALLS[run] == ["first.forward", "first.back"]  # it never ran: no undo
+
+
+class LastSlow(qwit.Step, name="conformance.last_slow"):
+    """Sleeps ``args["sleep"]`` seconds, through a cancel if ``args["deaf"]``."""
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        _TEXT_CALLS.setdefault(args["ledger"], []).append("slow.forward")
+        loop = asyncio.get_running_loop()
+        end = loop.time() + args["sleep"]
+        while (left := end - loop.time()) > 0:
+            try:
+                await asyncio.sleep(left)
+            except asyncio.CancelledError:
+                if not args.get("deaf"):
+                    raise
+        return {"slow": True}
+
+    async def step_back(self, args: dict[str, Any]) -> None:
+        _TEXT_CALLS.setdefault(args["ledger"], []).append("slow.back")
+
+
+class EndsSlowly(qwit.Flow, name="conformance.ends_slowly"):
+    def build_flow(self) -> None:
+        self.step(TextFirst)
+        self.step(LastSlow)
+
+
+async def test_a_cancel_during_the_last_step_cancels_the_flow(env: Env):
+    # The last step finishes anyway (it does not stop at the cancel): the
+    # flow is cancelled all the same, and both steps are undone. Before, on
+    # Temporal (and PostgreSQL), the cancel was spent on the step, and the
+    # flow completed: cancel() had returned, and nothing was undone.
+    run = new_ledger()
+    async with env.serve(EndsSlowly):
+        handle = await env.client.start(EndsSlowly, {"ledger": run, "sleep": 1.5, "deaf": True})
+        assert await _until(lambda: "slow.forward" in _TEXT_CALLS.get(run, []))
+        await asyncio.sleep(0.3)
+        await handle.cancel()
+        kind, failed = await outcome(handle)
+    assert kind == "cancelled"
+    assert failed.compensated == ["conformance.last_slow", "conformance.text_first"]
+    assert _TEXT_CALLS[run] == ["first.forward", "slow.forward", "slow.back", "first.back"]
+
+
+async def _until(done: Callable[[], bool], timeout: float = 10.0) -> bool:
+    for _ in range(int(timeout / 0.02)):
+        if done():
+            return True
+        await asyncio.sleep(0.02)
+    return False
