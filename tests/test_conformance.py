@@ -1652,3 +1652,32 @@ async def _until(done: Callable[[], bool], timeout: float = 10.0) -> bool:
             return True
         await asyncio.sleep(0.02)
     return False
+
+
+async def _taken_or_refused(call: Any) -> str:
+    try:
+        await call
+    except qwit.ReactionError:
+        return "refused"
+    return "taken"
+
+
+async def test_a_cancel_sent_beside_a_retry_of_the_last_step_is_never_dropped(env: Env):
+    # An operator's RETRY of the waiting last step and a cancel, sent at once:
+    # whichever the flow takes first, a cancel() that returned means the flow
+    # ends cancelled. Before, on PostgreSQL, the step's end could be handed
+    # over first and end the flow with the cancel's row left unread (and, on
+    # Temporal and PostgreSQL, a cancel spent on the step completed the flow).
+    ends = []
+    async with env.serve(TextFlow):
+        for _ in range(12):
+            args = {"ledger": new_ledger(), "text": "ok", "hold": True}
+            handle = await env.client.start(TextFlow, args)
+            await wait_status(handle, "waiting")
+            _, cancel = await asyncio.gather(
+                _taken_or_refused(handle.react(qwit.RETRY, args={"fixed": True})),
+                _taken_or_refused(handle.cancel()),
+            )
+            kind, _ = await outcome(handle)
+            ends.append((cancel, kind))
+    assert all(kind == "cancelled" for cancel, kind in ends if cancel == "taken"), ends

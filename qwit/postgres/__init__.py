@@ -207,8 +207,24 @@ class PostgresFlowHandle(FlowHandle):
             raise ReactionError(
                 f"flow {self.id!r} has already ended ({row['status']}): there is nothing to cancel"
             )
-        # (a decision sent after it is refused: see send_decision)
-        await self._engine.tell(row["run_id"], "cancel", {"rollback": rollback})
+        # (a decision sent after it is refused: see send_decision.) Checked
+        # and put in the inbox in one transaction, under the flow's row lock:
+        # the driver, which ends a flow under that lock, either ended it
+        # before (the cancel is refused) or finds the cancel, and hands it
+        # over before any other row (see ``Driver._claim``).
+        async with self._engine.transaction() as conn:
+            cur = await conn.execute(
+                "SELECT ended FROM qwit.flows WHERE id = %s AND run_id = %s FOR UPDATE",
+                [self.id, row["run_id"]],
+            )
+            current = await cur.fetchone()
+            if current is None or current[0]:
+                raise ReactionError(
+                    f"flow {self.id!r} has already ended: there is nothing to cancel"
+                )
+            await add_event(
+                conn, row["run_id"], _client_key("cancel"), "cancel", {"rollback": rollback}
+            )
 
     async def flow_state(self, flow_id: str) -> FlowState:
         row = await self._row(flow_id)

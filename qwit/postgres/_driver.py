@@ -834,8 +834,12 @@ class Driver:
             conn.transaction(),
             conn.cursor(row_factory=dict_row) as cur,
         ):
-            # fenced by _write, at the end: a driver taken for dead rolls
-            # back whatever it did in the transaction
+            # Fenced first, under the flow's row lock, which a client's cancel
+            # (or decision) takes to check the flow and put its row in the
+            # inbox: a row it put there is seen here, and a flow this ends is
+            # seen ended there. (And by _write, at the end: a driver taken for
+            # dead rolls back whatever it did in the transaction.)
+            await self._fence(conn)
             row = await self._claim(cur)
             if row is not None:
                 self._deliver(row["kind"], row["key"], row["payload"])
@@ -889,10 +893,13 @@ class Driver:
             if row is not None and row["delivered_at"] is None:
                 row = None
         if row is None:
+            # A cancel goes first: a step's end that came before it must not
+            # let the flow end with the cancel (which its caller was told the
+            # flow took) left unread.
             await cur.execute(
                 "SELECT id, key, kind, payload FROM qwit.events WHERE run_id = %s "
                 "AND delivered IS NULL AND (due_at IS NULL OR due_at <= clock_timestamp()) "
-                "ORDER BY id LIMIT 1 FOR UPDATE",
+                "ORDER BY kind = 'cancel' DESC, id LIMIT 1 FOR UPDATE",
                 [self.run_id],
             )
             row = await cur.fetchone()
