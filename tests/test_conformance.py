@@ -1670,7 +1670,7 @@ async def test_a_cancel_sent_beside_a_retry_of_the_last_step_is_never_dropped(en
     # Temporal and PostgreSQL, a cancel spent on the step completed the flow).
     ends = []
     async with env.serve(TextFlow):
-        for _ in range(12):
+        for _ in range(6):
             args = {"ledger": new_ledger(), "text": "ok", "hold": True}
             handle = await env.client.start(TextFlow, args)
             await wait_status(handle, "waiting")

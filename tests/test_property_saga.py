@@ -22,7 +22,7 @@ attempt sleeps past the timeout, is cancelled there (``async``: at its
 ``await``; plain: through ``context().cancelled``, which it reads only after a
 while), takes 0.6 s more to stop, and may apply its effect late.
 
-Examples: ``QWIT_PROPERTY_EXAMPLES`` (default 45) on Temporal and twice that on
+Examples: ``QWIT_PROPERTY_EXAMPLES`` (default 45) on Temporal and as many on
 qwit.local, e.g. ``QWIT_PROPERTY_EXAMPLES=1000 pytest tests/test_property_saga.py``.
 A summary of what ran (flows, outcomes, decisions, cancels, timeouts) is
 printed at the end of the module, and written as JSON to the file named by
@@ -484,7 +484,7 @@ async def test_random_flows_on_temporal(temporal_env: Env, scenario: Scenario) -
 
 
 @pytest.mark.timeout(3600)
-@settings(max_examples=2 * EXAMPLES, **SETTINGS)
+@settings(max_examples=EXAMPLES, **SETTINGS)
 @given(scenario=scenarios())
 @_with_examples
 async def test_random_flows_on_local(local_env: Env, scenario: Scenario) -> None:
