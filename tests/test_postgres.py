@@ -1027,3 +1027,32 @@ async def test_a_flow_no_worker_has_begun_shows_its_steps_pending(postgres_dsn: 
     ]
     assert len(state.steps) == 2 and state.steps[0].kind == "flow"
     assert state.args["n"] == 1
+
+
+async def test_every_caller_waiting_for_a_result_wakes_when_the_flow_ends(postgres_dsn: str):
+    # Many result() calls on one flow, from fresh handles, each start to wait
+    # as the flow may be ending: each must wake on the flow's notification,
+    # not on its fallback poll (here a minute away). Before, a caller that
+    # read the flow just before it ended, and began to wait just after, (or
+    # whose wait another caller's wake-up had taken away) slept until its poll.
+    await prepare(postgres_dsn)
+    client = await qwit.connect(
+        backend=qwit.postgres, settings=[PostgresSettings(postgres_dsn, poll_interval=3.0)]
+    )
+    async with worker(postgres_dsn, PgOrder):
+        for _ in range(3):
+            run = new_ledger()
+            GATES[run] = asyncio.Event()
+            handle = await client.start(PgOrder, {"ledger": run})
+            await ledger.wait_for_mark(run, "started", "pg.Gate")
+            waiters = [
+                asyncio.ensure_future(client.get_handle(handle.id).result()) for _ in range(40)
+            ]
+            await asyncio.sleep(0.05)
+            GATES[run].set()
+            results = await asyncio.wait_for(asyncio.gather(*waiters), 20)
+            assert all(r["out_pg.B"] == "-" for r in results)
+            # and callers that begin to wait as it ends
+            late = [client.get_handle(handle.id).result() for _ in range(20)]
+            await asyncio.wait_for(asyncio.gather(*late), 20)
+    await client.close()

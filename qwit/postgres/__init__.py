@@ -26,7 +26,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -181,25 +181,26 @@ class PostgresFlowHandle(FlowHandle):
     async def result(self) -> dict[str, Any]:
         down_since: float | None = None
         while True:
-            try:
-                row = await self._row(self.id)
-            except EngineUnavailable:
-                # a PostgreSQL that restarts is waited for, as long as the
-                # settings say; the flow goes on meanwhile once it is back
-                now = time.monotonic()
-                down_since = down_since or now
-                if now - down_since > self._engine.unavailable_timeout:
-                    raise
-                await asyncio.sleep(min(1.0, self._engine.poll_interval))
-                continue
-            down_since = None
-            if row["ended"]:
-                outcome = row["outcome"]
-                if "result" in outcome:
-                    result: dict[str, Any] = outcome["result"]
-                    return result
-                raise FlowFailed.from_info(FailureInfo.model_validate(outcome["failure"]))
-            await self._engine.wait_for_end(self.id)
+            with self._engine.watching(self.id) as ended:
+                try:
+                    row = await self._row(self.id)
+                except EngineUnavailable:
+                    # a PostgreSQL that restarts is waited for, as long as the
+                    # settings say; the flow goes on meanwhile once it is back
+                    now = time.monotonic()
+                    down_since = down_since or now
+                    if now - down_since > self._engine.unavailable_timeout:
+                        raise
+                    await asyncio.sleep(min(1.0, self._engine.poll_interval))
+                    continue
+                down_since = None
+                if row["ended"]:
+                    outcome = row["outcome"]
+                    if "result" in outcome:
+                        result: dict[str, Any] = outcome["result"]
+                        return result
+                    raise FlowFailed.from_info(FailureInfo.model_validate(outcome["failure"]))
+                await ended()
 
     async def cancel(self, rollback: bool = True) -> None:
         row = await self._row(self.id)
@@ -345,7 +346,8 @@ class PostgresEngine(Engine):
         self.schema = SCHEMA_VERSION
         self._pool: Connections | None = None
         self._listener: asyncio.Task[None] | None = None
-        self._ended: dict[str, asyncio.Event] = {}
+        #: The events of the callers waiting for each flow's end, one each.
+        self._ended: dict[str, set[asyncio.Event]] = {}
 
     @contextlib.asynccontextmanager
     async def _connect(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
@@ -424,28 +426,44 @@ class PostgresEngine(Engine):
             await asyncio.sleep(pause)
             pause = min(pause * 1.5, self.poll_interval / 2)
 
-    async def wait_for_end(self, flow_id: str) -> None:
-        """Return when ``flow_id`` may have ended: its notification came (one
-        listening connection serves every flow waited for), or the poll is due."""
+    @contextlib.contextmanager
+    def watching(self, flow_id: str) -> Iterator[Callable[[], Awaitable[None]]]:
+        """Watch for ``flow_id``'s end; what it gives returns once the flow may
+        have ended: its notification came since the watch began (one
+        listening connection serves every flow waited for), or the poll is
+        due. Begun before the caller reads the flow, so that an end between
+        the read and the wait is not missed."""
         if self._listener is None or self._listener.done():
             self._listener = asyncio.ensure_future(self._listen())
-        event = self._ended.setdefault(flow_id, asyncio.Event())
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), self.poll_interval * 20)
-        self._ended.pop(flow_id, None)
+        event = asyncio.Event()
+        self._ended.setdefault(flow_id, set()).add(event)
+
+        async def ended() -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), self.poll_interval * 20)
+
+        try:
+            yield ended
+        finally:
+            waiting = self._ended.get(flow_id)
+            if waiting is not None:
+                waiting.discard(event)
+                if not waiting:
+                    del self._ended[flow_id]
+
 
     async def _listen(self) -> None:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
-                    for event in self._ended.values():
-                        event.set()  # ends may have come while nobody listened
+                    for events in self._ended.values():
+                        for event in events:
+                            event.set()  # ends may have come while nobody listened
                     async for note in conn.notifies():
                         if note.payload.startswith("ended:"):
-                            waiting = self._ended.get(note.payload[len("ended:") :])
-                            if waiting is not None:
-                                waiting.set()
+                            for event in self._ended.get(note.payload[len("ended:") :], ()):
+                                event.set()
             except (psycopg.Error, OSError):
                 await asyncio.sleep(1.0)
 
