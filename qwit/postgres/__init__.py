@@ -451,7 +451,6 @@ class PostgresEngine(Engine):
                 if not waiting:
                     del self._ended[flow_id]
 
-
     async def _listen(self) -> None:
         while True:
             try:
