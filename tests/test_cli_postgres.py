@@ -15,7 +15,12 @@ import qwit as qwit_lib
 from qwit.postgres import PostgresSettings, PostgresWorker, prepare
 from qwit.testing import wait_for_status
 from tests.clirun import qwit
-from tests.test_cli_postgres_flows import PgCliAborting, PgCliWaiting, PgCliWaitingInside
+from tests.test_cli_postgres_flows import (
+    PgCliAborting,
+    PgCliDeploy,
+    PgCliWaiting,
+    PgCliWaitingInside,
+)
 
 FLOW = "tests.test_cli_postgres_flows:PgCliOrder"
 
@@ -179,6 +184,49 @@ async def test_a_postgres_worker_serves_its_metrics(postgres_dsn: str):
         await proc.communicate()
     assert value(text, "qwit_flows_ended", flow="pgcli.order", outcome="completed") == 1
     assert "# TYPE qwit_flows_waiting gauge" in text
+
+
+async def test_a_postgres_worker_stopped_by_sigterm_lets_its_step_in_flight_finish(
+    postgres_dsn: str, tmp_path: Path
+):
+    """SIGTERM to ``qwit worker --backend postgres`` while a step runs (a
+    deploy): the step finishes there before the worker exits 0, and a new
+    worker drives the flow on; the step ran once. Before, the step was cut
+    off and its one attempt spent: the flow failed."""
+    import asyncio
+    import signal
+
+    from tests.clirun import read_until, start
+
+    env = {"QWIT_POSTGRES_DSN": postgres_dsn, "QWIT_BACKEND": "postgres"}
+    await prepare(postgres_dsn)
+    client = await qwit_lib.connect(
+        backend=qwit_lib.postgres, settings=[PostgresSettings(postgres_dsn)]
+    )
+    proc = await start("worker", "tests.test_cli_postgres_flows", **env)
+    try:
+        assert proc.stderr is not None
+        await read_until(proc.stderr, "serving", timeout=60)
+        handle = await client.start(PgCliDeploy, {"dir": str(tmp_path)})
+        for _ in range(600):
+            if (tmp_path / "started").exists():
+                break
+            await asyncio.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()
+    assert "worker stopped" in err.decode()
+    assert (tmp_path / "done").exists()
+    async with PostgresWorker(postgres_dsn, PgCliDeploy, poll_interval=0.2):
+        result = await asyncio.wait_for(handle.result(), 60)
+        state = await handle.state()
+    await client.close()
+    assert result["slow"] == "done" and result["reserved"] == 1
+    assert [s.attempts for s in state.steps] == [1, 1]
 
 
 def story(err: str) -> list[str]:

@@ -62,3 +62,25 @@ class PgCliWaitingInside(qwit.Flow, name="pgcli.waiting_inside"):
 
     def build_flow(self) -> None:
         self.step(PgCliWaiting)
+
+
+class PgCliSlow(qwit.Step, name="pgcli.slow"):
+    """Says it started (a file in ``args["dir"]``), runs 2 s, says it is done;
+    one attempt only: one cut off fails it."""
+
+    retry = qwit.Retry(max_attempts=1)
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        import asyncio
+        from pathlib import Path
+
+        (Path(args["dir"]) / "started").touch()
+        await asyncio.sleep(2)
+        (Path(args["dir"]) / "done").touch()
+        return {"slow": "done"}
+
+
+class PgCliDeploy(qwit.Flow, name="pgcli.deploy"):
+    def build_flow(self) -> None:
+        self.step(PgCliSlow)
+        self.step(PgCliReserve, {"n": 1})

@@ -51,7 +51,12 @@ async def env(
         @contextlib.asynccontextmanager
         async def serve(*members: Any) -> AsyncIterator[Any]:
             async with qwit.postgres.PostgresWorker(
-                dsn, *members, heartbeat=0.5, stalled_after=3, poll_interval=0.2
+                dsn,
+                *members,
+                heartbeat=0.5,
+                stalled_after=3,
+                poll_interval=0.2,
+                graceful_shutdown_timeout=0,
             ) as w:
                 yield w
 

@@ -194,7 +194,10 @@ async def resumed_by_another_worker(dsn: str, flow: type[qwit.Flow]) -> tuple[An
     GATES[run] = asyncio.Event()
     first, second = Metrics(), Metrics()
     handle = await client.start(flow, {"ledger": run})
-    async with PostgresWorker(dsn, flow, metrics=first, poll_interval=0.2):
+    # (stopped at once, the step cut off as by a crash)
+    async with PostgresWorker(
+        dsn, flow, metrics=first, poll_interval=0.2, graceful_shutdown_timeout=0
+    ):
         await ledger.wait_for_mark(run, "started", "pg.Gate")
     GATES[run].set()
     async with PostgresWorker(dsn, flow, metrics=second, poll_interval=0.2):

@@ -92,6 +92,9 @@ async def flow_row(dsn: str, flow_id: str) -> dict[str, Any]:
 
 
 def worker(dsn: str, *members: Any, **options: Any) -> PostgresWorker:
+    """A worker that beats fast; leaving its block stops it at once (steps in
+    flight cut off, as by a crash) unless ``graceful_shutdown_timeout`` says."""
+    options.setdefault("graceful_shutdown_timeout", 0)
     return PostgresWorker(
         dsn, *members, heartbeat=0.5, stalled_after=2, poll_interval=0.2, **options
     )
@@ -971,6 +974,81 @@ async def test_the_time_a_serving_worker_spent_on_a_step_is_not_time_unserved(
     assert result["out_pg.cut_off"] == "-"
     assert ledger.applied(run) == ["pg.cut_off"]
     await client.close()
+
+
+class PgFinishes(Effect, name="pg.finishes"):
+    """Runs longer than a worker takes to be seen dead (``stalled_after``); one
+    attempt only: an attempt cut off, or run again, fails it."""
+
+    retry = qwit.Retry(max_attempts=1)
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any] | None:
+        ledger.record(args["ledger"], "started", "pg.finishes")
+        await asyncio.sleep(3)
+        return await super().step_forward(args)
+
+
+class PgFinishesFlow(qwit.Flow, name="pg.finishes_flow", backend=qwit.postgres):
+    def build_flow(self) -> None:
+        self.step(PgFinishes)
+        self.step(PgB)
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["taken_inline", "from_the_queue"])
+async def test_a_worker_that_stops_lets_its_steps_in_flight_finish(postgres_dsn: str, inline: bool):
+    # A rolling deploy: the next version's worker starts, then the old one
+    # stops (the end of its block, as SIGTERM to qwit-worker) while a step
+    # runs there. It takes no new job and lets go of the flow at once (the
+    # new worker drives it on), but the step finishes where it runs, and its
+    # end is recorded. Its job is not taken for one of a dead worker
+    # meanwhile, though the step outlives stalled_after (2 s). Before, the
+    # step was cut off: its one attempt spent, the flow failed and rolled back.
+    await prepare(postgres_dsn)
+    client = await client_for(postgres_dsn)
+    run = new_ledger()
+    old = worker(postgres_dsn, PgFinishesFlow, inline=inline, graceful_shutdown_timeout=20)
+    await old.__aenter__()
+    try:
+        handle = await client.start(PgFinishesFlow, {"ledger": run})
+        await ledger.wait_for_mark(run, "started", "pg.finishes")
+    finally:
+        async with worker(postgres_dsn, PgFinishesFlow):  # the next version
+            await old.__aexit__(None, None, None)
+            assert "pg.finishes" in ledger.applied(run)  # (before the old one stopped)
+            result = await asyncio.wait_for(handle.result(), 60)
+            state = await handle.state()
+    assert result["out_pg.B"] == "-"
+    assert ledger.applied(run) == ["pg.finishes", "pg.B"]
+    assert ledger.undone(run) == []
+    assert [s.attempts for s in state.steps] == [1, 1]
+    await client.close()
+
+
+async def test_a_step_still_running_after_the_grace_goes_back_to_the_queue(postgres_dsn: str):
+    # The step outlives the grace: it is stopped, its job goes back to the
+    # queue (that attempt counts), and the worker has stopped well before
+    # the step would have ended (30 s).
+    await prepare(postgres_dsn)
+    client = await client_for(postgres_dsn)
+    run = new_ledger()
+    async with worker(postgres_dsn, PgCutOffFlow, graceful_shutdown_timeout=1):
+        handle = await client.start(PgCutOffFlow, {"ledger": run})
+        await ledger.wait_for_mark(run, "started", "pg.cut_off")
+        stopping = time.monotonic()
+    assert time.monotonic() - stopping < 20
+    async with worker(postgres_dsn, PgCutOffFlow):
+        result = await asyncio.wait_for(handle.result(), 60)
+        state = await handle.state()
+    assert result["out_pg.cut_off"] == "-"
+    assert ledger.applied(run) == ["pg.cut_off"]
+    assert state.steps[0].attempts == 2
+    await client.close()
+
+
+def test_a_negative_grace_is_refused(postgres_dsn: str):
+    for grace in (-1, float("nan")):
+        with pytest.raises(ValueError, match="graceful_shutdown_timeout"):
+            PostgresWorker(postgres_dsn, PgOrder, graceful_shutdown_timeout=grace)
 
 
 class PgHangs(Effect, name="pg.hangs"):

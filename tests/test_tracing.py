@@ -181,7 +181,12 @@ async def test_a_postgres_flow_replayed_by_a_new_worker_emits_no_span_again(
     run = new_ledger()
     GATES[run] = asyncio.Event()
     tracer = trace.get_tracer("tests")
-    options: dict[str, Any] = {"tracing": True, "poll_interval": 0.2}
+    # (a worker stopped at once: the step cut off as by a crash)
+    options: dict[str, Any] = {
+        "tracing": True,
+        "poll_interval": 0.2,
+        "graceful_shutdown_timeout": 0,
+    }
     with tracer.start_as_current_span("request") as request:
         handle = await client.start(PgOrder, {"ledger": run})
     async with PostgresWorker(postgres_dsn, PgOrder, **options):

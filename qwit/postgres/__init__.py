@@ -392,11 +392,6 @@ class PostgresEngine(Engine):
         async with self._connect() as conn, conn.transaction():
             yield conn
 
-    async def tell(self, run_id: str, kind: str, payload: Any) -> None:
-        """Put a row of ``kind`` in the run's inbox."""
-        async with self.transaction() as conn:
-            await add_event(conn, run_id, _client_key(kind), kind, payload)
-
     async def taken_in(self, flow_id: str, run_id: str, key: str) -> None:
         """Return once the run's driver has taken in the inbox row ``key``:
         in the transaction that numbers it, it writes the flow's state too.

@@ -40,6 +40,7 @@ from types import ModuleType, TracebackType
 from typing import TYPE_CHECKING, Any
 
 import procrastinate
+import procrastinate.worker
 import psycopg
 from procrastinate.job_context import AbortReason
 
@@ -71,6 +72,13 @@ logger = logging.getLogger("qwit.postgres")
 
 FLOW_QUEUE = "qwit.flows"
 STEP_QUEUE = "qwit.steps"
+
+#: Seconds the steps in flight get to finish when a worker stops (SIGINT,
+#: SIGTERM, or the end of its ``async with`` block), as a Temporal worker's.
+DEFAULT_GRACEFUL_SHUTDOWN = 30.0
+#: Seconds, after the grace, that the steps still running get to stop and go
+#: back to the queue.
+ABORT_WAIT = 5.0
 
 
 #: Environment variables a ``qwit-worker --backend postgres`` reads (seconds).
@@ -183,6 +191,14 @@ class PostgresWorker:
             ``$QWIT_TRACING``; needs ``qwit[tracing]``); a flow's span
             continues its caller's, when the client traces too.
         waiting_every: Seconds between two counts of the waiting flows.
+        graceful_shutdown_timeout: Seconds the steps in flight get to finish
+            when the worker stops (``serve`` on SIGINT or SIGTERM, or the end
+            of its ``async with`` block): it takes no new job, lets go of the
+            flows it drives at once (other workers replay them), and records
+            the end of each step that finishes in time. A step still running
+            after that is stopped and goes back to the queue, as one of a
+            worker that died (that attempt counts). 0: stop at once. A second
+            signal to ``serve`` also stops at once.
 
     Raises:
         QwitError: tracing is asked for and OpenTelemetry is not installed.
@@ -202,8 +218,17 @@ class PostgresWorker:
         metrics: Metrics | None = None,
         tracing: bool | None = None,
         waiting_every: float = WAITING_EVERY,
+        graceful_shutdown_timeout: float = DEFAULT_GRACEFUL_SHUTDOWN,
     ) -> None:
+        if not graceful_shutdown_timeout >= 0:  # (NaN too)
+            raise ValueError(
+                "graceful_shutdown_timeout must be 0 or more seconds, "
+                f"not {graceful_shutdown_timeout!r}"
+            )
         self.dsn = dsn
+        self.graceful_shutdown_timeout = float(graceful_shutdown_timeout)
+        #: The grace its current stop gives the steps in flight (None: none).
+        self._grace: float | None = None
         self.metrics = metrics
         self.waiting_every = waiting_every
         self.tracing = tracing_from_env() if tracing is None else tracing
@@ -240,6 +265,9 @@ class PostgresWorker:
         self._wakeups: dict[str, asyncio.Event] = {}
         self._drivers: dict[str, Driver] = {}
         self._tasks: list[asyncio.Task[Any]] = []
+        #: Its procrastinate worker of the step queue (its shutdown's grace
+        #: is set when it stops).
+        self._step_worker: procrastinate.worker.Worker | None = None
         self.app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=dsn))
         self.app.job_manager = _Jobs(self, self.app.connector)
         self.app.task(name=FLOW_TASK, pass_context=True, retry=_FlowJobRetry())(self._flow_job)
@@ -706,12 +734,17 @@ class PostgresWorker:
         """Heartbeat its worker id; take a new one if it was taken for dead
         (its step jobs went back to the queue; whoever runs them records
         them); record the ends it kept while PostgreSQL was away."""
+        # (and that of its procrastinate worker of the step queue, which
+        # stops its own heartbeats while its jobs finish as it stops)
+        step_worker = None if self._step_worker is None else self._step_worker.worker_id
         async with self.connection() as conn:
             cur = await conn.execute(
-                "UPDATE procrastinate_workers SET last_heartbeat = now() WHERE id = %s",
-                [self.worker_id],
+                "UPDATE procrastinate_workers SET last_heartbeat = now() "
+                "WHERE id = ANY(%s) RETURNING id",
+                [[self.worker_id, *([step_worker] if step_worker is not None else [])]],
             )
-        if cur.rowcount != 1:
+            beaten = {row[0] for row in await cur.fetchall()}
+        if self.worker_id not in beaten:
             # its step jobs went back to the queue: their runs here stop
             # (unrecorded: whoever runs them now records them)
             logger.warning("qwit.postgres: worker %s was taken for dead", self.worker_id)
@@ -761,13 +794,18 @@ class PostgresWorker:
             except Exception as exc:
                 logger.warning("qwit.postgres: sweep failed (%s)", exc)
 
-    async def _keep(self, **options: Any) -> None:
-        """Run a procrastinate worker; start a new one if it stops (PostgreSQL
-        went away): the old one's jobs are then those of a dead worker, run
-        again once it is taken for dead."""
+    async def _keep(self, steps: bool, **options: Any) -> None:
+        """Run a procrastinate worker (of the step queue if ``steps``); start
+        a new one if it stops (PostgreSQL went away): the old one's jobs are
+        then those of a dead worker, run again once it is taken for dead."""
         while True:
+            worker = procrastinate.worker.Worker(
+                app=self.app, **{**self.app.worker_defaults, **options}
+            )
+            if steps:
+                self._step_worker = worker
             try:
-                await self.app.run_worker_async(**options)
+                await worker.run()  # type: ignore[no-untyped-call]
             except (psycopg.Error, OSError, procrastinate.exceptions.ProcrastinateException) as exc:
                 logger.warning("qwit.postgres: a worker stopped (%s); a new one in 1 s", exc)
             await asyncio.sleep(1.0)
@@ -787,20 +825,29 @@ class PostgresWorker:
                 "shutdown_graceful_timeout": 0,
                 "delete_jobs": "successful",
             }
+            drive = asyncio.ensure_future(
+                self._keep(False, queues=[self.flow_queue], concurrency=self.flows, **common)
+            )
+            work = asyncio.ensure_future(
+                self._keep(True, queues=[self.step_queue], concurrency=self.concurrency, **common)
+            )
             tasks = [
                 asyncio.ensure_future(self._listen()),
                 asyncio.ensure_future(self._sweep()),
                 *([asyncio.ensure_future(self._count_waiting())] if self.metrics else []),
-                asyncio.ensure_future(
-                    self._keep(queues=[self.flow_queue], concurrency=self.flows, **common)
-                ),
-                asyncio.ensure_future(
-                    self._keep(queues=[self.step_queue], concurrency=self.concurrency, **common)
-                ),
+                drive,
+                work,
             ]
             try:
-                await asyncio.gather(*tasks)
+                # (not gather: cancelled, it would cancel them all, and the
+                # steps in flight would get no grace)
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+                for task in done:
+                    task.result()
             finally:
+                if self._grace:
+                    with contextlib.suppress(BaseException):  # (cancelled again: at once)
+                        await self._drain(drive, work, self._grace)
                 for task in tasks:
                     task.cancel()
                 for task in tasks:
@@ -820,21 +867,55 @@ class PostgresWorker:
                 if self._pool is not None:
                     await self._pool.close()  # (kept: a late caller gets an error)
 
+    async def _drain(
+        self, drive: asyncio.Future[None], work: asyncio.Future[None], grace: float
+    ) -> None:
+        """Stop gracefully: let go of the flows it drives (other workers
+        replay them), take no new job, and give the steps in flight ``grace``
+        seconds to finish and record their ends; heartbeats go on meanwhile,
+        so that nobody takes its steps for those of a dead worker."""
+        drive.cancel()
+        await asyncio.wait([drive])
+        if self._step_worker is not None:
+            self._step_worker.shutdown_graceful_timeout = grace
+        work.cancel()
+        inline = [task for task, _, _ in self._inline.values()]
+        running = len(inline) + len(getattr(self._step_worker, "_running_jobs", ()))
+        if running:
+            logger.info(
+                "qwit.postgres: stopping; %d step(s) in flight get up to %g s to finish",
+                running,
+                grace,
+            )
+        await asyncio.wait([work, *inline], timeout=grace)
+        late = [task for task in inline if not task.done()]
+        for task in late:
+            task.cancel()  # (its job goes back to the queue below)
+        await asyncio.wait([work, *late], timeout=ABORT_WAIT)
+
     async def serve(self) -> None:
-        """Run until SIGINT or SIGTERM, then stop (the drivers it held are
-        replayed by other workers; the step jobs it held go back to the
-        queue)."""
+        """Run until SIGINT or SIGTERM, then stop: steps in flight get
+        ``graceful_shutdown_timeout`` seconds to finish (a second signal
+        stops at once); the drivers it held are replayed by other workers;
+        the step jobs still running go back to the queue."""
         with stop_on_signals() as stop:
             running = asyncio.ensure_future(self.run())
             stopping = asyncio.ensure_future(stop.wait())
             try:
                 await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not running.done():
+                    stop.clear()
+                    stopping = asyncio.ensure_future(stop.wait())
+                    self._grace = self.graceful_shutdown_timeout
+                    running.cancel()
+                    await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 for task in (running, stopping):
                     task.cancel()
                 for task in (running, stopping):
                     with contextlib.suppress(BaseException):
                         await task
+                self._grace = None
         if running.done() and not running.cancelled() and running.exception() is not None:
             raise running.exception()  # type: ignore[misc]
 
@@ -856,11 +937,15 @@ class PostgresWorker:
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        self._grace = self.graceful_shutdown_timeout
+        try:
+            for task in self._tasks:
+                task.cancel()
+            for task in self._tasks:
+                with contextlib.suppress(BaseException):
+                    await task
+        finally:
+            self._grace = None
 
 
 def _install_tracing() -> None:
