@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import types
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -506,13 +507,57 @@ def _fields(cls: type[Step], method: str) -> tuple[str, ...] | None:
     return None if names is None else tuple(sorted(names))
 
 
+#: What a plan was compiled from: the attributes of each class it used (the
+#: flow, its sub-flows and steps, and their bases), as they were.
+_Stamp = tuple[tuple[Any, ...], ...]
+
+
+def _kept(value: Any) -> Any:
+    """An attribute's value as a stamp keeps it: a function by its code (a
+    function may hold its class, which the stamp must not keep alive)."""
+    if isinstance(value, (classmethod, staticmethod)):
+        value = value.__func__
+    if isinstance(value, types.FunctionType):
+        return value.__code__
+    if isinstance(value, (types.GetSetDescriptorType, types.MemberDescriptorType)):
+        return None  # (``__dict__``, ``__weakref__``: they hold their class)
+    return value
+
+
+def _stamp(classes: Iterable[type]) -> _Stamp:
+    seen: dict[int, tuple[Any, ...]] = {}
+    for cls in classes:
+        for base in cls.__mro__:
+            if base is not object and id(base) not in seen:
+                attributes = vars(base)
+                seen[id(base)] = (*attributes, *map(_kept, attributes.values()))
+    return tuple(seen.values())
+
+
+def _same(stamp: _Stamp, now: _Stamp) -> bool:
+    """Whether nothing a plan was compiled from has changed (by identity: a
+    value replaced by an equal one counts as a change)."""
+    return len(stamp) == len(now) and all(
+        len(was) == len(is_) and all(a is b for a, b in zip(was, is_, strict=True))
+        for was, is_ in zip(stamp, now, strict=True)
+    )
+
+
 @dataclass(frozen=True)
 class _Compiled:
     plan: FlowNode
-    steps: tuple[type[Step], ...]
+    #: The steps and sub-flows it uses (not the flow: it would stay alive).
+    used: tuple[type, ...]
+    stamp: _Stamp
+
+    @property
+    def steps(self) -> tuple[type[Step], ...]:
+        return tuple(c for c in self.used if issubclass(c, Step))
 
 
-#: Each Flow class is compiled once (weakly kept: flows made at run time go).
+#: Each Flow class is compiled once (weakly kept: flows made at run time
+#: go), and again only if an attribute of a class its plan was compiled
+#: from has changed since (a test that sets a step's ``retry``, say).
 _compiled: weakref.WeakKeyDictionary[type[Flow], _Compiled] = weakref.WeakKeyDictionary()
 
 
@@ -520,15 +565,16 @@ def _compile(flow: type[Flow]) -> _Compiled:
     if not (isinstance(flow, type) and issubclass(flow, Flow)):
         raise FlowDefinitionError(f"expected a qwit.Flow class, got {flow!r}")
     compiled = _compiled.get(flow)
-    if compiled is None:
-        if is_abstract(flow):
-            raise FlowDefinitionError(
-                f"flow {flow.name!r} is abstract (abstract=True): run one of its subclasses"
-            )
-        compiler = _Compiler()
-        plan = compiler.flow(flow, {}, flow.on_failure)
-        steps = tuple(c for c in compiler.names.values() if issubclass(c, Step))
-        compiled = _compiled[flow] = _Compiled(plan, steps)
+    if compiled is not None and _same(compiled.stamp, _stamp((flow, *compiled.used))):
+        return compiled
+    if is_abstract(flow):
+        raise FlowDefinitionError(
+            f"flow {flow.name!r} is abstract (abstract=True): run one of its subclasses"
+        )
+    compiler = _Compiler()
+    plan = compiler.flow(flow, {}, flow.on_failure)
+    used = tuple(c for c in compiler.names.values() if c is not flow)
+    compiled = _compiled[flow] = _Compiled(plan, used, _stamp((flow, *used)))
     return compiled
 
 

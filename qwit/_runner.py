@@ -168,6 +168,8 @@ class _Deadline:
         self.fired = False
         self.outside = False
         """A cancel from outside reached a plain step's attempt."""
+        self.late: asyncio.Future[Any] | None = None
+        """A plain step's thread that a cancel from outside waited for."""
 
     def error(self) -> StepFailure:
         message = f"step timed out after {self.timeout:g}s"
@@ -228,6 +230,7 @@ class _Deadline:
             # is waited for (through any further cancel) before it goes on.
             self.outside = True
             await _until_done(future)
+            self.late = future
             raise
 
 
@@ -239,6 +242,26 @@ def _read(future: asyncio.Future[Any]) -> None:
 def _cancelling(task: asyncio.Task[Any]) -> int:
     count = getattr(task, "cancelling", None)  # Python 3.11+
     return int(count()) if count is not None else 1
+
+
+def _kept(late: asyncio.Future[Any] | None, keep_late: Callable[[], bool] | None) -> bool:
+    """Whether the result of a plain step's thread that ended after a cancel
+    from outside is kept (see ``run_step_method``'s ``keep_late``)."""
+    return (
+        late is not None
+        and keep_late is not None
+        and late.done()
+        and not late.cancelled()
+        and late.exception() is None
+        and keep_late()
+    )
+
+
+def _uncancel_all(task: asyncio.Task[Any]) -> None:
+    """Take back every cancel asked of ``task`` (Python 3.11+; on 3.10, the
+    one caught was the only one)."""
+    for _ in range(_cancelling(task) if hasattr(task, "cancelling") else 0):
+        _uncancel(task)
 
 
 def _uncancel(task: asyncio.Task[Any]) -> None:
@@ -258,6 +281,7 @@ async def run_step_method(
     is_cancelled: Callable[[], bool] | None = None,
     timeout: float | None = None,
     grace: float = DEFAULT_TIMEOUT_GRACE,
+    keep_late: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Run ``call.direction`` of ``cls`` with ``call.args``; return its output.
 
@@ -266,6 +290,10 @@ async def run_step_method(
             ``async`` step is cancelled then, a plain one sees
             ``context().cancelled``, and the attempt fails with a
             ``TimeoutError`` once the step has stopped or ``grace`` is over.
+        keep_late: Asked when a cancel from outside stopped the attempt of a
+            plain step whose thread then returned all the same: True keeps
+            what it returned (its worker stops: the step's work is done, and
+            would otherwise run again elsewhere), False passes the cancel on.
 
     Raises:
         StepFailure: the method raised (any ``BaseException`` but the
@@ -321,12 +349,16 @@ async def run_step_method(
         raise
     except asyncio.CancelledError as exc:
         task = asyncio.current_task()
-        if task is None or _cancelling(task) > 0 or outer_cancelled():
+        if task is not None and deadline.late is not None and _kept(deadline.late, keep_late):
+            _uncancel_all(task)
+            result = deadline.late.result()
+        elif task is None or _cancelling(task) > 0 or outer_cancelled():
             raise  # the attempt was cancelled: pass it on
-        # Raised by the step's own code (it awaited something cancelled), not
-        # a cancel of the attempt: its failure. (Python 3.10 can't tell them
-        # apart, and passes it on.)
-        raise StepFailure(error_info(exc, attempt=attempt)) from exc
+        else:
+            # Raised by the step's own code (it awaited something cancelled),
+            # not a cancel of the attempt: its failure. (Python 3.10 can't
+            # tell them apart, and passes it on.)
+            raise StepFailure(error_info(exc, attempt=attempt)) from exc
     except BaseException as exc:  # any raise is the step's failure
         if deadline.fired:
             raise deadline.error() from exc
@@ -412,6 +444,11 @@ async def run_watched_step_method(
         if not starved:
             running.cancel()
         await _until_done(running)
+        task = asyncio.current_task()
+        keep_late = options.get("keep_late")
+        if not starved and task is not None and _kept(running, keep_late):
+            _uncancel_all(task)  # (a plain step's result, kept: see run_step_method)
+            return running.result()
         raise
     finally:
         watchdog.cancel()

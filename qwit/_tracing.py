@@ -35,14 +35,20 @@ def tracing_from_env() -> bool:
     return os.environ.get(TRACING_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+class TracingUnavailable(QwitError):
+    """Tracing is asked for and OpenTelemetry is not installed."""
+
+
 def require_opentelemetry() -> None:
     """Raises:
-    QwitError: tracing is asked for and OpenTelemetry is not installed.
+    TracingUnavailable: tracing is asked for and OpenTelemetry is not installed.
     """
     try:
         import opentelemetry.sdk.trace  # noqa: F401
     except ImportError:
-        raise QwitError("tracing needs OpenTelemetry: pip install 'qwit[tracing]'") from None
+        raise TracingUnavailable(
+            f"tracing needs OpenTelemetry: pip install 'qwit[tracing]' (or unset {TRACING_ENV})"
+        ) from None
 
 
 class Span:

@@ -86,3 +86,18 @@ def test_graph_usage_errors_exit_2_naming_the_flow():
     code, out = graph("tests.cli_flows")
     assert code == 2
     assert "is not MODULE:FLOW" in out
+
+
+def test_every_failure_reaction_is_drawn():
+    # A FALLBACK step (the quote sample has three) made both formats crash
+    # (KeyError: its fill colour was missing), exit 1.
+    from qwit._cli._graph import REACTION_COLOURS
+    from qwit._options import Reaction
+
+    assert set(REACTION_COLOURS) == set(Reaction) - {Reaction.ROLLBACK, Reaction.RETRY}
+    for fmt in ("mermaid", "dot"):
+        code, out = graph("samples.quote.flows:QuoteShipment", "--format", fmt)
+        assert code == 0, out
+        assert "on failure: fallback" in out
+    code, out = graph("samples.quote.flows:QuoteShipment")
+    assert "classDef fallback fill:#dcf5dc" in out

@@ -18,6 +18,7 @@ from tests.clirun import qwit
 from tests.test_cli_postgres_flows import (
     PgCliAborting,
     PgCliDeploy,
+    PgCliPlainLongFlow,
     PgCliWaiting,
     PgCliWaitingInside,
 )
@@ -227,6 +228,47 @@ async def test_a_postgres_worker_stopped_by_sigterm_lets_its_step_in_flight_fini
     await client.close()
     assert result["slow"] == "done" and result["reserved"] == 1
     assert [s.attempts for s in state.steps] == [1, 1]
+
+
+async def test_a_second_sigterm_stops_a_postgres_worker_at_once(postgres_dsn: str, tmp_path: Path):
+    """A second signal while the worker waits for a plain step (a thread it
+    can't stop): it exits 0 at once, the step left to other workers, as on
+    a worker that died. Before, it waited for the thread (up to 30 s)."""
+    import asyncio
+    import signal
+    import time
+
+    from tests.clirun import read_until, start
+
+    env = {"QWIT_POSTGRES_DSN": postgres_dsn, "QWIT_BACKEND": "postgres"}
+    await prepare(postgres_dsn)
+    client = await qwit_lib.connect(
+        backend=qwit_lib.postgres, settings=[PostgresSettings(postgres_dsn)]
+    )
+    proc = await start("worker", "tests.test_cli_postgres_flows", **env)
+    try:
+        assert proc.stderr is not None
+        await read_until(proc.stderr, "serving", timeout=60)
+        await client.start(PgCliPlainLongFlow, {"dir": str(tmp_path)})
+        for _ in range(600):
+            if (tmp_path / "started").exists():
+                break
+            await asyncio.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(1.5)
+        assert proc.returncode is None  # (it waits for the step)
+        proc.send_signal(signal.SIGTERM)
+        forced = time.monotonic()
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+        took = time.monotonic() - forced
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    await client.close()
+    assert proc.returncode == 0, err.decode()
+    assert took < 10, err.decode()  # (not the 28 s left of the step)
+    assert "stopped at once" in err.decode()
 
 
 def story(err: str) -> list[str]:

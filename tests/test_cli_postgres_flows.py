@@ -84,3 +84,20 @@ class PgCliDeploy(qwit.Flow, name="pgcli.deploy"):
     def build_flow(self) -> None:
         self.step(PgCliSlow)
         self.step(PgCliReserve, {"n": 1})
+
+
+class PgCliPlainLong(qwit.Step, name="pgcli.plain_long"):
+    """A plain step (a thread nothing can stop) of 30 s; says it started."""
+
+    def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        import time
+        from pathlib import Path
+
+        (Path(args["dir"]) / "started").touch()
+        time.sleep(30)
+        return {}
+
+
+class PgCliPlainLongFlow(qwit.Flow, name="pgcli.plain_long_flow"):
+    def build_flow(self) -> None:
+        self.step(PgCliPlainLong)

@@ -554,3 +554,50 @@ def test_steps_qwit_can_call_pass():
             self.step(Fine)
 
     compile_flow(UsesFine)
+
+
+class StampBase(qwit.Step, abstract=True):
+    timeout = 30
+
+
+class StampStep(StampBase, name="stamp.step"):
+    retry = qwit.Retry(max_attempts=3)
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+
+class StampFlow(qwit.Flow, name="stamp.flow"):
+    def build_flow(self) -> None:
+        self.step(StampStep)
+
+
+def test_a_plan_is_compiled_once_and_again_after_a_class_it_uses_changes(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    # Compiled once per class; but a test that sets a step's option (here
+    # with monkeypatch) gets a plan with it, and the next test, the option
+    # put back, the plan as it was. Before, the first plan stayed cached.
+    first = compile_flow(StampFlow)
+    assert compile_flow(StampFlow) is first
+
+    def step() -> StepNode:
+        node = compile_flow(StampFlow).steps[0]
+        assert isinstance(node, StepNode)
+        return node
+
+    monkeypatch.setattr(StampStep, "retry", qwit.Retry(max_attempts=1))
+    assert step().retry.max_attempts == 1
+    monkeypatch.setattr(StampBase, "timeout", 5)  # (a base's option)
+    assert step().timeout == 5
+    monkeypatch.setattr(StampFlow, "on_failure", qwit.ABORT)  # (the flow's own)
+    assert compile_flow(StampFlow).on_failure.default == qwit.ABORT
+
+    def build_flow(self: qwit.Flow) -> None:  # (its build_flow replaced)
+        self.step(StampStep, {"extra": 1})
+
+    monkeypatch.setattr(StampFlow, "build_flow", build_flow)
+    assert compile_flow(StampFlow).steps[0].static_args == {"extra": 1}
+    monkeypatch.undo()
+    assert compile_flow(StampFlow) == first
+    assert step().retry.max_attempts == 3 and step().timeout == 30

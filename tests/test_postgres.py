@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import signal
 import sys
 import time
@@ -646,12 +647,14 @@ async def test_a_stalled_step_job_asked_to_stop_as_it_is_swept_ends_as_stopped(
     original = serving.release
     cancelled: list[int] = []
 
-    async def release(job: int, run_id: str, key: str) -> None:
+    async def release(
+        job: int, run_id: str, key: str, holder: int | None, delay: float = 0.0
+    ) -> None:
         if not cancelled:
             cancelled.append(job)
             await held.handle.cancel()  # the cancel lands here
             await asked_to_stop(postgres_dsn, job)
-        await original(job, run_id, key)
+        await original(job, run_id, key, holder, delay)
 
     serving.release = release  # type: ignore[method-assign]
     async with gate_held_elsewhere(postgres_dsn, serving) as held:
@@ -1021,6 +1024,109 @@ async def test_a_worker_that_stops_lets_its_steps_in_flight_finish(postgres_dsn:
     assert ledger.applied(run) == ["pg.finishes", "pg.B"]
     assert ledger.undone(run) == []
     assert [s.attempts for s in state.steps] == [1, 1]
+    await client.close()
+
+
+class PgLong(qwit.Step, name="pg.long"):
+    """Runs 12 s, then applies its effect; says when a cancel stops it."""
+
+    retry = qwit.Retry(max_attempts=1)
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any] | None:
+        ledger.record(args["ledger"], "started", "pg.long")
+        try:
+            await asyncio.sleep(12)
+        except asyncio.CancelledError:
+            ledger.record(args["ledger"], "stopped", "pg.long")
+            raise
+        ledger.record(args["ledger"], "do", "pg.long")
+        return None
+
+
+class PgLongFlow(qwit.Flow, name="pg.long_flow", backend=qwit.postgres):
+    def build_flow(self) -> None:
+        self.step(PgLong)
+
+
+#: Attempts of PgPlainSlow: (ledger, attempt) -> [start, end] (monotonic).
+PLAIN_SPANS: dict[tuple[str, int], list[float]] = {}
+
+
+class PgPlainSlow(Effect, name="pg.plain_slow"):
+    """A plain step (its thread can't be stopped) that outlives the grace
+    and stalled_after; it ignores ``cancelled``."""
+
+    retry = qwit.Retry(max_attempts=3, initial_interval=0.1)
+
+    def step_forward(self, args: dict[str, Any]) -> dict[str, Any] | None:
+        span = PLAIN_SPANS[(args["ledger"], qwit.context().attempt)] = [time.monotonic()]
+        ledger.record(args["ledger"], "started", "pg.plain_slow")
+        time.sleep(4)
+        ledger.record(args["ledger"], "do", "pg.plain_slow")
+        span.append(time.monotonic())
+        return {"out_pg.plain_slow": "-"}
+
+
+class PgPlainSlowFlow(qwit.Flow, name="pg.plain_slow_flow", backend=qwit.postgres):
+    def build_flow(self) -> None:
+        self.step(PgPlainSlow)
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["taken_inline", "from_the_queue"])
+async def test_a_cancel_reaches_a_step_on_a_worker_that_stops(postgres_dsn: str, inline: bool):
+    # The step's worker stops (and lets go of the flow) while the step runs;
+    # the cancel, written while the new worker drives the flow, reaches the
+    # step on the old one all the same: with rollback=False, it never gets
+    # to its effect. Before, nobody read the stop asked of the step while
+    # its worker stopped: it ran on to its effect, the cancel's end late.
+    await prepare(postgres_dsn)
+    client = await client_for(postgres_dsn)
+    run = new_ledger()
+    old = worker(postgres_dsn, PgLongFlow, inline=inline, graceful_shutdown_timeout=20)
+    await old.__aenter__()
+    try:
+        handle = await client.start(PgLongFlow, {"ledger": run})
+        await ledger.wait_for_mark(run, "started", "pg.long")
+    finally:
+        async with worker(postgres_dsn, PgLongFlow):  # the next version
+            stopping = asyncio.ensure_future(old.__aexit__(None, None, None))
+            await asyncio.sleep(1)  # (the new worker drives the flow)
+            await handle.cancel(rollback=False)
+            with pytest.raises(qwit.FlowCancelled):
+                await asyncio.wait_for(handle.result(), 60)
+            await stopping
+    assert ledger.marks(run, "stopped") == ["pg.long"]
+    assert ledger.applied(run) == []
+    await client.close()
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["taken_inline", "from_the_queue"])
+async def test_a_plain_step_that_outlives_the_grace_is_waited_for_and_kept(
+    postgres_dsn: str, inline: bool
+):
+    # A thread can't be stopped: the worker waits for the step past the
+    # grace (1 s), heartbeating all along, so that no other worker takes
+    # its job for one of a dead worker and runs it beside it (its
+    # heartbeats stopped with the grace: attempt 2 ran beside attempt 1);
+    # and what the step returned is kept (it was run again).
+    await prepare(postgres_dsn)
+    client = await client_for(postgres_dsn)
+    run = new_ledger()
+    old = worker(postgres_dsn, PgPlainSlowFlow, inline=inline, graceful_shutdown_timeout=1)
+    await old.__aenter__()
+    try:
+        handle = await client.start(PgPlainSlowFlow, {"ledger": run})
+        await ledger.wait_for_mark(run, "started", "pg.plain_slow")
+    finally:
+        async with worker(postgres_dsn, PgPlainSlowFlow):
+            await old.__aexit__(None, None, None)
+            result = await asyncio.wait_for(handle.result(), 60)
+            state = await handle.state()
+    spans = sorted(span for (of, _), span in PLAIN_SPANS.items() if of == run)
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans)), spans  # (none side by side)
+    assert result["out_pg.plain_slow"] == "-"
+    assert ledger.applied(run) == ["pg.plain_slow"]
+    assert [s.attempts for s in state.steps] == [1]
     await client.close()
 
 

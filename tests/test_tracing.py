@@ -238,3 +238,33 @@ async def test_a_postgres_steps_own_spans_nest_in_its_span(
     by_name = {s.name: s for s in got}
     inside, step = by_name["inside"], by_name["step_forward traced.inside"]
     assert inside.parent is not None and inside.parent.span_id == step.context.span_id
+
+
+@pytest.mark.parametrize("backend", ["local", "postgres"])
+def test_tracing_asked_for_without_opentelemetry_is_a_one_line_error(
+    monkeypatch: pytest.MonkeyPatch, backend: str, tmp_path: Any
+):
+    # QWIT_TRACING=1 without qwit[tracing]: one line that says what to
+    # install, exit 1, as for the other extras (it was a traceback).
+    import sys
+
+    from click.testing import CliRunner
+
+    from qwit._cli import cli
+
+    ARGS = '{"order_id": "1", "sku": "A-1", "card": "4242", "cents": 2599}'
+    monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace", None)  # (not installed)
+    monkeypatch.setenv("QWIT_TRACING", "1")
+    monkeypatch.setenv("QWIT_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("QWIT_POSTGRES_DSN", raising=False)
+    result = CliRunner().invoke(
+        cli,
+        ["run", "samples.order.flows:PlaceOrder", "--args", ARGS, "--backend", backend],
+    )
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = result.output.strip().splitlines()
+    assert lines[-1] == (
+        "qwit: tracing needs OpenTelemetry: pip install 'qwit[tracing]' (or unset QWIT_TRACING)"
+    ), result.output
+    assert "Traceback" not in result.output

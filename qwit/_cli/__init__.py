@@ -20,7 +20,8 @@ from temporalio.runtime import (
     TelemetryFilter,
 )
 
-from ._common import import_modules, worker_registry
+from .._tracing import TracingUnavailable
+from ._common import Failed, import_modules, worker_registry
 from ._dev import dev
 from ._graph import graph
 from ._ops import cancel, list_flows, react, redrive, status
@@ -28,7 +29,19 @@ from ._run import run
 from ._worker import worker
 
 
-@click.group()
+class _Commands(click.Group):
+    """QWIT's commands: a missing extra asked for by the environment
+    (``QWIT_TRACING=1`` without ``qwit[tracing]``) is a one-line failure,
+    whichever command meets it first."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except TracingUnavailable as exc:
+            raise Failed(str(exc)) from None
+
+
+@click.group(cls=_Commands)
 @click.version_option(package_name="qwit", message="qwit %(version)s")
 def cli() -> None:
     """QWIT: Queued Workflows In Transactions.

@@ -24,6 +24,7 @@ from .._client import TASK_QUEUE_ENV, default_task_queue
 from .._errors import EngineUnavailable, FlowDefinitionError, FlowNotFound
 from .._flow import Flow
 from .._runner import Registry
+from .._tracing import TracingUnavailable
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -83,12 +84,13 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     """Run a command's coroutine; its own signal handlers decide about Ctrl-C.
 
     Raises:
-        Failed: Temporal could not be reached, or the flow is unknown (the
-            error's own message says what to check).
+        Failed: Temporal could not be reached, or the flow is unknown, or
+            tracing is asked for without OpenTelemetry (the error's own
+            message says what to check).
     """
     try:
         return asyncio.run(coro)
-    except (EngineUnavailable, FlowNotFound) as exc:
+    except (EngineUnavailable, FlowNotFound, TracingUnavailable) as exc:
         raise Failed(str(exc)) from None
 
 

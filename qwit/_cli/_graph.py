@@ -25,6 +25,7 @@ REACTION_COLOURS = {
     Reaction.SKIP: "#e8e8e8",
     Reaction.SKIPBACK: "#dbe9ff",
     Reaction.ABORT: "#ffd6d6",
+    Reaction.FALLBACK: "#dcf5dc",
 }
 
 

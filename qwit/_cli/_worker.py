@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from types import ModuleType
 from typing import Any
@@ -89,6 +90,13 @@ async def _serve_postgres(modules: list[ModuleType], metrics_address: str | None
     finally:
         if server is not None:
             server.close()
+    if worker.abandoned:
+        # a second signal: at once, though plain steps still run in threads
+        # (nothing can stop one); their jobs run again on other workers, as
+        # those of a worker that died
+        log.warning("worker stopped at once; steps left running run again elsewhere")
+        logging.shutdown()
+        os._exit(0)
     log.info("worker stopped")
 
 

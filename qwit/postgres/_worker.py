@@ -76,9 +76,10 @@ STEP_QUEUE = "qwit.steps"
 #: Seconds the steps in flight get to finish when a worker stops (SIGINT,
 #: SIGTERM, or the end of its ``async with`` block), as a Temporal worker's.
 DEFAULT_GRACEFUL_SHUTDOWN = 30.0
-#: Seconds, after the grace, that the steps still running get to stop and go
-#: back to the queue.
+#: Seconds, as it stops, that its drivers get to let go of their flows.
 ABORT_WAIT = 5.0
+#: Seconds a forced stop (a second signal) waits for what stops quickly.
+FORCED_WAIT = 1.0
 
 
 #: Environment variables a ``qwit-worker --backend postgres`` reads (seconds).
@@ -260,6 +261,15 @@ class PostgresWorker:
         #: Step jobs of steps it does not serve that it put back in the queue
         #: (procrastinate's worker must not finish them).
         self._offered: set[int] = set()
+        #: Step jobs of the queue it runs: their task, and whether their flow
+        #: stopped them (set when it stops: see ``_stop_aborted``).
+        self._queue_runs: dict[int, tuple[asyncio.Task[Any], list[bool]]] = {}
+        #: Whether it is stopping (it then reads the stops its flows ask of
+        #: its steps itself: procrastinate no longer does).
+        self._stopping = False
+        #: Whether a forced stop left steps running (plain steps, in threads
+        #: that can't be stopped): see ``serve``.
+        self.abandoned = False
         #: Steps whose refusal it has logged.
         self._refused = Refusals(MAX_REFUSED_LOGGED)
         self._wakeups: dict[str, asyncio.Event] = {}
@@ -333,19 +343,28 @@ class PostgresWorker:
         assert job.id is not None
         step = str(call.get("step"))
         if self.registry.get(step) is None:
-            return await self._unserved(job.id, job.attempts, run_id, key, step)
-        await self._step(
-            run_id,
-            key,
-            node,
-            call,
-            job.id,
-            lambda: context.abort_reason() == AbortReason.USER_REQUEST,
-            trace=trace,
-        )
+            return await self._unserved(job.id, job.attempts, job.worker_id, run_id, key, step)
+        stopped: list[bool] = []
+        task = asyncio.current_task()
+        if task is not None:
+            self._queue_runs[job.id] = (task, stopped)
+        try:
+            await self._step(
+                run_id,
+                key,
+                node,
+                call,
+                job.id,
+                lambda: bool(stopped) or context.abort_reason() == AbortReason.USER_REQUEST,
+                trace=trace,
+            )
+        finally:
+            self._queue_runs.pop(job.id, None)
         return None
 
-    async def _unserved(self, job: int, offers: int, run_id: str, key: str, step: str) -> str:
+    async def _unserved(
+        self, job: int, offers: int, holder: int | None, run_id: str, key: str, step: str
+    ) -> str:
         """A step job of a step this worker does not serve: back to the queue,
         where another worker may serve it (workers of different modules, a
         rolling deploy), after a backoff; once it has gone unserved for the
@@ -370,7 +389,7 @@ class PostgresWorker:
             self._log_refusal(step)
             self._offered.add(job)
             try:
-                await self.release(job, run_id, key, delay)
+                await self.release(job, run_id, key, holder, delay)
             except BaseException:
                 self._offered.discard(job)
                 raise
@@ -434,7 +453,16 @@ class PostgresWorker:
             step, sent = StepNode.model_validate(node), StepCall.model_validate(call)
             try:
                 with continued(trace if self.tracing else None):
-                    done = await self._run(run_id, key, step, sent, first_attempt)
+                    done = await self._run(
+                        run_id,
+                        key,
+                        step,
+                        sent,
+                        first_attempt,
+                        # (a plain step's thread that ends after the worker
+                        # stopped it, as it stops: what it returned is kept)
+                        keep_late=lambda: self._stopping and not stopped_by_flow(),
+                    )
                 payload = {"ok": done.model_dump(mode="json")}
             except StepFailure as failure:
                 payload = {"error": failure.info.model_dump(mode="json")}
@@ -450,7 +478,7 @@ class PostgresWorker:
             # can't be reached, to the heartbeat, which finds it held by nobody
             logger.warning("qwit.postgres: step %s of %s stopped (%s)", key, run_id, exc)
             with contextlib.suppress(psycopg.Error, OSError):
-                await self.release(job, run_id, key)
+                await self.release(job, run_id, key, self.worker_id)
             return
         if not taken:  # finished, and recorded, by procrastinate's worker
             self._ended[job] = (run_id, key, payload)
@@ -519,6 +547,7 @@ class PostgresWorker:
         node: StepNode,
         call: StepCall,
         first_attempt: int | None = None,
+        keep_late: Callable[[], bool] | None = None,
     ) -> StepReturn:
         """Run a step's call, its retries included (``run_with_retries``'s
         rule, with attempts counted across crashed jobs)."""
@@ -552,7 +581,7 @@ class PostgresWorker:
                     )
                 )
             try:
-                output = await self._attempt(cls, node, call, number, beats)
+                output = await self._attempt(cls, node, call, number, beats, keep_late)
                 return StepReturn(output=output, attempt=number)
             except StepFailure as failure:
                 info = failure.info
@@ -578,7 +607,13 @@ class PostgresWorker:
             logger.warning("qwit.postgres: attempt %s of %s not kept (%s)", number, key, exc)
 
     async def _attempt(
-        self, cls: Any, node: StepNode, call: StepCall, number: int, beats: Heartbeats
+        self,
+        cls: Any,
+        node: StepNode,
+        call: StepCall,
+        number: int,
+        beats: Heartbeats,
+        keep_late: Callable[[], bool] | None = None,
     ) -> dict[str, Any]:
         """One attempt; with a ``heartbeat_timeout``, one that goes that long
         without ``qwit.heartbeat()`` is stopped and fails, to be retried, as
@@ -593,6 +628,7 @@ class PostgresWorker:
             heartbeat_details=copy.deepcopy(beats.last),
             timeout=node.limit(call.direction),
             grace=DEFAULT_TIMEOUT_GRACE if node.timeout_grace is None else node.timeout_grace,
+            keep_late=keep_late,
         )
         why = unstorable(output, f"the output of {call.step}.{call.direction}")
         if why is not None:
@@ -662,21 +698,26 @@ class PostgresWorker:
         self._ended.pop(job, None)
         self._unfinished.pop(job, None)
 
-    async def release(self, job: int, run_id: str, key: str, delay: float = 0.0) -> None:
+    async def release(
+        self, job: int, run_id: str, key: str, holder: int | None, delay: float = 0.0
+    ) -> None:
         """Put a step job back in the queue (its run here stopped without
-        an end, or this worker does not serve its step), to be taken again
-        in ``delay`` seconds, or, if its flow asked it to stop, end it as
-        stopped: one transaction, so that a stop asked meanwhile is never
-        lost (for procrastinate, a job asked to stop and retried has failed)."""
+        an end, or this worker does not serve its step, or its worker died),
+        to be taken again in ``delay`` seconds, or, if its flow asked it to
+        stop, end it as stopped: one transaction, so that a stop asked
+        meanwhile is never lost (for procrastinate, a job asked to stop and
+        retried has failed). Only while the procrastinate worker ``holder``
+        (None: no live one) still holds it: once another has taken it, its
+        run there is the step's."""
         async with self.connection() as conn, conn.transaction():
             cur = await conn.execute(
                 "SELECT abort_requested FROM procrastinate_jobs WHERE id = %s AND status = 'doing' "
-                "FOR UPDATE",
-                [job],
+                "AND worker_id IS NOT DISTINCT FROM %s FOR UPDATE",
+                [job, holder],
             )
             row = await cur.fetchone()
             if row is None:
-                return  # not running any more: ended, or put back already
+                return  # not running any more (ended, or put back already), or not there
             if row[0]:
                 await conn.execute(
                     "SELECT procrastinate_finish_job_v1(%s, 'aborted', false)", [job]
@@ -751,11 +792,37 @@ class PostgresWorker:
             for task, _, _ in list(self._inline.values()):
                 task.cancel()
             await self._register()
+        if self._stopping:
+            await self._stop_aborted()
         for job, (run_id, key, payload) in list(self._unrecorded.items()):
             await self._record(run_id, key, payload, job)
         for job, (status, delete) in list(self._unfinished.items()):
             await self.finish_job(job, status, delete)
         await self._release_orphans()
+
+    async def _stop_aborted(self) -> None:
+        """Stop the steps it runs whose flow asked them to stop (a cancel),
+        as their drivers and procrastinate do while it serves: once it is
+        stopping, they no longer do (its drivers let go of their flows, and
+        procrastinate stops reading such asks as soon as it stops)."""
+        inline = {job: ident for ident, (_, _, job) in self._inline.items()}
+        jobs = [*inline, *self._queue_runs]
+        if not jobs:
+            return
+        async with self.connection() as conn:
+            cur = await conn.execute(
+                "SELECT id FROM procrastinate_jobs WHERE id = ANY(%s) AND abort_requested",
+                [jobs],
+            )
+            asked = [int(row[0]) for row in await cur.fetchall()]
+        for job in asked:
+            if job in inline:
+                self.cancel_inline(*inline[job])
+            elif job in self._queue_runs:
+                task, stopped = self._queue_runs[job]
+                if not stopped:
+                    stopped.append(True)
+                    task.cancel()
 
     async def _release_orphans(self) -> None:
         """Release the step jobs held under its id that it has run nothing
@@ -773,7 +840,7 @@ class PostgresWorker:
         orphans = set(held) - running
         for job in orphans & self._orphans:
             logger.warning("qwit.postgres: step job %s held by nobody here; released", job)
-            await self.release(job, *held[job])
+            await self.release(job, *held[job], self.worker_id)
         self._orphans = orphans - self._orphans
 
     async def _sweep(self) -> None:
@@ -812,6 +879,7 @@ class PostgresWorker:
 
     async def run(self) -> None:
         """Serve until cancelled."""
+        self._stopping = self.abandoned = False
         self._pool = Connections(self.dsn, self.pool_size)
         await self._prepared()
         await self._register()
@@ -831,9 +899,9 @@ class PostgresWorker:
             work = asyncio.ensure_future(
                 self._keep(True, queues=[self.step_queue], concurrency=self.concurrency, **common)
             )
+            sweep = asyncio.ensure_future(self._sweep())
             tasks = [
                 asyncio.ensure_future(self._listen()),
-                asyncio.ensure_future(self._sweep()),
                 *([asyncio.ensure_future(self._count_waiting())] if self.metrics else []),
                 drive,
                 work,
@@ -841,15 +909,23 @@ class PostgresWorker:
             try:
                 # (not gather: cancelled, it would cancel them all, and the
                 # steps in flight would get no grace)
-                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+                done, _ = await asyncio.wait([sweep, *tasks], return_when=asyncio.FIRST_EXCEPTION)
                 for task in done:
                     task.result()
             finally:
+                self._stopping = True
+                stopped: set[asyncio.Future[None]] = set()
                 if self._grace:
                     with contextlib.suppress(BaseException):  # (cancelled again: at once)
-                        await self._drain(drive, work, self._grace)
+                        await self._drain(drive, work, self._grace, stopped)
                 for task in tasks:
-                    task.cancel()
+                    if task not in stopped:
+                        task.cancel()  # (once: procrastinate's worker then stops its jobs)
+                # The steps still running are stopped, and waited for: a plain
+                # step's thread can't be stopped, and ends when it ends. Its
+                # heartbeats go on meanwhile (``sweep``), so that no other
+                # worker takes its job for one of a dead worker and runs the
+                # step beside it.
                 for task in tasks:
                     with contextlib.suppress(BaseException):
                         await task
@@ -858,6 +934,9 @@ class PostgresWorker:
                 for task, _, _ in list(self._inline.values()):
                     with contextlib.suppress(BaseException):
                         await task
+                sweep.cancel()
+                with contextlib.suppress(BaseException):
+                    await sweep
                 # its step jobs go back to the queue at once, for other workers
                 with contextlib.suppress(psycopg.Error, OSError):
                     async with self.connection() as conn:
@@ -868,17 +947,23 @@ class PostgresWorker:
                     await self._pool.close()  # (kept: a late caller gets an error)
 
     async def _drain(
-        self, drive: asyncio.Future[None], work: asyncio.Future[None], grace: float
+        self,
+        drive: asyncio.Future[None],
+        work: asyncio.Future[None],
+        grace: float,
+        stopped: set[asyncio.Future[None]],
     ) -> None:
         """Stop gracefully: let go of the flows it drives (other workers
         replay them), take no new job, and give the steps in flight ``grace``
         seconds to finish and record their ends; heartbeats go on meanwhile,
         so that nobody takes its steps for those of a dead worker."""
         drive.cancel()
-        await asyncio.wait([drive])
+        stopped.add(drive)
+        await asyncio.wait([drive], timeout=ABORT_WAIT)
         if self._step_worker is not None:
             self._step_worker.shutdown_graceful_timeout = grace
         work.cancel()
+        stopped.add(work)
         inline = [task for task, _, _ in self._inline.values()]
         running = len(inline) + len(getattr(self._step_worker, "_running_jobs", ()))
         if running:
@@ -888,10 +973,7 @@ class PostgresWorker:
                 grace,
             )
         await asyncio.wait([work, *inline], timeout=grace)
-        late = [task for task in inline if not task.done()]
-        for task in late:
-            task.cancel()  # (its job goes back to the queue below)
-        await asyncio.wait([work, *late], timeout=ABORT_WAIT)
+        # (then ``run`` stops what still runs: its jobs go back to the queue)
 
     async def serve(self) -> None:
         """Run until SIGINT or SIGTERM, then stop: steps in flight get
@@ -912,10 +994,20 @@ class PostgresWorker:
             finally:
                 for task in (running, stopping):
                     task.cancel()
-                for task in (running, stopping):
-                    with contextlib.suppress(BaseException):
-                        await task
+                # (at once: only what stops quickly is waited for)
+                await asyncio.wait({running, stopping}, timeout=FORCED_WAIT)
                 self._grace = None
+        if not running.done():
+            # plain steps still run in threads, which nothing can stop; the
+            # worker heartbeats for them until they end (their jobs stay its
+            # own), unless the process exits: then they run again elsewhere,
+            # as those of a worker that died (``qwit-worker`` exits)
+            self.abandoned = True
+            logger.warning(
+                "qwit.postgres: stopped at once; %d step(s) still run in threads",
+                len(self._inline) + len(self._queue_runs),
+            )
+            return
         if running.done() and not running.cancelled() and running.exception() is not None:
             raise running.exception()  # type: ignore[misc]
 
@@ -993,7 +1085,7 @@ class _Jobs(procrastinate.manager.JobManager):
         # wait for its end forever).
         if job.task_name == STEP_TASK and job.id is not None:
             args = job.task_kwargs
-            await self.worker.release(job.id, str(args["run_id"]), str(args["key"]))
+            await self.worker.release(job.id, str(args["run_id"]), str(args["key"]), job.worker_id)
             return
         await super().retry_job(job, retry_at, priority, queue, lock)
 
