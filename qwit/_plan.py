@@ -26,6 +26,7 @@ from ._options import (
     DEFAULT_BACK_RETRY,
     DEFAULT_RETRY,
     DEFAULT_TIMEOUT,
+    DEFAULT_TIMEOUT_GRACE,
     Direction,
     FailurePolicy,
     Reaction,
@@ -189,6 +190,11 @@ class StepNode(BaseModel):
         if direction == "step_back" and self.back_timeout is not None:
             return self.back_timeout
         return self.timeout
+
+    def grace(self) -> float:
+        """Seconds a timed-out attempt gets to stop, where the step runs
+        (``run_watched_step_method``'s ``grace``)."""
+        return DEFAULT_TIMEOUT_GRACE if self.timeout_grace is None else self.timeout_grace
 
 
 class FlowNode(BaseModel):

@@ -25,7 +25,6 @@ from typing import Any
 
 from ._engine import EngineHost
 from ._memory import Heartbeats, InMemoryEngine, InMemoryRuntime
-from ._options import DEFAULT_TIMEOUT_GRACE
 from .engine import StepCall, StepNode, run_watched_step_method
 
 #: The backend's name, as plans record it.
@@ -55,7 +54,7 @@ class LocalRuntime(InMemoryRuntime):
             heartbeat_details=copy.deepcopy(beats.last),
             is_cancelled=self.cancel_check(),
             timeout=node.limit(call.direction),
-            grace=DEFAULT_TIMEOUT_GRACE if node.timeout_grace is None else node.timeout_grace,
+            grace=node.grace(),
         )
 
 

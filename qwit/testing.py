@@ -54,7 +54,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import ModuleType
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 import pytest_asyncio
@@ -75,12 +75,21 @@ from ._rollbacks import (
     StepCallRecord,
     check_rollbacks,
 )
-from ._state import FlowState
+from ._state import FlowState, FlowStatus
 from ._step import Step
 from ._timeskip import TimeSkipping, skipping_local_client
 from .temporal import DevServer, connect_temporal, create_worker
 
 Member = type[Step] | type[Flow] | ModuleType
+
+
+#: The statuses a flow can be in.
+FLOW_STATUSES: tuple[str, ...] = get_args(FlowStatus)
+
+
+class StatusNotReached(TimeoutError, AssertionError):
+    """The flow ended in another status than the one waited for: it will
+    never reach it (a ``TimeoutError`` too, raised without waiting)."""
 
 
 async def wait_for_status(
@@ -89,14 +98,24 @@ async def wait_for_status(
     """Poll ``handle.state()`` until the flow's status is ``status``; return that state.
 
     Raises:
+        ValueError: ``status`` is not a flow status.
+        StatusNotReached: the flow ended in another status (at once).
         TimeoutError: not within ``timeout`` seconds (the message says the
             status it last saw).
     """
+    if status not in FLOW_STATUSES:
+        raise ValueError(
+            f"{status!r} is not a flow status: one of {', '.join(map(repr, FLOW_STATUSES))}"
+        )
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         state = await handle.state()
         if state.status == status:
             return state
+        if state.done:
+            raise StatusNotReached(
+                f"flow {handle.id!r} ended {state.status!r}: it will never be {status!r}"
+            )
         if asyncio.get_running_loop().time() > deadline:
             raise TimeoutError(
                 f"flow {handle.id!r} is {state.status!r}, not {status!r}, after {timeout:g}s"
@@ -206,6 +225,7 @@ __all__ = [
     "RollbackCheckFailed",
     "RollbackReport",
     "SkippingClock",
+    "StatusNotReached",
     "StepCallRecord",
     "TimeSkipping",
     "check_rollbacks",

@@ -1112,6 +1112,10 @@ async def test_a_waiting_branchs_rollback_preview_is_what_the_rollback_undoes(en
     assert sorted(ledger.undone(run)) == ["1", "2.1", "2.2"]
 
 
+#: Ledgers whose IgnoresItsDeadline thread has ended.
+THREAD_ENDED: set[str] = set()
+
+
 class IgnoresItsDeadline(qwit.Step, name="conformance.ignores_deadline"):
     """A plain step that does not look at ``context().cancelled``: it outlives
     its timeout and its grace."""
@@ -1121,7 +1125,8 @@ class IgnoresItsDeadline(qwit.Step, name="conformance.ignores_deadline"):
     timeout_grace = 0.3
 
     def step_forward(self, args: dict[str, Any]) -> None:
-        time.sleep(1.3)
+        time.sleep(3)
+        THREAD_ENDED.add(args["ledger"])
 
 
 class OutlivesItsGrace(qwit.Flow):
@@ -1131,9 +1136,13 @@ class OutlivesItsGrace(qwit.Flow):
 
 async def test_a_step_that_outlives_its_grace_fails_as_timed_out_after_its_timeout(env: Env):
     # However the engine ends such an attempt, its failure reads the same.
+    # And it ends once the grace is over, not when the step's thread does
+    # (an engine that left the grace at its 30 s default waited for it).
+    run = new_ledger()
     async with env.serve(OutlivesItsGrace):
-        handle = await env.client.start(OutlivesItsGrace, {})
+        handle = await env.client.start(OutlivesItsGrace, {"ledger": run})
         kind, err = await outcome(handle)
+        assert run not in THREAD_ENDED
     assert kind == "rolled_back"
     assert err.reason == "TimeoutError: step timed out after 0.5s"
 

@@ -363,6 +363,39 @@ def test_a_failure_is_made_to_fit_with_its_message_and_the_undos_tracebacks():
     assert error.details[0]["reason"] == info.reason  # the whole reason, in the details
 
 
+def test_a_state_whose_events_outgrow_the_limit_keeps_the_newest():
+    # An operator retried a step again and again: each retry adds events,
+    # a failed one with its error (up to 4 KB). The query's answer must
+    # still fit; before, the events were kept whole and state() raised
+    # temporalio's "Blob data size exceeds limit".
+    from qwit._jsonargs import json_size
+    from qwit._state import FlowEvent, FlowState
+    from qwit.temporal._workflow import PAYLOAD_MARGIN, fit_state
+
+    events = [
+        FlowEvent(
+            seq=i + 1,
+            kind="step",
+            path="1",
+            name="s",
+            status="failed" if i % 2 else "running",
+            error="e" * 4000 if i % 2 else None,
+        )
+        for i in range(40)
+    ]
+    state = FlowState(
+        flow="f", flow_id="f-1", status="waiting", args={"a": 1}, steps=[], events=events
+    )
+    limit = 20_000
+    fitted = fit_state(state, limit)
+    assert json_size(fitted.model_dump(mode="json")) <= limit - PAYLOAD_MARGIN
+    assert fitted.events, "the newest events stay"
+    assert [e.seq for e in fitted.events] == list(
+        range(41 - len(fitted.events), 41)
+    )  # the newest, in order, numbered as they were
+    assert fit_state(state, 2_000_000) == state  # (room enough: nothing left out)
+
+
 async def test_a_retry_of_a_failed_undo_with_args_over_the_limit_is_refused(small):
     from qwit.testing import wait_for_status
     from tests.test_temporal_reactions import NeedsAccountFlow

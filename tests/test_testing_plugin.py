@@ -36,3 +36,21 @@ async def test_qwit_temporal_serves_modules_on_a_fresh_queue(qwit_temporal):
 async def test_temporal_environment_outside_pytest_fixtures():
     async with temporal_environment(PlaceOrder) as client:
         assert (await client.run(PlaceOrder, GOOD))["charge"].startswith("ch-")
+
+
+async def test_wait_for_status_refuses_an_unknown_status_and_a_flow_that_ended_otherwise(
+    qwit_local: qwit.Client,
+):
+    # Before, both waited out the whole timeout.
+    import asyncio
+
+    from qwit.testing import StatusNotReached, wait_for_status
+
+    handle = await qwit_local.start(PlaceOrder, GOOD)
+    with pytest.raises(ValueError, match="'finished' is not a flow status"):
+        await wait_for_status(handle, "finished")
+    await handle.result()
+    with pytest.raises(StatusNotReached, match="ended 'completed': it will never be 'waiting'"):
+        await asyncio.wait_for(wait_for_status(handle, "waiting", timeout=60), 10)
+    assert issubclass(StatusNotReached, TimeoutError)
+    assert (await wait_for_status(handle, "completed")).status == "completed"

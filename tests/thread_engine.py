@@ -45,7 +45,20 @@ class _Job:
             self.started.set()
             return await self.coro
 
-        return asyncio.run(main())
+        # (not asyncio.run: it would wait for a plain step's thread, which
+        # outlives its attempt once the attempt's grace is over)
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            return loop.run_until_complete(main())
+        finally:
+            left = asyncio.all_tasks(loop)
+            for task in left:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            asyncio.set_event_loop(None)
+            loop.close()
 
     def cancel(self) -> None:
         self.started.wait()
@@ -69,6 +82,7 @@ class _Runtime(InMemoryRuntime):
                 heartbeat_details=copy.deepcopy(beats.last),
                 is_cancelled=self.cancel_check(),
                 timeout=node.limit(call.direction),
+                grace=node.grace(),
             )
         )
         assert isinstance(self.run.engine, ThreadEngine)

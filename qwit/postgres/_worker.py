@@ -47,7 +47,6 @@ from procrastinate.job_context import AbortReason
 from .._errors import ArgumentsError, ErrorInfo, StepFailure, StepNotRegistered, error_info
 from .._memory import Heartbeats
 from .._metrics import WAITING_EVERY, Metrics
-from .._options import DEFAULT_TIMEOUT_GRACE
 from .._plan import PLAN_VERSION, FlowInput, PlanTooNew, StepCall, StepNode, StepReturn
 from .._runner import Refusals, Registry, run_watched_step_method
 from .._signals import stop_on_signals
@@ -627,7 +626,7 @@ class PostgresWorker:
             heartbeat=beats.beat,
             heartbeat_details=copy.deepcopy(beats.last),
             timeout=node.limit(call.direction),
-            grace=DEFAULT_TIMEOUT_GRACE if node.timeout_grace is None else node.timeout_grace,
+            grace=node.grace(),
             keep_late=keep_late,
         )
         why = unstorable(output, f"the output of {call.step}.{call.direction}")

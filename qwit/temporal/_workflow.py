@@ -267,7 +267,10 @@ def _cut_name_lists(info: FailureInfo, limit: int) -> FailureInfo:
 
 def fit_state(state: FlowState, limit: int | None) -> FlowState:
     """``state``, made to fit the payload limit (a query result is a payload):
-    the args and the rollback preview's args are left out when too big."""
+    the args and the rollback preview's args are left out when too big; then,
+    if it is still too big, the oldest of its events (a flow retried again
+    and again by an operator gathers many; the newest are kept, with their
+    numbers)."""
     if not limit or json_size(state.model_dump(mode="json")) <= limit - PAYLOAD_MARGIN:
         return state
 
@@ -292,9 +295,14 @@ def fit_state(state: FlowState, limit: int | None) -> FlowState:
 
     waiting = bare(state.waiting) if state.waiting is not None else None
     waits = [bare(wait) for wait in state.waits]
-    return state.model_copy(
+    fitted = state.model_copy(
         update={"args": {}, "waiting": waiting, "waits": waits, "steps": bare_steps(state.steps)}
     )
+    events, keep = state.events, len(state.events)
+    while keep and json_size(fitted.model_dump(mode="json")) > limit - PAYLOAD_MARGIN:
+        keep //= 2
+        fitted = fitted.model_copy(update={"events": events[len(events) - keep :]})
+    return fitted
 
 
 #: Bytes of a failed flow's message, which Temporal's UI shows first (the
