@@ -271,17 +271,24 @@ async def _attempts_in_flight(
         if pending.attempt <= 1 or direction not in ("step_forward", "step_back"):
             continue
         path = None
+        last = _last_failure(pending)
         details = pending.last_failure.application_failure_info.details.payloads
-        if len(details) > 1:
+        if details:
+            # The step's ErrorInfo, whole (its types and traceback, as the
+            # flow gets it once the attempts end), then its path.
             with contextlib.suppress(Exception):  # (a failure of older workers)
                 decoded = await client.data_converter.decode(list(details))
-                path = decoded[1].get("path") if isinstance(decoded[1], dict) else None
+                if len(decoded) > 1 and isinstance(decoded[1], dict):
+                    path = decoded[1].get("path")
+                last = ErrorInfo.model_validate(decoded[0]).model_copy(
+                    update={"attempt": pending.attempt - 1}
+                )
         flights.append(
             AttemptsInFlight(
                 step,
                 "step_forward" if direction == "step_forward" else "step_back",
                 pending.attempt - 1,
-                _last_failure(pending),
+                last,
                 path if isinstance(path, str) else None,
             )
         )
