@@ -239,6 +239,8 @@ def _option(cls: type, options: dict[str, Any], key: str) -> Any:
 class _Compiler:
     def __init__(self) -> None:
         self.names: dict[str, type] = {}
+        #: Every Flow class it compiled (the root and its sub-flows).
+        self.flows: list[type[Flow]] = []
         self.stack: list[type[Flow]] = []
 
     def flow(self, cls: type[Flow], static_args: dict[str, Any], on_failure: Any) -> FlowNode:
@@ -246,6 +248,8 @@ class _Compiler:
             cycle = " -> ".join(c.name for c in [*self.stack, cls])
             raise FlowDefinitionError(f"flow {cls.name!r} contains itself: {cycle}")
         self.stack.append(cls)
+        if cls not in self.flows:
+            self.flows.append(cls)
         try:
             instance = cls()
             try:
@@ -573,7 +577,9 @@ def _compile(flow: type[Flow]) -> _Compiled:
         )
     compiler = _Compiler()
     plan = compiler.flow(flow, {}, flow.on_failure)
-    used = tuple(c for c in compiler.names.values() if c is not flow)
+    used = tuple(
+        dict.fromkeys(c for c in (*compiler.flows, *compiler.names.values()) if c is not flow)
+    )
     compiled = _compiled[flow] = _Compiled(plan, used, _stamp((flow, *used)))
     return compiled
 

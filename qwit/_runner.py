@@ -161,10 +161,20 @@ class _Deadline:
     step that ignores ``cancelled``, once the grace is over).
     """
 
-    def __init__(self, timeout: float | None, grace: float, attempt: int) -> None:
+    def __init__(
+        self,
+        timeout: float | None,
+        grace: float,
+        attempt: int,
+        keep_late: Callable[[], bool] | None = None,
+    ) -> None:
         self.timeout = timeout
         self.grace = grace
         self.attempt = attempt
+        self.keep_late = keep_late
+        self.keep_asked = False
+        """Whether ``keep_late`` said so when the cancel from outside came
+        (asked again once the thread ends: both must say so)."""
         self.fired = False
         self.outside = False
         """A cancel from outside reached a plain step's attempt."""
@@ -229,6 +239,9 @@ class _Deadline:
             # branch stopped the block): the step sees ``cancelled`` now, and
             # is waited for (through any further cancel) before it goes on.
             self.outside = True
+            # (asked now: why the step was stopped can be overwritten while
+            # it runs on, a flow's cancel by its worker's stop)
+            self.keep_asked = self.keep_late is not None and self.keep_late()
             await _until_done(future)
             self.late = future
             raise
@@ -319,7 +332,7 @@ async def run_step_method(
             ) from None
         except Exception as exc:  # a validator of the model raised: the step's failure
             raise StepFailure(error_info(exc, attempt=attempt, started=False)) from exc
-    deadline = _Deadline(timeout, grace, attempt)
+    deadline = _Deadline(timeout, grace, attempt, keep_late)
     outer_cancelled = is_cancelled or (lambda: False)
     ctx = StepContext(
         flow_id=call.flow_id,
@@ -349,7 +362,12 @@ async def run_step_method(
         raise
     except asyncio.CancelledError as exc:
         task = asyncio.current_task()
-        if task is not None and deadline.late is not None and _kept(deadline.late, keep_late):
+        if (
+            task is not None
+            and deadline.late is not None
+            and deadline.keep_asked
+            and _kept(deadline.late, keep_late)
+        ):
             _uncancel_all(task)
             result = deadline.late.result()
         elif task is None or _cancelling(task) > 0 or outer_cancelled():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import typing
+import weakref
 from datetime import timedelta
 from typing import Any, ClassVar
 
@@ -172,7 +173,12 @@ def defines(cls: type, method: str) -> bool:
     return getattr(cls, method) is not getattr(Step, method)
 
 
-_models: dict[tuple[type, str], type[BaseModel] | None] = {}
+#: The models of step methods, by class (weakly: steps made at run time go),
+#: then by method and its code (a method replaced, by a test's monkeypatch
+#: say, is read again).
+_models: weakref.WeakKeyDictionary[type, dict[tuple[str, Any], type[BaseModel] | None]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def args_model(cls: type, method: str) -> type[BaseModel] | None:
@@ -182,10 +188,14 @@ def args_model(cls: type, method: str) -> type[BaseModel] | None:
         TypeError: the method takes no args parameter, or its annotation
             can't be resolved (e.g. a model defined inside a function).
     """
-    key = (cls, method)
-    if key not in _models:
-        _models[key] = _args_model(cls, method)
-    return _models[key]
+    fn = getattr(cls, method, None)
+    key = (method, getattr(fn, "__code__", None))
+    known = _models.get(cls)
+    if known is None:
+        known = _models[cls] = {}
+    if key not in known:
+        known[key] = _args_model(cls, method)
+    return known[key]
 
 
 def _args_model(cls: type, method: str) -> type[BaseModel] | None:

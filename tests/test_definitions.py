@@ -572,6 +572,15 @@ class StampFlow(qwit.Flow, name="stamp.flow"):
         self.step(StampStep)
 
 
+class StampOuter(qwit.Flow, name="stamp.outer"):
+    def build_flow(self) -> None:
+        self.step(StampFlow)
+
+
+class StampArgs(BaseModel):
+    x: int = 0
+
+
 def test_a_plan_is_compiled_once_and_again_after_a_class_it_uses_changes(
     monkeypatch: pytest.MonkeyPatch,
 ):
@@ -601,3 +610,18 @@ def test_a_plan_is_compiled_once_and_again_after_a_class_it_uses_changes(
     monkeypatch.undo()
     assert compile_flow(StampFlow) == first
     assert step().retry.max_attempts == 3 and step().timeout == 30
+    # a sub-flow's class, seen by the flow that uses it
+    outer = compile_flow(StampOuter)
+    monkeypatch.setattr(StampFlow, "on_failure", qwit.ABORT)
+    assert compile_flow(StampOuter).steps[0].on_failure.default == qwit.ABORT
+    monkeypatch.undo()
+    assert compile_flow(StampOuter) == outer
+
+    # a step method replaced by a typed one: the fields it reads too
+    async def typed(self: qwit.Step, args: StampArgs) -> dict[str, Any]:
+        return {}
+
+    monkeypatch.setattr(StampStep, "step_forward", typed)
+    assert step().fields == ("x",)
+    monkeypatch.undo()
+    assert step().fields is None

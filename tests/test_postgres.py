@@ -1130,6 +1130,60 @@ async def test_a_plain_step_that_outlives_the_grace_is_waited_for_and_kept(
     await client.close()
 
 
+class PgPlainIgnores(qwit.Step, name="pg.plain_ignores"):
+    """A plain step that ignores ``cancelled`` and returns all the same."""
+
+    retry = qwit.Retry(max_attempts=1)
+
+    def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        ledger.record(args["ledger"], "started", "pg.plain_ignores")
+        time.sleep(2.5)
+        return {"out": "-"}
+
+
+class PgPlainIgnoresFlow(qwit.Flow, name="pg.plain_ignores_flow", backend=qwit.postgres):
+    def build_flow(self) -> None:
+        self.step(PgPlainIgnores)
+
+
+async def test_a_plain_step_its_flow_cancelled_stays_cancelled_when_its_worker_stops(
+    postgres_dsn: str,
+):
+    # The flow cancels the step (procrastinate stops its job), then the
+    # worker stops at once while the step's thread runs on, and the thread
+    # returns: the step was cancelled, not done. (A worker's stop read over
+    # the flow's cancel took its late result for its success.)
+    await prepare(postgres_dsn)
+    client = await client_for(postgres_dsn)
+    run = new_ledger()
+    old = PostgresWorker(
+        postgres_dsn,
+        PgPlainIgnoresFlow,
+        heartbeat=5,  # (no heartbeat of its own reads the cancel first)
+        stalled_after=15,
+        poll_interval=0.2,
+        inline=False,
+        graceful_shutdown_timeout=0,
+    )
+    await old.__aenter__()
+    try:
+        handle = await client.start(PgPlainIgnoresFlow, {"ledger": run})
+        await ledger.wait_for_mark(run, "started", "pg.plain_ignores")
+        await handle.cancel(rollback=False)
+        for _ in range(100):  # procrastinate has stopped the job for its flow
+            if old._step_worker is not None and old._step_worker._job_ids_to_abort:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await old.__aexit__(None, None, None)
+    async with worker(postgres_dsn, PgPlainIgnoresFlow):
+        with pytest.raises(qwit.FlowCancelled):
+            await asyncio.wait_for(handle.result(), 30)
+        state = await handle.state()
+    assert state.steps[0].status == "failed"
+    await client.close()
+
+
 async def test_a_step_still_running_after_the_grace_goes_back_to_the_queue(postgres_dsn: str):
     # The step outlives the grace: it is stopped, its job goes back to the
     # queue (that attempt counts), and the worker has stopped well before

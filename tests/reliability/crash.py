@@ -79,6 +79,8 @@ class Worker:
         self.proc: subprocess.Popen[bytes] | None = None
         self.died: dict[int, float] = {}
         """pid -> when it was killed (time.monotonic())."""
+        self.stops = 0
+        self.bad_exits = 0
 
     async def start(self) -> None:
         env = {
@@ -102,7 +104,7 @@ class Worker:
             )
         # serving once its pollers are up; give it a moment
         deadline = time.monotonic() + 30
-        while b"serving" not in self.log.read_bytes().split(b"--- start", 1)[-1]:
+        while b"serving" not in self.log.read_bytes().rsplit(b"--- start", 1)[-1]:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"worker did not start: {self.log.read_text()[-2000:]}")
             await asyncio.sleep(0.05)
@@ -114,12 +116,18 @@ class Worker:
             self.died[self.proc.pid] = time.monotonic()
 
     def stop(self) -> None:
+        """SIGTERM: the worker lets its steps in flight finish, then exits."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(40)
             except subprocess.TimeoutExpired:
                 self.kill()
+                return
+            self.died[self.proc.pid] = time.monotonic()
+            self.stops += 1
+            if self.proc.returncode != 0:
+                self.bad_exits += 1
 
     def mark(self) -> None:
         with self.log.open("ab") as out:
@@ -133,6 +141,9 @@ class Report:
     kills: int
     engine: str = "temporal"
     pg_restarts: int = 0
+    stop: str = "kill"
+    #: Stops (``--stop term``) after which the worker exited other than 0.
+    bad_exits: int = 0
     kills_during_compensation: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
     effects_applied: int = 0
@@ -150,7 +161,9 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return not self.mismatches and self.lost == 0 and self.terminated == 0
+        return (
+            not self.mismatches and self.lost == 0 and self.terminated == 0 and self.bad_exits == 0
+        )
 
 
 def check_flow(
@@ -244,11 +257,19 @@ async def run_crash(
     say: Any = print,
     engine: str = "temporal",
     pg_restarts: int = 0,
+    stop: str = "kill",
 ) -> Report:
-    """Run the crash suite; return its report (check ``report.ok``)."""
-    say(f"crash suite: engine={engine} seed={seed} flows={flows} kills={kills}")
+    """Run the crash suite; return its report (check ``report.ok``).
+
+    ``stop="term"``: the worker is stopped with SIGTERM instead (a deploy):
+    it lets its steps in flight finish before it exits, so no attempt is
+    cut off (``unfinished_attempts`` stays 0).
+    """
+    say(f"crash suite: engine={engine} seed={seed} flows={flows} kills={kills} stop={stop}")
     rng = random.Random(seed)
-    report = Report(seed=seed, flows=flows, kills=kills, engine=engine, pg_restarts=pg_restarts)
+    report = Report(
+        seed=seed, flows=flows, kills=kills, engine=engine, pg_restarts=pg_restarts, stop=stop
+    )
     began = time.monotonic()
     db_path = str(workdir / "ledger.sqlite")
     connect(db_path).close()
@@ -286,7 +307,10 @@ async def run_crash(
             starting = asyncio.create_task(start_all())
             for k in range(kills):
                 await asyncio.sleep(kill_gaps[k])
-                worker.kill()
+                if stop == "term":
+                    await asyncio.to_thread(worker.stop)
+                else:
+                    worker.kill()
                 say(f"  kill {k + 1}/{kills}: {len(handles)} flows started")
                 if k in restarts:
                     sig = signal.SIGKILL if len(restarts) % 2 else signal.SIGTERM
@@ -306,6 +330,7 @@ async def run_crash(
             )
         finally:
             worker.stop()
+        report.bad_exits = worker.bad_exits
         db = connect(db_path)
         backs: list[float] = []  # when each undo attempt started
         try:
@@ -361,6 +386,12 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--engine", choices=["temporal", "postgres"], default="temporal")
     parser.add_argument("--pg-restarts", type=int, default=0)
+    parser.add_argument(
+        "--stop",
+        choices=["kill", "term"],
+        default="kill",
+        help="how the worker is stopped: SIGKILL (a crash) or SIGTERM (a deploy)",
+    )
     options = parser.parse_args()
     seed = options.seed if options.seed is not None else random.randrange(1 << 30)
     workdir = options.workdir or Path(f"/tmp/qwit-crash-{seed}")
@@ -376,6 +407,7 @@ def main() -> int:
             workdir,
             engine=options.engine,
             pg_restarts=options.pg_restarts,
+            stop=options.stop,
         )
     )
     summary = {k: v for k, v in asdict(report).items() if k != "mismatches"}
