@@ -23,7 +23,7 @@ REGRESSION_SEEDS = [2]
 @pytest.mark.timeout(1800 if FULL else 300)
 async def test_flows_survive_their_worker_being_killed(tmp_path: Path) -> None:
     seed = int(os.environ.get("QWIT_CRASH_SEED") or random.randrange(1 << 30))
-    flows, kills = (200, 25) if FULL else (20, 3)
+    flows, kills = (200, 25) if FULL else (12, 2)
     report = await run_crash(flows, kills, seed, tmp_path, say=print)
     print(report)
     assert report.ok, f"seed {seed}: {report.mismatches[:5]} lost={report.lost}"
@@ -41,7 +41,7 @@ async def test_regression_seeds(seed: int, tmp_path: Path) -> None:
 async def test_postgres_flows_survive_killed_workers_and_restarts(tmp_path: Path) -> None:
     """The same on ``qwit.postgres``, with PostgreSQL itself restarted too."""
     seed = int(os.environ.get("QWIT_CRASH_SEED") or random.randrange(1 << 30))
-    flows, kills, restarts = (200, 25, 3) if FULL else (20, 3, 1)
+    flows, kills, restarts = (200, 25, 3) if FULL else (12, 2, 1)
     report = await run_crash(
         flows, kills, seed, tmp_path, say=print, engine="postgres", pg_restarts=restarts
     )
