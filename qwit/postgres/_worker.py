@@ -964,7 +964,7 @@ class PostgresWorker:
         work.cancel()
         stopped.add(work)
         inline = [task for task, _, _ in self._inline.values()]
-        running = len(inline) + len(getattr(self._step_worker, "_running_jobs", ()))
+        running = len(inline) + len(self._queue_runs)
         if running:
             logger.info(
                 "qwit.postgres: stopping; %d step(s) in flight get up to %g s to finish",
