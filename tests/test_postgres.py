@@ -114,6 +114,8 @@ async def test_migrations_are_idempotent_and_recorded(postgres_dsn: str):
     async with await psycopg.AsyncConnection.connect(postgres_dsn) as conn:
         cur = await conn.execute("SELECT version FROM qwit.schema_version ORDER BY version")
         assert [row[0] for row in await cur.fetchall()] == list(range(1, SCHEMA_VERSION + 1))
+        cur = await conn.execute("SELECT to_regclass('qwit.serving') IS NOT NULL")
+        assert (await cur.fetchone()) == (True,)
         cur = await conn.execute("SELECT to_regclass('procrastinate_jobs') IS NOT NULL")
         assert (await cur.fetchone()) == (True,)
 
@@ -129,6 +131,8 @@ async def test_a_database_of_an_earlier_schema_is_upgraded(
     await prepare(postgres_dsn)
     rows = await sql(postgres_dsn, "SELECT version FROM qwit.schema_version ORDER BY version")
     assert [row[0] for row in rows] == [1, 2, 3, 4]
+    # (a table an earlier QWIT ignores, made without a version of its own)
+    assert await sql(postgres_dsn, "SELECT to_regclass('qwit.serving') IS NOT NULL") == [(True,)]
     assert await sql(
         postgres_dsn,
         "SELECT 1 FROM information_schema.columns WHERE table_schema = 'qwit' "
@@ -910,6 +914,14 @@ async def test_a_step_no_worker_serves_fails_the_flow_in_bounded_time(postgres_d
     )
     run = new_ledger()
     async with worker(postgres_dsn, PgA), worker(postgres_dsn, PgB):
+        # a worker that served pg.Nobody and died (its heartbeat stopped): its
+        # registration keeps no flow waiting for it
+        await sql(
+            postgres_dsn,
+            "WITH dead AS (INSERT INTO procrastinate_workers (last_heartbeat) "
+            "VALUES (now() - interval '1 hour') RETURNING id) "
+            "INSERT INTO qwit.serving SELECT id, 'qwit.steps', 'pg.Nobody' FROM dead",
+        )
         began = time.monotonic()
         with pytest.raises(qwit.FlowRolledBack) as info:
             await asyncio.wait_for(client.run(PgPartlyServed, {"ledger": run}), 30)
@@ -929,6 +941,50 @@ async def test_a_step_no_worker_serves_fails_the_flow_in_bounded_time(postgres_d
     assert ledger.entries(run) == [("do", "pg.A"), ("undo", "pg.A")]
     assert rows == [(0,)]  # every step job finished with its record
     await client.close()
+
+
+class PgAfterGate(qwit.Flow, name="pg.after_gate", backend=qwit.postgres):
+    def build_flow(self) -> None:
+        self.step(PgB)
+
+
+async def test_a_step_a_live_worker_serves_is_not_failed_while_that_worker_is_busy(
+    postgres_dsn: str, caplog: pytest.LogCaptureFixture
+):
+    # The only worker serving pg.B runs one step at a time, and is busy with
+    # a gated step for longer than unserved_step_timeout (1.5 s); a worker
+    # lacking pg.B keeps taking its job meanwhile. The step is served (by a
+    # live worker): it waits for it, and the flow completes. Before, the
+    # refusing worker failed it at the limit (StepNotRegistered), and did so
+    # too when it won the race for the job against an idle serving worker.
+    await prepare(postgres_dsn)
+    client = await qwit.connect(
+        backend=qwit.postgres,
+        settings=[PostgresSettings(postgres_dsn)],
+        unserved_step_timeout=1.5,
+    )
+    gated, after = new_ledger(), new_ledger()
+    GATES[gated] = asyncio.Event()
+    try:
+        async with (
+            worker(postgres_dsn, PgOrder, PgAfterGate, inline=False, concurrency=1),
+            worker(postgres_dsn, PgServedApart),
+        ):
+            first = await client.start(PgOrder, {"ledger": gated})
+            await ledger.wait_for_mark(gated, "started", "pg.Gate")
+            second = await client.start(PgAfterGate, {"ledger": after})
+            await asyncio.sleep(4)
+            assert (await second.state()).status == "running"
+            GATES[gated].set()
+            results = await asyncio.wait_for(asyncio.gather(first.result(), second.result()), 60)
+    finally:
+        GATES.pop(gated, None)
+        await client.close()
+    assert results[1]["out_pg.B"] == "-"
+    assert ledger.applied(after) == ["pg.B"]
+    assert ledger.applied(gated) == ["pg.A", "pg.Gate", "pg.B"]
+    # (the other worker did take pg.B's job, and put it back)
+    assert "step 'pg.B' is not served by this worker" in caplog.text
 
 
 #: Ledgers whose PgCutOff has had its first attempt cut off.
@@ -966,17 +1022,19 @@ async def test_the_time_a_serving_worker_spent_on_a_step_is_not_time_unserved(
         backend=qwit.postgres, settings=[PostgresSettings(postgres_dsn)], unserved_step_timeout=5
     )
     run = new_ledger()
-    async with worker(postgres_dsn, PgOuter, inline=False):
-        async with worker(postgres_dsn, PgCutOffFlow, inline=False):
-            handle = await client.start(PgCutOffFlow, {"ledger": run})
-            await ledger.wait_for_mark(run, "started", "pg.cut_off")
-            await asyncio.sleep(6)
-        await asyncio.sleep(1)  # the job back in the queue: the other worker refuses it
-        async with worker(postgres_dsn, PgCutOffFlow, inline=False):
-            result = await asyncio.wait_for(handle.result(), 60)
+    try:
+        async with worker(postgres_dsn, PgOuter, inline=False):
+            async with worker(postgres_dsn, PgCutOffFlow, inline=False):
+                handle = await client.start(PgCutOffFlow, {"ledger": run})
+                await ledger.wait_for_mark(run, "started", "pg.cut_off")
+                await asyncio.sleep(6)
+            await asyncio.sleep(1)  # the job back in the queue: the other worker refuses it
+            async with worker(postgres_dsn, PgCutOffFlow, inline=False):
+                result = await asyncio.wait_for(handle.result(), 60)
+    finally:
+        await client.close()
     assert result["out_pg.cut_off"] == "-"
     assert ledger.applied(run) == ["pg.cut_off"]
-    await client.close()
 
 
 class PgFinishes(Effect, name="pg.finishes"):
@@ -1294,3 +1352,18 @@ async def test_every_caller_waiting_for_a_result_wakes_when_the_flow_ends(postgr
             late = [client.get_handle(handle.id).result() for _ in range(20)]
             await asyncio.wait_for(asyncio.gather(*late), 20)
     await client.close()
+
+
+async def test_a_worker_that_stopped_serving_by_an_error_raises_it_as_its_block_ends(
+    postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+):
+    # Before, its block ended quietly: the flows it was to run never moved,
+    # and nothing said why.
+    async def broken() -> None:
+        raise RuntimeError("the worker broke")
+
+    serving = worker(postgres_dsn, PgA)
+    monkeypatch.setattr(serving, "_register", broken)
+    with pytest.raises(RuntimeError, match="the worker broke"):
+        async with serving:
+            await asyncio.sleep(0.5)

@@ -32,6 +32,11 @@ Documents are ``json``, not ``jsonb``: a flow's args keep their keys' order.
   job; a driver that finds one runs it again as a job.) ``unserved_since``:
   since when a step job has been refused by workers that lack its step
   (cleared when a worker that serves it starts an attempt).
+- ``qwit.serving``: the steps each worker serves, by its procrastinate
+  worker id and step queue (its rows go when procrastinate's row of the
+  worker does: it stopped, or was taken for dead). A worker that takes a
+  step job it lacks puts it back rather than fail it while a live worker
+  serves the step. (One of ``ADDITIONS``: no schema version of its own.)
 
 Procrastinate's own schema (its jobs, locks, workers) is applied beside it.
 """
@@ -125,6 +130,19 @@ MIGRATIONS: dict[int, str] = {
     """,
 }
 
+#: Tables an earlier QWIT neither reads nor needs, created whatever the
+#: version (no new version: workers and clients of earlier releases go on
+#: with the database beside this one, as in a rolling deploy).
+ADDITIONS = """
+CREATE TABLE IF NOT EXISTS qwit.serving (
+    worker_id bigint NOT NULL REFERENCES procrastinate_workers (id) ON DELETE CASCADE,
+    queue text NOT NULL,
+    step text NOT NULL,
+    PRIMARY KEY (queue, step, worker_id)
+);
+CREATE INDEX IF NOT EXISTS serving_worker ON qwit.serving (worker_id);
+"""
+
 #: The channel a new event is announced on (payload: its run id).
 CHANNEL = "qwit_events"
 
@@ -158,6 +176,7 @@ async def migrate(conn: psycopg.AsyncConnection[Any]) -> int:
         for version in range(current + 1, SCHEMA_VERSION + 1):
             await conn.execute(MIGRATIONS[version])
             await conn.execute("INSERT INTO qwit.schema_version (version) VALUES (%s)", [version])
+        await conn.execute(ADDITIONS)
     return SCHEMA_VERSION
 
 

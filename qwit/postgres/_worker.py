@@ -126,7 +126,8 @@ MAX_REFUSED_LOGGED = 100
 #: For a step job a worker does not serve: the database's name, its flow's
 #: input (NULL: the run is over), for how long its step has gone unserved
 #: (the clock starts at its first refusal; an attempt a serving worker starts
-#: stops it, see ``count_attempt``), and its attempts so far.
+#: stops it, see ``count_attempt``), its attempts so far, and whether a live
+#: worker (one that heartbeat within ``stalled``) serves its step.
 UNSERVED = """
 WITH marked AS (
     UPDATE qwit.commands c SET unserved_since = coalesce(c.unserved_since, clock_timestamp())
@@ -136,7 +137,19 @@ WITH marked AS (
 SELECT current_database(),
     (SELECT f.input FROM qwit.flows f WHERE f.id = %(flow_id)s AND f.run_id = %(run_id)s),
     (SELECT extract(epoch FROM clock_timestamp() - unserved_since)::float8 FROM marked),
-    (SELECT attempt FROM qwit.attempts a WHERE a.run_id = %(run_id)s AND a.key = %(key)s)
+    (SELECT attempt FROM qwit.attempts a WHERE a.run_id = %(run_id)s AND a.key = %(key)s),
+    EXISTS (
+        SELECT 1 FROM qwit.serving s JOIN procrastinate_workers w ON w.id = s.worker_id
+        WHERE s.queue = %(queue)s AND s.step = %(step)s
+        AND w.last_heartbeat > now() - make_interval(secs => %(stalled)s)
+    )
+"""
+
+#: The steps a worker serves, under its procrastinate worker id.
+SERVING = """
+INSERT INTO qwit.serving (worker_id, queue, step)
+SELECT %(worker_id)s, %(queue)s, unnest(%(steps)s::text[])
+ON CONFLICT DO NOTHING
 """
 
 
@@ -158,16 +171,18 @@ class _FlowJobRetry(procrastinate.BaseRetryStrategy):
 class PostgresWorker:
     """Drives flows and runs the steps of ``members`` (Flows, Steps, modules).
 
-    Use it as an async context manager (it runs until the block ends) or
+    Use it as an async context manager (it runs until the block ends; a
+    worker that stopped serving by an error raises it as the block ends) or
     ``await worker.run()``. It creates QWIT's tables (and procrastinate's) if
     they are missing, and refuses a database migrated by a newer QWIT.
 
     Args:
         dsn: The PostgreSQL connection string.
-        *members: What it serves. A step job of a step it did not register
-            goes back to the queue, for a worker that serves it; the step
-            fails with ``StepNotRegistered`` once none has for the flow's
-            ``unserved_step_timeout``.
+        *members: What it serves (recorded in ``qwit.serving`` while it
+            lives). A step job of a step it did not register goes back to
+            the queue, for a worker that serves it; the step fails with
+            ``StepNotRegistered`` once none has for the flow's
+            ``unserved_step_timeout`` and no live worker serves it.
         concurrency: Steps run at once.
         flows: Flows driven at once (a driver is light: a flow that waits
             holds one).
@@ -375,16 +390,27 @@ class PostgresWorker:
         delay = min(UNSERVED_RETRY_FIRST * 2**offers, UNSERVED_RETRY_MAX)
         async with self.connection() as conn:
             cur = await conn.execute(
-                UNSERVED, {"flow_id": flow_of_run(run_id), "run_id": run_id, "key": key}
+                UNSERVED,
+                {
+                    "flow_id": flow_of_run(run_id),
+                    "run_id": run_id,
+                    "key": key,
+                    "queue": self.step_queue,
+                    "step": step,
+                    "stalled": self.stalled_after,
+                },
             )
             row = await cur.fetchone()
         assert row is not None
-        database, waited, attempts = str(row[0]), row[2], row[3]
+        database, waited, attempts, served = str(row[0]), row[2], row[3], bool(row[4])
         # (the plan's own reading: a compact plan leaves out its defaults;
         # None in plans of older QWIT)
         limit = None if row[1] is None else FlowInput.model_validate(row[1]).unserved_step_timeout
-        if limit is not None and waited is not None and waited < limit:
-            delay = min(delay, limit - waited)  # (the last offer comes at the limit)
+        # A live worker serves the step (it is busy, or has just started, and
+        # this one took the job first): offered again, whatever the clock.
+        if limit is not None and waited is not None and (waited < limit or served):
+            if waited < limit:
+                delay = min(delay, limit - waited)  # (the last offer comes at the limit)
             self._log_refusal(step)
             self._offered.add(job)
             try:
@@ -763,12 +789,23 @@ class PostgresWorker:
             await asyncio.sleep(self.waiting_every)
 
     async def _register(self) -> None:
-        """Take a procrastinate worker id for the step jobs it takes itself."""
-        async with self.connection() as conn:
+        """Take a procrastinate worker id for the step jobs it takes itself,
+        and record the steps it serves under it (``qwit.serving``: they go
+        with the id, when it stops or is taken for dead)."""
+        async with self.connection() as conn, conn.transaction():
             cur = await conn.execute("SELECT worker_id FROM procrastinate_register_worker_v1()")
             row = await cur.fetchone()
             assert row is not None
-            self.worker_id = int(row[0])
+            worker_id = int(row[0])
+            await conn.execute(
+                SERVING,
+                {
+                    "worker_id": worker_id,
+                    "queue": self.step_queue,
+                    "steps": sorted(self.registry.steps),
+                },
+            )
+        self.worker_id = worker_id
 
     async def _beat(self) -> None:
         """Heartbeat its worker id; take a new one if it was taken for dead
@@ -1029,6 +1066,13 @@ class PostgresWorker:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._grace = self.graceful_shutdown_timeout
+        # (a worker that stopped serving on its own, by an error, says so
+        # as its block ends, rather than hide why its flows did not move)
+        failed = [
+            error
+            for task in self._tasks
+            if task.done() and not task.cancelled() and (error := task.exception()) is not None
+        ]
         try:
             for task in self._tasks:
                 task.cancel()
@@ -1037,6 +1081,8 @@ class PostgresWorker:
                     await task
         finally:
             self._grace = None
+        if failed and kind is None:
+            raise failed[0]
 
 
 def _install_tracing() -> None:
