@@ -948,43 +948,93 @@ class PgAfterGate(qwit.Flow, name="pg.after_gate", backend=qwit.postgres):
         self.step(PgB)
 
 
-async def test_a_step_a_live_worker_serves_is_not_failed_while_that_worker_is_busy(
+async def test_a_step_a_live_worker_serves_is_not_failed_while_that_worker_is_busy_or_restarts(
     postgres_dsn: str, caplog: pytest.LogCaptureFixture
 ):
     # The only worker serving pg.B runs one step at a time, and is busy with
-    # a gated step for longer than unserved_step_timeout (1.5 s); a worker
-    # lacking pg.B keeps taking its job meanwhile. The step is served (by a
-    # live worker): it waits for it, and the flow completes. Before, the
-    # refusing worker failed it at the limit (StepNotRegistered), and did so
-    # too when it won the race for the job against an idle serving worker.
+    # a gated step for longer than unserved_step_timeout (4 s). The step is
+    # served (by a live worker): the worker lacking pg.B leaves its job
+    # alone, and it waits. Then that worker restarts (a deploy), gone for
+    # longer than a refusal's backoff: the other worker takes the job and
+    # puts it back meanwhile, and the flow completes on the new one. Before,
+    # the worker lacking pg.B took the job, put it back, and failed the step
+    # at the limit (StepNotRegistered); and it won the race for each offer
+    # against an idle serving worker (its polls fell in step with its own
+    # offers), so a restarted serving worker never got the job.
     await prepare(postgres_dsn)
     client = await qwit.connect(
         backend=qwit.postgres,
         settings=[PostgresSettings(postgres_dsn)],
-        unserved_step_timeout=1.5,
+        unserved_step_timeout=4,
     )
     gated, after = new_ledger(), new_ledger()
     GATES[gated] = asyncio.Event()
+    serving = (PgOrder, PgAfterGate)
     try:
-        async with (
-            worker(postgres_dsn, PgOrder, PgAfterGate, inline=False, concurrency=1),
-            worker(postgres_dsn, PgServedApart),
-        ):
-            first = await client.start(PgOrder, {"ledger": gated})
-            await ledger.wait_for_mark(gated, "started", "pg.Gate")
-            second = await client.start(PgAfterGate, {"ledger": after})
-            await asyncio.sleep(4)
+        async with worker(postgres_dsn, PgServedApart):
+            async with worker(postgres_dsn, *serving, inline=False, concurrency=1):
+                first = await client.start(PgOrder, {"ledger": gated})
+                await ledger.wait_for_mark(gated, "started", "pg.Gate")
+                second = await client.start(PgAfterGate, {"ledger": after})
+                await asyncio.sleep(4.5)
+                assert (await second.state()).status == "running"
+                assert "not served by this worker" not in caplog.text  # (left alone)
+            GATES[gated].set()  # (its step, cut off, goes back to the queue)
+            await asyncio.sleep(2.2)
             assert (await second.state()).status == "running"
-            GATES[gated].set()
-            results = await asyncio.wait_for(asyncio.gather(first.result(), second.result()), 60)
+            # (the other worker took pg.B's job meanwhile, and put it back)
+            assert "step 'pg.B' is not served by this worker" in caplog.text
+            async with worker(postgres_dsn, *serving, inline=False, concurrency=1):
+                results = await asyncio.wait_for(
+                    asyncio.gather(first.result(), second.result()), 60
+                )
     finally:
         GATES.pop(gated, None)
         await client.close()
     assert results[1]["out_pg.B"] == "-"
     assert ledger.applied(after) == ["pg.B"]
     assert ledger.applied(gated) == ["pg.A", "pg.Gate", "pg.B"]
-    # (the other worker did take pg.B's job, and put it back)
-    assert "step 'pg.B' is not served by this worker" in caplog.text
+
+
+async def test_a_worker_that_stops_serves_no_more_while_its_steps_finish(postgres_dsn: str):
+    # As it stops it takes no new job: a step only it served is unserved
+    # from then on (the time unserved counts), not waited for as long as
+    # its last steps run.
+    await prepare(postgres_dsn)
+    client = await client_for(postgres_dsn)
+    run = new_ledger()
+    GATES[run] = asyncio.Event()
+    stopping = worker(postgres_dsn, PgOrder, graceful_shutdown_timeout=30)
+    try:
+        await stopping.__aenter__()
+        handle = await client.start(PgOrder, {"ledger": run})
+        await ledger.wait_for_mark(run, "started", "pg.Gate")
+        rows = await sql(postgres_dsn, "SELECT step FROM qwit.serving ORDER BY step")
+        assert rows == [("pg.A",), ("pg.B",), ("pg.Gate",)]
+        stop = asyncio.ensure_future(stopping.__aexit__(None, None, None))
+        for _ in range(100):
+            if not await sql(postgres_dsn, "SELECT 1 FROM qwit.serving"):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("a stopping worker still says it serves its steps")
+        assert not stop.done()  # (its step in flight still runs)
+        GATES[run].set()
+        await asyncio.wait_for(stop, 30)
+        assert ledger.applied(run) == ["pg.A", "pg.Gate"]
+        async with worker(postgres_dsn, PgOrder):
+            await asyncio.wait_for(handle.result(), 30)
+    finally:
+        GATES.pop(run, None)
+        await client.close()
+
+
+def test_a_step_refused_any_number_of_times_is_offered_again_within_the_backoff():
+    from qwit.postgres._worker import unserved_delay
+
+    assert [unserved_delay(n) for n in range(5)] == pytest.approx([0.2, 0.4, 0.8, 1.6, 2.0])
+    # (a step a live worker serves may be refused as long as it is busy)
+    assert unserved_delay(5000) == 2.0
 
 
 #: Ledgers whose PgCutOff has had its first attempt cut off.
@@ -1366,4 +1416,4 @@ async def test_a_worker_that_stopped_serving_by_an_error_raises_it_as_its_block_
     monkeypatch.setattr(serving, "_register", broken)
     with pytest.raises(RuntimeError, match="the worker broke"):
         async with serving:
-            await asyncio.sleep(0.5)
+            await asyncio.wait_for(asyncio.wait(serving._tasks), 30)

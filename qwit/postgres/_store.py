@@ -33,9 +33,10 @@ Documents are ``json``, not ``jsonb``: a flow's args keep their keys' order.
   since when a step job has been refused by workers that lack its step
   (cleared when a worker that serves it starts an attempt).
 - ``qwit.serving``: the steps each worker serves, by its procrastinate
-  worker id and step queue (its rows go when procrastinate's row of the
-  worker does: it stopped, or was taken for dead). A worker that takes a
-  step job it lacks puts it back rather than fail it while a live worker
+  worker id and step queue (a worker deletes its rows as it stops; those of
+  a worker procrastinate no longer knows, one that died and was pruned, are
+  ignored, and deleted as the next worker registers). A worker that takes
+  a step job it lacks puts it back rather than fail it while a live worker
   serves the step. (One of ``ADDITIONS``: no schema version of its own.)
 
 Procrastinate's own schema (its jobs, locks, workers) is applied beside it.
@@ -133,15 +134,19 @@ MIGRATIONS: dict[int, str] = {
 #: Tables an earlier QWIT neither reads nor needs, created whatever the
 #: version (no new version: workers and clients of earlier releases go on
 #: with the database beside this one, as in a rolling deploy).
-ADDITIONS = """
-CREATE TABLE IF NOT EXISTS qwit.serving (
-    worker_id bigint NOT NULL REFERENCES procrastinate_workers (id) ON DELETE CASCADE,
-    queue text NOT NULL,
-    step text NOT NULL,
-    PRIMARY KEY (queue, step, worker_id)
-);
-CREATE INDEX IF NOT EXISTS serving_worker ON qwit.serving (worker_id);
-"""
+#: (Each runs only while its table is missing: it takes no lock, and needs
+#: no ownership, on a database that has it.)
+ADDITIONS = {
+    "qwit.serving": """
+    CREATE TABLE qwit.serving (
+        worker_id bigint NOT NULL,
+        queue text NOT NULL,
+        step text NOT NULL,
+        PRIMARY KEY (queue, step, worker_id)
+    );
+    CREATE INDEX serving_worker ON qwit.serving (worker_id);
+    """,
+}
 
 #: The channel a new event is announced on (payload: its run id).
 CHANNEL = "qwit_events"
@@ -176,7 +181,11 @@ async def migrate(conn: psycopg.AsyncConnection[Any]) -> int:
         for version in range(current + 1, SCHEMA_VERSION + 1):
             await conn.execute(MIGRATIONS[version])
             await conn.execute("INSERT INTO qwit.schema_version (version) VALUES (%s)", [version])
-        await conn.execute(ADDITIONS)
+        for table, statements in ADDITIONS.items():
+            cur = await conn.execute("SELECT to_regclass(%s) IS NULL", [table])
+            missing = await cur.fetchone()
+            if missing and missing[0]:
+                await conn.execute(statements)
     return SCHEMA_VERSION
 
 

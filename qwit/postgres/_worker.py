@@ -19,7 +19,9 @@ A step job taken from the queue by a worker that does not serve its step
 (workers of one database serving different modules, a rolling deploy) goes
 back to the queue for another worker, offered again with a backoff, as on
 Temporal; the step fails with ``StepNotRegistered`` only once it has been
-refused for the plan's ``unserved_step_timeout`` (from its first refusal).
+refused for the plan's ``unserved_step_timeout`` with no live worker serving
+it (each worker records the steps it serves in ``qwit.serving``; a refusal
+while one lives, busy or just started, starts the clock again).
 
 Besides procrastinate's workers, a worker listens on ``qwit_events`` to wake
 the drivers whose inbox got a row, and sweeps for jobs of dead workers
@@ -125,12 +127,22 @@ MAX_REFUSED_LOGGED = 100
 
 #: For a step job a worker does not serve: the database's name, its flow's
 #: input (NULL: the run is over), for how long its step has gone unserved
-#: (the clock starts at its first refusal; an attempt a serving worker starts
-#: stops it, see ``count_attempt``), its attempts so far, and whether a live
-#: worker (one that heartbeat within ``stalled``) serves its step.
+#: (the clock starts at its first refusal, and again at each refusal while a
+#: live worker, one that heartbeat within ``stalled``, serves the step: the
+#: time it waits for a busy or starting worker is not unserved; an attempt
+#: a serving worker starts stops it, see ``count_attempt``), its attempts so
+#: far, and whether a live worker serves its step.
 UNSERVED = """
-WITH marked AS (
-    UPDATE qwit.commands c SET unserved_since = coalesce(c.unserved_since, clock_timestamp())
+WITH served AS (
+    SELECT EXISTS (
+        SELECT 1 FROM qwit.serving s JOIN procrastinate_workers w ON w.id = s.worker_id
+        WHERE s.queue = %(queue)s AND s.step = %(step)s
+        AND w.last_heartbeat > now() - make_interval(secs => %(stalled)s)
+    ) AS live
+), marked AS (
+    UPDATE qwit.commands c SET unserved_since = CASE
+        WHEN (SELECT live FROM served) THEN clock_timestamp()
+        ELSE coalesce(c.unserved_since, clock_timestamp()) END
     WHERE c.run_id = %(run_id)s AND c.key = %(key)s
     RETURNING c.unserved_since
 )
@@ -138,19 +150,74 @@ SELECT current_database(),
     (SELECT f.input FROM qwit.flows f WHERE f.id = %(flow_id)s AND f.run_id = %(run_id)s),
     (SELECT extract(epoch FROM clock_timestamp() - unserved_since)::float8 FROM marked),
     (SELECT attempt FROM qwit.attempts a WHERE a.run_id = %(run_id)s AND a.key = %(key)s),
-    EXISTS (
-        SELECT 1 FROM qwit.serving s JOIN procrastinate_workers w ON w.id = s.worker_id
-        WHERE s.queue = %(queue)s AND s.step = %(step)s
-        AND w.last_heartbeat > now() - make_interval(secs => %(stalled)s)
-    )
+    (SELECT live FROM served)
 """
 
-#: The steps a worker serves, under its procrastinate worker id.
+#: The steps a worker serves, under its procrastinate worker id (and away
+#: with the rows of workers procrastinate no longer knows: they stopped, or
+#: were taken for dead and pruned).
 SERVING = """
+WITH gone AS (
+    DELETE FROM qwit.serving s
+    WHERE NOT EXISTS (SELECT 1 FROM procrastinate_workers w WHERE w.id = s.worker_id)
+)
 INSERT INTO qwit.serving (worker_id, queue, step)
 SELECT %(worker_id)s, %(queue)s, unnest(%(steps)s::text[])
 ON CONFLICT DO NOTHING
 """
+
+#: A worker that stops serves nothing more: it takes no new job.
+NOT_SERVING = "DELETE FROM qwit.serving WHERE worker_id = %s"
+
+#: The next job of ``queues`` for the procrastinate worker ``worker_id``
+#: (procrastinate's ``procrastinate_fetch_job_v2``: its locks, priorities
+#: and order), leaving out the step jobs of steps it does not serve (``steps``)
+#: while a live worker serves them: that worker takes them. A worker that
+#: took them would only put them back, and, polling in step with its own
+#: offers, would take them again first, each time.
+FETCH_SERVED = """
+WITH candidate AS (
+    SELECT jobs.id
+    FROM procrastinate_jobs AS jobs
+    WHERE NOT EXISTS (
+            SELECT 1 FROM procrastinate_jobs AS other_jobs
+            WHERE jobs.lock IS NOT NULL AND other_jobs.lock = jobs.lock
+            AND (other_jobs.status = 'doing' OR (other_jobs.status = 'todo' AND (
+                other_jobs.priority > jobs.priority
+                OR (other_jobs.priority = jobs.priority AND other_jobs.id < jobs.id))))
+        )
+        AND jobs.status = 'todo'
+        AND (%(queues)s::varchar[] IS NULL OR jobs.queue_name = ANY(%(queues)s::varchar[]))
+        AND (jobs.scheduled_at IS NULL OR jobs.scheduled_at <= now())
+        AND (
+            jobs.task_name <> %(task)s
+            OR jobs.args->'call'->>'step' = ANY(%(steps)s::text[])
+            OR NOT EXISTS (
+                SELECT 1 FROM qwit.serving s JOIN procrastinate_workers w ON w.id = s.worker_id
+                WHERE s.queue = jobs.queue_name AND s.step = jobs.args->'call'->>'step'
+                AND w.last_heartbeat > now() - make_interval(secs => %(stalled)s)
+            )
+        )
+    ORDER BY jobs.priority DESC, jobs.id ASC LIMIT 1
+    FOR UPDATE OF jobs SKIP LOCKED
+), taken AS (
+    UPDATE procrastinate_jobs SET status = 'doing', worker_id = %(worker_id)s
+    FROM candidate WHERE procrastinate_jobs.id = candidate.id
+    RETURNING procrastinate_jobs.*
+)
+-- (one row, of NULLs if none was taken, as procrastinate's own query)
+SELECT t.id, t.status, t.task_name, t.priority, t.lock, t.queueing_lock, t.args,
+    t.scheduled_at, t.queue_name, t.attempts, t.worker_id
+FROM (SELECT 1) AS one LEFT JOIN taken AS t ON true
+"""
+
+
+def unserved_delay(offers: int) -> float:
+    """Seconds before a step job refused ``offers`` times is offered again:
+    ``UNSERVED_RETRY_FIRST`` doubled at each offer, up to
+    ``UNSERVED_RETRY_MAX`` (however many offers: a step a live worker serves
+    may be refused for as long as that worker is busy)."""
+    return min(UNSERVED_RETRY_FIRST * 2.0 ** min(offers, 16), UNSERVED_RETRY_MAX)
 
 
 class _FlowJobRetry(procrastinate.BaseRetryStrategy):
@@ -383,11 +450,12 @@ class PostgresWorker:
         where another worker may serve it (workers of different modules, a
         rolling deploy), after a backoff; once it has gone unserved for the
         plan's ``unserved_step_timeout`` since its first refusal (the time a
-        serving worker spent on it does not count), its end instead: the step
-        failed with ``StepNotRegistered`` (the job is finished with that
-        record).
+        serving worker spent on it does not count, nor the time a live worker
+        that serves it was busy or starting: see ``UNSERVED``), its end
+        instead: the step failed with ``StepNotRegistered`` (the job is
+        finished with that record).
         What procrastinate logs of the job: the returned line."""
-        delay = min(UNSERVED_RETRY_FIRST * 2**offers, UNSERVED_RETRY_MAX)
+        delay = unserved_delay(offers)
         async with self.connection() as conn:
             cur = await conn.execute(
                 UNSERVED,
@@ -406,11 +474,10 @@ class PostgresWorker:
         # (the plan's own reading: a compact plan leaves out its defaults;
         # None in plans of older QWIT)
         limit = None if row[1] is None else FlowInput.model_validate(row[1]).unserved_step_timeout
-        # A live worker serves the step (it is busy, or has just started, and
-        # this one took the job first): offered again, whatever the clock.
+        # (a live worker serves the step, busy or just started, and this one
+        # took the job first: the clock started again, ``UNSERVED``)
         if limit is not None and waited is not None and (waited < limit or served):
-            if waited < limit:
-                delay = min(delay, limit - waited)  # (the last offer comes at the limit)
+            delay = max(min(delay, limit - waited), 0.0)  # (the last offer comes at the limit)
             self._log_refusal(step)
             self._offered.add(job)
             try:
@@ -797,14 +864,15 @@ class PostgresWorker:
             row = await cur.fetchone()
             assert row is not None
             worker_id = int(row[0])
-            await conn.execute(
-                SERVING,
-                {
-                    "worker_id": worker_id,
-                    "queue": self.step_queue,
-                    "steps": sorted(self.registry.steps),
-                },
-            )
+            if not self._stopping:  # (taken for dead as it stops: it serves no more)
+                await conn.execute(
+                    SERVING,
+                    {
+                        "worker_id": worker_id,
+                        "queue": self.step_queue,
+                        "steps": sorted(self.registry.steps),
+                    },
+                )
         self.worker_id = worker_id
 
     async def _beat(self) -> None:
@@ -917,8 +985,12 @@ class PostgresWorker:
         """Serve until cancelled."""
         self._stopping = self.abandoned = False
         self._pool = Connections(self.dsn, self.pool_size)
-        await self._prepared()
-        await self._register()
+        try:
+            await self._prepared()
+            await self._register()
+        except BaseException:
+            await self._pool.close()
+            raise
         async with self.app.open_async():
             common: dict[str, Any] = {
                 "install_signal_handlers": False,
@@ -950,6 +1022,10 @@ class PostgresWorker:
                     task.result()
             finally:
                 self._stopping = True
+                # it takes no new job: a step only it served is unserved now
+                with contextlib.suppress(psycopg.Error, OSError):
+                    async with self.connection() as conn:
+                        await conn.execute(NOT_SERVING, [self.worker_id])
                 stopped: set[asyncio.Future[None]] = set()
                 if self._grace:
                     with contextlib.suppress(BaseException):  # (cancelled again: at once)
@@ -1083,6 +1159,8 @@ class PostgresWorker:
             self._grace = None
         if failed and kind is None:
             raise failed[0]
+        for error in failed:  # (the block's own error goes on)
+            logger.error("qwit.postgres: the worker had stopped serving", exc_info=error)
 
 
 def _install_tracing() -> None:
@@ -1104,6 +1182,23 @@ class _Jobs(procrastinate.manager.JobManager):
     def __init__(self, worker: PostgresWorker, connector: Any) -> None:
         super().__init__(connector)
         self.worker = worker
+
+    async def fetch_job(self, queues: Any, worker_id: int) -> procrastinate.jobs.Job | None:
+        # (the step jobs of steps it does not serve are left to a live worker
+        # that does: ``FETCH_SERVED``)
+        if queues is None or self.worker.step_queue not in queues:
+            return await super().fetch_job(queues, worker_id)
+        row = await self.connector.execute_query_one_async(
+            query=FETCH_SERVED,
+            queues=list(queues),
+            worker_id=worker_id,
+            task=STEP_TASK,
+            steps=sorted(self.worker.registry.steps),
+            stalled=self.worker.stalled_after,
+        )
+        if row is None or row.get("id") is None:
+            return None
+        return procrastinate.jobs.Job.from_row(row)
 
     async def finish_job(
         self, job: procrastinate.jobs.Job, status: procrastinate.jobs.Status, delete_job: bool
