@@ -22,7 +22,7 @@ attempt sleeps past the timeout, is cancelled there (``async``: at its
 ``await``; plain: through ``context().cancelled``, which it reads only after a
 while), takes 0.6 s more to stop, and may apply its effect late.
 
-Examples: ``QWIT_PROPERTY_EXAMPLES`` (default 30) on Temporal and as many on
+Examples: ``QWIT_PROPERTY_EXAMPLES`` (default 20) on Temporal and as many on
 qwit.local, e.g. ``QWIT_PROPERTY_EXAMPLES=1000 pytest tests/test_property_saga.py``.
 A summary of what ran (flows, outcomes, decisions, cancels, timeouts) is
 printed at the end of the module, and written as JSON to the file named by
@@ -62,7 +62,7 @@ from tests.saga_model import (
 )
 from tests.strict_ledger import MARK, Expected
 
-EXAMPLES = int(os.environ.get("QWIT_PROPERTY_EXAMPLES") or 30)
+EXAMPLES = int(os.environ.get("QWIT_PROPERTY_EXAMPLES") or 20)
 TIMEOUT = 1.0  # a timing-out step's timeout
 GRACE = 5.0  # its timeout_grace
 LINGER = 0.6  # how long a timed-out attempt takes to stop once told

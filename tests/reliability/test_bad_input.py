@@ -241,7 +241,7 @@ def test_generated_enough() -> None:
 
 
 @settings(
-    max_examples=200 if FULL else 40,
+    max_examples=200 if FULL else 25,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
