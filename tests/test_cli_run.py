@@ -136,7 +136,6 @@ async def test_run_completes_beside_a_worker_for_other_modules(dev_server: DevSe
                     QWIT_TASK_QUEUE=queue,
                 )
             )
-            for _ in range(2)
         ]
     finally:
         other.send_signal(signal.SIGTERM)

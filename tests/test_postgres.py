@@ -125,7 +125,8 @@ async def test_a_database_of_an_earlier_schema_is_upgraded(
 ):
     from qwit.postgres import _store
 
-    monkeypatch.setattr(_store, "SCHEMA_VERSION", 1)
+    monkeypatch.setattr(_store, "SCHEMA_VERSION", 1)  # (a QWIT of schema 1: no additions)
+    monkeypatch.setattr(_store, "ADDITIONS", {})
     await prepare(postgres_dsn)
     monkeypatch.undo()
     await prepare(postgres_dsn)
@@ -949,18 +950,21 @@ class PgAfterGate(qwit.Flow, name="pg.after_gate", backend=qwit.postgres):
 
 
 async def test_a_step_a_live_worker_serves_is_not_failed_while_that_worker_is_busy_or_restarts(
-    postgres_dsn: str, caplog: pytest.LogCaptureFixture
+    postgres_dsn: str,
 ):
     # The only worker serving pg.B runs one step at a time, and is busy with
-    # a gated step for longer than unserved_step_timeout (4 s). The step is
-    # served (by a live worker): the worker lacking pg.B leaves its job
-    # alone, and it waits. Then that worker restarts (a deploy), gone for
-    # longer than a refusal's backoff: the other worker takes the job and
-    # puts it back meanwhile, and the flow completes on the new one. Before,
-    # the worker lacking pg.B took the job, put it back, and failed the step
-    # at the limit (StepNotRegistered); and it won the race for each offer
-    # against an idle serving worker (its polls fell in step with its own
-    # offers), so a restarted serving worker never got the job.
+    # a gated step. pg.B's job had been refused long ago, before any worker
+    # served it (its clock says so). While a live worker serves pg.B, the
+    # worker lacking it leaves its job alone, and the clock stops. Then the
+    # serving worker restarts (a deploy), gone for longer than a refusal's
+    # backoff: the other worker takes the job and puts it back meanwhile,
+    # its time unserved counted from then, and the flow completes on the new
+    # worker. Before, the worker lacking pg.B took the job, put it back, and
+    # failed the step at the limit (StepNotRegistered); it won the race for
+    # each offer against an idle serving worker (its polls fell in step with
+    # its own offers), so a restarted serving worker never got the job; and
+    # (with the job left alone but the clock still running) its first
+    # refusal after the restart failed the step at once.
     await prepare(postgres_dsn)
     client = await qwit.connect(
         backend=qwit.postgres,
@@ -970,20 +974,33 @@ async def test_a_step_a_live_worker_serves_is_not_failed_while_that_worker_is_bu
     gated, after = new_ledger(), new_ledger()
     GATES[gated] = asyncio.Event()
     serving = (PgOrder, PgAfterGate)
+    pg_b_job = (
+        "FROM procrastinate_jobs j JOIN qwit.commands c ON c.job_id = j.id "
+        "WHERE j.args->'call'->>'step' = 'pg.B' AND c.run_id LIKE 'pg.after_gate-%%'"
+    )
     try:
         async with worker(postgres_dsn, PgServedApart):
             async with worker(postgres_dsn, *serving, inline=False, concurrency=1):
                 first = await client.start(PgOrder, {"ledger": gated})
                 await ledger.wait_for_mark(gated, "started", "pg.Gate")
                 second = await client.start(PgAfterGate, {"ledger": after})
-                await asyncio.sleep(4.5)
+                while not await sql(postgres_dsn, "SELECT 1 " + pg_b_job):
+                    await asyncio.sleep(0.05)
+                # (refused an hour ago, before this worker served it)
+                await sql(
+                    postgres_dsn,
+                    "UPDATE qwit.commands SET unserved_since = now() - interval '1 hour' "
+                    "WHERE job_id = (SELECT j.id " + pg_b_job + ")",
+                )
+                offers = await sql(postgres_dsn, "SELECT j.attempts " + pg_b_job)
+                await asyncio.sleep(2)
                 assert (await second.state()).status == "running"
-                assert "not served by this worker" not in caplog.text  # (left alone)
+                # (left alone: not taken, refused and put back)
+                assert await sql(postgres_dsn, "SELECT j.attempts " + pg_b_job) == offers
             GATES[gated].set()  # (its step, cut off, goes back to the queue)
             await asyncio.sleep(2.2)
             assert (await second.state()).status == "running"
-            # (the other worker took pg.B's job meanwhile, and put it back)
-            assert "step 'pg.B' is not served by this worker" in caplog.text
+            assert await sql(postgres_dsn, "SELECT j.attempts " + pg_b_job) != offers
             async with worker(postgres_dsn, *serving, inline=False, concurrency=1):
                 results = await asyncio.wait_for(
                     asyncio.gather(first.result(), second.result()), 60

@@ -31,7 +31,8 @@ Documents are ``json``, not ``jsonb``: a flow's args keep their keys' order.
   (``inline`` holds the call of a step that an earlier QWIT ran without a
   job; a driver that finds one runs it again as a job.) ``unserved_since``:
   since when a step job has been refused by workers that lack its step
-  (cleared when a worker that serves it starts an attempt).
+  (cleared when a worker that serves it starts an attempt, and at each
+  heartbeat of a live worker that serves it).
 - ``qwit.serving``: the steps each worker serves, by its procrastinate
   worker id and step queue (a worker deletes its rows as it stops; those of
   a worker procrastinate no longer knows, one that died and was pruned, are
@@ -134,8 +135,8 @@ MIGRATIONS: dict[int, str] = {
 #: Tables an earlier QWIT neither reads nor needs, created whatever the
 #: version (no new version: workers and clients of earlier releases go on
 #: with the database beside this one, as in a rolling deploy).
-#: (Each runs only while its table is missing: it takes no lock, and needs
-#: no ownership, on a database that has it.)
+#: (Each runs only while its table or index is missing: it takes no lock,
+#: and needs no ownership, on a database that has it.)
 ADDITIONS = {
     "qwit.serving": """
     CREATE TABLE qwit.serving (
@@ -145,6 +146,11 @@ ADDITIONS = {
         PRIMARY KEY (queue, step, worker_id)
     );
     CREATE INDEX serving_worker ON qwit.serving (worker_id);
+    """,
+    # the step jobs being refused (few), which a serving worker's
+    # heartbeats look for
+    "qwit.commands_unserved": """
+    CREATE INDEX commands_unserved ON qwit.commands (job_id) WHERE unserved_since IS NOT NULL;
     """,
 }
 
@@ -181,8 +187,8 @@ async def migrate(conn: psycopg.AsyncConnection[Any]) -> int:
         for version in range(current + 1, SCHEMA_VERSION + 1):
             await conn.execute(MIGRATIONS[version])
             await conn.execute("INSERT INTO qwit.schema_version (version) VALUES (%s)", [version])
-        for table, statements in ADDITIONS.items():
-            cur = await conn.execute("SELECT to_regclass(%s) IS NULL", [table])
+        for relation, statements in ADDITIONS.items():
+            cur = await conn.execute("SELECT to_regclass(%s) IS NULL", [relation])
             missing = await cur.fetchone()
             if missing and missing[0]:
                 await conn.execute(statements)

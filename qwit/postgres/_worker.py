@@ -15,13 +15,14 @@ once, without a trip through the queue; the driver finishes it when it
 delivers its result. If the worker dies, procrastinate's stalled-job sweep
 puts the job back in the queue, for any worker serving the step.
 
-A step job taken from the queue by a worker that does not serve its step
-(workers of one database serving different modules, a rolling deploy) goes
-back to the queue for another worker, offered again with a backoff, as on
-Temporal; the step fails with ``StepNotRegistered`` only once it has been
+Each worker records the steps it serves in ``qwit.serving``, and leaves the
+step jobs of steps it lacks to a live worker that serves them
+(``FETCH_SERVED``). When none lives (workers of one database serving
+different modules, a rolling deploy), a worker lacking the step takes its
+job and puts it back for another worker, offered again with a backoff, as
+on Temporal; the step fails with ``StepNotRegistered`` only once it has been
 refused for the plan's ``unserved_step_timeout`` with no live worker serving
-it (each worker records the steps it serves in ``qwit.serving``; a refusal
-while one lives, busy or just started, starts the clock again).
+it (the heartbeats of one that does stop the clock: ``STILL_SERVED``).
 
 Besides procrastinate's workers, a worker listens on ``qwit_events`` to wake
 the drivers whose inbox got a row, and sweeps for jobs of dead workers
@@ -168,6 +169,17 @@ ON CONFLICT DO NOTHING
 
 #: A worker that stops serves nothing more: it takes no new job.
 NOT_SERVING = "DELETE FROM qwit.serving WHERE worker_id = %s"
+
+#: At each heartbeat of a worker, the step jobs of its queue waiting for a
+#: step it serves are not unserved: the clock of their time unserved stops
+#: (a refusal after it has gone starts it again). Other workers leave such
+#: jobs alone (``FETCH_SERVED``), so none of them would restart it.
+STILL_SERVED = """
+UPDATE qwit.commands c SET unserved_since = NULL
+FROM procrastinate_jobs j
+WHERE c.unserved_since IS NOT NULL AND j.id = c.job_id AND j.queue_name = %(queue)s
+AND j.args->'call'->>'step' = ANY(%(steps)s::text[])
+"""
 
 #: The next job of ``queues`` for the procrastinate worker ``worker_id``
 #: (procrastinate's ``procrastinate_fetch_job_v2``: its locks, priorities
@@ -898,6 +910,12 @@ class PostgresWorker:
             await self._register()
         if self._stopping:
             await self._stop_aborted()
+        elif self.registry.steps:
+            async with self.connection() as conn:
+                await conn.execute(
+                    STILL_SERVED,
+                    {"queue": self.step_queue, "steps": sorted(self.registry.steps)},
+                )
         for job, (run_id, key, payload) in list(self._unrecorded.items()):
             await self._record(run_id, key, payload, job)
         for job, (status, delete) in list(self._unfinished.items()):
