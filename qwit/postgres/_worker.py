@@ -133,13 +133,18 @@ MAX_REFUSED_LOGGED = 100
 #: time it waits for a busy or starting worker is not unserved; an attempt
 #: a serving worker starts stops it, see ``count_attempt``), its attempts so
 #: far, and whether a live worker serves its step.
-UNSERVED = """
+#: Whether a live worker (one that heartbeat within ``%(stalled)s``
+#: seconds) serves the step ``{step}`` of the queue ``{queue}`` (SQL
+#: expressions), for ``UNSERVED`` and ``FETCH_SERVED``.
+LIVE_SERVER = """EXISTS (
+    SELECT 1 FROM qwit.serving s JOIN procrastinate_workers w ON w.id = s.worker_id
+    WHERE s.queue = {queue} AND s.step = {step}
+    AND w.last_heartbeat > now() - make_interval(secs => %(stalled)s)
+)"""
+
+UNSERVED = f"""
 WITH served AS (
-    SELECT EXISTS (
-        SELECT 1 FROM qwit.serving s JOIN procrastinate_workers w ON w.id = s.worker_id
-        WHERE s.queue = %(queue)s AND s.step = %(step)s
-        AND w.last_heartbeat > now() - make_interval(secs => %(stalled)s)
-    ) AS live
+    SELECT {LIVE_SERVER.format(queue="%(queue)s", step="%(step)s")} AS live
 ), marked AS (
     UPDATE qwit.commands c SET unserved_since = CASE
         WHEN (SELECT live FROM served) THEN clock_timestamp()
@@ -187,7 +192,7 @@ AND j.args->'call'->>'step' = ANY(%(steps)s::text[])
 #: while a live worker serves them: that worker takes them. A worker that
 #: took them would only put them back, and, polling in step with its own
 #: offers, would take them again first, each time.
-FETCH_SERVED = """
+FETCH_SERVED = f"""
 WITH candidate AS (
     SELECT jobs.id
     FROM procrastinate_jobs AS jobs
@@ -204,11 +209,7 @@ WITH candidate AS (
         AND (
             jobs.task_name <> %(task)s
             OR jobs.args->'call'->>'step' = ANY(%(steps)s::text[])
-            OR NOT EXISTS (
-                SELECT 1 FROM qwit.serving s JOIN procrastinate_workers w ON w.id = s.worker_id
-                WHERE s.queue = jobs.queue_name AND s.step = jobs.args->'call'->>'step'
-                AND w.last_heartbeat > now() - make_interval(secs => %(stalled)s)
-            )
+            OR NOT {LIVE_SERVER.format(queue="jobs.queue_name", step="jobs.args->'call'->>'step'")}
         )
     ORDER BY jobs.priority DESC, jobs.id ASC LIMIT 1
     FOR UPDATE OF jobs SKIP LOCKED
@@ -329,6 +330,8 @@ class PostgresWorker:
         if self.tracing:
             _install_tracing()
         self.registry = Registry(*members)
+        #: The names of the steps it serves (``qwit.serving``, its fetches).
+        self.serves = sorted(self.registry.steps)
         self.concurrency = concurrency
         self.flows = flows
         self.heartbeat = heartbeat
@@ -882,7 +885,7 @@ class PostgresWorker:
                     {
                         "worker_id": worker_id,
                         "queue": self.step_queue,
-                        "steps": sorted(self.registry.steps),
+                        "steps": self.serves,
                     },
                 )
         self.worker_id = worker_id
@@ -910,12 +913,9 @@ class PostgresWorker:
             await self._register()
         if self._stopping:
             await self._stop_aborted()
-        elif self.registry.steps:
+        elif self.serves:
             async with self.connection() as conn:
-                await conn.execute(
-                    STILL_SERVED,
-                    {"queue": self.step_queue, "steps": sorted(self.registry.steps)},
-                )
+                await conn.execute(STILL_SERVED, {"queue": self.step_queue, "steps": self.serves})
         for job, (run_id, key, payload) in list(self._unrecorded.items()):
             await self._record(run_id, key, payload, job)
         for job, (status, delete) in list(self._unfinished.items()):
@@ -1211,7 +1211,7 @@ class _Jobs(procrastinate.manager.JobManager):
             queues=list(queues),
             worker_id=worker_id,
             task=STEP_TASK,
-            steps=sorted(self.worker.registry.steps),
+            steps=self.worker.serves,
             stalled=self.worker.stalled_after,
         )
         if row is None or row.get("id") is None:
