@@ -13,6 +13,7 @@ from __future__ import annotations
 import statistics
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,14 +143,16 @@ async def _run_hand(client: temporalio.client.Client, task_queue: str, shape: Pa
     return workflow_id
 
 
-async def measure(env: Any, reps: int, big_reps: int) -> dict[str, Any]:
-    """Latency (ms), history and worker CPU per flow of every shape, both
-    sides, alternating which goes first."""
+async def measure(env: Any, reps: int, big_reps: int, skip: Sequence[str] = ()) -> dict[str, Any]:
+    """Latency (ms), history and worker CPU per flow of every shape but those
+    named in ``skip``, both sides, alternating which goes first."""
     from benchmarks.measure import history, progress
 
     qwit_side, hand_side = env.sides
     found: dict[str, Any] = {}
     for shape in PARALLEL_SHAPES:
+        if shape.key in skip:
+            continue
         runs = big_reps if shape.activities >= 1000 else reps
         samples: dict[str, list[float]] = {"qwit": [], "hand": []}
         cpu: dict[str, list[float]] = {"qwit": [], "hand": []}

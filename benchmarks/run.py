@@ -55,11 +55,14 @@ class Settings:
     """Runs of each parallel block and map of up to 100 items, and side."""
     big_map_reps: int
     """Runs of each map of 1,000 items, and side."""
+    skip_shapes: tuple[str, ...] = ()
+    """Parallel shapes left out (the smoke run's failing map of 1,000 items:
+    13 s of its 40, its code that of ``map_100_fail``)."""
 
 
 FULL = Settings("full", 3, 60, 20, 200, 5, 200, 3, 20, 5)
 QUICK = Settings("quick", 2, 10, 4, 200, 1, 100, 1, 4, 1)
-SMOKE = Settings("smoke", 0, 1, 1, 10, 1, 10, 1, 1, 1)
+SMOKE = Settings("smoke", 0, 1, 1, 10, 1, 10, 1, 1, 1, skip_shapes=("map_1000_fail",))
 
 
 #: Where the workers' bytecode of this checkout is kept between runs.
@@ -179,7 +182,7 @@ async def measure(settings: Settings) -> dict[str, Any]:
             f"({settings.big_map_reps} of 1,000 items) of each and side"
         )
         results["parallel"] = await parallel.measure(
-            env, settings.parallel_reps, settings.big_map_reps
+            env, settings.parallel_reps, settings.big_map_reps, skip=settings.skip_shapes
         )
 
     progress("tuned dev server, in memory, workers without the workflow sandbox")

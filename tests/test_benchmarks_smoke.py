@@ -16,13 +16,21 @@ from typing import Any
 
 import pytest
 
+from benchmarks.parallel import PARALLEL_SHAPES
+from benchmarks.run import FULL, QUICK, SMOKE
+
 ROOT = Path(__file__).resolve().parent.parent
 
 LATENCY_SHAPES = ["1_steps", "5_steps", "20_steps", "5_steps_fail", "5_local_steps"]
 BIG = [f"{n}_steps_1kb{typing}" for n in (25, 50) for typing in ("", "_typed_forward", "_typed")]
 TYPED = ["5_steps_typed", "20_steps_typed"]
+#: The smoke run leaves out the failing map of 1,000 items (the full and quick
+#: runs do not: ``test_only_the_smoke_run_leaves_a_shape_out``).
 PARALLEL = [
-    f"{kind}{fail}" for kind in ("parallel_5", "map_100", "map_1000") for fail in ("", "_fail")
+    f"{kind}{fail}"
+    for kind in ("parallel_5", "map_100", "map_1000")
+    for fail in ("", "_fail")
+    if f"{kind}{fail}" not in SMOKE.skip_shapes
 ]
 #: The history of a QWIT flow is at most this many times the hand-written
 #: saga's for the same flow. Sizes, not timings: the same on every run but for
@@ -194,3 +202,10 @@ def test_a_figure_from_paired_runs_reports_the_spread_of_their_ratios():
     assert lines[2].endswith("| QWIT / hand | lowest-highest |")
     assert lines[4] == "| flows/s | 10 | 10 | 1.00 | 0.90-1.10 |"
     assert lines[5] == "| bytes | 120 | 100 | 1.20 |  |"
+
+
+def test_only_the_smoke_run_leaves_a_shape_out(report: dict[str, Any]) -> None:
+    shapes = {shape.key for shape in PARALLEL_SHAPES}
+    assert FULL.skip_shapes == QUICK.skip_shapes == ()
+    assert set(SMOKE.skip_shapes) == {"map_1000_fail"} <= shapes
+    assert set(report["details"]["parallel"]) == shapes - set(SMOKE.skip_shapes)

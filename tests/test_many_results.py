@@ -7,8 +7,8 @@ limit exceeded"). A client holds at most ``result_polls`` long polls (100 by
 default), and waits out a refusal with backoff.
 
 The quick tests lower the cap to 50 on a dev server of their own and await
-300 flows (in the first, every flow waits at its first step for longer than
-the SDK's own retries last, so the waits pile up). The long run awaits
+150 flows (in the first, every flow waits at its first step for longer than
+the SDK's own retries last, cut to 1 s there, so the waits pile up). The long run awaits
 2,000 flows on the session's dev server (default cap)::
 
     QWIT_MANY_RESULTS=2000 pytest tests/test_many_results.py -k many_flows -s
@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 import temporalio.client
+from temporalio.service import RetryConfig
 
 import qwit
 from qwit.temporal import DevServer, TemporalEngine, connect_temporal, create_worker
@@ -33,12 +34,15 @@ from qwit.temporal import DevServer, TemporalEngine, connect_temporal, create_wo
 #: The server's cap on concurrent long polls per namespace and API, in the quick tests.
 LOW_LIMIT = 50
 #: Flows awaited at once in the quick tests.
-QUICK_FLOWS = 300
+QUICK_FLOWS = 150
 #: Flows awaited at once in the long run (0: skipped).
 MANY = int(os.environ.get("QWIT_MANY_RESULTS", "0") or 0)
 STEPS = 5
-#: Seconds the flows of the first quick test wait at their first step.
-HOLD = 15.0
+#: The SDK's retries of a refused call, cut from its default 10 s to 1 s.
+SHORT_RETRIES = RetryConfig(max_elapsed_time_millis=1000, max_retries=3)
+#: Seconds the flows of the first quick test wait at their first step: longer
+#: than the SDK's own retries of a refusal last (``SHORT_RETRIES``).
+HOLD = 4.0
 GATE = asyncio.Event()
 
 
@@ -139,7 +143,7 @@ async def low_limit_server() -> AsyncIterator[temporalio.client.Client]:
     """A dev server that takes at most LOW_LIMIT long polls per API at once."""
     config = [f"frontend.namespaceCount={LOW_LIMIT}"]
     async with DevServer(dynamic_config=config) as server:
-        yield await connect_temporal(target_host=server.address)
+        yield await connect_temporal(target_host=server.address, retry_config=SHORT_RETRIES)
 
 
 async def _run_on(
@@ -160,7 +164,7 @@ async def test_results_outlast_the_servers_long_poll_limit(
     # 100 long polls for a server that takes 50, for longer than the SDK
     # retries a refusal: the refusals are waited out.
     outcomes, took, engine = await _run_on(low_limit_server, QUICK_FLOWS, gated=True)
-    assert outcomes == {"completed": 200, "rolled_back": 100}
+    assert outcomes == {"completed": 100, "rolled_back": 50}
     assert engine.result_retries["RESOURCE_EXHAUSTED"] > 0, engine.result_retries
     print(f"{QUICK_FLOWS} flows in {took:.1f} s, retries: {dict(engine.result_retries)}")
 
@@ -173,7 +177,7 @@ async def test_a_client_holds_at_most_result_polls_long_polls(
     outcomes, took, engine = await _run_on(
         low_limit_server, QUICK_FLOWS, result_polls=LOW_LIMIT - 10
     )
-    assert outcomes == {"completed": 200, "rolled_back": 100}
+    assert outcomes == {"completed": 100, "rolled_back": 50}
     assert engine.result_retries["RESOURCE_EXHAUSTED"] == 0, engine.result_retries
     print(f"{QUICK_FLOWS} flows in {took:.1f} s, retries: {dict(engine.result_retries)}")
 

@@ -11,15 +11,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from temporalio.service import RetryConfig
 
 import qwit
 from qwit.temporal import DevServer, connect_temporal, create_worker
 from qwit.temporal._devserver import free_port
 from tests.clirun import qwit as run_qwit
 
+#: The SDK's retries of a call that fails, cut from its default 10 s to 1 s.
+SHORT_RETRIES = RetryConfig(max_elapsed_time_millis=1000, max_retries=3)
+
 #: Seconds the server stays down: longer than the SDK's own retries of a call
-#: (about 10 s), which alone would end the wait with a raw RPCError.
-OUTAGE = 12.0
+#: (``SHORT_RETRIES``: 1 s), which alone would end the wait with a raw RPCError.
+OUTAGE = 4.0
 
 
 class Hello(qwit.Step, name="rpc.hello"):
@@ -75,7 +79,9 @@ async def test_a_closed_port_fails_each_call_quickly_saying_what_to_check():
 async def test_a_server_gone_after_connecting_raises_engine_unavailable():
     server = await DevServer().start()
     try:
-        temporal = await connect_temporal(target_host=server.address)
+        # The SDK's own retries, shortened: each call then gives up in seconds,
+        # as it would after the SDK's default 10 s.
+        temporal = await connect_temporal(target_host=server.address, retry_config=SHORT_RETRIES)
         client = await qwit.connect(temporal_client=temporal, task_queue="no-worker-here")
         handle = await client.start(HelloFlow, {"who": "x"})  # no worker: it stays running
         client.engine().unavailable_timeout = 2  # type: ignore[attr-defined]
@@ -103,7 +109,7 @@ async def test_result_waits_through_a_server_restart(tmp_path: Path):
     queue = f"restart-{uuid.uuid4().hex[:8]}"
     server = await DevServer(port=port, db_filename=db).start()
     try:
-        temporal = await connect_temporal(target_host=server.address)
+        temporal = await connect_temporal(target_host=server.address, retry_config=SHORT_RETRIES)
         client = await qwit.connect(temporal_client=temporal, task_queue=queue)
         handle = await client.start(HelloFlow, {"who": "restart"})
         waiting = asyncio.ensure_future(handle.result())
