@@ -1434,3 +1434,88 @@ async def test_a_worker_that_stopped_serving_by_an_error_raises_it_as_its_block_
     with pytest.raises(RuntimeError, match="the worker broke"):
         async with serving:
             await asyncio.wait_for(asyncio.wait(serving._tasks), 30)
+
+
+# -- a worker's concurrency --------------------------------------------------------
+
+
+class Running:
+    """How many attempts of the steps below run now, and the most at once."""
+
+    now = 0
+    most = 0
+
+
+class PgCounted(qwit.Step, name="pg.counted"):
+    """Runs a moment; ``args['fail_once']`` names a ledger whose first
+    attempt fails (to be retried after the flow's backoff)."""
+
+    retry = qwit.Retry(max_attempts=2, initial_interval=3.0)
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        Running.now += 1
+        Running.most = max(Running.most, Running.now)
+        try:
+            await asyncio.sleep(0.3)
+        finally:
+            Running.now -= 1
+        once = args.get("fail_once")
+        if once is not None and once not in CUT_OFF:
+            CUT_OFF.add(once)
+            raise RuntimeError("the first attempt fails")
+        return {}
+
+
+class PgFanOut(qwit.Flow, name="pg.fan_out", backend=qwit.postgres):
+    def build_flow(self) -> None:
+        self.map(PgCounted, over="items", item="item", into="done", max_concurrency=10)
+
+
+class PgCountedOnce(qwit.Flow, name="pg.counted_once", backend=qwit.postgres):
+    def build_flow(self) -> None:
+        self.step(PgCounted)
+
+
+async def test_a_worker_runs_at_most_its_concurrency_of_steps_at_once(postgres_dsn: str):
+    # The steps its drivers run themselves (no trip through the queue) count:
+    # before, a worker of concurrency 2 ran all 8 elements of this map at once.
+    Running.now = Running.most = 0
+    client = await client_for(postgres_dsn)
+    try:
+        async with worker(postgres_dsn, PgFanOut, concurrency=2):
+            handle = await client.start(PgFanOut, {"items": list(range(8))})
+            await asyncio.wait_for(handle.result(), 60)
+        assert Running.most == 2
+    finally:
+        await client.close()
+
+
+async def test_a_step_waiting_out_its_backoff_leaves_its_place_to_others(postgres_dsn: str):
+    # One place: the first flow's step fails and waits 3 s before its retry;
+    # the second flow's step runs meanwhile, not after it.
+    client = await client_for(postgres_dsn)
+    try:
+        async with worker(postgres_dsn, PgCountedOnce, concurrency=1):
+            once = new_ledger()
+            waiting = await client.start(PgCountedOnce, {"fail_once": once})
+            for _ in range(200):
+                if once in CUT_OFF:  # its first attempt has failed
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the first attempt never ran")
+            began = time.monotonic()
+            other = await client.start(PgCountedOnce, {})
+            await asyncio.wait_for(other.result(), 30)
+            assert time.monotonic() - began < 2.5
+            await asyncio.wait_for(waiting.result(), 30)
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize("concurrency", [0, -1, 1.5, True])
+def test_a_worker_refuses_a_concurrency_that_is_not_a_whole_number_of_1_or_more(
+    concurrency: Any,
+):
+    with pytest.raises(ValueError, match="concurrency must be a whole number, 1 or more"):
+        PostgresWorker("postgresql://unused", PgA, concurrency=concurrency)

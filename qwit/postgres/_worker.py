@@ -263,7 +263,9 @@ class PostgresWorker:
             the queue, for a worker that serves it; the step fails with
             ``StepNotRegistered`` once none has for the flow's
             ``unserved_step_timeout`` and no live worker serves it.
-        concurrency: Steps run at once.
+        concurrency: Step attempts run at once, at most: those of the jobs
+            procrastinate hands it and those it takes itself for its own
+            drivers alike (a step waiting out a retry's backoff takes none).
         flows: Flows driven at once (a driver is light: a flow that waits
             holds one).
         heartbeat: Seconds between the worker's heartbeats.
@@ -297,6 +299,8 @@ class PostgresWorker:
 
     Raises:
         QwitError: tracing is asked for and OpenTelemetry is not installed.
+        ValueError: ``concurrency`` is not a whole number of 1 or more, or
+            ``graceful_shutdown_timeout`` is negative.
     """
 
     def __init__(
@@ -315,6 +319,8 @@ class PostgresWorker:
         waiting_every: float = WAITING_EVERY,
         graceful_shutdown_timeout: float = DEFAULT_GRACEFUL_SHUTDOWN,
     ) -> None:
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(f"concurrency must be a whole number, 1 or more, not {concurrency!r}")
         if not graceful_shutdown_timeout >= 0:  # (NaN too)
             raise ValueError(
                 "graceful_shutdown_timeout must be 0 or more seconds, "
@@ -333,6 +339,8 @@ class PostgresWorker:
         #: The names of the steps it serves (``qwit.serving``, its fetches).
         self.serves = sorted(self.registry.steps)
         self.concurrency = concurrency
+        #: Attempts of steps running now take one each (see ``_run``).
+        self._slots = asyncio.Semaphore(concurrency)
         self.flows = flows
         self.heartbeat = heartbeat
         self.stalled_after = stalled_after
@@ -672,26 +680,30 @@ class PostgresWorker:
         retry = node.back_retry if call.direction == "step_back" else node.retry
         beats = Heartbeats()
         while True:
-            if first_attempt is not None:  # counted by the driver, with the call
-                number, first_attempt = first_attempt, None
-            else:
-                number = await self._next_attempt(run_id, key)
-            if retry.max_attempts is not None and number > retry.max_attempts:
-                raise StepFailure(
-                    error_info(
-                        RuntimeError(
-                            f"the worker running attempt {number - 1} of step {call.step!r} "
-                            "died, and that was its last attempt"
-                        ),
-                        attempt=number - 1,
-                        retryable=False,
+            # Each attempt runs in one of the worker's ``concurrency`` slots,
+            # whether procrastinate handed it the job or it took the job for
+            # one of its drivers; a backoff holds none.
+            async with self._slots:
+                if first_attempt is not None:  # counted by the driver, with the call
+                    number, first_attempt = first_attempt, None
+                else:
+                    number = await self._next_attempt(run_id, key)
+                if retry.max_attempts is not None and number > retry.max_attempts:
+                    raise StepFailure(
+                        error_info(
+                            RuntimeError(
+                                f"the worker running attempt {number - 1} of step "
+                                f"{call.step!r} died, and that was its last attempt"
+                            ),
+                            attempt=number - 1,
+                            retryable=False,
+                        )
                     )
-                )
-            try:
-                output = await self._attempt(cls, node, call, number, beats, keep_late)
-                return StepReturn(output=output, attempt=number)
-            except StepFailure as failure:
-                info = failure.info
+                try:
+                    output = await self._attempt(cls, node, call, number, beats, keep_late)
+                    return StepReturn(output=output, attempt=number)
+                except StepFailure as failure:
+                    info = failure.info
             spent = retry.max_attempts is not None and number >= retry.max_attempts
             if spent or not info.retryable:
                 raise StepFailure(info.model_copy(update={"attempt": number}))
