@@ -265,7 +265,9 @@ class PostgresWorker:
             ``unserved_step_timeout`` and no live worker serves it.
         concurrency: Step attempts run at once, at most: those of the jobs
             procrastinate hands it and those it takes itself for its own
-            drivers alike (a step waiting out a retry's backoff takes none).
+            drivers alike (a step waiting out a retry's backoff runs none,
+            though a job from the queue keeps its place among the
+            ``concurrency`` it takes from the queue at once).
         flows: Flows driven at once (a driver is light: a flow that waits
             holds one).
         heartbeat: Seconds between the worker's heartbeats.
