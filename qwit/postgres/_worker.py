@@ -263,11 +263,11 @@ class PostgresWorker:
             the queue, for a worker that serves it; the step fails with
             ``StepNotRegistered`` once none has for the flow's
             ``unserved_step_timeout`` and no live worker serves it.
-        concurrency: Step attempts run at once, at most: those of the jobs
-            procrastinate hands it and those it takes itself for its own
-            drivers alike (a step waiting out a retry's backoff runs none,
-            though a job from the queue keeps its place among the
-            ``concurrency`` it takes from the queue at once).
+        concurrency: Step jobs it takes from the queue at once (a job
+            waiting out a retry's backoff keeps its place). The steps it
+            takes itself for its own drivers (``inline``) are not counted:
+            they run as their flows issue them (a map, up to its
+            ``max_concurrency`` per flow).
         flows: Flows driven at once (a driver is light: a flow that waits
             holds one).
         heartbeat: Seconds between the worker's heartbeats.
@@ -341,8 +341,6 @@ class PostgresWorker:
         #: The names of the steps it serves (``qwit.serving``, its fetches).
         self.serves = sorted(self.registry.steps)
         self.concurrency = concurrency
-        #: Attempts of steps running now take one each (see ``_run``).
-        self._slots = asyncio.Semaphore(concurrency)
         self.flows = flows
         self.heartbeat = heartbeat
         self.stalled_after = stalled_after
@@ -682,30 +680,26 @@ class PostgresWorker:
         retry = node.back_retry if call.direction == "step_back" else node.retry
         beats = Heartbeats()
         while True:
-            # Each attempt runs in one of the worker's ``concurrency`` slots,
-            # whether procrastinate handed it the job or it took the job for
-            # one of its drivers; a backoff holds none.
-            async with self._slots:
-                if first_attempt is not None:  # counted by the driver, with the call
-                    number, first_attempt = first_attempt, None
-                else:
-                    number = await self._next_attempt(run_id, key)
-                if retry.max_attempts is not None and number > retry.max_attempts:
-                    raise StepFailure(
-                        error_info(
-                            RuntimeError(
-                                f"the worker running attempt {number - 1} of step "
-                                f"{call.step!r} died, and that was its last attempt"
-                            ),
-                            attempt=number - 1,
-                            retryable=False,
-                        )
+            if first_attempt is not None:  # counted by the driver, with the call
+                number, first_attempt = first_attempt, None
+            else:
+                number = await self._next_attempt(run_id, key)
+            if retry.max_attempts is not None and number > retry.max_attempts:
+                raise StepFailure(
+                    error_info(
+                        RuntimeError(
+                            f"the worker running attempt {number - 1} of step {call.step!r} "
+                            "died, and that was its last attempt"
+                        ),
+                        attempt=number - 1,
+                        retryable=False,
                     )
-                try:
-                    output = await self._attempt(cls, node, call, number, beats, keep_late)
-                    return StepReturn(output=output, attempt=number)
-                except StepFailure as failure:
-                    info = failure.info
+                )
+            try:
+                output = await self._attempt(cls, node, call, number, beats, keep_late)
+                return StepReturn(output=output, attempt=number)
+            except StepFailure as failure:
+                info = failure.info
             spent = retry.max_attempts is not None and number >= retry.max_attempts
             if spent or not info.retryable:
                 raise StepFailure(info.model_copy(update={"attempt": number}))
