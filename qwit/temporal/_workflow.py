@@ -14,9 +14,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
+from temporalio.api.common.v1 import Payload
 from temporalio.common import (
     MetricCounter,
     MetricHistogramFloat,
+    RawValue,
     RetryPolicy,
     SearchAttributeKey,
     SearchAttributePair,
@@ -43,6 +45,7 @@ with workflow.unsafe.imports_passed_through():
     import asyncio
 
     from pydantic import BaseModel, ConfigDict, ValidationError
+    from pydantic_core import to_json
 
     from .._errors import (
         ArgumentsError,
@@ -500,12 +503,16 @@ class _Runtime(FlowRuntime):
         # id) send them whole, as their workers expect.
         compact = self.owner.input.version >= 2 and call.key is not None
         sent = WireCall.of(call, node.timeout_grace) if compact else call
+        # A step's call is an activity's input, written here as QWIT's payload
+        # converter writes it (``PydanticJSONConverter``: the same bytes), once:
+        # its size is also the room it takes in the workflow task.
+        data = to_json(sent)
+        raw = RawValue(Payload(metadata={"encoding": b"json/plain"}, data=data))
         if not eager and not node.local:
             # Scheduled through the task queue, not handed to this worker at
             # once (see NoEagerInterceptor): another worker may serve it. (A
             # local step runs here whatever this says: nothing to mark.)
-            sent = sent.model_copy()
-            self.owner.not_eager.add(id(sent))
+            self.owner.not_eager.add(id(raw))
         retry = node.back_retry if call.direction == "step_back" else node.retry
         activity = f"{node.name}.{call.direction}"
         # The worker enforces the step's timeout itself (call.timeout); the
@@ -516,12 +523,12 @@ class _Runtime(FlowRuntime):
         # (flows of this version; older ones keep the commands they had).
         summary = f"{call.path} {node.name}" if call.key is not None else None
         if not node.local and call.args:  # (a local step's call is no command)
-            await self._room(json_size(sent.model_dump(mode="json")))
+            await self._room(len(data))
         try:
             if node.local:
                 result: StepReturn = await workflow.execute_local_activity(
                     activity,
-                    sent,
+                    raw,
                     result_type=StepReturn,
                     start_to_close_timeout=timeout,
                     retry_policy=_policy(retry, self.owner.input.version),
@@ -530,7 +537,7 @@ class _Runtime(FlowRuntime):
                 return result
             result = await workflow.execute_activity(
                 activity,
-                sent,
+                raw,
                 result_type=StepReturn,
                 start_to_close_timeout=timeout,
                 heartbeat_timeout=(
@@ -625,7 +632,12 @@ class _Runtime(FlowRuntime):
         )
         limit = self.owner.input.payload_limit
         if limit:
-            size = json_size(call.model_dump(mode="json"))
+            # (a StepCall's JSON, as its ``model_dump`` writes it, without the dump)
+            size = (
+                len(to_json(call))
+                if isinstance(call, StepCall)
+                else json_size(call.model_dump(mode="json"))
+            )
             if size > limit - PAYLOAD_MARGIN:
                 return _refusal(
                     PayloadTooLarge(
