@@ -14,11 +14,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.api.common.v1 import Payload
 from temporalio.common import (
     MetricCounter,
     MetricHistogramFloat,
-    RawValue,
     RetryPolicy,
     SearchAttributeKey,
     SearchAttributePair,
@@ -503,16 +501,12 @@ class _Runtime(FlowRuntime):
         # id) send them whole, as their workers expect.
         compact = self.owner.input.version >= 2 and call.key is not None
         sent = WireCall.of(call, node.timeout_grace) if compact else call
-        # A step's call is an activity's input, written here as QWIT's payload
-        # converter writes it (``PydanticJSONConverter``: the same bytes), once:
-        # its size is also the room it takes in the workflow task.
-        data = to_json(sent)
-        raw = RawValue(Payload(metadata={"encoding": b"json/plain"}, data=data))
         if not eager and not node.local:
             # Scheduled through the task queue, not handed to this worker at
             # once (see NoEagerInterceptor): another worker may serve it. (A
             # local step runs here whatever this says: nothing to mark.)
-            self.owner.not_eager.add(id(raw))
+            sent = sent.model_copy()
+            self.owner.not_eager.add(id(sent))
         retry = node.back_retry if call.direction == "step_back" else node.retry
         activity = f"{node.name}.{call.direction}"
         # The worker enforces the step's timeout itself (call.timeout); the
@@ -523,12 +517,14 @@ class _Runtime(FlowRuntime):
         # (flows of this version; older ones keep the commands they had).
         summary = f"{call.path} {node.name}" if call.key is not None else None
         if not node.local and call.args:  # (a local step's call is no command)
-            await self._room(len(data))
+            # (its JSON, as the payload converter writes it: the bytes its
+            # ``model_dump`` would write, without the dump)
+            await self._room(len(to_json(sent)))
         try:
             if node.local:
                 result: StepReturn = await workflow.execute_local_activity(
                     activity,
-                    raw,
+                    sent,
                     result_type=StepReturn,
                     start_to_close_timeout=timeout,
                     retry_policy=_policy(retry, self.owner.input.version),
@@ -537,7 +533,7 @@ class _Runtime(FlowRuntime):
                 return result
             result = await workflow.execute_activity(
                 activity,
-                raw,
+                sent,
                 result_type=StepReturn,
                 start_to_close_timeout=timeout,
                 heartbeat_timeout=(
