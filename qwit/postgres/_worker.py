@@ -126,13 +126,6 @@ UNSERVED_RETRY_MAX = 2.0
 #: Steps a worker remembers logging the first refusal of (see ``Refusals``).
 MAX_REFUSED_LOGGED = 100
 
-#: For a step job a worker does not serve: the database's name, its flow's
-#: input (NULL: the run is over), for how long its step has gone unserved
-#: (the clock starts at its first refusal, and again at each refusal while a
-#: live worker, one that heartbeat within ``stalled``, serves the step: the
-#: time it waits for a busy or starting worker is not unserved; an attempt
-#: a serving worker starts stops it, see ``count_attempt``), its attempts so
-#: far, and whether a live worker serves its step.
 #: Whether a live worker (one that heartbeat within ``%(stalled)s``
 #: seconds) serves the step ``{step}`` of the queue ``{queue}`` (SQL
 #: expressions), for ``UNSERVED`` and ``FETCH_SERVED``.
@@ -142,6 +135,13 @@ LIVE_SERVER = """EXISTS (
     AND w.last_heartbeat > now() - make_interval(secs => %(stalled)s)
 )"""
 
+#: For a step job a worker does not serve: the database's name, its flow's
+#: input (NULL: the run is over), for how long its step has gone unserved
+#: (the clock starts at its first refusal, and again at each refusal while a
+#: live worker, one that heartbeat within ``stalled``, serves the step: the
+#: time it waits for a busy or starting worker is not unserved; an attempt
+#: a serving worker starts stops it, see ``count_attempt``), its attempts so
+#: far, and whether a live worker serves its step.
 UNSERVED = f"""
 WITH served AS (
     SELECT {LIVE_SERVER.format(queue="%(queue)s", step="%(step)s")} AS live

@@ -43,7 +43,6 @@ with workflow.unsafe.imports_passed_through():
     import asyncio
 
     from pydantic import BaseModel, ConfigDict, ValidationError
-    from pydantic_core import to_json
 
     from .._errors import (
         ArgumentsError,
@@ -517,9 +516,9 @@ class _Runtime(FlowRuntime):
         # (flows of this version; older ones keep the commands they had).
         summary = f"{call.path} {node.name}" if call.key is not None else None
         if not node.local and call.args:  # (a local step's call is no command)
-            # (its JSON, as the payload converter writes it: the bytes its
-            # ``model_dump`` would write, without the dump)
-            await self._room(len(to_json(sent)))
+            # (its JSON, as the payload converter writes it: the bytes of its
+            # ``model_dump(mode="json")``, without the dump)
+            await self._room(json_size(sent))
         try:
             if node.local:
                 result: StepReturn = await workflow.execute_local_activity(
@@ -628,12 +627,8 @@ class _Runtime(FlowRuntime):
         )
         limit = self.owner.input.payload_limit
         if limit:
-            # (a StepCall's JSON, as its ``model_dump`` writes it, without the dump)
-            size = (
-                len(to_json(call))
-                if isinstance(call, StepCall)
-                else json_size(call.model_dump(mode="json"))
-            )
+            # (the bytes of its ``model_dump(mode="json")``, without the dump)
+            size = json_size(call)
             if size > limit - PAYLOAD_MARGIN:
                 return _refusal(
                     PayloadTooLarge(
