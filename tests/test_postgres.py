@@ -1464,14 +1464,114 @@ class PgFanOut(qwit.Flow, name="pg.fan_out", backend=qwit.postgres):
         self.map(PgCounted, over="items", item="item", into="done", max_concurrency=10)
 
 
-async def test_a_worker_takes_at_most_its_concurrency_of_jobs_from_the_queue(postgres_dsn: str):
-    # (Steps its drivers take themselves are not counted: see the README.)
+async def wait_for_free_places(serving: PostgresWorker, timeout: float = 5.0) -> None:
+    """Until every place of ``serving``'s concurrency has come back."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while serving._busy():
+        assert asyncio.get_running_loop().time() < deadline, serving._busy()
+        await asyncio.sleep(0.05)
+
+
+async def test_a_worker_runs_at_most_its_concurrency_of_steps_inline_ones_too(postgres_dsn: str):
+    # README: concurrency bounds the steps a worker runs at once, those it
+    # takes for its own drivers as well as those of the queue (it ran every
+    # element of the map at once: only queue jobs were counted)
     Running.now = Running.most = 0
     client = await client_for(postgres_dsn)
     try:
-        async with worker(postgres_dsn, PgFanOut, concurrency=2, inline=False):
+        serving = worker(postgres_dsn, PgFanOut, concurrency=2)
+        async with serving:
+            handle = await client.start(PgFanOut, {"items": list(range(8))})
+            result = await asyncio.wait_for(handle.result(), 60)
+            await wait_for_free_places(serving)
+        assert Running.most == 2
+        assert len(result["done"]) == 8
+    finally:
+        await client.close()
+
+
+async def test_a_place_that_frees_is_filled_at_once_not_at_the_next_poll(postgres_dsn: str):
+    # The steps that found every place taken wait in the queue; a place that
+    # frees wakes the worker to fetch one, which would otherwise look again
+    # only at its next poll (here a minute away: 3 waits of it, past the
+    # flow's timeout).
+    Running.now = Running.most = 0
+    client = await client_for(postgres_dsn)
+    try:
+        serving = PostgresWorker(
+            postgres_dsn,
+            PgFanOut,
+            concurrency=2,
+            heartbeat=0.5,
+            stalled_after=2,
+            poll_interval=60,
+            graceful_shutdown_timeout=0,
+        )
+        async with serving:
+            handle = await client.start(PgFanOut, {"items": list(range(8))})
+            await asyncio.wait_for(handle.result(), 30)
+        assert Running.most == 2
+    finally:
+        await client.close()
+
+
+async def test_places_a_driver_took_come_back_when_its_transaction_fails(
+    postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+):
+    # A driver takes a place for each step it writes itself; when its
+    # transaction fails (the driver ends, and a new one runs the flow on),
+    # the places of the steps it never ran come back.
+    from qwit.postgres import _driver
+
+    issue_step = _driver.Driver.issue_step
+    failed: list[str] = []
+
+    async def failing(self: _driver.Driver, conn: Any, key: str, args: dict[str, Any]) -> None:
+        await issue_step(self, conn, key, args)
+        if not failed:
+            failed.append(key)
+            raise RuntimeError("the transaction fails after the step was taken")
+
+    monkeypatch.setattr(_driver.Driver, "issue_step", failing)
+    client = await client_for(postgres_dsn)
+    try:
+        serving = worker(postgres_dsn, PgFanOut, concurrency=2)
+        async with serving:
+            handle = await client.start(PgFanOut, {"items": list(range(4))})
+            result = await asyncio.wait_for(handle.result(), 60)
+            await wait_for_free_places(serving)
+        assert failed and len(result["done"]) == 4
+    finally:
+        await client.close()
+
+
+async def test_steps_a_busy_worker_leaves_in_the_queue_are_run_by_another(postgres_dsn: str):
+    # Two workers of one place each: the driver's worker takes one step, the
+    # others go to the queue, where both fetch them as their place frees.
+    Running.now = Running.most = 0
+    client = await client_for(postgres_dsn)
+    try:
+        first = worker(postgres_dsn, PgFanOut, concurrency=1)
+        second = worker(postgres_dsn, PgFanOut, concurrency=1)
+        async with first, second:
             handle = await client.start(PgFanOut, {"items": list(range(8))})
             await asyncio.wait_for(handle.result(), 60)
+            await wait_for_free_places(first)
+            await wait_for_free_places(second)
+        assert Running.most == 2
+    finally:
+        await client.close()
+
+
+async def test_a_worker_takes_at_most_its_concurrency_of_jobs_from_the_queue(postgres_dsn: str):
+    Running.now = Running.most = 0
+    client = await client_for(postgres_dsn)
+    try:
+        serving = worker(postgres_dsn, PgFanOut, concurrency=2, inline=False)
+        async with serving:
+            handle = await client.start(PgFanOut, {"items": list(range(8))})
+            await asyncio.wait_for(handle.result(), 60)
+            await wait_for_free_places(serving)
         assert Running.most == 2
     finally:
         await client.close()

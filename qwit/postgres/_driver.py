@@ -350,16 +350,19 @@ class DriverHost(Protocol):
         """The event that wakes the driver of ``run_id``."""
         ...
 
-    def takes(self, step: str) -> bool:
-        """Whether the worker takes the jobs of ``step`` itself."""
+    def takes(self, step: str, driver: object) -> bool:
+        """Whether the worker takes the job of ``step`` that ``driver`` is
+        writing itself (then a place of its ``concurrency`` is the job's)."""
         ...
 
     def holds(self, run_id: str, key: str, job: int | None) -> bool:
         """Whether the worker runs the step job ``job`` (or keeps its end)."""
         ...
 
-    def run_inline(self, args: dict[str, Any], attempt: int, job: int) -> None:
-        """Run a step job in this process."""
+    def run_inline(
+        self, args: dict[str, Any], attempt: int, job: int, driver: object | None = None
+    ) -> None:
+        """Run a step job in this process (in the place ``driver`` took)."""
         ...
 
     def cancel_inline(self, run_id: str, key: str) -> None:
@@ -469,7 +472,7 @@ class Driver:
         here once the transaction commits (``inline``: no trip through the
         queue); else any worker serving the step takes it."""
         worker = self.worker
-        if worker.takes(args["call"]["step"]):
+        if worker.takes(args["call"]["step"], self):
             cur = await conn.execute(
                 TAKE_STEP_JOB,
                 {
@@ -484,7 +487,7 @@ class Driver:
             taken = await cur.fetchone()
             assert taken is not None
             attempt, job = int(taken[0]), int(taken[1])
-            self.after_commit.append(lambda: worker.run_inline(args, attempt, job))
+            self.after_commit.append(lambda: worker.run_inline(args, attempt, job, self))
             return
         job = await defer(conn, STEP_TASK, args, queue=worker.step_queue)
         await conn.execute(

@@ -263,11 +263,13 @@ class PostgresWorker:
             the queue, for a worker that serves it; the step fails with
             ``StepNotRegistered`` once none has for the flow's
             ``unserved_step_timeout`` and no live worker serves it.
-        concurrency: Step jobs it takes from the queue at once (a job
-            waiting out a retry's backoff keeps its place). The steps it
-            takes itself for its own drivers (``inline``) are not counted:
-            they run as their flows issue them (a map, up to its
-            ``max_concurrency`` per flow).
+        concurrency: Steps it runs at once: those it takes from the queue
+            and those it takes itself for its own drivers (``inline``)
+            alike (a step waiting out a retry's backoff keeps its place).
+            With every place taken, a step its drivers issue goes to the
+            queue, for any worker serving it, and it fetches none until a
+            place frees. Steps it already held when one of its drivers
+            restarts run again at once (they are counted, not refused).
         flows: Flows driven at once (a driver is light: a flow that waits
             holds one).
         heartbeat: Seconds between the worker's heartbeats.
@@ -368,6 +370,14 @@ class PostgresWorker:
         #: Step jobs of the queue it runs: their task, and whether their flow
         #: stopped them (set when it stops: see ``_stop_aborted``).
         self._queue_runs: dict[int, tuple[asyncio.Task[Any], list[bool]]] = {}
+        #: Places of ``concurrency`` held by step jobs fetched from the queue
+        #: (from the fetch until the job ends), by job id.
+        self._fetched: set[int] = set()
+        #: Places held by fetches under way.
+        self._fetching = 0
+        #: Places its drivers took for steps they wrote in a transaction not
+        #: yet committed (``takes``), by driver; given back as they start.
+        self._taking: dict[object, int] = {}
         #: Whether it is stopping (it then reads the stops its flows ask of
         #: its steps itself: procrastinate no longer does).
         self._stopping = False
@@ -430,6 +440,7 @@ class PostgresWorker:
             # the driver that replays the run
             for key, payload, job in driver.handed:
                 await self._record(run_id, key, payload, job)
+            self.driver_ended(driver)
             if self._drivers.get(run_id) is driver:  # (not a driver that took over here)
                 del self._drivers[run_id]
                 self._wakeups.pop(run_id, None)
@@ -446,13 +457,13 @@ class PostgresWorker:
         job = context.job
         assert job.id is not None
         step = str(call.get("step"))
-        if self.registry.get(step) is None:
-            return await self._unserved(job.id, job.attempts, job.worker_id, run_id, key, step)
         stopped: list[bool] = []
         task = asyncio.current_task()
-        if task is not None:
-            self._queue_runs[job.id] = (task, stopped)
         try:
+            if self.registry.get(step) is None:
+                return await self._unserved(job.id, job.attempts, job.worker_id, run_id, key, step)
+            if task is not None:
+                self._queue_runs[job.id] = (task, stopped)
             await self._step(
                 run_id,
                 key,
@@ -464,6 +475,7 @@ class PostgresWorker:
             )
         finally:
             self._queue_runs.pop(job.id, None)
+            self._job_ended(job.id)
         return None
 
     async def _unserved(
@@ -538,9 +550,74 @@ class PostgresWorker:
             self.step_queue,
         )
 
-    def takes(self, step: str) -> bool:
-        """Whether it takes the jobs of ``step`` itself, for its drivers."""
-        return self.inline and self.worker_id is not None and self.registry.get(step) is not None
+    def _busy(self) -> int:
+        """Places of ``concurrency`` taken: steps running here (inline or of
+        the queue), fetches under way, and places taken by drivers for steps
+        they are writing."""
+        return (
+            len(self._inline)
+            + len(self._fetched)
+            + self._fetching
+            + sum(self._taking.values())
+        )
+
+    def takes(self, step: str, driver: object) -> bool:
+        """Whether it takes the job of ``step`` its ``driver`` is writing,
+        itself (it serves the step, and has a free place: the place is the
+        job's from now, ``run_inline(..., driver)`` runs it, and places
+        ``driver`` took but never ran come back as it ends)."""
+        if not (
+            self.inline
+            and self.worker_id is not None
+            and self.registry.get(step) is not None
+            and self._busy() < self.concurrency
+        ):
+            return False
+        self._taking[driver] = self._taking.get(driver, 0) + 1
+        return True
+
+    def _give_back(self, driver: object) -> None:
+        """The place ``driver`` took for a step that now runs."""
+        left = self._taking.get(driver, 0) - 1
+        if left > 0:
+            self._taking[driver] = left
+        else:
+            self._taking.pop(driver, None)
+
+    def driver_ended(self, driver: object) -> None:
+        """Give back the places ``driver`` took for steps it never ran (its
+        transaction failed: the jobs were not written)."""
+        if self._taking.pop(driver, None):
+            self._freed()
+
+    def _take_fetch(self) -> bool:
+        """Take a place for a fetch from the step queue, if one is free."""
+        if self._busy() >= self.concurrency:
+            return False
+        self._fetching += 1
+        return True
+
+    def _fetch_ended(self, job: int | None) -> None:
+        """A fetch ended: its place is ``job``'s (None: nothing fetched)."""
+        self._fetching -= 1
+        if job is not None:
+            self._fetched.add(job)
+        else:
+            self._freed()
+
+    def _job_ended(self, job: int | None) -> None:
+        """A step job of the queue ended (or was put back): its place frees."""
+        if job in self._fetched:
+            self._fetched.discard(job)
+            self._freed()
+
+    def _freed(self) -> None:
+        """A place freed: wake procrastinate's step worker, which fetches no
+        job while every place is taken (else it would look again only at
+        its next poll)."""
+        event = getattr(self._step_worker, "_new_job_event", None)
+        if isinstance(event, asyncio.Event):
+            event.set()
 
     def holds(self, run_id: str, key: str, job: int | None) -> bool:
         """Whether it runs the step job ``job`` (or keeps its end)."""
@@ -604,10 +681,16 @@ class PostgresWorker:
             return
         await self._record(run_id, key, payload, job)
 
-    def run_inline(self, args: dict[str, Any], attempt: int, job: int) -> None:
-        """Run a step job this worker took for one of its drivers, here."""
+    def run_inline(
+        self, args: dict[str, Any], attempt: int, job: int, driver: object | None = None
+    ) -> None:
+        """Run a step job this worker took for one of its drivers, here (in
+        the place ``driver`` took for it, if it took one)."""
+        if driver is not None:
+            self._give_back(driver)
         ident = (args["run_id"], args["key"])
         if ident in self._inline:
+            self._freed()
             return
         stopped: list[bool] = []
         task = asyncio.ensure_future(
@@ -623,7 +706,12 @@ class PostgresWorker:
             )
         )
         self._inline[ident] = (task, stopped, job)
-        task.add_done_callback(lambda _: self._inline.pop(ident, None))
+
+        def ended(_: object) -> None:
+            self._inline.pop(ident, None)
+            self._freed()
+
+        task.add_done_callback(ended)
 
     def cancel_inline(self, run_id: str, key: str) -> None:
         """Stop a step this worker runs for a flow that stops it (it records
@@ -1214,21 +1302,30 @@ class _Jobs(procrastinate.manager.JobManager):
         # that does: ``FETCH_SERVED``)
         if queues is None or self.worker.step_queue not in queues:
             return await super().fetch_job(queues, worker_id)
-        row = await self.connector.execute_query_one_async(
-            query=FETCH_SERVED,
-            queues=list(queues),
-            worker_id=worker_id,
-            task=STEP_TASK,
-            steps=self.worker.serves,
-            stalled=self.worker.stalled_after,
-        )
-        if row is None or row.get("id") is None:
+        # (none while every place of its ``concurrency`` is taken: a place
+        # that frees wakes procrastinate's worker to fetch again)
+        if not self.worker._take_fetch():
             return None
-        return procrastinate.jobs.Job.from_row(row)
+        job: procrastinate.jobs.Job | None = None
+        try:
+            row = await self.connector.execute_query_one_async(
+                query=FETCH_SERVED,
+                queues=list(queues),
+                worker_id=worker_id,
+                task=STEP_TASK,
+                steps=self.worker.serves,
+                stalled=self.worker.stalled_after,
+            )
+            if row is not None and row.get("id") is not None:
+                job = procrastinate.jobs.Job.from_row(row)
+        finally:
+            self.worker._fetch_ended(None if job is None else job.id)
+        return job
 
     async def finish_job(
         self, job: procrastinate.jobs.Job, status: procrastinate.jobs.Status, delete_job: bool
     ) -> None:
+        self.worker._job_ended(job.id)  # (if it never ran: its place frees)
         if job.id is not None and job.id in self.worker._offered:
             self.worker._offered.discard(job.id)  # back in the queue already
             return
@@ -1250,6 +1347,7 @@ class _Jobs(procrastinate.manager.JobManager):
         # ends as stopped (procrastinate would fail it, and the flow would
         # wait for its end forever).
         if job.task_name == STEP_TASK and job.id is not None:
+            self.worker._job_ended(job.id)
             args = job.task_kwargs
             await self.worker.release(job.id, str(args["run_id"]), str(args["key"]), job.worker_id)
             return
