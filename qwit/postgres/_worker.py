@@ -554,12 +554,7 @@ class PostgresWorker:
         """Places of ``concurrency`` taken: steps running here (inline or of
         the queue), fetches under way, and places taken by drivers for steps
         they are writing."""
-        return (
-            len(self._inline)
-            + len(self._fetched)
-            + self._fetching
-            + sum(self._taking.values())
-        )
+        return len(self._inline) + len(self._fetched) + self._fetching + sum(self._taking.values())
 
     def takes(self, step: str, driver: object) -> bool:
         """Whether it takes the job of ``step`` its ``driver`` is writing,
