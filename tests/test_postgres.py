@@ -777,11 +777,11 @@ async def test_a_taken_step_job_whose_run_never_started_is_released(postgres_dsn
     original = serving.run_inline
     lost: list[int] = []
 
-    def run_inline(args: dict[str, Any], attempt: int, job: int) -> None:
+    def run_inline(args: dict[str, Any], attempt: int, job: int, driver: object = None) -> None:
         if not lost:
             lost.append(job)  # as if the hook had never run
             return
-        original(args, attempt, job)
+        original(args, attempt, job, driver)
 
     serving.run_inline = run_inline  # type: ignore[method-assign]
     async with serving:
@@ -804,7 +804,7 @@ async def test_a_cancel_stops_a_taken_step_job_that_never_started(postgres_dsn: 
     run = new_ledger()
     serving = worker(postgres_dsn, PgRetriedFlow)
     lost: list[int] = []
-    serving.run_inline = lambda args, attempt, job: lost.append(job)  # type: ignore[method-assign]
+    serving.run_inline = lambda args, attempt, job, driver=None: lost.append(job)  # type: ignore[method-assign]
     async with serving:
         handle = await client.start(PgRetriedFlow, {"ledger": run})
         while not lost:
