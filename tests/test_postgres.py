@@ -11,6 +11,7 @@ import itertools
 import signal
 import sys
 import time
+import types
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -1524,12 +1525,12 @@ async def test_places_a_driver_took_come_back_when_its_transaction_fails(
     from qwit.postgres import _driver
 
     issue_step = _driver.Driver.issue_step
-    failed: list[str] = []
+    failed: list[int] = []
 
     async def failing(self: _driver.Driver, conn: Any, key: str, args: dict[str, Any]) -> None:
         await issue_step(self, conn, key, args)
         if not failed:
-            failed.append(key)
+            failed.append(serving._taking.get(self, 0))  # (taken here: a place is held)
             raise RuntimeError("the transaction fails after the step was taken")
 
     monkeypatch.setattr(_driver.Driver, "issue_step", failing)
@@ -1540,9 +1541,43 @@ async def test_places_a_driver_took_come_back_when_its_transaction_fails(
             handle = await client.start(PgFanOut, {"items": list(range(4))})
             result = await asyncio.wait_for(handle.result(), 60)
             await wait_for_free_places(serving)
-        assert failed and len(result["done"]) == 4
+        assert failed == [1] and len(result["done"]) == 4
     finally:
         await client.close()
+
+
+async def test_a_place_that_frees_wakes_the_fetches_only_if_one_was_refused():
+    # A wake costs a query of the queue: only after a fetch (or a step) found
+    # every place taken. procrastinate clears its wake as each fetch ends, so
+    # a place that frees during a fetch wakes it once that fetch has ended.
+    serving = PostgresWorker("postgresql://unused", PgCounted, concurrency=1)
+    fetches = asyncio.Event()
+    serving._step_worker = types.SimpleNamespace(_new_job_event=fetches)  # type: ignore[assignment]
+
+    async def woken() -> bool:
+        await asyncio.sleep(0)  # (a wake comes on the loop's next turn)
+        was, _ = fetches.is_set(), fetches.clear()
+        return was
+
+    assert serving._take_fetch()
+    serving._fetch_ended(1)
+    serving._job_ended(1)  # (no fetch was refused)
+    assert not await woken()
+    assert serving._take_fetch()
+    serving._fetch_ended(2)
+    assert not serving._take_fetch()  # refused: every place is taken
+    serving._job_ended(2)
+    assert await woken()
+    serving.concurrency = 2
+    assert serving._take_fetch()
+    serving._fetch_ended(3)
+    assert serving._take_fetch()  # a fetch under way (the last place)
+    assert not serving._take_fetch()
+    serving._job_ended(3)  # a place frees during that fetch...
+    assert not await woken()
+    serving._fetch_ended(None)  # ...and wakes them once it has ended
+    assert await woken()
+    assert serving._busy() == 0
 
 
 async def test_steps_a_busy_worker_leaves_in_the_queue_are_run_by_another(postgres_dsn: str):

@@ -263,13 +263,16 @@ class PostgresWorker:
             the queue, for a worker that serves it; the step fails with
             ``StepNotRegistered`` once none has for the flow's
             ``unserved_step_timeout`` and no live worker serves it.
-        concurrency: Steps it runs at once: those it takes from the queue
-            and those it takes itself for its own drivers (``inline``)
-            alike (a step waiting out a retry's backoff keeps its place).
-            With every place taken, a step its drivers issue goes to the
-            queue, for any worker serving it, and it fetches none until a
-            place frees. Steps it already held when one of its drivers
-            restarts run again at once (they are counted, not refused).
+        concurrency: Places for steps: the steps it runs at once, those it
+            takes from the queue and those it takes itself for its own
+            drivers (``inline``) alike, with its fetches under way and the
+            steps its drivers are writing. A step waiting out a retry's
+            backoff keeps its place; so does one that waits for another
+            flow. With every place taken, a step its drivers issue goes to
+            the queue, for any worker serving it, and it fetches none until
+            a place frees. Apart from that bound: steps it already held when
+            one of its drivers restarts run again at once (counted, not
+            refused).
         flows: Flows driven at once (a driver is light: a flow that waits
             holds one).
         heartbeat: Seconds between the worker's heartbeats.
@@ -378,6 +381,12 @@ class PostgresWorker:
         #: Places its drivers took for steps they wrote in a transaction not
         #: yet committed (``takes``), by driver; given back as they start.
         self._taking: dict[object, int] = {}
+        #: Whether a fetch or a step was refused for want of a place since
+        #: a place last freed (a place that frees then wakes the fetches).
+        self._starved = False
+        #: Whether a wake waits for the fetch under way to end (procrastinate
+        #: clears its wake as each fetch ends).
+        self._wake_pending = False
         #: Whether it is stopping (it then reads the stops its flows ask of
         #: its steps itself: procrastinate no longer does).
         self._stopping = False
@@ -436,11 +445,11 @@ class PostgresWorker:
         except Superseded:
             logger.info("flow %s: another driver took run %s", flow_id, run_id)
         finally:
+            self.driver_ended(driver)
             # results of steps it ran, handed over but not yet journaled: for
             # the driver that replays the run
             for key, payload, job in driver.handed:
                 await self._record(run_id, key, payload, job)
-            self.driver_ended(driver)
             if self._drivers.get(run_id) is driver:  # (not a driver that took over here)
                 del self._drivers[run_id]
                 self._wakeups.pop(run_id, None)
@@ -563,10 +572,13 @@ class PostgresWorker:
         ``driver`` took but never ran come back as it ends)."""
         if not (
             self.inline
+            and not self._stopping
             and self.worker_id is not None
             and self.registry.get(step) is not None
-            and self._busy() < self.concurrency
         ):
+            return False
+        if self._busy() >= self.concurrency:
+            self._starved = True
             return False
         self._taking[driver] = self._taking.get(driver, 0) + 1
         return True
@@ -588,6 +600,7 @@ class PostgresWorker:
     def _take_fetch(self) -> bool:
         """Take a place for a fetch from the step queue, if one is free."""
         if self._busy() >= self.concurrency:
+            self._starved = True
             return False
         self._fetching += 1
         return True
@@ -599,6 +612,8 @@ class PostgresWorker:
             self._fetched.add(job)
         else:
             self._freed()
+        if self._wake_pending:
+            self._wake()
 
     def _job_ended(self, job: int | None) -> None:
         """A step job of the queue ended (or was put back): its place frees."""
@@ -607,12 +622,24 @@ class PostgresWorker:
             self._freed()
 
     def _freed(self) -> None:
-        """A place freed: wake procrastinate's step worker, which fetches no
-        job while every place is taken (else it would look again only at
-        its next poll)."""
+        """A place freed: if a fetch or a step found none free since the last
+        one did, wake procrastinate's step worker to fetch (else it would
+        look again only at its next poll); once the fetch under way, if any,
+        has ended."""
+        if not self._starved:
+            return
+        self._starved = False
+        self._wake_pending = True
+        if not self._fetching:
+            self._wake()
+
+    def _wake(self) -> None:
+        self._wake_pending = False
         event = getattr(self._step_worker, "_new_job_event", None)
         if isinstance(event, asyncio.Event):
-            event.set()
+            # (on the loop's next turn: after procrastinate has cleared it at
+            # the end of the fetch that may be returning now)
+            asyncio.get_running_loop().call_soon(event.set)
 
     def holds(self, run_id: str, key: str, job: int | None) -> bool:
         """Whether it runs the step job ``job`` (or keeps its end)."""
@@ -1342,7 +1369,8 @@ class _Jobs(procrastinate.manager.JobManager):
         # ends as stopped (procrastinate would fail it, and the flow would
         # wait for its end forever).
         if job.task_name == STEP_TASK and job.id is not None:
-            self.worker._job_ended(job.id)
+            if job.id not in self.worker._queue_runs:  # (its sweep of itself: still running)
+                self.worker._job_ended(job.id)
             args = job.task_kwargs
             await self.worker.release(job.id, str(args["run_id"]), str(args["key"]), job.worker_id)
             return
