@@ -272,7 +272,7 @@ class PostgresWorker:
             the queue, for any worker serving it, and it fetches none until
             a place frees. Apart from that bound: steps it already held when
             one of its drivers restarts run again at once (counted, not
-            refused).
+            refused). 100 by default, as a Temporal worker's activity slots.
         flows: Flows driven at once (a driver is light: a flow that waits
             holds one).
         heartbeat: Seconds between the worker's heartbeats.
@@ -314,7 +314,7 @@ class PostgresWorker:
         self,
         dsn: str,
         *members: type[Step] | type[Flow] | ModuleType,
-        concurrency: int = 20,
+        concurrency: int = 100,
         flows: int = 500,
         heartbeat: float = 2.0,
         stalled_after: float = 10.0,
