@@ -1580,6 +1580,24 @@ async def test_a_place_that_frees_wakes_the_fetches_only_if_one_was_refused():
     assert serving._busy() == 0
 
 
+async def test_the_place_of_a_fetched_job_that_never_ran_comes_back_at_the_second_heartbeat():
+    # (a job's run cancelled before its first step, as procrastinate's
+    # worker stops, neither runs nor ends: its place would be lost for good)
+    serving = PostgresWorker("postgresql://unused", PgCounted, concurrency=2)
+    running = asyncio.ensure_future(asyncio.sleep(0))
+    for job in (1, 2):
+        assert serving._take_fetch()
+        serving._fetch_ended(job)
+    serving._queue_runs[2] = (running, [])  # (2 runs)
+    serving._free_unstarted()
+    assert serving._busy() == 2  # (1 may be about to start)
+    serving._free_unstarted()
+    assert serving._busy() == 1 and serving._fetched == {2}
+    serving._free_unstarted()
+    assert serving._fetched == {2}
+    await running
+
+
 async def test_steps_a_busy_worker_leaves_in_the_queue_are_run_by_another(postgres_dsn: str):
     # Two workers of one place each: the driver's worker takes one step, the
     # others go to the queue, where both fetch them as their place frees.

@@ -378,6 +378,8 @@ class PostgresWorker:
         self._fetched: set[int] = set()
         #: Places held by fetches under way.
         self._fetching = 0
+        #: Jobs fetched whose run had not started at the last heartbeat.
+        self._not_started: set[int] = set()
         #: Places its drivers took for steps they wrote in a transaction not
         #: yet committed (``takes``), by driver; given back as they start.
         self._taking: dict[object, int] = {}
@@ -1038,7 +1040,19 @@ class PostgresWorker:
             await self._record(run_id, key, payload, job)
         for job, (status, delete) in list(self._unfinished.items()):
             await self.finish_job(job, status, delete)
+        self._free_unstarted()
         await self._release_orphans()
+
+    def _free_unstarted(self) -> None:
+        """Free the places of jobs fetched whose run has not started at two
+        heartbeats in a row (a run starts as its job is fetched; one
+        cancelled before its first step, as procrastinate's worker stops,
+        neither runs nor ends: procrastinate's sweep runs the job again)."""
+        not_started = self._fetched - set(self._queue_runs)
+        for job in not_started & self._not_started:
+            logger.warning("qwit.postgres: step job %s fetched but never run here", job)
+            self._job_ended(job)
+        self._not_started = not_started - self._not_started
 
     async def _stop_aborted(self) -> None:
         """Stop the steps it runs whose flow asked them to stop (a cancel),
