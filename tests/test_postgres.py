@@ -1568,6 +1568,12 @@ async def test_a_place_that_frees_wakes_the_fetches_only_if_one_was_refused():
     assert not serving._take_fetch()  # refused: every place is taken
     serving._job_ended(2)
     assert await woken()
+    serving.worker_id = 1  # (as once registered: it takes steps for its drivers)
+    assert serving.takes("pg.counted", "a driver")
+    assert not serving.takes("pg.counted", "another driver")  # refused: no place
+    serving.driver_ended("a driver")  # (its transaction failed: the place comes back)
+    assert serving._busy() == 0
+    assert await woken()
     serving.concurrency = 2
     assert serving._take_fetch()
     serving._fetch_ended(3)
@@ -1576,26 +1582,43 @@ async def test_a_place_that_frees_wakes_the_fetches_only_if_one_was_refused():
     serving._job_ended(3)  # a place frees during that fetch...
     assert not await woken()
     serving._fetch_ended(None)  # ...and wakes them once it has ended
+    fetches.clear()  # (as procrastinate does as each fetch ends)
     assert await woken()
+    serving._stopping = True
+    assert not serving.takes("pg.counted", "a driver")  # (a place is free: it is stopping)
+    assert not await woken()
+    serving._take_fetch()
+    serving._fetch_ended(4)
+    assert serving._take_fetch()
+    assert not serving._take_fetch()
+    serving._job_ended(4)  # frees during a fetch that then returns a job: woken after it
+    serving._fetch_ended(5)
+    fetches.clear()
+    assert await woken()
+    serving._job_ended(5)
     assert serving._busy() == 0
 
 
 async def test_the_place_of_a_fetched_job_that_never_ran_comes_back_at_the_second_heartbeat():
     # (a job's run cancelled before its first step, as procrastinate's
     # worker stops, neither runs nor ends: its place would be lost for good)
-    serving = PostgresWorker("postgresql://unused", PgCounted, concurrency=2)
-    running = asyncio.ensure_future(asyncio.sleep(0))
+    serving = PostgresWorker("postgresql://unused", PgCounted, concurrency=3)
     for job in (1, 2):
         assert serving._take_fetch()
         serving._fetch_ended(job)
-    serving._queue_runs[2] = (running, [])  # (2 runs)
+    serving._started.add(2)  # (2 runs)
     serving._free_unstarted()
     assert serving._busy() == 2  # (1 may be about to start)
     serving._free_unstarted()
     assert serving._busy() == 1 and serving._fetched == {2}
     serving._free_unstarted()
     assert serving._fetched == {2}
-    await running
+    assert serving._take_fetch()
+    serving._fetch_ended(3)
+    serving._free_unstarted()  # 3 not started at this beat...
+    serving._started.add(3)
+    serving._free_unstarted()  # ...started by the next: it keeps its place
+    assert serving._fetched == {2, 3}
 
 
 async def test_steps_a_busy_worker_leaves_in_the_queue_are_run_by_another(postgres_dsn: str):

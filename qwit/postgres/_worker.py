@@ -378,6 +378,9 @@ class PostgresWorker:
         self._fetched: set[int] = set()
         #: Places held by fetches under way.
         self._fetching = 0
+        #: Step jobs of the queue whose run has started here (and not ended:
+        #: a step it runs, or one it does not serve that it puts back).
+        self._started: set[int] = set()
         #: Jobs fetched whose run had not started at the last heartbeat.
         self._not_started: set[int] = set()
         #: Places its drivers took for steps they wrote in a transaction not
@@ -470,6 +473,7 @@ class PostgresWorker:
         step = str(call.get("step"))
         stopped: list[bool] = []
         task = asyncio.current_task()
+        self._started.add(job.id)
         try:
             if self.registry.get(step) is None:
                 return await self._unserved(job.id, job.attempts, job.worker_id, run_id, key, step)
@@ -486,6 +490,7 @@ class PostgresWorker:
             )
         finally:
             self._queue_runs.pop(job.id, None)
+            self._started.discard(job.id)
             self._job_ended(job.id)
         return None
 
@@ -1016,6 +1021,7 @@ class PostgresWorker:
         them); record the ends it kept while PostgreSQL was away."""
         # (and that of its procrastinate worker of the step queue, which
         # stops its own heartbeats while its jobs finish as it stops)
+        self._free_unstarted()
         step_worker = None if self._step_worker is None else self._step_worker.worker_id
         async with self.connection() as conn:
             cur = await conn.execute(
@@ -1040,7 +1046,6 @@ class PostgresWorker:
             await self._record(run_id, key, payload, job)
         for job, (status, delete) in list(self._unfinished.items()):
             await self.finish_job(job, status, delete)
-        self._free_unstarted()
         await self._release_orphans()
 
     def _free_unstarted(self) -> None:
@@ -1048,7 +1053,7 @@ class PostgresWorker:
         heartbeats in a row (a run starts as its job is fetched; one
         cancelled before its first step, as procrastinate's worker stops,
         neither runs nor ends: procrastinate's sweep runs the job again)."""
-        not_started = self._fetched - set(self._queue_runs)
+        not_started = self._fetched - self._started
         for job in not_started & self._not_started:
             logger.warning("qwit.postgres: step job %s fetched but never run here", job)
             self._job_ended(job)
@@ -1383,7 +1388,7 @@ class _Jobs(procrastinate.manager.JobManager):
         # ends as stopped (procrastinate would fail it, and the flow would
         # wait for its end forever).
         if job.task_name == STEP_TASK and job.id is not None:
-            if job.id not in self.worker._queue_runs:  # (its sweep of itself: still running)
+            if job.id not in self.worker._started:  # (its sweep of itself: still running)
                 self.worker._job_ended(job.id)
             args = job.task_kwargs
             await self.worker.release(job.id, str(args["run_id"]), str(args["key"]), job.worker_id)
