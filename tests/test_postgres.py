@@ -1473,22 +1473,33 @@ async def wait_for_free_places(serving: PostgresWorker, timeout: float = 5.0) ->
         await asyncio.sleep(0.05)
 
 
+async def fan_out_on(
+    dsn: str, *servings: PostgresWorker, timeout: float = 60
+) -> tuple[int, dict[str, Any]]:
+    """Run ``PgFanOut`` over 8 items on ``servings``, until every place of
+    theirs has come back: the most steps that ran at once, and its result."""
+    Running.now = Running.most = 0
+    client = await client_for(dsn)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            for serving in servings:
+                await stack.enter_async_context(serving)
+            handle = await client.start(PgFanOut, {"items": list(range(8))})
+            result = await asyncio.wait_for(handle.result(), timeout)
+            for serving in servings:
+                await wait_for_free_places(serving)
+    finally:
+        await client.close()
+    return Running.most, result
+
+
 async def test_a_worker_runs_at_most_its_concurrency_of_steps_inline_ones_too(postgres_dsn: str):
     # README: concurrency bounds the steps a worker runs at once, those it
     # takes for its own drivers as well as those of the queue (it ran every
     # element of the map at once: only queue jobs were counted)
-    Running.now = Running.most = 0
-    client = await client_for(postgres_dsn)
-    try:
-        serving = worker(postgres_dsn, PgFanOut, concurrency=2)
-        async with serving:
-            handle = await client.start(PgFanOut, {"items": list(range(8))})
-            result = await asyncio.wait_for(handle.result(), 60)
-            await wait_for_free_places(serving)
-        assert Running.most == 2
-        assert len(result["done"]) == 8
-    finally:
-        await client.close()
+    most, result = await fan_out_on(postgres_dsn, worker(postgres_dsn, PgFanOut, concurrency=2))
+    assert most == 2
+    assert len(result["done"]) == 8
 
 
 async def test_a_place_that_frees_is_filled_at_once_not_at_the_next_poll(postgres_dsn: str):
@@ -1496,24 +1507,17 @@ async def test_a_place_that_frees_is_filled_at_once_not_at_the_next_poll(postgre
     # frees wakes the worker to fetch one, which would otherwise look again
     # only at its next poll (here a minute away: 3 waits of it, past the
     # flow's timeout).
-    Running.now = Running.most = 0
-    client = await client_for(postgres_dsn)
-    try:
-        serving = PostgresWorker(
-            postgres_dsn,
-            PgFanOut,
-            concurrency=2,
-            heartbeat=0.5,
-            stalled_after=2,
-            poll_interval=60,
-            graceful_shutdown_timeout=0,
-        )
-        async with serving:
-            handle = await client.start(PgFanOut, {"items": list(range(8))})
-            await asyncio.wait_for(handle.result(), 30)
-        assert Running.most == 2
-    finally:
-        await client.close()
+    serving = PostgresWorker(
+        postgres_dsn,
+        PgFanOut,
+        concurrency=2,
+        heartbeat=0.5,
+        stalled_after=2,
+        poll_interval=60,
+        graceful_shutdown_timeout=0,
+    )
+    most, _ = await fan_out_on(postgres_dsn, serving, timeout=30)
+    assert most == 2
 
 
 async def test_places_a_driver_took_come_back_when_its_transaction_fails(
@@ -1624,33 +1628,19 @@ async def test_the_place_of_a_fetched_job_that_never_ran_comes_back_at_the_secon
 async def test_steps_a_busy_worker_leaves_in_the_queue_are_run_by_another(postgres_dsn: str):
     # Two workers of one place each: the driver's worker takes one step, the
     # others go to the queue, where both fetch them as their place frees.
-    Running.now = Running.most = 0
-    client = await client_for(postgres_dsn)
-    try:
-        first = worker(postgres_dsn, PgFanOut, concurrency=1)
-        second = worker(postgres_dsn, PgFanOut, concurrency=1)
-        async with first, second:
-            handle = await client.start(PgFanOut, {"items": list(range(8))})
-            await asyncio.wait_for(handle.result(), 60)
-            await wait_for_free_places(first)
-            await wait_for_free_places(second)
-        assert Running.most == 2
-    finally:
-        await client.close()
+    most, _ = await fan_out_on(
+        postgres_dsn,
+        worker(postgres_dsn, PgFanOut, concurrency=1),
+        worker(postgres_dsn, PgFanOut, concurrency=1),
+    )
+    assert most == 2
 
 
 async def test_a_worker_takes_at_most_its_concurrency_of_jobs_from_the_queue(postgres_dsn: str):
-    Running.now = Running.most = 0
-    client = await client_for(postgres_dsn)
-    try:
-        serving = worker(postgres_dsn, PgFanOut, concurrency=2, inline=False)
-        async with serving:
-            handle = await client.start(PgFanOut, {"items": list(range(8))})
-            await asyncio.wait_for(handle.result(), 60)
-            await wait_for_free_places(serving)
-        assert Running.most == 2
-    finally:
-        await client.close()
+    most, _ = await fan_out_on(
+        postgres_dsn, worker(postgres_dsn, PgFanOut, concurrency=2, inline=False)
+    )
+    assert most == 2
 
 
 @pytest.mark.parametrize("concurrency", [0, -1, 1.5, True])
