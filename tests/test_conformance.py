@@ -808,6 +808,24 @@ async def test_of_two_decisions_sent_at_once_the_first_stands_and_the_other_is_r
             assert kind == reactions[list(reactions)[tried.index("ok")]]
 
 
+async def test_a_decision_that_reaches_a_flow_after_it_ended_is_refused(env: Env):
+    # The flow ended between the caller's look at its state and the
+    # decision's arrival (another decision, or a cancel, came first): on
+    # Temporal the update found no running workflow, and the caller was told
+    # no flow had the id (FlowNotFound) of a flow that exists.
+    async with env.serve(ApprovalFlow):
+        handle = await env.client.start(ApprovalFlow, {"ledger": new_ledger()})
+        state = await wait_status(handle, "waiting")
+        assert state.waiting is not None
+        await handle.react(qwit.ABORT)
+        kind, _ = await outcome(handle)
+        with pytest.raises(qwit.ReactionError, match=r"not waiting \(it is aborted\)"):
+            await handle.send_decision(
+                handle.id, qwit.engine.Decision(reaction=qwit.SKIP, path=state.waiting.path)
+            )
+    assert kind == "aborted"
+
+
 @pytest.mark.parametrize("rollback", [True, False])
 async def test_a_decision_sent_after_a_cancel_is_refused(env: Env, rollback: bool):
     # As on Temporal (an update comes after the signals before it, and the

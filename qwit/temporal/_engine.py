@@ -320,18 +320,25 @@ def unreachable(
     return unavailable_error(settings, client.namespace, err, doing, after)
 
 
-async def _refuse_if_ended(handle: temporalio.client.WorkflowHandle[Any, Any]) -> None:
-    """Raise ReactionError if the flow of ``handle`` exists and has ended
-    (Temporal answers a signal to it as to an unknown workflow)."""
+async def _how_it_ended(handle: temporalio.client.WorkflowHandle[Any, Any]) -> str | None:
+    """How the flow of ``handle`` ended, if it exists and has ended (Temporal
+    answers a signal or an update to it as to an unknown workflow)."""
     try:
         description = await handle.describe()
     except RPCError:
-        return  # no such flow: the caller's NOT_FOUND says so
-    if description.status != WorkflowExecutionStatus.RUNNING:
-        # QwitStatus says how a flow that did not complete ended.
-        ended = description.typed_search_attributes.get(QWIT_STATUS) or (
-            description.status.name.lower() if description.status else "closed"
-        )
+        return None  # no such flow: the caller's NOT_FOUND says so
+    if description.status == WorkflowExecutionStatus.RUNNING:
+        return None
+    # QwitStatus says how a flow that did not complete ended.
+    return description.typed_search_attributes.get(QWIT_STATUS) or (
+        description.status.name.lower() if description.status else "closed"
+    )
+
+
+async def _refuse_if_ended(handle: temporalio.client.WorkflowHandle[Any, Any]) -> None:
+    """Raise ReactionError if the flow of ``handle`` exists and has ended."""
+    ended = await _how_it_ended(handle)
+    if ended is not None:
         raise ReactionError(
             f"flow {handle.id!r} has already ended ({ended}): there is nothing to cancel"
         )
@@ -535,15 +542,25 @@ class TemporalFlowHandle(FlowHandle):
                 f"flow {flow_id!r}: the decision's args take {size} bytes, over the "
                 f"{limit}-byte payload limit of the namespace"
             )
+        workflow = client.get_workflow_handle(flow_id)
         try:
             with _rpc_errors(client, flow_id, f"to decide flow {flow_id!r}"):
                 try:
-                    await client.get_workflow_handle(flow_id).execute_update(UPDATE_REACT, decision)
+                    await workflow.execute_update(UPDATE_REACT, decision)
                 except RPCError as err:
-                    if err.status == RPCStatusCode.NOT_FOUND and "aborted" in err.message:
+                    if err.status != RPCStatusCode.NOT_FOUND:
+                        raise
+                    if "aborted" in err.message:
                         # (another decision, or a cancel, ended it first)
                         raise ReactionError(
                             f"flow {flow_id!r} ended before it took the decision in"
+                        ) from None
+                    # It ended after the caller found it waiting (another
+                    # decision, a cancel): not an unknown flow.
+                    ended = await _how_it_ended(workflow)
+                    if ended is not None:
+                        raise ReactionError(
+                            f"flow {flow_id!r} is not waiting (it is {ended})"
                         ) from None
                     raise
         except WorkflowUpdateFailedError as err:
