@@ -572,6 +572,14 @@ class PostgresWorker:
         they are writing."""
         return len(self._inline) + len(self._fetched) + self._fetching + sum(self._taking.values())
 
+    def _place_free(self) -> bool:
+        """Whether a place is free; if none is, the next that frees wakes the
+        fetches (``_freed``)."""
+        if self._busy() < self.concurrency:
+            return True
+        self._starved = True
+        return False
+
     def takes(self, step: str, driver: object) -> bool:
         """Whether it takes the job of ``step`` its ``driver`` is writing,
         itself (it serves the step, and has a free place: the place is the
@@ -584,8 +592,7 @@ class PostgresWorker:
             and self.registry.get(step) is not None
         ):
             return False
-        if self._busy() >= self.concurrency:
-            self._starved = True
+        if not self._place_free():
             return False
         self._taking[driver] = self._taking.get(driver, 0) + 1
         return True
@@ -606,8 +613,7 @@ class PostgresWorker:
 
     def _take_fetch(self) -> bool:
         """Take a place for a fetch from the step queue, if one is free."""
-        if self._busy() >= self.concurrency:
-            self._starved = True
+        if not self._place_free():
             return False
         self._fetching += 1
         return True
