@@ -35,7 +35,7 @@ from ._state import FlowState, StepState, WaitInfo
 from ._step import Step
 
 if TYPE_CHECKING:
-    from . import engine, local, postgres, temporal
+    from . import engine, local, postgres, temporal, testing
     from ._client import Client, connect
     from ._engine import Backend as Backend
     from ._engine import Engine as Engine
@@ -59,6 +59,8 @@ _LAZY = {
     "local": ".local",
     "postgres": ".postgres",
     "temporal": ".temporal",
+    # (not in ``__all__``: it needs pytest, ``pip install 'qwit[testing]'``)
+    "testing": ".testing",
 }
 
 
@@ -74,7 +76,14 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'qwit' has no attribute {name!r}")
-    loaded = importlib.import_module(module, __name__)
+    try:
+        loaded = importlib.import_module(module, __name__)
+    except ModuleNotFoundError as exc:
+        if name != "testing" or exc.name not in ("pytest", "pytest_asyncio"):
+            raise
+        raise AttributeError(
+            f"qwit.testing needs {exc.name}: pip install 'qwit[testing]'"
+        ) from exc
     value = loaded if module.lstrip(".") == name else getattr(loaded, name)
     globals()[name] = _public(value)
     return value

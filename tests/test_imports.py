@@ -141,3 +141,10 @@ def test_import_qwit_then_every_public_name():
     code = "import qwit; [getattr(qwit, n) for n in qwit.__all__]; print(qwit.Flow.__module__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "qwit"
+
+
+def test_qwit_testing_is_reachable_after_a_plain_import_qwit():
+    # (as the contract spells it: ``await qwit.testing.check_rollbacks(...)``)
+    code = "import qwit; print(qwit.testing.check_rollbacks.__name__, 'testing' in dir(qwit))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["check_rollbacks", "True"]
