@@ -35,7 +35,8 @@ from ._state import FlowState, StepState, WaitInfo
 from ._step import Step
 
 if TYPE_CHECKING:
-    from . import engine, local, postgres, temporal, testing
+    from . import engine, local, postgres, temporal
+    from . import testing as testing
     from ._client import Client, connect
     from ._engine import Backend as Backend
     from ._engine import Engine as Engine
@@ -81,9 +82,7 @@ def __getattr__(name: str) -> Any:
     except ModuleNotFoundError as exc:
         if name != "testing" or exc.name not in ("pytest", "pytest_asyncio"):
             raise
-        raise AttributeError(
-            f"qwit.testing needs {exc.name}: pip install 'qwit[testing]'"
-        ) from exc
+        raise AttributeError(f"qwit.testing needs {exc.name}: pip install 'qwit[testing]'") from exc
     value = loaded if module.lstrip(".") == name else getattr(loaded, name)
     globals()[name] = _public(value)
     return value

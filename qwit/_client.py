@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +63,8 @@ def _check_backends(plan: FlowNode, engine: str) -> None:
 #: The longest id a flow may be given, in UTF-8 bytes (the ids of its
 #: sub-flows, ``<id>/~<path>``, must still fit Temporal's 1,000).
 MAX_ID_BYTES = 500
+#: How many of the flows it started a client remembers the engine of.
+STARTED_KEPT = 10_000
 
 
 def can_be_an_id(flow_id: object) -> bool:
@@ -145,6 +148,9 @@ class Client:
         for each in settings:
             self._settings[each.backend] = each
         self._engines: dict[str, Engine] = {}
+        #: The engine of each flow this client started (or redrove), newest
+        #: last, so that ``get_handle`` and ``redrive`` find it by its id alone.
+        self._started: OrderedDict[str, Backend] = OrderedDict()
 
     def settings(self, backend: str) -> Any:
         """The settings this client holds for the engine named ``backend``
@@ -234,7 +240,22 @@ class Client:
                 is running.
         """
         input = self.prepare(flow, args, id=id)
-        return await self.engine(self._backend_of(flow)).start(flow, input)
+        backend = self._backend_of(flow)
+        handle = await self.engine(backend).start(flow, input)
+        self._remember(handle.id, backend)
+        return handle
+
+    def _remember(self, flow_id: str, backend: Backend) -> None:
+        """Note the engine a flow runs on (the ``STARTED_KEPT`` newest)."""
+        self._started.pop(flow_id, None)
+        self._started[flow_id] = backend
+        if len(self._started) > STARTED_KEPT:
+            self._started.popitem(last=False)
+
+    def _backend_for(self, flow_id: str, backend: Backend | None) -> Backend:
+        """The engine of the flow ``flow_id``: ``backend`` if given, else this
+        client's, else the one this client started it on, else Temporal."""
+        return backend or self.backend or self._started.get(flow_id) or _default_backend()
 
     async def run(
         self, flow: type[Flow], args: Any = None, *, id: str | None = None
@@ -287,19 +308,26 @@ class Client:
                 step the flow stopped at, or the engine can't redrive.
             FlowNotFound: no flow has this id.
         """
-        engine = self.engine(backend or self.backend)
         if not can_be_an_id(flow_id):
             raise FlowNotFound(f"no flow has the id {flow_id!r} (no flow can)")
-        return await engine.restart(await redrive_input(engine, flow_id, from_step, args))
+        backend = self._backend_for(flow_id, backend)
+        engine = self.engine(backend)
+        handle = await engine.restart(await redrive_input(engine, flow_id, from_step, args))
+        self._remember(handle.id, backend)
+        return handle
 
     def get_handle(self, flow_id: str, *, backend: Backend | None = None) -> FlowHandle:
-        """A handle for a flow started earlier (default: the client's backend,
-        else Temporal). For an id no flow can have, a handle whose every
-        call raises ``FlowNotFound``."""
-        engine = self.engine(backend or self.backend)
+        """A handle for a flow started earlier.
+
+        Its engine is ``backend`` if given, else the client's ``backend``,
+        else the engine this client started (or redrove) that flow on, else
+        Temporal. For an id no flow can have, a handle whose every call
+        raises ``FlowNotFound``.
+        """
         if not can_be_an_id(flow_id):
+            engine = self.engine(backend or self.backend)
             return _NoFlow(flow_id, engine.name)
-        return engine.get_handle(flow_id)
+        return self.engine(self._backend_for(flow_id, backend)).get_handle(flow_id)
 
     async def close(self) -> None:
         """Close every engine this client opened."""

@@ -959,6 +959,48 @@ async def test_a_local_only_client_never_connects_to_temporal():
     await client.close()
 
 
+class Stops(qwit.Step, name="conformance.stops"):
+    """Fails until the flow's args say ``"fixed"``, and the flow aborts."""
+
+    retry = qwit.Retry(max_attempts=1)
+    on_failure = qwit.ABORT
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        if not args.get("fixed"):
+            raise RuntimeError("not yet")
+        return {"stopped": False}
+
+
+class LocalStops(qwit.Flow, backend=qwit.local):
+    def build_flow(self) -> None:
+        self.step(Local)
+        self.step(Stops)
+
+
+async def test_a_client_finds_the_flows_it_started_on_their_own_engine():
+    """``get_handle`` and ``redrive`` by id alone reach the engine the client
+    started that flow on (here, the Flow's ``backend=qwit.local``), not the
+    default engine: nothing listens on the Temporal address."""
+    client = await qwit.connect(target_host="127.0.0.1:1")
+    run = new_ledger()
+    handle = await client.start(LocalStops, {"ledger": run}, id="stops-here")
+    with pytest.raises(qwit.FlowAborted):
+        await handle.result()
+    again = client.get_handle("stops-here")
+    assert again.engine == "local"
+    assert (await again.state()).status == "aborted"
+    redriven = await client.redrive("stops-here", args={"fixed": True})
+    assert redriven.engine == "local"
+    assert (await redriven.result())["stopped"] is False
+    assert ledger.applied(run) == ["conformance.local"]  # reused, not run again
+    assert client.get_handle("stops-here").engine == "local"
+    # An id this client did not start goes where it always did: the
+    # client's backend, or a given one, else Temporal.
+    assert client.get_handle("started-elsewhere").engine == "temporal"
+    assert client.get_handle("started-elsewhere", backend=qwit.local).engine == "local"
+    await client.close()
+
+
 class Retried(qwit.Step, name="conformance.retried"):
     """Fails its first two attempts at ``args["slow"]``'s path, then waits in
     its third until the test releases it; elsewhere it just completes."""
