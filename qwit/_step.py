@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import inspect
+import sys
 import typing
 import weakref
 from datetime import timedelta
+from types import FrameType
 from typing import Any, ClassVar
 
 from pydantic import AliasChoices, AliasPath, BaseModel, RootModel
@@ -98,6 +100,8 @@ class Step:
     on_failure: ClassVar[OnFailure | None] = None
     back_on_failure: ClassVar[Reaction | str | None] = None
     local: ClassVar[bool | None] = None
+    #: The names of the function the class was defined in, if it was.
+    _qwit_localns: ClassVar[dict[str, Any] | None] = None
 
     def __init_subclass__(
         cls,
@@ -108,6 +112,7 @@ class Step:
         **kwargs: Any,
     ):
         super().__init_subclass__(**kwargs)
+        cls._qwit_localns = _defining_locals()
         declared = cls.__dict__.get("name")
         cls.name = _own_name(cls, name if name is not None else declared)
         if backend is not None:
@@ -166,6 +171,21 @@ def mark_abstract(cls: type, abstract: bool) -> None:
 def is_abstract(cls: type) -> bool:
     """Whether ``cls`` was declared with ``abstract=True`` (its subclasses are not)."""
     return bool(cls.__dict__.get("_qwit_abstract", False))
+
+
+def _defining_locals() -> dict[str, Any] | None:
+    """The local names of the function whose ``class`` statement is making a
+    Step subclass (a copy, as they are now), or None at module level.
+
+    Read from the frames above ``Step.__init_subclass__``: past any
+    ``__init_subclass__`` of subclasses and ``__new__`` of metaclasses.
+    """
+    frame: FrameType | None = sys._getframe(2)  # (past this and Step.__init_subclass__)
+    while frame is not None and frame.f_code.co_name in ("__init_subclass__", "__new__"):
+        frame = frame.f_back
+    if frame is None or not frame.f_code.co_flags & inspect.CO_OPTIMIZED:
+        return None  # a module (or a class body) defines it: its globals say all
+    return dict(frame.f_locals)
 
 
 def defines(cls: type, method: str) -> bool:
@@ -228,12 +248,15 @@ def _args_model(cls: type, method: str) -> type[BaseModel] | None:
         return None  # (args taken by *args: not typed)
     if params[0].annotation is inspect.Parameter.empty:
         return None
+    # (the names of the function the class was defined in, if it was: a
+    # model defined there is found under ``from __future__ import annotations``)
+    owner = next((c for c in cls.__mro__ if method in vars(c)), cls)
     try:
-        hints = typing.get_type_hints(fn)
+        hints = typing.get_type_hints(fn, localns=vars(owner).get("_qwit_localns"))
     except Exception as exc:
         raise TypeError(
             f"can't resolve the type annotations of {method} ({type(exc).__name__}: {exc}); "
-            "define the args model at module level"
+            "define the args model at module level, or before the step class"
         ) from None
     hint = hints.get(params[0].name)
     if isinstance(hint, type) and issubclass(hint, BaseModel):

@@ -347,14 +347,38 @@ def test_reactions_accept_lowercase_names():
 
 
 def test_a_typed_step_whose_model_cant_be_resolved():
+    class Hidden(qwit.Step):
+        async def step_forward(self, args: Later) -> None:
+            return None
+
+    class Later(BaseModel):  # (after the step: it can't see it)
+        x: int
+
+    refused(flow_of(Hidden), "'Hidden'", "can't resolve", "module level")
+
+
+async def test_a_typed_step_defined_in_a_function_finds_its_model_there():
+    # (this module reads annotations as strings: ``from __future__ import annotations``)
     class Local(BaseModel):
         x: int
 
-    class Hidden(qwit.Step):
-        async def step_forward(self, args: Local) -> None:
+    class Typed(qwit.Step, name="defs.typed_in_function"):
+        async def step_forward(self, args: Local) -> dict[str, Any]:
+            return {"seen": f"{type(args).__name__}:{args.x}"}
+
+        async def step_back(self, args: Local) -> None:
             return None
 
-    refused(flow_of(Hidden), "'Hidden'", "can't resolve", "module level")
+    class Stage(qwit.Step, abstract=True):
+        async def step_forward(self, args: Local) -> dict[str, Any]:
+            return {"staged": args.x + 1}
+
+    class Staged(Stage, name="defs.staged_in_function"):
+        pass
+
+    async with await qwit.connect(backend=qwit.local) as client:
+        result = await client.run(flow_of(Typed, Staged), {"x": 2})
+    assert (result["seen"], result["staged"]) == ("Local:2", 3)
 
 
 def test_a_step_method_without_an_args_parameter():
@@ -467,9 +491,6 @@ def test_a_duration_past_a_hundred_years_is_refused(option: str):
 def test_a_fallback_whose_model_cant_be_resolved_is_refused_at_start():
     # As step_forward's and step_back's: before, it failed only when the
     # fallback ran (a raw TypeError on the in-memory engines).
-    class Hidden(BaseModel):
-        x: int
-
     class FallsBackBlind(qwit.Step, name="defs.falls_back_blind"):
         on_failure = qwit.FALLBACK
 
@@ -478,6 +499,9 @@ def test_a_fallback_whose_model_cant_be_resolved_is_refused_at_start():
 
         async def step_fallback(self, args: Hidden, error: Any) -> None:
             return None
+
+    class Hidden(BaseModel):  # (after the step: it can't see it)
+        x: int
 
     class Blind(qwit.Flow, name="defs.blind"):
         def build_flow(self) -> None:
