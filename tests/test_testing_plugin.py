@@ -54,3 +54,42 @@ async def test_wait_for_status_refuses_an_unknown_status_and_a_flow_that_ended_o
         await asyncio.wait_for(wait_for_status(handle, "waiting", timeout=60), 10)
     assert issubclass(StatusNotReached, TimeoutError)
     assert (await wait_for_status(handle, "completed")).status == "completed"
+
+
+async def test_qwit_postgres_serves_modules_on_a_database_of_its_own(qwit_postgres):
+    from samples.order import flows
+
+    async with qwit_postgres(flows, poll_interval=0.2) as client:
+        handle = await client.start(PlaceOrder, GOOD)
+        assert handle.engine == "postgres"
+        assert (await handle.result())["tracking"] == "1Z-t-1"
+        with pytest.raises(qwit.FlowRolledBack) as info:
+            await client.run(PlaceOrder, DECLINED)
+        assert info.value.compensated == ["payments.charge", "inventory.reserve"]
+        first = client.settings("postgres").dsn
+    async with qwit_postgres(flows) as client:
+        # (a fresh database: the flows of the block before are not in it)
+        assert client.settings("postgres").dsn != first
+        with pytest.raises(qwit.FlowNotFound):
+            await client.get_handle(handle.id).state()
+
+
+async def test_postgres_environment_outside_pytest_fixtures(monkeypatch):
+    from qwit.testing import postgres_environment
+
+    monkeypatch.delenv("QWIT_POSTGRES_DSN", raising=False)  # (an embedded one, then)
+    async with postgres_environment(PlaceOrder) as client:
+        assert (await client.run(PlaceOrder, GOOD))["charge"].startswith("ch-")
+
+
+async def test_a_postgres_flow_without_a_dsn_says_what_to_set(monkeypatch):
+    import qwit.postgres
+
+    class OnPostgres(qwit.Flow, backend=qwit.postgres):
+        def build_flow(self) -> None:
+            self.step(PlaceOrder)
+
+    monkeypatch.delenv("QWIT_POSTGRES_DSN", raising=False)
+    async with await qwit.connect() as client:
+        with pytest.raises(qwit.EngineUnavailable, match="set QWIT_POSTGRES_DSN"):
+            await client.start(OnPostgres, GOOD)

@@ -101,11 +101,11 @@ def default_dsn() -> str:
     """``$QWIT_POSTGRES_DSN``.
 
     Raises:
-        ArgumentsError: it is not set.
+        EngineUnavailable: it is not set (so the engine can't be reached).
     """
     dsn = os.environ.get(DSN_ENV)
     if not dsn:
-        raise ArgumentsError(
+        raise EngineUnavailable(
             f"the postgres engine needs a DSN: set {DSN_ENV} or pass "
             "qwit.postgres.PostgresSettings(dsn=...) to qwit.connect(settings=[...])"
         )
