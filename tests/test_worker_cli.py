@@ -160,3 +160,81 @@ async def test_heartbeat_lets_a_killed_workers_step_resume_fast_and_in_place(
             assert pids == [str(first.pid)]
     second.send_signal(signal.SIGTERM)
     second.communicate(timeout=30)
+
+
+SLOW_IMPORT = """
+import os
+import pathlib
+import time
+
+import qwit
+
+pathlib.Path(os.environ["QWIT_TEST_MARK"]).touch()
+time.sleep(3)
+
+
+class Slow(qwit.Step, name="slow_import.step"):
+    def step_forward(self, args):
+        return None
+"""
+
+
+def start_slow_worker(tmp_path: Path, backend: str, address: str) -> subprocess.Popen[str]:
+    module = f"slow_import_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{module}.py").write_text(SLOW_IMPORT)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]),
+        "QWIT_TEST_MARK": str(tmp_path / "importing"),
+        "TEMPORAL_ADDRESS": address,
+        # (well formed; nothing listens there)
+        "QWIT_POSTGRES_DSN": "postgresql://qwit@127.0.0.1:1/qwit",
+    }
+    return subprocess.Popen(
+        [*WORKER, "--backend", backend, module],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+@pytest.mark.parametrize("backend", ["temporal", "postgres"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_a_signal_while_the_worker_imports_stops_it_with_exit_0(
+    backend, sig, procs, tmp_path
+):
+    # Before, SIGTERM there was the default death (-15), and SIGINT a
+    # KeyboardInterrupt: the contract's worker exits 0 on either.
+    proc = start_slow_worker(tmp_path, backend, "127.0.0.1:1")
+    procs.append(proc)
+    await wait_for(tmp_path / "importing")
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert "worker stopped before it served" in out
+
+
+async def test_a_signal_while_the_worker_connects_stops_it_at_once(procs, tmp_path):
+    # A server that accepts connections and never answers: connecting hangs.
+    accepted: list[asyncio.StreamWriter] = []
+    silent = await asyncio.start_server(lambda r, w: accepted.append(w), "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    try:
+        proc = start_slow_worker(tmp_path, "temporal", f"127.0.0.1:{port}")
+        procs.append(proc)
+        await wait_for(tmp_path / "importing")
+        await asyncio.sleep(4)  # (the import's 3 s, then connecting)
+        assert proc.poll() is None
+        began = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.to_thread(proc.communicate, timeout=30)
+        assert proc.returncode == 0, out
+        assert "worker stopped before it served" in out
+        assert time.monotonic() - began < 10
+    finally:
+        silent.close()
+        for writer in accepted:
+            writer.close()
+        await silent.wait_closed()

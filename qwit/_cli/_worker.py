@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from .._errors import QwitError
+from .._signals import catching_early_signals, unless_stopped_early
 from ..temporal import (
     METRICS_ADDRESS_ENV,
     WAITING_EVERY,
@@ -44,9 +45,14 @@ async def _serve(
     if metrics_address:
         extra["runtime"] = metrics_runtime(metrics_address)
     try:
-        client = await connect_temporal(**overrides(address, namespace), **extra)
+        client = await unless_stopped_early(
+            connect_temporal(**overrides(address, namespace), **extra)
+        )
     except ValueError as exc:  # e.g. "invalid target URL: invalid port number"
         raise click.UsageError(f"the Temporal address is not HOST:PORT: {exc}") from None
+    if client is None:
+        log.info("worker stopped before it served")
+        return
     log.info("serving %s on task queue %r", ", ".join(m.__name__ for m in modules), task_queue)
     if metrics_address:
         log.info("metrics (Prometheus text) at http://%s/metrics", metrics_address)
@@ -78,8 +84,16 @@ async def _serve_postgres(modules: list[ModuleType], metrics_address: str | None
         stalled_after=options.get("stalled_after", 10.0),
         metrics=metrics,
     )
-    async with reaching(dsn):  # one line that names the server, not psycopg's traceback
+
+    async def prepared() -> bool:
         await postgres.prepare(dsn)
+        return True
+
+    async with reaching(dsn):  # one line that names the server, not psycopg's traceback
+        ready = await unless_stopped_early(prepared())
+    if not ready:
+        log.info("worker stopped before it served")
+        return
     server = None
     if metrics_address and metrics is not None:
         server = await serve_metrics(metrics_address, metrics)
@@ -134,29 +148,32 @@ def worker(
     (TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE, TEMPORAL_API_KEY, TLS variables,
     TEMPORAL_PROFILE), or --address and --namespace.
     """
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    imported = import_modules(modules)
-    registry = worker_registry(imported)
-    try:
-        if metrics_address:
-            check_metrics_address(metrics_address)  # a bad address is a usage error
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--metrics-address") from None
-    if backend == "postgres":
+    # A stop that comes before serve takes over (as modules import, as it
+    # connects) is a stop too, not the default death.
+    with catching_early_signals():
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        imported = import_modules(modules)
+        registry = worker_registry(imported)
+        try:
+            if metrics_address:
+                check_metrics_address(metrics_address)  # a bad address is a usage error
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--metrics-address") from None
+        if backend == "postgres":
+            log.info("steps: %s", ", ".join(sorted(registry.steps)))
+            try:
+                run_async(_serve_postgres(imported, metrics_address))
+            except (RuntimeError, Failed, QwitError, OSError) as exc:
+                text = exc.format_message() if isinstance(exc, Failed) else str(exc)
+                click.echo(f"{click.get_current_context().command_path}: {text}", err=True)
+                sys.exit(1)
+            return
+        queue = queue_name(task_queue)
+        env_config()  # a broken config is a usage error
         log.info("steps: %s", ", ".join(sorted(registry.steps)))
         try:
-            run_async(_serve_postgres(imported, metrics_address))
-        except (RuntimeError, Failed, QwitError, OSError) as exc:
+            run_async(_serve(imported, queue, address, namespace, metrics_address))
+        except (RuntimeError, Failed) as exc:  # TemporalConnectionError too: it says what to check
             text = exc.format_message() if isinstance(exc, Failed) else str(exc)
             click.echo(f"{click.get_current_context().command_path}: {text}", err=True)
             sys.exit(1)
-        return
-    queue = queue_name(task_queue)
-    env_config()  # a broken config is a usage error
-    log.info("steps: %s", ", ".join(sorted(registry.steps)))
-    try:
-        run_async(_serve(imported, queue, address, namespace, metrics_address))
-    except (RuntimeError, Failed) as exc:  # TemporalConnectionError too: it says what to check
-        text = exc.format_message() if isinstance(exc, Failed) else str(exc)
-        click.echo(f"{click.get_current_context().command_path}: {text}", err=True)
-        sys.exit(1)
