@@ -191,7 +191,8 @@ async def test_a_schema_newer_than_this_qwit_is_refused(postgres_dsn: str):
 async def test_a_client_needs_a_dsn(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("QWIT_POSTGRES_DSN", raising=False)
     client = await qwit.connect(backend=qwit.postgres)
-    with pytest.raises(qwit.ArgumentsError, match="QWIT_POSTGRES_DSN"):
+    # (the engine can't be reached: not a fault of the flow's args)
+    with pytest.raises(qwit.EngineUnavailable, match="set QWIT_POSTGRES_DSN"):
         await client.start(PgOuter, {"ledger": new_ledger()})
 
 
@@ -1623,6 +1624,92 @@ async def test_the_place_of_a_fetched_job_that_never_ran_comes_back_at_the_secon
     serving._started.add(3)
     serving._free_unstarted()  # ...started by the next: it keeps its place
     assert serving._fetched == {2, 3}
+
+
+async def test_a_step_in_its_retry_backoff_gives_its_place_back_and_has_it_again_first():
+    serving = PostgresWorker("postgresql://unused", PgCounted, concurrency=1)
+    fetches = asyncio.Event()
+    serving._step_worker = types.SimpleNamespace(_new_job_event=fetches)  # type: ignore[assignment]
+    assert serving._take_fetch()
+    serving._fetch_ended(1)  # job 1 runs in the only place...
+    assert not serving._take_fetch()
+    resting = asyncio.ensure_future(serving._rest(0.2))  # ...and waits out a backoff
+    await asyncio.sleep(0.01)
+    assert serving._busy() == 0 and fetches.is_set()  # its place is free, the fetches woken
+    assert serving._take_fetch()
+    serving._fetch_ended(2)  # job 2 runs there meanwhile
+    await asyncio.sleep(0.3)
+    assert not resting.done()  # backoff over: it waits for a place...
+    assert not serving._take_fetch()  # ...which no fetch takes before it
+    serving._job_ended(2)
+    await asyncio.sleep(0)
+    assert resting.done() and serving._busy() == 1  # it has the place that freed
+    # Cancelled as it waits out its backoff, or for a place: its place is its
+    # job's again until the job ends.
+    for backoff in (60, 0):
+        stopped = asyncio.ensure_future(serving._rest(backoff))  # (job 1's)
+        await asyncio.sleep(0)
+        assert serving._take_fetch()
+        serving._fetch_ended(3)  # job 3 takes its place
+        await asyncio.sleep(0.01)
+        assert serving._busy() == 1 and len(serving._returning) == (backoff == 0)
+        stopped.cancel()
+        await asyncio.gather(stopped, return_exceptions=True)
+        assert serving._busy() == 2 and not serving._returning
+        serving._job_ended(3)
+    serving._job_ended(1)
+    assert serving._busy() == 0
+
+
+class PgRests(qwit.Step, name="pg.rests"):
+    """Fails its first attempt, then waits out a backoff of 2 s."""
+
+    retry = qwit.Retry(max_attempts=2, initial_interval=2, max_interval=2)
+
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        attempt = qwit.context().attempt
+        ledger.record(args["ledger"], "attempt", f"backs_off {attempt}")
+        if attempt == 1:
+            raise RuntimeError("not yet")
+        return {}
+
+
+class PgQuick(qwit.Step, name="pg.quick"):
+    async def step_forward(self, args: dict[str, Any]) -> dict[str, Any]:
+        ledger.record(args["ledger"], "attempt", "quick")
+        return {}
+
+
+class PgRestsFlow(qwit.Flow, name="pg.rests_flow", backend=qwit.postgres):
+    def build_flow(self) -> None:
+        self.step(PgRests)
+
+
+class PgQuickFlow(qwit.Flow, name="pg.quick_flow", backend=qwit.postgres):
+    def build_flow(self) -> None:
+        self.step(PgQuick)
+
+
+async def test_a_step_waiting_out_its_backoff_leaves_its_place_to_another(postgres_dsn: str):
+    # Before, the step kept its place through the backoff: on a worker of
+    # one place, the other flow's step waited for it (on Temporal the server
+    # waits out the backoff, and the worker's slot is free).
+    run = new_ledger()
+    serving = worker(postgres_dsn, PgRestsFlow, PgQuickFlow, concurrency=1)
+    client = await client_for(postgres_dsn)
+    try:
+        async with serving:
+            backs_off = await client.start(PgRestsFlow, {"ledger": run})
+            deadline = asyncio.get_running_loop().time() + 30
+            while "backs_off 1" not in ledger.marks(run, "attempt"):
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.05)
+            await asyncio.wait_for(client.run(PgQuickFlow, {"ledger": run}), 30)
+            await asyncio.wait_for(backs_off.result(), 30)
+            await wait_for_free_places(serving)
+    finally:
+        await client.close()
+    assert ledger.marks(run, "attempt") == ["backs_off 1", "quick", "backs_off 2"]
 
 
 async def test_steps_a_busy_worker_leaves_in_the_queue_are_run_by_another(postgres_dsn: str):

@@ -80,16 +80,3 @@ async def test_postgres_environment_outside_pytest_fixtures(monkeypatch):
     monkeypatch.delenv("QWIT_POSTGRES_DSN", raising=False)  # (an embedded one, then)
     async with postgres_environment(PlaceOrder) as client:
         assert (await client.run(PlaceOrder, GOOD))["charge"].startswith("ch-")
-
-
-async def test_a_postgres_flow_without_a_dsn_says_what_to_set(monkeypatch):
-    import qwit.postgres
-
-    class OnPostgres(qwit.Flow, backend=qwit.postgres):
-        def build_flow(self) -> None:
-            self.step(PlaceOrder)
-
-    monkeypatch.delenv("QWIT_POSTGRES_DSN", raising=False)
-    async with await qwit.connect() as client:
-        with pytest.raises(qwit.EngineUnavailable, match="set QWIT_POSTGRES_DSN"):
-            await client.start(OnPostgres, GOOD)

@@ -34,6 +34,7 @@ again (its attempts counted on).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import copy
 import json
@@ -267,8 +268,9 @@ class PostgresWorker:
             takes from the queue and those it takes itself for its own
             drivers (``inline``) alike, with its fetches under way and the
             steps its drivers are writing. A step waiting out a retry's
-            backoff keeps its place; so does one that waits for another
-            flow. With every place taken, a step its drivers issue goes to
+            backoff gives its place back until the backoff ends, then takes
+            the next that frees before any step not yet started; one that
+            waits for another flow keeps its place. With every place taken, a step its drivers issue goes to
             the queue, for any worker serving it, and it fetches none until
             a place frees. Apart from that bound: steps it already held when
             one of its drivers restarts run again at once (counted, not
@@ -386,6 +388,12 @@ class PostgresWorker:
         #: Places its drivers took for steps they wrote in a transaction not
         #: yet committed (``takes``), by driver; given back as they start.
         self._taking: dict[object, int] = {}
+        #: Steps waiting out a retry backoff, their places given back, until
+        #: they have one again (``_rest``).
+        self._resting = 0
+        #: Steps whose backoff has ended, waiting for a place, in order: each
+        #: takes the next that frees, before any fetch or driver does.
+        self._returning: collections.deque[asyncio.Future[None]] = collections.deque()
         #: Whether a fetch or a step was refused for want of a place since
         #: a place last freed (a place that frees then wakes the fetches).
         self._starved = False
@@ -569,12 +577,18 @@ class PostgresWorker:
     def _busy(self) -> int:
         """Places of ``concurrency`` taken: steps running here (inline or of
         the queue), fetches under way, and places taken by drivers for steps
-        they are writing."""
-        return len(self._inline) + len(self._fetched) + self._fetching + sum(self._taking.values())
+        they are writing; not those of steps waiting out a retry backoff."""
+        return (
+            len(self._inline)
+            + len(self._fetched)
+            + self._fetching
+            + sum(self._taking.values())
+            - self._resting
+        )
 
     def _place_free(self) -> bool:
         """Whether a place is free; if none is, the next that frees wakes the
-        fetches (``_freed``)."""
+        fetches (``_freed``: or goes to a step back from its backoff)."""
         if self._busy() < self.concurrency:
             return True
         self._starved = True
@@ -635,11 +649,17 @@ class PostgresWorker:
             self._freed()
 
     def _freed(self) -> None:
-        """A place freed: if a fetch or a step found none free since the last
-        one did, wake procrastinate's step worker to fetch (else it would
-        look again only at its next poll); once the fetch under way, if any,
-        has ended."""
-        if not self._starved:
+        """A place freed: it is the next step's back from its backoff, if one
+        waits; else, if a fetch or a step found none free since the last one
+        did, wake procrastinate's step worker to fetch (else it would look
+        again only at its next poll); once the fetch under way, if any, has
+        ended."""
+        while self._returning and self._busy() < self.concurrency:
+            back = self._returning.popleft()
+            if not back.done():  # (not cancelled as it waited)
+                self._resting -= 1  # its place again, from now
+                back.set_result(None)
+        if not self._starved or self._returning:  # (none left to fetch in)
             return
         self._starved = False
         self._wake_pending = True
@@ -827,7 +847,32 @@ class PostgresWorker:
             if spent or not info.retryable:
                 raise StepFailure(info.model_copy(update={"attempt": number}))
             await self._failed_attempt(run_id, key, number, info)
-            await asyncio.sleep(retry.delay(number))
+            await self._rest(retry.delay(number))
+
+    async def _rest(self, seconds: float) -> None:
+        """Wait out a retry backoff of ``seconds`` with the step's place of
+        ``concurrency`` given back (another step may run in it), then wait
+        for a place again: the next that frees, before any step not yet
+        started here takes it. (The step's job stays this worker's.)"""
+        self._resting += 1
+        back: asyncio.Future[None] | None = None
+        try:
+            self._freed()
+            await asyncio.sleep(seconds)
+            # (those that wait for a place wait because none is free: any
+            # that frees goes to them, ``_freed``)
+            if self._busy() < self.concurrency:
+                self._resting -= 1
+                return
+            back = asyncio.get_running_loop().create_future()
+            self._returning.append(back)
+            await back
+        except BaseException:
+            if back is None or not back.done() or back.cancelled():
+                self._resting -= 1  # (its place: until its job ends)
+                if back is not None and back in self._returning:
+                    self._returning.remove(back)
+            raise
 
     async def _failed_attempt(self, run_id: str, key: str, number: int, info: ErrorInfo) -> None:
         """Keep how attempt ``number`` of a step to be retried failed: what
