@@ -83,6 +83,16 @@ def test_usage_errors_exit_2_with_one_line():
     assert "Missing argument" in proc.stderr
 
 
+def test_a_worker_of_the_local_engine_is_refused_saying_why():
+    # (QWIT_BACKEND=local is what ``qwit run`` takes: a worker has nothing to serve)
+    env = {**os.environ, "QWIT_BACKEND": "local"}
+    proc = subprocess.run(
+        [*WORKER, "tests.worker_app"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "run in the process that starts them; no worker serves them" in proc.stderr
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 async def test_worker_serves_and_exits_0_on_signal(dev_server: DevServer, sig, procs, tmp_path):
     queue = f"cli-{uuid.uuid4().hex[:8]}"

@@ -118,7 +118,7 @@ async def _serve_postgres(modules: list[ModuleType], metrics_address: str | None
 @click.argument("modules", nargs=-1, required=True)
 @click.option(
     "--backend",
-    type=click.Choice(["temporal", "postgres"]),
+    type=click.Choice(["temporal", "postgres", "local"]),
     envvar="QWIT_BACKEND",
     default="temporal",
     show_default=True,
@@ -150,6 +150,11 @@ def worker(
     """
     # A stop that comes before serve takes over (as modules import, as it
     # connects) is a stop too, not the default death.
+    if backend == "local":  # (QWIT_BACKEND=local, set for qwit run, say)
+        raise click.UsageError(
+            "qwit worker: flows of --backend local run in the process that starts them; "
+            "no worker serves them (serve --backend temporal or postgres)"
+        )
     with catching_early_signals():
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         imported = import_modules(modules)

@@ -270,11 +270,12 @@ class PostgresWorker:
             steps its drivers are writing. A step waiting out a retry's
             backoff gives its place back until the backoff ends, then takes
             the next that frees before any step not yet started; one that
-            waits for another flow keeps its place. With every place taken, a step its drivers issue goes to
-            the queue, for any worker serving it, and it fetches none until
-            a place frees. Apart from that bound: steps it already held when
-            one of its drivers restarts run again at once (counted, not
-            refused). 100 by default, as a Temporal worker's activity slots.
+            waits for another flow keeps its place. With every place taken,
+            a step its drivers issue goes to the queue, for any worker
+            serving it, and it fetches none until a place frees. Apart
+            from that bound: steps it already held when one of its drivers
+            restarts run again at once (counted, not refused). 100 by
+            default, as a Temporal worker's activity slots.
         flows: Flows driven at once (a driver is light: a flow that waits
             holds one).
         heartbeat: Seconds between the worker's heartbeats.
