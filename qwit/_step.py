@@ -112,7 +112,7 @@ class Step:
         **kwargs: Any,
     ):
         super().__init_subclass__(**kwargs)
-        cls._qwit_localns = _defining_locals()
+        cls._qwit_localns = _defining_locals(cls)
         declared = cls.__dict__.get("name")
         cls.name = _own_name(cls, name if name is not None else declared)
         if backend is not None:
@@ -173,19 +173,36 @@ def is_abstract(cls: type) -> bool:
     return bool(cls.__dict__.get("_qwit_abstract", False))
 
 
-def _defining_locals() -> dict[str, Any] | None:
-    """The local names of the function whose ``class`` statement is making a
-    Step subclass (a copy, as they are now), or None at module level.
+def _defining_locals(cls: type) -> dict[str, Any] | None:
+    """The classes among the local names of the function whose ``class``
+    statement made ``cls`` (a copy, as they are now), or None if no function
+    did (a module, or ``type()`` / ``types.new_class`` called by one).
 
-    Read from the frames above ``Step.__init_subclass__``: past any
-    ``__init_subclass__`` of subclasses and ``__new__`` of metaclasses.
+    That function's frame is found above ``Step.__init_subclass__`` by its
+    qualified name, which the class's own starts with
+    (``make.<locals>.MyStep``): past any ``__init_subclass__`` of subclasses
+    and ``__new__`` of metaclasses.
     """
+    where, local, _ = cls.__qualname__.rpartition(".<locals>.")
+    if not local:
+        return None
     frame: FrameType | None = sys._getframe(2)  # (past this and Step.__init_subclass__)
-    while frame is not None and frame.f_code.co_name in ("__init_subclass__", "__new__"):
+    for _ in range(_FRAMES_UP):
+        if frame is None:
+            return None
+        code = frame.f_code
+        # (3.10 has no co_qualname: its name, the last part, then)
+        if getattr(code, "co_qualname", code.co_name) == where or (
+            not hasattr(code, "co_qualname") and where.rpartition(".")[2] == code.co_name
+        ):
+            names = {k: v for k, v in frame.f_locals.items() if isinstance(v, type)}
+            return names or None
         frame = frame.f_back
-    if frame is None or not frame.f_code.co_flags & inspect.CO_OPTIMIZED:
-        return None  # a module (or a class body) defines it: its globals say all
-    return dict(frame.f_locals)
+    return None
+
+
+#: How many frames up ``_defining_locals`` looks for the defining function.
+_FRAMES_UP = 8
 
 
 def defines(cls: type, method: str) -> bool:
@@ -250,7 +267,10 @@ def _args_model(cls: type, method: str) -> type[BaseModel] | None:
         return None
     # (the names of the function the class was defined in, if it was: a
     # model defined there is found under ``from __future__ import annotations``)
-    owner = next((c for c in cls.__mro__ if method in vars(c)), cls)
+    # (the class that defines the method itself: not a subclass that wraps
+    # it, as check_rollbacks' probes do)
+    defined = inspect.unwrap(fn)
+    owner = next((c for c in cls.__mro__ if vars(c).get(method) is defined), cls)
     try:
         hints = typing.get_type_hints(fn, localns=vars(owner).get("_qwit_localns"))
     except Exception as exc:

@@ -379,6 +379,26 @@ async def test_a_typed_step_defined_in_a_function_finds_its_model_there():
     async with await qwit.connect(backend=qwit.local) as client:
         result = await client.run(flow_of(Typed, Staged), {"x": 2})
     assert (result["seen"], result["staged"]) == ("Local:2", 3)
+    # check_rollbacks runs it as a subclass of its own making, which wraps
+    # its methods: the model is still read where the step was defined
+    report = await qwit.testing.check_rollbacks(flow_of(Typed), {"x": 2})
+    assert report.cases
+
+
+def test_only_a_class_statement_in_a_function_keeps_that_functions_names():
+    import types
+
+    class Model(BaseModel):
+        x: int
+
+    made = types.new_class("Made", (qwit.Step,), {"name": "defs.made"})
+    assert made._qwit_localns is None  # (types.new_class's own names are not its)
+
+    class Kept(qwit.Step, name="defs.kept"):
+        pass
+
+    assert Kept._qwit_localns is not None and Kept._qwit_localns["Model"] is Model
+    assert all(isinstance(value, type) for value in Kept._qwit_localns.values())
 
 
 def test_a_step_method_without_an_args_parameter():

@@ -180,7 +180,7 @@ import time
 import qwit
 
 pathlib.Path(os.environ["QWIT_TEST_MARK"]).touch()
-time.sleep(3)
+time.sleep(float(os.environ["QWIT_TEST_IMPORT_SECONDS"]))  # (an import that hangs)
 
 
 class Slow(qwit.Step, name="slow_import.step"):
@@ -189,13 +189,16 @@ class Slow(qwit.Step, name="slow_import.step"):
 """
 
 
-def start_slow_worker(tmp_path: Path, backend: str, address: str) -> subprocess.Popen[str]:
+def start_slow_worker(
+    tmp_path: Path, backend: str, address: str, import_seconds: float
+) -> subprocess.Popen[str]:
     module = f"slow_import_{uuid.uuid4().hex[:8]}"
     (tmp_path / f"{module}.py").write_text(SLOW_IMPORT)
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]),
         "QWIT_TEST_MARK": str(tmp_path / "importing"),
+        "QWIT_TEST_IMPORT_SECONDS": str(import_seconds),
         "TEMPORAL_ADDRESS": address,
         # (well formed; nothing listens there)
         "QWIT_POSTGRES_DSN": "postgresql://qwit@127.0.0.1:1/qwit",
@@ -216,8 +219,9 @@ async def test_a_signal_while_the_worker_imports_stops_it_with_exit_0(
     backend, sig, procs, tmp_path
 ):
     # Before, SIGTERM there was the default death (-15), and SIGINT a
-    # KeyboardInterrupt: the contract's worker exits 0 on either.
-    proc = start_slow_worker(tmp_path, backend, "127.0.0.1:1")
+    # KeyboardInterrupt: the contract's worker exits 0 on either; and at
+    # once, even while an import hangs.
+    proc = start_slow_worker(tmp_path, backend, "127.0.0.1:1", import_seconds=120)
     procs.append(proc)
     await wait_for(tmp_path / "importing")
     proc.send_signal(sig)
@@ -232,10 +236,10 @@ async def test_a_signal_while_the_worker_connects_stops_it_at_once(procs, tmp_pa
     silent = await asyncio.start_server(lambda r, w: accepted.append(w), "127.0.0.1", 0)
     port = silent.sockets[0].getsockname()[1]
     try:
-        proc = start_slow_worker(tmp_path, "temporal", f"127.0.0.1:{port}")
+        proc = start_slow_worker(tmp_path, "temporal", f"127.0.0.1:{port}", import_seconds=0)
         procs.append(proc)
         await wait_for(tmp_path / "importing")
-        await asyncio.sleep(4)  # (the import's 3 s, then connecting)
+        await asyncio.sleep(2)  # (connecting)
         assert proc.poll() is None
         began = time.monotonic()
         proc.send_signal(signal.SIGTERM)

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from .._errors import QwitError
-from .._signals import catching_early_signals, unless_stopped_early
+from .._signals import StoppedEarly, catching_early_signals
 from ..temporal import (
     METRICS_ADDRESS_ENV,
     WAITING_EVERY,
@@ -45,14 +45,9 @@ async def _serve(
     if metrics_address:
         extra["runtime"] = metrics_runtime(metrics_address)
     try:
-        client = await unless_stopped_early(
-            connect_temporal(**overrides(address, namespace), **extra)
-        )
+        client = await connect_temporal(**overrides(address, namespace), **extra)
     except ValueError as exc:  # e.g. "invalid target URL: invalid port number"
         raise click.UsageError(f"the Temporal address is not HOST:PORT: {exc}") from None
-    if client is None:
-        log.info("worker stopped before it served")
-        return
     log.info("serving %s on task queue %r", ", ".join(m.__name__ for m in modules), task_queue)
     if metrics_address:
         log.info("metrics (Prometheus text) at http://%s/metrics", metrics_address)
@@ -84,16 +79,8 @@ async def _serve_postgres(modules: list[ModuleType], metrics_address: str | None
         stalled_after=options.get("stalled_after", 10.0),
         metrics=metrics,
     )
-
-    async def prepared() -> bool:
-        await postgres.prepare(dsn)
-        return True
-
     async with reaching(dsn):  # one line that names the server, not psycopg's traceback
-        ready = await unless_stopped_early(prepared())
-    if not ready:
-        log.info("worker stopped before it served")
-        return
+        await postgres.prepare(dsn)
     server = None
     if metrics_address and metrics is not None:
         server = await serve_metrics(metrics_address, metrics)
@@ -148,37 +135,42 @@ def worker(
     (TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE, TEMPORAL_API_KEY, TLS variables,
     TEMPORAL_PROFILE), or --address and --namespace.
     """
-    # A stop that comes before serve takes over (as modules import, as it
-    # connects) is a stop too, not the default death.
     if backend == "local":  # (QWIT_BACKEND=local, set for qwit run, say)
         raise click.UsageError(
             "qwit worker: flows of --backend local run in the process that starts them; "
             "no worker serves them (serve --backend temporal or postgres)"
         )
-    with catching_early_signals():
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-        imported = import_modules(modules)
-        registry = worker_registry(imported)
-        try:
-            if metrics_address:
-                check_metrics_address(metrics_address)  # a bad address is a usage error
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--metrics-address") from None
-        if backend == "postgres":
+    # A stop that comes before serve takes over (as modules import, as it
+    # connects) stops it there, with exit 0: it served nothing.
+    try:
+        with catching_early_signals():
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+            imported = import_modules(modules)
+            registry = worker_registry(imported)
+            try:
+                if metrics_address:
+                    check_metrics_address(metrics_address)  # a bad address is a usage error
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint="--metrics-address") from None
+            if backend == "postgres":
+                log.info("steps: %s", ", ".join(sorted(registry.steps)))
+                try:
+                    run_async(_serve_postgres(imported, metrics_address))
+                except (RuntimeError, Failed, QwitError, OSError) as exc:
+                    text = exc.format_message() if isinstance(exc, Failed) else str(exc)
+                    click.echo(f"{click.get_current_context().command_path}: {text}", err=True)
+                    sys.exit(1)
+                return
+            queue = queue_name(task_queue)
+            env_config()  # a broken config is a usage error
             log.info("steps: %s", ", ".join(sorted(registry.steps)))
             try:
-                run_async(_serve_postgres(imported, metrics_address))
-            except (RuntimeError, Failed, QwitError, OSError) as exc:
+                run_async(_serve(imported, queue, address, namespace, metrics_address))
+            # (TemporalConnectionError too: it says what to check)
+            except (RuntimeError, Failed) as exc:
                 text = exc.format_message() if isinstance(exc, Failed) else str(exc)
                 click.echo(f"{click.get_current_context().command_path}: {text}", err=True)
                 sys.exit(1)
-            return
-        queue = queue_name(task_queue)
-        env_config()  # a broken config is a usage error
-        log.info("steps: %s", ", ".join(sorted(registry.steps)))
-        try:
-            run_async(_serve(imported, queue, address, namespace, metrics_address))
-        except (RuntimeError, Failed) as exc:  # TemporalConnectionError too: it says what to check
-            text = exc.format_message() if isinstance(exc, Failed) else str(exc)
-            click.echo(f"{click.get_current_context().command_path}: {text}", err=True)
-            sys.exit(1)
+    except StoppedEarly:
+        log.info("worker stopped before it served")
+        sys.exit(0)
