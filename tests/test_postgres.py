@@ -1690,12 +1690,17 @@ class PgQuickFlow(qwit.Flow, name="pg.quick_flow", backend=qwit.postgres):
         self.step(PgQuick)
 
 
-async def test_a_step_waiting_out_its_backoff_leaves_its_place_to_another(postgres_dsn: str):
+@pytest.mark.parametrize("inline", [True, False])
+async def test_a_step_waiting_out_its_backoff_leaves_its_place_to_another(
+    postgres_dsn: str, inline: bool
+):
     # Before, the step kept its place through the backoff: on a worker of
     # one place, the other flow's step waited for it (on Temporal the server
-    # waits out the backoff, and the worker's slot is free).
+    # waits out the backoff, and the worker's slot is free). Steps of the
+    # queue (inline=False) as well: procrastinate's own bound counts a job
+    # that rests.
     run = new_ledger()
-    serving = worker(postgres_dsn, PgRestsFlow, PgQuickFlow, concurrency=1)
+    serving = worker(postgres_dsn, PgRestsFlow, PgQuickFlow, concurrency=1, inline=inline)
     client = await client_for(postgres_dsn)
     try:
         async with serving:

@@ -269,8 +269,10 @@ class PostgresWorker:
             drivers (``inline``) alike, with its fetches under way and the
             steps its drivers are writing. A step waiting out a retry's
             backoff gives its place back until the backoff ends, then takes
-            the next that frees before any step not yet started; one that
-            waits for another flow keeps its place. With every place taken,
+            the next that frees before any step not yet started (a worker
+            holds at most twice ``concurrency`` jobs of the queue, those
+            resting included); one that waits for another flow keeps its
+            place. With every place taken,
             a step its drivers issue goes to the queue, for any worker
             serving it, and it fetches none until a place frees. Apart
             from that bound: steps it already held when one of its drivers
@@ -1211,8 +1213,13 @@ class PostgresWorker:
             drive = asyncio.ensure_future(
                 self._keep(False, queues=[self.flow_queue], concurrency=self.flows, **common)
             )
+            # (procrastinate's own bound counts the jobs it holds, those
+            # waiting out a retry backoff too: twice the places, so that as
+            # many jobs may rest as run; QWIT's places bound what runs)
             work = asyncio.ensure_future(
-                self._keep(True, queues=[self.step_queue], concurrency=self.concurrency, **common)
+                self._keep(
+                    True, queues=[self.step_queue], concurrency=2 * self.concurrency, **common
+                )
             )
             sweep = asyncio.ensure_future(self._sweep())
             tasks = [
