@@ -254,8 +254,10 @@ class Client:
 
     def _backend_for(self, flow_id: str, backend: Backend | None) -> Backend:
         """The engine of the flow ``flow_id``: ``backend`` if given, else this
-        client's, else the one this client started it on, else Temporal."""
-        return backend or self.backend or self._started.get(flow_id) or _default_backend()
+        client's, else the one this client started it on (a sub-flow's:
+        that of its root, ``<root id>/~<path>``), else Temporal."""
+        root = flow_id.split(SUBFLOW_MARK, 1)[0]
+        return backend or self.backend or self._started.get(root) or _default_backend()
 
     async def run(
         self, flow: type[Flow], args: Any = None, *, id: str | None = None

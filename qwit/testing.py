@@ -187,7 +187,16 @@ def postgres_server() -> Iterator[str]:
         yield dsn
         return
     with EmbeddedPostgres() as server:
-        yield server.dsn
+        _EMBEDDED.add(server.dsn)
+        try:
+            yield server.dsn
+        finally:
+            _EMBEDDED.discard(server.dsn)
+
+
+#: The DSNs of the embedded servers ``postgres_server`` runs now: the
+#: servers whose databases the tests make and drop as they like.
+_EMBEDDED: set[str] = set()
 
 
 def fresh_database(dsn: str) -> str:
@@ -207,10 +216,8 @@ async def postgres_environment(*members: Member) -> AsyncIterator[Client]:
     """A PostgreSQL (``$QWIT_POSTGRES_DSN``'s, else an embedded one of its
     own, with a fresh database), a worker for ``members``, and a client: for
     scripts and test frameworks other than pytest."""
-    from .postgres import DSN_ENV
-
     with postgres_server() as dsn:
-        own = dsn != os.environ.get(DSN_ENV)
+        own = dsn in _EMBEDDED
         async with postgres_worker(fresh_database(dsn) if own else dsn, *members) as client:
             yield client
 
@@ -281,9 +288,9 @@ def qwit_postgres(
     for the members and a client whose every flow runs on PostgreSQL. On the
     session's embedded PostgreSQL each call gets a fresh database; with
     ``$QWIT_POSTGRES_DSN`` set, they share that database."""
-    from .postgres import DSN_ENV
-
-    own = qwit_postgres_server != os.environ.get(DSN_ENV)
+    # (decided by the server, not by the environment now: a test that
+    # changes $QWIT_POSTGRES_DSN makes no database on the server it names)
+    own = qwit_postgres_server in _EMBEDDED
 
     def start(*members: Member, **worker_options: Any) -> AbstractAsyncContextManager[Client]:
         dsn = fresh_database(qwit_postgres_server) if own else qwit_postgres_server

@@ -994,6 +994,7 @@ async def test_a_client_finds_the_flows_it_started_on_their_own_engine():
     assert (await redriven.result())["stopped"] is False
     assert ledger.applied(run) == ["conformance.local"]  # reused, not run again
     assert client.get_handle("stops-here").engine == "local"
+    assert client.get_handle("stops-here/~2").engine == "local"  # (a sub-flow's id)
     # An id this client did not start goes where it always did: the
     # client's backend, or a given one, else Temporal.
     assert client.get_handle("started-elsewhere").engine == "temporal"

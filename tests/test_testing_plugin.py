@@ -80,3 +80,14 @@ async def test_postgres_environment_outside_pytest_fixtures(monkeypatch):
     monkeypatch.delenv("QWIT_POSTGRES_DSN", raising=False)  # (an embedded one, then)
     async with postgres_environment(PlaceOrder) as client:
         assert (await client.run(PlaceOrder, GOOD))["charge"].startswith("ch-")
+
+
+async def test_postgres_environment_uses_the_database_qwit_postgres_dsn_names(
+    monkeypatch, postgres_dsn
+):
+    from qwit.testing import postgres_environment
+
+    monkeypatch.setenv("QWIT_POSTGRES_DSN", postgres_dsn)  # (used as it is: no database made)
+    async with postgres_environment(PlaceOrder) as client:
+        assert client.settings("postgres").dsn == postgres_dsn
+        assert (await client.run(PlaceOrder, GOOD))["tracking"] == "1Z-t-1"
