@@ -4,7 +4,9 @@ DBOS saga on the same PostgreSQL, and QWIT on Temporal, in one run.
     python -m benchmarks.postgres            # 30 runs a shape, 200 flows in flight, 2 rounds
     python -m benchmarks.postgres --quick    # 10 runs, 1 round
     python -m benchmarks.postgres --smoke    # every comparison once
-    python -m benchmarks.postgres --json out.json
+    python -m benchmarks.postgres --json out.json   # default: benchmark-postgres.json
+
+(The full run the README reports is kept in ``benchmarks/results/postgres-full.json``.)
 
 It starts one embedded PostgreSQL (a database per side) and a Temporal dev
 server, and runs each side in a process of its own (``benchmarks.pg_side``:

@@ -26,10 +26,10 @@ from typing import Any
 import pytest
 import pytest_asyncio
 import temporalio.client
-from temporalio.service import RetryConfig
 
 import qwit
 from qwit.temporal import DevServer, TemporalEngine, connect_temporal, create_worker
+from tests.test_rpc_errors import SHORT_RETRIES
 
 #: The server's cap on concurrent long polls per namespace and API, in the quick tests.
 LOW_LIMIT = 50
@@ -38,8 +38,6 @@ QUICK_FLOWS = 150
 #: Flows awaited at once in the long run (0: skipped).
 MANY = int(os.environ.get("QWIT_MANY_RESULTS", "0") or 0)
 STEPS = 5
-#: The SDK's retries of a refused call, cut from its default 10 s to 1 s.
-SHORT_RETRIES = RetryConfig(max_elapsed_time_millis=1000, max_retries=3)
 #: Seconds the flows of the first quick test wait at their first step: longer
 #: than the SDK's own retries of a refusal last (``SHORT_RETRIES``).
 HOLD = 4.0
