@@ -191,10 +191,12 @@ def _defining_locals(cls: type) -> dict[str, Any] | None:
         if frame is None:
             return None
         code = frame.f_code
-        # (3.10 has no co_qualname: its name, the last part, then)
-        if getattr(code, "co_qualname", code.co_name) == where or (
-            not hasattr(code, "co_qualname") and where.rpartition(".")[2] == code.co_name
-        ):
+        # (3.10 has no co_qualname: the name, the last part of it, then)
+        if hasattr(code, "co_qualname"):
+            found, wanted = code.co_qualname, where
+        else:
+            found, wanted = code.co_name, where.rpartition(".")[2]
+        if found == wanted:
             names = {k: v for k, v in frame.f_locals.items() if isinstance(v, type)}
             return names or None
         frame = frame.f_back
@@ -265,10 +267,10 @@ def _args_model(cls: type, method: str) -> type[BaseModel] | None:
         return None  # (args taken by *args: not typed)
     if params[0].annotation is inspect.Parameter.empty:
         return None
-    # (the names of the function the class was defined in, if it was: a
-    # model defined there is found under ``from __future__ import annotations``)
-    # (the class that defines the method itself: not a subclass that wraps
-    # it, as check_rollbacks' probes do)
+    # With the names of the function the class that defines the method was
+    # defined in, if it was (a model defined there is found under ``from
+    # __future__ import annotations``); that class, not a subclass that
+    # wraps the method, as check_rollbacks' probes do.
     defined = inspect.unwrap(fn)
     owner = next((c for c in cls.__mro__ if vars(c).get(method) is defined), cls)
     try:

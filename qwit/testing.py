@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
@@ -201,14 +202,24 @@ _EMBEDDED: set[str] = set()
 
 def fresh_database(dsn: str) -> str:
     """A new, empty database on the server of ``dsn`` (which may create
-    databases); return its DSN."""
+    databases); return its DSN (a URL if ``dsn`` is one)."""
     import psycopg
     from psycopg.conninfo import make_conninfo
 
     name = f"qwit_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
+    url = urllib.parse.urlsplit(dsn)
+    if url.scheme in ("postgresql", "postgres"):
+        return urllib.parse.urlunsplit(url._replace(path=f"/{name}"))
     return make_conninfo(dsn, dbname=name)
+
+
+def _test_database(server: str) -> str:
+    """The database a test runs on, on the server of ``server`` (a DSN from
+    ``postgres_server``): a fresh one on an embedded server, else that DSN's
+    own (the tests share it)."""
+    return fresh_database(server) if server in _EMBEDDED else server
 
 
 @asynccontextmanager
@@ -216,9 +227,8 @@ async def postgres_environment(*members: Member) -> AsyncIterator[Client]:
     """A PostgreSQL (``$QWIT_POSTGRES_DSN``'s, else an embedded one of its
     own, with a fresh database), a worker for ``members``, and a client: for
     scripts and test frameworks other than pytest."""
-    with postgres_server() as dsn:
-        own = dsn in _EMBEDDED
-        async with postgres_worker(fresh_database(dsn) if own else dsn, *members) as client:
+    with postgres_server() as server:
+        async with postgres_worker(_test_database(server), *members) as client:
             yield client
 
 
@@ -290,11 +300,9 @@ def qwit_postgres(
     ``$QWIT_POSTGRES_DSN`` set, they share that database."""
     # (decided by the server, not by the environment now: a test that
     # changes $QWIT_POSTGRES_DSN makes no database on the server it names)
-    own = qwit_postgres_server in _EMBEDDED
 
     def start(*members: Member, **worker_options: Any) -> AbstractAsyncContextManager[Client]:
-        dsn = fresh_database(qwit_postgres_server) if own else qwit_postgres_server
-        return postgres_worker(dsn, *members, **worker_options)
+        return postgres_worker(_test_database(qwit_postgres_server), *members, **worker_options)
 
     return start
 

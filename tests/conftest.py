@@ -166,9 +166,7 @@ def postgres_server() -> Any:
 @pytest.fixture
 def postgres_dsn(postgres_server: Any) -> Any:
     """A fresh database of the session's PostgreSQL server, for one test."""
-    import psycopg
+    # (imported here: pytest_plugins, above, must import qwit.testing first)
+    from qwit.testing import fresh_database
 
-    name = f"qwit_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(postgres_server.dsn, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    return postgres_server.dsn.rsplit("/", 1)[0] + f"/{name}"
+    return fresh_database(postgres_server.dsn)
