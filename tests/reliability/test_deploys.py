@@ -149,8 +149,11 @@ async def _task_failures(temporal_client: Any, flow_id: str) -> tuple[list[str],
     """Messages of the workflow task failures in a flow's history (Temporal
     records the first of a series), and the attempt of its pending task."""
     handle = temporal_client.get_workflow_handle(flow_id)
-    history = await handle.fetch_history()
+    # (the attempt first: a failure it counts is in the history read after;
+    # read the other way round, a failure between the two reads was counted
+    # and not found, as once in CI)
     described = await handle.describe()
+    history = await handle.fetch_history()
     messages = [
         event.workflow_task_failed_event_attributes.failure.message
         for event in history.events
