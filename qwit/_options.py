@@ -146,6 +146,11 @@ class Retry(BaseModel):
             )
             raise InvalidOption(f"qwit.Retry: {problems}") from None
 
+    # Only a user's ``Retry(...)`` runs the checks above. A plan read back
+    # (each flow's input, on every workflow task of a replay) is validated by
+    # the fields alone, without calling this again and validating twice.
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
     @model_validator(mode="after")
     def _check_intervals(self) -> Retry:
         if self.max_interval < self.initial_interval:

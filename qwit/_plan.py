@@ -8,6 +8,7 @@ plan it started with whatever is deployed later.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
@@ -110,6 +111,39 @@ PINNED_DEFAULTS: dict[int, dict[str, dict[str, Any]]] = {
         },
     }
 }
+
+
+#: ``PINNED_DEFAULTS`` with its policies (``Retry``, ``FailurePolicy``) as
+#: model instances, by version, beside the table they were made from.
+_PINNED_MODELS: dict[Any, tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]] = {}
+_POLICY_FIELDS: dict[str, type[BaseModel]] = {
+    "retry": Retry,
+    "back_retry": Retry,
+    "on_failure": FailurePolicy,
+}
+
+
+def _pinned_models(version: Any) -> dict[str, dict[str, Any]] | None:
+    """What a plan of ``version`` leaves out, its policies as instances that
+    every node missing them shares (they are frozen): a flow's plan is read on
+    every workflow task of its replays, and a policy parsed anew per node is
+    objects for the garbage collector to go through, per flow in flight."""
+    pinned = PINNED_DEFAULTS.get(version)
+    if pinned is None:
+        return None
+    made = _PINNED_MODELS.get(version)
+    if made is None or made[0] != pinned:  # (made anew if the table was changed)
+        table = {
+            kind: {
+                key: _POLICY_FIELDS[key].model_validate(value)
+                if key in _POLICY_FIELDS and isinstance(value, dict)
+                else value
+                for key, value in values.items()
+            }
+            for kind, values in pinned.items()
+        }
+        made = _PINNED_MODELS[version] = (copy.deepcopy(pinned), table)
+    return made[1]
 
 
 #: Where each kind of node holds the nodes inside it: a list, or one node.
@@ -396,7 +430,7 @@ class FlowInput(BaseModel):
     def _expand(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        pinned = PINNED_DEFAULTS.get(data.get("version", 1))
+        pinned = _pinned_models(data.get("version", 1))
         if pinned is None:
             return data
         return {**pinned["input"], **data, "flow": _expand_node(data.get("flow"), pinned)}
@@ -555,6 +589,12 @@ class StepReturn(BaseModel):
         if isinstance(data, list | tuple) and 1 <= len(data) <= 2:
             return dict(zip(("output", "attempt"), data, strict=False))
         return data
+
+
+def wire_return(output: dict[str, Any], attempt: int) -> list[Any]:
+    """``StepReturn(output=output, attempt=attempt)`` as it is written, for a
+    worker to send without building the model; ``output`` is JSON already."""
+    return [output] if attempt == 1 else [output, attempt]
 
 
 #: Room kept under a payload limit for what the engine's encoding adds.

@@ -94,6 +94,8 @@ class FlowRuntime(ABC):
     engine: str = ""
     tracing: bool = False
     """Whether the flow's spans are emitted (see ``qwit._tracing``)."""
+    metered: bool = True
+    """Whether ``record`` keeps anything: False lets a flow skip its metrics."""
 
     @abstractmethod
     async def run_step(self, node: StepNode, call: StepCall) -> StepReturn:

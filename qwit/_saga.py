@@ -79,7 +79,7 @@ from ._state import (
     choose_wait,
     path_key,
 )
-from ._tracing import Span, span
+from ._tracing import OFF, Span, span
 
 FORWARD_DECISIONS = [RETRY, SKIP, SKIPBACK, ROLLBACK, ABORT]
 #: A sub-flow that aborts keeps its effects until its parent says whether to
@@ -240,6 +240,11 @@ class StepRun:
         return self.args is not None and (self.error is None or self.error.started)
 
 
+#: A flow event as the interpreter keeps it: ``FlowEvent``'s fields, in order.
+EventRow = tuple[int, str, str, str, str, int, str | None]
+EVENT_FIELDS = tuple(FlowEvent.model_fields)
+
+
 @dataclass
 class SagaState:
     """Everything one flow's run holds (``Interpreter`` changes it, nothing else).
@@ -277,7 +282,10 @@ class SagaState:
     cancel_rollback: bool | None = None
     """How a cancel asked through QWIT goes: roll back (True), or stop where
     it is (False); None when none was (an engine's own cancel rolls back)."""
-    events: list[FlowEvent] = field(default_factory=list)
+    events: list[EventRow] = field(default_factory=list)
+    """The flow's transitions, as ``FlowEvent`` fields in order: a state
+    builds the events from them (a flow records one per transition, on every
+    worker that runs it, and reads them far less often)."""
     finals: list[StepRun] = field(default_factory=list)
     """The flow's final steps (``finally_step``), run once it has ended."""
     final_failures: list[Compensation] = field(default_factory=list)
@@ -550,16 +558,14 @@ class Interpreter:
             failed = run.back_error if status == "compensation_failed" else run.error
             error = failed.describe() if failed and status in ERROR_STATUSES else None
         self.saga.events.append(
-            FlowEvent(
-                seq=len(self.saga.events) + 1,
-                path=path,
-                name=name,
-                kind="flow" if run is None else "step",
-                status=status,
-                attempts=(run.back_attempts if status in UNDO_STATUSES else run.attempts)
-                if run
-                else 0,
-                error=error,
+            (
+                len(self.saga.events) + 1,
+                "flow" if run is None else "step",
+                path,
+                name,
+                status,
+                (run.back_attempts if status in UNDO_STATUSES else run.attempts) if run else 0,
+                error,
             )
         )
 
@@ -587,8 +593,10 @@ class Interpreter:
 
     def _span(self, name: str, **attributes: Any) -> contextlib.AbstractContextManager[Span]:
         """A span of this flow (when its runtime traces)."""
+        if not self.runtime.tracing:
+            return OFF
         return span(
-            self.runtime.tracing,
+            True,
             name,
             flow=self.input.flow.name,
             flow_id=self.input.root_id,
@@ -604,6 +612,8 @@ class Interpreter:
         began = self.runtime.now()
 
         def measured(outcome: str) -> None:
+            if not self.runtime.metered:
+                return
             labels = {"step": node.name, "direction": direction}
             self.runtime.record("qwit_steps", 1, outcome=outcome, **labels)
             self.runtime.record("qwit_step_seconds", self.runtime.now() - began, **labels)
@@ -1868,7 +1878,10 @@ class Interpreter:
             waits=waits,
             failure=self.saga.failure,
             args=self.saga.args,
-            events=list(self.saga.events),
+            events=[
+                FlowEvent.model_validate(dict(zip(EVENT_FIELDS, row, strict=True)))
+                for row in self.saga.events
+            ],
             redrive_of=self.input.redrive.of_run if self.input.redrive else None,
         )
 

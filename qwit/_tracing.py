@@ -81,13 +81,28 @@ class Span:
 _OFF = Span()
 
 
-@contextlib.contextmanager
-def span(on: bool, name: str, **attributes: Any) -> Iterator[Span]:
+class _Off(contextlib.AbstractContextManager[Span]):
+    """The block of a span when tracing is off: one object for every block
+    (a flow's steps each open one, on every worker)."""
+
+    def __enter__(self) -> Span:
+        return _OFF
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+OFF = _Off()
+
+
+def span(on: bool, name: str, **attributes: Any) -> contextlib.AbstractContextManager[Span]:
     """A span named ``name`` around the block (the current one inside it),
     with ``qwit.<name>`` attributes; a do-nothing one unless ``on``."""
-    if not on:
-        yield _OFF
-        return
+    return _span(name, attributes) if on else OFF
+
+
+@contextlib.contextmanager
+def _span(name: str, attributes: dict[str, Any]) -> Iterator[Span]:
     from opentelemetry import trace
 
     tracer = trace.get_tracer("qwit")

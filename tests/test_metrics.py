@@ -241,3 +241,34 @@ async def test_a_postgres_flow_resumed_before_its_first_result_is_counted_once(
     assert first.value("qwit_flows_started", flow="metrics.gate_only") == 1
     assert second.value("qwit_flows_started", flow="metrics.gate_only") == 0
     assert second.value("qwit_flows_ended", flow="metrics.gate_only") == 1
+
+
+async def test_a_worker_whose_runtime_exports_no_metrics_skips_recording(
+    dev_server: DevServer,
+) -> None:
+    # Recording into temporalio's no-op meter is work on every step for
+    # nothing: such a worker's flows skip it. A runtime with metrics keeps it.
+    from temporalio.common import MetricMeter
+    from temporalio.runtime import Runtime
+    from temporalio.worker import Replayer
+
+    from qwit.temporal import QwitPlugin
+    from qwit.temporal._workflow import NoEagerInterceptor
+
+    def metered(interceptors: Any) -> list[bool]:
+        return [i.metered for i in interceptors if isinstance(i, NoEagerInterceptor)]
+
+    plain = await connect_temporal(target_host=dev_server.address)
+    assert (plain.service_client.config.runtime or Runtime.default()).metric_meter is (
+        MetricMeter.noop
+    )
+    async with create_worker(plain, Outer, task_queue=f"plain-{uuid.uuid4().hex[:8]}") as w:
+        assert metered(w.config(active_config=True)["interceptors"]) == [False]
+    exported = await connect_temporal(
+        target_host=dev_server.address, runtime=metrics_runtime(f"127.0.0.1:{free_port()}")
+    )
+    async with create_worker(exported, Outer, task_queue=f"metered-{uuid.uuid4().hex[:8]}") as w:
+        assert metered(w.config(active_config=True)["interceptors"]) == [True]
+    # a replay records nothing: its flows skip it too
+    replayer = Replayer(workflows=[], plugins=[QwitPlugin(Outer)])
+    assert metered(replayer.config(active_config=True)["interceptors"]) == [False]

@@ -145,6 +145,30 @@ def test_what_a_compact_plan_leaves_out_is_read_from_its_versions_table(
     assert [s.timeout for s in steps] == [99.0, 99.0, 99.0, 99.0, 12.5, 12.5]
 
 
+def test_the_policies_a_compact_plan_leaves_out_are_one_instance_for_every_flow() -> None:
+    # A flow's plan is read on every workflow task of its replays: the policies
+    # it leaves out are shared (frozen) instances, not parsed anew per node.
+    text = outer_input().model_dump_json()
+    first, second = FlowInput.model_validate_json(text), FlowInput.model_validate_json(text)
+    steps = [
+        node
+        for read in (first, second)
+        for _, node, _ in walk(read.flow)
+        if isinstance(node, StepNode)
+    ]
+    plain = [s for s in steps if s.name != "format.tuned"]
+    assert len({id(s.retry) for s in plain}) == 1
+    assert len({id(s.back_retry) for s in plain}) == 1
+    assert len({id(s.on_failure) for s in steps if not s.on_failure.rules}) == 1
+    assert plain[0].retry == qwit.Retry() and plain[0].back_retry == steps[0].back_retry
+    # what a node says itself is its own
+    tuned = [s for s in steps if s.name == "format.tuned"]
+    assert {s.retry.max_attempts for s in tuned} == {5}
+    assert tuned[0].retry is not tuned[1].retry
+    # and the whole plan reads back as it was written
+    assert first == outer_input() and first.model_dump_json() == text
+
+
 def test_the_pinned_table_is_what_qwit_compiles_today() -> None:
     # Otherwise every plan would write out what the table should have left out.
     plain = compile_flow(Outer).steps[0]

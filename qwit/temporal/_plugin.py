@@ -9,9 +9,11 @@ from types import ModuleType
 from typing import Any, Literal
 
 from temporalio.activity import _Definition as _ActivityDefinition
+from temporalio.common import MetricMeter
 from temporalio.converter import DataConverter
 from temporalio.plugin import SimplePlugin
-from temporalio.worker import WorkerConfig, WorkflowRunner
+from temporalio.runtime import Runtime
+from temporalio.worker import Interceptor, ReplayerConfig, WorkerConfig, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from .._flow import Flow
@@ -102,6 +104,23 @@ def _add_activities(
     return add
 
 
+def _metered(config: WorkerConfig) -> bool:
+    """Whether the worker's runtime exports metrics (else it has temporalio's
+    no-op meter, and recording QWIT's would be wasted work)."""
+    client = config.get("client")
+    if client is None:
+        return True
+    runtime = client.service_client.config.runtime or Runtime.default()
+    return runtime.metric_meter is not MetricMeter.noop
+
+
+def _unmetered(interceptors: Sequence[Interceptor] | None) -> list[Interceptor]:
+    return [
+        NoEagerInterceptor(metered=False) if isinstance(i, NoEagerInterceptor) else i
+        for i in interceptors or ()
+    ]
+
+
 class QwitPlugin(SimplePlugin):
     """Sets a Temporal client, worker or replayer up for QWIT.
 
@@ -164,10 +183,19 @@ class QwitPlugin(SimplePlugin):
         throttle at ``HEARTBEAT_THROTTLE`` so that a cancel reaches a step
         within seconds."""
         config = super().configure_worker(config)
+        if not _metered(config):
+            config["interceptors"] = _unmetered(config.get("interceptors"))
         current = config.get("default_heartbeat_throttle_interval")
         if current is None or current > HEARTBEAT_THROTTLE:
             config["default_heartbeat_throttle_interval"] = HEARTBEAT_THROTTLE
         current = config.get("max_heartbeat_throttle_interval")
         if current is None or current > HEARTBEAT_THROTTLE:
             config["max_heartbeat_throttle_interval"] = HEARTBEAT_THROTTLE
+        return config
+
+    def configure_replayer(self, config: ReplayerConfig) -> ReplayerConfig:
+        """Set the replayer up for QWIT (see the class); a replay records no
+        metrics, so its flows skip recording them."""
+        config = super().configure_replayer(config)
+        config["interceptors"] = _unmetered(config.get("interceptors"))
         return config

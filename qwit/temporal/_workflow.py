@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import functools
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -343,7 +344,9 @@ def failure_info(err: BaseException) -> FailureInfo | None:
     return None
 
 
+@functools.lru_cache(maxsize=256)
 def _policy(retry: Retry, version: int) -> RetryPolicy:
+    # (one per policy and version: temporalio only reads it)
     return RetryPolicy(
         initial_interval=timedelta(seconds=retry.initial_interval),
         backoff_coefficient=retry.backoff,
@@ -598,9 +601,15 @@ class _Runtime(FlowRuntime):
     def tracing(self) -> bool:  # type: ignore[override]
         return self.owner.tracing
 
+    @property
+    def metered(self) -> bool:  # type: ignore[override]
+        return self.owner.metered
+
     def record(self, metric: str, value: float, **labels: str) -> None:
         # Temporal's own meter: the worker's runtime exports it (Prometheus,
         # OpenTelemetry), and nothing is recorded while a flow replays.
+        if not self.owner.metered:
+            return  # (the runtime exports no metrics)
         instruments = self.owner.instruments
         instrument = instruments.get(metric)
         if instrument is None:
@@ -721,6 +730,9 @@ class QwitWorkflow:
         self.tracing = False
         """Set by ``TracedInterceptor`` on a worker that traces."""
         self.instruments: dict[str, MetricCounter | MetricHistogramFloat] = {}
+        self.metered = True
+        """False on a worker whose runtime exports no metrics (the
+        ``NoEagerInterceptor`` of ``QwitPlugin`` says so): nothing to record."""
         self.run_id = workflow.info().run_id
         # The client sets QwitFlow at start only where the attributes exist.
         self.can_publish = workflow.info().typed_search_attributes.get(QWIT_FLOW) is not None
@@ -882,6 +894,14 @@ class _NoEagerInbound(WorkflowInboundInterceptor):
         super().init(_NoEagerOutbound(outbound))
 
 
+class _UnmeteredNoEagerInbound(_NoEagerInbound):
+    async def execute_workflow(self, input: ExecuteWorkflowInput) -> Any:
+        owner = workflow.instance()
+        if isinstance(owner, QwitWorkflow):
+            owner.metered = False
+        return await super().execute_workflow(input)
+
+
 class _TracedInbound(WorkflowInboundInterceptor):
     async def execute_workflow(self, input: ExecuteWorkflowInput) -> Any:
         owner = workflow.instance()
@@ -909,9 +929,17 @@ class NoEagerInterceptor(Interceptor):
     serve would come back to it every time. A step offered again after
     ``StepNotRegistered`` goes through the task queue, where any worker that
     serves it may take it.
+
+    Args:
+        metered: False on a worker whose runtime exports no metrics: its
+            flows then skip recording QWIT's metrics (``qwit._metrics``), a
+            cost on every step with nothing to show for it.
     """
+
+    def __init__(self, metered: bool = True) -> None:
+        self.metered = metered
 
     def workflow_interceptor_class(
         self, input: WorkflowInterceptorClassInput
     ) -> type[WorkflowInboundInterceptor] | None:
-        return _NoEagerInbound
+        return _NoEagerInbound if self.metered else _UnmeteredNoEagerInbound
