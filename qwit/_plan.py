@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import (
     BaseModel,
@@ -543,13 +543,11 @@ class WireCall(BaseModel):
         timeout = self.timeout
         if timeout is None and limit is not None:
             timeout = limit - WIRE_GRACE
-        # Every field is validated already (this call's, the task's): built
-        # without validating them again, once per step on every worker.
-        return StepCall.model_construct(
+        return StepCall(
             flow_id=root_of(flow_id),
             path=self.path if self.path is not None else path_of(self.key),
             step=step,
-            direction=direction,
+            direction=cast(Direction, direction),
             args=self.args,
             key=self.key,
             timeout=timeout,

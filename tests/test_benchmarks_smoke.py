@@ -209,3 +209,22 @@ def test_only_the_smoke_run_leaves_a_shape_out(report: dict[str, Any]) -> None:
     assert FULL.skip_shapes == QUICK.skip_shapes == ()
     assert set(SMOKE.skip_shapes) == {"map_1000_fail"} <= shapes
     assert set(report["details"]["parallel"]) == shapes - set(SMOKE.skip_shapes)
+
+
+def test_the_replay_benchmark_replays_both_sides_histories() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TEMPORAL_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.replay", "--flows", "2", "--rounds", "2"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ")]
+    figures = {(row[0].strip(), row[1].strip()): row[2:] for row in rows[1:]}
+    for shape in ("5_steps", "20_steps", "5_steps_fail"):
+        for figure in ("process", "workflow thread"):
+            values = [float(v) for v in figures[shape, figure]]
+            assert all(math.isfinite(v) and v > 0 for v in values), (shape, figure, values)
