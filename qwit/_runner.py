@@ -12,7 +12,6 @@ import contextvars
 import functools
 import inspect
 import threading
-import weakref
 from collections.abc import Callable, Iterable
 from types import ModuleType
 from typing import Any
@@ -353,7 +352,7 @@ async def run_step_method(
         method = getattr(cls(), method_name)
         if method_name == "step_fallback":  # (args, error): how the step failed
             method = functools.partial(method, error=call.error)
-        if _is_async(cls, method_name):
+        if inspect.iscoroutinefunction(method) or _is_async_partial(method):
             result = await deadline.run_async(method(arg))
         else:
             result = await deadline.run_thread(method, arg)
@@ -496,18 +495,8 @@ async def _until_done(future: asyncio.Future[Any]) -> None:
     _read(future)
 
 
-_async_methods: weakref.WeakKeyDictionary[type, dict[str, bool]] = weakref.WeakKeyDictionary()
-
-
-def _is_async(cls: type[Step], method_name: str) -> bool:
-    """Whether ``cls``'s method is ``async`` (found once per step class)."""
-    known = _async_methods.get(cls)
-    if known is None:
-        known = _async_methods[cls] = {}
-    found = known.get(method_name)
-    if found is None:
-        found = known[method_name] = inspect.iscoroutinefunction(getattr(cls, method_name))
-    return found
+def _is_async_partial(method: Any) -> bool:
+    return isinstance(method, functools.partial) and inspect.iscoroutinefunction(method.func)
 
 
 def normalise_output(step: str, result: Any, attempt: int = 1) -> dict[str, Any]:

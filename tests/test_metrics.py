@@ -272,3 +272,23 @@ async def test_a_worker_whose_runtime_exports_no_metrics_skips_recording(
     # a replay records nothing: its flows skip it too
     replayer = Replayer(workflows=[], plugins=[QwitPlugin(Outer)])
     assert metered(replayer.config(active_config=True)["interceptors"]) == [False]
+
+
+def test_the_metered_check_finds_the_runtime_as_the_worker_does() -> None:
+    # The runtime a worker exports through is the one its client's bridge
+    # connected with, reached through a wrapped service's worker_service_client.
+    from types import SimpleNamespace
+
+    from qwit.temporal._plugin import _metered
+
+    def client(service: Any) -> Any:
+        return {"client": SimpleNamespace(service_client=service)}
+
+    exported = metrics_runtime(f"127.0.0.1:{free_port()}")
+    bridge = SimpleNamespace(_runtime=exported, config=SimpleNamespace(runtime=None))
+    wrapped = SimpleNamespace(worker_service_client=bridge, config=SimpleNamespace(runtime=None))
+    assert _metered(client(wrapped))
+    assert _metered(client(bridge))
+    # none given: the default runtime, whose meter is a no-op one
+    plain = SimpleNamespace(_runtime=None, config=SimpleNamespace(runtime=None))
+    assert not _metered(client(plain))

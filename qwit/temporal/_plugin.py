@@ -106,17 +106,27 @@ def _add_activities(
 
 def _metered(config: WorkerConfig) -> bool:
     """Whether the worker's runtime exports metrics (else it has temporalio's
-    no-op meter, and recording QWIT's would be wasted work)."""
+    no-op meter, and recording QWIT's would be wasted work). The runtime is
+    found as the worker finds it: the one its client connected with; when in
+    doubt, it does."""
     client = config.get("client")
     if client is None:
         return True
-    runtime = client.service_client.config.runtime or Runtime.default()
-    return runtime.metric_meter is not MetricMeter.noop
+    service = client.service_client
+    bridge = getattr(service, "worker_service_client", service)
+    runtime = getattr(bridge, "_runtime", None) or getattr(bridge.config, "runtime", None)
+    if runtime is None:
+        try:
+            runtime = Runtime.default()
+        except Exception:  # (no default runtime allowed: the worker says so itself)
+            return True
+    return bool(runtime.metric_meter is not MetricMeter.noop)
 
 
 def _unmetered(interceptors: Sequence[Interceptor] | None) -> list[Interceptor]:
+    # (a subclass of a user's own is left as it is: it records)
     return [
-        NoEagerInterceptor(metered=False) if isinstance(i, NoEagerInterceptor) else i
+        NoEagerInterceptor(metered=False) if type(i) is NoEagerInterceptor else i
         for i in interceptors or ()
     ]
 

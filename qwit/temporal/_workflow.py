@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import functools
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -344,9 +343,7 @@ def failure_info(err: BaseException) -> FailureInfo | None:
     return None
 
 
-@functools.lru_cache(maxsize=256)
 def _policy(retry: Retry, version: int) -> RetryPolicy:
-    # (one per policy and version: temporalio only reads it)
     return RetryPolicy(
         initial_interval=timedelta(seconds=retry.initial_interval),
         backoff_coefficient=retry.backoff,
