@@ -77,12 +77,12 @@ def expected_keys() -> list[tuple[str, str]]:
     return figures
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    path = tmp_path_factory.mktemp("bench") / "smoke.json"
+def run_benchmark(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m module *args`` from the repository root, which must succeed
+    (without the caller's ``TEMPORAL_*`` settings: it starts its own server)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TEMPORAL_")}
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--smoke", "--json", str(path)],
+        [sys.executable, "-m", module, *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -90,6 +90,13 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         timeout=110,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    path = tmp_path_factory.mktemp("bench") / "smoke.json"
+    proc = run_benchmark("benchmarks", "--smoke", "--json", str(path))
     assert "| figure | QWIT | hand-written | QWIT / hand |" in proc.stdout
     document: dict[str, Any] = json.loads(path.read_text())
     return document
@@ -212,16 +219,7 @@ def test_only_the_smoke_run_leaves_a_shape_out(report: dict[str, Any]) -> None:
 
 
 def test_the_replay_benchmark_replays_both_sides_histories() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TEMPORAL_")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.replay", "--flows", "2", "--rounds", "2"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=110,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run_benchmark("benchmarks.replay", "--flows", "2", "--rounds", "2")
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ")]
     figures = {(row[0].strip(), row[1].strip()): row[2:] for row in rows[1:]}
     for shape in ("5_steps", "20_steps", "5_steps_fail"):
