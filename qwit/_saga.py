@@ -579,17 +579,23 @@ class Interpreter:
             FlowFailure: the flow did not complete; its ``info`` says how.
         """
         flow = self.input.flow.name
-        self.runtime.record("qwit_flows_started", 1, flow=flow)
+        self._metric("qwit_flows_started", 1, flow=flow)
         with self._span(f"flow {flow}", path=self.input.path or None) as span:
             try:
                 result = await self._run_and_finally()
             except FlowFailure as failed:
                 span.fail(failed.info.error, outcome=failed.info.kind)
-                self.runtime.record("qwit_flows_ended", 1, flow=flow, outcome=failed.info.kind)
+                self._metric("qwit_flows_ended", 1, flow=flow, outcome=failed.info.kind)
                 raise
             span.set(outcome="completed")
-            self.runtime.record("qwit_flows_ended", 1, flow=flow, outcome="completed")
+            self._metric("qwit_flows_ended", 1, flow=flow, outcome="completed")
             return result
+
+    def _metric(self, metric: str, value: float, **labels: str) -> None:
+        """Record ``value`` in ``metric`` through the runtime, unless its
+        engine keeps no metrics (``FlowRuntime.metered``)."""
+        if self.runtime.metered:
+            self.runtime.record(metric, value, **labels)
 
     def _span(self, name: str, **attributes: Any) -> contextlib.AbstractContextManager[Span]:
         """A span of this flow (when its runtime traces)."""
@@ -612,11 +618,9 @@ class Interpreter:
         began = self.runtime.now()
 
         def measured(outcome: str) -> None:
-            if not self.runtime.metered:
-                return
             labels = {"step": node.name, "direction": direction}
-            self.runtime.record("qwit_steps", 1, outcome=outcome, **labels)
-            self.runtime.record("qwit_step_seconds", self.runtime.now() - began, **labels)
+            self._metric("qwit_steps", 1, outcome=outcome, **labels)
+            self._metric("qwit_step_seconds", self.runtime.now() - began, **labels)
 
         with self._span(
             f"{direction} {node.name}", step=node.name, path=run.path, direction=direction
@@ -1596,7 +1600,7 @@ class Interpreter:
             "compensated" if error is None else "compensation_failed"
         )
         self._step_to(run, status)
-        self.runtime.record("qwit_compensations", 1, step=run.name, outcome=status)
+        self._metric("qwit_compensations", 1, step=run.name, outcome=status)
         (self.saga.compensated if error is None else self.saga.failed_compensations).append(
             run.name
         )
@@ -1669,7 +1673,7 @@ class Interpreter:
         self.saga.decisions.pop(run.path, None)
         self._flow_to("waiting")
         step = run.failed_step or run.name
-        self.runtime.record("qwit_waits", 1, step=step)
+        self._metric("qwit_waits", 1, step=step)
         began = self.runtime.now()
         # A waiting member of a block or map lets the others run on in its
         # place; it takes a place again to run once more.
@@ -1688,7 +1692,7 @@ class Interpreter:
         # may publish it, and a dropped flow's coroutine can be closed later,
         # in another flow's context. The cancel path sets the status itself.
         await self.runtime.wait_until(lambda: run.path in self.saga.decisions)
-        self.runtime.record("qwit_wait_seconds", self.runtime.now() - began, step=step)
+        self._metric("qwit_wait_seconds", self.runtime.now() - began, step=step)
         del self.saga.waits[run.path]
         self._flow_to(self.saga.phase)
         decision = self.saga.decisions.pop(run.path)

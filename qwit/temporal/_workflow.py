@@ -605,8 +605,6 @@ class _Runtime(FlowRuntime):
     def record(self, metric: str, value: float, **labels: str) -> None:
         # Temporal's own meter: the worker's runtime exports it (Prometheus,
         # OpenTelemetry), and nothing is recorded while a flow replays.
-        if not self.owner.metered:
-            return  # (the runtime exports no metrics)
         instruments = self.owner.instruments
         instrument = instruments.get(metric)
         if instrument is None:
